@@ -1,0 +1,1 @@
+"""Runnable, tested examples and the models they use (``examples.models``)."""

@@ -1,0 +1,22 @@
+"""fracpass: FracTrain-style efficient training as compiler passes over any PyTorch model."""
+from fracpass.api import QuantizedGraphModule, current_stage, quantizers, set_stage, summary, transform
+from fracpass.errors import (
+    ExportError,
+    FracpassError,
+    PassError,
+    PlanError,
+    PostconditionError,
+    PreconditionError,
+    RegistryError,
+    TraceError,
+)
+from fracpass.plan import Plan, QSpec, Rule, Stage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform", "set_stage", "current_stage", "quantizers", "summary", "QuantizedGraphModule",
+    "Plan", "Rule", "Stage", "QSpec",
+    "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
+    "RegistryError", "ExportError",
+]

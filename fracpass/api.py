@@ -1,0 +1,231 @@
+"""The public entry points: transform, set_stage, current_stage, quantizers, summary."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx
+from torch import nn
+
+from fracpass import meta
+from fracpass.capture import CaptureOptions, capture
+from fracpass.errors import FracpassError, PlanError
+from fracpass.pipeline import default_pipeline
+from fracpass.plan import Plan
+from fracpass.quant import FULL_PRECISION, Quantizer
+
+__all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "QuantizedGraphModule"]
+
+log = logging.getLogger("fracpass")
+
+
+@dataclass
+class _State:
+    """What a transformed model keeps to re-capture itself in the other train/eval mode."""
+
+    plan: Plan
+    options: CaptureOptions
+    method: str  # the capture path that worked: "fx" or "export"
+    root: nn.Module  # fracpass's private copy of the user's model: the template for re-capture
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    graphs: Dict[bool, torch.fx.Graph] = field(default_factory=dict)  # training flag -> graph
+    graph_mode: bool = True
+    stats: Dict[bool, Dict[str, Any]] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
+    stage: int = 0
+
+
+class QuantizedGraphModule(torch.fx.GraphModule):
+    """A GraphModule whose ``.train()`` / ``.eval()`` also switch to a graph captured in that mode.
+
+    Capture bakes the mode into the graph (dropout flags, batch-norm statistics, Python
+    ``if self.training`` branches); the other mode's graph is captured on first use, run through
+    the same passes, and reuses the same quantizer modules, so ranges and bits are shared.
+    """
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        state: Optional[_State] = self.__dict__.get("fracpass")
+        if state is not None and state.graph_mode != mode:
+            self._use_mode(state, mode)
+        return self
+
+    def _use_mode(self, state: _State, mode: bool) -> None:
+        graph = state.graphs.get(mode)
+        if graph is None:
+            _capture_into(self, state, mode)
+        else:
+            self.graph = graph  # the setter recompiles
+        state.graph_mode = mode
+
+
+def transform(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: Optional[Dict[str, Any]] = None,
+    *,
+    capture_method: str = "auto",
+    leaf_modules: Sequence[Union[str, type]] = (),
+    concrete_args: Optional[Dict[str, Any]] = None,
+    dynamic_batch: bool = True,
+) -> QuantizedGraphModule:
+    """Capture ``model`` and insert the quantizers ``plan`` asks for. ``model`` is never changed.
+
+    ``capture_method``: "auto" (torch.fx, falling back to non-strict torch.export), "fx" or "export".
+    Export needs ``example_inputs`` and/or ``example_kwargs``; its batch dimension stays dynamic.
+    """
+    if not isinstance(model, nn.Module):
+        raise FracpassError(f"transform: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise PlanError(f"transform: plan must be a fracpass.Plan, got {type(plan).__name__}; "
+                        "build one with fracpass.Plan.static(...), Plan.progressive(...) or Plan.load(path)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    options = CaptureOptions(capture_method, tuple(leaf_modules), concrete_args, dynamic_batch)
+    root = copy.deepcopy(model)
+    captured = capture(root, tuple(example_inputs), example_kwargs, options)
+    gm = QuantizedGraphModule(captured.graph_module, captured.graph_module.graph, type(model).__name__)
+    nn.Module.train(gm, root.training)  # match the captured mode without triggering a re-capture
+    # re-captures (the other mode) take the path that worked, not "auto"
+    state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root, tuple(example_inputs), dict(example_kwargs or {}), graph_mode=root.training,
+                   notes=captured.notes)
+    _run_pipeline(gm, state, root.training)
+    gm.fracpass = state
+    set_stage(gm, 0)
+    return gm
+
+
+def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
+    result = default_pipeline(state.plan)(gm)
+    state.graphs[mode] = gm.graph
+    state.stats[mode] = result.stats
+
+
+def _capture_into(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
+    """Capture ``state.root`` in ``mode`` and make it ``gm``'s graph, sharing gm's modules."""
+    was = state.root.training
+    state.root.train(mode)
+    try:
+        fresh = capture(state.root, state.args, state.kwargs, state.options).graph_module
+    finally:
+        state.root.train(was)
+    for node in fresh.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            _adopt(gm, fresh, str(node.target))
+    gm.graph = fresh.graph
+    _run_pipeline(gm, state, mode)
+    before = _compute_ops(state.graphs[not mode]) if (not mode) in state.graphs else None
+    after = _compute_ops(gm.graph)
+    if before is not None and before != after:
+        log.warning("the %s-mode graph has different compute ops than the %s-mode one (%s); quantizers of ops "
+                    "found in only one mode keep their own ranges", "train" if mode else "eval",
+                    "eval" if mode else "train", sorted(set(before) ^ set(after))[:5])
+    # set_stage applies to quantizers created for this mode too
+    set_stage(gm, current_stage(gm))
+
+
+def _adopt(gm: nn.Module, source: nn.Module, target: str) -> None:
+    """Give ``gm`` the attribute ``target`` from ``source`` unless it already has it."""
+    owner_gm, owner_src = gm, source
+    *path, leaf = target.split(".")
+    for part in path:
+        if not hasattr(owner_gm, part):
+            owner_gm.add_module(part, nn.Module())
+        owner_gm, owner_src = getattr(owner_gm, part), getattr(owner_src, part)
+    if not hasattr(owner_gm, leaf):
+        value = getattr(owner_src, leaf)
+        if isinstance(value, nn.Module):
+            owner_gm.add_module(leaf, value)
+        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            owner_gm.register_buffer(leaf, value)
+        else:
+            setattr(owner_gm, leaf, value)
+
+
+def _compute_ops(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
+    return [(n.name, meta.op_info(n).kind) for n in graph.nodes if meta.op_info(n) is not None]
+
+
+def _state(qmodel: nn.Module) -> _State:
+    state = getattr(qmodel, "fracpass", None)
+    if not isinstance(state, _State):
+        raise FracpassError(f"{type(qmodel).__name__} is not a model returned by fracpass.transform(); "
+                            "transform it first: qmodel = fracpass.transform(model, plan, example_inputs=(x,))")
+    return state
+
+
+def quantizers(qmodel: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
+    """(name, module) of every quantizer in a transformed model."""
+    _state(qmodel)
+    return ((name, m) for name, m in qmodel.named_modules() if isinstance(m, Quantizer))
+
+
+def set_stage(qmodel: nn.Module, stage: int) -> None:
+    """Switch every quantizer to the plan's ``stage`` (negative counts from the end). No re-trace."""
+    state = _state(qmodel)
+    n = state.plan.num_stages
+    if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+        raise PlanError(f"set_stage: stage {stage!r} is out of range; the plan has {n} stage(s): 0..{n - 1} "
+                        f"(or -{n}..-1 from the end)")
+    stage %= n
+    for _, q in quantizers(qmodel):
+        q.set_stage(stage)
+    state.stage = stage
+
+
+def current_stage(qmodel: nn.Module) -> int:
+    """The stage the quantizers are in (after load_state_dict, the loaded one)."""
+    state = _state(qmodel)
+    for _, q in quantizers(qmodel):
+        return int(q.stage)  # state_dict carries the stage in every quantizer
+    return state.stage
+
+
+def summary(qmodel: nn.Module) -> str:
+    """A table of every compute op: kind, module, bits per role at the current stage, gating, exclusion."""
+    state = _state(qmodel)
+    stage = current_stage(qmodel)
+    rows = [("op", "kind", "module", "w", "a", "g", "gated", "status")]
+    counts = {"quantized": 0, "excluded": 0}
+    for node in qmodel.graph.nodes:
+        info, spec = meta.op_info(node), meta.qspec(node)
+        if info is None or spec is None:
+            continue
+        if spec.excluded:
+            bits, status = ("-", "-", "-"), f"excluded: {spec.excluded}"
+            counts["excluded"] += 1
+        else:
+            bits = tuple(_bits_cell(spec.stage_bits(f)[stage]) for f in ("w", "a", "g"))
+            if not info.weight_args and not info.module_weight:
+                bits = ("-",) + bits[1:]  # nothing to quantize: no parameter operand
+            status = "quantized" if any(b not in ("-", "fp32") for b in bits) else "full precision"
+            counts["quantized"] += status == "quantized"
+        rows.append((node.name, info.kind + ("/" + ",".join(info.traits) if info.traits else ""),
+                     info.module_path or "<root>", *bits, "no", status))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"fracpass: {type(qmodel).__name__} captured with {state.method}; stage {stage} of "
+             f"{state.plan.num_stages} (w/a/g = {_stage_text(state.plan, stage)})"]
+    lines += [f"  note: {note}" for note in state.notes]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    n_q = sum(1 for _ in quantizers(qmodel))
+    lines.append(f"{len(rows) - 1} compute ops: {counts['quantized']} quantized, {counts['excluded']} excluded; "
+                 f"{n_q} quantizer modules")
+    return "\n".join(lines)
+
+
+def _bits_cell(bits: int) -> str:
+    return "fp32" if bits >= FULL_PRECISION else str(bits)
+
+
+def _stage_text(plan: Plan, stage: int) -> str:
+    s = plan.stages[stage]
+    return f"{_bits_cell(s.w)}/{_bits_cell(s.a)}/{_bits_cell(s.g)}"

@@ -1,0 +1,10 @@
+"""fracpass's rewrite and analysis passes, one per module (installed as ``fracpass.passes``).
+
+See README.md beside this file for the invariants every pass keeps.
+"""
+from fracpass.passes.annotate import AnnotatePass
+from fracpass.passes.insert_act_quant import InsertActQuantPass
+from fracpass.passes.insert_grad_quant import InsertGradQuantPass
+from fracpass.passes.insert_weight_quant import InsertWeightQuantPass
+
+__all__ = ["AnnotatePass", "InsertActQuantPass", "InsertWeightQuantPass", "InsertGradQuantPass"]

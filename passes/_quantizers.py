@@ -1,0 +1,66 @@
+"""Shared by the insert passes: adding (or reusing) a named quantizer module and its node."""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import torch.fx
+
+from fracpass import meta
+from fracpass.errors import PassError
+from fracpass.pass_base import node_context
+from fracpass.plan import QSpec
+from fracpass.quant import Quantizer
+
+
+def quantized_ops(gm: torch.fx.GraphModule, role: str) -> Iterator[Tuple[torch.fx.Node, meta.OpInfo, QSpec]]:
+    """Annotated compute nodes whose plan quantizes ``role`` in at least one stage."""
+    field = meta.PLAN_FIELD[role]
+    for node in list(gm.graph.nodes):
+        info, spec = meta.op_info(node), meta.qspec(node)
+        if info is not None and spec is not None and spec.quantizes(field):
+            yield node, info, spec
+
+
+def quantizer_name(op: torch.fx.Node, role: str, index: int) -> str:
+    suffix = meta.SUFFIX[role]
+    return f"{op.name}_{suffix}" if index == 0 else f"{op.name}_{suffix}{index}"
+
+
+def is_quantizer_of(node: object, op: torch.fx.Node, role: str) -> bool:
+    info = meta.inserted(node) if isinstance(node, torch.fx.Node) else None
+    return info is not None and info.role == role and info.source == op.name
+
+
+def get_or_add(gm: torch.fx.GraphModule, name: str, make: "type[Quantizer]", op: torch.fx.Node, **config) -> Quantizer:
+    """The quantizer module called ``name``, created if absent.
+
+    Reuse is what makes a second capture of the same model (the other train/eval mode) share
+    ranges with the first, and what makes running the pipeline twice a no-op.
+    """
+    try:
+        existing = gm.get_submodule(name)
+    except AttributeError:
+        existing = None
+    if existing is None:
+        module = make(**config)
+        gm.add_submodule(name, module)
+        return module
+    if type(existing) is not make or existing.stage_bits.tolist() != list(config["stage_bits"]):
+        raise PassError(
+            f"{node_context(op)}\n  the model already has a submodule {name!r} ({type(existing).__name__}) that is not "
+            f"this op's {make.__name__}{tuple(config['stage_bits'])}; rename that submodule or transform the "
+            "original model rather than an already transformed one"
+        )
+    return existing
+
+
+def insert_call(gm: torch.fx.GraphModule, name: str, arg: torch.fx.Node, *, before: torch.fx.Node = None,
+                after: torch.fx.Node = None, role: str, op: torch.fx.Node, pass_name: str) -> torch.fx.Node:
+    ctx = gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)
+    with ctx:
+        node = gm.graph.call_module(name, (arg,))
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in op.meta:
+            node.meta[key] = op.meta[key]
+    meta.set_inserted(node, meta.Inserted(role=role, source=op.name, created_by=pass_name))
+    return node

@@ -1,0 +1,1 @@
+"""Hardware profiles (data files beside this module) and the cost model that reads them."""
