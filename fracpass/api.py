@@ -49,11 +49,12 @@ class QuantizedGraphModule(torch.fx.GraphModule):
     """
 
     def train(self, mode: bool = True):
-        super().train(mode)
         state: Optional[_State] = self.__dict__.get("fracpass")
         if state is not None and state.graph_mode != mode:
             self._use_mode(state, mode)
-        return self
+        # after the switch: re-capture toggles the root's mode, and on the fx path the root's
+        # submodules are this module's submodules
+        return super().train(mode)
 
     def _use_mode(self, state: _State, mode: bool) -> None:
         graph = state.graphs.get(mode)
@@ -96,6 +97,7 @@ def transform(
     state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root, tuple(example_inputs), dict(example_kwargs or {}), graph_mode=root.training,
                    notes=captured.notes)
     _run_pipeline(gm, state, root.training)
+    _order_like(gm, root)
     gm.fracpass = state
     set_stage(gm, 0)
     return gm
@@ -146,6 +148,24 @@ def _adopt(gm: nn.Module, source: nn.Module, target: str) -> None:
             owner_gm.register_buffer(leaf, value)
         else:
             setattr(owner_gm, leaf, value)
+
+
+def _order_like(module: nn.Module, original: nn.Module) -> None:
+    """Put submodules, parameters and buffers back in ``original``'s order (quantizers last).
+
+    GraphModule adds them in the order the graph uses them; an optimizer state saved from the
+    original model indexes parameters by that model's order.
+    """
+    for attr in ("_modules", "_parameters", "_buffers"):
+        current, reference = getattr(module, attr), list(getattr(original, attr))
+        rank = {name: i for i, name in enumerate(reference)}
+        ordered = sorted(current, key=lambda name: rank.get(name, len(rank)))
+        if ordered != list(current):
+            setattr(module, attr, {name: current[name] for name in ordered})
+    for name, child in module._modules.items():
+        counterpart = original._modules.get(name)
+        if child is not None and counterpart is not None and child is not counterpart:
+            _order_like(child, counterpart)
 
 
 def _compute_ops(graph: torch.fx.Graph) -> List[Tuple[str, str]]:

@@ -1,0 +1,119 @@
+"""Training-step overhead of quantized training, and transform time, side by side in one run.
+
+    python benchmarks/step_overhead.py [--model resnet74] [--batch 128] [--reps 7] [--skip-ao-1202]
+
+Step: forward + backward + SGD of a CIFAR ResNet, batch of 3x32x32, ``torch.set_num_threads(2)``,
+for FP32; fracpass static 8/8/8 (w/a/g, gradients quantized); torch.ao ``prepare_qat_fx``
+(weights and activations only); and a FracTrain-style plain-PyTorch quantizer. Repetitions are
+interleaved (one step of each variant per round) and the medians compared, so machine noise hits
+all variants alike. Transform time: capture + all passes for ResNet-20, -74 and -1202, against
+torch.ao ``prepare_qat_fx``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import fracpass  # noqa: E402
+from benchmarks import fractrain_reference  # noqa: E402
+from examples import models  # noqa: E402
+
+
+def ao_qat(model, x):
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def step_fn(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_steps(args) -> None:
+    torch.manual_seed(0)
+    base = getattr(models, args.model)().train()
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    variants = {
+        "fp32": copy.deepcopy(base),
+        "fracpass 8/8/8": fracpass.transform(base, fracpass.Plan.static(8, 8, 8), example_inputs=(x[:2],)),
+        "torch.ao QAT (w+a)": ao_qat(base, x[:2]),
+        "FracTrain-style": fractrain_reference.convert(copy.deepcopy(base)),
+    }
+    steps = {name: step_fn(m, x, y) for name, m in variants.items()}
+    times = {name: [] for name in variants}
+    for step in steps.values():  # warm-up
+        step()
+    for r in range(args.reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+        print(f"  round {r + 1}/{args.reps}", file=sys.stderr, flush=True)
+    fp32 = statistics.median(times["fp32"])
+    print(f"\nTraining step, {args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps} interleaved rounds")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:22s} {med * 1e3:8.1f} ms   {med / fp32:5.2f}x FP32")
+
+
+def bench_transform(args) -> None:
+    print("\nTransform time (capture + all passes), fracpass static 8/8/8 vs torch.ao prepare_qat_fx")
+    x = torch.randn(2, 3, 32, 32)
+    for depth in (20, 74, 1202):
+        model = models.CifarResNet(depth).train()
+        best = float("inf")
+        for _ in range(3 if depth < 1202 else 2):
+            start = time.perf_counter()
+            q = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,))
+            best = min(best, time.perf_counter() - start)
+        nodes = len(q.graph.nodes)
+        line = f"  ResNet-{depth:<5d} fracpass {best * 1e3:8.1f} ms  {nodes:6d} nodes  {best / nodes * 1e6:6.1f} us/node"
+        if not (depth == 1202 and args.skip_ao_1202):
+            start = time.perf_counter()
+            ao_qat(model, x)
+            line += f"   torch.ao {1e3 * (time.perf_counter() - start):9.1f} ms"
+        print(line, flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet74")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-ao-1202", action="store_true", help="skip torch.ao on ResNet-1202 (~1 min)")
+    parser.add_argument("--only", choices=("steps", "transform"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.only != "transform":
+        bench_steps(args)
+    if args.only != "steps":
+        bench_transform(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fracpass.cli import main
+
+sys.exit(main())

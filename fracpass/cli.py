@@ -1,0 +1,106 @@
+"""The ``fracpass`` command line.
+
+    fracpass transform --model pkg.module:factory --plan plan.toml [--input-shape 1,3,32,32]
+
+Exit codes: 0 success; 2 bad usage, a model that does not load, or a plan or model fracpass rejects
+(the message says what and how to fix it).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from fracpass.errors import FracpassError
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class CliError(Exception):
+    """A user-facing command-line failure: printed as one message, exit code 2."""
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """Build the model named ``pkg.module:factory`` (the current directory is importable)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"--model {spec!r}: expected 'package.module:factory', e.g. 'examples.models:resnet20'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise CliError(f"--model {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CliError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
+    except Exception as e:
+        raise CliError(f"--model {spec!r}: calling {attr}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"--model {spec!r}: {attr} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def example_input(shape: Optional[str], dtype: str) -> tuple:
+    if not shape:
+        return ()
+    try:
+        dims = [int(d) for d in shape.split(",")]
+    except ValueError as e:
+        raise CliError(f"--input-shape {shape!r}: expected comma-separated integers, e.g. 1,3,32,32") from e
+    if any(d <= 0 for d in dims):
+        raise CliError(f"--input-shape {shape!r}: every dimension must be positive")
+    if dtype == "int64":
+        return (torch.zeros(dims, dtype=torch.int64),)
+    return (torch.randn(dims),)
+
+
+def _transform(args) -> int:
+    import fracpass
+
+    model = load_model(args.model)
+    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
+    qmodel = fracpass.transform(model, plan, example_inputs=example_input(args.input_shape, args.input_dtype),
+                                capture_method=args.capture)
+    if args.stage is not None:
+        fracpass.set_stage(qmodel, args.stage)
+    print(fracpass.summary(qmodel))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fracpass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transform", help="transform a model with a plan and print the summary table")
+    t.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
+    t.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
+    t.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (needed when fx cannot trace)")
+    t.add_argument("--input-dtype", choices=("float32", "int64"), default="float32",
+                   help="example input dtype (int64 for token ids)")
+    t.add_argument("--capture", choices=("auto", "fx", "export"), default="auto")
+    t.add_argument("--stage", type=int, help="show the table at this stage (default 0)")
+    t.set_defaults(run=_transform)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (CliError, FracpassError) as e:
+        print(f"fracpass {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples import models  # noqa: E402
+
+
+def _token_input(batch):
+    return torch.randint(0, 100, (batch, 16), generator=torch.Generator().manual_seed(batch))
+
+
+# name -> (factory, example-input maker taking a batch size)
+EXAMPLE_MODELS = {
+    "resnet20": (models.resnet20, lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b))),
+    "mobilenet_v2": (lambda: models.mobilenet_v2(width_mult=0.25),
+                     lambda b: torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b))),
+    "transformer_sdpa": (lambda: models.transformer(attention="sdpa"), _token_input),
+    "transformer_matmul": (lambda: models.transformer(attention="matmul"), _token_input),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
