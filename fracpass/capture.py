@@ -6,6 +6,7 @@ model captures once per mode, on demand (see ``fracpass.api.QuantizedGraphModule
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -69,12 +70,13 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     if options.method in ("auto", "fx"):
         tracer = _Tracer(options.leaf_modules)
         try:
-            graph = tracer.trace(model, concrete_args=options.concrete_args)
+            with _no_concrete_branches():
+                graph = tracer.trace(model, concrete_args=options.concrete_args)
             return Captured(torch.fx.GraphModule(tracer.root, graph, type(model).__name__), "fx")
         except Exception as e:  # fx raises many types; all of them mean "cannot trace"
             fx_failure = _describe_fx_failure(e, tracer)
             if options.method == "fx":
-                raise TraceError(_message(model, fx_failure, None, have_examples=bool(args or kwargs))) from e
+                raise TraceError(_message(model, fx_failure, None, have_examples=bool(args or kwargs), forced_fx=True)) from e
             log.info("symbolic_trace failed (%s); trying torch.export", fx_failure.splitlines()[0])
     if not (args or kwargs):
         raise TraceError(_message(model, fx_failure, None, have_examples=False))
@@ -82,6 +84,37 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
         return _export(model, args, kwargs, options)
     except Exception as e:
         raise TraceError(_message(model, fx_failure, _describe_export_failure(e), have_examples=True)) from e
+
+
+class FrozenControlFlow(RuntimeError):
+    """A traced forward branched on a concrete tensor value: fx would freeze that branch."""
+
+
+@contextlib.contextmanager
+def _no_concrete_branches():
+    """Fail fx tracing where forward turns a real tensor into a Python bool or number.
+
+    Under symbolic_trace, a tensor made without proxy inputs (LayerDrop's ``torch.rand(()) < p``)
+    is concrete, so ``if`` on it silently freezes one branch into the graph.
+    """
+    saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item")}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise FrozenControlFlow(
+                f"forward calls Tensor.{name}() on a tensor value while tracing, so fx would freeze that "
+                "branch into the graph (random control flow such as LayerDrop's `torch.rand(()) < p`, or a "
+                "branch on a buffer's value)")
+
+        return method
+
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
 
 
 def _export(model: nn.Module, args, kwargs, options: CaptureOptions) -> Captured:
@@ -142,6 +175,9 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
 
 def _where(exc: BaseException) -> str:
     frame = _user_frame(exc)
+    if frame is None:  # the failure is inside torch's own modules: name the innermost frame
+        frames = traceback.extract_tb(exc.__traceback__)
+        frame = frames[-1] if frames else None
     return f"{frame.filename}:{frame.lineno} ({frame.line})" if frame else "unknown source line"
 
 
@@ -167,12 +203,16 @@ def _describe_export_failure(exc: BaseException) -> str:
     return msg + "".join(f"\n    hint: {h}" for h in hints)
 
 
-def _message(model: nn.Module, fx_failure: Optional[str], export_failure: Optional[str], have_examples: bool) -> str:
+def _message(model: nn.Module, fx_failure: Optional[str], export_failure: Optional[str], have_examples: bool,
+             forced_fx: bool = False) -> str:
     lines = [f"fracpass could not capture {type(model).__name__}:"]
     if fx_failure:
         lines.append(f"  - {fx_failure}")
     if export_failure:
         lines.append(f"  - {export_failure}")
+    elif forced_fx:
+        lines.append("  - torch.export was not tried because capture_method='fx'; "
+                     "use capture_method='auto' (or 'export') to fall back to it")
     elif not have_examples:
         lines.append("  - torch.export was not tried: it needs example inputs "
                      "(pass example_inputs=(x,) or example_kwargs=dict(...) to fracpass.transform)")
