@@ -1,0 +1,59 @@
+"""The fracpass command line, run as a user would: in a subprocess."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PLAN = ROOT / "examples" / "plans" / "fractrain_cifar.toml"
+
+
+def fracpass_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "fracpass", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_transform_prints_summary():
+    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--stage", "2")
+    assert done.returncode == 0, done.stderr
+    assert "stage 2 of 4 (w/a/g = 6/6/8)" in done.stdout
+    assert "excluded: stem kept at full precision" in done.stdout
+    assert "22 compute ops: 20 quantized, 2 excluded; 60 quantizer modules" in done.stdout
+
+
+def test_transform_export_path_with_token_input():
+    done = fracpass_cli("transform", "--model", "examples.models:transformer", "--input-shape", "2,16",
+                        "--input-dtype", "int64", "--capture", "export")
+    assert done.returncode == 0, done.stderr
+    assert "captured with export" in done.stdout and "sdpa" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "examples.models"], r"expected 'package.module:factory'"),
+    (["--model", "no_such_pkg.mod:f"], r"cannot import 'no_such_pkg.mod': ModuleNotFoundError"),
+    (["--model", "examples.models:nope"], r"module 'examples.models' has no attribute 'nope'"),
+    (["--model", "examples.models:__all__"], r"__all__ gave a list, not a torch.nn.Module"),
+    (["--model", "examples.models:resnet20", "--plan", "missing.toml"], r"cannot read plan file missing.toml"),
+    (["--model", "examples.models:resnet20", "--input-shape", "1,x"], r"expected comma-separated integers"),
+    (["--model", "examples.models:transformer", "--plan", str(PLAN)], r"plan rule 0 \(match='conv1'\) matches no compute op"),
+    (["--model", "examples.models:resnet20", "--stage", "9"], r"stage 9 is out of range"),
+])
+def test_errors_exit_2_with_one_message(args, message, tmp_path):
+    import re
+
+    done = fracpass_cli("transform", *args)
+    assert done.returncode == 2
+    assert re.search(message, done.stderr), done.stderr
+    assert done.stderr.startswith("fracpass transform: error: ") and "Traceback" not in done.stderr
+
+
+def test_bad_toml_plan(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[stages]\n")
+    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(bad))
+    assert done.returncode == 2 and "not valid TOML" in done.stderr
+
+
+def test_usage_error():
+    done = fracpass_cli("transform")
+    assert done.returncode == 2 and "--model" in done.stderr

@@ -1,0 +1,53 @@
+"""The examples and the README's commands run, so they cannot rot."""
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_demo_runs_and_trains():
+    done = subprocess.run([sys.executable, "examples/demo.py", "--steps-per-stage", "2", "--batch-size", "16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", done.stdout)]
+    assert len(losses) == 8 and all(l == l for l in losses)
+    assert "stage 3 (w/a/g = 8/8/8)" in done.stdout
+    assert "compute ops: 20 quantized, 2 excluded" in done.stdout
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(?:bash|sh)\n(.*?)```", quick, re.S)
+
+
+def test_readme_quick_start_has_exactly_two_commands():
+    blocks = readme_commands()
+    commands = [line for block in blocks for line in block.strip().splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "pip install" in commands[0] and "torch==2.13.0" in commands[0] and "examples/demo.py" in commands[0]
+    assert "pip install" in commands[1] and "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1].split("&&")[-1].strip().split()[0:3] == ["python", "-m", "pytest"]
+    assert "python -m pytest" in ci
+
+
+def test_readme_demo_command_runs():
+    """The README's first command, without its install step (the test environment has the package)."""
+    demo = readme_commands()[0].strip().splitlines()[-1].split("&&")[-1].strip()
+    assert demo.startswith("python examples/demo.py")
+    done = subprocess.run(demo + " --steps-per-stage 1 --batch-size 8", shell=True, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def test_readme_plan_example_parses(tmp_path):
+    import fracpass
+
+    text = (ROOT / "README.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", text, re.S).group(1)
+    path = tmp_path / "plan.toml"
+    path.write_text(toml)
+    plan = fracpass.Plan.load(path)
+    assert plan.num_stages == 4 and len(plan.rules) == 3
