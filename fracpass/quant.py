@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fracpass import kernels
+
 __all__ = [
     "Quantizer",
     "ActQuant",
@@ -50,12 +52,32 @@ def _affine_params(mn: Tensor, mx: Tensor, levels: float) -> Tuple[Tensor, Tenso
     return scale, -zero_point, levels - zero_point
 
 
+def _fused_kernels(x: Tensor, *ranges: Tensor):
+    """The compiled CPU kernels when they apply to these tensors, else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or any(r.dtype != torch.float32 for r in ranges):
+        return None
+    return kernels.load()
+
+
+def _per_row(x: Tensor, mn: Tensor) -> bool:
+    """True if ``mn`` is per tensor or holds one value per index of x's dim 0 (the kernel's layouts)."""
+    return mn.numel() == 1 or (mn.dim() == x.dim() and mn.shape[0] == x.shape[0] == mn.numel())
+
+
+def _torch_seed() -> int:
+    """A 63-bit seed drawn from torch's default CPU generator, so torch.manual_seed governs the noise."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
 def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     """Quantize-dequantize ``x`` to ``bits`` over the range [mn, mx] (broadcastable to x).
 
     Equals ONNX ``DequantizeLinear(QuantizeLinear(x))`` with the same scale and zero point.
     Returns a new tensor; no gradient is defined here (see ``_FakeQuantSTE``).
     """
+    ext = _fused_kernels(x, mn, mx)
+    if ext is not None and x.is_contiguous() and _per_row(x, mn):
+        return ext.fake_quant(x, mn, mx, float(2**bits - 1))
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
     q = torch.div(x, scale)  # a true division: x * (1 / s) differs from QuantizeLinear on ties
     q.round_()
@@ -83,18 +105,23 @@ def _cpu_dither(numel: int) -> Tensor:
     ``torch.rand_like`` costs ~7.5 ms per 2M floats on this class of CPU; SFC64 bytes ~1.6 ms.
     Seeding from torch's default generator keeps runs reproducible under ``torch.manual_seed``.
     """
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    rng = np.random.Generator(np.random.SFC64(seed))
+    rng = np.random.Generator(np.random.SFC64(_torch_seed()))
     return torch.from_numpy(rng.integers(0, 256, size=numel, dtype=np.uint8))
 
 
 def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     """FracTrain's gradient quantizer: per-tensor min/max, stochastic rounding.
 
-    q = floor((g - min) / s + u), u ~ U(0, 1), which is unbiased: E[q * s + min] = g. On CPU, u
-    takes 256 values (k + 0.5) / 256, so the bias is at most s / 512.
+    q = floor((g - min) / s + u), u ~ U(0, 1), which is unbiased: E[q * s + min] = g. The fused CPU
+    kernel draws u = (k + 0.5) / 2^24 from a counter-based hash of (seed, index); the torch-op CPU
+    path uses one random byte per element, u = (k + 0.5) / 256, a bias of at most s / 512.
     """
     levels = float(2**bits - 1)
+    ext = _fused_kernels(g)
+    if ext is not None:
+        g = g.contiguous()
+        mn, mx = torch.aminmax(g)
+        return ext.grad_sr(g, mn, mx, levels, _torch_seed())
     mn, mx = torch.aminmax(g)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(g.dtype).tiny)
     if g.device.type == "cpu":

@@ -202,3 +202,76 @@ def test_no_host_sync_in_hot_path(monkeypatch):
     gq(torch.nn.functional.linear(aq(x), wq(w))).sum().backward()
     aq.eval()(x)
     assert calls == []
+
+
+# -- the fused CPU kernels against the torch-op path --------------------------------------------
+from fracpass import kernels  # noqa: E402
+
+
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Run the quantizers on the torch-op path."""
+    monkeypatch.setenv("FRACPASS_KERNELS", "0")
+
+
+def test_kernels_build():
+    assert kernels.load() is not None, "the fused kernels should build on this machine (C++ compiler + ninja)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), bits=st.integers(2, 16),
+       magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e5, 3e37]), offset=st.floats(-1, 1),
+       per_channel=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_fake_quant_is_bit_identical_to_torch_ops(shape, bits, magnitude, offset, per_channel, seed):
+    import os
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) + offset) * magnitude
+    if per_channel:
+        mn, mx = torch.aminmax(x.reshape(shape[0], -1), dim=1)
+        mn, mx = mn.view([-1] + [1] * (len(shape) - 1)), mx.view([-1] + [1] * (len(shape) - 1))
+    else:
+        mn, mx = torch.aminmax(x)
+    fused = fake_quantize(x, mn, mx, bits)
+    os.environ["FRACPASS_KERNELS"] = "0"
+    try:
+        reference = fake_quantize(x, mn, mx, bits)
+    finally:
+        del os.environ["FRACPASS_KERNELS"]
+    assert torch.equal(fused, reference)
+
+
+def test_fused_fake_quant_nan_and_ties():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 3.0])  # ties round half to even, as ONNX
+    out = fake_quantize(x, torch.tensor(-3.0), torch.tensor(3.0), 3)
+    reference = reference_fake_quant(x, torch.tensor(-3.0), torch.tensor(3.0), 3).float()
+    assert torch.equal(out, reference)
+    x[2] = float("nan")
+    assert torch.isnan(fake_quantize(x, *torch.aminmax(x), 4)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_stochastic_rounding_unbiased_on_torch_op_path(torch_ops, bits):
+    test_stochastic_rounding_is_unbiased(bits)
+
+
+def test_stochastic_rounding_independent_of_thread_count():
+    g = torch.randn(3 * 2**20 + 17)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        one = quantize_grad_stochastic(g, 6)
+        torch.set_num_threads(2)
+        torch.manual_seed(3)
+        two = quantize_grad_stochastic(g, 6)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_grad_quant_non_contiguous_and_half_precision():
+    g = torch.randn(64, 32).t()  # strided: copied to contiguous for the kernel
+    out = quantize_grad_stochastic(g, 4)
+    assert out.shape == g.shape and out.unique().numel() <= 16
+    h = torch.randn(100, dtype=torch.bfloat16)  # not float32: torch-op path
+    assert quantize_grad_stochastic(h, 4).dtype == torch.bfloat16
