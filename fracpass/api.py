@@ -1,8 +1,11 @@
 """The public entry points: transform, set_stage, current_stage, quantizers, summary."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -59,7 +62,8 @@ class QuantizedGraphModule(torch.fx.GraphModule):
     def _use_mode(self, state: _State, mode: bool) -> None:
         graph = state.graphs.get(mode)
         if graph is None:
-            _capture_into(self, state, mode)
+            with _gc_paused():
+                _capture_into(self, state, mode)
         else:
             self.graph = graph  # the setter recompiles
         state.graph_mode = mode
@@ -89,18 +93,51 @@ def transform(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     options = CaptureOptions(capture_method, tuple(leaf_modules), concrete_args, dynamic_batch)
-    root = copy.deepcopy(model)
-    captured = capture(root, tuple(example_inputs), example_kwargs, options)
-    gm = QuantizedGraphModule(captured.graph_module, captured.graph_module.graph, type(model).__name__)
+    with _gc_paused():
+        return _transform(model, plan, tuple(example_inputs), example_kwargs, options)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector: transform allocates many small objects and no cycles
+    worth collecting, and collections scanning the growing heap cost ~25% on ResNet-1202."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], example_kwargs, options) -> "QuantizedGraphModule":
+    root = _copy_model(model)
+    captured = capture(root, example_inputs, example_kwargs, options, module_class=QuantizedGraphModule)
+    gm = captured.graph_module
     nn.Module.train(gm, root.training)  # match the captured mode without triggering a re-capture
     # re-captures (the other mode) take the path that worked, not "auto"
-    state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root, tuple(example_inputs), dict(example_kwargs or {}), graph_mode=root.training,
-                   notes=captured.notes)
+    state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root,
+                   example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes)
     _run_pipeline(gm, state, root.training)
     _order_like(gm, root)
     gm.fracpass = state
     set_stage(gm, 0)
     return gm
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with plain parameters and buffers cloned up front (~20% faster).
+
+    Seeding deepcopy's memo keeps tied weights tied; tensors of other types or carrying extra
+    attributes take deepcopy's own path.
+    """
+    memo: Dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo or t.__dict__ or type(t) not in (nn.Parameter, torch.Tensor):
+            continue
+        clone = t.detach().clone()
+        memo[id(t)] = nn.Parameter(clone, t.requires_grad) if type(t) is nn.Parameter else clone
+    return copy.deepcopy(model, memo)
 
 
 def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:

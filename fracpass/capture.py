@@ -13,7 +13,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Type, Union
 
 import torch
 import torch.fx
@@ -63,8 +63,12 @@ class Captured:
 
 
 def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
-            options: CaptureOptions = CaptureOptions()) -> Captured:
-    """Capture ``model`` (in its current mode). Raises TraceError naming module, line and fix."""
+            options: CaptureOptions = CaptureOptions(),
+            module_class: Type[torch.fx.GraphModule] = torch.fx.GraphModule) -> Captured:
+    """Capture ``model`` (in its current mode) as a ``module_class``.
+
+    Raises TraceError naming the module, the source line and the fix.
+    """
     kwargs = dict(kwargs or {})
     fx_failure: Optional[str] = None
     if options.method in ("auto", "fx"):
@@ -72,7 +76,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
         try:
             with _no_concrete_branches():
                 graph = tracer.trace(model, concrete_args=options.concrete_args)
-            return Captured(torch.fx.GraphModule(tracer.root, graph, type(model).__name__), "fx")
+            return Captured(module_class(tracer.root, graph, type(model).__name__), "fx")
         except Exception as e:  # fx raises many types; all of them mean "cannot trace"
             fx_failure = _describe_fx_failure(e, tracer)
             if options.method == "fx":
@@ -81,7 +85,7 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
     if not (args or kwargs):
         raise TraceError(_message(model, fx_failure, None, have_examples=False))
     try:
-        return _export(model, args, kwargs, options)
+        return _export(model, args, kwargs, options, module_class)
     except Exception as e:
         raise TraceError(_message(model, fx_failure, _describe_export_failure(e), have_examples=True)) from e
 
@@ -117,7 +121,7 @@ def _no_concrete_branches():
             setattr(torch.Tensor, name, method)
 
 
-def _export(model: nn.Module, args, kwargs, options: CaptureOptions) -> Captured:
+def _export(model: nn.Module, args, kwargs, options: CaptureOptions, module_class) -> Captured:
     args, kwargs, widened = _widen_batch(args, kwargs)
     notes = []
     dynamic = _batch_dims(model, args, kwargs) if options.dynamic_batch else None
@@ -136,7 +140,7 @@ def _export(model: nn.Module, args, kwargs, options: CaptureOptions) -> Captured
         notes.append("example batch of 1 widened to 2 so the batch dimension stays dynamic")
     exported = ep.module()
     # ep.module() refuses .train()/.eval(); a plain GraphModule over the same graph does not.
-    gm = torch.fx.GraphModule(exported, exported.graph, type(model).__name__)
+    gm = module_class(exported, exported.graph, type(model).__name__)
     return Captured(gm, "export", tuple(notes))
 
 

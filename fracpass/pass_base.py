@@ -51,7 +51,9 @@ class PassBase:
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+    def __call__(self, gm: torch.fx.GraphModule, *, recompile: bool = True) -> PassResult:
+        """Run the pass. ``recompile=False`` leaves regenerating ``gm.code`` to the caller
+        (PassManager does it once after the last pass: passes never execute the module)."""
         try:
             self.requires(gm)
         except FracpassError:
@@ -71,7 +73,8 @@ class PassBase:
                 result.graph_module.graph.lint()
             except Exception as e:
                 raise PostconditionError(f"pass {self.name!r} left an invalid graph: {e}") from e
-            result.graph_module.recompile()
+            if recompile:
+                result.graph_module.recompile()
         try:
             self.ensures(result.graph_module)
         except FracpassError:
@@ -92,10 +95,13 @@ class PassManager:
         modified = False
         for p in self.passes:
             start = time.perf_counter()
-            result = p(gm)
+            # one recompile at the end: regenerating code is the costliest step on large graphs
+            result = p(gm, recompile=False)
             gm = result.graph_module
             modified |= result.modified
             stats[p.name] = dict(result.stats)
             log.debug("%s: modified=%s %s (%.1f ms)", p.name, result.modified, result.stats,
                       1e3 * (time.perf_counter() - start))
+        if modified:
+            gm.recompile()
         return PassResult(gm, modified, stats)

@@ -37,6 +37,7 @@ def test_32_bits_is_bit_identical_in_train_and_eval(name, method):
     x = make_input(4)
     qmodel = fracpass.transform(model, IDENTITY_THEN_8, example_inputs=(x,), capture_method=method)
     assert qmodel.fracpass.method == method
+    assert isinstance(qmodel, fracpass.QuantizedGraphModule) and isinstance(qmodel, torch.fx.GraphModule)
     assert sum(1 for _ in fracpass.quantizers(qmodel)) > 0
     reference = copy.deepcopy(model)
     for mode in (True, False, True):
@@ -251,3 +252,40 @@ def test_summary_table():
     stem = next(line for line in text.splitlines() if line.startswith("conv1 "))
     assert "excluded: excluded by plan (exclude 'conv1')" in stem
     assert text.splitlines()[-1] == "22 compute ops: 21 quantized, 1 excluded; 63 quantizer modules"
+
+
+def test_tied_weights_stay_tied_and_copies_are_independent():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = Tied()
+    qmodel = fracpass.transform(model, fracpass.Plan.static())
+    assert qmodel.get_parameter("embed.weight") is qmodel.get_parameter("head.weight")
+    assert qmodel.get_parameter("embed.weight") is not model.embed.weight
+    with torch.no_grad():
+        qmodel.get_parameter("embed.weight").add_(1.0)
+    assert not torch.equal(model.embed.weight, qmodel.get_parameter("embed.weight"))
+
+
+def test_transform_restores_the_garbage_collector():
+    import gc
+
+    assert gc.isenabled()
+    fracpass.transform(nn.Sequential(nn.Linear(2, 2)), fracpass.Plan.static())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        fracpass.transform(nn.Sequential(nn.Linear(2, 2)), fracpass.Plan.static())
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+    with pytest.raises(fracpass.PlanError):
+        fracpass.transform(nn.Sequential(nn.Linear(2, 2)), fracpass.Plan.static(exclude=("nope",)))
+    assert gc.isenabled()
