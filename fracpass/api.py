@@ -59,6 +59,23 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         # submodules are this module's submodules
         return super().train(mode)
 
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        state = self.__dict__.get("fracpass")
+        if state is not None:
+            # same memo: the copy's state refers to the copy's graph, modules and parameters
+            copied.__dict__["fracpass"] = copy.deepcopy(state, memo)
+        return copied
+
+    def __reduce__(self):
+        """Pickle the recipe (model, plan, example inputs, capture options) and the state_dict;
+        unpickling transforms again, so the generated code never has to be pickled."""
+        state = self.__dict__.get("fracpass")
+        if state is None:
+            return super().__reduce__()
+        return (_rebuild, (state.root, state.plan, state.args, state.kwargs, state.options, self.state_dict(),
+                           self.training))
+
     def _use_mode(self, state: _State, mode: bool) -> None:
         graph = state.graphs.get(mode)
         if graph is None:
@@ -114,15 +131,24 @@ def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], ex
     root = _copy_model(model)
     captured = capture(root, example_inputs, example_kwargs, options, module_class=QuantizedGraphModule)
     gm = captured.graph_module
-    nn.Module.train(gm, root.training)  # match the captured mode without triggering a re-capture
     # re-captures (the other mode) take the path that worked, not "auto"
     state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root,
                    example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes)
     _run_pipeline(gm, state, root.training)
+    # after the pipeline, so the quantizers it added follow too; nn.Module.train does not re-capture
+    nn.Module.train(gm, root.training)
     _order_like(gm, root)
     gm.fracpass = state
     set_stage(gm, 0)
     return gm
+
+
+def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, training: bool) -> QuantizedGraphModule:
+    qmodel = transform(root.train(training), plan, args, kwargs, capture_method=options.method,
+                       leaf_modules=options.leaf_modules, concrete_args=options.concrete_args,
+                       dynamic_batch=options.dynamic_batch)
+    qmodel.load_state_dict(state_dict)
+    return qmodel
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

@@ -44,7 +44,7 @@ class CaptureOptions:
 
 
 class _Tracer(torch.fx.Tracer):
-    def __init__(self, leaves: Iterable[Union[str, type]]):
+    def __init__(self, leaves: Iterable[Union[str, type]] = ()):
         super().__init__()
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_paths = frozenset(x for x in leaves if isinstance(x, str))

@@ -289,3 +289,41 @@ def test_transform_restores_the_garbage_collector():
     with pytest.raises(fracpass.PlanError):
         fracpass.transform(nn.Sequential(nn.Linear(2, 2)), fracpass.Plan.static(exclude=("nope",)))
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_deepcopy_and_pickle_keep_a_working_transformed_model(method, tmp_path):
+    factory, make_input = EXAMPLE_MODELS["transformer_sdpa"]
+    x = make_input(3)
+    qmodel = fracpass.transform(factory(), fracpass.Plan.progressive(), example_inputs=(x,), capture_method=method)
+    fracpass.set_stage(qmodel, 2)
+    qmodel(x).sum().backward()  # records activation ranges
+    qmodel.eval()
+    with torch.no_grad():
+        expected = qmodel(x)
+    for clone in (copy.deepcopy(qmodel), _save_load(qmodel, tmp_path / "q.pt")):
+        assert isinstance(clone, fracpass.QuantizedGraphModule) and not clone.training
+        assert fracpass.current_stage(clone) == 2
+        with torch.no_grad():
+            assert torch.equal(clone(x), expected)
+        first = next(iter(dict(clone.named_parameters())))
+        assert clone.get_parameter(first) is not qmodel.get_parameter(first)
+        clone.train()
+        clone(x).sum().backward()  # and it still trains, in its own mode graph
+        assert clone.training and not qmodel.training
+
+
+def _save_load(module, path):
+    torch.save(module, path)
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_eval_mode_model_gives_eval_mode_quantizers(method):
+    factory, make_input = EXAMPLE_MODELS["resnet20"]
+    qmodel = fracpass.transform(factory().eval(), fracpass.Plan.static(), example_inputs=(make_input(2),),
+                                capture_method=method)
+    assert not qmodel.training and qmodel.fracpass.graph_mode is False
+    assert [n for n, m in qmodel.named_modules() if m.training] == []
+    qmodel(make_input(2))
+    assert not any(q._range_ready for _, q in fracpass.quantizers(qmodel) if q.role == "act")  # eval records nothing
