@@ -327,3 +327,15 @@ def test_eval_mode_model_gives_eval_mode_quantizers(method):
     assert [n for n, m in qmodel.named_modules() if m.training] == []
     qmodel(make_input(2))
     assert not any(q._range_ready for _, q in fracpass.quantizers(qmodel) if q.role == "act")  # eval records nothing
+
+
+@pytest.mark.parametrize("depth", [20, 38, 74, 110, pytest.param(1202, marks=pytest.mark.slow)])
+def test_cifar_resnet_family_structure(depth):
+    from examples.models import CifarResNet
+
+    qmodel = fracpass.transform(CifarResNet(depth), fracpass.Plan.static(), example_inputs=(torch.randn(2, 3, 32, 32),))
+    n = (depth - 2) // 6
+    convs = 1 + 6 * n + 2  # stem, two per block, two downsample convs
+    assert qmodel.fracpass.stats[True]["annotate"]["by_kind"] == {"conv2d": convs, "linear": 1}
+    assert sum(1 for _ in fracpass.quantizers(qmodel)) == 3 * (convs + 1)
+    assert qmodel(torch.randn(3, 3, 32, 32)).shape == (3, 10)
