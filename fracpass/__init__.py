@@ -1,5 +1,6 @@
 """fracpass: FracTrain-style efficient training as compiler passes over any PyTorch model."""
-from fracpass.api import QuantizedGraphModule, current_stage, quantizers, set_stage, summary, transform
+from fracpass.api import QuantizedGraphModule, cost, current_stage, quantizers, set_stage, summary, transform
+from fracpass.costing import CostReport, relative_cost
 from fracpass.errors import (
     ExportError,
     FracpassError,
@@ -15,7 +16,8 @@ from fracpass.plan import Plan, QSpec, Rule, Stage
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "set_stage", "current_stage", "quantizers", "summary", "QuantizedGraphModule",
+    "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "CostReport", "relative_cost",
+    "QuantizedGraphModule",
     "Plan", "Rule", "Stage", "QSpec",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
     "RegistryError", "ExportError",

@@ -21,7 +21,7 @@ from fracpass.pipeline import default_pipeline
 from fracpass.plan import Plan
 from fracpass.quant import FULL_PRECISION, Quantizer
 
-__all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "QuantizedGraphModule"]
+__all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "QuantizedGraphModule"]
 
 log = logging.getLogger("fracpass")
 
@@ -312,3 +312,26 @@ def _bits_cell(bits: int) -> str:
 def _stage_text(plan: Plan, stage: int) -> str:
     s = plan.stages[stage]
     return f"{_bits_cell(s.w)}/{_bits_cell(s.a)}/{_bits_cell(s.g)}"
+
+
+def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: Optional[Dict[str, Any]] = None, *,
+         target=None, stage: Optional[int] = None):
+    """A CostReport: MACs per op, BitOPs per stage, and with ``target`` energy and latency.
+
+    The example inputs default to the ones given to ``transform``. ``target`` is a built-in profile
+    name (``fracpass.targets.available_targets()``), a path to a profile TOML, or a Target.
+    """
+    from fracpass.passes.cost_analysis import CostAnalysisPass
+    from fracpass.targets import load_target
+
+    state = _state(qmodel)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        example_inputs, example_kwargs = state.args, state.kwargs
+    if not example_inputs and not example_kwargs:
+        raise FracpassError("cost: no example inputs; pass example_inputs=(x,) (the costs depend on input shapes)")
+    loaded = load_target(target) if target is not None else None
+    stage = current_stage(qmodel) if stage is None else stage
+    with _gc_paused():
+        return CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel).result

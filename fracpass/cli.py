@@ -1,6 +1,7 @@
 """The ``fracpass`` command line.
 
     fracpass transform --model pkg.module:factory --plan plan.toml [--input-shape 1,3,32,32]
+    fracpass cost --model pkg.module:factory --plan plan.toml --input-shape 1,3,32,32 [--target bitfusion] [--json]
 
 Exit codes: 0 success; 2 bad usage, a model that does not load, or a plan or model fracpass rejects
 (the message says what and how to fix it).
@@ -75,19 +76,49 @@ def _transform(args) -> int:
     return EXIT_OK
 
 
+def _cost(args) -> int:
+    import fracpass
+
+    model = load_model(args.model)
+    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
+    inputs = example_input(args.input_shape, args.input_dtype)
+    if not inputs:
+        raise CliError("--input-shape is required: costs depend on the input's shape (e.g. --input-shape 1,3,32,32)")
+    qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    report = fracpass.cost(qmodel, target=args.target, stage=args.stage)
+    if args.steps_per_stage:
+        steps = [int(x) for x in args.steps_per_stage.split(",")]
+        totals = report.training(steps, batch_size=args.batch_size)
+    print(report.to_json() if args.json else report)
+    if args.steps_per_stage and not args.json:
+        print(totals)
+    return EXIT_OK
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
+    p.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
+    p.add_argument("--input-dtype", choices=("float32", "int64"), default="float32",
+                   help="example input dtype (int64 for token ids)")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto")
+    p.add_argument("--stage", type=int, help="stage to show (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fracpass", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transform", help="transform a model with a plan and print the summary table")
-    t.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
-    t.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
-    t.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (needed when fx cannot trace)")
-    t.add_argument("--input-dtype", choices=("float32", "int64"), default="float32",
-                   help="example input dtype (int64 for token ids)")
-    t.add_argument("--capture", choices=("auto", "fx", "export"), default="auto")
-    t.add_argument("--stage", type=int, help="show the table at this stage (default 0)")
+    _add_model_args(t)
     t.set_defaults(run=_transform)
+    c = sub.add_parser("cost", help="MACs, BitOPs per stage, and energy/latency on a hardware target")
+    _add_model_args(c)
+    c.add_argument("--target", help="hardware profile: a built-in name (bitfusion, a100, h100, xeon8380) or a .toml path")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--steps-per-stage", help="whole-schedule totals for these steps per stage, e.g. 8190,8190,7800,40000")
+    c.add_argument("--batch-size", type=int, help="batch size for --steps-per-stage (default: the input shape's)")
+    c.set_defaults(run=_cost)
     return parser
 
 

@@ -25,6 +25,7 @@ class PassResult:
     graph_module: torch.fx.GraphModule
     modified: bool
     stats: Dict[str, Any] = field(default_factory=dict)
+    result: Any = None  # an analysis pass's typed result (CostReport, StagePlan)
 
 
 def node_context(node: torch.fx.Node) -> str:

@@ -9,6 +9,7 @@ Register a new kind with ``register(OpKind(...))``; every pass picks it up.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -52,6 +53,9 @@ class OpKind:
     applies: Callable[[torch.fx.GraphModule, torch.fx.Node], bool] = field(default=lambda gm, n: True)
     # for operands of variadic ops (einsum) — returns the operand slots directly
     variadic: Optional[Callable[[torch.fx.Node], Tuple[Slot, ...]]] = None
+    # cost: (operand shapes in operand order, output shape, node) -> (forward MACs, backward MACs
+    # of the product giving each operand's gradient). None: the op is listed as "not costed".
+    macs: Optional[Callable[[Sequence[Sequence[Any]], Sequence[Any], torch.fx.Node], Tuple[Any, Tuple[Any, ...]]]] = None
 
 
 _BY_MODULE: Dict[type, OpKind] = {}
@@ -260,6 +264,66 @@ def _linear_lowering(gm, node, mod=None):
     return _lower(gm, node, lambda mod, x, w, b: (F.linear, (x, w, b)))
 
 
+# -- MAC rules (shapes may hold SymInts: the same rule gives numeric and symbolic counts) ---------
+def _numel(shape) -> Any:
+    return math.prod(shape) if len(shape) else 1
+
+
+def _bilinear(fwd) -> Tuple[Any, Tuple[Any, Any]]:
+    return fwd, (fwd, fwd)  # each operand's gradient is one product as large as the forward one
+
+
+def conv_macs(shapes, out, node=None):
+    """out elements x (Cin / groups x kernel), the weight's per-output-channel size."""
+    x, w = shapes
+    return _bilinear(_numel(out) * _numel(w[1:]))
+
+
+def conv_transpose_macs(shapes, out, node=None):
+    """every input element meets (Cout / groups x kernel) weights: weight is (Cin, Cout/g, *k)."""
+    x, w = shapes
+    return _bilinear(_numel(x) * _numel(w[1:]))
+
+
+def linear_macs(shapes, out, node=None):
+    x, w = shapes
+    return _bilinear(_numel(out) * x[-1])
+
+
+def matmul_macs(shapes, out, node=None):
+    a, _ = shapes
+    return _bilinear(_numel(out) * a[-1])
+
+
+def sdpa_macs(shapes, out, node=None):
+    """Q K^T (L x S x E) and P V (L x S x Ev) per batch-head; backward: dQ = dS K and dP = dO V^T
+    for the query, dK = dS^T Q for the key, dV = P^T dO for the value (2x forward in all)."""
+    q, k, v = shapes
+    heads = _numel(q[:-2])
+    length, source, e, ev = q[-2], k[-2], q[-1], v[-1]
+    qk, pv = heads * length * source * e, heads * length * source * ev
+    return qk + pv, (qk + pv, qk, pv)
+
+
+def einsum_macs(shapes, out, node):
+    """out elements x the product of the contracted (summed-over) letters' sizes; two operands."""
+    if len(shapes) != 2:
+        raise NotImplementedError(f"einsum with {len(shapes)} operands has no MAC rule")
+    lhs, arrow, rhs = str(node.args[0]).replace(" ", "").partition("->")
+    letters = [c for c in lhs if c.isalpha()]
+    if not arrow:
+        rhs = "".join(c for c in set(letters) if letters.count(c) == 1)
+    sizes: Dict[str, Any] = {}
+    for term, shape in zip(lhs.split(","), shapes):
+        head, ellipsis, tail = term.partition("...")
+        pairs = zip(head, shape) if not ellipsis else list(zip(head, shape[: len(head)])) + list(
+            zip(tail, shape[len(shape) - len(tail):]))
+        for letter, size in pairs:
+            sizes.setdefault(letter, size)
+    contracted = [sizes[c] for c in sorted(set(letters)) if c not in rhs]
+    return _bilinear(_numel(out) * (math.prod(contracted) if contracted else 1))
+
+
 # -- the built-in kinds -------------------------------------------------------------------------
 _X, _W = Operand(0, "input", "act"), Operand(1, "weight", "weight", axis=0)
 _TRANSPOSED = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
@@ -271,7 +335,7 @@ for _n, _mod, _fn, _at in (
     (3, nn.Conv3d, F.conv3d, (aten.conv3d.default, aten.conv3d.padding)),
 ):
     register(OpKind(f"conv{_n}d", (_X, _W), modules=(_mod,), functions=(_fn, *_at),
-                    lower=_conv_lowering(_fn), traits=_conv_traits(6)))
+                    lower=_conv_lowering(_fn), traits=_conv_traits(6), macs=conv_macs))
 
 for _n, _mod, _fn, _at in (
     (1, nn.ConvTranspose1d, F.conv_transpose1d, aten.conv_transpose1d.default),
@@ -280,25 +344,28 @@ for _n, _mod, _fn, _at in (
 ):
     # ConvTranspose weights are (in, out / groups, ...): output channels sit on axis 1.
     register(OpKind(f"conv_transpose{_n}d", (_X, Operand(1, "weight", "weight", axis=1)), modules=(_mod,),
-                    functions=(_fn, _at), lower=_conv_transpose_lowering(_fn), traits=_conv_traits(6)))
+                    functions=(_fn, _at), lower=_conv_transpose_lowering(_fn), traits=_conv_traits(6),
+                    macs=conv_transpose_macs))
 
 register(OpKind("linear", (_X, _W), modules=(nn.Linear,), functions=(F.linear, aten.linear.default),
-                lower=_linear_lowering))
+                lower=_linear_lowering, macs=linear_macs))
 
 # Products of two tensors: an operand is a weight only when it is a parameter. Output channels
 # of a parameter on the right are its last axis, of one on the left its second-to-last.
 _A = Operand(0, "input", "either", axis=-2)
 _B = Operand(1, "other", "either", axis=-1)
 register(OpKind("matmul", (_A, _B), functions=(torch.matmul, operator.matmul, aten.matmul.default),
-                methods=("matmul", "__matmul__")))
-register(OpKind("mm", (_A, Operand(1, "mat2", "either", axis=-1)), functions=(torch.mm, aten.mm.default), methods=("mm",)))
-register(OpKind("bmm", (_A, Operand(1, "mat2", "either", axis=-1)), functions=(torch.bmm, aten.bmm.default), methods=("bmm",)))
+                methods=("matmul", "__matmul__"), macs=matmul_macs))
+register(OpKind("mm", (_A, Operand(1, "mat2", "either", axis=-1)), functions=(torch.mm, aten.mm.default), methods=("mm",),
+                macs=matmul_macs))
+register(OpKind("bmm", (_A, Operand(1, "mat2", "either", axis=-1)), functions=(torch.bmm, aten.bmm.default), methods=("bmm",),
+                macs=matmul_macs))
 register(OpKind("addmm", (Operand(1, "mat1", "either", axis=-2), Operand(2, "mat2", "either", axis=-1)),
-                functions=(torch.addmm, aten.addmm.default), methods=("addmm",)))
+                functions=(torch.addmm, aten.addmm.default), methods=("addmm",), macs=matmul_macs))
 register(OpKind("baddbmm", (Operand(1, "batch1", "either", axis=-2), Operand(2, "batch2", "either", axis=-1)),
-                functions=(torch.baddbmm, aten.baddbmm.default), methods=("baddbmm",)))
+                functions=(torch.baddbmm, aten.baddbmm.default), methods=("baddbmm",), macs=matmul_macs))
 register(OpKind("sdpa", (Operand(0, "query", "act"), Operand(1, "key", "act"), Operand(2, "value", "act")),
-                functions=(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)))
+                functions=(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default), macs=sdpa_macs))
 
 
 def _einsum_operands(node: torch.fx.Node):
@@ -333,4 +400,4 @@ def _einsum_is_contraction(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
 
 
 register(OpKind("einsum", (), functions=(torch.einsum, aten.einsum.default), applies=_einsum_is_contraction,
-                variadic=_einsum_operands))
+                variadic=_einsum_operands, macs=einsum_macs))

@@ -57,3 +57,28 @@ def test_bad_toml_plan(tmp_path):
 def test_usage_error():
     done = fracpass_cli("transform")
     assert done.returncode == 2 and "--model" in done.stderr
+
+
+def test_cost_text_json_and_training_totals():
+    import json
+
+    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+                        "--target", "bitfusion", "--steps-per-stage", "10,10,10,10", "--batch-size", "128")
+    assert done.returncode == 0, done.stderr
+    assert "forward MACs per sample 40,813,184" in done.stdout
+    assert "stage 3: BitOPs/sample" in done.stdout and "bitfusion:" in done.stdout
+    assert "training: 40 steps (per stage [10, 10, 10, 10]), batch 128" in done.stdout
+    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
+    data = json.loads(done.stdout)
+    assert data["forward_macs_per_sample"] == 40813184 and data["stages"][0]["relative_to_fp32"] == 1 / 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "examples.models:resnet20"], r"--input-shape is required"),
+    (["--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--target", "tpu"], r"unknown target 'tpu'"),
+])
+def test_cost_errors(args, message):
+    import re
+
+    done = fracpass_cli("cost", *args)
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
