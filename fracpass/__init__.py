@@ -12,13 +12,17 @@ from fracpass.errors import (
     TraceError,
 )
 from fracpass.plan import Plan, QSpec, Rule, Stage
+from fracpass.scheduler import Scheduler, schedule
+from fracpass.stageplan import StagePlan
+from fracpass.switch import AtEpochs, AtSteps, Budget, LossPlateau
 
 __version__ = "0.1.0"
 
 __all__ = [
     "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "CostReport", "relative_cost",
     "QuantizedGraphModule",
-    "Plan", "Rule", "Stage", "QSpec",
+    "Plan", "Rule", "Stage", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
+    "schedule", "Scheduler", "StagePlan",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
     "RegistryError", "ExportError",
 ]

@@ -2,6 +2,7 @@
 
     fracpass transform --model pkg.module:factory --plan plan.toml [--input-shape 1,3,32,32]
     fracpass cost --model pkg.module:factory --plan plan.toml --input-shape 1,3,32,32 [--target bitfusion] [--json]
+    fracpass plan --model pkg.module:factory --plan plan.toml -o stages.toml [--budget 0.35 --total-steps 64000]
 
 Exit codes: 0 success; 2 bad usage, a model that does not load, or a plan or model fracpass rejects
 (the message says what and how to fix it).
@@ -95,6 +96,28 @@ def _cost(args) -> int:
     return EXIT_OK
 
 
+def _plan(args) -> int:
+    import fracpass
+
+    model = load_model(args.model)
+    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.progressive()
+    if args.budget is not None or args.total_steps is not None:
+        if args.budget is None or args.total_steps is None:
+            raise CliError("--budget and --total-steps go together, e.g. --budget 0.35 --total-steps 64000")
+        plan = fracpass.Plan(plan.stages, plan.rules, fracpass.Budget(args.budget, args.total_steps,
+                                                                      args.granularity))
+    inputs = example_input(args.input_shape, args.input_dtype)
+    if plan.switch is not None and isinstance(plan.switch, fracpass.Budget) and not inputs:
+        raise CliError("budget mode costs the model: give --input-shape (e.g. 1,3,32,32)")
+    qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    staged = fracpass.schedule(qmodel, plan)
+    if args.output:
+        staged.save(args.output)
+        print(f"wrote {args.output}")
+    print(staged)
+    return EXIT_OK
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
     p.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
@@ -119,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps-per-stage", help="whole-schedule totals for these steps per stage, e.g. 8190,8190,7800,40000")
     c.add_argument("--batch-size", type=int, help="batch size for --steps-per-stage (default: the input shape's)")
     c.set_defaults(run=_cost)
+    pl = sub.add_parser("plan", help="emit the per-stage precision plan (StagePlan) of a model and plan")
+    _add_model_args(pl)
+    pl.add_argument("-o", "--output", help="write the StagePlan TOML here")
+    pl.add_argument("--budget", type=float, help="training budget as a fraction of the static last-stage plan")
+    pl.add_argument("--total-steps", type=int, help="total training steps, for --budget")
+    pl.add_argument("--granularity", type=int, default=390, help="stage boundaries are multiples of this (default 390)")
+    pl.set_defaults(run=_plan)
     return parser
 
 

@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 
 from fracpass.errors import PlanError
 from fracpass.quant import FULL_PRECISION
+from fracpass.switch import AtSteps, Budget, SwitchRule, rule_from_dict
 
 __all__ = ["Stage", "Rule", "Plan", "QSpec", "FORMAT_VERSION"]
 
@@ -133,6 +134,7 @@ class Plan:
 
     stages: Tuple[Stage, ...]
     rules: Tuple[Rule, ...] = field(default=())
+    switch: Optional[SwitchRule] = None  # when to advance stages; None: LossPlateau() for a ladder
 
     def __post_init__(self) -> None:
         stages = tuple(self.stages) if isinstance(self.stages, (list, tuple)) else self.stages
@@ -154,6 +156,12 @@ class Plan:
                     )
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "rules", rules)
+        if self.switch is not None:
+            if not isinstance(self.switch, SwitchRule):
+                raise PlanError(f"plan.switch = {self.switch!r}: expected fracpass.LossPlateau, AtSteps, AtEpochs or Budget")
+            if isinstance(self.switch, AtSteps) and len(self.switch.boundaries()) != len(stages) - 1:
+                raise PlanError(f"plan.switch: {type(self.switch).__name__} has {len(self.switch.boundaries())} "
+                                f"boundaries but the plan has {len(stages)} stages; give {len(stages) - 1}")
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
@@ -168,8 +176,22 @@ class Plan:
         bw: Sequence[int] = (6, 6, 8, 8),
         exclude: Iterable[str] = (),
         rules: Iterable[Rule] = (),
+        switch: Optional[SwitchRule] = None,
+        budget: Optional[float] = None,
+        total_steps: Optional[int] = None,
     ) -> "Plan":
-        """FracTrain's PFQ ladder: stage k quantizes weights and activations to fw[k], gradients to bw[k]."""
+        """FracTrain's PFQ ladder: stage k quantizes weights and activations to fw[k], gradients to bw[k].
+
+        ``switch`` says when to advance (default ``LossPlateau()``); or give ``budget`` (a fraction
+        of the static last-stage plan's training BitOPs) and ``total_steps``, which
+        ``fracpass.schedule`` turns into fixed boundaries.
+        """
+        if budget is not None or total_steps is not None:
+            if switch is not None:
+                raise PlanError("Plan.progressive: give either switch= or budget= with total_steps=, not both")
+            if budget is None or total_steps is None:
+                raise PlanError("Plan.progressive: budget mode needs both budget= (e.g. 0.35) and total_steps=")
+            switch = Budget(fraction=budget, total_steps=total_steps)
         fw, bw = tuple(fw), tuple(bw)
         if not fw or not bw:
             raise PlanError(f"Plan.progressive(fw={list(fw)}, bw={list(bw)}): the ladder is empty; give at least one stage")
@@ -183,7 +205,7 @@ class Plan:
             _check_bits(f"fw[{k}]", f)
             _check_bits(f"bw[{k}]", b)
             stages.append(Stage(w=f, a=f, g=b))
-        return cls(stages=tuple(stages), rules=_exclusions(exclude) + tuple(rules))
+        return cls(stages=tuple(stages), rules=_exclusions(exclude) + tuple(rules), switch=switch)
 
     # -- resolution -----------------------------------------------------------------------------
     @property
@@ -235,11 +257,13 @@ class Plan:
         ]}
         if rules:
             out["rules"] = rules
+        if self.switch is not None:
+            out["switch"] = self.switch.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> "Plan":
-        known = {"format", "stages", "rules"}
+        known = {"format", "stages", "rules", "switch"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"{source}: unknown section(s) {unknown}; this version of fracpass reads {sorted(known)}")
@@ -266,8 +290,13 @@ class Plan:
                 rules.append(Rule(**entry))
             except PlanError as e:
                 raise PlanError(f"{source}: rules[{i}]: {e}") from e
+        switch = None
+        if "switch" in data:
+            if not isinstance(data["switch"], dict):
+                raise PlanError(f"{source}: 'switch' must be a table ([switch])")
+            switch = rule_from_dict(data["switch"], source)
         try:
-            return cls(stages=tuple(stages), rules=tuple(rules))
+            return cls(stages=tuple(stages), rules=tuple(rules), switch=switch)
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from e
 
@@ -279,6 +308,10 @@ class Plan:
                 lines.append(f"[[{section}]]")
                 lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
                 lines.append("")
+        if "switch" in data:
+            lines.append("[switch]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in data["switch"].items()]
+            lines.append("")
         return "\n".join(lines)
 
     def save(self, path: Union[str, Path]) -> None:
@@ -316,8 +349,8 @@ def _table_list(data: Mapping[str, Any], key: str, source: str, required: bool =
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):

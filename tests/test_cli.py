@@ -82,3 +82,17 @@ def test_cost_errors(args, message):
 
     done = fracpass_cli("cost", *args)
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+
+
+def test_plan_writes_a_stage_plan(tmp_path):
+    out = tmp_path / "stages.toml"
+    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+                        "--budget", "0.4", "--total-steps", "64000", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    import fracpass
+
+    staged = fracpass.StagePlan.load(out)
+    assert staged.budget.fraction == 0.4 and staged.budget.predicted <= 0.4 and len(staged.switch.boundaries()) == 3
+    assert "budget: 40.0% of static asked" in done.stdout
+    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--budget", "0.4")
+    assert done.returncode == 2 and "--budget and --total-steps go together" in done.stderr
