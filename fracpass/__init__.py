@@ -1,5 +1,6 @@
 """fracpass: FracTrain-style efficient training as compiler passes over any PyTorch model."""
 from fracpass.api import QuantizedGraphModule, cost, current_stage, quantizers, set_stage, summary, transform
+from fracpass.check import Coverage, coverage, graph_text
 from fracpass.costing import CostReport, relative_cost
 from fracpass.errors import (
     ExportError,
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "CostReport", "relative_cost",
-    "QuantizedGraphModule",
+    "QuantizedGraphModule", "graph_text", "coverage", "Coverage",
     "Plan", "Rule", "Stage", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
     "schedule", "Scheduler", "StagePlan",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",

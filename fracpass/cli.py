@@ -4,8 +4,12 @@
     fracpass cost --model pkg.module:factory --plan plan.toml --input-shape 1,3,32,32 [--target bitfusion] [--json]
     fracpass plan --model pkg.module:factory --plan plan.toml -o stages.toml [--budget 0.35 --total-steps 64000]
 
-Exit codes: 0 success; 2 bad usage, a model that does not load, or a plan or model fracpass rejects
-(the message says what and how to fix it).
+    fracpass check --model pkg.module:factory --plan plan.toml --golden golden/ [--update] [--min-coverage 0.95]
+                   [--format text|json|github]
+
+Exit codes: 0 success; 1 (check) the graph differs from a golden file, a golden file is missing, or
+coverage is below --min-coverage; 2 bad usage, a model that does not load, or a plan or model
+fracpass rejects (the message says what and how to fix it).
 """
 from __future__ import annotations
 
@@ -118,6 +122,72 @@ def _plan(args) -> int:
     return EXIT_OK
 
 
+EXIT_MISMATCH = 1
+
+
+def _check(args) -> int:
+    """Compare the graph text (and the StagePlan, for a ladder) with golden files; check coverage."""
+    import json as _json
+    from pathlib import Path
+
+    import fracpass
+    from fracpass.check import compare_text
+
+    model = load_model(args.model)
+    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
+    if args.min_coverage is not None and not 0 <= args.min_coverage <= 1:
+        raise CliError(f"--min-coverage {args.min_coverage}: give a fraction between 0 and 1, e.g. 0.95")
+    qmodel = fracpass.transform(model, plan, example_inputs=example_input(args.input_shape, args.input_dtype),
+                                capture_method=args.capture)
+    name = args.name or args.model.partition(":")[2]
+    golden = Path(args.golden)
+    files = {golden / f"{name}.graph.txt": fracpass.graph_text(qmodel)}
+    if plan.num_stages > 1:
+        files[golden / f"{name}.stages.toml"] = fracpass.schedule(qmodel, plan).to_toml()
+    cov = fracpass.coverage(qmodel)
+    problems, mismatches = [], []
+    if args.update:
+        golden.mkdir(parents=True, exist_ok=True)
+        for path, text in files.items():
+            path.write_text(text)
+    else:
+        for path, text in files.items():
+            if not path.exists():
+                problems.append(f"{path}: golden file missing; create it with --update")
+                continue
+            mismatch = compare_text(path.read_text(), text, str(path))
+            if mismatch is not None:
+                mismatches.append(mismatch)
+    below = args.min_coverage is not None and cov.minimum < args.min_coverage
+    if below:
+        problems.append(f"coverage {cov.minimum:.1%} is below --min-coverage {args.min_coverage:.1%}")
+    failed = bool(problems or mismatches)
+    if args.format == "json":
+        print(_json.dumps({"ok": not failed, "updated": bool(args.update), "files": [str(p) for p in files],
+                           "problems": problems, "coverage": cov.to_dict(),
+                           "mismatches": [{"file": m.path, "summary": m.summary, "diff": m.diff} for m in mismatches]},
+                          indent=2))
+    elif args.format == "github":
+        for m in mismatches:
+            detail = "%0A".join(m.summary[:20])  # workflow-command newline
+            print(f"::error file={m.path},title=fracpass graph changed::{detail}")
+        for p in problems:
+            print(f"::error title=fracpass check::{p}")
+        for op, roles, why in cov.unquantized:
+            print(f"::notice title=fracpass coverage::{op} [{roles}] not quantized: {why}")
+        if not failed:
+            print(f"::notice title=fracpass check::graph matches golden files; min coverage {cov.minimum:.1%}")
+    else:
+        for m in mismatches:
+            print(m)
+        for p in problems:
+            print(f"FAIL: {p}")
+        print(cov)
+        print(("updated " + ", ".join(str(p) for p in files)) if args.update else
+              ("FAILED" if failed else "OK: graph matches the golden files"))
+    return EXIT_MISMATCH if failed else EXIT_OK
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
     p.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
@@ -149,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--total-steps", type=int, help="total training steps, for --budget")
     pl.add_argument("--granularity", type=int, default=390, help="stage boundaries are multiples of this (default 390)")
     pl.set_defaults(run=_plan)
+    ch = sub.add_parser("check", help="compare the rewritten graph with golden files and check coverage (for CI)")
+    _add_model_args(ch)
+    ch.add_argument("--golden", required=True, help="directory of golden files (<name>.graph.txt, <name>.stages.toml)")
+    ch.add_argument("--name", help="golden file name stem (default: the factory's name)")
+    ch.add_argument("--update", action="store_true", help="write the golden files instead of comparing")
+    ch.add_argument("--min-coverage", type=float, help="fail below this share of compute ops quantized, every role")
+    ch.add_argument("--format", choices=("text", "json", "github"), default="text")
+    ch.set_defaults(run=_check)
     return parser
 
 

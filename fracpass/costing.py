@@ -423,12 +423,12 @@ def _uncosted(gm: torch.fx.GraphModule) -> List[Tuple[str, str]]:
             if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Bilinear, nn.Transformer,
                                    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or (
                     not type(module).__module__.startswith("torch.nn") and any(True for _ in module.parameters())):
-                found.append((node.name, f"leaf module {type(module).__name__} at {node.target!r} is unknown to the op "
-                                         "registry; un-leaf it or register its kind"))
+                found.append((node.name, f"inside leaf module {node.target!r} ({type(module).__name__}): its compute "
+                                         "ops are not visible to fracpass; un-leaf it or register its kind"))
         elif node.op in ("call_function", "call_method"):
             name = getattr(node.target, "__name__", str(node.target)).lower()
             if any(k in name for k in _UNCOSTED_NAMES):
-                found.append((node.name, f"{name} has no rule in the op registry"))
+                found.append((node.name, f"unsupported op kind {name!r}: no rule in fracpass.registry"))
     return found
 
 

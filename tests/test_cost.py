@@ -274,5 +274,5 @@ def test_uncosted_leaf_module_is_listed():
 
     report = fracpass.cost(fracpass.transform(WithLSTM(), PLAN, example_inputs=(torch.randn(2, 3, 4),)))
     assert [r["op"] for r in report.per_op] == ["fc"]
-    assert report.not_costed and "leaf module LSTM" in report.not_costed[0][1]
+    assert report.not_costed and "inside leaf module 'rnn' (LSTM)" in report.not_costed[0][1]
     assert "not costed: rnn" in str(report)
