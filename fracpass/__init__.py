@@ -1,6 +1,7 @@
 """fracpass: FracTrain-style efficient training as compiler passes over any PyTorch model."""
 from fracpass.api import QuantizedGraphModule, cost, current_stage, quantizers, set_stage, summary, transform
 from fracpass.check import Coverage, coverage, graph_text
+from fracpass.export import export_onnx
 from fracpass.costing import CostReport, relative_cost
 from fracpass.errors import (
     ExportError,
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "CostReport", "relative_cost",
-    "QuantizedGraphModule", "graph_text", "coverage", "Coverage",
+    "QuantizedGraphModule", "graph_text", "coverage", "Coverage", "export_onnx",
     "Plan", "Rule", "Stage", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
     "schedule", "Scheduler", "StagePlan",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",

@@ -6,6 +6,7 @@
 
     fracpass check --model pkg.module:factory --plan plan.toml --golden golden/ [--update] [--min-coverage 0.95]
                    [--format text|json|github]
+    fracpass export --model pkg.module:factory --plan plan.toml --stage -1 --input-shape 1,3,32,32 -o model.onnx
 
 Exit codes: 0 success; 1 (check) the graph differs from a golden file, a golden file is missing, or
 coverage is below --min-coverage; 2 bad usage, a model that does not load, or a plan or model
@@ -188,6 +189,30 @@ def _check(args) -> int:
     return EXIT_MISMATCH if failed else EXIT_OK
 
 
+def _export(args) -> int:
+    import fracpass
+
+    model = load_model(args.model)
+    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
+    inputs = example_input(args.input_shape, args.input_dtype)
+    if not inputs:
+        raise CliError("--input-shape is required for export (e.g. --input-shape 1,3,32,32)")
+    qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    stage = -1 if args.stage is None else args.stage
+    fracpass.set_stage(qmodel, stage)
+    # activation ranges come from training batches; here synthetic ones stand in (say so)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(args.calibrate):
+            qmodel(*example_input(",".join(str(max(d, 8) if i == 0 else d) for i, d in
+                                            enumerate(inputs[0].shape)), args.input_dtype))
+    print(f"calibrated activation ranges on {args.calibrate} synthetic batches; export a model trained with "
+          "fracpass.export_onnx for ranges from real data")
+    fracpass.export_onnx(qmodel, args.output, stage=stage, dynamic_batch=not args.static_batch)
+    print(f"wrote {args.output} (stage {stage % plan.num_stages} of {plan.num_stages})")
+    return EXIT_OK
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
     p.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
@@ -227,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--min-coverage", type=float, help="fail below this share of compute ops quantized, every role")
     ch.add_argument("--format", choices=("text", "json", "github"), default="text")
     ch.set_defaults(run=_check)
+    ex = sub.add_parser("export", help="export the model at a stage as ONNX with Q/DQ quantizers")
+    _add_model_args(ex)
+    ex.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    ex.add_argument("--calibrate", type=int, default=4, help="synthetic batches that set activation ranges (default 4)")
+    ex.add_argument("--static-batch", action="store_true", help="fix the batch dimension at the input shape's")
+    ex.set_defaults(run=_export)
     return parser
 
 

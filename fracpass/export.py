@@ -1,0 +1,339 @@
+"""ONNX export of a transformed model at a chosen stage, with quantizers as standard Q/DQ ops.
+
+torch.onnx refuses fake-quant ranges other than 8-bit ones, so fracpass writes its own QDQ: each
+quantizer is exported as a marker op (``fracpass::Quant``) and then expanded, with
+onnx-graphsurgeon, into the form onnxruntime computes exactly for its bit width:
+
+    activations, 2-8 bits:  QuantizeLinear(uint8) -> Clip(0, 2^b - 1) -> DequantizeLinear
+    activations, 9-16 bits: QuantizeLinear(uint16) -> Cast(int32) -> Clip -> Cast(uint16) -> DequantizeLinear
+    weights:                an integer initializer (uint4 up to 4 bits, uint8 up to 8, uint16 up to 16)
+                            -> DequantizeLinear, per output channel
+
+The scale and zero point are the quantizer's (the EMA range for activations), so QuantizeLinear
+computes ``round(x / s) + zp`` exactly as fracpass does. Gradient quantizers are training-only:
+they are dropped and listed in the metadata. A Conv/Gemm bias is moved into a separate Add, so
+onnxruntime's default optimisations do not round it onto the int32 grid.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from fracpass import meta
+from fracpass.errors import ExportError
+from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, Quantizer, WeightQuant, _affine_params
+
+__all__ = ["export_onnx"]
+
+log = logging.getLogger("fracpass.export")
+MAX_BITS = 16
+
+
+class _Marker(torch.autograd.Function):
+    """Identity in PyTorch; a ``fracpass::Quant`` node in the exported graph."""
+
+    @staticmethod
+    def forward(ctx, x, name, role):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, name, role):
+        out = g.op("fracpass::Quant", x, name_s=name, role_s=role)
+        out.setType(x.type())
+        return out
+
+
+class _ExportQuant(nn.Module):
+    def __init__(self, name: str, role: str):
+        super().__init__()
+        self.name, self.role = name, role
+
+    def forward(self, x):
+        return _Marker.apply(x, self.name, self.role)
+
+
+def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Sequence[Any] = (),
+                example_kwargs: Optional[Dict[str, Any]] = None, *, stage: int = -1, opset: int = 21,
+                dynamic_batch: bool = True, check: bool = True):
+    """Write the eval-mode graph of ``qmodel`` at ``stage`` as ONNX; returns the onnx.ModelProto.
+
+    Activation quantizers use their EMA ranges, so run some training batches (or a calibration
+    pass in train mode) first. Raises ExportError naming the node for anything that cannot be
+    exported exactly.
+    """
+    import onnx
+
+    from fracpass import __version__
+    from fracpass.api import _state, current_stage, set_stage
+
+    state = _state(qmodel)
+    if opset < 21:
+        raise ExportError(f"export_onnx: opset {opset} is too old; the quantizer forms need opset 21 "
+                          "(uint4 and uint16 QuantizeLinear/DequantizeLinear)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        example_inputs, example_kwargs = state.args, state.kwargs
+    if example_kwargs:
+        raise ExportError("export_onnx: keyword example inputs are not supported by the ONNX exporter path yet; "
+                          "pass example_inputs positionally")
+    n = state.plan.num_stages
+    if not -n <= stage < n:
+        raise ExportError(f"export_onnx: stage {stage} is out of range; the plan has {n} stage(s)")
+    stage %= n
+    was_stage, was_training = current_stage(qmodel), qmodel.training
+    qmodel.eval()  # the eval graph: EMA ranges, no dropout, BatchNorm statistics
+    try:
+        set_stage(qmodel, stage)
+        work = copy.deepcopy(qmodel)
+    finally:
+        set_stage(qmodel, was_stage)
+        qmodel.train(was_training)
+    quantizers, dropped = _swap_quantizers(work)
+    model = _torch_export(work, tuple(example_inputs), opset, dynamic_batch)
+    try:
+        model = _expand_markers(model, quantizers)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"export_onnx: rewriting the quantizers into Q/DQ failed: {type(e).__name__}: {e}") from e
+    for key, value in (("fracpass.version", __version__), ("fracpass.stage", str(stage)),
+                       ("fracpass.plan", state.plan.to_toml()),
+                       ("fracpass.dropped_gradient_quantizers", ",".join(dropped))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    if check:
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise ExportError(f"export_onnx: the exported model fails onnx.checker: {e}") from e
+    Path(path).write_bytes(model.SerializeToString())
+    log.info("exported %s at stage %d to %s (%d quantizers, %d gradient quantizers dropped)", type(qmodel).__name__,
+             stage, path, len(quantizers), len(dropped))
+    return model
+
+
+def _swap_quantizers(work: nn.Module) -> Tuple[Dict[str, Quantizer], List[str]]:
+    """Replace quantizer modules by markers (gradient ones by identity); keep the originals by name."""
+    kept, dropped = {}, []
+    for name, q in list(work.named_modules()):
+        if not isinstance(q, Quantizer):
+            continue
+        if isinstance(q, GradQuant):
+            replacement = nn.Identity()
+            dropped.append(name)
+        elif q.bits >= FULL_PRECISION:
+            replacement = nn.Identity()
+        else:
+            if q.bits > MAX_BITS:
+                raise ExportError(f"export_onnx: quantizer {name!r} is at {q.bits} bits; ONNX Q/DQ forms that "
+                                  f"onnxruntime runs exactly go up to {MAX_BITS} bits (use 16 or 32 in the plan)")
+            if isinstance(q, ActQuant) and not q._range_ready:
+                raise ExportError(f"export_onnx: activation quantizer {name!r} has no recorded range; run a few "
+                                  "training batches (train mode) before exporting so its EMA range exists")
+            kept[name] = q
+            replacement = _ExportQuant(name, q.role)
+        parent, _, leaf = name.rpartition(".")
+        setattr(work.get_submodule(parent) if parent else work, leaf, replacement)
+    return kept, dropped
+
+
+def _torch_export(work: nn.Module, args: Tuple[Any, ...], opset: int, dynamic_batch: bool):
+    import onnx
+
+    names = [f"input_{i}" for i in range(len(args))]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(work, args, buffer, dynamo=False, opset_version=opset, custom_opsets={"fracpass": 1},
+                              input_names=names, output_names=["output"], do_constant_folding=True,
+                              dynamic_axes={n: {0: "batch"} for n in names + ["output"]} if dynamic_batch else None)
+    except Exception as e:
+        raise ExportError(f"export_onnx: torch.onnx could not export the model: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _integer_type(bits: int):
+    import onnx
+
+    if bits <= 4:
+        return onnx.TensorProto.UINT4
+    return onnx.TensorProto.UINT8 if bits <= 8 else onnx.TensorProto.UINT16
+
+
+def _qparams(q: Quantizer, mn: torch.Tensor, mx: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, float]:
+    levels = float(2**q.bits - 1)
+    scale, lo, _ = _affine_params(mn.float(), mx.float(), levels)
+    return scale.numpy().astype(np.float32), (-lo).numpy().astype(np.int64), levels
+
+
+def _expand_markers(model, quantizers: Dict[str, Quantizer]):
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    for node in [n for n in graph.nodes if n.op == "Quant" and n.domain == "fracpass"]:
+        name = node.attrs["name"]
+        q = quantizers[name]
+        src, out = node.inputs[0], node.outputs[0]
+        node.outputs.clear()
+        node.inputs.clear()
+        stem = name.replace(".", "_")
+        if isinstance(q, WeightQuant):
+            _weight_qdq(graph, q, src, out, stem)
+        else:
+            _act_qdq(graph, q, src, out, stem)
+    _bypass_identities(graph)
+    _name_ops_like_fx(graph, quantizers)
+    _split_bias(graph)
+    graph.cleanup().toposort()
+    uint4 = graph.__dict__.get("_fracpass_uint4", set())
+    model = gs.export_onnx(graph)
+    _repack_uint4(model, uint4)
+    for op in [op for op in model.opset_import if op.domain == "fracpass"]:
+        model.opset_import.remove(op)
+    return model
+
+
+def _act_qdq(graph, q: ActQuant, src, out, stem: str) -> None:
+    import onnx_graphsurgeon as gs
+
+    scale, zp, levels = _qparams(q, q.running_min, q.running_max)
+    small = q.bits <= 8
+    zp_dtype = np.uint8 if small else np.uint16
+    s = gs.Constant(f"{stem}_scale", np.asarray(scale, dtype=np.float32).reshape(()))
+    z = gs.Constant(f"{stem}_zero_point", np.asarray(zp, dtype=zp_dtype).reshape(()))
+    quantized = gs.Variable(f"{stem}_q", dtype=zp_dtype)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{stem}/QuantizeLinear", inputs=[src, s, z], outputs=[quantized]))
+    clipped = quantized
+    if q.bits not in (8, 16):
+        if small:
+            clipped = gs.Variable(f"{stem}_clipped", dtype=zp_dtype)
+            graph.nodes.append(gs.Node("Clip", f"{stem}/Clip", inputs=[
+                quantized, gs.Constant(f"{stem}_qmin", np.asarray(0, np.uint8)),
+                gs.Constant(f"{stem}_qmax", np.asarray(int(levels), np.uint8))], outputs=[clipped]))
+        else:  # Clip on 16-bit integers is not implemented in onnxruntime's CPU provider: clip in int32
+            wide = gs.Variable(f"{stem}_q32", dtype=np.int32)
+            wide_clip = gs.Variable(f"{stem}_clipped32", dtype=np.int32)
+            clipped = gs.Variable(f"{stem}_clipped", dtype=zp_dtype)
+            graph.nodes += [
+                gs.Node("Cast", f"{stem}/CastUp", attrs={"to": 6}, inputs=[quantized], outputs=[wide]),
+                gs.Node("Clip", f"{stem}/Clip", inputs=[wide, gs.Constant(f"{stem}_qmin", np.asarray(0, np.int32)),
+                                                        gs.Constant(f"{stem}_qmax", np.asarray(int(levels), np.int32))],
+                        outputs=[wide_clip]),
+                gs.Node("Cast", f"{stem}/CastDown", attrs={"to": 4}, inputs=[wide_clip], outputs=[clipped]),
+            ]
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", inputs=[clipped, s, z], outputs=[out]))
+
+
+def _weight_qdq(graph, q: WeightQuant, src, out, stem: str) -> None:
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if not isinstance(src, gs.Constant):
+        raise ExportError(f"export_onnx: weight quantizer {stem!r} does not read a parameter in the exported graph "
+                          f"(its input is computed: {src.name!r}); exclude the op or keep its weights at 32 bits")
+    w = torch.from_numpy(np.array(src.values)).float()
+    axis = None if q.axis is None else q.axis % w.dim()
+    if axis is None:
+        mn, mx = torch.aminmax(w)
+    else:
+        mn, mx = torch.aminmax(w.movedim(axis, 0).reshape(w.shape[axis], -1), dim=1)
+    scale, zp, levels = _qparams(q, mn, mx)
+    shape = [1] * w.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s_b, z_b = torch.from_numpy(scale).view(shape), torch.from_numpy(zp).view(shape).float()
+    ints = (torch.round(w / s_b) + z_b).clamp_(0, levels).to(torch.int64).numpy()
+    dtype = _integer_type(q.bits)
+    holder = np.uint16 if q.bits > 8 else np.uint8  # uint4 is repacked after export (_repack_uint4)
+    per_channel = axis is not None and scale.size > 1
+    attrs = {"axis": axis} if per_channel else {}
+    zp_values = zp.astype(holder).reshape(-1) if per_channel else zp.astype(holder).reshape(())
+    weight = gs.Constant(f"{stem}_int", ints.astype(holder))
+    z = gs.Constant(f"{stem}_zero_point", zp_values)
+    if dtype == onnx.TensorProto.UINT4:
+        graph.__dict__.setdefault("_fracpass_uint4", set()).update({weight.name, z.name})
+    s = gs.Constant(f"{stem}_scale", scale.astype(np.float32).reshape(-1) if per_channel else
+                    scale.astype(np.float32).reshape(()))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", attrs=attrs, inputs=[weight, s, z],
+                               outputs=[out]))
+
+
+def _bypass_identities(graph) -> None:
+    """Drop the Identity nodes left where gradient quantizers (training-only) were."""
+    outputs = set(id(t) for t in graph.outputs)
+    for node in [n for n in graph.nodes if n.op == "Identity"]:
+        src, dst = node.inputs[0], node.outputs[0]
+        if id(dst) in outputs:
+            continue
+        for consumer in list(dst.outputs):
+            for i, tensor in enumerate(list(consumer.inputs)):
+                if tensor is dst:
+                    consumer.inputs[i] = src
+        node.outputs.clear()
+
+
+def _name_ops_like_fx(graph, quantizers: Dict[str, Quantizer]) -> None:
+    """Give each compute node the name of the fx node it came from (the one its quantizers serve)."""
+    taken = {n.name for n in graph.nodes}
+    for name, q in quantizers.items():
+        stem = name.replace(".", "_")
+        dq = next((n for n in graph.nodes if n.name == f"{stem}/DequantizeLinear"), None)
+        source = name.rsplit("_wq" if isinstance(q, WeightQuant) else "_aq", 1)[0]
+        if dq is None or source in taken:
+            continue
+        consumers = [c for c in dq.outputs[0].outputs if c.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")]
+        if not consumers:  # a weight may pass through a Transpose before its MatMul
+            consumers = [c2 for c in dq.outputs[0].outputs if c.op == "Transpose" for c2 in c.outputs[0].outputs
+                         if c2.op in ("MatMul", "Gemm")]
+        if len(consumers) == 1:
+            consumers[0].name = source
+            taken.add(source)
+
+
+def _repack_uint4(model, names) -> None:
+    """graph-surgeon cannot write 4-bit tensors: store the ones held as uint8 as UINT4."""
+    import onnx
+    from onnx import numpy_helper
+
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in names:
+            values = numpy_helper.to_array(init)
+            model.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
+                init.name, onnx.TensorProto.UINT4, list(values.shape), values.flatten().tolist()))
+
+
+def _split_bias(graph) -> None:
+    """Conv/Gemm(x, DQ(w), b) -> Add(Conv/Gemm(x, DQ(w)), b): onnxruntime otherwise rounds b onto the
+    int32 grid of s_x * s_w when the result feeds a QuantizeLinear (its WeightBiasQuantization)."""
+    import onnx_graphsurgeon as gs
+
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+            continue
+        weight_from = node.inputs[1].inputs[0].op if node.inputs[1].inputs else None
+        if weight_from != "DequantizeLinear":
+            continue
+        if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0
+                                  or node.attrs.get("beta", 1.0) != 1.0):
+            continue
+        bias = node.inputs[2]
+        node.inputs.pop()
+        if node.op == "Conv" and isinstance(bias, gs.Constant):
+            rank = len(node.inputs[1].shape) if node.inputs[1].shape else 4
+            bias = gs.Constant(f"{bias.name}_b", np.asarray(bias.values).reshape([1, -1] + [1] * (rank - 2)))
+        product = gs.Variable(f"{node.name}_nobias", dtype=np.float32)
+        final = node.outputs[0]
+        node.outputs = [product]
+        graph.nodes.append(gs.Node("Add", f"{node.name}/BiasAdd", inputs=[product, bias], outputs=[final]))
