@@ -69,13 +69,22 @@ def example_input(shape: Optional[str], dtype: str) -> tuple:
     return (torch.randn(dims),)
 
 
-def _transform(args) -> int:
+def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
+    """(plan, example inputs, transformed model) from the common --model/--plan/--input-shape options."""
     import fracpass
 
     model = load_model(args.model)
-    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
-    qmodel = fracpass.transform(model, plan, example_inputs=example_input(args.input_shape, args.input_dtype),
-                                capture_method=args.capture)
+    plan = fracpass.Plan.load(args.plan) if args.plan else (default_plan or fracpass.Plan.static())
+    inputs = example_input(args.input_shape, args.input_dtype)
+    if inputs_needed_for and not inputs:
+        raise CliError(f"--input-shape is required {inputs_needed_for} (e.g. --input-shape 1,3,32,32)")
+    return plan, inputs, fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+
+
+def _transform(args) -> int:
+    import fracpass
+
+    _, _, qmodel = _transformed(args)
     if args.stage is not None:
         fracpass.set_stage(qmodel, args.stage)
     print(fracpass.summary(qmodel))
@@ -85,12 +94,7 @@ def _transform(args) -> int:
 def _cost(args) -> int:
     import fracpass
 
-    model = load_model(args.model)
-    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
-    inputs = example_input(args.input_shape, args.input_dtype)
-    if not inputs:
-        raise CliError("--input-shape is required: costs depend on the input's shape (e.g. --input-shape 1,3,32,32)")
-    qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    _, _, qmodel = _transformed(args, inputs_needed_for="for cost: costs depend on the input's shape")
     report = fracpass.cost(qmodel, target=args.target, stage=args.stage)
     if args.steps_per_stage:
         steps = [int(x) for x in args.steps_per_stage.split(",")]
@@ -134,12 +138,9 @@ def _check(args) -> int:
     import fracpass
     from fracpass.check import compare_text
 
-    model = load_model(args.model)
-    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
     if args.min_coverage is not None and not 0 <= args.min_coverage <= 1:
         raise CliError(f"--min-coverage {args.min_coverage}: give a fraction between 0 and 1, e.g. 0.95")
-    qmodel = fracpass.transform(model, plan, example_inputs=example_input(args.input_shape, args.input_dtype),
-                                capture_method=args.capture)
+    plan, _, qmodel = _transformed(args)
     name = args.name or args.model.partition(":")[2]
     golden = Path(args.golden)
     files = {golden / f"{name}.graph.txt": fracpass.graph_text(qmodel)}
@@ -192,12 +193,7 @@ def _check(args) -> int:
 def _export(args) -> int:
     import fracpass
 
-    model = load_model(args.model)
-    plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.static()
-    inputs = example_input(args.input_shape, args.input_dtype)
-    if not inputs:
-        raise CliError("--input-shape is required for export (e.g. --input-shape 1,3,32,32)")
-    qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    plan, inputs, qmodel = _transformed(args, inputs_needed_for="for export")
     stage = -1 if args.stage is None else args.stage
     fracpass.set_stage(qmodel, stage)
     # activation ranges come from training batches; here synthetic ones stand in (say so)

@@ -23,12 +23,12 @@ A plan is data. ``Plan.static`` and ``Plan.progressive`` build the common ones; 
 from __future__ import annotations
 
 import difflib
-import tomllib
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
+from fracpass._toml import read_toml, toml_value
 from fracpass.errors import PlanError
 from fracpass.quant import FULL_PRECISION
 from fracpass.switch import AtSteps, Budget, SwitchRule, rule_from_dict
@@ -306,11 +306,11 @@ class Plan:
         for section in ("stages", "rules"):
             for entry in data.get(section, ()):
                 lines.append(f"[[{section}]]")
-                lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
+                lines += [f"{key} = {toml_value(value)}" for key, value in entry.items()]
                 lines.append("")
         if "switch" in data:
             lines.append("[switch]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in data["switch"].items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in data["switch"].items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -319,16 +319,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Plan":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise PlanError(f"cannot read plan file {path}: {e.strerror}") from e
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise PlanError(f"{path}: not valid TOML: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_toml(path, "plan file", PlanError), source=str(path))
 
 
 def _exclusions(patterns: Iterable[str]) -> Tuple[Rule, ...]:
@@ -344,15 +335,3 @@ def _table_list(data: Mapping[str, Any], key: str, source: str, required: bool =
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise PlanError(f"{source}: '{key}' must be an array of tables ([[{key}]]), got {type(value).__name__}")
     return value
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")

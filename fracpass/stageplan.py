@@ -1,13 +1,13 @@
 """StagePlan: the per-stage precision of every quantized op, as readable, diffable data."""
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 from fracpass.errors import PlanError
-from fracpass.plan import FORMAT_VERSION, Stage, _toml_value
+from fracpass._toml import read_toml, toml_value
+from fracpass.plan import FORMAT_VERSION, Stage
 from fracpass.quant import FULL_PRECISION
 from fracpass.switch import SwitchRule, rule_from_dict
 
@@ -59,18 +59,18 @@ class StagePlan:
             lines += ["[[stages]]", f"w = {s.w}", f"a = {s.a}", f"g = {s.g}", ""]
         if self.switch is not None:
             lines.append("[switch]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in self.switch.to_dict().items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in self.switch.to_dict().items()]
             lines.append("")
         if self.budget is not None:
             b = self.budget
             lines += ["[budget]", f"fraction = {b.fraction!r}", f"predicted = {b.predicted!r}",
-                      f"total_steps = {b.total_steps}", f"boundaries = {_toml_value(list(b.boundaries))}", ""]
+                      f"total_steps = {b.total_steps}", f"boundaries = {toml_value(list(b.boundaries))}", ""]
         for op in self.ops:
-            lines += ["[[ops]]", f"op = {_toml_value(op.op)}", f"kind = {_toml_value(op.kind)}",
-                      f"module = {_toml_value(op.module)}", f"w = {_toml_value(list(op.w))}",
-                      f"a = {_toml_value(list(op.a))}", f"g = {_toml_value(list(op.g))}"]
+            lines += ["[[ops]]", f"op = {toml_value(op.op)}", f"kind = {toml_value(op.kind)}",
+                      f"module = {toml_value(op.module)}", f"w = {toml_value(list(op.w))}",
+                      f"a = {toml_value(list(op.a))}", f"g = {toml_value(list(op.g))}"]
             if op.excluded:
-                lines.append(f"excluded = {_toml_value(op.excluded)}")
+                lines.append(f"excluded = {toml_value(op.excluded)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -79,14 +79,7 @@ class StagePlan:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "StagePlan":
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise PlanError(f"cannot read stage plan {path}: {e.strerror}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise PlanError(f"{path}: not valid TOML: {e}") from e
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "stage plan", PlanError), str(path))
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "stage plan") -> "StagePlan":

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import pathlib
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from fracpass._toml import read_toml
 from fracpass.errors import FracpassError
 
 __all__ = ["TargetError", "Precision", "Target", "load_target", "available_targets"]
@@ -103,13 +103,7 @@ def load_target(target: Union[str, pathlib.Path, Target]) -> Target:
         if not path.exists():
             raise TargetError(f"unknown target {str(target)!r}; built-in targets: {', '.join(available_targets())} "
                               "(or pass the path of a profile .toml)")
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise TargetError(f"cannot read target profile {path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise TargetError(f"{path}: not valid TOML: {e}") from e
-    return _parse(data, str(path))
+    return _parse(read_toml(path, "target profile", TargetError), str(path))
 
 
 def _field(data: Mapping[str, Any], key: str, source: str, kind=float, positive: bool = True) -> Any:
