@@ -184,3 +184,53 @@ def test_cli_export(tmp_path):
     assert "wrote" in done.stdout and "(stage 1 of 4)" in done.stdout
     session = ort.InferenceSession(str(out))
     assert session.run(None, {"input_0": np.random.randn(3, 3, 32, 32).astype(np.float32)})[0].shape == (3, 10)
+
+
+def test_transformers_model_with_keyword_inputs(tmp_path):
+    """A model captured through torch.export, with keyword inputs. Its trace fixes the batch size,
+    which verification catches: with dynamic_batch=True nothing is written and the error says what
+    to do; with dynamic_batch=False the written model matches PyTorch."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=3)
+    ids = torch.randint(0, 100, (2, 8))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    qmodel = fracpass.transform(transformers.BertForSequenceClassification(cfg), fracpass.Plan.static(8, 8, 8),
+                                example_kwargs=kwargs)
+    with torch.no_grad():
+        for _ in range(3):
+            qmodel(input_ids=torch.randint(0, 100, (2, 8)), attention_mask=torch.ones(2, 8, dtype=torch.long))
+    path = tmp_path / "bert.onnx"
+    with pytest.raises(fracpass.ExportError, match=r"at a batch size other than the example's: the traced graph fixed "
+                                                   r"the batch size somewhere; export with dynamic_batch=False"):
+        fracpass.export_onnx(qmodel, path, example_kwargs=kwargs)
+    assert not path.exists()
+    model = fracpass.export_onnx(qmodel, path, example_kwargs=kwargs, dynamic_batch=False)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    other = torch.randint(0, 100, (2, 8))
+    qmodel.eval()
+    with torch.no_grad():
+        ref = qmodel(input_ids=other, attention_mask=torch.ones_like(other)).logits.numpy()
+    out = ort.InferenceSession(str(path)).run(None, {"input_ids": other.numpy(),
+                                                     "attention_mask": np.ones((2, 8), dtype=np.int64)})[0]
+    assert np.abs(out - ref).max() <= 1e-6 * (ref.max() - ref.min())
+
+
+def test_verification_catches_a_model_that_runs_differently(tmp_path, monkeypatch):
+    factory, make_input = SINGLE["conv"]
+    qmodel = calibrated(factory(), fracpass.Plan.static(4, 4, 8), make_input)
+    import fracpass.export as export
+
+    original = export._act_qdq
+
+    def wrong_scale(graph, q, src, out, stem):  # simulate a bug: the activation scale twice too large
+        q.running_max.mul_(2)
+        try:
+            original(graph, q, src, out, stem)
+        finally:
+            q.running_max.div_(2)
+
+    monkeypatch.setattr(export, "_act_qdq", wrong_scale)
+    with pytest.raises(fracpass.ExportError, match=r"onnxruntime's output differs from PyTorch's .* nothing was written"):
+        fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
