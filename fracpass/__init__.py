@@ -2,7 +2,7 @@
 from fracpass.api import QuantizedGraphModule, cost, current_stage, quantizers, set_stage, summary, transform
 from fracpass.check import Coverage, coverage, graph_text
 from fracpass.export import export_onnx
-from fracpass.costing import CostReport, relative_cost
+from fracpass.costreport import CostReport, relative_cost
 from fracpass.errors import (
     ExportError,
     FracpassError,

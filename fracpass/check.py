@@ -12,18 +12,16 @@ that depends on memory addresses, dict order, hash seeds or the run.
 from __future__ import annotations
 
 import difflib
-import json
 import operator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
 from fracpass import meta
-from fracpass.quant import FULL_PRECISION, Quantizer
+from fracpass.quant import FULL_PRECISION
 
 __all__ = ["graph_text", "coverage", "Coverage", "compare_text", "GoldenMismatch"]
 

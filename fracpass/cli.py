@@ -19,7 +19,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fracpass import meta
 from fracpass.errors import ExportError
 from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, Quantizer, WeightQuant, _affine_params
 
@@ -236,7 +235,6 @@ def _qparams(q: Quantizer, mn: torch.Tensor, mx: torch.Tensor) -> Tuple[np.ndarr
 
 
 def _expand_markers(model, quantizers: Dict[str, Quantizer]):
-    import onnx
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)

@@ -9,7 +9,7 @@ import torch
 
 from fracpass.errors import FracpassError
 from fracpass.plan import Plan
-from fracpass.switch import AtSteps, Budget, FixedState, LossPlateau, PlateauState, SwitchRule
+from fracpass.switch import AtSteps, Budget, LossPlateau, PlateauState, SwitchRule
 
 __all__ = ["Scheduler", "schedule"]
 

@@ -1,7 +1,7 @@
 """cost-analysis: MACs, BitOPs, energy and latency of every compute op (an analysis pass)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch.fx
 

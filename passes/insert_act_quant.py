@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from fracpass import meta, registry
+from fracpass import registry
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.passes._quantizers import get_or_add, insert_call, is_quantizer_of, quantized_ops, quantizer_name
 from fracpass.quant import ActQuant
