@@ -51,3 +51,18 @@ def test_readme_plan_example_parses(tmp_path):
     path.write_text(toml)
     plan = fracpass.Plan.load(path)
     assert plan.num_stages == 4 and len(plan.rules) == 3
+
+
+def test_digits_pfq_learns_real_images_with_quantized_gradients():
+    """End to end on real data: PFQ training with gradients quantized reaches high accuracy."""
+    import pytest
+
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT))
+    from examples.digits_pfq import run
+
+    lines = []
+    accuracy, sched, totals = run(epochs=6, log=lines.append)
+    assert accuracy >= 0.9, "\n".join(lines)
+    assert len(sched.history) >= 1 and all("loss plateau" in h[3] for h in sched.history)
+    assert 0 < totals.bitops_saving < 1 and totals.latency_s < totals.static_latency_s
