@@ -170,7 +170,11 @@ def _op_costs(gm, shapes: Dict[str, Any], flow: Dict[str, bool], num_stages: int
         except (NotImplementedError, TypeError, IndexError) as e:
             skipped.append((node.name, f"{info.kind}: {e}"))
             continue
-        backward = tuple(to_value(m) if need else 0 for m, need in zip(backward, grads + [True] * (len(backward) - len(grads))))
+        if len(backward) != len(grads):
+            skipped.append((node.name, f"{info.kind}: its MAC rule gave {len(backward)} backward products for "
+                                       f"{len(grads)} operands"))
+            continue
+        backward = tuple(to_value(m) if need else 0 for m, need in zip(backward, grads))
         excluded = spec.excluded if spec else ""
         bits = {f: (FULL_PRECISION,) * num_stages if excluded or spec is None else spec.stage_bits(f) for f in "wag"}
         ops.append(OpCost(node.name, info.kind, info.module_path, roles, to_value(forward), backward,
