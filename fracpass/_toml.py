@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Dict, Type, Union
+from typing import Any, Dict, List, Type, Union
 
 
 def read_toml(path: Union[str, Path], what: str, error: Type[Exception]) -> Dict[str, Any]:
@@ -30,3 +30,8 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def toml_table(header: str, entries: Dict[str, Any]) -> List[str]:
+    """The lines of one table (``[name]``, or ``[[name]]`` for an array entry) and a blank line."""
+    return [header] + [f"{key} = {toml_value(value)}" for key, value in entries.items()] + [""]

@@ -243,6 +243,15 @@ def _state(qmodel: nn.Module) -> _State:
     return state
 
 
+def _examples(state: _State, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """The example inputs a call was given, else the ones given to transform (a bare tensor is one input)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not example_inputs and not example_kwargs:
+        return state.args, state.kwargs
+    return tuple(example_inputs), dict(example_kwargs or {})
+
+
 def quantizers(qmodel: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
     """(name, module) of every quantizer in a transformed model."""
     _state(qmodel)
@@ -325,10 +334,7 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
     from fracpass.targets import load_target
 
     state = _state(qmodel)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not example_inputs and not example_kwargs:
-        example_inputs, example_kwargs = state.args, state.kwargs
+    example_inputs, example_kwargs = _examples(state, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise FracpassError("cost: no example inputs; pass example_inputs=(x,) (the costs depend on input shapes)")
     loaded = load_target(target) if target is not None else None

@@ -28,7 +28,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from fracpass._toml import read_toml, toml_value
+from fracpass._toml import read_toml, toml_table
 from fracpass.errors import PlanError
 from fracpass.quant import FULL_PRECISION
 from fracpass.switch import AtSteps, Budget, SwitchRule, rule_from_dict
@@ -305,13 +305,9 @@ class Plan:
         lines = ["# fracpass precision plan", f"format = {data['format']}", ""]
         for section in ("stages", "rules"):
             for entry in data.get(section, ()):
-                lines.append(f"[[{section}]]")
-                lines += [f"{key} = {toml_value(value)}" for key, value in entry.items()]
-                lines.append("")
+                lines += toml_table(f"[[{section}]]", entry)
         if "switch" in data:
-            lines.append("[switch]")
-            lines += [f"{key} = {toml_value(value)}" for key, value in data["switch"].items()]
-            lines.append("")
+            lines += toml_table("[switch]", data["switch"])
         return "\n".join(lines)
 
     def save(self, path: Union[str, Path]) -> None:
