@@ -4,7 +4,9 @@
 
 Step: forward + backward + SGD of a CIFAR ResNet, batch of 3x32x32, ``torch.set_num_threads(2)``,
 for FP32; fracpass static 8/8/8 (w/a/g, gradients quantized); torch.ao ``prepare_qat_fx``
-(weights and activations only); and a FracTrain-style plain-PyTorch quantizer. Repetitions are
+(weights and activations only); a FracTrain-style plain-PyTorch quantizer; fracpass with DFQ gates
+(K=5 options, block granularity, gate loss included), against static 8/8/8; and the authors' DFQ
+execution (every option computed, outputs mixed: benchmarks/kway_reference.py). Repetitions are
 interleaved (one step of each variant per round) and the medians compared, so machine noise hits
 all variants alike. Transform time: capture + all passes for ResNet-20, -74 and -1202, against
 torch.ao ``prepare_qat_fx``.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import fracpass  # noqa: E402
-from benchmarks import fractrain_reference  # noqa: E402
+from benchmarks import fractrain_reference, kway_reference  # noqa: E402
 from examples import models  # noqa: E402
 
 
@@ -38,11 +40,13 @@ def ao_qat(model, x):
         return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
 
 
-def step_fn(model, x, y):
+def step_fn(model, x, y, gated=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
         loss = F.cross_entropy(model(x), y)
+        if gated:
+            loss = loss + fracpass.gate_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -61,7 +65,12 @@ def bench_steps(args) -> None:
         "torch.ao QAT (w+a)": ao_qat(base, x[:2]),
         "FracTrain-style": fractrain_reference.convert(copy.deepcopy(base)),
     }
-    steps = {name: step_fn(m, x, y) for name, m in variants.items()}
+    gates = fracpass.Gates(a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=4, granularity="block")
+    if not args.no_gates:
+        variants["fracpass gated K=5"] = fracpass.transform(base, fracpass.Plan.static(4, 8, 8).with_gates(gates),
+                                                            example_inputs=(x[:2],))
+        variants["authors' K-way gated"] = kway_reference.KWayResNet(copy.deepcopy(base), gates.a, gates.g, gates.w)
+    steps = {name: step_fn(m, x, y, gated=name == "fracpass gated K=5") for name, m in variants.items()}
     times = {name: [] for name in variants}
     for step in steps.values():  # warm-up
         step()
@@ -77,6 +86,10 @@ def bench_steps(args) -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:22s} {med * 1e3:8.1f} ms   {med / fp32:5.2f}x FP32")
+    if not args.no_gates:
+        static = statistics.median(times["fracpass 8/8/8"])
+        for name in ("fracpass gated K=5", "authors' K-way gated"):
+            print(f"  {name} over fracpass static 8/8/8: {statistics.median(times[name]) / static:.2f}x")
 
 
 def bench_transform(args) -> None:
@@ -109,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-ao-1202", action="store_true", help="skip torch.ao on ResNet-1202 (~1 min)")
     parser.add_argument("--only", choices=("steps", "transform"))
+    parser.add_argument("--no-gates", action="store_true", help="leave out the two gated variants")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.only != "transform":

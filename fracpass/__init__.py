@@ -1,5 +1,6 @@
 """fracpass: FracTrain-style efficient training as compiler passes over any PyTorch model."""
-from fracpass.api import QuantizedGraphModule, cost, current_stage, quantizers, set_stage, summary, transform
+from fracpass.api import (QuantizedGraphModule, cost, current_stage, gate_loss, gate_stats, quantizers, set_stage, summary,
+                          transform)
 from fracpass.check import Coverage, coverage, graph_text
 from fracpass.export import export_onnx
 from fracpass.costreport import CostReport, relative_cost
@@ -13,7 +14,8 @@ from fracpass.errors import (
     RegistryError,
     TraceError,
 )
-from fracpass.plan import Plan, QSpec, Rule, Stage
+from fracpass.gating import GateStats
+from fracpass.plan import Gates, Plan, QSpec, Rule, Stage
 from fracpass.scheduler import Scheduler, schedule
 from fracpass.stageplan import StagePlan
 from fracpass.switch import AtEpochs, AtSteps, Budget, LossPlateau
@@ -21,9 +23,9 @@ from fracpass.switch import AtEpochs, AtSteps, Budget, LossPlateau
 __version__ = "0.1.0"
 
 __all__ = [
-    "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "CostReport", "relative_cost",
+    "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats", "GateStats", "CostReport", "relative_cost",
     "QuantizedGraphModule", "graph_text", "coverage", "Coverage", "export_onnx",
-    "Plan", "Rule", "Stage", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
+    "Plan", "Rule", "Stage", "Gates", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
     "schedule", "Scheduler", "StagePlan",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
     "RegistryError", "ExportError",

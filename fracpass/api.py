@@ -21,7 +21,8 @@ from fracpass.pipeline import default_pipeline
 from fracpass.plan import Plan
 from fracpass.quant import FULL_PRECISION, Quantizer
 
-__all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "QuantizedGraphModule"]
+__all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats",
+           "QuantizedGraphModule"]
 
 log = logging.getLogger("fracpass")
 
@@ -167,7 +168,7 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
-    result = default_pipeline(state.plan)(gm)
+    result = default_pipeline(state.plan, state.args, state.kwargs)(gm)
     state.graphs[mode] = gm.graph
     state.stats[mode] = result.stats
 
@@ -268,7 +269,42 @@ def set_stage(qmodel: nn.Module, stage: int) -> None:
     stage %= n
     for _, q in quantizers(qmodel):
         q.set_stage(stage)
+    hub = _hub(qmodel)
+    if hub is not None:
+        hub.set_stage(stage)  # the cost target follows the stage
     state.stage = stage
+
+
+def _hub(qmodel: nn.Module):
+    from fracpass.gating import GateHub
+
+    hub = getattr(qmodel, "gates", None)
+    return hub if isinstance(hub, GateHub) else None
+
+
+def gate_loss(qmodel: nn.Module) -> torch.Tensor:
+    """DFQ's cost regulariser for the last forward: ``beta * sign(cp - target) * cost`` (or the
+    plan's smooth controller), cost being the batch's summed per-sample relative cost in % of FP32.
+    Add it to the task loss before ``backward()``. A zero tensor for a model without gates."""
+    _state(qmodel)
+    hub = _hub(qmodel)
+    if hub is None:
+        return torch.zeros(())
+    if hub.sample_costs() is None:
+        raise FracpassError("gate_loss: no batch has gone through the gates yet; call it after the forward pass "
+                            "(loss = criterion(qmodel(x), y) + fracpass.gate_loss(qmodel))")
+    return hub.loss()
+
+
+def gate_stats(qmodel: nn.Module):
+    """The gates' choices on the last batch (``fracpass.gating.GateStats``): per unit the fraction
+    of samples per option, the mean relative cost and the target in force; None before any batch."""
+    _state(qmodel)
+    hub = _hub(qmodel)
+    if hub is None:
+        raise FracpassError("gate_stats: this model has no gates; transform it with a plan that has them, "
+                            "e.g. fracpass.Plan.static(w=4, a=8, g=8).with_gates(fracpass.Gates())")
+    return hub.stats()
 
 
 def current_stage(qmodel: nn.Module) -> int:
@@ -298,8 +334,11 @@ def summary(qmodel: nn.Module) -> str:
                 bits = ("-",) + bits[1:]  # nothing to quantize: no parameter operand
             status = "quantized" if any(b not in ("-", "fp32") for b in bits) else "full precision"
             counts["quantized"] += status == "quantized"
+        unit = meta.gated(node)
+        if unit is not None and not spec.excluded:
+            bits = (bits[0], _options_cell(state.plan.gates.a), _options_cell(state.plan.gates.g, state.plan.gates.a))
         rows.append((node.name, info.kind + ("/" + ",".join(info.traits) if info.traits else ""),
-                     info.module_path or "<root>", *bits, "no", status))
+                     info.module_path or "<root>", *bits, unit or "no", status))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"fracpass: {type(qmodel).__name__} captured with {state.method}; stage {stage} of "
              f"{state.plan.num_stages} (w/a/g = {_stage_text(state.plan, stage)})"]
@@ -311,7 +350,22 @@ def summary(qmodel: nn.Module) -> str:
     n_q = sum(1 for _ in quantizers(qmodel))
     lines.append(f"{len(rows) - 1} compute ops: {counts['quantized']} quantized, {counts['excluded']} excluded; "
                  f"{n_q} quantizer modules")
+    hub = _hub(qmodel)
+    if hub is not None:
+        gates = state.plan.gates
+        lines.append(f"gates: {len(hub.unit_names)} units ({gates.granularity}), options a/g "
+                     f"{', '.join(f'{a}/{g}' if a else 'skip' for a, g in zip(gates.a, gates.g))}, w={gates.w}, "
+                     f"target {hub.target:g}% of FP32 at this stage")
+        from fracpass.passes.insert_gates import unit_summary
+
+        for name, ops in unit_summary(qmodel):
+            lines.append(f"  unit {name}: {', '.join(ops)}")
     return "\n".join(lines)
+
+
+def _options_cell(bits: Sequence[int], a: Optional[Sequence[int]] = None) -> str:
+    values = sorted({b for k, b in enumerate(bits) if (a or bits)[k]})
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _bits_cell(bits: int) -> str:
@@ -339,5 +393,31 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
         raise FracpassError("cost: no example inputs; pass example_inputs=(x,) (the costs depend on input shapes)")
     loaded = load_target(target) if target is not None else None
     stage = current_stage(qmodel) if stage is None else stage
+    hub = _hub(qmodel)
+    prior = hub.stats() if hub is not None else None
+    saved = list(hub._choices) if hub is not None else None
     with _gc_paused():
-        return CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel).result
+        report = CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel).result
+    if hub is not None:
+        example = hub.stats()  # the cost run sent the example inputs through the gates
+        hub._choices = saved  # keep gate_stats / gate_loss about the user's last batch
+        _cost_gates(qmodel, report, hub, prior or example, "last training batch" if prior else "example inputs")
+    return report
+
+
+def _cost_gates(qmodel, report, hub, stats, source: str) -> None:
+    """Cost gated ops with the measured mix of options, and add the per-option table."""
+    from fracpass.costreport import GateCost
+    from fracpass.gating import FEATURES, HIDDEN
+
+    options = tuple(zip(hub.options_a.tolist(), hub.options_g.tolist()))
+    units = {node.name: meta.gated(node) for node in qmodel.graph.nodes if meta.gated(node) is not None}
+    report.ops = [dataclasses.replace(op, gated=units[op.op], mix=tuple(
+        (share, a, g) for share, (a, g) in zip(stats.units[units[op.op]], options))) if op.op in units else op
+        for op in report.ops]
+    k = len(options)
+    macs = sum(getattr(hub, u).fc1.in_features * FEATURES + FEATURES * HIDDEN + 4 * HIDDEN * 2 * HIDDEN + HIDDEN * k
+               for u in hub.unit_names)
+    costs = hub.unit_costs.tolist()
+    report.gates = GateCost(options, {u: tuple(costs[i]) for i, u in enumerate(hub.unit_names)}, dict(stats.units),
+                            source, macs, float(3 * macs * FULL_PRECISION ** 2))

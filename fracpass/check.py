@@ -99,11 +99,16 @@ def _node_line(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
         shape = f" {list(value.shape)}" if isinstance(value, torch.Tensor) else ""
         return f"{name} = get_attr {node.target}{shape}"
     inserted = meta.inserted(node)
-    if inserted is not None:
+    if inserted is not None and inserted.role in meta.PLAN_FIELD:
         q = gm.get_submodule(node.target)
         field = meta.PLAN_FIELD[inserted.role]
         extra = f" axis={q.axis}" if inserted.role == "weight" else ""
+        if len(node.args) > 1:  # gated: bits per sample from the gate's choice
+            options = "(" + ",".join(map(str, q.options.tolist())) + ")"
+            return f"{name} = quant.{inserted.role}[{field} options {options}]({_arg(node.args[0])}, {_arg(node.args[1])})"
         return f"{name} = quant.{inserted.role}[{field} {_ladder(q.stage_bits.tolist())}{extra}]({_arg(node.args[0])})"
+    if inserted is not None:  # a gate branch node
+        return f"{name} = gate {_target_name(node) if node.op != 'call_module' else node.target}{_call(node)}"
     info, spec = meta.op_info(node), meta.qspec(node)
     if node.op == "call_module":
         target = f"{type(gm.get_submodule(node.target)).__name__} {node.target}"

@@ -34,11 +34,13 @@ _UNCOSTED_NAMES = ("lstm", "gru", "rnn_", "bilinear", "tensordot", "convolution"
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph with quantizers bypassed and records each compute op's operand shapes."""
 
-    def __init__(self, gm: torch.fx.GraphModule, convert=None):
+    def __init__(self, gm: torch.fx.GraphModule, convert=None, watch: Sequence[str] = ()):
         super().__init__(gm, garbage_collect_values=True)
         self.convert = convert  # real tensor -> fake tensor, for the symbolic run
         self._converted: Dict[int, Any] = {}
         self.shapes: Dict[str, Tuple[List[Any], Any]] = {}
+        self.watch = frozenset(watch)
+        self.watched: Dict[str, Tuple[int, ...]] = {}  # output shapes of the nodes named in ``watch``
 
     def _tensor(self, value):
         if self.convert is None or not isinstance(value, torch.Tensor):
@@ -61,6 +63,8 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, node):
         out = super().run_node(node)
+        if node.name in self.watch and isinstance(out, torch.Tensor):
+            self.watched[node.name] = tuple(out.shape)
         info = meta.op_info(node)
         if info is not None:
             self.shapes[node.name] = ([tuple(_shape_of(self, node, slot)) for slot in _operand_slots(info)], tuple(out.shape))
@@ -121,8 +125,10 @@ def _needs_grad(gm: torch.fx.GraphModule) -> Dict[str, bool]:
             flow[node.name] = bool(value is not None and value.requires_grad)
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
-            own = not isinstance(module, Quantizer) and any(p.requires_grad for p in module.parameters())
-            flow[node.name] = inputs or own
+            if isinstance(module, Quantizer):  # a gated one also reads its gate's choice: not its data
+                flow[node.name] = isinstance(node.args[0], torch.fx.Node) and flow.get(node.args[0].name, False)
+                continue
+            flow[node.name] = inputs or any(p.requires_grad for p in module.parameters())
         elif node.target in _DETACHING:
             flow[node.name] = False
         else:
@@ -189,16 +195,19 @@ def _flows(flow: Dict[str, bool], node: torch.fx.Node, slot) -> bool:
 
 
 def analyze(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Dict[str, Any], num_stages: int, stage: int,
-            target=None) -> CostReport:
-    """Propagate the example inputs' shapes through ``gm`` and cost every annotated compute op."""
+            target=None, watch: Sequence[str] = ()) -> CostReport:
+    """Propagate the example inputs' shapes through ``gm`` and cost every annotated compute op.
+
+    ``watch``: node names whose output shapes the report keeps in ``node_shapes``."""
     flat = _flat_inputs(gm, args, kwargs)
     with _state_kept(gm):
-        recorder = _Recorder(gm)
+        recorder = _Recorder(gm, watch=watch)
         recorder.run(*flat)
     flow = _needs_grad(gm)
     ops, skipped = _op_costs(gm, recorder.shapes, flow, num_stages, int)
     batch = next((int(x.shape[0]) for x in flat if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
     report = CostReport(ops, batch, num_stages, stage, target, _uncosted(gm) + skipped)
+    report.node_shapes = dict(recorder.watched)
     report._symbolic = lambda: _symbolic_ops(gm, args, kwargs, flow, num_stages, report)
     return report
 

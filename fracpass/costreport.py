@@ -11,7 +11,7 @@ import sympy
 from fracpass.errors import FracpassError
 from fracpass.quant import FULL_PRECISION
 
-__all__ = ["CATEGORIES", "OpCost", "CostReport", "TrainingTotals", "Macs", "relative_cost"]
+__all__ = ["CATEGORIES", "OpCost", "CostReport", "TrainingTotals", "Macs", "GateCost", "relative_cost"]
 
 CATEGORIES = ("forward", "backward_error", "backward_weight")
 
@@ -37,9 +37,23 @@ class OpCost:
     a: Tuple[int, ...]
     g: Tuple[int, ...]
     excluded: str = ""
+    gated: str = ""  # the gated unit the op belongs to
+    mix: Tuple[Tuple[float, int, int], ...] = ()  # gated: (share of samples, a, g) per option; a = 0 skips
 
     def products(self, stage: Optional[int]) -> List[Tuple[str, Any, int, int, Any]]:
-        """(category, MACs, bits x, bits y, bytes moved) of each product; stage None = FP32."""
+        """(category, MACs, bits x, bits y, bytes moved) of each product; stage None = FP32.
+
+        A gated op with a measured ``mix`` gives each option's products, MACs scaled by its share."""
+        if self.mix and stage is not None:
+            out = []
+            for share, a, g in self.mix:
+                if a == 0 or share == 0:
+                    continue
+                one = OpCost(self.op, self.kind, self.module, self.roles, self.forward_macs * share,
+                             tuple(m * share for m in self.backward_macs), tuple(e * share for e in self.operand_elems),
+                             self.out_elems * share, (self.w[stage],), (a,), (g,))
+                out += one.products(0)
+            return out
         b = {"act": FULL_PRECISION, "weight": FULL_PRECISION}
         g = FULL_PRECISION
         if stage is not None:
@@ -111,6 +125,8 @@ class CostReport:
     _symbolic: Any = None  # callable producing symbolic OpCosts, run on first use
     _symbolic_ops: Optional[List[OpCost]] = None
     symbols: Dict[str, Any] = field(default_factory=dict)
+    node_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # shapes of nodes analyze was asked to watch
+    gates: Optional["GateCost"] = None  # DFQ: per-option costs of each unit and the mix they were costed with
 
     # -- MACs -------------------------------------------------------------------------------------
     @property
@@ -250,6 +266,8 @@ class CostReport:
                        for k in range(self.num_stages)],
             "per_op": self.rows(stage), "not_costed": [{"op": n, "reason": r} for n, r in self.not_costed],
         }
+        if self.gates is not None:
+            data["gates"] = self.gates.to_dict()
         if self.target is not None:
             data["target"] = self.target.name
             for entry in data["stages"]:
@@ -282,8 +300,44 @@ class CostReport:
                 grouped[(bx, by, prec)] = grouped.get((bx, by, prec), 0) + 1
             for (bx, by, prec), count in grouped.items():
                 lines.append(f"note: on {self.target.name}, {bx}x{by}-bit products run as {prec} ({count} ops)")
+        if self.gates is not None:
+            lines.append(str(self.gates))
         for name, reason in self.not_costed:
             lines.append(f"not costed: {name} ({reason})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class GateCost:
+    """Gated units' cost per option (% of the model's FP32 training BitOPs, per sample), the mix of
+    options the report costs gated ops with, where that mix came from, and the gates' own MACs."""
+
+    options: Tuple[Tuple[int, int], ...]  # (a_k, g_k)
+    unit_costs: Dict[str, Tuple[float, ...]]  # unit -> cost of each option
+    mix: Dict[str, Tuple[float, ...]]  # unit -> share of samples per option
+    mix_source: str  # "last training batch" or "example inputs"
+    gate_macs_per_sample: int  # forward MACs of all gate branches (full precision)
+    gate_bitops_per_sample: float  # their forward + backward BitOPs at 32 x 32 bits
+
+    def expected(self, unit: str) -> float:
+        return sum(p * c for p, c in zip(self.mix[unit], self.unit_costs[unit]))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"options": [list(o) for o in self.options], "mix_source": self.mix_source,
+                "gate_macs_per_sample": self.gate_macs_per_sample, "gate_bitops_per_sample": self.gate_bitops_per_sample,
+                "units": [{"unit": u, "option_cost_percent": list(c), "mix": list(self.mix[u]),
+                           "expected_percent": self.expected(u)} for u, c in self.unit_costs.items()]}
+
+    def __str__(self) -> str:
+        head = ["unit"] + [f"a{a}/g{g}" if a else "skip" for a, g in self.options] + ["mix-weighted"]
+        rows = [[u] + [f"{c:.3f}% ({100 * p:.0f}%)" for c, p in zip(costs, self.mix[u])] + [f"{self.expected(u):.3f}%"]
+                for u, costs in self.unit_costs.items()]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        lines = [f"gated units: cost per option in % of FP32 (share of samples, from the {self.mix_source})",
+                 fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+        lines.append(f"gates themselves (full precision): {self.gate_macs_per_sample:,} forward MACs per sample, "
+                     f"{self.gate_bitops_per_sample:.3e} BitOPs per sample with backward")
         return "\n".join(lines)
 
 

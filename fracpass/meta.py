@@ -17,6 +17,8 @@ OP = "fracpass.op"  # OpInfo: the registry's view of a compute node
 QSPEC = "fracpass.qspec"  # QSpec: per-stage bits per role, or why the op is excluded
 ROLE = "fracpass.role"  # Inserted: on nodes a pass created
 MODULE_PATH = "fracpass.module_path"  # str: module an op was lowered from (call_module -> call_function)
+GATED = "fracpass.gated"  # str: name of the gated unit a compute op belongs to
+UNIT = "fracpass.unit"  # Unit: on a unit's merge node (the block's add; the op itself for granularity "op")
 
 ROLES = ("act", "weight", "grad")
 SUFFIX = {"act": "aq", "weight": "wq", "grad": "gq"}
@@ -45,9 +47,20 @@ class OpInfo:
 class Inserted:
     """Provenance of a node a fracpass pass inserted."""
 
-    role: str  # "act" | "weight" | "grad"
+    role: str  # "act" | "weight" | "grad" | "gate"
     source: str  # name of the compute node it serves
     created_by: str  # pass name
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One gated unit: the ops one gate decision covers, found from graph structure."""
+
+    name: str  # gate name: parameters live under ``gates.<name>``
+    index: int  # position in graph order (the order the shared LSTM visits units)
+    input: str  # node whose output the gate reads (the block's input; the op's activation input)
+    ops: Tuple[str, ...]  # compute ops the decision covers
+    main_arg: Optional[int] = None  # block granularity: which add operand is the residual branch
 
 
 def op_info(node: "torch.fx.Node") -> Optional[OpInfo]:
@@ -72,3 +85,19 @@ def inserted(node: "torch.fx.Node") -> Optional[Inserted]:
 
 def set_inserted(node: "torch.fx.Node", info: Inserted) -> None:
     node.meta[ROLE] = info
+
+
+def gated(node: "torch.fx.Node") -> Optional[str]:
+    return node.meta.get(GATED)
+
+
+def set_gated(node: "torch.fx.Node", unit: str) -> None:
+    node.meta[GATED] = unit
+
+
+def unit(node: "torch.fx.Node") -> Optional[Unit]:
+    return node.meta.get(UNIT)
+
+
+def set_unit(node: "torch.fx.Node", value: Unit) -> None:
+    node.meta[UNIT] = value

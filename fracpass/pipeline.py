@@ -1,16 +1,24 @@
 """The one ordered list of passes ``fracpass.transform`` runs."""
 from __future__ import annotations
 
+from typing import Any, Dict, Optional, Sequence
+
 from fracpass.pass_base import PassManager
 from fracpass.plan import Plan
 
 
-def default_pipeline(plan: Plan) -> PassManager:
-    from fracpass.passes import AnnotatePass, InsertActQuantPass, InsertGradQuantPass, InsertWeightQuantPass
+def default_pipeline(plan: Plan, example_inputs: Sequence[Any] = (), example_kwargs: Optional[Dict[str, Any]] = None) -> PassManager:
+    from fracpass.passes import (AnnotatePass, FindGatedUnitsPass, InsertActQuantPass, InsertGatesPass,
+                                 InsertGradQuantPass, InsertWeightQuantPass)
 
-    return PassManager([
-        AnnotatePass(plan),  # every insert pass reads the OpInfo / QSpec it writes
-        InsertWeightQuantPass(),  # lowers module calls, so it runs before anything holds the old node
-        InsertActQuantPass(),  # before grad quant, so an op's input quantizer never reads a _gq node of its own
-        InsertGradQuantPass(),  # last: it reroutes every user of each op's output
-    ])
+    passes = [AnnotatePass(plan)]  # every later pass reads the OpInfo / QSpec it writes
+    if plan.gates is not None:
+        passes.append(FindGatedUnitsPass(plan.gates, plan.num_stages))  # sets gated ops' weight bits: before weight quant
+    passes.append(InsertWeightQuantPass())  # lowers module calls, so it runs before anything holds the old node
+    if plan.gates is not None:
+        passes.append(InsertGatesPass(plan, example_inputs, example_kwargs or {}))  # the choice nodes quantizers read
+    passes += [
+        InsertActQuantPass(plan),  # before grad quant, so an op's input quantizer never reads a _gq node of its own
+        InsertGradQuantPass(plan),  # last: it reroutes every user of each op's output
+    ]
+    return PassManager(passes)

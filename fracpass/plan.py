@@ -19,6 +19,14 @@ A plan is data. ``Plan.static`` and ``Plan.progressive`` build the common ones; 
     kind = "depthwise"  # glob on the op kind ("conv2d", "linear", "matmul", ...) or a trait
     w = 8               # an int for every stage, or a list with one entry per stage
     g = 16
+
+    [gates]             # optional: DFQ gates pick (a_k, g_k) per sample (see fracpass.Gates)
+    a = [3, 4, 4, 6, 6]
+    g = [6, 6, 8, 8, 12]
+    w = 4
+    granularity = "block"
+    target = [1.5, 2.0, 2.5, 3.0]   # one per stage, or a single number
+    beta = 0.001
 """
 from __future__ import annotations
 
@@ -31,9 +39,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 from fracpass._toml import read_toml, toml_table
 from fracpass.errors import PlanError
 from fracpass.quant import FULL_PRECISION
-from fracpass.switch import AtSteps, Budget, SwitchRule, rule_from_dict
+from fracpass.switch import AtSteps, Budget, LossPlateau, SwitchRule, rule_from_dict
 
-__all__ = ["Stage", "Rule", "Plan", "QSpec", "FORMAT_VERSION"]
+__all__ = ["Stage", "Rule", "Plan", "QSpec", "Gates", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 ROLES = ("w", "a", "g")
@@ -129,12 +137,87 @@ class QSpec:
 
 
 @dataclass(frozen=True)
+class Gates:
+    """FracTrain's DFQ: per gated unit, a gate picks one of K options (a[k], g[k]) per sample.
+
+    ``a[k] = 0`` skips the unit for that sample (output = shortcut; block granularity only). Weights
+    of gated ops are fixed at ``w`` bits. ``target`` is the relative cost to steer toward, in % of
+    FP32 (FracTrain's cp): one number, or one per plan stage (the Scheduler advances it with the
+    stage). ``controller="sign"`` adds ``beta * sign(cp - target) * cost`` to the loss, as FracTrain
+    does; ``"smooth"`` replaces the sign by ``clamp((cp - target) / target, -1, 1)``, which fades to
+    zero at the target instead of flipping every batch.
+    """
+
+    a: Tuple[int, ...] = (3, 4, 4, 6, 6)
+    g: Tuple[int, ...] = (6, 6, 8, 8, 12)
+    w: int = 4
+    granularity: str = "block"
+    target: Union[float, Tuple[float, ...]] = 3.0
+    beta: float = 1e-3
+    controller: str = "sign"
+
+    def __post_init__(self) -> None:
+        a, g = tuple(self.a), tuple(self.g)
+        if len(a) < 2 or len(a) != len(g):
+            raise PlanError(f"Gates(a={list(a)}, g={list(g)}): give at least two options, one a and one g per option")
+        for k, (ak, gk) in enumerate(zip(a, g)):
+            if isinstance(ak, bool) or not isinstance(ak, int) or not 0 <= ak <= FULL_PRECISION:
+                raise PlanError(f"Gates.a[{k}] = {ak!r}: activation bits must be 0 (skip the unit) or 1..32")
+            if ak == 0 and gk == 0:
+                continue
+            _check_bits(f"Gates.g[{k}]", gk)
+        if all(ak == 0 for ak in a):
+            raise PlanError(f"Gates.a = {list(a)}: every option skips the unit; give at least one a > 0")
+        _check_bits("Gates.w", self.w)
+        if self.granularity not in ("block", "op"):
+            raise PlanError(f"Gates.granularity = {self.granularity!r}: use 'block' (one gate per residual block) "
+                            "or 'op' (one gate per compute op)")
+        if self.granularity == "op" and 0 in a:
+            raise PlanError("Gates: a = 0 (skip) needs granularity='block': only a residual block has a shortcut "
+                            "to fall back on")
+        target = tuple(self.target) if isinstance(self.target, (list, tuple)) else self.target
+        for t in (target if isinstance(target, tuple) else (target,)):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 100:
+                raise PlanError(f"Gates.target = {self.target!r}: a relative cost in % of FP32, above 0 and at most "
+                                "100 (FracTrain's cifar preset uses 1.5..3)")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise PlanError(f"Gates.beta = {self.beta!r}: must be a number >= 0")
+        if self.controller not in ("sign", "smooth"):
+            raise PlanError(f"Gates.controller = {self.controller!r}: use 'sign' (FracTrain) or 'smooth'")
+        object.__setattr__(self, "a", a)
+        object.__setattr__(self, "g", g)
+        object.__setattr__(self, "target", target)
+
+    @property
+    def num_options(self) -> int:
+        return len(self.a)
+
+    @property
+    def skip_options(self) -> Tuple[int, ...]:
+        return tuple(k for k, ak in enumerate(self.a) if ak == 0)
+
+    def targets(self, num_stages: int) -> Tuple[float, ...]:
+        if isinstance(self.target, tuple):
+            return tuple(float(t) for t in self.target)
+        return (float(self.target),) * num_stages
+
+    def to_dict(self) -> Dict[str, Any]:
+        data: Dict[str, Any] = {"a": list(self.a), "g": list(self.g), "w": self.w, "granularity": self.granularity,
+                                "target": list(self.target) if isinstance(self.target, tuple) else self.target,
+                                "beta": self.beta}
+        if self.controller != "sign":
+            data["controller"] = self.controller
+        return data
+
+
+@dataclass(frozen=True)
 class Plan:
     """An ordered ladder of stages and ordered rules over compute ops."""
 
     stages: Tuple[Stage, ...]
     rules: Tuple[Rule, ...] = field(default=())
     switch: Optional[SwitchRule] = None  # when to advance stages; None: LossPlateau() for a ladder
+    gates: Optional[Gates] = None  # DFQ: per-sample precision of gated units
 
     def __post_init__(self) -> None:
         stages = tuple(self.stages) if isinstance(self.stages, (list, tuple)) else self.stages
@@ -162,6 +245,12 @@ class Plan:
             if isinstance(self.switch, AtSteps) and len(self.switch.boundaries()) != len(stages) - 1:
                 raise PlanError(f"plan.switch: {type(self.switch).__name__} has {len(self.switch.boundaries())} "
                                 f"boundaries but the plan has {len(stages)} stages; give {len(stages) - 1}")
+        if self.gates is not None:
+            if not isinstance(self.gates, Gates):
+                raise PlanError(f"plan.gates = {self.gates!r}: expected fracpass.Gates(...)")
+            if isinstance(self.gates.target, tuple) and len(self.gates.target) != len(stages):
+                raise PlanError(f"plan.gates.target = {list(self.gates.target)}: has {len(self.gates.target)} entries "
+                                f"but the plan has {len(stages)} stages; give one target per stage or a single number")
 
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
@@ -206,6 +295,34 @@ class Plan:
             _check_bits(f"bw[{k}]", b)
             stages.append(Stage(w=f, a=f, g=b))
         return cls(stages=tuple(stages), rules=_exclusions(exclude) + tuple(rules), switch=switch)
+
+    def with_gates(self, gates: Gates) -> "Plan":
+        """This plan with DFQ gates: gated units take their bits from the gates' options."""
+        import dataclasses
+
+        if not isinstance(gates, Gates):
+            raise PlanError(f"with_gates({gates!r}): expected fracpass.Gates(a=..., g=..., w=..., target=...)")
+        return dataclasses.replace(self, gates=gates)
+
+    @classmethod
+    def fractrain(cls, preset: str = "cifar") -> "Plan":
+        """FracTrain's full method (PFQ + DFQ) as in the paper: gates pick (a, g) per sample and block,
+        and the loss-plateau indicator steps the cost target up, one target per stage.
+
+        "cifar": a = (3,4,4,6,6), g = (6,6,8,8,12), w = 4, targets 1.5/2/2.5/3 %, LossPlateau(0.05, 0.3).
+        "imagenet": a = (3,4,6,8), g = (6,8,12,16), w = 6, targets 3/3.5/4/4.5 %.
+        Ops outside gated units (stem, shortcut convs, classifier) run at w bits with the most
+        precise option's a and g; add rules (e.g. ``exclude``) to change that.
+        """
+        presets = {
+            "cifar": Gates(a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=4, target=(1.5, 2.0, 2.5, 3.0), beta=1e-3),
+            "imagenet": Gates(a=(3, 4, 6, 8), g=(6, 8, 12, 16), w=6, target=(3.0, 3.5, 4.0, 4.5), beta=1e-3),
+        }
+        if preset not in presets:
+            raise PlanError(f"Plan.fractrain({preset!r}): unknown preset; use one of {sorted(presets)}")
+        gates = presets[preset]
+        stage = Stage(w=gates.w, a=max(gates.a), g=max(gates.g))
+        return cls(stages=(stage,) * len(gates.target), switch=LossPlateau(threshold=0.05, decay=0.3), gates=gates)
 
     # -- resolution -----------------------------------------------------------------------------
     @property
@@ -259,11 +376,13 @@ class Plan:
             out["rules"] = rules
         if self.switch is not None:
             out["switch"] = self.switch.to_dict()
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> "Plan":
-        known = {"format", "stages", "rules", "switch"}
+        known = {"format", "stages", "rules", "switch", "gates"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"{source}: unknown section(s) {unknown}; this version of fracpass reads {sorted(known)}")
@@ -295,8 +414,21 @@ class Plan:
             if not isinstance(data["switch"], dict):
                 raise PlanError(f"{source}: 'switch' must be a table ([switch])")
             switch = rule_from_dict(data["switch"], source)
+        gates = None
+        if "gates" in data:
+            entry = data["gates"]
+            if not isinstance(entry, dict):
+                raise PlanError(f"{source}: 'gates' must be a table ([gates])")
+            names = {f.name for f in fields(Gates)}
+            extra = sorted(set(entry) - names)
+            if extra:
+                raise PlanError(f"{source}: [gates] has unknown key(s) {extra}; known keys: {sorted(names)}")
+            try:
+                gates = Gates(**entry)
+            except PlanError as e:
+                raise PlanError(f"{source}: [gates]: {e}") from e
         try:
-            return cls(stages=tuple(stages), rules=tuple(rules), switch=switch)
+            return cls(stages=tuple(stages), rules=tuple(rules), switch=switch, gates=gates)
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from e
 
@@ -308,6 +440,8 @@ class Plan:
                 lines += toml_table(f"[[{section}]]", entry)
         if "switch" in data:
             lines += toml_table("[switch]", data["switch"])
+        if "gates" in data:
+            lines += toml_table("[gates]", data["gates"])
         return "\n".join(lines)
 
     def save(self, path: Union[str, Path]) -> None:

@@ -63,6 +63,12 @@ class Scheduler:
         self._window_sum: Any = 0.0
         self._window_count = 0
 
+    def gate_loss(self):
+        """``fracpass.gate_loss(qmodel)``: the DFQ cost regulariser at the target of the current stage."""
+        from fracpass.api import gate_loss
+
+        return gate_loss(self.qmodel)
+
     @property
     def last_stage(self) -> int:
         return self.plan.num_stages - 1

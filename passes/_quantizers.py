@@ -45,22 +45,47 @@ def get_or_add(gm: torch.fx.GraphModule, name: str, make: "type[Quantizer]", op:
         module = make(**config)
         gm.add_submodule(name, module)
         return module
-    if type(existing) is not make or existing.stage_bits.tolist() != list(config["stage_bits"]):
+    wanted = {key: list(config[key]) for key in ("stage_bits", "options") if key in config}
+    if type(existing) is not make or any(getattr(existing, key).tolist() != value for key, value in wanted.items()):
         raise PassError(
             f"{node_context(op)}\n  the model already has a submodule {name!r} ({type(existing).__name__}) that is not "
-            f"this op's {make.__name__}{tuple(config['stage_bits'])}; rename that submodule or transform the "
+            f"this op's {make.__name__}({wanted}); rename that submodule or transform the "
             "original model rather than an already transformed one"
         )
     return existing
 
 
 def insert_call(gm: torch.fx.GraphModule, name: str, arg: torch.fx.Node, *, before: torch.fx.Node = None,
-                after: torch.fx.Node = None, role: str, op: torch.fx.Node, pass_name: str) -> torch.fx.Node:
+                after: torch.fx.Node = None, role: str, op: torch.fx.Node, pass_name: str,
+                extra: tuple = ()) -> torch.fx.Node:
     ctx = gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)
     with ctx:
-        node = gm.graph.call_module(name, (arg,))
+        node = gm.graph.call_module(name, (arg,) + tuple(extra))
     for key in ("nn_module_stack", "stack_trace"):
         if key in op.meta:
             node.meta[key] = op.meta[key]
     meta.set_inserted(node, meta.Inserted(role=role, source=op.name, created_by=pass_name))
     return node
+
+
+def gate_choices(gm: torch.fx.GraphModule) -> dict:
+    """unit name -> the node holding that unit's per-sample one-hot choice (inserted by insert-gates)."""
+    import operator
+
+    found = {}
+    for node in gm.graph.nodes:
+        info = meta.inserted(node)
+        if info is not None and info.role == "gate" and node.target is operator.getitem and node.args[1] == 0:
+            found[info.source] = node
+    return found
+
+
+def gated_choice(choices: dict, op: torch.fx.Node):
+    """The choice node of ``op``'s gated unit, or None for an ungated op."""
+    unit = meta.gated(op)
+    if unit is None:
+        return None
+    if unit not in choices:
+        raise PassError(f"{node_context(op)}\n  the op belongs to gated unit {unit!r} but no gate branch for it is in "
+                        "the graph; run insert-gates before the quantizer passes (fracpass.pipeline.default_pipeline)")
+    return choices[unit]

@@ -5,7 +5,9 @@ import torch.fx
 
 from fracpass import registry
 from fracpass.pass_base import PassBase, PassResult
-from fracpass.passes._quantizers import get_or_add, insert_call, is_quantizer_of, quantized_ops, quantizer_name
+from fracpass.gating import GatedActQuant
+from fracpass.passes._quantizers import (gate_choices, gated_choice, get_or_add, insert_call, is_quantizer_of,
+                                         quantized_ops, quantizer_name)
 from fracpass.quant import ActQuant
 
 
@@ -15,24 +17,37 @@ class InsertActQuantPass(PassBase):
         x -> conv -> y           becomes   x -> conv_aq -> conv -> y
         q, k -> matmul -> s      becomes   q -> matmul_aq, k -> matmul_aq1 -> matmul -> s
 
-    Each op gets its own quantizer even when inputs are shared: ops can differ in bits.
+    Each op gets its own quantizer even when inputs are shared: ops can differ in bits. An op in
+    a gated unit gets a GatedActQuant that also reads its gate's choice::
+
+        x -> conv -> y           becomes   x -> conv_aq(x, gate_choice) -> conv -> y
     """
 
     name = "insert-act-quant"
 
+    def __init__(self, plan=None):
+        self.gates = plan.gates if plan is not None else None
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        inserted = 0
+        inserted = gated = 0
+        choices = gate_choices(gm)
         for op, info, spec in quantized_ops(gm, "act"):
+            choice = gated_choice(choices, op)
             for index, slot in enumerate(info.act_args):
                 src = registry.get_slot(op, slot)
                 if not isinstance(src, torch.fx.Node) or is_quantizer_of(src, op, "act"):
                     continue
                 name = quantizer_name(op, "act", index)
-                get_or_add(gm, name, ActQuant, op, stage_bits=spec.a)
-                node = insert_call(gm, name, src, before=op, role="act", op=op, pass_name=self.name)
+                if choice is None:
+                    get_or_add(gm, name, ActQuant, op, stage_bits=spec.a)
+                else:
+                    get_or_add(gm, name, GatedActQuant, op, options=self.gates.a, num_stages=len(spec.a))
+                    gated += 1
+                node = insert_call(gm, name, src, before=op, role="act", op=op, pass_name=self.name,
+                                   extra=() if choice is None else (choice,))
                 registry.set_slot(op, slot, node)
                 inserted += 1
-        return PassResult(gm, modified=inserted > 0, stats={"act_quant_inserted": inserted})
+        return PassResult(gm, modified=inserted > 0, stats={"act_quant_inserted": inserted, "gated": gated})
 
     def ensures(self, gm: torch.fx.GraphModule) -> None:
         for op, info, _ in quantized_ops(gm, "act"):

@@ -122,7 +122,8 @@ def test_example_plan_file_loads():
     ("[[stages]]\nw = 8\na = 8", r"stages\[0\] needs exactly the keys w, a, g \(missing \['g'\]"),
     ("[[stages]]\nw = 8\na = 8\ng = 0", r"stages\[0\]: stage\.g = 0"),
     ("[[stages]]\nw = 8\na = 8\ng = 8\n[[rules]]\nmatch = 'x'\nbits = 4", r"rules\[0\] has unknown key\(s\) \['bits'\]"),
-    ("[[stages]]\nw = 8\na = 8\ng = 8\n[gates]\nk = 1", r"unknown section\(s\) \['gates'\]"),
+    ("[[stages]]\nw = 8\na = 8\ng = 8\n[gating]\nk = 1", r"unknown section\(s\) \['gating'\]"),
+    ("[[stages]]\nw = 8\na = 8\ng = 8\n[gates]\nk = 1", r"\[gates\] has unknown key\(s\) \['k'\]"),
     ("format = 2\n[[stages]]\nw = 8\na = 8\ng = 8", r"format = 2, but this version of fracpass reads format 1"),
     ("[[stages]\nw = 8", r"not valid TOML"),
 ])

@@ -4,6 +4,10 @@
 //   fake_quant:  out = clamp(nearbyint(x / s), lo, hi) * s   (round half to even, as ONNX QuantizeLinear)
 //   grad_sr:     out = min(floor((g - mn) / s + u), levels) * s + mn,  u = (k + 0.5) / 2^24 from a
 //                counter-based hash of (seed, element index), so results do not depend on threading.
+// The *_rows variants take a range and a level count per row of x.view(R, -1) (per sample, for gated
+// units); a row with levels <= 0 is copied unchanged. option_scores gives, per row and per option k,
+// sum_j g_j * fake_quant(x_j; row range, levels_k): the straight-through gradient of a per-sample
+// mixture over options, computed in one pass instead of K.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -78,6 +82,47 @@ torch::Tensor fake_quant(const torch::Tensor& x, const torch::Tensor& mn, const 
   return out;
 }
 
+namespace {
+
+struct Dither {
+  uint32_t seed_lo, seed_hi;
+  explicit Dither(int64_t seed)
+      : seed_lo(static_cast<uint32_t>(seed)), seed_hi(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)) {}
+  uint32_t key(int64_t chunk) const {
+    return mix32(seed_lo ^ mix32(static_cast<uint32_t>(chunk) + seed_hi * 0x9E3779B9U));
+  }
+};
+
+inline float grad_step(float mn, float mx, float lv) {
+  float s = mx / lv - mn / lv;
+  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+  return s;
+}
+
+// Stochastic rounding of src[i, stop) with the dither of global indices i..stop (one kChunk at most).
+inline void sr_span(const float* src, float* dst, int64_t i, int64_t stop, const Dither& d, float mn, float s, float lv) {
+  const int64_t chunk = i / kChunk;
+  const uint32_t key = d.key(chunk);
+  const uint32_t first = static_cast<uint32_t>(i - chunk * kChunk);
+  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
+  const int32_t count = static_cast<int32_t>(stop - i);
+  for (int32_t j = 0; j < count; ++j) {
+    const uint32_t h = mix32(key + first + static_cast<uint32_t>(j));
+    const float u = static_cast<float>(h >> 8) * unit + half;
+    float q = std::floor((src[i + j] - mn) / s + u);
+    q = q > lv ? lv : q;
+    dst[i + j] = q * s + mn;
+  }
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() && x.dim() > 0 &&
+                  t.numel() == x.size(0),
+              what, ": expected one contiguous float32 value per row of x");
+}
+
+}  // namespace
+
 torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t, double levels,
                       int64_t seed) {
   check(g, "grad_sr");
@@ -86,28 +131,136 @@ torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const t
   float* dst = out.data_ptr<float>();
   const float lv = static_cast<float>(levels);
   const float mn = mn_t.item<float>(), mx = mx_t.item<float>();  // CPU tensors: a memory read, no sync
-  float s = mx / lv - mn / lv;
-  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
-  const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
+  const float s = grad_step(mn, mx, lv);
+  const Dither d(seed);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
-      const int64_t chunk = i / kChunk;
-      const int64_t stop = std::min(end, (chunk + 1) * kChunk);
-      const uint32_t key = mix32(seed_lo ^ mix32(static_cast<uint32_t>(chunk) + seed_hi * 0x9E3779B9U));
-      const uint32_t first = static_cast<uint32_t>(i - chunk * kChunk);
-      const int32_t count = static_cast<int32_t>(stop - i);
-      const float* s_src = src + i;
-      float* s_dst = dst + i;
-      for (int32_t j = 0; j < count; ++j) {
-        const uint32_t h = mix32(key + first + static_cast<uint32_t>(j));
-        const float u = static_cast<float>(h >> 8) * unit + half;
-        float q = std::floor((s_src[j] - mn) / s + u);
-        q = q > lv ? lv : q;
-        s_dst[j] = q * s + mn;
+      const int64_t stop = std::min(end, (i / kChunk + 1) * kChunk);
+      sr_span(src, dst, i, stop, d, mn, s, lv);
+      i = stop;
+    }
+  });
+  return out;
+}
+
+torch::Tensor fake_quant_rows(const torch::Tensor& x, const torch::Tensor& mn, const torch::Tensor& mx,
+                              const torch::Tensor& levels) {
+  check(x, "fake_quant_rows");
+  check_rows(x, mn, "fake_quant_rows(mn)");
+  check_rows(x, mx, "fake_quant_rows(mx)");
+  check_rows(x, levels, "fake_quant_rows(levels)");
+  auto out = torch::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float *pmn = mn.data_ptr<float>(), *pmx = mx.data_ptr<float>(), *plv = levels.data_ptr<float>();
+  const int64_t rows = x.size(0), n = x.numel(), per = rows > 0 ? n / rows : 0;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t r = i / per;
+      const int64_t stop = std::min(end, (r + 1) * per);
+      if (!(plv[r] > 0.0f)) {
+        std::copy(src + i, src + stop, dst + i);
+      } else {
+        const Affine a = affine(pmn[r], pmx[r], plv[r]);
+        for (int64_t j = i; j < stop; ++j) {
+          float q = std::nearbyint(src[j] / a.scale);
+          q = q < a.lo ? a.lo : q;
+          q = q > a.hi ? a.hi : q;
+          dst[j] = q * a.scale;
+        }
       }
       i = stop;
+    }
+  });
+  return out;
+}
+
+torch::Tensor grad_sr_rows(const torch::Tensor& g, const torch::Tensor& mn, const torch::Tensor& mx,
+                           const torch::Tensor& levels, int64_t seed) {
+  check(g, "grad_sr_rows");
+  check_rows(g, mn, "grad_sr_rows(mn)");
+  check_rows(g, mx, "grad_sr_rows(mx)");
+  check_rows(g, levels, "grad_sr_rows(levels)");
+  auto out = torch::empty_like(g);
+  const float* src = g.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float *pmn = mn.data_ptr<float>(), *pmx = mx.data_ptr<float>(), *plv = levels.data_ptr<float>();
+  const int64_t rows = g.size(0), n = g.numel(), per = rows > 0 ? n / rows : 0;
+  const Dither d(seed);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t r = i / per;
+      const int64_t stop = std::min({end, (r + 1) * per, (i / kChunk + 1) * kChunk});
+      if (!(plv[r] > 0.0f)) {
+        std::copy(src + i, src + stop, dst + i);
+      } else {
+        sr_span(src, dst, i, stop, d, pmn[r], grad_step(pmn[r], pmx[r], plv[r]), plv[r]);
+      }
+      i = stop;
+    }
+  });
+  return out;
+}
+
+torch::Tensor option_scores(const torch::Tensor& x, const torch::Tensor& g, const torch::Tensor& mn,
+                            const torch::Tensor& mx, const torch::Tensor& levels) {
+  check(x, "option_scores(x)");
+  check(g, "option_scores(g)");
+  TORCH_CHECK(x.sizes() == g.sizes(), "option_scores: x and g differ in shape");
+  check_rows(x, mn, "option_scores(mn)");
+  check_rows(x, mx, "option_scores(mx)");
+  TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == torch::kFloat && levels.dim() == 1 &&
+                  levels.numel() <= 16,
+              "option_scores: levels must be a float32 CPU vector of at most 16 options");
+  const int64_t rows = x.size(0), n = x.numel(), per = rows > 0 ? n / rows : 0, k_opts = levels.numel();
+  auto out = torch::zeros({rows, k_opts}, x.options());
+  const float *px = x.data_ptr<float>(), *pg = g.data_ptr<float>();
+  const float *pmn = mn.data_ptr<float>(), *pmx = mx.data_ptr<float>();
+  auto lv_c = levels.contiguous();
+  const float* plv = lv_c.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  // Options sharing a level count (a = 3,4,4,6,6) share one sum.
+  int64_t first_of[16];
+  for (int64_t k = 0; k < k_opts; ++k) {
+    first_of[k] = k;
+    for (int64_t j = 0; j < k; ++j)
+      if (plv[j] == plv[k]) { first_of[k] = j; break; }
+  }
+  constexpr int64_t kBlock = 1024;  // x and g blocks stay in L1 across the options
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double total[16] = {0};
+      Affine a[16];
+      float inv[16];
+      for (int64_t k = 0; k < k_opts; ++k) {
+        if (plv[k] > 0.0f && first_of[k] == k) {
+          a[k] = affine(pmn[r], pmx[r], plv[k]);
+          inv[k] = 1.0f / a[k].scale;  // a gradient estimate: x * (1/s) is close enough here
+        }
+      }
+      const float* xr = px + r * per;
+      const float* gr = pg + r * per;
+      for (int64_t b = 0; b < per; b += kBlock) {
+        const int64_t stop = std::min(per, b + kBlock);
+        for (int64_t k = 0; k < k_opts; ++k) {
+          if (!(plv[k] > 0.0f) || first_of[k] != k) continue;
+          const float iv = inv[k], lo = a[k].lo, hi = a[k].hi;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = b; j < stop; ++j) {
+            float q = std::nearbyint(xr[j] * iv);
+            q = q < lo ? lo : q;
+            q = q > hi ? hi : q;
+            acc += gr[j] * q;
+          }
+          total[k] += static_cast<double>(acc) * a[k].scale;
+        }
+      }
+      for (int64_t k = 0; k < k_opts; ++k)
+        po[r * k_opts + k] = plv[k] > 0.0f ? static_cast<float>(total[first_of[k]]) : 0.0f;
     }
   });
   return out;
@@ -116,4 +269,7 @@ torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const t
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant", &fake_quant, "fused fake quantization (per tensor or per dim-0 channel)");
   m.def("grad_sr", &grad_sr, "fused stochastic-rounding gradient quantization");
+  m.def("fake_quant_rows", &fake_quant_rows, "fused fake quantization, one range and level count per row");
+  m.def("grad_sr_rows", &grad_sr_rows, "fused stochastic rounding, one range and level count per row");
+  m.def("option_scores", &option_scores, "per row and option: sum of g * fake_quant(x) at that option's levels");
 }

@@ -1,0 +1,374 @@
+"""DFQ gates: per-sample precision chosen by small gate networks, executed in one pass per batch.
+
+A gated unit (a residual block, or one compute op) has a gate that reads the unit's input and
+picks, per sample, one of K options (a_k, g_k). The unit's activation quantizers then quantize
+each sample at its a_k and its gradient quantizers each sample's output gradient at its g_k, in one
+vectorised pass: a per-row range and level count feed the same fused kernels the static
+quantizers use. Each sample's range is taken over the samples that chose the same option (its
+option group), never over the zeros of other samples.
+
+Why the task loss reaches the gate: the forward uses the hard choice c = onehot(argmax p), and
+the quantized activation is read as the mixture y = sum_k c_k Q_k(x). Its gradient w.r.t. c_k is
+<dL/dy, Q_k(x)> per sample — the quantizer computes all K of them in one extra pass over x and
+dL/dy in backward (``option_scores``), and the straight-through estimator hands them to the
+softmax. An option with a = 0 skips the unit for that sample (output = shortcut, SkipNet); its
+gradient comes from the gate's multiplier on the block's residual branch.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fracpass.quant import FULL_PRECISION, Quantizer, _fused_kernels, _torch_seed, quantize_grad_stochastic
+
+__all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
+           "fake_quantize_rows", "quantize_grad_rows", "option_scores"]
+
+FEATURES = 32  # width of the gate's first 1x1 conv (C -> 32), as in FracTrain / SkipNet
+HIDDEN = 16  # LSTM input and hidden size
+
+
+# -- per-row kernels (torch-op fallbacks compute the same values) ---------------------------------
+def _levels(bits: Tensor) -> Tensor:
+    """2^b - 1 per entry, 0 where b is 0 (skip) or >= 32 (not quantized): those rows pass through."""
+    bits = bits.to(torch.float32)
+    quantized = (bits > 0) & (bits < FULL_PRECISION)
+    return torch.where(quantized, torch.exp2(bits) - 1, torch.zeros_like(bits))
+
+
+def fake_quantize_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
+    """Fake-quantize each row of ``x`` (dim 0) over its own range [mn_r, mx_r] to levels_r + 1 values."""
+    ext = _fused_kernels(x, mn, mx, levels)
+    if ext is not None and x.is_contiguous() and x.dim() > 0:
+        return ext.fake_quant_rows(x, mn.contiguous(), mx.contiguous(), levels.contiguous())
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    lv = levels.view(shape).to(x.dtype)
+    active = lv > 0
+    safe = torch.where(active, lv, torch.ones_like(lv))
+    mn_, mx_ = mn.view(shape).clamp(max=0), mx.view(shape).clamp(min=0)
+    scale = (mx_ / safe - mn_ / safe).clamp_(min=torch.finfo(x.dtype).tiny)
+    zp = torch.round(-mn_ / scale)
+    q = torch.div(x, scale).round_()
+    q = torch.maximum(q, -zp)
+    q = torch.minimum(q, safe - zp)
+    return torch.where(active, q * scale, x)
+
+
+def quantize_grad_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
+    """Stochastic rounding of each row of ``g`` over its own range to levels_r + 1 values."""
+    ext = _fused_kernels(g, mn, mx, levels)
+    if ext is not None and g.dim() > 0:
+        return ext.grad_sr_rows(g.contiguous(), mn.contiguous(), mx.contiguous(), levels.contiguous(), _torch_seed())
+    shape = (-1,) + (1,) * (g.dim() - 1)
+    lv = levels.view(shape).to(g.dtype)
+    active = lv > 0
+    safe = torch.where(active, lv, torch.ones_like(lv))
+    mn_, mx_ = mn.view(shape), mx.view(shape)
+    scale = (mx_ / safe - mn_ / safe).clamp_(min=torch.finfo(g.dtype).tiny)
+    y = ((g - mn_) / scale + torch.rand_like(g)).floor_()
+    y = torch.minimum(y, safe)
+    return torch.where(active, y * scale + mn_, g)
+
+
+def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: Tensor) -> Tensor:
+    """(rows, K): sum over each row of g * fake_quantize(x) at option k's levels and the row's range."""
+    ext = _fused_kernels(x, g, mn, mx, option_levels)
+    if ext is not None and x.dim() > 0 and option_levels.numel() <= 16:
+        return ext.option_scores(x.contiguous(), g.contiguous(), mn.contiguous(), mx.contiguous(), option_levels)
+    rows = x.shape[0]
+    cols = []
+    for lv in option_levels.tolist():
+        if lv <= 0:
+            cols.append(x.new_zeros(rows))
+            continue
+        q = fake_quantize_rows(x, mn, mx, torch.full_like(mn, lv))
+        cols.append((g * q).reshape(rows, -1).sum(1))
+    return torch.stack(cols, 1)
+
+
+def _row_range(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-sample min and max. A NaN propagates into its row's range and an Inf makes the scale
+    infinite: either way that row's output comes out NaN, as in the static quantizers."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    # amin and amax separately: aminmax(dim=1) took 0.83 ms per 2M floats here, the pair 0.4 ms
+    return torch.amin(flat, 1), torch.amax(flat, 1)
+
+
+def _group_range(mn: Tensor, mx: Tensor, choice: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Range of each option group, then gathered back per row: (row mn, row mx, group mn, group mx)."""
+    gmn = mn.new_full((k,), float("inf")).scatter_reduce(0, choice, mn, "amin")
+    gmx = mx.new_full((k,), float("-inf")).scatter_reduce(0, choice, mx, "amax")
+    return gmn[choice], gmx[choice], gmn, gmx
+
+
+# -- autograd -------------------------------------------------------------------------------------
+class _GatedFakeQuant(torch.autograd.Function):
+    """y = Q_{c_r}(x_r) per row; dy/dx straight through; dL/dc_k = <dL/dy, Q_k(x)> per row."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, onehot: Tensor, mn: Tensor, mx: Tensor, row_levels: Tensor,  # type: ignore[override]
+                option_levels: Tensor) -> Tensor:
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, mn, mx, option_levels, onehot)
+        return fake_quantize_rows(x, mn, mx, row_levels)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        d_onehot = None
+        if ctx.needs_input_grad[1]:
+            x, mn, mx, option_levels, onehot = ctx.saved_tensors
+            scores = option_scores(x, grad, mn, mx, option_levels)
+            # a skip option has no quantizer output; give it the score of what the row used, which is
+            # neutral (the softmax's backward ignores a common offset): skipping is costed at the block's add
+            used = (scores * onehot).sum(1, keepdim=True)
+            skip = (option_levels <= 0).unsqueeze(0)
+            d_onehot = torch.where(skip, used, scores).to(onehot.dtype)
+        return grad, d_onehot, None, None, None, None
+
+
+class _GatedGradQuantFn(torch.autograd.Function):
+    """Identity forward; each row's incoming gradient stochastically rounded at its option's g bits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(choice, option_levels)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        choice, option_levels = ctx.saved_tensors
+        mn, mx = _row_range(grad)
+        mn, mx, _, _ = _group_range(mn, mx, choice, option_levels.numel())
+        return quantize_grad_rows(grad, mn, mx, option_levels[choice]), None, None
+
+
+class _HardChoice(torch.autograd.Function):
+    """One-hot of the argmax in forward, the identity in backward (straight-through to the softmax)."""
+
+    @staticmethod
+    def forward(ctx, probs: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.zeros_like(probs).scatter_(1, probs.argmax(1, keepdim=True), 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad
+
+
+def skip_gate(main: Tensor, onehot: Tensor, skip: Tuple[int, ...]) -> Tensor:
+    """The residual branch times 1 - (mass on skip options): 0 for a skipped sample, 1 otherwise."""
+    keep = 1 - onehot[:, list(skip)].sum(1)
+    return main * keep.view((-1,) + (1,) * (main.dim() - 1)).to(main.dtype)
+
+
+# -- modules --------------------------------------------------------------------------------------
+class GatedActQuant(Quantizer):
+    """Activation quantizer of a gated op: per sample at the bits of the option its gate chose.
+
+    Training: each option group's batch range (tracked as an EMA per option); eval: that EMA,
+    or the batch group range for an option never seen in training. ``stage_bits`` holds the most
+    precise option, for tools that read one width per quantizer.
+    """
+
+    role = "act"
+
+    def __init__(self, options: Sequence[int], num_stages: int, momentum: float = 0.1):
+        super().__init__([max(options)] * num_stages)
+        self.momentum = momentum
+        k = len(options)
+        self.register_buffer("options", torch.tensor(list(options), dtype=torch.int64))
+        self.register_buffer("option_levels", _levels(self.options))
+        self.register_buffer("running_min", torch.zeros(k))
+        self.register_buffer("running_max", torch.zeros(k))
+        self.register_buffer("range_ready", torch.zeros(k, dtype=torch.bool))
+
+    def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
+        choice = onehot.detach().argmax(1)
+        mn, mx = _row_range(x)
+        mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
+        if self.training:
+            self._track(gmn, gmx)
+        else:
+            ready = self.range_ready[choice]
+            mn = torch.where(ready, self.running_min[choice], mn)
+            mx = torch.where(ready, self.running_max[choice], mx)
+        levels = self.option_levels.to(x.dtype)
+        return _GatedFakeQuant.apply(x, onehot, mn.to(x.dtype), mx.to(x.dtype), levels[choice], levels)
+
+    @torch.no_grad()
+    def _track(self, gmn: Tensor, gmx: Tensor) -> None:
+        seen = torch.isfinite(gmn)
+        first = seen & ~self.range_ready
+        again = seen & self.range_ready
+        gmn, gmx = gmn.to(self.running_min.dtype), gmx.to(self.running_max.dtype)
+        self.running_min.copy_(torch.where(first, gmn, torch.where(again, torch.lerp(self.running_min, gmn, self.momentum),
+                                                                   self.running_min)))
+        self.running_max.copy_(torch.where(first, gmx, torch.where(again, torch.lerp(self.running_max, gmx, self.momentum),
+                                                                   self.running_max)))
+        self.range_ready |= seen
+
+    def extra_repr(self) -> str:
+        return f"options={tuple(self.options.tolist())}"
+
+
+class GatedGradQuant(Quantizer):
+    """Gradient quantizer of a gated op: each sample's output gradient at its option's g bits."""
+
+    role = "grad"
+
+    def __init__(self, options: Sequence[int], num_stages: int):
+        super().__init__([max(options)] * num_stages)
+        self.register_buffer("options", torch.tensor(list(options), dtype=torch.int64))
+        self.register_buffer("option_levels", _levels(self.options))
+
+    def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
+        if not x.requires_grad:
+            return x
+        return _GatedGradQuantFn.apply(x, onehot.detach().argmax(1), self.option_levels.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"options={tuple(self.options.tolist())}"
+
+
+class GateBranch(nn.Module):
+    """A unit's own gate layers: global average pool -> 1x1 conv (C->32) -> ReLU -> 1x1 conv (32->16).
+
+    A 1x1 conv on a pooled 1x1 map is a linear layer, which is how it is stored (``fc1``, ``fc2``),
+    so the same branch serves conv feature maps (channels on dim 1) and sequences (channels last).
+    """
+
+    def __init__(self, channels: int, channel_dim: int):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.fc1 = nn.Linear(channels, FEATURES)
+        self.fc2 = nn.Linear(FEATURES, HIDDEN)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.movedim(self.channel_dim, -1)
+        if x.dim() > 2:
+            x = x.flatten(1, -2).mean(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+    def extra_repr(self) -> str:
+        return f"channel_dim={self.channel_dim}"
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """The gates' choices on the last batch: per unit, the fraction of samples per option."""
+
+    options: Tuple[Tuple[int, int], ...]  # (a_k, g_k)
+    units: Dict[str, Tuple[float, ...]]
+    mean_cost: float  # mean relative cost of the batch, % of FP32 (FracTrain's cp)
+    target: float  # the target in force, %
+    stage: int
+    batch: int
+
+    def __str__(self) -> str:
+        head = ["unit"] + [f"a{a}/g{g}" if a else "skip" for a, g in self.options]
+        rows = [[name] + [f"{100 * p:.0f}%" for p in mix] for name, mix in self.units.items()]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        lines = [f"gates on the last batch ({self.batch} samples, stage {self.stage}): mean cost "
+                 f"{self.mean_cost:.3f}% of FP32, target {self.target:.3f}%", fmt(head),
+                 "  ".join("-" * w for w in widths)]
+        return "\n".join(lines + [fmt(r) for r in rows])
+
+
+class GateHub(nn.Module):
+    """All gates of a model: each unit's ``GateBranch`` (``gates.<unit>``), the LSTM cell and the
+    projection they share, the per-option costs, and the cost target per stage.
+
+    Called once per unit, in graph order: ``hub(x, state, unit)`` returns the unit's hard one-hot
+    choice (B, K) and the LSTM state for the next unit; unit 0 starts from a zero state, so the
+    state resets every forward. Gates always run at full precision.
+    """
+
+    def __init__(self, a: Sequence[int], g: Sequence[int], w: int, unit_names: Sequence[str],
+                 channels: Sequence[int], channel_dims: Sequence[int], unit_costs: Sequence[Sequence[float]],
+                 base_costs: Sequence[float], targets: Sequence[float], beta: float, controller: str):
+        super().__init__()
+        k = len(a)
+        self.unit_names = list(unit_names)
+        for name, c, dim in zip(unit_names, channels, channel_dims):
+            self.add_module(name, GateBranch(c, dim))
+        self.lstm = nn.LSTMCell(HIDDEN, HIDDEN)
+        self.proj = nn.Linear(HIDDEN, k)
+        self.beta, self.controller, self.w = beta, controller, w
+        self.register_buffer("options_a", torch.tensor(list(a), dtype=torch.int64))
+        self.register_buffer("options_g", torch.tensor(list(g), dtype=torch.int64))
+        self.register_buffer("unit_costs", torch.tensor([list(c) for c in unit_costs], dtype=torch.float64).view(-1, k))
+        self.register_buffer("base_costs", torch.tensor(list(base_costs), dtype=torch.float64))
+        self.register_buffer("targets", torch.tensor(list(targets), dtype=torch.float64))
+        self.register_buffer("stage", torch.zeros((), dtype=torch.int64))
+        self._choices: List[Optional[Tensor]] = [None] * len(self.unit_names)
+
+    def forward(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]], unit: int):
+        if unit == 0:
+            self._choices = [None] * len(self.unit_names)
+        feat = getattr(self, self.unit_names[unit])(x.float() if x.dtype != torch.float32 else x)
+        h, c = self.lstm(feat, state)
+        probs = F.softmax(self.proj(h), dim=1)
+        onehot = _HardChoice.apply(probs).to(x.dtype)
+        self._choices[unit] = onehot
+        return onehot, (h, c)
+
+    def set_stage(self, stage: int) -> None:
+        self.stage.fill_(stage)
+
+    @property
+    def target(self) -> float:
+        return float(self.targets[int(self.stage)])
+
+    def sample_costs(self) -> Optional[Tensor]:
+        """Per-sample relative cost (% of FP32) of the last batch's choices, with a gradient to the gates."""
+        if not self._choices or any(c is None for c in self._choices):
+            return None
+        costs = self.unit_costs.to(self._choices[0].dtype)
+        total = sum(onehot @ costs[u] for u, onehot in enumerate(self._choices))
+        return total + float(self.base_costs[int(self.stage)])
+
+    def loss(self) -> Tensor:
+        costs = self.sample_costs()
+        if costs is None:
+            return self.proj.weight.new_zeros(())
+        cp = float(costs.detach().mean())
+        error = cp - self.target
+        if self.controller == "sign":
+            weight = (error > 0) - (error < 0)
+        else:  # "smooth": proportional to the relative error, saturating at +-1; zero at the target
+            weight = max(-1.0, min(1.0, error / self.target))
+        return self.beta * weight * costs.sum()
+
+    def stats(self) -> Optional[GateStats]:
+        costs = self.sample_costs()
+        if costs is None:
+            return None
+        k = self.options_a.numel()
+        units = {}
+        for name, onehot in zip(self.unit_names, self._choices):
+            counts = onehot.detach().sum(0)
+            units[name] = tuple(float(v) for v in (counts / max(1, onehot.shape[0])).tolist()[:k])
+        options = tuple(zip(self.options_a.tolist(), self.options_g.tolist()))
+        return GateStats(options, units, float(costs.detach().mean()), self.target, int(self.stage),
+                         int(self._choices[0].shape[0]))
+
+    def __deepcopy__(self, memo):
+        # the recorded choices belong to the last forward's autograd graph, which is not copied
+        choices, self._choices = self._choices, [None] * len(self.unit_names)
+        try:
+            copied = nn.Module.__new__(type(self))
+            memo[id(self)] = copied
+            for key, value in self.__dict__.items():
+                copied.__dict__[key] = copy.deepcopy(value, memo)
+            return copied
+        finally:
+            self._choices = choices
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{a}/{g}" if a else "skip" for a, g in zip(self.options_a.tolist(), self.options_g.tolist()))
+        return f"units={len(self.unit_names)}, options(a/g)=[{opts}], w={self.w}, beta={self.beta}, controller={self.controller}"

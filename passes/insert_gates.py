@@ -1,0 +1,126 @@
+"""insert-gates: a gate branch per gated unit, wired as graph nodes (FracTrain's DFQ)."""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch.fx
+
+from fracpass import costing, meta
+from fracpass.errors import PassError
+from fracpass.gating import GateHub, skip_gate
+from fracpass.pass_base import PassBase, PassResult
+from fracpass.plan import Gates, Plan
+
+HUB = "gates"  # submodule holding every gate; parameters are gates.<unit>.fc1.weight, gates.lstm.*, gates.proj.*
+
+
+class InsertGatesPass(PassBase):
+    """Insert each unit's gate after the unit's input, chained through the shared LSTM state::
+
+        x -> [block: conv1 ... conv2] -> add(., x)
+    becomes
+        x -> gates(x, state_prev, i) -> (choice, state) ;  x -> [block] -> skip_gate(., choice) -> add(., x)
+
+    ``choice`` (B, K) is the hard one-hot the unit's quantizers read (insert-act-quant and
+    insert-grad-quant wire it in); ``skip_gate`` appears only when an option has a = 0. The
+    per-option costs the gate loss needs come from the cost analysis of the example inputs.
+    """
+
+    name = "insert-gates"
+
+    def __init__(self, plan: Plan, args: Sequence[Any], kwargs: Dict[str, Any]):
+        self.plan, self.gates = plan, plan.gates
+        self.args, self.kwargs = tuple(args), dict(kwargs)
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        if not self.args and not self.kwargs:
+            raise PassError("insert-gates: a plan with gates needs example inputs (the gates' sizes and the per-option "
+                            "costs depend on them); pass example_inputs=(x,) to fracpass.transform")
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        units = sorted(((meta.unit(n), n) for n in gm.graph.nodes if meta.unit(n) is not None), key=lambda u: u[0].index)
+        if any(meta.inserted(n) is not None and n.meta[meta.ROLE].role == "gate" for n in gm.graph.nodes):
+            return PassResult(gm, modified=False, stats={"gates_inserted": 0, "skip_gates": 0})
+        report = costing.analyze(gm, self.args, self.kwargs, self.plan.num_stages, 0, watch=[u.input for u, _ in units])
+        hub = self._hub(gm, [u for u, _ in units], report)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        state, last, last_rank, skips = None, None, -1, 0
+        for unit, anchor in units:
+            source = by_name[unit.input]
+            after = source if order[source] > last_rank else last
+            with gm.graph.inserting_after(after):
+                call = gm.graph.create_node("call_module", HUB, (source, state, unit.index), name=f"gate_{unit.name}")
+            with gm.graph.inserting_after(call):
+                choice = gm.graph.create_node("call_function", operator.getitem, (call, 0), name=f"gate_{unit.name}_choice")
+            with gm.graph.inserting_after(choice):
+                state = gm.graph.create_node("call_function", operator.getitem, (call, 1), name=f"gate_{unit.name}_state")
+            for node in (call, choice, state):
+                meta.set_inserted(node, meta.Inserted(role="gate", source=unit.name, created_by=self.name))
+            last, last_rank = state, max(last_rank, order[source])
+            if self.gates.skip_options and unit.main_arg is not None:
+                main = anchor.args[unit.main_arg]
+                with gm.graph.inserting_before(anchor):
+                    gated = gm.graph.create_node("call_function", skip_gate, (main, choice, self.gates.skip_options),
+                                                 name=f"gate_{unit.name}_skip")
+                meta.set_inserted(gated, meta.Inserted(role="gate", source=unit.name, created_by=self.name))
+                anchor.update_arg(unit.main_arg, gated)
+                skips += 1
+        try:
+            gm.graph.lint()
+        except RuntimeError as e:
+            raise PassError(f"insert-gates: a gate could not be placed before the ops it drives ({e}); the gated units "
+                            "interleave in a way the shared LSTM order cannot follow; use Gates(granularity='op') or "
+                            "exclude the interleaved ops") from e
+        return PassResult(gm, modified=True, stats={"gates_inserted": len(units), "skip_gates": skips,
+                                                    "gate_parameters": sum(p.numel() for p in hub.parameters())})
+
+    def _hub(self, gm: torch.fx.GraphModule, units: List[meta.Unit], report) -> GateHub:
+        gates: Gates = self.gates
+        costs = {o.op: o for o in report.ops}
+        fp32 = sum(m * bx * by for o in report.ops for _, m, bx, by, _ in o.products(None)) or 1
+        gated = {op for u in units for op in u.ops}
+        base = [100 * sum(m * bx * by for o in report.ops if o.op not in gated for _, m, bx, by, _ in o.products(k)) / fp32
+                for k in range(self.plan.num_stages)]
+        unit_costs, channels, dims = [], [], []
+        for unit in units:
+            row = []
+            for a, g in zip(gates.a, gates.g):
+                bitops = 0
+                for op in unit.ops:
+                    if a and op in costs:
+                        one = dataclasses.replace(costs[op], w=(gates.w,), a=(a,), g=(g,))
+                        bitops += sum(m * bx * by for _, m, bx, by, _ in one.products(0))
+                row.append(100 * bitops / fp32)
+            unit_costs.append(row)
+            shape = report.node_shapes.get(unit.input)
+            first = costs.get(unit.ops[0])
+            dim = 1 if first is not None and first.kind.startswith("conv") else -1
+            if not shape or len(shape) < 2:
+                raise PassError(f"insert-gates: the input of gated unit {unit.name!r} ({unit.input}) has shape {shape}; a "
+                                "gate needs a batch dimension and a channel dimension")
+            channels.append(shape[dim])
+            dims.append(dim)
+        names = [u.name for u in units]
+        try:
+            existing = gm.get_submodule(HUB)
+        except AttributeError:
+            existing = None
+        if existing is not None:
+            if not isinstance(existing, GateHub) or existing.unit_names != names:
+                raise PassError(f"insert-gates: the model already has a submodule {HUB!r} ({type(existing).__name__}) "
+                                "that is not this plan's gates; rename it, or transform the original model rather than "
+                                "an already transformed one")
+            return existing
+        hub = GateHub(gates.a, gates.g, gates.w, names, channels, dims, unit_costs, base,
+                      gates.targets(self.plan.num_stages), gates.beta, gates.controller)
+        gm.add_submodule(HUB, hub)
+        return hub
+
+
+def unit_summary(gm: torch.fx.GraphModule) -> List[Tuple[str, Tuple[str, ...]]]:
+    """(unit, its ops) in graph order."""
+    units = sorted((meta.unit(n) for n in gm.graph.nodes if meta.unit(n) is not None), key=lambda u: u.index)
+    return [(u.name, u.ops) for u in units]
