@@ -8,6 +8,14 @@ onnx-graphsurgeon, into the form onnxruntime computes exactly for its bit width:
     activations, 9-16 bits: QuantizeLinear(uint16) -> Cast(int32) -> Clip -> Cast(uint16) -> DequantizeLinear
     weights:                an integer initializer (uint4 up to 4 bits, uint8 up to 8, uint16 up to 16)
                             -> DequantizeLinear, per output channel
+    gated activations:      ArgMax(gate one-hot) -> Gather(per-option scale, zero point, levels) ->
+                            Div -> Round -> Max/Min(per-sample bounds) -> Mul, Where(skip: x)
+
+A gated quantizer's scale and clip bounds differ per sample, picked by the gate subgraph (pool,
+linears, LSTM cell, linear, ArgMax), which is exported with the model. QuantizeLinear takes one
+scale per tensor or per axis element and Clip takes scalar bounds, so the gated form is written
+in float arithmetic that computes the same ``clamp(round(x / s), -zp, levels - zp) * s`` (ONNX
+Round is round-half-to-even, as torch.round).
 
 The scale and zero point are the quantizer's (the EMA range for activations), so QuantizeLinear
 computes ``round(x / s) + zp`` exactly as fracpass does. Gradient quantizers are training-only:
@@ -28,6 +36,7 @@ import torch
 from torch import nn
 
 from fracpass.errors import ExportError
+from fracpass.gating import GatedActQuant, GatedGradQuant
 from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, Quantizer, WeightQuant, _affine_params
 
 __all__ = ["export_onnx"]
@@ -50,13 +59,36 @@ class _Marker(torch.autograd.Function):
         return out
 
 
+class _GatedMarker(torch.autograd.Function):
+    """Identity in PyTorch; a ``fracpass::GatedQuant(x, onehot)`` node in the exported graph."""
+
+    @staticmethod
+    def forward(ctx, x, onehot, name):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, onehot, name):
+        out = g.op("fracpass::GatedQuant", x, onehot, name_s=name)
+        out.setType(x.type())
+        return out
+
+
 class _ExportQuant(nn.Module):
     def __init__(self, name: str, role: str):
         super().__init__()
         self.name, self.role = name, role
 
-    def forward(self, x):
+    def forward(self, x, onehot=None):
+        if onehot is not None:
+            return _GatedMarker.apply(x, onehot, self.name)
         return _Marker.apply(x, self.name, self.role)
+
+
+class _Dropped(nn.Module):
+    """Where a gradient quantizer was (training-only): passes its input through."""
+
+    def forward(self, x, *gate):
+        return x
 
 
 def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Sequence[Any] = (),
@@ -179,9 +211,18 @@ def _swap_quantizers(work: nn.Module) -> Tuple[Dict[str, Quantizer], List[str]]:
     for name, q in list(work.named_modules()):
         if not isinstance(q, Quantizer):
             continue
-        if isinstance(q, GradQuant):
-            replacement = nn.Identity()
+        if isinstance(q, (GradQuant, GatedGradQuant)):
+            replacement = _Dropped()
             dropped.append(name)
+        elif isinstance(q, GatedActQuant):
+            options = q.options.tolist()
+            if not bool(q.range_ready.any()):
+                raise ExportError(f"export_onnx: gated activation quantizer {name!r} has no recorded range; run a few "
+                                  "training batches (train mode) before exporting so its EMA ranges exist")
+            if max(a for a in options if a < FULL_PRECISION) > MAX_BITS:
+                raise ExportError(f"export_onnx: gated quantizer {name!r} has an option above {MAX_BITS} bits")
+            kept[name] = q
+            replacement = _ExportQuant(name, "act")
         elif q.bits >= FULL_PRECISION:
             replacement = nn.Identity()
         else:
@@ -235,14 +276,17 @@ def _expand_markers(model, quantizers: Dict[str, Quantizer]):
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    for node in [n for n in graph.nodes if n.op == "Quant" and n.domain == "fracpass"]:
+    for node in [n for n in graph.nodes if n.op in ("Quant", "GatedQuant") and n.domain == "fracpass"]:
         name = node.attrs["name"]
         q = quantizers[name]
         src, out = node.inputs[0], node.outputs[0]
+        onehot = node.inputs[1] if node.op == "GatedQuant" else None
         node.outputs.clear()
         node.inputs.clear()
         stem = name.replace(".", "_")
-        if isinstance(q, WeightQuant):
+        if onehot is not None:
+            _gated_act(graph, q, src, onehot, out, stem)
+        elif isinstance(q, WeightQuant):
             _weight_qdq(graph, q, src, out, stem)
         else:
             _act_qdq(graph, q, src, out, stem)
@@ -287,6 +331,43 @@ def _act_qdq(graph, q: ActQuant, src, out, stem: str) -> None:
                 gs.Node("Cast", f"{stem}/CastDown", attrs={"to": 4}, inputs=[wide_clip], outputs=[clipped]),
             ]
     graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", inputs=[clipped, s, z], outputs=[out]))
+
+
+def _gated_act(graph, q: GatedActQuant, src, onehot, out, stem: str) -> None:
+    """Per-sample fake quantization: the sample's option (ArgMax of the gate's one-hot) picks its scale and bounds."""
+    import onnx_graphsurgeon as gs
+
+    options = q.options.tolist()
+    levels = [float(2**a - 1) if 0 < a < FULL_PRECISION else 0.0 for a in options]
+    scales, lows, highs = [], [], []
+    table_min, table_max = q.eval_ranges()
+    for k, lv in enumerate(levels):
+        if lv == 0:  # skip / not quantized: the row passes through (Where below); placeholders keep shapes
+            scales.append(1.0), lows.append(0.0), highs.append(0.0)
+            continue
+        scale, lo, hi = _affine_params(table_min[k].float(), table_max[k].float(), lv)
+        scales.append(float(scale)), lows.append(float(lo)), highs.append(float(hi))
+    rank = len(src.shape) if src.shape else 4
+    axes = gs.Constant(f"{stem}_axes", np.arange(1, rank, dtype=np.int64))
+    v = lambda suffix, dtype=np.float32: gs.Variable(f"{stem}_{suffix}", dtype=dtype)
+    choice = v("choice", np.int64)
+    nodes = [gs.Node("ArgMax", f"{stem}/ArgMax", attrs={"axis": 1, "keepdims": 0}, inputs=[onehot], outputs=[choice])]
+    picked = {}
+    for key, values, dtype in (("scale", scales, np.float32), ("low", lows, np.float32), ("high", highs, np.float32),
+                               ("active", [lv > 0 for lv in levels], np.bool_)):
+        flat, shaped = v(f"{key}_row", dtype), v(f"{key}_b", dtype)
+        nodes += [gs.Node("Gather", f"{stem}/Gather_{key}", attrs={"axis": 0},
+                          inputs=[gs.Constant(f"{stem}_{key}s", np.asarray(values, dtype=dtype)), choice], outputs=[flat]),
+                  gs.Node("Unsqueeze", f"{stem}/Unsqueeze_{key}", inputs=[flat, axes], outputs=[shaped])]
+        picked[key] = shaped
+    div, rnd, lo, hi, deq = v("div"), v("round"), v("max"), v("min"), v("dq")
+    nodes += [gs.Node("Div", f"{stem}/Div", inputs=[src, picked["scale"]], outputs=[div]),
+              gs.Node("Round", f"{stem}/Round", inputs=[div], outputs=[rnd]),
+              gs.Node("Max", f"{stem}/Max", inputs=[rnd, picked["low"]], outputs=[lo]),
+              gs.Node("Min", f"{stem}/Min", inputs=[lo, picked["high"]], outputs=[hi]),
+              gs.Node("Mul", f"{stem}/Mul", inputs=[hi, picked["scale"]], outputs=[deq]),
+              gs.Node("Where", f"{stem}/GatedDequantize", inputs=[picked["active"], deq, src], outputs=[out])]
+    graph.nodes += nodes
 
 
 def _weight_qdq(graph, q: WeightQuant, src, out, stem: str) -> None:
@@ -342,7 +423,7 @@ def _name_ops_like_fx(graph, quantizers: Dict[str, Quantizer]) -> None:
     taken = {n.name for n in graph.nodes}
     for name, q in quantizers.items():
         stem = name.replace(".", "_")
-        dq = next((n for n in graph.nodes if n.name == f"{stem}/DequantizeLinear"), None)
+        dq = next((n for n in graph.nodes if n.name in (f"{stem}/DequantizeLinear", f"{stem}/GatedDequantize")), None)
         source = name.rsplit("_wq" if isinstance(q, WeightQuant) else "_aq", 1)[0]
         if dq is None or source in taken:
             continue

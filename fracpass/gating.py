@@ -169,8 +169,9 @@ def skip_gate(main: Tensor, onehot: Tensor, skip: Tuple[int, ...]) -> Tensor:
 class GatedActQuant(Quantizer):
     """Activation quantizer of a gated op: per sample at the bits of the option its gate chose.
 
-    Training: each option group's batch range (tracked as an EMA per option); eval: that EMA,
-    or the batch group range for an option never seen in training. ``stage_bits`` holds the most
+    Training: each option group's batch range (tracked as an EMA per option); eval: that EMA
+    (``eval_ranges``: an option never chosen in training takes the union of the others' ranges),
+    or before any training batch, the batch group range. ``stage_bits`` holds the most
     precise option, for tools that read one width per quantizer.
     """
 
@@ -192,12 +193,18 @@ class GatedActQuant(Quantizer):
         mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
         if self.training:
             self._track(gmn, gmx)
-        else:
-            ready = self.range_ready[choice]
-            mn = torch.where(ready, self.running_min[choice], mn)
-            mx = torch.where(ready, self.running_max[choice], mx)
+        elif bool(self.range_ready.any()):
+            table_min, table_max = self.eval_ranges()
+            mn, mx = table_min[choice], table_max[choice]
         levels = self.option_levels.to(x.dtype)
         return _GatedFakeQuant.apply(x, onehot, mn.to(x.dtype), mx.to(x.dtype), levels[choice], levels)
+
+    def eval_ranges(self) -> Tuple[Tensor, Tensor]:
+        """Per-option (min, max) used in eval: each option's EMA, and for an option no training batch
+        chose, the union of the seen options' ranges (what ONNX export writes too)."""
+        ready = self.range_ready
+        fill_min, fill_max = self.running_min[ready].min(), self.running_max[ready].max()
+        return (torch.where(ready, self.running_min, fill_min), torch.where(ready, self.running_max, fill_max))
 
     @torch.no_grad()
     def _track(self, gmn: Tensor, gmx: Tensor) -> None:

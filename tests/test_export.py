@@ -234,3 +234,93 @@ def test_verification_catches_a_model_that_runs_differently(tmp_path, monkeypatc
     with pytest.raises(fracpass.ExportError, match=r"onnxruntime's output differs from PyTorch's .* nothing was written"):
         fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# -- gated models ---------------------------------------------------------------------------------
+def _steer_first_gate(hub, negative, positive):
+    """The first unit's gate picks ``positive`` when channel 0 of its input has a positive mean."""
+    from test_gates import steer
+
+    steer(hub, hub.unit_names[0], negative=negative, positive=positive)
+
+
+def _with_choice_outputs(path, names):
+    model = onnx.load(path)
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    return ort.InferenceSession(model.SerializeToString())
+
+
+@pytest.mark.parametrize("pair", [(0, 5), (1, 4), (2, 3)])
+def test_gated_conv_equals_pytorch_per_sample_at_every_option_width(pair, tmp_path):
+    from test_gates import split_batch
+
+    torch.manual_seed(0)
+    gates = fracpass.Gates(a=(2, 3, 5, 8, 12, 16), g=(8,) * 6, w=6, granularity="op", target=3.0)
+    qmodel = fracpass.transform(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)),
+                                fracpass.Plan.static(6, 8, 8).with_gates(gates), example_inputs=(torch.randn(2, 4, 8, 8),))
+    _steer_first_gate(qmodel.gates, *pair)
+    for seed in range(3):  # train mode: each chosen option's EMA range
+        qmodel(split_batch() * (1 + seed))
+    fracpass.export_onnx(qmodel, tmp_path / "g.onnx")
+    x = split_batch()
+    qmodel.eval()
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    torch_choice = qmodel.gates._choices[0].argmax(1).tolist()
+    assert torch_choice == [pair[0]] * 4 + [pair[1]] * 4
+    out, choice = _with_choice_outputs(tmp_path / "g.onnx", ["_0_aq_choice"]).run(None, {"input_0": x.numpy()})
+    assert choice.tolist() == torch_choice
+    assert np.abs(out - ref).max() <= 1e-6 * (ref.max() - ref.min())
+    model = onnx.load(tmp_path / "g.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    conv = next(n for n in model.graph.node if n.name == "_0")
+    chain, tensor = [], conv.input[0]
+    while tensor in producers:  # follow the data input back to the model input
+        node = producers[tensor]
+        chain.insert(0, node.op_type)
+        tensor = node.input[1] if node.op_type == "Where" else node.input[0]
+    assert chain == ["Div", "Round", "Max", "Min", "Mul", "Where"]
+    where = producers[conv.input[0]]
+    assert [producers[i].op_type for i in where.input[:1]] == ["Unsqueeze"]
+    assert producers[producers[where.input[0]].input[0]].op_type == "Gather"
+    # the gate subgraph: pooled features, the LSTM cell (sigmoid / tanh gates), softmax, argmax
+    assert {"ReduceMean", "Gemm", "Sigmoid", "Tanh", "Softmax", "ArgMax"} <= {n.op_type for n in model.graph.node}
+
+
+def test_gated_resnet20_choices_in_onnx_equal_pytorchs(tmp_path):
+    torch.manual_seed(0)
+    factory, make_input = EXAMPLE_MODELS["resnet20"]
+    plan = fracpass.Plan.static(4, 8, 8).with_gates(fracpass.Gates())
+    qmodel = fracpass.transform(factory(), plan, example_inputs=(make_input(2),))
+    with torch.no_grad():  # a spread-out gate, so one batch holds several choices per unit
+        qmodel.gates.proj.weight.normal_(0, 3.0)
+        for unit in qmodel.gates.unit_names:
+            getattr(qmodel.gates, unit).fc1.weight.normal_(0, 2.0)
+    x, y = learnable(make_input(2), 128, seed=1)
+    x = x + torch.randn(128, 3, 1, 1) * 2
+    opt = torch.optim.SGD([p for n, p in qmodel.named_parameters() if not n.startswith("gates.")], lr=0.05, momentum=0.9)
+    for _ in range(12):
+        loss = nn.functional.cross_entropy(qmodel(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fracpass.export_onnx(qmodel, tmp_path / "g.onnx")
+    test, _ = learnable(make_input(2), 256, seed=2)
+    test = test + torch.randn(256, 3, 1, 1) * 2
+    qmodel.eval()
+    with torch.no_grad():
+        ref = qmodel(test).numpy()
+    torch_choices = [c.argmax(1).numpy() for c in qmodel.gates._choices]
+    names = [f"{u}_conv1_aq_choice" for u in qmodel.gates.unit_names]
+    out, *choices = _with_choice_outputs(tmp_path / "g.onnx", names).run(None, {"input_0": test.numpy()})
+    assert sum(len(set(c.tolist())) > 1 for c in torch_choices) >= 6  # choices differ within the batch
+    for unit, mine, theirs in zip(qmodel.gates.unit_names, torch_choices, choices):
+        agree = float((mine == theirs).mean())
+        assert agree >= 0.99, f"{unit}: ONNX picks the same option for {agree:.3f} of samples"
+    span = ref.max() - ref.min()
+    mean, worst = np.abs(out - ref).mean() / span, np.abs(out - ref).max() / span
+    argmax = float((out.argmax(1) == ref.argmax(1)).mean())
+    print(f"gated resnet20: mean {mean:.2e}, max {worst:.2e} of range, argmax agree {argmax:.4f}, choices identical "
+          f"for {sum(bool((m == t).all()) for m, t in zip(torch_choices, choices))}/{len(choices)} units")
+    assert mean <= 1e-3 and argmax >= 0.99

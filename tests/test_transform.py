@@ -83,9 +83,9 @@ def test_structure_resnet20():
     qmodel = fracpass.transform(model, plan, example_inputs=(make_input(2),))
     stats = qmodel.fracpass.stats[True]
     assert stats["annotate"] == {"compute_ops": 22, "excluded": 1, "annotated": 22, "by_kind": {"conv2d": 21, "linear": 1}}
-    assert stats["insert-act-quant"] == {"act_quant_inserted": 21}
+    assert stats["insert-act-quant"] == {"act_quant_inserted": 21, "gated": 0}
     assert stats["insert-weight-quant"] == {"weight_quant_inserted": 21, "modules_lowered": 21}
-    assert stats["insert-grad-quant"] == {"grad_quant_inserted": 21}
+    assert stats["insert-grad-quant"] == {"grad_quant_inserted": 21, "gated": 0}
     nodes = {n.name: n for n in qmodel.graph.nodes}
     conv = nodes["layer1_0_conv1"]
     assert conv.op == "call_function" and conv.target is F.conv2d
