@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fracpass.errors import FracpassError
 from fracpass.quant import FULL_PRECISION, Quantizer, _fused_kernels, _torch_seed, quantize_grad_stochastic
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
@@ -99,6 +100,17 @@ def _row_range(x: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.amin(flat, 1), torch.amax(flat, 1)
 
 
+def _per_sample(x: Tensor, batch: int, where: nn.Module) -> Tensor:
+    """``x`` with one row per sample: as is, or (B, -1) when its leading dim holds B samples' rows
+    back to back (GPT-2's Conv1D flattens (B, T, C) to (B*T, C) before its addmm)."""
+    if x.dim() > 0 and x.shape[0] == batch:
+        return x
+    if x.dim() > 0 and batch > 0 and x.shape[0] % batch == 0:
+        return x.reshape(batch, -1)
+    raise FracpassError(f"{type(where).__name__}: a gated tensor of shape {tuple(x.shape)} has no per-sample leading "
+                       f"dimension for the gate's batch of {batch}; exclude this op from gating with a plan rule")
+
+
 def _group_range(mn: Tensor, mx: Tensor, choice: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Range of each option group, then gathered back per row: (row mn, row mx, group mn, group mx)."""
     gmn = mn.new_full((k,), float("inf")).scatter_reduce(0, choice, mn, "amin")
@@ -142,6 +154,8 @@ class _GatedGradQuantFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         choice, option_levels = ctx.saved_tensors
+        if grad.shape[0] != choice.numel():  # sample-major rows (see _per_sample): quantize per sample
+            return _GatedGradQuantFn.backward(ctx, grad.reshape(choice.numel(), -1))[0].view_as(grad), None, None
         mn, mx = _row_range(grad)
         mn, mx, _, _ = _group_range(mn, mx, choice, option_levels.numel())
         return quantize_grad_rows(grad, mn, mx, option_levels[choice]), None, None
@@ -189,6 +203,9 @@ class GatedActQuant(Quantizer):
 
     def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
         choice = onehot.detach().argmax(1)
+        rows = _per_sample(x, choice.numel(), self)
+        if rows is not x:
+            return self.forward(rows, onehot).view_as(x)
         mn, mx = _row_range(x)
         mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
         if self.training:

@@ -31,8 +31,8 @@ class FindGatedUnitsPass(PassBase):
                                                                    main_arg 0 (on the add node)
         x -> linear -> y      (granularity "op")                 one unit {linear}, input x
 
-    A residual block is an add whose two operands are both reached from one node d (d dominates the
-    add in the data-flow graph): the operand with more compute ops is the residual branch, the other
+    A residual block is an add whose two operands are both reached from one node d: one operand
+    is d itself (an identity shortcut), or d dominates the add in the data-flow graph: the operand with more compute ops is the residual branch, the other
     the shortcut, whose ops (a downsample conv) stay ungated. Nested blocks: an op belongs to the
     innermost one. Gated ops' weights take the gates' w bits.
     """
@@ -80,8 +80,13 @@ class FindGatedUnitsPass(PassBase):
             if not _is_add(node) or node not in data or meta.inserted(node) is not None:
                 continue
             operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a in data]
-            d = idom.get(node, _ROOT)
-            if len(operands) != 2 or d is _ROOT:
+            if len(operands) != 2:
+                continue
+            # an identity shortcut: one operand is the other's ancestor, whatever side inputs (an
+            # attention mask from another model input) join the residual branch
+            d = next((s for s, r in ((operands[1], operands[0]), (operands[0], operands[1]))
+                      if _reaches(s, r, order, data)), None) or idom.get(node, _ROOT)
+            if d is _ROOT:
                 continue
             branches = [_between(arg, d, order, data) for arg in operands]
             ops = [[n for n in b if _gateable(n)] for b in branches]
@@ -176,6 +181,21 @@ def _dominators(nodes, order, data) -> Dict[torch.fx.Node, Optional[torch.fx.Nod
             d = intersect(d, p)
         idom[n] = d
     return idom
+
+
+def _reaches(source: torch.fx.Node, target: torch.fx.Node, order, data) -> bool:
+    """True if ``source`` is a data ancestor of ``target``."""
+    seen: Set[torch.fx.Node] = set()
+    stack = [target]
+    while stack:
+        n = stack.pop()
+        if n is source:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(p for p in n.all_input_nodes if p in data and order[p] >= order[source])
+    return False
 
 
 def _between(start: torch.fx.Node, d: torch.fx.Node, order, data) -> List[torch.fx.Node]:

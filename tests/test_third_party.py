@@ -74,3 +74,22 @@ def test_kv_cache_output_gets_a_hint():
     with pytest.raises(fracpass.TraceError, match=r"use_cache=False"):
         fracpass.transform(transformers.GPT2LMHeadModel(cfg), fracpass.Plan.static(),
                            example_kwargs=dict(input_ids=torch.randint(0, 100, (2, 8))))
+
+
+@pytest.mark.parametrize("build", [bert, gpt2, vit], ids=["bert-encoder", "gpt2-decoder", "vit-vision"])
+def test_transformers_blocks_are_found_and_gated_models_train(build):
+    """Two layers: an attention residual and an MLP residual each, found on the aten graph even
+    though an attention mask (a second model input) joins the attention branch."""
+    torch.manual_seed(0)
+    model, kwargs, _ = build()
+    plan = fracpass.Plan.static(4, 8, 8).with_gates(fracpass.Gates(a=(4, 8), g=(8, 8), target=2.0))
+    qmodel = fracpass.transform(model.train(), plan, example_kwargs=kwargs)
+    units = fracpass.passes.insert_gates.unit_summary(qmodel)
+    assert len(units) == 4
+    kinds = [sorted({meta.op_info(n).kind for n in qmodel.graph.nodes if n.name in ops}) for _, ops in units]
+    assert kinds[0] == ["linear", "sdpa"] or "matmul" in kinds[0] or "addmm" in kinds[0]  # attention first
+    out = qmodel(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    (logits.float().pow(2).mean() + fracpass.gate_loss(qmodel)).backward()
+    assert qmodel.gates.proj.weight.grad.abs().sum() > 0
+    assert len(fracpass.gate_stats(qmodel).units) == 4
