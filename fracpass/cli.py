@@ -15,6 +15,7 @@ fracpass rejects (the message says what and how to fix it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -76,6 +77,8 @@ def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
     model = load_model(args.model)
     plan = fracpass.Plan.load(args.plan) if args.plan else (default_plan or fracpass.Plan.static())
     inputs = example_input(args.input_shape, args.input_dtype)
+    if plan.gates is not None and not inputs:
+        inputs_needed_for = inputs_needed_for or "for a plan with gates: gate sizes and option costs depend on it"
     if inputs_needed_for and not inputs:
         raise CliError(f"--input-shape is required {inputs_needed_for} (e.g. --input-shape 1,3,32,32)")
     return plan, inputs, fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
@@ -113,11 +116,13 @@ def _plan(args) -> int:
     if args.budget is not None or args.total_steps is not None:
         if args.budget is None or args.total_steps is None:
             raise CliError("--budget and --total-steps go together, e.g. --budget 0.35 --total-steps 64000")
-        plan = fracpass.Plan(plan.stages, plan.rules, fracpass.Budget(args.budget, args.total_steps,
-                                                                      args.granularity))
+        plan = dataclasses.replace(plan, switch=fracpass.Budget(args.budget, args.total_steps, args.granularity))
     inputs = example_input(args.input_shape, args.input_dtype)
     if plan.switch is not None and isinstance(plan.switch, fracpass.Budget) and not inputs:
         raise CliError("budget mode costs the model: give --input-shape (e.g. 1,3,32,32)")
+    if plan.gates is not None and not inputs:
+        raise CliError("--input-shape is required for a plan with gates: gate sizes and option costs depend on it "
+                       "(e.g. --input-shape 1,3,32,32)")
     qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
     staged = fracpass.schedule(qmodel, plan)
     if args.output:

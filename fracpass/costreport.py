@@ -302,6 +302,8 @@ class CostReport:
                 lines.append(f"note: on {self.target.name}, {bx}x{by}-bit products run as {prec} ({count} ops)")
         if self.gates is not None:
             lines.append(str(self.gates))
+            share = self.gates.gate_bitops_per_sample / (self.bitops(stage)["total"] or 1)
+            lines.append(f"  ({100 * share:.1f}% on top of stage {stage}'s BitOPs above, which count the gated network only)")
         for name, reason in self.not_costed:
             lines.append(f"not costed: {name} ({reason})")
         return "\n".join(lines)

@@ -23,6 +23,7 @@ class OpStages:
     a: Tuple[int, ...]
     g: Tuple[int, ...]
     excluded: str = ""
+    gated: str = ""  # the gated unit whose gate picks a and g per sample (a, g here: the most precise option)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StagePlan:
     ops: Tuple[OpStages, ...]
     switch: Optional[SwitchRule] = None
     budget: Optional[BudgetResult] = None
+    gate_targets: Tuple[float, ...] = ()  # DFQ: the cost target (% of FP32) in force in each stage
 
     def bits(self, op: str, stage: int) -> Tuple[int, int, int]:
         for entry in self.ops:
@@ -63,11 +65,15 @@ class StagePlan:
             b = self.budget
             lines += toml_table("[budget]", {"fraction": b.fraction, "predicted": b.predicted,
                                              "total_steps": b.total_steps, "boundaries": list(b.boundaries)})
+        if self.gate_targets:
+            lines += toml_table("[gates]", {"targets": list(self.gate_targets)})
         for op in self.ops:
             entry = {"op": op.op, "kind": op.kind, "module": op.module, "w": list(op.w), "a": list(op.a),
                      "g": list(op.g)}
             if op.excluded:
                 entry["excluded"] = op.excluded
+            if op.gated:
+                entry["gated"] = op.gated
             lines += toml_table("[[ops]]", entry)
         return "\n".join(lines)
 
@@ -83,7 +89,8 @@ class StagePlan:
         try:
             stages = tuple(Stage(**s) for s in data["stages"])
             ops = tuple(OpStages(o["op"], o["kind"], o["module"], tuple(o["w"]), tuple(o["a"]), tuple(o["g"]),
-                                 o.get("excluded", "")) for o in data.get("ops", []))
+                                 o.get("excluded", ""), o.get("gated", "")) for o in data.get("ops", []))
+            targets = tuple(float(t) for t in data.get("gates", {}).get("targets", ()))
         except (KeyError, TypeError) as e:
             raise PlanError(f"{source}: malformed stage plan ({type(e).__name__}: {e})") from e
         switch = rule_from_dict(data["switch"], source) if "switch" in data else None
@@ -91,20 +98,23 @@ class StagePlan:
         if "budget" in data:
             b = data["budget"]
             budget = BudgetResult(b["fraction"], b["predicted"], b["total_steps"], tuple(b["boundaries"]))
-        return cls(stages, ops, switch, budget)
+        return cls(stages, ops, switch, budget, targets)
 
     # -- presentation ---------------------------------------------------------------------------
     def __str__(self) -> str:
         ladder = lambda bits: ">".join("fp32" if b >= FULL_PRECISION else str(b) for b in bits)
         rows = [("op", "kind", "module", "w", "a", "g", "note")]
         for op in self.ops:
-            rows.append((op.op, op.kind, op.module or "<root>", ladder(op.w), ladder(op.a), ladder(op.g),
-                         f"excluded: {op.excluded}" if op.excluded else ""))
+            note = f"excluded: {op.excluded}" if op.excluded else (
+                f"gated ({op.gated}): a, g per sample, at most these" if op.gated else "")
+            rows.append((op.op, op.kind, op.module or "<root>", ladder(op.w), ladder(op.a), ladder(op.g), note))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         head = [f"stage plan: {len(self.stages)} stages, w/a/g " +
                 ", ".join(f"{s.w}/{s.a}/{s.g}" for s in self.stages)]
         if self.switch is not None:
             head.append(f"switch: {self.switch}")
+        if self.gate_targets:
+            head.append("gates: cost target per stage " + " > ".join(f"{t:g}%" for t in self.gate_targets) + " of FP32")
         if self.budget is not None:
             b = self.budget
             head.append(f"budget: {b.fraction:.1%} of static asked, boundaries {list(b.boundaries)} of {b.total_steps} "

@@ -52,7 +52,8 @@ class SchedulePass(PassBase):
             bits = {f: full if spec.excluded else spec.stage_bits(f) for f in "wag"}
             if any(list(b) != sorted(b) for b in bits.values()):
                 descending.append(node.name)
-            ops.append(OpStages(node.name, info.kind, info.module_path, bits["w"], bits["a"], bits["g"], spec.excluded))
+            ops.append(OpStages(node.name, info.kind, info.module_path, bits["w"], bits["a"], bits["g"], spec.excluded,
+                                meta.gated(node) or ""))
         if conflicts:
             raise PlanError("conflicting plan rules: " + "; ".join(conflicts[:10]) +
                             (f"; and {len(conflicts) - 10} more" if len(conflicts) > 10 else "") +
@@ -66,7 +67,8 @@ class SchedulePass(PassBase):
         if isinstance(switch, Budget):
             budget = self._resolve_budget(switch)
             switch = AtSteps(budget.boundaries)
-        staged = StagePlan(self.plan.stages, tuple(ops), switch, budget)
+        targets = self.plan.gates.targets(self.plan.num_stages) if self.plan.gates is not None else ()
+        staged = StagePlan(self.plan.stages, tuple(ops), switch, budget, targets)
         return PassResult(gm, modified=False, stats={"ops": len(ops), "descending": len(descending)}, result=staged)
 
     def _check_conflict(self, op: str, spec, conflicts) -> None:

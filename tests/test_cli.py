@@ -96,3 +96,28 @@ def test_plan_writes_a_stage_plan(tmp_path):
     assert "budget: 40.0% of static asked" in done.stdout
     done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--budget", "0.4")
     assert done.returncode == 2 and "--budget and --total-steps go together" in done.stderr
+
+
+GATED = ROOT / "examples" / "plans" / "fractrain_full_cifar.toml"
+
+
+def test_gated_plan_through_transform_cost_and_plan(tmp_path):
+    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(GATED),
+                        "--input-shape", "2,3,32,32")
+    assert done.returncode == 0, done.stderr
+    assert "gates: 9 units (block)" in done.stdout and "unit layer3_2: layer3_2_conv1, layer3_2_conv2" in done.stdout
+    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32")
+    assert done.returncode == 0, done.stderr
+    assert "gated units: cost per option in % of FP32" in done.stdout and "from the example inputs" in done.stdout
+    out = tmp_path / "stages.toml"
+    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32",
+                        "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert 'gated = "layer1_0"' in text and "targets = [1.5, 2.0, 2.5, 3.0]" in text
+
+
+def test_gated_plan_needs_an_input_shape():
+    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(GATED))
+    assert done.returncode == 2
+    assert "--input-shape is required for a plan with gates" in done.stderr

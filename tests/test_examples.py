@@ -66,3 +66,25 @@ def test_digits_pfq_learns_real_images_with_quantized_gradients():
     assert accuracy >= 0.9, "\n".join(lines)
     assert len(sched.history) >= 1 and all("loss plateau" in h[3] for h in sched.history)
     assert 0 < totals.bitops_saving < 1 and totals.latency_s < totals.static_latency_s
+
+
+def test_digits_fractrain_gates_track_the_staged_target_on_real_images():
+    """FracTrain's full method end to end: gates hold the mean cost near the target in force, the
+    target steps up with the loss-plateau stages, and the run beats static 8/8/8 on BitOPs."""
+    import re
+
+    import pytest
+
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT))
+    from examples.digits_fractrain import run
+
+    lines = []
+    result = run(epochs=6, log=lines.append)
+    text = "\n".join(lines)
+    assert result["accuracy"] >= 0.9, text
+    assert result["switches"], text  # the indicator advanced the target at least once
+    assert result["bitops"] < 0.6 * result["static_bitops"], text
+    last = [line for line in lines if line.startswith("fractrain epoch")][-1]
+    cost, target = map(float, re.search(r"mean cost ([\d.]+)% of FP32 \(target ([\d.]+)%\)", last).groups())
+    assert abs(cost - target) <= 0.25 * target, text
