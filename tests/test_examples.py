@@ -11,9 +11,11 @@ def test_demo_runs_and_trains():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", done.stdout)]
-    assert len(losses) == 8 and all(l == l for l in losses)
+    assert len(losses) == 12 and all(l == l for l in losses)  # 4 stages x 2 steps, then 4 gated steps
     assert "stage 3 (w/a/g = 8/8/8)" in done.stdout
     assert "compute ops: 20 quantized, 2 excluded" in done.stdout
+    assert "gates on the last batch (16 samples, stage 0)" in done.stdout
+    assert "gated units: cost per option in % of FP32" in done.stdout
 
 
 def readme_commands():
