@@ -8,8 +8,8 @@ for FP32; fracpass static 8/8/8 (w/a/g, gradients quantized); torch.ao ``prepare
 (K=5 options, block granularity, gate loss included), against static 8/8/8; and the authors' DFQ
 execution (every option computed, outputs mixed: benchmarks/kway_reference.py). Repetitions are
 interleaved (one step of each variant per round) and the medians compared, so machine noise hits
-all variants alike. Transform time: capture + all passes for ResNet-20, -74 and -1202, against
-torch.ao ``prepare_qat_fx``.
+all variants alike. Transform time: capture + all passes for ResNet-20, -74 and -1202 (static and
+gated plans), against torch.ao ``prepare_qat_fx``.
 """
 from __future__ import annotations
 
@@ -107,6 +107,12 @@ def bench_transform(args) -> None:
             best = min(best, time.perf_counter() - start)
         nodes = len(q.graph.nodes)
         line = f"  ResNet-{depth:<5d} fracpass {best * 1e3:8.1f} ms  {nodes:6d} nodes  {best / nodes * 1e6:6.1f} us/node"
+        if not args.no_gates:
+            gated_plan = fracpass.Plan.static(4, 8, 8).with_gates(fracpass.Gates())
+            start = time.perf_counter()
+            g = fracpass.transform(model, gated_plan, example_inputs=(x,))
+            elapsed = time.perf_counter() - start
+            line += f"   gated {elapsed * 1e3:8.1f} ms ({len(g.graph.nodes)} nodes)"
         if not (depth == 1202 and args.skip_ao_1202):
             start = time.perf_counter()
             ao_qat(model, x)
