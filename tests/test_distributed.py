@@ -47,6 +47,13 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             for _ in range(2):
                 sched.step(torch.tensor(w))
         results[rank] = [h[:3] for h in sched.history]
+        # a gated model under DDP: gate parameters get gradients from every rank's samples, averaged
+        gated = fracpass.transform(nn.Sequential(nn.Linear(4, 4)), fracpass.Plan.static().with_gates(
+            fracpass.Gates(a=(2, 8), g=(8, 8), granularity="op")), example_inputs=(torch.randn(2, 4),))
+        ddp = torch.nn.parallel.DistributedDataParallel(gated)
+        torch.manual_seed(rank)  # each rank its own batch
+        (ddp(torch.randn(8, 4)).square().sum() + fracpass.gate_loss(gated)).backward()
+        results[f"gate{rank}"] = gated.gates.proj.weight.grad.clone()
     finally:
         dist.destroy_process_group()
 
@@ -57,3 +64,4 @@ def test_ranks_switch_together():
     results = manager.dict()
     mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert results[0] == results[1] == [(12, 0, 1)]
+    assert results["gate0"].abs().sum() > 0 and torch.equal(results["gate0"], results["gate1"])
