@@ -46,29 +46,16 @@ MAX_BITS = 16
 
 
 class _Marker(torch.autograd.Function):
-    """Identity in PyTorch; a ``fracpass::Quant`` node in the exported graph."""
+    """Identity in PyTorch; a ``fracpass::Quant(x)`` node in the exported graph, or for a gated
+    quantizer ``fracpass::GatedQuant(x, onehot)``."""
 
     @staticmethod
-    def forward(ctx, x, name, role):  # type: ignore[override]
+    def forward(ctx, x, name, role, *gate):  # type: ignore[override]
         return x.clone()
 
     @staticmethod
-    def symbolic(g, x, name, role):
-        out = g.op("fracpass::Quant", x, name_s=name, role_s=role)
-        out.setType(x.type())
-        return out
-
-
-class _GatedMarker(torch.autograd.Function):
-    """Identity in PyTorch; a ``fracpass::GatedQuant(x, onehot)`` node in the exported graph."""
-
-    @staticmethod
-    def forward(ctx, x, onehot, name):  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def symbolic(g, x, onehot, name):
-        out = g.op("fracpass::GatedQuant", x, onehot, name_s=name)
+    def symbolic(g, x, name, role, *gate):
+        out = g.op("fracpass::GatedQuant" if gate else "fracpass::Quant", x, *gate, name_s=name, role_s=role)
         out.setType(x.type())
         return out
 
@@ -78,10 +65,8 @@ class _ExportQuant(nn.Module):
         super().__init__()
         self.name, self.role = name, role
 
-    def forward(self, x, onehot=None):
-        if onehot is not None:
-            return _GatedMarker.apply(x, onehot, self.name)
-        return _Marker.apply(x, self.name, self.role)
+    def forward(self, x, *gate):
+        return _Marker.apply(x, self.name, self.role, *gate)
 
 
 class _Dropped(nn.Module):

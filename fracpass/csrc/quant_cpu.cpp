@@ -44,6 +44,16 @@ inline Affine affine(float mn, float mx, float levels) {
   return {s, -zp, levels - zp};
 }
 
+// Fake-quantize src[i, stop) into dst with one affine grid.
+inline void fq_span(const float* src, float* dst, int64_t i, int64_t stop, const Affine& a) {
+  for (int64_t j = i; j < stop; ++j) {
+    float q = std::nearbyint(src[j] / a.scale);
+    q = q < a.lo ? a.lo : q;
+    q = q > a.hi ? a.hi : q;
+    dst[j] = q * a.scale;
+  }
+}
+
 void check(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
               what, ": the fused kernel takes contiguous float32 CPU tensors");
@@ -69,13 +79,7 @@ torch::Tensor fake_quant(const torch::Tensor& x, const torch::Tensor& mn, const 
     while (i < end) {
       const int64_t c = channels == 1 ? 0 : i / per;
       const int64_t stop = channels == 1 ? end : std::min(end, (c + 1) * per);
-      const Affine a = affine(pmn[c], pmx[c], lv);
-      for (int64_t j = i; j < stop; ++j) {
-        float q = std::nearbyint(src[j] / a.scale);
-        q = q < a.lo ? a.lo : q;
-        q = q > a.hi ? a.hi : q;
-        dst[j] = q * a.scale;
-      }
+      fq_span(src, dst, i, stop, affine(pmn[c], pmx[c], lv));
       i = stop;
     }
   });
@@ -121,6 +125,25 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& t, const char* what
               what, ": expected one contiguous float32 value per row of x");
 }
 
+// A per-row kernel's operands, checked: x viewed as (rows, per), one range and level count per row.
+struct RowOperands {
+  const float *src, *mn, *mx, *lv;
+  float* dst;
+  int64_t n, per;
+  RowOperands(const torch::Tensor& x, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
+              const torch::Tensor& levels, const torch::Tensor& out, const char* what) {
+    check(x, what);
+    check_rows(x, mn_t, what);
+    check_rows(x, mx_t, what);
+    check_rows(x, levels, what);
+    src = x.data_ptr<float>();
+    dst = out.data_ptr<float>();
+    mn = mn_t.data_ptr<float>(), mx = mx_t.data_ptr<float>(), lv = levels.data_ptr<float>();
+    n = x.numel();
+    per = x.size(0) > 0 ? n / x.size(0) : 0;
+  }
+};
+
 }  // namespace
 
 torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t, double levels,
@@ -146,30 +169,17 @@ torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const t
 
 torch::Tensor fake_quant_rows(const torch::Tensor& x, const torch::Tensor& mn, const torch::Tensor& mx,
                               const torch::Tensor& levels) {
-  check(x, "fake_quant_rows");
-  check_rows(x, mn, "fake_quant_rows(mn)");
-  check_rows(x, mx, "fake_quant_rows(mx)");
-  check_rows(x, levels, "fake_quant_rows(levels)");
   auto out = torch::empty_like(x);
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  const float *pmn = mn.data_ptr<float>(), *pmx = mx.data_ptr<float>(), *plv = levels.data_ptr<float>();
-  const int64_t rows = x.size(0), n = x.numel(), per = rows > 0 ? n / rows : 0;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  const RowOperands o(x, mn, mx, levels, out, "fake_quant_rows");
+  at::parallel_for(0, o.n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
-      const int64_t r = i / per;
-      const int64_t stop = std::min(end, (r + 1) * per);
-      if (!(plv[r] > 0.0f)) {
-        std::copy(src + i, src + stop, dst + i);
+      const int64_t r = i / o.per;
+      const int64_t stop = std::min(end, (r + 1) * o.per);
+      if (!(o.lv[r] > 0.0f)) {
+        std::copy(o.src + i, o.src + stop, o.dst + i);
       } else {
-        const Affine a = affine(pmn[r], pmx[r], plv[r]);
-        for (int64_t j = i; j < stop; ++j) {
-          float q = std::nearbyint(src[j] / a.scale);
-          q = q < a.lo ? a.lo : q;
-          q = q > a.hi ? a.hi : q;
-          dst[j] = q * a.scale;
-        }
+        fq_span(o.src, o.dst, i, stop, affine(o.mn[r], o.mx[r], o.lv[r]));
       }
       i = stop;
     }
@@ -179,25 +189,18 @@ torch::Tensor fake_quant_rows(const torch::Tensor& x, const torch::Tensor& mn, c
 
 torch::Tensor grad_sr_rows(const torch::Tensor& g, const torch::Tensor& mn, const torch::Tensor& mx,
                            const torch::Tensor& levels, int64_t seed) {
-  check(g, "grad_sr_rows");
-  check_rows(g, mn, "grad_sr_rows(mn)");
-  check_rows(g, mx, "grad_sr_rows(mx)");
-  check_rows(g, levels, "grad_sr_rows(levels)");
   auto out = torch::empty_like(g);
-  const float* src = g.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  const float *pmn = mn.data_ptr<float>(), *pmx = mx.data_ptr<float>(), *plv = levels.data_ptr<float>();
-  const int64_t rows = g.size(0), n = g.numel(), per = rows > 0 ? n / rows : 0;
+  const RowOperands o(g, mn, mx, levels, out, "grad_sr_rows");
   const Dither d(seed);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, o.n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
-      const int64_t r = i / per;
-      const int64_t stop = std::min({end, (r + 1) * per, (i / kChunk + 1) * kChunk});
-      if (!(plv[r] > 0.0f)) {
-        std::copy(src + i, src + stop, dst + i);
+      const int64_t r = i / o.per;
+      const int64_t stop = std::min({end, (r + 1) * o.per, (i / kChunk + 1) * kChunk});
+      if (!(o.lv[r] > 0.0f)) {
+        std::copy(o.src + i, o.src + stop, o.dst + i);
       } else {
-        sr_span(src, dst, i, stop, d, pmn[r], grad_step(pmn[r], pmx[r], plv[r]), plv[r]);
+        sr_span(o.src, o.dst, i, stop, d, o.mn[r], grad_step(o.mn[r], o.mx[r], o.lv[r]), o.lv[r]);
       }
       i = stop;
     }
