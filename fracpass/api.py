@@ -394,14 +394,15 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
     loaded = load_target(target) if target is not None else None
     stage = current_stage(qmodel) if stage is None else stage
     hub = _hub(qmodel)
-    prior = hub.stats() if hub is not None else None
-    saved = list(hub._choices) if hub is not None else None
+    run = lambda: CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel)
     with _gc_paused():
-        report = CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel).result
-    if hub is not None:
-        example = hub.stats()  # the cost run sent the example inputs through the gates
-        hub._choices = saved  # keep gate_stats / gate_loss about the user's last batch
-        _cost_gates(qmodel, report, hub, prior or example, "last training batch" if prior else "example inputs")
+        if hub is None:
+            return run().result
+        prior = hub.stats()
+        with hub.keeping_choices():  # gate_stats / gate_loss stay about the user's last batch
+            report = run().result
+            example = hub.stats()  # the cost run sent the example inputs through the gates
+    _cost_gates(qmodel, report, hub, prior or example, "last training batch" if prior else "example inputs")
     return report
 
 

@@ -16,6 +16,7 @@ gradient comes from the gate's multiplier on the block's residual branch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -206,11 +207,12 @@ class GatedActQuant(Quantizer):
         rows = _per_sample(x, choice.numel(), self)
         if rows is not x:
             return self.forward(rows, onehot).view_as(x)
-        mn, mx = _row_range(x)
-        mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
-        if self.training:
-            self._track(gmn, gmx)
-        elif bool(self.range_ready.any()):
+        if self.training or not bool(self.range_ready.any()):
+            mn, mx = _row_range(x)
+            mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
+            if self.training:
+                self._track(gmn, gmx)
+        else:  # eval: the per-option EMA ranges, no pass over x
             table_min, table_max = self.eval_ranges()
             mn, mx = table_min[choice], table_max[choice]
         levels = self.option_levels.to(x.dtype)
@@ -344,6 +346,15 @@ class GateHub(nn.Module):
     def set_stage(self, stage: int) -> None:
         self.stage.fill_(stage)
 
+    @contextlib.contextmanager
+    def keeping_choices(self):
+        """Run the model (cost analysis, a re-capture) without replacing the user's last batch's choices."""
+        saved = list(self._choices)
+        try:
+            yield
+        finally:
+            self._choices = saved
+
     @property
     def target(self) -> float:
         return float(self.targets[int(self.stage)])
@@ -372,11 +383,10 @@ class GateHub(nn.Module):
         costs = self.sample_costs()
         if costs is None:
             return None
-        k = self.options_a.numel()
         units = {}
         for name, onehot in zip(self.unit_names, self._choices):
             counts = onehot.detach().sum(0)
-            units[name] = tuple(float(v) for v in (counts / max(1, onehot.shape[0])).tolist()[:k])
+            units[name] = tuple(float(v) for v in (counts / max(1, onehot.shape[0])).tolist())
         options = tuple(zip(self.options_a.tolist(), self.options_g.tolist()))
         return GateStats(options, units, float(costs.detach().mean()), self.target, int(self.stage),
                          int(self._choices[0].shape[0]))

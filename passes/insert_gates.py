@@ -1,6 +1,7 @@
 """insert-gates: a gate branch per gated unit, wired as graph nodes (FracTrain's DFQ)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from typing import Any, Dict, List, Sequence, Tuple
@@ -43,7 +44,11 @@ class InsertGatesPass(PassBase):
         units = sorted(((meta.unit(n), n) for n in gm.graph.nodes if meta.unit(n) is not None), key=lambda u: u[0].index)
         if any(meta.inserted(n) is not None and n.meta[meta.ROLE].role == "gate" for n in gm.graph.nodes):
             return PassResult(gm, modified=False, stats={"gates_inserted": 0, "skip_gates": 0})
-        report = costing.analyze(gm, self.args, self.kwargs, self.plan.num_stages, 0, watch=[u.input for u, _ in units])
+        existing = gm.get_submodule(HUB) if hasattr(gm, HUB) else None
+        with existing.keeping_choices() if isinstance(existing, GateHub) else contextlib.nullcontext():
+            # a re-capture (the other train/eval mode) runs the gates on the example inputs
+            report = costing.analyze(gm, self.args, self.kwargs, self.plan.num_stages, 0,
+                                     watch=[u.input for u, _ in units])
         hub = self._hub(gm, [u for u, _ in units], report)
         by_name = {n.name: n for n in gm.graph.nodes}
         order = {n: i for i, n in enumerate(gm.graph.nodes)}

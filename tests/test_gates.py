@@ -220,6 +220,15 @@ def test_each_sample_is_quantized_over_its_option_groups_range():
         torch.testing.assert_close(acts["b1_conv1_aq"][rows], expected, rtol=0, atol=0)
 
 
+def test_switching_to_eval_keeps_the_last_training_batchs_stats():
+    q, _ = gated()
+    steer(q.gates, "b1")
+    q(split_batch(n=6))
+    before = fracpass.gate_stats(q)
+    q.eval()  # the first eval() re-captures, which runs the example inputs through the gates
+    assert fracpass.gate_stats(q) == before and before.batch == 6
+
+
 def test_eval_uses_each_options_running_range():
     q, _ = gated()
     steer(q.gates, "b1")
