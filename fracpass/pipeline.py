@@ -13,7 +13,7 @@ def default_pipeline(plan: Plan, example_inputs: Sequence[Any] = (), example_kwa
 
     passes = [AnnotatePass(plan)]  # every later pass reads the OpInfo / QSpec it writes
     if plan.gates is not None:
-        passes.append(FindGatedUnitsPass(plan.gates, plan.num_stages))  # sets gated ops' weight bits: before weight quant
+        passes.append(FindGatedUnitsPass(plan))  # sets gated ops' weight bits: before weight quant
     passes.append(InsertWeightQuantPass())  # lowers module calls, so it runs before anything holds the old node
     if plan.gates is not None:
         passes.append(InsertGatesPass(plan, example_inputs, example_kwargs or {}))  # the choice nodes quantizers read

@@ -311,8 +311,8 @@ class Plan:
 
         "cifar": a = (3,4,4,6,6), g = (6,6,8,8,12), w = 4, targets 1.5/2/2.5/3 %, LossPlateau(0.05, 0.3).
         "imagenet": a = (3,4,6,8), g = (6,8,12,16), w = 6, targets 3/3.5/4/4.5 %.
-        Ops outside gated units (stem, shortcut convs, classifier) run at w bits with the most
-        precise option's a and g; add rules (e.g. ``exclude``) to change that.
+        Ops outside gated units (stem, classifier) run at w bits with the most precise option's a
+        and g; a block's shortcut conv at full precision; add rules to change either.
         """
         presets = {
             "cifar": Gates(a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=4, target=(1.5, 2.0, 2.5, 3.0), beta=1e-3),

@@ -12,7 +12,8 @@ import torch.fx
 from fracpass import meta
 from fracpass.errors import PlanError
 from fracpass.pass_base import PassBase, PassResult
-from fracpass.plan import Gates
+from fracpass.plan import Plan
+from fracpass.quant import FULL_PRECISION
 
 _ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -32,22 +33,24 @@ class FindGatedUnitsPass(PassBase):
         x -> linear -> y      (granularity "op")                 one unit {linear}, input x
 
     A residual block is an add whose two operands are both reached from one node d: one operand
-    is d itself (an identity shortcut), or d dominates the add in the data-flow graph: the operand with more compute ops is the residual branch, the other
-    the shortcut, whose ops (a downsample conv) stay ungated. Nested blocks: an op belongs to the
-    innermost one. Gated ops' weights take the gates' w bits.
+    is d itself (an identity shortcut), or d dominates the add in the data-flow graph. The operand
+    with more compute ops is the residual branch, the other the shortcut, whose ops (a downsample
+    conv) stay ungated and at full precision unless a plan rule sets their bits. Nested blocks: an
+    op belongs to the innermost one. Gated ops' weights take the gates' w bits.
     """
 
     name = "find-gated-units"
 
-    def __init__(self, gates: Gates, num_stages: int):
-        self.gates, self.num_stages = gates, num_stages
+    def __init__(self, plan: Plan):
+        self.plan, self.gates, self.num_stages = plan, plan.gates, plan.num_stages
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         nodes = list(graph.nodes)
         order = {n: i for i, n in enumerate(nodes)}
         data = _data_nodes(nodes)
-        units = self._blocks(nodes, order, data) if self.gates.granularity == "block" else self._ops(nodes, data)
+        shortcuts: List[torch.fx.Node] = []
+        units = self._blocks(nodes, order, data, shortcuts) if self.gates.granularity == "block" else self._ops(nodes, data)
         if not units:
             what = ("a residual block (an add of a branch of compute ops and a shortcut from the same input)"
                     if self.gates.granularity == "block" else "a quantized compute op on the model's data path")
@@ -68,11 +71,23 @@ class FindGatedUnitsPass(PassBase):
                 changed += meta.gated(op) != unit.name or spec != new
                 meta.set_gated(op, unit.name)
                 meta.set_qspec(op, new)
-        stats = {"units": len(units), "gated_ops": sum(len(u.ops) for u, _ in units)}
+        full = (FULL_PRECISION,) * self.num_stages
+        for op in shortcuts:
+            spec = meta.qspec(op)
+            if meta.gated(op) is None and not any(self._sets_bits(i) for i in spec.rules):
+                new = dataclasses.replace(spec, w=full, a=full, g=full)
+                changed += spec != new
+                meta.set_qspec(op, new)
+        stats = {"units": len(units), "gated_ops": sum(len(u.ops) for u, _ in units),
+                 "shortcut_ops_full_precision": sum(meta.qspec(op).a == full for op in shortcuts)}
         return PassResult(gm, modified=changed > 0, stats=stats)
 
+    def _sets_bits(self, rule_index: int) -> bool:
+        rule = self.plan.rules[rule_index]
+        return any(getattr(rule, role) is not None for role in ("w", "a", "g"))
+
     # -- granularity "block" ----------------------------------------------------------------------
-    def _blocks(self, nodes, order, data):
+    def _blocks(self, nodes, order, data, shortcuts: List[torch.fx.Node]):
         idom = _dominators(nodes, order, data)
         claimed: Set[str] = set()
         found = []
@@ -97,6 +112,7 @@ class FindGatedUnitsPass(PassBase):
             if not mine:
                 continue
             claimed.update(mine)
+            shortcuts.extend(n for n in ops[1 - main] if n not in shortcuts)
             name = _unit_name([meta.op_info(n).module_path for n in ops[main]], len(found), {u.name for u, _ in found})
             found.append((meta.Unit(name, len(found), d.name, mine, main_arg=main), node))
         return found

@@ -91,11 +91,24 @@ def test_block_detection_finds_3n_blocks_in_cifar_resnets(depth):
     assert q.fracpass.stats[True]["find-gated-units"]["units"] == 3 * n
     units = dict(fracpass.passes.insert_gates.unit_summary(q))
     assert units["layer1_0"] == ("layer1_0_conv1", "layer1_0_conv2")
-    # the shortcut's downsample conv, the stem and the classifier stay ungated, at the stage's bits
-    for name in ("layer2_0_downsample_0", "conv1", "fc"):
+    # the stem and the classifier stay ungated, at the stage's bits; a shortcut's downsample conv is
+    # ungated and at full precision
+    for name in ("conv1", "fc"):
         node = next(n for n in q.graph.nodes if n.name == name)
-        assert meta.gated(node) is None
+        assert meta.gated(node) is None and meta.qspec(node).a == (8,)
         assert not isinstance(getattr(q, f"{name}_aq"), GatedActQuant)
+    down = next(n for n in q.graph.nodes if n.name == "layer2_0_downsample_0")
+    assert meta.gated(down) is None and meta.qspec(down).a == meta.qspec(down).w == meta.qspec(down).g == (32,)
+    assert not hasattr(q, "layer2_0_downsample_0_aq")
+    assert q.fracpass.stats[True]["find-gated-units"]["shortcut_ops_full_precision"] == 2
+
+
+def test_a_rule_with_bits_keeps_a_shortcut_conv_quantized():
+    rule = fracpass.Rule(match="layer*.0.downsample*", w=6, a=6, g=8)
+    plan = fracpass.Plan.static(4, 8, 8, rules=(rule,)).with_gates(fracpass.Gates())
+    q = fracpass.transform(models.resnet20(), plan, example_inputs=(torch.randn(2, 3, 32, 32),))
+    down = next(n for n in q.graph.nodes if n.name == "layer3_0_downsample_0")
+    assert meta.qspec(down).a == (6,) and q.layer3_0_downsample_0_aq.bits == 6
 
 
 def test_block_detection_on_mobilenet_v2_finds_the_inverted_residuals_with_shortcuts():
@@ -161,7 +174,7 @@ def test_pass_contract_stats_and_idempotence():
     before = fracpass.graph_text(q)
     again = InsertGatesPass(q.fracpass.plan, q.fracpass.args, {})(q)
     assert not again.modified and fracpass.graph_text(q) == before
-    found = FindGatedUnitsPass(q.fracpass.plan.gates, 1)(q)
+    found = FindGatedUnitsPass(q.fracpass.plan)(q)
     assert not found.modified
     q.graph.lint()
 
@@ -312,6 +325,19 @@ def test_gate_loss_is_beta_sign_times_summed_cost():
     assert fracpass.gate_loss(q).item() == pytest.approx(0.01 * costs.sum().item())  # cp above target: +1
     q.gates.targets.fill_(99.0)
     assert fracpass.gate_loss(q).item() == pytest.approx(-0.01 * costs.sum().item())
+
+
+def test_smooth_controller_fades_out_at_the_target():
+    q, x = gated(gates=fracpass.Gates(target=1.0, beta=0.01, controller="smooth"))
+    q(x)
+    costs = q.gates.sample_costs()
+    cp = costs.mean().item()
+    for target in (cp * 0.5, cp, cp * 4):
+        q.gates.targets.fill_(target)
+        weight = max(-1.0, min(1.0, (cp - target) / target))
+        assert fracpass.gate_loss(q).item() == pytest.approx(0.01 * weight * costs.sum().item(), rel=1e-6, abs=1e-9)
+    q.gates.targets.fill_(cp)
+    assert fracpass.gate_loss(q).item() == pytest.approx(0.0, abs=1e-9)
 
 
 def test_skip_option_outputs_the_shortcut_and_costs_nothing():
