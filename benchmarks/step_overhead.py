@@ -92,6 +92,27 @@ def bench_steps(args) -> None:
             print(f"  {name} over fracpass static 8/8/8: {statistics.median(times[name]) / static:.2f}x")
 
 
+def bench_kway_scaling(args) -> None:
+    """How the authors' every-option execution grows with K (one option's bits repeated K times)."""
+    import resource
+
+    torch.manual_seed(0)
+    base = getattr(models, args.model)().train()
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    print(f"\nAuthors' K-way DFQ execution, {args.model}, batch {args.batch}: step time and peak memory by K")
+    for k in (1, 2, 5):
+        model = kway_reference.KWayResNet(copy.deepcopy(base), (4,) * k, (8,) * k, 4)
+        step = step_fn(model, x, y)
+        step()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        print(f"  K={k}: {statistics.median(times) * 1e3:8.1f} ms, process peak RSS so far {peak:.1f} GiB", flush=True)
+
+
 def bench_transform(args) -> None:
     print("\nTransform time (capture + all passes), fracpass static 8/8/8 vs torch.ao prepare_qat_fx")
     x = torch.randn(2, 3, 32, 32)
@@ -129,8 +150,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-ao-1202", action="store_true", help="skip torch.ao on ResNet-1202 (~1 min)")
     parser.add_argument("--only", choices=("steps", "transform"))
     parser.add_argument("--no-gates", action="store_true", help="leave out the two gated variants")
+    parser.add_argument("--kway-scaling", action="store_true", help="only: the K-way execution at K = 1, 2, 5")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.kway_scaling:
+        bench_kway_scaling(args)
+        return 0
     if args.only != "transform":
         bench_steps(args)
     if args.only != "steps":

@@ -315,12 +315,13 @@ def test_gated_resnet20_choices_in_onnx_equal_pytorchs(tmp_path):
     names = [f"{u}_conv1_aq_choice" for u in qmodel.gates.unit_names]
     out, *choices = _with_choice_outputs(tmp_path / "g.onnx", names).run(None, {"input_0": test.numpy()})
     assert sum(len(set(c.tolist())) > 1 for c in torch_choices) >= 6  # choices differ within the batch
-    for unit, mine, theirs in zip(qmodel.gates.unit_names, torch_choices, choices):
-        agree = float((mine == theirs).mean())
+    agreement = [float((mine == theirs).mean()) for mine, theirs in zip(torch_choices, choices)]
+    for unit, agree in zip(qmodel.gates.unit_names, agreement):
+        # a value one rounding step apart upstream can move a gate's input across its decision boundary
         assert agree >= 0.99, f"{unit}: ONNX picks the same option for {agree:.3f} of samples"
     span = ref.max() - ref.min()
     mean, worst = np.abs(out - ref).mean() / span, np.abs(out - ref).max() / span
     argmax = float((out.argmax(1) == ref.argmax(1)).mean())
     print(f"gated resnet20: mean {mean:.2e}, max {worst:.2e} of range, argmax agree {argmax:.4f}, choices identical "
-          f"for {sum(bool((m == t).all()) for m, t in zip(torch_choices, choices))}/{len(choices)} units")
+          f"for {sum(a == 1.0 for a in agreement)}/{len(choices)} units, lowest per-unit agreement {min(agreement):.4f}")
     assert mean <= 1e-3 and argmax >= 0.99
