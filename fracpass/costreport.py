@@ -249,7 +249,7 @@ class CostReport:
             macs = {c: sum(m for cat, m, *_ in products if cat == c) for c in CATEGORIES}
             rows.append(dict(op=op.op, kind=op.kind, module=op.module, fwd_macs=int(macs["forward"]),
                              bwd_error_macs=int(macs["backward_error"]), bwd_weight_macs=int(macs["backward_weight"]),
-                             w=op.w[stage], a=op.a[stage], g=op.g[stage], excluded=op.excluded,
+                             w=op.w[stage], a=op.a[stage], g=op.g[stage], excluded=op.excluded, gated=op.gated,
                              bitops=float(bitops), share=float(bitops / total)))
         return rows
 
@@ -280,7 +280,8 @@ class CostReport:
         stage = self.stage
         head = ("op", "kind", "module", "fwd MACs", "bwd err MACs", "bwd wgt MACs", "w/a/g", "BitOPs", "share")
         body = [(r["op"], r["kind"], r["module"] or "<root>", f"{r['fwd_macs']:,}", f"{r['bwd_error_macs']:,}",
-                 f"{r['bwd_weight_macs']:,}", "fp32" if r["excluded"] else f"{r['w']}/{r['a']}/{r['g']}",
+                 f"{r['bwd_weight_macs']:,}", "fp32" if r["excluded"] else f"{r['w']}/gate {r['gated']}" if r["gated"]
+                 else f"{r['w']}/{r['a']}/{r['g']}",
                  f"{r['bitops']:.3e}", f"{100 * r['share']:.1f}%") for r in self.rows(stage)]
         widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
         fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
