@@ -6,6 +6,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -464,3 +466,36 @@ def test_cost_report_gives_per_option_cost_and_the_measured_mix():
     assert 100 * total / fp32 == pytest.approx(fracpass.gate_stats(q).mean_cost, rel=1e-6)
     assert "gated units: cost per option" in str(report) and "gates themselves" in str(report)
     assert report.gates.gate_macs_per_sample > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), rest=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+       bits=st.lists(st.sampled_from([0, 2, 3, 5, 8, 12, 16, 32]), min_size=6, max_size=6),
+       magnitude=st.sampled_from([1e-6, 1.0, 1e6]), seed=st.integers(0, 2**16))
+def test_gated_act_quant_per_sample_levels_and_error_bound(rows, rest, bits, magnitude, seed):
+    """Each sample: at most 2^a values, error at most s/2 of its group's grid, pass-through at 0 / 32 bits;
+    and the fused kernel equals the torch-op path bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand([rows] + rest, generator=g) - 0.3) * magnitude
+    options = bits[:3]
+    choice = torch.randint(0, 3, (rows,), generator=g)
+    onehot = F.one_hot(choice, 3).float()
+    quant = GatedActQuant(options, num_stages=1).train()
+    out = quant(x, onehot)
+    with pytest.MonkeyPatch.context() as m:  # the torch-op path
+        m.setattr(gating, "_fused_kernels", lambda *a: None)
+        plain = GatedActQuant(options, num_stages=1).train()(x, onehot)
+    assert torch.equal(out, plain)
+    for k, a in enumerate(options):
+        members = choice == k
+        if not members.any():
+            continue
+        group = x[members]
+        if a in (0, 32):
+            assert torch.equal(out[members], group)
+            continue
+        lo, hi = min(float(group.min()), 0.0), max(float(group.max()), 0.0)
+        step = max(hi / (2**a - 1) - lo / (2**a - 1), torch.finfo(torch.float32).tiny)
+        for row in out[members]:
+            assert row.unique().numel() <= 2**a
+        assert (out[members] - group).abs().max() <= step / 2 * (1 + 1e-5) + 1e-6 * magnitude
