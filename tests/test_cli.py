@@ -115,6 +115,13 @@ def test_gated_plan_through_transform_cost_and_plan(tmp_path):
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert 'gated = "layer1_0"' in text and "targets = [1.5, 2.0, 2.5, 3.0]" in text
+    onnx_path = tmp_path / "gated.onnx"
+    done = fracpass_cli("export", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape",
+                        "1,3,32,32", "-o", str(onnx_path))
+    assert done.returncode == 0, done.stderr
+    import onnx
+
+    assert "ArgMax" in {n.op_type for n in onnx.load(onnx_path).graph.node}
 
 
 def test_gated_plan_needs_an_input_shape():
