@@ -364,8 +364,9 @@ def summary(qmodel: nn.Module) -> str:
 
 
 def _options_cell(bits: Sequence[int], a: Optional[Sequence[int]] = None) -> str:
-    values = sorted({b for k, b in enumerate(bits) if (a or bits)[k]})
-    return "{" + ",".join(map(str, values)) + "}"
+    """The distinct bit widths of the gates' options, leaving out skip options (a = 0)."""
+    a = bits if a is None else a
+    return "{" + ",".join(map(str, sorted({b for b, ak in zip(bits, a) if ak}))) + "}"
 
 
 def _bits_cell(bits: int) -> str:
@@ -409,16 +410,13 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
 def _cost_gates(qmodel, report, hub, stats, source: str) -> None:
     """Cost gated ops with the measured mix of options, and add the per-option table."""
     from fracpass.costreport import GateCost
-    from fracpass.gating import FEATURES, HIDDEN
 
     options = tuple(zip(hub.options_a.tolist(), hub.options_g.tolist()))
     units = {node.name: meta.gated(node) for node in qmodel.graph.nodes if meta.gated(node) is not None}
     report.ops = [dataclasses.replace(op, gated=units[op.op], mix=tuple(
         (share, a, g) for share, (a, g) in zip(stats.units[units[op.op]], options))) if op.op in units else op
         for op in report.ops]
-    k = len(options)
-    macs = sum(getattr(hub, u).fc1.in_features * FEATURES + FEATURES * HIDDEN + 4 * HIDDEN * 2 * HIDDEN + HIDDEN * k
-               for u in hub.unit_names)
+    macs = hub.macs_per_sample()
     costs = hub.unit_costs.tolist()
     report.gates = GateCost(options, {u: tuple(costs[i]) for i, u in enumerate(hub.unit_names)}, dict(stats.units),
                             source, macs, float(3 * macs * FULL_PRECISION ** 2))

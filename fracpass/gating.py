@@ -355,6 +355,12 @@ class GateHub(nn.Module):
         finally:
             self._choices = saved
 
+    def macs_per_sample(self) -> int:
+        """Forward MACs of every unit's gate: fc1, fc2, the LSTM cell's four gates and the projection."""
+        k = self.options_a.numel()
+        return sum(getattr(self, u).fc1.in_features * FEATURES + FEATURES * HIDDEN + 4 * HIDDEN * 2 * HIDDEN + HIDDEN * k
+                   for u in self.unit_names)
+
     @property
     def target(self) -> float:
         return float(self.targets[int(self.stage)])
