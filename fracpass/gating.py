@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fracpass.errors import FracpassError
-from fracpass.quant import FULL_PRECISION, Quantizer, _fused_kernels, _torch_seed, quantize_grad_stochastic
+from fracpass.quant import FULL_PRECISION, Quantizer, _fused_kernels, _torch_seed
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
            "fake_quantize_rows", "quantize_grad_rows", "option_scores"]

@@ -12,6 +12,7 @@ from fracpass import costing, meta
 from fracpass.errors import PassError
 from fracpass.gating import GateHub, skip_gate
 from fracpass.pass_base import PassBase, PassResult
+from fracpass.passes._quantizers import gate_choices
 from fracpass.plan import Gates, Plan
 
 HUB = "gates"  # submodule holding every gate; parameters are gates.<unit>.fc1.weight, gates.lstm.*, gates.proj.*
@@ -42,14 +43,14 @@ class InsertGatesPass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         units = sorted(((meta.unit(n), n) for n in gm.graph.nodes if meta.unit(n) is not None), key=lambda u: u[0].index)
-        if any(meta.inserted(n) is not None and n.meta[meta.ROLE].role == "gate" for n in gm.graph.nodes):
+        if gate_choices(gm):  # already inserted
             return PassResult(gm, modified=False, stats={"gates_inserted": 0, "skip_gates": 0})
-        existing = gm.get_submodule(HUB) if hasattr(gm, HUB) else None
+        existing = getattr(gm, HUB, None)
         with existing.keeping_choices() if isinstance(existing, GateHub) else contextlib.nullcontext():
             # a re-capture (the other train/eval mode) runs the gates on the example inputs
             report = costing.analyze(gm, self.args, self.kwargs, self.plan.num_stages, 0,
                                      watch=[u.input for u, _ in units])
-        hub = self._hub(gm, [u for u, _ in units], report)
+        hub = self._hub(gm, [u for u, _ in units], report, existing)
         by_name = {n.name: n for n in gm.graph.nodes}
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         state, last, last_rank, skips = None, None, -1, 0
@@ -82,7 +83,7 @@ class InsertGatesPass(PassBase):
         return PassResult(gm, modified=True, stats={"gates_inserted": len(units), "skip_gates": skips,
                                                     "gate_parameters": sum(p.numel() for p in hub.parameters())})
 
-    def _hub(self, gm: torch.fx.GraphModule, units: List[meta.Unit], report) -> GateHub:
+    def _hub(self, gm: torch.fx.GraphModule, units: List[meta.Unit], report, existing) -> GateHub:
         gates: Gates = self.gates
         costs = {o.op: o for o in report.ops}
         fp32 = sum(m * bx * by for o in report.ops for _, m, bx, by, _ in o.products(None)) or 1
@@ -109,10 +110,6 @@ class InsertGatesPass(PassBase):
             channels.append(shape[dim])
             dims.append(dim)
         names = [u.name for u in units]
-        try:
-            existing = gm.get_submodule(HUB)
-        except AttributeError:
-            existing = None
         if existing is not None:
             if not isinstance(existing, GateHub) or existing.unit_names != names:
                 raise PassError(f"insert-gates: the model already has a submodule {HUB!r} ({type(existing).__name__}) "

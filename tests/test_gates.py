@@ -15,7 +15,7 @@ import fracpass
 from examples import models
 from fracpass import gating, meta
 from fracpass.errors import FracpassError, PassError, PlanError
-from fracpass.gating import GatedActQuant, GatedGradQuant, GateHub
+from fracpass.gating import GatedActQuant, GateHub
 from fracpass.passes import FindGatedUnitsPass, InsertGatesPass
 
 LOW, HIGH = 0, 3  # option indices the steered gate picks: a3/g6 and a6/g8 in the default Gates()
