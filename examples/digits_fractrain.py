@@ -50,7 +50,8 @@ class DigitsResNet(nn.Module):
 
 
 def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, label: str):
-    """Train DigitsResNet under ``plan``; returns (accuracy, scheduler, BitOPs of the run, model)."""
+    """Train DigitsResNet under ``plan``; returns (accuracy, scheduler, BitOPs of the run, model, bookkeeping):
+    bookkeeping holds the FP32 BitOPs per sample, the samples trained on and the static relative cost."""
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
@@ -60,7 +61,7 @@ def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, lab
     # BitOPs per sample at 32 x 32 bits: the run's cost is sum over steps of (relative cost x this x batch)
     fp32 = fracpass.cost(qmodel).fp32_bitops()["total"]
     static_relative = fracpass.cost(qmodel).relative_to_fp32() if plan.gates is None else None
-    bitops = 0.0
+    bitops, samples = 0.0, 0
     for epoch in range(epochs):
         order = torch.randperm(len(y_train))
         costs = []
@@ -74,6 +75,7 @@ def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, lab
                 bitops += stats.mean_cost / 100 * fp32 * len(idx)
             else:
                 bitops += static_relative * fp32 * len(idx)
+            samples += len(idx)
             opt.zero_grad()
             total.backward()
             opt.step()
@@ -85,7 +87,8 @@ def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, lab
     qmodel.eval()
     with torch.no_grad():
         accuracy = (qmodel(x_test).argmax(1) == y_test).float().mean().item()
-    return accuracy, sched, bitops, qmodel
+    bookkeeping = {"fp32_bitops_per_sample": fp32, "samples": samples, "relative_cost": static_relative}
+    return accuracy, sched, bitops, qmodel, bookkeeping
 
 
 def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = True, log=print):
@@ -94,17 +97,17 @@ def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = 
     # the preset's windows are sized for CIFAR (390 steps); these epochs have 44
     plan = dataclasses.replace(plan, switch=dataclasses.replace(plan.switch, eval_every=steps_per_epoch // 2,
                                                                 window=3, scale_windows=3))
-    accuracy, sched, bitops, qmodel = train(plan, epochs, batch_size, seed, log, "fractrain")
+    accuracy, sched, bitops, qmodel, _ = train(plan, epochs, batch_size, seed, log, "fractrain")
     for iteration, old, new, reason in sched.history:
         log(f"switch at iteration {iteration}: stage {old} -> {new} ({reason})")
     log(str(fracpass.gate_stats(qmodel)))
     log(f"FracTrain: test accuracy {accuracy:.4f}, training BitOPs {bitops:.3e}")
     result = {"accuracy": accuracy, "bitops": bitops, "switches": [h[0] for h in sched.history]}
     if baseline:
-        static_acc, _, static_bitops, _ = train(fracpass.Plan.static(8, 8, 8), epochs, batch_size, seed, log, "static")
+        static_acc, _, static_bitops, _, static_books = train(fracpass.Plan.static(8, 8, 8), epochs, batch_size, seed, log, "static")
         log(f"static 8/8/8: test accuracy {static_acc:.4f}, training BitOPs {static_bitops:.3e}; FracTrain used "
             f"{100 * (1 - bitops / static_bitops):.1f}% fewer BitOPs, accuracy {100 * (accuracy - static_acc):+.2f} points")
-        result.update(static_accuracy=static_acc, static_bitops=static_bitops)
+        result.update(static_accuracy=static_acc, static_bitops=static_bitops, static_bookkeeping=static_books)
     return result
 
 
