@@ -7,13 +7,16 @@ from typing import Any, Dict, List, Type, Union
 
 
 def read_toml(path: Union[str, Path], what: str, error: Type[Exception]) -> Dict[str, Any]:
-    """Parse ``path``; unreadable or invalid files raise ``error`` naming the file (``what`` says
-    what it should have been, e.g. "plan file")."""
+    """Parse ``path``; unreadable, non-UTF-8 or invalid files raise ``error`` naming the file (``what``
+    says what it should have been, e.g. "plan file")."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}; TOML files are "
+                    f"UTF-8, so save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

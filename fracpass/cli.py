@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -70,6 +71,58 @@ def example_input(shape: Optional[str], dtype: str) -> tuple:
     return (torch.randn(dims),)
 
 
+def int_list(option: str, text: str, example: str) -> list:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as e:
+        raise CliError(f"{option} {text!r}: expected comma-separated integers, e.g. {example}") from e
+
+
+def output_path(path: str) -> Path:
+    """Check ``-o path`` before any work: its directory exists and it is not itself a directory."""
+    out = Path(path)
+    if out.is_dir():
+        raise CliError(f"-o {out}: is a directory; give a file name, e.g. {out / 'out'}")
+    if not out.parent.is_dir():
+        raise CliError(f"-o {out}: directory {out.parent} does not exist; create it first (mkdir -p {out.parent})")
+    if not os.access(out.parent, os.W_OK):
+        raise CliError(f"-o {out}: directory {out.parent} is not writable; choose another path")
+    return out
+
+
+def _first_layer(model: torch.nn.Module) -> str:
+    """What the model's first input-facing layer takes, e.g. "its first layer conv1 (Conv2d) takes
+    (N, 3, H, W)"; empty when the first layer is of no kind named here."""
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and len(m.kernel_size) in spatial:
+            return f"its first layer {name} ({kind}) takes (N, {m.in_channels}, {spatial[len(m.kernel_size)]})"
+        if isinstance(m, torch.nn.Linear):
+            return f"its first layer {name} ({kind}) takes (N, ..., {m.in_features})"
+        if isinstance(m, torch.nn.Embedding):
+            return (f"its first layer {name} ({kind}) takes token ids below {m.num_embeddings}, "
+                    "(N, T) with --input-dtype int64")
+    return ""
+
+
+def check_runs(model: torch.nn.Module, inputs: tuple, shape: str) -> None:
+    """Run the plain model once (eval, no grad) on the example input, so a wrong --input-shape is
+    reported as such rather than from deep inside a pass or the export."""
+    if not inputs:
+        return
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as e:
+        where = "; ".join(filter(None, [_first_layer(model), str(e).strip().splitlines()[0] if str(e).strip() else ""]))
+        raise CliError(f"--input-shape {shape}: the model cannot run on input 0 of shape {tuple(inputs[0].shape)}: "
+                       f"{where or type(e).__name__}") from e
+    finally:
+        model.train(was_training)
+
+
 def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
     """(plan, example inputs, transformed model) from the common --model/--plan/--input-shape options."""
     import fracpass
@@ -81,6 +134,7 @@ def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
         inputs_needed_for = inputs_needed_for or "for a plan with gates: gate sizes and option costs depend on it"
     if inputs_needed_for and not inputs:
         raise CliError(f"--input-shape is required {inputs_needed_for} (e.g. --input-shape 1,3,32,32)")
+    check_runs(model, inputs, args.input_shape)
     return plan, inputs, fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
 
 
@@ -100,7 +154,7 @@ def _cost(args) -> int:
     _, _, qmodel = _transformed(args, inputs_needed_for="for cost: costs depend on the input's shape")
     report = fracpass.cost(qmodel, target=args.target, stage=args.stage)
     if args.steps_per_stage:
-        steps = [int(x) for x in args.steps_per_stage.split(",")]
+        steps = int_list("--steps-per-stage", args.steps_per_stage, "8190,8190,7800,40000")
         totals = report.training(steps, batch_size=args.batch_size)
     print(report.to_json() if args.json else report)
     if args.steps_per_stage and not args.json:
@@ -111,6 +165,7 @@ def _cost(args) -> int:
 def _plan(args) -> int:
     import fracpass
 
+    output = output_path(args.output) if args.output else None
     model = load_model(args.model)
     plan = fracpass.Plan.load(args.plan) if args.plan else fracpass.Plan.progressive()
     if args.budget is not None or args.total_steps is not None:
@@ -123,11 +178,15 @@ def _plan(args) -> int:
     if plan.gates is not None and not inputs:
         raise CliError("--input-shape is required for a plan with gates: gate sizes and option costs depend on it "
                        "(e.g. --input-shape 1,3,32,32)")
+    check_runs(model, inputs, args.input_shape)
     qmodel = fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
     staged = fracpass.schedule(qmodel, plan)
-    if args.output:
-        staged.save(args.output)
-        print(f"wrote {args.output}")
+    if output is not None:
+        try:
+            staged.save(output)
+        except OSError as e:
+            raise CliError(f"-o {output}: cannot write: {e.strerror}") from e
+        print(f"wrote {output}")
     print(staged)
     return EXIT_OK
 
@@ -198,6 +257,7 @@ def _check(args) -> int:
 def _export(args) -> int:
     import fracpass
 
+    output_path(args.output)
     plan, inputs, qmodel = _transformed(args, inputs_needed_for="for export")
     stage = -1 if args.stage is None else args.stage
     fracpass.set_stage(qmodel, stage)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -93,6 +94,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     from fracpass.api import _examples, _state, current_stage, set_stage
 
     state = _state(qmodel)
+    _check_writable(path)  # before the export work, which takes seconds to minutes
     if opset < 21:
         raise ExportError(f"export_onnx: opset {opset} is too old; the quantizer forms need opset 21 "
                           "(uint4 and uint16 QuantizeLinear/DequantizeLinear)")
@@ -139,6 +141,18 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     log.info("exported %s at stage %d to %s (%d quantizers, %d gradient quantizers dropped)", type(qmodel).__name__,
              stage, path, len(quantizers), len(dropped))
     return model
+
+
+def _check_writable(path: Union[str, Path]) -> None:
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise ExportError(f"export_onnx: cannot write {path}: it is a directory; give a file name, e.g. {path / 'model.onnx'}")
+    if not folder.is_dir():
+        raise ExportError(f"export_onnx: cannot write {path}: directory {folder} does not exist; create it first "
+                          f"(Path({str(folder)!r}).mkdir(parents=True))")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExportError(f"export_onnx: cannot write {path}: permission denied; choose a writable path")
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
