@@ -1,0 +1,80 @@
+"""Patterns of real torchvision / timm models (tests/patterns.py): train, gates, export (issue 13)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+import patterns
+from patterns import INPLACE_OPS, PATTERNS
+
+PLAN = fracpass.Plan.static(w=4, a=4, g=8)
+
+
+def train_steps(qmodel, make_input, steps=2, seed=0):
+    """A few SGD steps on a synthetic loss (plus the gate loss); returns the last step's gradients."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    for i in range(steps):
+        out = qmodel(make_input(4 + i))
+        loss = out.float().pow(2).mean() + fracpass.gate_loss(qmodel)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in qmodel.named_parameters() if p.grad is not None}
+        opt.step()
+    return loss, grads
+
+
+def _pair(op, plan):
+    """The in-place model and its out-of-place twin, transformed alike (same weights, same seed)."""
+    x = torch.randn(2, 4, 6, 6)
+    made = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = patterns.InplaceAfter(op, inplace=inplace)
+        # leaves: the ops run eagerly, as written (fx would trace `x += 1` as an out-of-place add)
+        made.append(fracpass.transform(model, plan, example_inputs=(x,), leaf_modules=[patterns._Call]))
+    return made
+
+
+def _image(b):
+    return torch.randn(b, 4, 6, 6, generator=torch.Generator().manual_seed(b))
+
+
+# -- item 1: in-place ops on a quantized op's output -------------------------------------------------
+@pytest.mark.parametrize("op", INPLACE_OPS)
+@pytest.mark.parametrize("gated", [False, True], ids=["static", "gated"])
+def test_inplace_op_on_a_quantized_output_trains_with_the_out_of_place_gradients(op, gated):
+    plan = PLAN.with_gates(fracpass.Gates()) if gated else PLAN
+    inplace, reference = _pair(op, plan)
+    loss, grads = train_steps(inplace, _image)
+    ref_loss, ref_grads = train_steps(reference, _image)
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and "conv1.weight" in grads
+    for name in grads:
+        # the same stochastically rounded gradients (bit for bit but for SELU, whose in-place backward
+        # works from its result: 4e-7 apart, far below one quantization step, 1/255 of the range)
+        diff, scale = (grads[name] - ref_grads[name]).abs().max(), ref_grads[name].abs().max()
+        assert diff <= 1e-5 * scale, (name, diff, scale)
+
+
+def test_the_gradient_quantizer_still_quantizes_under_an_inplace_op():
+    """conv1's output gradient, seen just before the in-place ReLU, reaches conv1 on a 2^g-level grid."""
+    inplace, _ = _pair("ReLU", fracpass.Plan.static(w=32, a=32, g=2))
+    seen = []
+    # a hook registered after the quantizer's, on the same tensor, receives what the quantizer returned
+    inplace.act1.register_forward_pre_hook(lambda m, args: args[0].register_hook(seen.append) and None)
+    inplace(_image(4)).pow(2).mean().backward()
+    assert len(seen) == 1 and 1 < seen[0].unique().numel() <= 4  # at most 2^2 levels, not the raw gradient
+
+
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_op_model_exports_after_training(op, tmp_path):
+    inplace, _ = _pair(op, PLAN)
+    train_steps(inplace, _image)
+    if op == "Threshold":  # torch.onnx's own limit, whatever fracpass does
+        with pytest.raises(fracpass.ExportError, match="ONNX export of operator threshold, non-zero threshold"):
+            fracpass.export_onnx(inplace, tmp_path / "m.onnx")
+        return
+    fracpass.export_onnx(inplace, tmp_path / "m.onnx")  # verified against PyTorch at two batch sizes
