@@ -144,22 +144,24 @@ class _GatedFakeQuant(torch.autograd.Function):
         return grad, d_onehot, None, None, None, None
 
 
-class _GatedGradQuantFn(torch.autograd.Function):
-    """Identity forward; each row's incoming gradient stochastically rounded at its option's g bits."""
+class _GatedGradQuantFn:
+    """Identity forward; each row's incoming gradient stochastically rounded at its option's g bits.
+
+    A tensor hook on the op's output, like ``fracpass.quant._GradQuantFn``, so that in-place users
+    of the output stay allowed and nothing is copied."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(choice, option_levels)
-        return x.view_as(x)
+    def apply(x: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:
+        x.register_hook(lambda grad: _GatedGradQuantFn.quantize(grad, choice, option_levels))
+        return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        choice, option_levels = ctx.saved_tensors
+    def quantize(grad: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:
         if grad.shape[0] != choice.numel():  # sample-major rows (see _per_sample): quantize per sample
-            return _GatedGradQuantFn.backward(ctx, grad.reshape(choice.numel(), -1))[0].view_as(grad), None, None
+            return _GatedGradQuantFn.quantize(grad.reshape(choice.numel(), -1), choice, option_levels).view_as(grad)
         mn, mx = _row_range(grad)
         mn, mx, _, _ = _group_range(mn, mx, choice, option_levels.numel())
-        return quantize_grad_rows(grad, mn, mx, option_levels[choice]), None, None
+        return quantize_grad_rows(grad, mn, mx, option_levels[choice])
 
 
 class _HardChoice(torch.autograd.Function):

@@ -139,17 +139,20 @@ def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     return y.mul_(scale).add_(mn)
 
 
-class _GradQuantFn(torch.autograd.Function):
-    """Identity forward; quantizes the incoming gradient in backward."""
+class _GradQuantFn:
+    """Identity forward; quantizes the incoming gradient in backward.
+
+    A tensor hook on the op's output, not an autograd.Function: a Function that returns its input
+    hands back a view, and in-place users (``ReLU(inplace=True)``, ``x.mul_``) may not modify such a
+    view. A hook registered before an in-place op receives the gradient w.r.t. the value it was
+    registered on (torch's documented hook semantics), i.e. the op's output, and what it returns
+    replaces that gradient on the way to the op. Nothing is copied; the op's output is returned.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, bits: int) -> Tensor:  # type: ignore[override]
-        ctx.bits = bits
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return quantize_grad_stochastic(grad, ctx.bits), None
+    def apply(x: Tensor, bits: int) -> Tensor:
+        x.register_hook(lambda grad: quantize_grad_stochastic(grad, bits))
+        return x
 
 
 class Quantizer(nn.Module):
