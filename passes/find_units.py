@@ -52,8 +52,8 @@ class FindGatedUnitsPass(PassBase):
         shortcuts: List[torch.fx.Node] = []
         units = self._blocks(nodes, order, data, shortcuts) if self.gates.granularity == "block" else self._ops(nodes, data)
         if not units:
-            what = ("a residual block (an add of a branch of compute ops and a shortcut from the same input)"
-                    if self.gates.granularity == "block" else "a quantized compute op on the model's data path")
+            what = ("residual block (an add of a branch of compute ops and a shortcut from the same input)"
+                    if self.gates.granularity == "block" else "quantized compute op on the model's data path")
             hint = "use Gates(granularity='op') to gate each compute op" if self.gates.granularity == "block" else \
                 "check the plan's exclude rules"
             raise PlanError(f"Gates(granularity={self.gates.granularity!r}) found no {what} in {type(gm).__name__}; {hint}")
@@ -108,14 +108,22 @@ class FindGatedUnitsPass(PassBase):
             main = 0 if len(ops[0]) >= len(ops[1]) else 1
             if not ops[main] or _shape_only(branches[1 - main]):
                 continue
-            mine = tuple(n.name for n in sorted(ops[main], key=order.get) if n.name not in claimed)
+            mine = [n for n in sorted(ops[main], key=order.get) if n.name not in claimed]
             if not mine:
                 continue
-            claimed.update(mine)
+            claimed.update(n.name for n in mine)
             shortcuts.extend(n for n in ops[1 - main] if n not in shortcuts)
-            name = _unit_name([meta.op_info(n).module_path for n in ops[main]], len(found), {u.name for u, _ in found})
-            found.append((meta.Unit(name, len(found), d.name, mine, main_arg=main), node))
-        return found
+            paths = [meta.op_info(n).module_path for n in ops[main]]  # the whole branch names the unit
+            found.append((mine, paths, _gate_input(d, branches[main], order), main, node))
+        # the shared LSTM visits units in the order their first ops run, so each gate can sit after its
+        # input and the previous gate yet before its own ops (an add's position is no such order: LR-ASPP's
+        # head add holds a conv that runs before the residual blocks the backbone adds close)
+        found.sort(key=lambda f: order[f[0][0]])
+        units = []
+        for index, (mine, paths, source, main, node) in enumerate(found):
+            name = _unit_name(paths, index, {u.name for u, _ in units})
+            units.append((meta.Unit(name, index, source.name, tuple(n.name for n in mine), main_arg=main), node))
+        return units
 
     # -- granularity "op" -------------------------------------------------------------------------
     def _ops(self, nodes, data):
@@ -129,6 +137,15 @@ class FindGatedUnitsPass(PassBase):
                 continue
             found.append((meta.Unit(_sanitize(node.name), len(found), source.name, (node.name,)), node))
         return found
+
+
+def _gate_input(d: torch.fx.Node, branch: List[torch.fx.Node], order) -> torch.fx.Node:
+    """What a block's gate reads: the block's input d, or where d has several outputs (chunk, unbind,
+    split), the first of its outputs that the residual branch uses."""
+    if not d.users or any(u.target is not operator.getitem for u in d.users):
+        return d
+    picked = sorted((u for u in d.users if u in branch), key=order.get)
+    return picked[0] if picked else d
 
 
 def _gateable(node: torch.fx.Node) -> bool:

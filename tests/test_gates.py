@@ -129,7 +129,7 @@ def test_op_granularity_gates_every_quantized_op():
 
 
 def test_block_granularity_without_residual_blocks_is_a_clear_error():
-    with pytest.raises(PlanError, match="found no a residual block.*granularity='op'"):
+    with pytest.raises(PlanError, match="found no residual block.*granularity=.op."):
         gated(Plain(), torch.randn(4, 8))
 
 

@@ -78,3 +78,59 @@ def test_inplace_op_model_exports_after_training(op, tmp_path):
             fracpass.export_onnx(inplace, tmp_path / "m.onnx")
         return
     fracpass.export_onnx(inplace, tmp_path / "m.onnx")  # verified against PyTorch at two batch sizes
+
+
+# -- item 2: gated units on real graphs ----------------------------------------------------------------
+def gated_model(name, granularity="block"):
+    factory, make_input = PATTERNS[name]
+    torch.manual_seed(0)
+    plan = PLAN.with_gates(fracpass.Gates(granularity=granularity))
+    return fracpass.transform(factory(), plan, example_inputs=(make_input(2),)), make_input
+
+
+def _units(qmodel):
+    return sorted((fracpass.meta.unit(n) for n in qmodel.graph.nodes if fracpass.meta.unit(n) is not None),
+                  key=lambda u: u.index)
+
+
+def test_a_unit_whose_ops_start_before_earlier_units_gets_its_gate_in_time():
+    """LR-ASPP: the head's add is reached from the low branch on both sides, so its unit holds the
+    high stage's downsampling conv, which runs before the high stage's residual blocks."""
+    qmodel, make_input = gated_model("lraspp_head")
+    order = {n.name: i for i, n in enumerate(qmodel.graph.nodes)}
+    units = _units(qmodel)
+    head = next(u for u in units if "down_0" in u.ops)
+    low = next(n for n in qmodel.graph.nodes if n.name == "low_classifier").args[0]
+    assert head.input == low.name  # the low branch: what both sides of the head's add are reached from
+    assert head.ops == ("down_0", "cbr_0", "scale_1", "high_classifier")
+    # the shared LSTM visits the units in the order their first ops run, and every gate comes before its ops
+    firsts = [min(order[o] for o in u.ops) for u in units]
+    assert firsts == sorted(firsts)
+    for u in units:
+        assert order[f"gate_{u.name}_choice"] < min(order[o] for o in u.ops)
+    loss, _ = train_steps(qmodel, make_input)
+    assert torch.isfinite(loss) and fracpass.gate_stats(qmodel).units.keys() == {u.name for u in units}
+
+
+@pytest.mark.parametrize("name", ["chunk_block", "unbind_block"])
+def test_a_unit_fed_by_a_multi_output_op_reads_the_output_its_branch_uses(name):
+    qmodel, make_input = gated_model(name)
+    (unit,) = _units(qmodel)
+    source = next(n for n in qmodel.graph.nodes if n.name == unit.input)
+    assert source.target is __import__("operator").getitem and source.args[1] == 0  # `a`, which conv1 reads
+    assert unit.ops == ("conv1", "conv2")
+    assert qmodel.gates.get_submodule(unit.name).fc1.in_features == 4  # a's 4 channels, not the tuple
+    loss, _ = train_steps(qmodel, make_input)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("granularity, what", [
+    ("block", r"found no residual block \(an add of a branch"),
+    ("op", r"found no quantized compute op on the model's data path in .*; check the plan's exclude rules")])
+def test_no_unit_message_reads_as_a_sentence(granularity, what):
+    plan = fracpass.Plan.static(w=4, a=4, g=8, rules=(fracpass.Rule(match="*", exclude=True, reason="kept"),)) \
+        if granularity == "op" else PLAN
+    factory, make_input = PATTERNS["fire"]
+    with pytest.raises(fracpass.PlanError, match=what):
+        fracpass.transform(factory(), plan.with_gates(fracpass.Gates(granularity=granularity)),
+                           example_inputs=(make_input(2),))
