@@ -107,8 +107,65 @@ MATRIX = [fracpass.Plan.static(b, b, 8) for b in (2, 3, 4, 6, 8, 12, 16)]
 LADDER = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
 
 
+def first_divergence(qmodel, path, x, stage):
+    """Where PyTorch and onnxruntime first disagree, layer by layer: the first activation quantizer
+    (in execution order) whose ONNX output differs from PyTorch's, the fraction of its elements
+    that differ, by how many quantization steps, how far each one's unrounded code sat from a
+    rounding boundary (0 = on it), and the float32 noise allowed on both. None if every quantized activation agrees exactly.
+
+    A deep net at 2-4 bits amplifies one flipped code: a conv summed in another order (oneDNN vs
+    MLAS) moves a value sitting on a rounding boundary by an ulp, the code flips by one step, and
+    the flip spreads through every later layer. Such flips are not export errors; a wrong scale,
+    zero point, rounding mode or op order is, and it shows at its first layer as many elements,
+    off by more than a step or away from any boundary."""
+    fracpass.set_stage(qmodel, stage)
+    qmodel.eval()
+    seen, hooks = {}, []
+
+    def record(name):
+        def hook(module, inp, out):
+            seen.setdefault(name, (inp[0].detach(), out.detach()))
+        return hook
+
+    for name, q in fracpass.quantizers(qmodel):
+        if q.role == "act":
+            hooks.append(q.register_forward_hook(record(name)))
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    model = onnx.load(path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    wanted = [f"/{n}/Quant_output_0" for n in seen]
+    produced = {o for node in model.graph.node for o in node.output}
+    for name in wanted:
+        if name in produced:
+            model.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    session = ort.InferenceSession(model.SerializeToString())
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_0": x.numpy()})))
+    for name, (inp, out) in seen.items():  # hooks fire in execution order
+        onnx_out = outputs.get(f"/{name}/Quant_output_0")
+        scale, zero = inits.get(f"{name}_scale"), inits.get(f"{name}_zero_point")
+        if onnx_out is None or scale is None or scale.size != 1:
+            continue  # folded away or per-sample (gated): not a plain per-tensor quantizer
+        differs = np.abs(onnx_out - out.numpy()) > 1e-6 * float(scale)
+        if differs.any():
+            steps = np.abs(onnx_out - out.numpy())[differs] / float(scale)
+            code = inp.numpy()[differs] / float(scale) + float(zero)
+            # float32 sums in another order differ by ~1e-6 of their inputs' magnitude: 7e-2 of a step at 16 bits
+            noise = 1e-3 + 1e-6 * float(inp.abs().max()) / float(scale)
+            return name, differs.mean(), steps, np.abs(np.abs(code - np.floor(code)) - 0.5), noise
+    return None
+
+
 @pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2", "transformer_sdpa"])
 def test_whole_models_match_statistically(name, tmp_path, capsys):
+    """Every case: onnxruntime computes what PyTorch computes, layer by layer, except codes that sat
+    on a rounding boundary within float noise. From 6 bits on, the outputs also agree end to end
+    (mean difference <= 1e-3 of their range, argmax >= 99 %); at 2-4 bits one flipped code moves a
+    deep net's output by up to a whole step of 1/4-1/16 of a layer's range, so there the end-to-end
+    figures are reported, not bounded (on one machine ResNet-20 at stage 1 of the ladder: 3e-5 of
+    one layer's codes flipped, each within 1e-5 of a boundary, and the output moved 7e-3 of its range)."""
     factory, make_input = EXAMPLE_MODELS[name]
     x, _ = learnable(make_input(2), 256, seed=2)  # held-out samples of the task
     cases = [(plan, -1, f"{plan.stages[0].w} bits") for plan in MATRIX] + [(LADDER, k, f"stage {k}") for k in range(4)]
@@ -124,11 +181,22 @@ def test_whole_models_match_statistically(name, tmp_path, capsys):
         scale = ref.max() - ref.min()
         diff = np.abs(out - ref)
         agree = (out.argmax(1) == ref.argmax(1)).mean()
+        flip = first_divergence(qmodel, tmp_path / "m.onnx", x, stage)
         report.append(f"{name} {label}: mean {diff.mean() / scale:.2e}, max {diff.max() / scale:.2e} of range, "
                       f"argmax agree {agree:.4f} ({len(np.unique(ref.argmax(1)))} classes predicted"
-                      f"{'; constant output' if constant else ''})")
-        assert diff.mean() <= 1e-3 * scale, report[-1]
-        assert agree >= 0.99, report[-1]
+                      f"{'; constant output' if constant else ''}); "
+                      + ("every quantized activation equal" if flip is None else
+                         f"first flip at {flip[0]}: {flip[1]:.1e} of codes, {flip[2].max():.3f} steps, "
+                         f"<= {flip[3].max():.1e} from a boundary"))
+        if flip is None:
+            assert diff.max() <= 1e-4 * scale, report[-1]
+        else:
+            _, fraction, steps, from_boundary, noise = flip
+            assert fraction <= 1e-3, report[-1]
+            assert np.all(np.abs(steps - 1) <= noise) and np.all(from_boundary <= noise), report[-1]
+        if plan.stages[stage].a >= 6:
+            assert diff.mean() <= 1e-3 * scale, report[-1]
+            assert agree >= 0.99, report[-1]
         session = ort.InferenceSession(str(tmp_path / "m.onnx"))
         for batch in (1, 7):  # dynamic batch
             assert session.run(None, {"input_0": make_input(batch).numpy()})[0].shape[0] == batch

@@ -194,7 +194,9 @@ def test_quantized_values_in_a_model():
     seen = {"act": [], "weight": [], "grad": []}
     for name, q in fracpass.quantizers(qmodel):
         if isinstance(q, GradQuant):
-            q.register_forward_pre_hook(lambda m, inp: [inp[0].register_hook(lambda g: seen["grad"].append(g))] and None)
+            # a hook registered on the quantizer's output after its own quantizing hook: tensor hooks run in
+            # registration order, each on the previous one's result, so this one sees what the op receives
+            q.register_forward_hook(lambda m, inp, out: [out.register_hook(lambda g: seen["grad"].append(g))] and None)
         else:
             q.register_forward_hook(lambda m, inp, out, _r=q.role: seen[_r].append(out.detach()))
     qmodel(make_input(8)).pow(2).sum().backward()
