@@ -2,6 +2,7 @@
 from fracpass.api import (QuantizedGraphModule, cost, current_stage, gate_loss, gate_stats, quantizers, set_stage, summary,
                           transform)
 from fracpass.check import Coverage, coverage, graph_text
+from fracpass.checkpoint import load_checkpoint, save_checkpoint
 from fracpass.export import export_onnx
 from fracpass.costreport import CostReport, relative_cost
 from fracpass.errors import (
@@ -26,7 +27,7 @@ __all__ = [
     "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats", "GateStats", "CostReport", "relative_cost",
     "QuantizedGraphModule", "graph_text", "coverage", "Coverage", "export_onnx",
     "Plan", "Rule", "Stage", "Gates", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
-    "schedule", "Scheduler", "StagePlan",
+    "schedule", "Scheduler", "StagePlan", "save_checkpoint", "load_checkpoint",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
     "RegistryError", "ExportError",
 ]

@@ -19,7 +19,8 @@ from fracpass.capture import CaptureOptions, capture
 from fracpass.errors import FracpassError, PlanError
 from fracpass.pipeline import default_pipeline
 from fracpass.plan import Plan
-from fracpass.quant import FULL_PRECISION, Quantizer
+from fracpass.quant import FULL_PRECISION, Quantizer, warn_nonfinite
+from fracpass.checkpoint import check_plan_state
 
 __all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats",
            "QuantizedGraphModule"]
@@ -58,7 +59,15 @@ class QuantizedGraphModule(torch.fx.GraphModule):
             self._use_mode(state, mode)
         # after the switch: re-capture toggles the root's mode, and on the fx path the root's
         # submodules are this module's submodules
-        return super().train(mode)
+        super().train(mode)
+        if not mode:  # entering eval reads the quantizers' non-finite counts back (once per switch)
+            warn_nonfinite(self.named_modules())
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, refusing a checkpoint saved under another plan (``PlanError``)."""
+        check_plan_state(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
@@ -244,6 +253,23 @@ def _state(qmodel: nn.Module) -> _State:
     return state
 
 
+def _parts(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
+    """None for a transformed model; else the transformed parts it holds (``fracpass.parts``), which
+    the entry points below treat as one model."""
+    if isinstance(getattr(model, "fracpass", None), _State):
+        return None
+    from fracpass.parts import transformed_parts
+
+    parts = transformed_parts(model) if isinstance(model, nn.Module) else []
+    if not parts:
+        raise FracpassError(f"{type(model).__name__} is not a model returned by fracpass.transform() and holds no "
+                            "transformed part; transform it first: qmodel = fracpass.transform(model, plan, "
+                            "example_inputs=(x,)), or, if it cannot be captured whole, its parts: "
+                            "model.backbone = fracpass.transform(model.backbone, plan, example_inputs=(x,)) "
+                            "(fracpass.transform_parts finds each part's example inputs)")
+    return parts
+
+
 def _examples(state: _State, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """The example inputs a call was given, else the ones given to transform (a bare tensor is one input)."""
     if isinstance(example_inputs, torch.Tensor):
@@ -254,13 +280,21 @@ def _examples(state: _State, example_inputs, example_kwargs) -> Tuple[Tuple[Any,
 
 
 def quantizers(qmodel: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
-    """(name, module) of every quantizer in a transformed model."""
-    _state(qmodel)
+    """(name, module) of every quantizer in a transformed model (or in its transformed parts)."""
+    _parts(qmodel)
     return ((name, m) for name, m in qmodel.named_modules() if isinstance(m, Quantizer))
 
 
 def set_stage(qmodel: nn.Module, stage: int) -> None:
     """Switch every quantizer to the plan's ``stage`` (negative counts from the end). No re-trace."""
+    parts = _parts(qmodel)
+    if parts is not None:  # a model holding transformed parts: they switch together
+        from fracpass.parts import common_stages
+
+        common_stages(parts, "set_stage")
+        for _, part in parts:
+            set_stage(part, stage)
+        return
     state = _state(qmodel)
     n = state.plan.num_stages
     if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
@@ -285,8 +319,12 @@ def _hub(qmodel: nn.Module):
 def gate_loss(qmodel: nn.Module) -> torch.Tensor:
     """DFQ's cost regulariser for the last forward: ``beta * sign(cp - target) * cost`` (or the
     plan's smooth controller), cost being the batch's summed per-sample relative cost in % of FP32.
-    Add it to the task loss before ``backward()``. A zero tensor for a model without gates."""
-    _state(qmodel)
+    Add it to the task loss before ``backward()``. A zero tensor for a model without gates; the sum
+    of the parts' regularisers for a model holding transformed parts."""
+    parts = _parts(qmodel)
+    if parts is not None:
+        losses = [gate_loss(part) for _, part in parts]
+        return sum(losses[1:], losses[0])
     hub = _hub(qmodel)
     if hub is None:
         return torch.zeros(())
@@ -299,7 +337,12 @@ def gate_loss(qmodel: nn.Module) -> torch.Tensor:
 def gate_stats(qmodel: nn.Module):
     """The gates' choices on the last batch (``fracpass.gating.GateStats``): per unit the fraction
     of samples per option, the mean relative cost and the target in force; None before any batch."""
-    _state(qmodel)
+    parts = _parts(qmodel)
+    if parts is not None:
+        gated = [path for path, part in parts if _hub(part) is not None] or [parts[0][0]]
+        raise FracpassError(f"gate_stats: {type(qmodel).__name__} holds several transformed parts "
+                            f"({', '.join(path for path, _ in parts)}), each with its own gates; ask a part: "
+                            f"fracpass.gate_stats(model.{gated[0]})")
     hub = _hub(qmodel)
     if hub is None:
         raise FracpassError("gate_stats: this model has no gates; transform it with a plan that has them, "
@@ -309,6 +352,11 @@ def gate_stats(qmodel: nn.Module):
 
 def current_stage(qmodel: nn.Module) -> int:
     """The stage the quantizers are in (after load_state_dict, the loaded one)."""
+    parts = _parts(qmodel)
+    if parts is not None:
+        from fracpass.parts import parts_stage
+
+        return parts_stage(parts)
     state = _state(qmodel)
     for _, q in quantizers(qmodel):
         return int(q.stage)  # state_dict carries the stage in every quantizer
@@ -317,6 +365,11 @@ def current_stage(qmodel: nn.Module) -> int:
 
 def summary(qmodel: nn.Module) -> str:
     """A table of every compute op: kind, module, bits per role at the current stage, gating, exclusion."""
+    parts = _parts(qmodel)
+    if parts is not None:
+        from fracpass.parts import parts_summary
+
+        return parts_summary(qmodel, parts)
     state = _state(qmodel)
     stage = current_stage(qmodel)
     rows = [("op", "kind", "module", "w", "a", "g", "gated", "status")]
@@ -384,7 +437,14 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
 
     The example inputs default to the ones given to ``transform``. ``target`` is a built-in profile
     name (``fracpass.targets.available_targets()``), a path to a profile TOML, or a Target.
+    For a model holding transformed parts, the parts' costs summed (``fracpass.parts.parts_cost``).
     """
+    parts = _parts(qmodel)
+    if parts is not None:
+        from fracpass.parts import parts_cost
+
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        return parts_cost(qmodel, parts, inputs, dict(example_kwargs or {}), target, stage)
     from fracpass.passes.cost_analysis import CostAnalysisPass
     from fracpass.targets import load_target
 

@@ -6,27 +6,29 @@ model captures once per mode, on demand (see ``fracpass.api.QuantizedGraphModule
 """
 from __future__ import annotations
 
-import contextlib
+import importlib
 import inspect
 import logging
 import os
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fracpass.capture_guard import CAPTURE_LOCK, no_concrete_branches, quiet_torch
 from fracpass.errors import TraceError
 
 __all__ = ["CaptureOptions", "capture"]
 
 log = logging.getLogger("fracpass.capture")
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGES = ("fracpass", "fracpass.passes", "fracpass.targets")  # the directories pyproject.toml installs
 METHODS = ("auto", "fx", "export")
 
 
@@ -44,10 +46,31 @@ class CaptureOptions:
 
 
 class _Tracer(torch.fx.Tracer):
+    """fx's Tracer with leaf modules, recording only the thread that traces.
+
+    While fx traces, ``nn.Module.__call__`` and ``__getattr__`` are patched for every thread; a
+    module another thread calls meanwhile runs as usual instead of entering this graph.
+    """
+
     def __init__(self, leaves: Iterable[Union[str, type]] = ()):
         super().__init__()
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_paths = frozenset(x for x in leaves if isinstance(x, str))
+        self.thread: Optional[int] = None
+
+    def trace(self, root, concrete_args=None):
+        self.thread = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_paths:
@@ -65,60 +88,108 @@ class Captured:
 def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None,
             options: CaptureOptions = CaptureOptions(),
             module_class: Type[torch.fx.GraphModule] = torch.fx.GraphModule) -> Captured:
-    """Capture ``model`` (in its current mode) as a ``module_class``.
+    """Capture ``model`` (in its current mode) as a ``module_class``; one capture at a time per process.
 
     Raises TraceError naming the module, the source line and the fix.
     """
-    kwargs = dict(kwargs or {})
+    with CAPTURE_LOCK, quiet_torch():
+        return _capture(model, args, dict(kwargs or {}), options, module_class)
+
+
+def _capture(model: nn.Module, args, kwargs, options: CaptureOptions, module_class) -> Captured:
     fx_failure: Optional[str] = None
+    notes: Tuple[str, ...] = ()
     if options.method in ("auto", "fx"):
         tracer = _Tracer(options.leaf_modules)
+        before = _TensorState.of(model)
         try:
-            with _no_concrete_branches():
+            with no_concrete_branches():
                 graph = tracer.trace(model, concrete_args=options.concrete_args)
-            return Captured(module_class(tracer.root, graph, type(model).__name__), "fx")
         except Exception as e:  # fx raises many types; all of them mean "cannot trace"
+            before.restore()  # what forward changed before it failed must not reach export
             fx_failure = _describe_fx_failure(e, tracer)
             if options.method == "fx":
-                raise TraceError(_message(model, fx_failure, None, have_examples=bool(args or kwargs), forced_fx=True)) from e
+                raise TraceError(_message(model, fx_failure, None, have_examples=bool(args or kwargs),
+                                          forced_fx=True)) from e
             log.info("symbolic_trace failed (%s); trying torch.export", fx_failure.splitlines()[0])
+            notes = (f"torch.fx could not trace {type(model).__name__}, so it was captured with torch.export "
+                     f"({fx_failure.splitlines()[0]})",)
+        else:
+            updated = before.changed()
+            if not updated:
+                return Captured(module_class(tracer.root, graph, type(model).__name__), "fx")
+            before.restore()  # the trace ran forward's update once; undo it
+            fx_failure = (f"torch.fx.symbolic_trace would lose state updates: forward updates {_names(updated)} in "
+                          "place, which fx runs once while tracing and leaves out of the graph")
+            if options.method == "fx":
+                raise TraceError(_message(model, fx_failure, None, have_examples=bool(args or kwargs),
+                                          forced_fx=True))
+            notes = (f"captured with torch.export: forward updates {_names(updated)} in place, which torch.fx "
+                     "would run once while tracing and leave out of the graph",)
+            log.info("forward updates %s in place; capturing with torch.export", _names(updated))
     if not (args or kwargs):
         raise TraceError(_message(model, fx_failure, None, have_examples=False))
     try:
-        return _export(model, args, kwargs, options, module_class)
+        captured = _export(model, args, kwargs, options, module_class)
     except Exception as e:
         raise TraceError(_message(model, fx_failure, _describe_export_failure(e), have_examples=True)) from e
+    captured.notes = notes + captured.notes
+    return captured
 
 
-class FrozenControlFlow(RuntimeError):
-    """A traced forward branched on a concrete tensor value: fx would freeze that branch."""
+class _TensorState:
+    """Every buffer and tensor attribute of a model, to see (and undo) what a traced forward changed.
 
-
-@contextlib.contextmanager
-def _no_concrete_branches():
-    """Fail fx tracing where forward turns a real tensor into a Python bool or number.
-
-    Under symbolic_trace, a tensor made without proxy inputs (LayerDrop's ``torch.rand(()) < p``)
-    is concrete, so ``if`` on it silently freezes one branch into the graph.
+    Buffers are not proxied by fx: ``self.ema.mul_(0.9)`` or ``self.count += 1`` runs on the real
+    tensor while tracing, once, and the graph never repeats it.
     """
-    saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item")}
 
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise FrozenControlFlow(
-                f"forward calls Tensor.{name}() on a tensor value while tracing, so fx would freeze that "
-                "branch into the graph (random control flow such as LayerDrop's `torch.rand(()) < p`, or a "
-                "branch on a buffer's value)")
+    def __init__(self, entries: List[Tuple[str, nn.Module, str, torch.Tensor, Optional[int], torch.Tensor]]):
+        self.entries = entries  # (qualified name, owner, attribute, tensor, version, saved values)
 
-        return method
+    @classmethod
+    def of(cls, model: nn.Module) -> "_TensorState":
+        entries = []
+        for path, module in model.named_modules():
+            for name, value in _tensor_attributes(module):
+                entries.append((f"{path}.{name}" if path else name, module, name, value, _version(value),
+                                value.detach().clone()))
+        return cls(entries)
 
+    def changed(self) -> List[str]:
+        """Qualified names of the tensors that were replaced or updated in place."""
+        return [qualname for qualname, module, name, value, version, _ in self.entries
+                if _attribute(module, name) is not value or _version(value) != version]
+
+    def restore(self) -> None:
+        for _, module, name, value, version, saved in self.entries:
+            if _attribute(module, name) is not value:
+                (module._buffers if name in module._buffers else module.__dict__)[name] = value
+            if _version(value) != version:
+                with torch.no_grad():
+                    value.copy_(saved)
+
+
+def _tensor_attributes(module: nn.Module) -> Iterable[Tuple[str, torch.Tensor]]:
+    yield from ((name, t) for name, t in module._buffers.items() if t is not None)
+    yield from ((name, v) for name, v in vars(module).items()
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+
+
+def _attribute(module: nn.Module, name: str) -> Any:
+    return module._buffers[name] if name in module._buffers else module.__dict__.get(name)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
     try:
-        for name in saved:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _names(qualnames: List[str]) -> str:
+    shown = ", ".join(qualnames[:5]) + (f" and {len(qualnames) - 5} more" if len(qualnames) > 5 else "")
+    return f"{'buffer' if len(qualnames) == 1 else 'buffers'} {shown}"
 
 
 def _export(model: nn.Module, args, kwargs, options: CaptureOptions, module_class) -> Captured:
@@ -132,9 +203,10 @@ def _export(model: nn.Module, args, kwargs, options: CaptureOptions, module_clas
         except Exception as e:
             if dynamic is None:
                 raise
-            log.warning("export with a dynamic batch dimension failed (%s); retrying with static shapes",
-                        str(e).splitlines()[0][:200])
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+            # said only once the retry worked: when it fails too, the TraceError says what failed
+            log.warning("export with a dynamic batch dimension failed (%s); captured with static shapes",
+                        str(e).splitlines()[0][:200])
             notes.append("static shapes: the model only runs at the example batch size")
     if widened:
         notes.append("example batch of 1 widened to 2 so the batch dimension stays dynamic")
@@ -171,10 +243,20 @@ def _batch_dims(model: nn.Module, args, kwargs):
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
-    """The innermost traceback frame outside torch, i.e. the user's source line."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)
-              and "/fracpass/" not in f.filename]
+    """The innermost traceback frame outside torch and fracpass, i.e. the user's source line."""
+    own = _own_dirs()
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.realpath(f.filename).startswith(own)]
     return frames[-1] if frames else None
+
+
+def _own_dirs() -> Tuple[str, ...]:
+    """The directories of torch and of fracpass's packages, each ending in a separator.
+
+    Matched by installed path, not by name: a user's checkout is often a folder named fracpass.
+    """
+    packages = [torch] + [importlib.import_module(name) for name in _PACKAGES]
+    return tuple(os.path.join(os.path.realpath(d), "") for p in packages for d in p.__path__)
 
 
 def _where(exc: BaseException) -> str:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fracpass.errors import FracpassError
-from fracpass.quant import FULL_PRECISION, Quantizer, _fused_kernels, _torch_seed
+from fracpass.errors import FracpassError, PlanError
+from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, _fused_kernels, _RangeTracker, _torch_seed,
+                            plan_state_mismatch)
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
            "fake_quantize_rows", "quantize_grad_rows", "option_scores"]
@@ -183,16 +184,18 @@ def skip_gate(main: Tensor, onehot: Tensor, skip: Tuple[int, ...]) -> Tensor:
 
 
 # -- modules --------------------------------------------------------------------------------------
-class GatedActQuant(Quantizer):
+class GatedActQuant(_RangeTracker):
     """Activation quantizer of a gated op: per sample at the bits of the option its gate chose.
 
     Training: each option group's batch range (tracked as an EMA per option); eval: that EMA
     (``eval_ranges``: an option never chosen in training takes the union of the others' ranges),
     or before any training batch, the batch group range. ``stage_bits`` holds the most
-    precise option, for tools that read one width per quantizer.
+    precise option, for tools that read one width per quantizer. A batch in which any chosen
+    group's range is not finite is left out of every option's EMA (see ``fracpass.quant``).
     """
 
     role = "act"
+    PLAN_BUFFERS = ("stage_bits", "options")  # option_levels follow from options
 
     def __init__(self, options: Sequence[int], num_stages: int, momentum: float = 0.1):
         super().__init__([max(options)] * num_stages)
@@ -205,11 +208,13 @@ class GatedActQuant(Quantizer):
         self.register_buffer("range_ready", torch.zeros(k, dtype=torch.bool))
 
     def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
+        if x.numel() == 0:  # an empty batch: nothing to quantize, no range to track
+            return x
         choice = onehot.detach().argmax(1)
         rows = _per_sample(x, choice.numel(), self)
         if rows is not x:
             return self.forward(rows, onehot).view_as(x)
-        if self.training or not bool(self.range_ready.any()):
+        if self.training or not self._range_ready:
             mn, mx = _row_range(x)
             mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
             if self.training:
@@ -229,7 +234,12 @@ class GatedActQuant(Quantizer):
 
     @torch.no_grad()
     def _track(self, gmn: Tensor, gmx: Tensor) -> None:
-        seen = torch.isfinite(gmn)
+        # an option no sample chose keeps the (inf, -inf) it started from in _group_range
+        chosen = (gmn != float("inf")) | (gmx != float("-inf"))
+        finite = torch.isfinite(gmn) & torch.isfinite(gmx)
+        batch_ok = (finite | ~chosen).all()  # decided on the device, as in ActQuant._track
+        self.nonfinite_batches += ~batch_ok
+        seen = chosen & finite & batch_ok
         first = seen & ~self.range_ready
         again = seen & self.range_ready
         gmn, gmx = gmn.to(self.running_min.dtype), gmx.to(self.running_max.dtype)
@@ -247,6 +257,7 @@ class GatedGradQuant(Quantizer):
     """Gradient quantizer of a gated op: each sample's output gradient at its option's g bits."""
 
     role = "grad"
+    PLAN_BUFFERS = ("stage_bits", "options")  # option_levels follow from options
 
     def __init__(self, options: Sequence[int], num_stages: int):
         super().__init__([max(options)] * num_stages)
@@ -254,7 +265,7 @@ class GatedGradQuant(Quantizer):
         self.register_buffer("option_levels", _levels(self.options))
 
     def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
-        if not x.requires_grad:
+        if not x.requires_grad or x.numel() == 0:
             return x
         return _GatedGradQuantFn.apply(x, onehot.detach().argmax(1), self.option_levels.to(x.dtype))
 
@@ -334,6 +345,20 @@ class GateHub(nn.Module):
         self.register_buffer("targets", torch.tensor(list(targets), dtype=torch.float64))
         self.register_buffer("stage", torch.zeros((), dtype=torch.int64))
         self._choices: List[Optional[Tensor]] = [None] * len(self.unit_names)
+
+    # set by the plan (the gates' options and targets): a checkpoint must agree, never overwrite them
+    PLAN_BUFFERS = ("options_a", "options_g", "targets")
+
+    def plan_mismatch(self, state_dict, prefix: str) -> List[str]:
+        return plan_state_mismatch(self, state_dict, prefix, self.PLAN_BUFFERS)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        diffs = self.plan_mismatch(state_dict, prefix)
+        if diffs:
+            raise PlanError(f"load_state_dict: gate hub {prefix[:-1] or 'GateHub'!r}: {'; '.join(diffs)}. The checkpoint "
+                            "was saved from a model transformed with different gates; "
+                            + PLAN_MISMATCH_FIX.format(keys=", ".join(self.PLAN_BUFFERS)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, state: Optional[Tuple[Tensor, Tensor]], unit: int):
         if unit == 0:

@@ -9,22 +9,33 @@ deliberate refinements:
 * gradients keep FracTrain's float offset (``floor((g - min) / s + u)``), which gives exactly 2^b
   levels over [min, max] and keeps stochastic rounding unbiased at both ends.
 
-Non-finite input: a NaN or Inf anywhere in a tensor makes its range non-finite, so the whole
-quantized tensor comes out NaN. Divergence is never masked as finite numbers.
+Non-finite input: a NaN or Inf anywhere in a training batch makes its range non-finite, so the
+whole quantized tensor comes out NaN (every row, not only the bad sample's) and so does the loss:
+divergence is never masked as finite numbers. The batch's range is *not* tracked: the running
+range keeps its last finite value, ``nonfinite_batches`` counts the skipped updates (on the
+device, no host sync) and ``warn_nonfinite`` logs a warning once per quantizer (the transformed
+model calls it when it enters eval mode; the ``Scheduler`` at the end of each loss window). In
+eval mode the running range is used, so only the non-finite elements' rows come out NaN.
+
+An empty batch (a zero-size tensor) passes through unchanged and leaves the ranges alone.
 
 Bits live in buffers (``stage_bits``, ``stage``), mirrored in a Python int so the forward and
 backward never read a tensor on the host. ``bits >= 32`` means "not quantized": the quantizer
-returns its input unchanged.
+returns its input unchanged. The bits belong to the plan: ``load_state_dict`` checks a
+checkpoint's ``stage_bits`` against the module's own and raises ``PlanError`` if they differ,
+rather than let a checkpoint change the precision the plan (and ``summary``/``cost``) states.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import logging
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fracpass import kernels
+from fracpass.errors import PlanError
 
 __all__ = [
     "Quantizer",
@@ -34,7 +45,10 @@ __all__ = [
     "fake_quantize",
     "quantize_grad_stochastic",
     "FULL_PRECISION",
+    "warn_nonfinite",
 ]
+
+log = logging.getLogger("fracpass.quant")
 
 FULL_PRECISION = 32  # bits at or above this mean "leave the tensor alone"
 
@@ -116,6 +130,8 @@ def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     kernel draws u = (k + 0.5) / 2^24 from a counter-based hash of (seed, index); the torch-op CPU
     path uses one random byte per element, u = (k + 0.5) / 256, a bias of at most s / 512.
     """
+    if g.numel() == 0:
+        return g.clone()
     levels = float(2**bits - 1)
     ext = _fused_kernels(g)
     if ext is not None:
@@ -155,10 +171,28 @@ class _GradQuantFn:
         return x
 
 
+def plan_state_mismatch(module: nn.Module, state_dict, prefix: str, keys: Sequence[str]) -> List[str]:
+    """How the plan-owned buffers ``keys`` of a checkpoint differ from ``module``'s, one line each."""
+    diffs = []
+    for key in keys:
+        saved, own = state_dict.get(prefix + key), getattr(module, key)
+        if saved is None:
+            continue
+        if saved.shape != own.shape or not torch.equal(saved.to(own.dtype), own):
+            diffs.append(f"{key} {saved.tolist()} in the checkpoint, {own.tolist()} in this model's plan")
+    return diffs
+
+
+PLAN_MISMATCH_FIX = ("transform the model with the plan the checkpoint was saved with (fracpass.save_checkpoint "
+                     "stores it), or, to start this plan from the checkpoint's weights, drop the plan-owned entries "
+                     "({keys}) and the stage from the state_dict and load it with strict=False")
+
+
 class Quantizer(nn.Module):
     """Base of the inserted quantizer modules: per-stage bits as buffers, current bits as an int."""
 
     role = ""
+    PLAN_BUFFERS: Tuple[str, ...] = ("stage_bits",)  # set by the plan: a checkpoint must agree, never overwrite
 
     def __init__(self, stage_bits: Sequence[int]):
         super().__init__()
@@ -180,7 +214,23 @@ class Quantizer(nn.Module):
         self.stage.fill_(stage)
         self._bits = int(self.stage_bits[stage])
 
+    def plan_mismatch(self, state_dict, prefix: str) -> List[str]:
+        """How a checkpoint's plan-owned state differs from this quantizer's, plus a stage it does not have."""
+        diffs = plan_state_mismatch(self, state_dict, prefix, self.PLAN_BUFFERS)
+        stage = state_dict.get(prefix + "stage")
+        if not diffs and stage is not None and not 0 <= int(stage) < self.num_stages:
+            diffs.append(f"the checkpoint is at stage {int(stage)} but this model's plan has {self.num_stages} stage(s)")
+        return diffs
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a transformed model checks all its quantizers at once (fracpass.checkpoint.check_plan_state);
+        # this covers a quantizer loaded on its own or through a wrapper such as DDP
+        diffs = self.plan_mismatch(state_dict, prefix)
+        if diffs:
+            name = prefix[:-1] or type(self).__name__
+            raise PlanError(f"load_state_dict: quantizer {name!r}: {'; '.join(diffs)}. The checkpoint was saved from "
+                            "a model transformed with a different plan; "
+                            + PLAN_MISMATCH_FIX.format(keys=", ".join(self.PLAN_BUFFERS)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bits = int(self.stage_bits[int(self.stage)])
 
@@ -188,10 +238,54 @@ class Quantizer(nn.Module):
         return f"bits={self._bits}, stage_bits={tuple(self.stage_bits.tolist())}"
 
 
-class ActQuant(Quantizer):
+class _RangeTracker(Quantizer):
+    """A quantizer that tracks a running range: a batch with a non-finite range is left out of it.
+
+    ``range_ready`` (a buffer) says whether a finite batch has been tracked; ``_range_ready``
+    mirrors it on the host for the eval forward, synced on load and when eval mode is entered,
+    so training never reads it back. ``nonfinite_batches`` counts the skipped batches.
+    """
+
+    def __init__(self, stage_bits: Sequence[int]):
+        super().__init__(stage_bits)
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._nonfinite_warned = 0
+        self._range_ready = False
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self._range_ready = bool(self.range_ready.any())
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._range_ready = bool(self.range_ready.any())
+
+
+def warn_nonfinite(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
+    """Log once per quantizer that skipped range updates for non-finite batches; returns the names
+    warned now. Reads every quantizer's count in one host transfer."""
+    trackers = [(name, q) for name, q in named if isinstance(q, _RangeTracker)]
+    if not trackers:
+        return []
+    device = trackers[0][1].nonfinite_batches.device
+    counts = torch.stack([q.nonfinite_batches.to(device) for _, q in trackers]).tolist()
+    warned = []
+    for (name, q), count in zip(trackers, counts):
+        if count and not q._nonfinite_warned:
+            log.warning("activation quantizer %r skipped %d range update(s) for non-finite (NaN/Inf) batches: its "
+                        "running range keeps its last finite value, but those batches' outputs and losses were NaN; "
+                        "skip backward and the optimizer step when the loss is not finite (see the README, "
+                        "'Non-finite batches')", name, count)
+            q._nonfinite_warned = count
+            warned.append(name)
+    return warned
+
+
+class ActQuant(_RangeTracker):
     """Per-tensor activation quantizer: batch min/max in training, an EMA of it in eval.
 
-    In eval mode before any training batch has been seen, the batch range is used.
+    In eval mode before any finite training batch has been seen, the batch range is used.
     """
 
     role = "act"
@@ -202,14 +296,9 @@ class ActQuant(Quantizer):
         self.register_buffer("running_min", torch.zeros(()))
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("range_ready", torch.zeros((), dtype=torch.bool))
-        self._range_ready = False
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._range_ready = bool(self.range_ready)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._bits >= FULL_PRECISION:
+        if self._bits >= FULL_PRECISION or x.numel() == 0:
             return x
         if self.training or not self._range_ready:
             mn, mx = torch.aminmax(x.detach())
@@ -221,14 +310,15 @@ class ActQuant(Quantizer):
 
     @torch.no_grad()
     def _track(self, mn: Tensor, mx: Tensor) -> None:
-        if self._range_ready:
-            self.running_min.lerp_(mn.to(self.running_min.dtype), self.momentum)
-            self.running_max.lerp_(mx.to(self.running_max.dtype), self.momentum)
-        else:
-            self.running_min.copy_(mn)
-            self.running_max.copy_(mx)
-            self.range_ready.fill_(True)
-            self._range_ready = True
+        # decided on the device (no host sync): a finite batch moves the EMA, or sets the range if
+        # it is the first one; a non-finite one leaves it and is counted
+        mn, mx = mn.to(self.running_min.dtype), mx.to(self.running_max.dtype)
+        finite = torch.isfinite(mn) & torch.isfinite(mx)
+        weight = torch.where(finite, torch.where(self.range_ready, self.momentum, 1.0), 0.0)
+        self.running_min.lerp_(torch.where(finite, mn, self.running_min), weight)
+        self.running_max.lerp_(torch.where(finite, mx, self.running_max), weight)
+        self.range_ready |= finite
+        self.nonfinite_batches += ~finite
 
 
 class WeightQuant(Quantizer):
@@ -263,7 +353,7 @@ class GradQuant(Quantizer):
     role = "grad"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._bits >= FULL_PRECISION or not x.requires_grad:
+        if self._bits >= FULL_PRECISION or not x.requires_grad or x.numel() == 0:
             return x
         return _GradQuantFn.apply(x, self._bits)
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from fracpass.errors import FracpassError
 from fracpass.plan import Plan
+from fracpass.quant import warn_nonfinite
 from fracpass.switch import AtSteps, Budget, LossPlateau, PlateauState, SwitchRule
 
 __all__ = ["Scheduler", "schedule"]
@@ -18,9 +20,14 @@ log = logging.getLogger("fracpass.scheduler")
 
 def schedule(qmodel, plan: Optional[Plan] = None, example_inputs=(), example_kwargs=None):
     """The scheduler pass: a StagePlan of every op's bits per stage (budgets resolved to AtSteps)."""
-    from fracpass.api import _state, cost
+    from fracpass.api import _parts, _state, cost
     from fracpass.passes.schedule import SchedulePass
 
+    parts = _parts(qmodel)
+    if parts is not None:  # a model holding transformed parts: one schedule over all of them
+        from fracpass.parts import parts_schedule
+
+        return parts_schedule(qmodel, parts, plan, example_inputs, example_kwargs)
     state = _state(qmodel)
     plan = plan or state.plan
     if plan.num_stages != state.plan.num_stages:
@@ -37,14 +44,28 @@ class Scheduler:
     """Call ``step(loss)`` once per training iteration; switches stage when the plan's rule fires.
 
     ``history`` lists (iteration, old stage, new stage, reason). ``state_dict()`` /
-    ``load_state_dict()`` resume mid-training exactly. Under ``torch.distributed`` the window loss
-    is averaged over ranks, so every rank switches at the same iteration.
+    ``load_state_dict()`` resume the schedule mid-training; ``fracpass.save_checkpoint`` saves it
+    with the model, the optimizer and torch's RNG state, which an exact resume needs too. Under
+    ``torch.distributed`` the window loss is averaged over ranks, so every rank switches at the
+    same iteration.
+
+    A non-finite loss (NaN/Inf) counts as an iteration but is left out of the plateau window's
+    mean and counted in ``nonfinite_steps``; each window's end logs how many there were and
+    which activation quantizers skipped a non-finite batch's range. Skip ``backward()`` and
+    ``optimizer.step()`` for such a loss, as in plain PyTorch, and still call ``step(loss)``.
     """
 
     def __init__(self, qmodel, plan: Optional[Plan] = None):
-        from fracpass.api import _state, current_stage
+        from fracpass.api import _parts, _state, current_stage
 
-        state = _state(qmodel)
+        parts = _parts(qmodel)  # None, or the transformed parts qmodel holds: they switch together
+        if parts is None:
+            state = _state(qmodel)
+        else:
+            from fracpass.parts import common_stages, parts_plan
+
+            common_stages(parts, "Scheduler")
+            state = dataclasses.replace(parts[0][1].fracpass, plan=plan or parts_plan(parts))
         self.qmodel = qmodel
         self.plan = plan or state.plan
         if self.plan.num_stages != state.plan.num_stages:
@@ -60,8 +81,10 @@ class Scheduler:
         self.iteration = 0
         self.stage = current_stage(qmodel)
         self.history: List[Tuple[int, int, int, str]] = []
-        self._window_sum: Any = 0.0
-        self._window_count = 0
+        self._window_sum: Any = 0.0  # finite losses of the window, on the loss's device
+        self._window_count: Any = 0  # how many
+        self._window_nonfinite: Any = 0  # non-finite losses since the last read-back
+        self._nonfinite_seen = 0  # those read back already
 
     def gate_loss(self):
         """``fracpass.gate_loss(qmodel)``: the DFQ cost regulariser at the target of the current stage."""
@@ -73,18 +96,22 @@ class Scheduler:
     def last_stage(self) -> int:
         return self.plan.num_stages - 1
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """Iterations whose loss was NaN or Inf (reads the device-side count back)."""
+        return self._nonfinite_seen + int(self._window_nonfinite)
+
     def step(self, loss: Any = None) -> bool:
         """Record one iteration's training loss; returns True if the stage switched."""
         self.iteration += 1
+        if loss is not None:
+            self._record(loss)
         if self.rule is None:
             return False
         window_loss = None
         if isinstance(self._rule_state, PlateauState):
             if loss is None:
                 raise FracpassError("Scheduler.step(loss): LossPlateau needs the iteration's training loss")
-            # accumulate on the loss's device; read it back once per window, not once per step
-            self._window_sum = self._window_sum + (loss.detach().double() if torch.is_tensor(loss) else float(loss))
-            self._window_count += 1
             if not self._rule_state.end_of_window(self.rule, self.iteration):
                 return False
             window_loss = self._reduce_window()
@@ -94,17 +121,38 @@ class Scheduler:
         self._switch(reason)
         return True
 
-    def _reduce_window(self) -> float:
+    def _record(self, loss: Any) -> None:
+        # accumulate on the loss's device, finite and non-finite apart; read back once per window
+        if torch.is_tensor(loss):
+            value = loss.detach().double()
+            finite = torch.isfinite(value)
+            self._window_sum = self._window_sum + torch.where(finite, value, 0.0)
+            self._window_count = self._window_count + finite.long()
+            self._window_nonfinite = self._window_nonfinite + (~finite).long()
+        else:
+            value = float(loss)
+            finite = math.isfinite(value)
+            self._window_sum = self._window_sum + (value if finite else 0.0)
+            self._window_count = self._window_count + int(finite)
+            self._window_nonfinite = self._window_nonfinite + int(not finite)
+
+    def _reduce_window(self) -> Optional[float]:
+        """The window's mean finite loss (over ranks), None if it had none; logs its non-finite losses."""
         total, count = self._window_sum, self._window_count
+        device = total.device if torch.is_tensor(total) else torch.device("cpu")
+        pair = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in (total, count)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = total.device if torch.is_tensor(total) else torch.device("cpu")
-            both = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=device),
-                                torch.tensor(float(count), dtype=torch.float64, device=device)])
-            torch.distributed.all_reduce(both)
-            total, count = both[0], both[1]
-        mean = float(total) / float(count)
-        self._window_sum, self._window_count = 0.0, 0
-        return mean
+            torch.distributed.all_reduce(pair)
+        bad = torch.as_tensor(self._window_nonfinite, dtype=torch.float64, device=device).view(1)
+        total, count, bad = torch.cat([pair, bad]).tolist()  # one read-back per window
+        self._window_sum, self._window_count, self._window_nonfinite = 0.0, 0, 0
+        self._nonfinite_seen += int(bad)
+        if bad:
+            log.warning("iteration %d: non-finite training loss at %d of the last %d iterations, left out of the "
+                        "plateau window; skip backward() and optimizer.step() for such a loss", self.iteration,
+                        int(bad), self.rule.eval_every)
+        warn_nonfinite(self.qmodel.named_modules())
+        return total / count if count else None
 
     def _switch(self, reason: str) -> None:
         from fracpass.api import set_stage
@@ -112,6 +160,7 @@ class Scheduler:
         old = self.stage
         self.stage = old + 1
         set_stage(self.qmodel, self.stage)
+        warn_nonfinite(self.qmodel.named_modules())  # a switch is rare: a fine time to read the counts back
         self.history.append((self.iteration, old, self.stage, reason))
         s = self.plan.stages[self.stage]
         log.info("iteration %d: stage %d -> %d (w/a/g %d/%d/%d): %s", self.iteration, old, self.stage, s.w, s.a, s.g,
@@ -121,8 +170,9 @@ class Scheduler:
     def state_dict(self) -> Dict[str, Any]:
         return {
             "iteration": self.iteration, "stage": self.stage, "history": [list(h) for h in self.history],
-            "window_sum": float(self._window_sum), "window_count": self._window_count,
+            "window_sum": float(self._window_sum), "window_count": int(self._window_count),
             "rule": dataclasses.asdict(self._rule_state) if self._rule_state is not None else None,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -131,6 +181,7 @@ class Scheduler:
         self.iteration, self.stage = int(state["iteration"]), int(state["stage"])
         self.history = [tuple(h) for h in state["history"]]
         self._window_sum, self._window_count = float(state["window_sum"]), int(state["window_count"])
+        self._window_nonfinite, self._nonfinite_seen = 0, int(state.get("nonfinite_steps", 0))
         if state["rule"] is not None:
             self._rule_state = type(self._rule_state)(**state["rule"])
         set_stage(self.qmodel, self.stage)
