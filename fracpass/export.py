@@ -25,6 +25,7 @@ onnxruntime's default optimisations do not round it onto the int32 grid.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import logging
 import os
@@ -35,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fracpass.errors import ExportError
 from fracpass.gating import GatedActQuant, GatedGradQuant
@@ -117,6 +119,8 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
         set_stage(qmodel, was_stage)
         qmodel.train(was_training)
     quantizers, dropped = _swap_quantizers(work)
+    if dynamic_batch:
+        _trace_sizes(work)
     model = _torch_export(work, example_inputs, example_kwargs, opset, dynamic_batch)
     try:
         model = _expand_markers(model, quantizers)
@@ -238,11 +242,88 @@ def _swap_quantizers(work: nn.Module) -> Tuple[Dict[str, Quantizer], List[str]]:
     return kept, dropped
 
 
+def _trace_sizes(work: nn.Module) -> None:
+    """Make a torch.export graph's sizes visible to the TorchScript tracer torch.onnx uses.
+
+    A graph captured with torch.export reads the batch size with ``aten.sym_size.int(x, 0)`` and passes
+    it to ``aten.reshape.default(y, [s, ...])``. Traced, the first returns a plain int and the second,
+    an OpOverload call, takes every int as a constant: the batch size is baked into the ONNX graph.
+    ``x.size(0)`` and the Tensor method (``y.reshape([s, ...])``) or torch function (``torch.arange(s)``)
+    are what the tracer records as Shape -> Gather -> Reshape instead.
+    """
+    graph = getattr(work, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return
+    sizes = set()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
+            with graph.inserting_before(node):
+                size = graph.call_method("size", node.args)
+            node.replace_all_uses_with(size)
+            graph.erase_node(node)
+            sizes.add(size)
+        elif sizes and any(i in sizes for i in node.all_input_nodes):
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                name = node.target.overloadpacket.__name__
+                receiver = node.args[0] if node.args else None
+                if hasattr(torch.Tensor, name) and isinstance(receiver, torch.fx.Node) and receiver not in sizes:
+                    node.op, node.target = "call_method", name  # y.reshape([s, ...])
+                elif callable(getattr(torch, name, None)):
+                    node.target = getattr(torch, name)  # torch.arange(s, dtype=...)
+            if not isinstance(node.meta.get("val"), torch.Tensor):
+                sizes.add(node)  # arithmetic on sizes (operator.mul) stays traced: its users are rewritten too
+    if sizes:
+        work.recompile()
+
+
+class _TensorInputs(nn.Module):
+    """``model`` called with the example inputs' non-tensor values (None, bools, ints) as Python constants.
+
+    torch.onnx traces with TorchScript, which turns every input it is handed into a tensor, and fills
+    in forward's defaults as inputs too: timm's ``forward(x, attn_mask=None, is_causal=False)`` then
+    hands ``is_causal`` to ``scaled_dot_product_attention`` as a tensor, which it refuses (and a
+    ``concrete_args`` guard ``is_causal == False`` hits an internal assert). Here only the tensors
+    cross the traced boundary; everything else reaches the model as the value the example had.
+    """
+
+    def __init__(self, model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.leaves, self.spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self.slots = [i for i, v in enumerate(self.leaves) if isinstance(v, torch.Tensor)]
+
+    def forward(self, *tensors):
+        leaves = list(self.leaves)
+        for i, t in zip(self.slots, tensors):
+            leaves[i] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.model(*args, **kwargs)
+
+
+def _needs_constant_inputs(work: nn.Module, args, kwargs) -> bool:
+    """True if tracing ``work`` would turn a non-tensor value into an input: one in the example, or
+    a default of forward's that the example does not set."""
+    if any(not isinstance(v, torch.Tensor) for v in pytree.tree_leaves((tuple(args), dict(kwargs)))):
+        return True
+    sig = inspect.signature(work.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return False  # torch.onnx will say what does not fit
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return any(name not in bound.arguments for name, p in sig.parameters.items() if p.kind not in variadic)
+
+
 def _torch_export(work: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], opset: int, dynamic_batch: bool):
     import onnx
 
     # positional inputs are input_0, input_1, ...; keyword inputs keep their names
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
+    if _needs_constant_inputs(work, args, kwargs):
+        names = [f"input_{i}" for i, v in enumerate(args) if isinstance(v, torch.Tensor)] + \
+            [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        work = _TensorInputs(work, args, kwargs)
+        args, kwargs = tuple(work.leaves[i] for i in work.slots), {}
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -346,18 +427,23 @@ def _gated_act(graph, q: GatedActQuant, src, onehot, out, stem: str) -> None:
             continue
         scale, lo, hi = _affine_params(table_min[k].float(), table_max[k].float(), lv)
         scales.append(float(scale)), lows.append(float(lo)), highs.append(float(hi))
-    rank = len(src.shape) if src.shape else 4
-    axes = gs.Constant(f"{stem}_axes", np.arange(1, rank, dtype=np.int64))
     v = lambda suffix, dtype=np.float32: gs.Variable(f"{stem}_{suffix}", dtype=dtype)
     choice = v("choice", np.int64)
     nodes = [gs.Node("ArgMax", f"{stem}/ArgMax", attrs={"axis": 1, "keepdims": 0}, inputs=[onehot], outputs=[choice])]
+    if src.shape:  # rank known: (B,) -> (B, 1, ..., 1) by Unsqueeze
+        axes = gs.Constant(f"{stem}_axes", np.arange(1, len(src.shape), dtype=np.int64))
+        rank_nodes, per_sample = [], lambda key, flat, shaped: gs.Node(
+            "Unsqueeze", f"{stem}/Unsqueeze_{key}", inputs=[flat, axes], outputs=[shaped])
+    else:  # rank unknown (the exporter left no shape): reshape to [-1] + [1] * (rank - 1), read off Shape(src)
+        rank_nodes, per_sample = _broadcast_shape(src, stem)
+    nodes += rank_nodes
     picked = {}
     for key, values, dtype in (("scale", scales, np.float32), ("low", lows, np.float32), ("high", highs, np.float32),
                                ("active", [lv > 0 for lv in levels], np.bool_)):
         flat, shaped = v(f"{key}_row", dtype), v(f"{key}_b", dtype)
         nodes += [gs.Node("Gather", f"{stem}/Gather_{key}", attrs={"axis": 0},
                           inputs=[gs.Constant(f"{stem}_{key}s", np.asarray(values, dtype=dtype)), choice], outputs=[flat]),
-                  gs.Node("Unsqueeze", f"{stem}/Unsqueeze_{key}", inputs=[flat, axes], outputs=[shaped])]
+                  per_sample(key, flat, shaped)]
         picked[key] = shaped
     div, rnd, lo, hi, deq = v("div"), v("round"), v("max"), v("min"), v("dq")
     nodes += [gs.Node("Div", f"{stem}/Div", inputs=[src, picked["scale"]], outputs=[div]),
@@ -367,6 +453,29 @@ def _gated_act(graph, q: GatedActQuant, src, onehot, out, stem: str) -> None:
               gs.Node("Mul", f"{stem}/Mul", inputs=[hi, picked["scale"]], outputs=[deq]),
               gs.Node("Where", f"{stem}/GatedDequantize", inputs=[picked["active"], deq, src], outputs=[out])]
     graph.nodes += nodes
+
+
+def _broadcast_shape(src, stem: str):
+    """Nodes computing [-1, 1, ..., 1] of src's rank, and a maker of the Reshape that gives a per-sample
+    vector that shape. A gated activation of any rank ((B, C), (B, T, C), (B, C, H, W)) takes this form when
+    the exporter recorded no static shape for it."""
+    import onnx_graphsurgeon as gs
+
+    shape, tail, zeros, ones, target = (gs.Variable(f"{stem}_{n}", dtype=np.int64)
+                                        for n in ("shape", "tail", "tail0", "ones", "bshape"))
+    nodes = [gs.Node("Shape", f"{stem}/Shape", inputs=[src], outputs=[shape]),
+             gs.Node("Slice", f"{stem}/SliceTail", inputs=[shape, gs.Constant(f"{stem}_one", np.asarray([1], np.int64)),
+                                                          gs.Constant(f"{stem}_end", np.asarray([2**62], np.int64))],
+                     outputs=[tail]),
+             gs.Node("Mul", f"{stem}/Zeros", inputs=[tail, gs.Constant(f"{stem}_zero", np.asarray(0, np.int64))],
+                     outputs=[zeros]),
+             gs.Node("Add", f"{stem}/Ones", inputs=[zeros, gs.Constant(f"{stem}_unit", np.asarray(1, np.int64))],
+                     outputs=[ones]),
+             gs.Node("Concat", f"{stem}/BroadcastShape", attrs={"axis": 0},
+                     inputs=[gs.Constant(f"{stem}_batch", np.asarray([-1], np.int64)), ones], outputs=[target])]
+    reshape = lambda key, flat, shaped: gs.Node("Reshape", f"{stem}/Reshape_{key}", inputs=[flat, target],
+                                                outputs=[shaped])
+    return nodes, reshape
 
 
 def _weight_qdq(graph, q: WeightQuant, src, out, stem: str) -> None:
@@ -448,12 +557,13 @@ def _repack_uint4(model, names) -> None:
 
 
 def _split_bias(graph) -> None:
-    """Conv/Gemm(x, DQ(w), b) -> Add(Conv/Gemm(x, DQ(w)), b): onnxruntime otherwise rounds b onto the
-    int32 grid of s_x * s_w when the result feeds a QuantizeLinear (its WeightBiasQuantization)."""
+    """Conv/ConvTranspose/Gemm(x, DQ(w), b) -> Add(Conv/ConvTranspose/Gemm(x, DQ(w)), b): onnxruntime otherwise
+    rounds b onto the int32 grid of s_x * s_w when the result feeds a QuantizeLinear (its
+    WeightBiasQuantization; seen for a grouped ConvTranspose feeding a quantized conv)."""
     import onnx_graphsurgeon as gs
 
     for node in list(graph.nodes):
-        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
             continue
         weight_from = node.inputs[1].inputs[0].op if node.inputs[1].inputs else None
         if weight_from != "DequantizeLinear":
@@ -463,7 +573,7 @@ def _split_bias(graph) -> None:
             continue
         bias = node.inputs[2]
         node.inputs.pop()
-        if node.op == "Conv" and isinstance(bias, gs.Constant):
+        if node.op in ("Conv", "ConvTranspose") and isinstance(bias, gs.Constant):
             rank = len(node.inputs[1].shape) if node.inputs[1].shape else 4
             bias = gs.Constant(f"{bias.name}_b", np.asarray(bias.values).reshape([1, -1] + [1] * (rank - 2)))
         product = gs.Variable(f"{node.name}_nobias", dtype=np.float32)

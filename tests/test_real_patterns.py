@@ -134,3 +134,66 @@ def test_no_unit_message_reads_as_a_sentence(granularity, what):
     with pytest.raises(fracpass.PlanError, match=what):
         fracpass.transform(factory(), plan.with_gates(fracpass.Gates(granularity=granularity)),
                            example_inputs=(make_input(2),))
+
+
+# -- item 4: export -------------------------------------------------------------------------------------
+def trained_model(name, plan=PLAN, **transform_kwargs):
+    factory, make_input = PATTERNS[name]
+    torch.manual_seed(0)
+    qmodel = fracpass.transform(factory(), plan, example_inputs=(make_input(2),), **transform_kwargs)
+    train_steps(qmodel, make_input)
+    return qmodel, make_input
+
+
+def _ort_run(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["input_0"]  # the defaults are baked, not inputs
+    return session.run(None, {"input_0": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("how", [{}, {"concrete_args": {"attn_mask": None, "is_causal": False}},
+                                 {"capture_method": "export"}], ids=["fx", "fx-concrete-args", "export-path"])
+def test_forward_with_non_tensor_defaults_exports_with_a_dynamic_batch(how, tmp_path):
+    """timm's VisionTransformer.forward(x, attn_mask=None, is_causal=False)."""
+    qmodel, make_input = trained_model("sdpa_is_causal_arg", **how)
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx")  # verified at the example batch and one more
+    qmodel.eval()
+    x = make_input(5)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    assert abs(_ort_run(tmp_path / "m.onnx", x) - ref).max() <= 1e-2 * (ref.max() - ref.min())
+
+
+def test_export_path_fallback_is_noted_and_exports_with_a_dynamic_batch(tmp_path):
+    """timm's MobileViTv2: fx cannot follow `if new_h != H or new_w != W`; torch.export can."""
+    qmodel, make_input = trained_model("shape_branch_export_path")
+    assert qmodel.fracpass.method == "export"
+    text = fracpass.summary(qmodel)
+    assert "note: torch.fx could not trace MobileViTLike" in text and "captured with torch.export" in text
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
+    qmodel.eval()
+    for b in (1, 3, 6):
+        x = make_input(b)
+        with torch.no_grad():
+            ref = qmodel(x).numpy()
+        assert _ort_run(tmp_path / "m.onnx", x).shape == ref.shape
+
+
+def test_a_batch_size_baked_into_the_model_is_caught_before_writing(tmp_path):
+    class Baked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            # an aten overload called directly takes x.size(0) as a constant when torch.onnx traces it
+            return self.fc(torch.ops.aten.reshape.default(x, [x.size(0), -1]))
+
+    qmodel = fracpass.transform(Baked(), PLAN, example_inputs=(torch.randn(2, 4, 4),))
+    train_steps(qmodel, lambda b: torch.randn(b, 4, 4))
+    with pytest.raises(fracpass.ExportError, match=r"at a batch size other than the example's: the traced graph fixed "
+                                                   r"the batch size somewhere; export with dynamic_batch=False"):
+        fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx", dynamic_batch=False)
