@@ -117,11 +117,31 @@ def transform(
     if not isinstance(plan, Plan):
         raise PlanError(f"transform: plan must be a fracpass.Plan, got {type(plan).__name__}; "
                         "build one with fracpass.Plan.static(...), Plan.progressive(...) or Plan.load(path)")
+    _refuse_transformed(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     options = CaptureOptions(capture_method, tuple(leaf_modules), concrete_args, dynamic_batch)
     with _gc_paused():
         return _transform(model, plan, tuple(example_inputs), example_kwargs, options)
+
+
+def _refuse_transformed(model: nn.Module) -> None:
+    """Transforming twice would quantize the quantizers' own ops and count every op twice: refuse it."""
+    from fracpass.parts import transformed_parts
+
+    parts = transformed_parts(model)
+    if not parts:
+        return
+    path, part = parts[0]
+    if not path:
+        original = type(part.fracpass.root).__name__
+        raise PlanError(f"transform: this {original} is already transformed by fracpass; "
+                        "to change its precision use fracpass.set_stage(qmodel, stage), to apply another plan "
+                        "transform the original model again (transform never changes it)")
+    where = ", ".join(repr(p) for p, _ in parts)
+    raise PlanError(f"transform: {type(model).__name__} contains a model already transformed by fracpass at {where}; "
+                    "transform a copy that holds the original submodules instead, or keep the transformed parts and "
+                    "drive them together with fracpass.set_stage(model, stage) and fracpass.Scheduler(model)")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from fracpass.capture_guard import CAPTURE_LOCK, no_concrete_branches, quiet_torch
 from fracpass.errors import TraceError
+from fracpass.traced import traced_forward
 
 __all__ = ["CaptureOptions", "capture"]
 
@@ -57,6 +58,7 @@ class _Tracer(torch.fx.Tracer):
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_paths = frozenset(x for x in leaves if isinstance(x, str))
         self.thread: Optional[int] = None
+        self.tracing_into: List[nn.Module] = []  # torch.nn modules traced with a fracpass.traced forward
 
     def trace(self, root, concrete_args=None):
         self.thread = threading.get_ident()
@@ -65,7 +67,14 @@ class _Tracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if threading.get_ident() != self.thread:
             return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        inner = None if self._user_leaf(m, self.path_of_module(m)) else traced_forward(m, args, kwargs)
+        if inner is None:
+            return super().call_module(m, forward, args, kwargs)
+        self.tracing_into.append(m)
+        try:
+            return super().call_module(m, inner, args, kwargs)
+        finally:
+            self.tracing_into.pop()
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]):
         if threading.get_ident() != self.thread:
@@ -73,9 +82,14 @@ class _Tracer(torch.fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types) or qualname in self.leaf_paths:
+        if self._user_leaf(m, qualname):
             return True
+        if self.tracing_into and m is self.tracing_into[-1]:
+            return False
         return super().is_leaf_module(m, qualname)
+
+    def _user_leaf(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or qualname in self.leaf_paths
 
 
 @dataclass
@@ -92,8 +106,58 @@ def capture(model: nn.Module, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[
 
     Raises TraceError naming the module, the source line and the fix.
     """
+    check_examples(model, args, kwargs, options.concrete_args)
     with CAPTURE_LOCK, quiet_torch():
         return _capture(model, args, dict(kwargs or {}), options, module_class)
+
+
+def check_examples(model: nn.Module, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]],
+                   concrete_args: Optional[Dict[str, Any]] = None) -> None:
+    """Raise TraceError when the example inputs do not fit ``model.forward``'s parameters.
+
+    Checked before capture: a keyword forward does not take would otherwise surface much later (in
+    ``cost``, or as an export failure about something else). Parameters in ``concrete_args`` count
+    as given. Nothing is checked without example inputs (fx then traces from the signature alone).
+    """
+    kwargs = kwargs or {}
+    if not (args or kwargs):
+        return
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C++ forward: let capture judge
+        return
+    params = sig.parameters
+    kinds = [p.kind for p in params.values()]
+    shown = f"{type(model).__name__}.forward{_plain(sig)}"
+    accepted = ", ".join(name for name, p in params.items()
+                         if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        unknown = [k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY]
+        if unknown:
+            raise TraceError(f"example_kwargs: {shown} has no parameter {unknown[0]!r} "
+                             f"(it accepts: {accepted or 'no keyword arguments'}); rename the keyword to one of "
+                             "these or pass the value in example_inputs")
+    positional = [name for name, p in params.items()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if inspect.Parameter.VAR_POSITIONAL not in kinds and len(args) > len(positional):
+        raise TraceError(f"example_inputs: {len(args)} given, but {shown} takes at most {len(positional)} positional "
+                         "(pass the others by name in example_kwargs, or drop the extra ones)")
+    twice = [name for name in positional[:len(args)] if name in kwargs]
+    if twice:
+        raise TraceError(f"example inputs give {twice[0]!r} twice, as example_inputs[{positional.index(twice[0])}] "
+                         f"and in example_kwargs, for {shown}; give it once")
+    given = set(positional[:len(args)]) | set(kwargs) | set(concrete_args or {})
+    missing = [name for name, p in params.items() if p.default is inspect.Parameter.empty and name not in given
+               and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if missing:
+        raise TraceError(f"example inputs give no value for {missing[0]!r} of {shown}; add it to example_inputs "
+                         f"or example_kwargs=dict({missing[0]}=...)")
+
+
+def _plain(sig: inspect.Signature) -> str:
+    """``sig`` without annotations: ``(tokens, mask=None)``."""
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
 
 
 def _capture(model: nn.Module, args, kwargs, options: CaptureOptions, module_class) -> Captured:
