@@ -43,6 +43,7 @@ class _State:
     stats: Dict[bool, Dict[str, Any]] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
     stage: int = 0
+    execution: str = "simulate"  # "native": the lower-native pass runs after the pipeline (fracpass.native)
 
 
 class QuantizedGraphModule(torch.fx.GraphModule):
@@ -84,7 +85,7 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         if state is None:
             return super().__reduce__()
         return (_rebuild, (state.root, state.plan, state.args, state.kwargs, state.options, self.state_dict(),
-                           self.training))
+                           self.training, state.execution))
 
     def _use_mode(self, state: _State, mode: bool) -> None:
         graph = state.graphs.get(mode)
@@ -106,11 +107,14 @@ def transform(
     leaf_modules: Sequence[Union[str, type]] = (),
     concrete_args: Optional[Dict[str, Any]] = None,
     dynamic_batch: bool = True,
+    execution: str = "simulate",
 ) -> QuantizedGraphModule:
     """Capture ``model`` and insert the quantizers ``plan`` asks for. ``model`` is never changed.
 
     ``capture_method``: "auto" (torch.fx, falling back to non-strict torch.export), "fx" or "export".
     Export needs ``example_inputs`` and/or ``example_kwargs``; its batch dimension stays dynamic.
+    ``execution``: "simulate" (float32 fake quantization) or "native" (int8 products where the current
+    bits allow, else simulated; see ``fracpass.native``).
     """
     if not isinstance(model, nn.Module):
         raise FracpassError(f"transform: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -120,9 +124,11 @@ def transform(
     _refuse_transformed(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    from fracpass.native import check_execution
+
     options = CaptureOptions(capture_method, tuple(leaf_modules), concrete_args, dynamic_batch)
     with _gc_paused():
-        return _transform(model, plan, tuple(example_inputs), example_kwargs, options)
+        return _transform(model, plan, tuple(example_inputs), example_kwargs, options, check_execution(execution))
 
 
 def _refuse_transformed(model: nn.Module) -> None:
@@ -157,13 +163,15 @@ def _gc_paused():
             gc.enable()
 
 
-def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], example_kwargs, options) -> "QuantizedGraphModule":
+def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], example_kwargs, options,
+               execution: str = "simulate") -> "QuantizedGraphModule":
     root = _copy_model(model)
     captured = capture(root, example_inputs, example_kwargs, options, module_class=QuantizedGraphModule)
     gm = captured.graph_module
     # re-captures (the other mode) take the path that worked, not "auto"
     state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root,
-                   example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes)
+                   example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes,
+                   execution=execution)
     _run_pipeline(gm, state, root.training)
     # after the pipeline, so the quantizers it added follow too; nn.Module.train does not re-capture
     nn.Module.train(gm, root.training)
@@ -173,10 +181,11 @@ def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], ex
     return gm
 
 
-def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, training: bool) -> QuantizedGraphModule:
+def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, training: bool,
+             execution: str = "simulate") -> QuantizedGraphModule:
     qmodel = transform(root.train(training), plan, args, kwargs, capture_method=options.method,
                        leaf_modules=options.leaf_modules, concrete_args=options.concrete_args,
-                       dynamic_batch=options.dynamic_batch)
+                       dynamic_batch=options.dynamic_batch, execution=execution)
     qmodel.load_state_dict(state_dict)
     return qmodel
 
@@ -198,6 +207,10 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
     result = default_pipeline(state.plan, state.args, state.kwargs)(gm)
+    if state.execution == "native":  # after the pipeline: it lowers the quantizer groups the passes built
+        from fracpass.native import LowerNativePass
+
+        result.stats["lower-native"] = LowerNativePass()(gm).stats
     state.graphs[mode] = gm.graph
     state.stats[mode] = result.stats
 

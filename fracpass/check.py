@@ -186,6 +186,8 @@ class Coverage:
     ops: Dict[str, Tuple[int, int]]  # role -> (quantized, applicable)
     macs: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # role -> (quantized MACs, applicable MACs)
     unquantized: List[Tuple[str, str, str]] = field(default_factory=list)  # (op, role(s), reason)
+    # execution="native" only: op -> (path at the current stage, why not native / which products run in fp32)
+    paths: Dict[str, Tuple[str, str]] = field(default_factory=dict)
 
     def fraction(self, role: str, by: str = "ops") -> float:
         done, total = (self.ops if by == "ops" else self.macs)[role]
@@ -201,7 +203,8 @@ class Coverage:
                 "macs": {r: {"quantized": q, "total": t, "fraction": self.fraction(r, "macs")}
                          for r, (q, t) in self.macs.items()},
                 "minimum": self.minimum,
-                "unquantized": [{"op": o, "roles": r, "reason": why} for o, r, why in self.unquantized]}
+                "unquantized": [{"op": o, "roles": r, "reason": why} for o, r, why in self.unquantized],
+                "paths": {o: {"path": p, "note": why} for o, (p, why) in self.paths.items()}}
 
     def __str__(self) -> str:
         lines = ["coverage (quantized / compute ops that have the role):"]
@@ -213,6 +216,8 @@ class Coverage:
             lines.append(line)
         for op, roles, why in self.unquantized:
             lines.append(f"  not quantized: {op} [{roles}]: {why}")
+        for op, (path, why) in self.paths.items():
+            lines.append(f"  path {op}: {path}" + (f": {why}" if why else ""))
         return "\n".join(lines)
 
 
@@ -250,6 +255,10 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
     for name, why in _uncosted(qmodel):
         unquantized.append((name, "all", why))
     result = Coverage({r: (q, t) for r, (q, t) in counts.items()}, unquantized=unquantized)
+    if getattr(state, "execution", "simulate") == "native":
+        from fracpass.native import op_paths
+
+        result.paths = op_paths(qmodel)
     if example_inputs or example_kwargs or state.args or state.kwargs:
         try:
             report = cost(qmodel, example_inputs, example_kwargs)

@@ -300,13 +300,18 @@ class ActQuant(_RangeTracker):
     def forward(self, x: Tensor) -> Tensor:
         if self._bits >= FULL_PRECISION or x.numel() == 0:
             return x
+        mn, mx = self.qrange(x)
+        return _FakeQuantSTE.apply(x, mn, mx, self._bits)
+
+    def qrange(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The range ``forward`` quantizes ``x`` over (tracking it in training), for callers that
+        compute the codes themselves (``fracpass.native``)."""
         if self.training or not self._range_ready:
             mn, mx = torch.aminmax(x.detach())
             if self.training:
                 self._track(mn, mx)
-        else:
-            mn, mx = self.running_min, self.running_max
-        return _FakeQuantSTE.apply(x, mn, mx, self._bits)
+            return mn, mx
+        return self.running_min, self.running_max
 
     @torch.no_grad()
     def _track(self, mn: Tensor, mx: Tensor) -> None:
@@ -333,15 +338,19 @@ class WeightQuant(Quantizer):
     def forward(self, w: Tensor) -> Tensor:
         if self._bits >= FULL_PRECISION:
             return w
+        mn, mx = self.qrange(w)
+        return _FakeQuantSTE.apply(w, mn, mx, self._bits)
+
+    def qrange(self, w: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-channel (or per-tensor) min and max, shaped to broadcast against ``w``."""
         if self.axis is None or w.dim() == 0:
-            mn, mx = torch.aminmax(w.detach())
-            return _FakeQuantSTE.apply(w, mn, mx, self._bits)
+            return torch.aminmax(w.detach())
         axis = self.axis % w.dim()
         per_channel = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)
         mn, mx = torch.aminmax(per_channel, dim=1)
         shape = [1] * w.dim()
         shape[axis] = -1
-        return _FakeQuantSTE.apply(w, mn.view(shape), mx.view(shape), self._bits)
+        return mn.view(shape), mx.view(shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, axis={self.axis}"

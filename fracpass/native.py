@@ -1,0 +1,436 @@
+"""Native low-precision execution (issue 11): quantized linear and matmul products on int8 codes.
+
+The simulated graph computes ``gq(F.linear(aq(x), wq(w), b))`` in float32. With
+``fracpass.transform(..., execution="native")`` the ``lower-native`` pass (run after the pipeline)
+replaces each such group by one call that receives the quantizer modules::
+
+    x -> linear_aq -> linear(., linear_wq(w), b) -> linear_gq -> y
+    becomes
+    x -> native_linear(x, w, b, linear_aq, linear_wq, linear_gq) -> y   (quantizers as get_attr nodes)
+
+and picks a path on every call from the quantizers' current bits, so ``set_stage`` needs no re-trace:
+
+* **int8**: the quantizers' integer codes multiplied by ``torch._int_mm`` (int32 accumulation:
+  exact), the scales applied to the output. Codes are computed with the simulation's own formula
+  (same range, same ``round(x / s)``), so the product equals the simulation's up to float32
+  rounding. 8-bit codes span 256 values anywhere in [-255, 255] (after the zero point); they are
+  shifted into int8 and the shift is corrected with row and column sums. Gradients are rounded by
+  the simulation's own stochastic quantizer (same noise for the same seed) and read back as codes.
+  The weight gradient (g x a) is always int8; the input gradient (g x w) is int8 only when the
+  weight's scale is per tensor: a per-channel weight scale lies on that product's contracted axis,
+  so it cannot be applied to the output, and that product runs in float32 on the decoded codes.
+  Operands are saved for backward as int8 codes.
+* **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
+  bits above 8, gated (per-sample) quantizers, batched products, non-float32 or non-CPU tensors,
+  shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
+  AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
+  which also takes this path, so a native model exports exactly as a simulated one.
+
+Other compute ops (convolutions, SDPA, einsum) are left simulated; ``op_paths`` says why per op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fracpass import meta, registry
+from fracpass.errors import FracpassError
+from fracpass.pass_base import PassBase, PassResult
+from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, quantize_grad_stochastic
+
+__all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
+           "int8_support", "NativeInfo"]
+
+log = logging.getLogger("fracpass.native")
+
+EXECUTIONS = ("simulate", "native")
+NATIVE = "fracpass.native"  # node.meta key: NativeInfo on every compute op of a native model
+MAX_INT8_BITS = 8
+# |code + offset| <= 255, so a K-long int32 dot product is exact up to K = (2^31 - 1) / 255^2
+MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
+
+
+@dataclass(frozen=True)
+class NativeInfo:
+    """Whether the lower-native pass replaced an op by a native call, and if not, why."""
+
+    lowered: bool
+    reason: str = ""
+
+
+def check_execution(execution: str) -> str:
+    if execution not in EXECUTIONS:
+        raise FracpassError(f"transform: execution={execution!r} is not one of {EXECUTIONS}; use 'simulate' (float32 "
+                            "fake quantization, the default) or 'native' (int8 products where the bits allow)")
+    return execution
+
+
+# -- device ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+_warned: set = set()
+
+
+def int8_support() -> Optional[str]:
+    """None if this CPU has int8 dot-product instructions, else why the int8 path is not used."""
+    flags = _cpu_flags()
+    if any(f in flags for f in _INT8_FLAGS):
+        return None
+    why = (f"this CPU has none of {', '.join(_INT8_FLAGS)} (no int8 dot-product instructions), so int8 products "
+           "would not be faster than float32")
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("fracpass native execution: %s; quantized ops run simulated", why)
+    return why
+
+
+# -- codes -----------------------------------------------------------------------------------------
+def _encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """int8 codes t, integer offset k and scale s with s * (t + k) == the simulation's fake_quantize(x).
+
+    Up to 7 bits the codes (zero point included) already lie in [-127, 127]: k is None. At 8 bits
+    they span 256 values in [-255, 255]; t = q - lo - 128 fits int8 and k = lo + 128."""
+    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
+    q.clamp_min_(lo)
+    q.clamp_max_(hi)
+    if bits < MAX_INT8_BITS:
+        return q.to(torch.int8), None, scale
+    shift = lo + 128
+    return q.sub_(shift).to(torch.int8), shift.to(torch.int32), scale
+
+
+def _grad_codes(grad: Tensor, ghat: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """int8 codes t, scale s and float offset c with s * t + c == ghat, the simulation's stochastic
+    rounding of ``grad`` (levels q = floor((g - mn) / s + u) in [0, 2^b - 1], read back from ghat)."""
+    levels = float(2**bits - 1)
+    mn, mx = torch.aminmax(grad)
+    scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
+    half = float(2 ** (bits - 1))
+    t = torch.sub(ghat, mn).div_(scale).round_().sub_(half).to(torch.int8)
+    return t, scale, mn + scale * half
+
+
+def _decode(t: Tensor, k: Optional[Tensor], s: Tensor) -> Tensor:
+    q = t.float() if k is None else t.to(torch.int32).add_(k).float()
+    return q.mul_(s)
+
+
+def _affine_mm(ta, ka, sa, ca, tb, kb, sb, cb) -> Tensor:
+    """(sa (ta + ka) + ca) @ (sb (tb + kb) + cb) with one int8 GEMM and row/column-sum corrections.
+
+    A is (M, K) with ka, sa per tensor or per row (M, 1); B is (K, N) with kb, sb per tensor or per
+    column (1, N); ca, cb are per-tensor float offsets or None. The integer part is exact in int32."""
+    k_len = ta.shape[1]
+    acc = torch._int_mm(ta, tb)
+    row_a = col_b = None
+    if kb is not None or cb is not None:
+        row_a = ta.sum(1, keepdim=True, dtype=torch.int32)
+        if kb is not None:
+            acc += row_a * kb
+        if ka is not None:
+            row_a = row_a + k_len * ka
+    if ka is not None or ca is not None:
+        col_b = tb.sum(0, keepdim=True, dtype=torch.int32)
+        if kb is not None:
+            col_b = col_b + k_len * kb
+        if ka is not None:
+            acc += ka * col_b
+    y = acc.float().mul_(sa * sb)
+    if ca is not None:
+        y += (ca * sb) * col_b.float()
+    if cb is not None:
+        y += (cb * sa) * row_a.float()
+    if ca is not None and cb is not None:
+        y += k_len * ca * cb
+    return y
+
+
+class _Int8Product(torch.autograd.Function):
+    """y = A @ B (+ bias) on int8 codes; backward quantizes dy as the gradient quantizer would."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, ta, ka, sa, tb, kb, sb, gbits: int):  # type: ignore[override]
+        y = _affine_mm(ta, ka, sa, None, tb, kb, sb, None)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(ta, ka, sa, tb, kb, sb)
+        ctx.gbits = gbits
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ta, ka, sa, tb, kb, sb = ctx.saved_tensors
+        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        gbits = ctx.gbits
+        ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
+        codes = _grad_codes(grad, ghat, gbits) if 2 <= gbits <= MAX_INT8_BITS else None
+        da = db = dbias = None
+        if need_a:  # dA = dy @ B^T contracts over B's columns: int8 only if B's scale is per tensor
+            if codes is not None and sb.dim() == 0:
+                tg, sg, cg = codes
+                da = _affine_mm(tg, None, sg, cg, tb.t(), kb, sb, None)
+            else:
+                da = ghat @ _decode(tb, kb, sb).t()
+        if need_b:  # dB = A^T @ dy contracts over A's rows: int8 only if A's scale is per tensor
+            if codes is not None and sa.dim() == 0:
+                tg, sg, cg = codes
+                db = _affine_mm(ta.t(), ka, sa, None, tg, None, sg, cg)
+            else:
+                db = _decode(ta, ka, sa).t() @ ghat
+        if need_bias:
+            dbias = ghat.sum(0)
+        return da, db, dbias, None, None, None, None, None, None, None
+
+
+# -- path choice -----------------------------------------------------------------------------------
+def _operand_reason(q, role: str) -> Optional[str]:
+    if q is None:
+        return f"its {role} operand is not quantized by the plan"
+    if type(q) not in (ActQuant, WeightQuant):
+        return f"its {role} quantizer is {type(q).__name__} (gated, per-sample scales: no native path yet)"
+    if q.bits > MAX_INT8_BITS:
+        return f"{role} at {'fp32' if q.bits >= FULL_PRECISION else q.bits} bits: int8 holds at most {MAX_INT8_BITS}"
+    if q.bits < 2:
+        return f"{role} at {q.bits} bits"
+    return None
+
+
+def _grad_bits(gq) -> int:
+    if gq is None:
+        return FULL_PRECISION
+    if type(gq) is not GradQuant:
+        return -1  # gated gradient quantizer
+    return gq.bits
+
+
+def decide(qa, qb, gq) -> Tuple[str, str]:
+    """(path, note) from the quantizers' current bits: path "int8" or "simulated"; the note says why
+    not native, or which backward products of an int8 op run in float32."""
+    for q, role in ((qa, "first"), (qb, "second")):
+        why = _operand_reason(q, role)
+        if why is not None:
+            return "simulated", why
+    gbits = _grad_bits(gq)
+    if gbits == -1:
+        return "simulated", f"its gradient quantizer is {type(gq).__name__} (gated: no native path yet)"
+    why = int8_support()
+    if why is not None:
+        return "simulated", why
+    fp32 = []
+    if not 2 <= gbits <= MAX_INT8_BITS:
+        fp32.append(f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)")
+    elif isinstance(qb, WeightQuant) and qb.axis is not None:
+        fp32.append("g x w in fp32 (the weight's per-channel scale lies on its contracted axis)")
+    elif isinstance(qa, WeightQuant) and qa.axis is not None:
+        fp32.append("g x w in fp32 (the weight's per-channel scale lies on its contracted axis)")
+    return "int8", "; ".join(fp32)
+
+
+def _tensor_reason(*tensors: Tensor) -> Optional[str]:
+    for t in tensors:
+        if isinstance(t, torch._subclasses.FakeTensor) or t.device.type != "cpu":
+            return "not a CPU tensor"
+        if t.dtype != torch.float32:
+            return f"{t.dtype} operands"
+    return None
+
+
+# -- the native calls --------------------------------------------------------------------------------
+def _call(q, x: Tensor) -> Tensor:
+    return x if q is None else q(x)
+
+
+def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optional[nn.Module],
+                  wq: Optional[nn.Module], gq: Optional[nn.Module]) -> Tensor:
+    """``gq(F.linear(aq(x), wq(weight), bias))``, on int8 codes where the current bits allow."""
+    path, _ = decide(aq, wq, gq)
+    if (path != "int8" or not isinstance(aq, ActQuant) or not _free_axis(wq, 0) or weight.dim() != 2 or x.dim() < 1 or x.numel() == 0 or x.shape[-1] > MAX_CONTRACTION
+            or _tensor_reason(x, weight) is not None):
+        return _call(gq, F.linear(_call(aq, x), _call(wq, weight), bias))
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        ta, ka, sa = _encode(x2, *aq.qrange(x), aq.bits)
+        tw, kw, sw = _encode(weight.detach(), *wq.qrange(weight), wq.bits)
+    kb = None if kw is None else kw.t()
+    y = _Int8Product.apply(x2, weight.t(), bias, ta, ka, sa, tw.t(), kb, sw.t(), _grad_bits(gq))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _free_axis(q, free: int) -> bool:
+    """True if ``q``'s scale is per tensor or along the free (non-contracted) axis ``free`` of a 2-D operand."""
+    return not isinstance(q, WeightQuant) or q.axis is None or q.axis % 2 == free
+
+
+def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
+                  gq: Optional[nn.Module]) -> Tensor:
+    """``gq(torch.matmul(qa(a), qb(b)))``, on int8 codes for 2-D right operands where the bits allow."""
+    path, _ = decide(qa, qb, gq)
+    if (path != "int8" or b.dim() != 2 or a.dim() < 1 or a.numel() == 0 or b.numel() == 0
+            or (a.dim() != 2 and isinstance(qa, WeightQuant)) or not _free_axis(qa, 0) or not _free_axis(qb, 1)
+            or a.shape[-1] > MAX_CONTRACTION or _tensor_reason(a, b) is not None):
+        return _call(gq, torch.matmul(_call(qa, a), _call(qb, b)))
+    a2 = a.reshape(-1, a.shape[-1])
+    with torch.no_grad():
+        ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
+        cb = _encode(b.detach(), *qb.qrange(b), qb.bits)
+    y = _Int8Product.apply(a2, b, None, *ca, *cb, _grad_bits(gq))
+    return y.view(*a.shape[:-1], b.shape[1])
+
+
+_NATIVE_CALLS = (native_linear, native_matmul)
+
+# the native calls are the same op kinds for cost analysis and coverage (operands at args 0 and 1)
+for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul)):
+    _entry = registry._KINDS[_kind]
+    registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
+
+_LINEAR = {F.linear, torch.ops.aten.linear.default}
+_MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default}
+_MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+
+
+def _quantizer_node(node, op: torch.fx.Node, role: str) -> Optional[torch.fx.Node]:
+    info = meta.inserted(node) if isinstance(node, torch.fx.Node) else None
+    return node if info is not None and info.role == role and info.source == op.name else None
+
+
+# -- the lowering pass -------------------------------------------------------------------------------
+class LowerNativePass(PassBase):
+    """Replace each quantized linear / matmul group by one native call that picks its path per call::
+
+        x -> linear_aq -> linear(., linear_wq(w), b) -> linear_gq -> y
+        becomes
+        x -> native_linear(x, w, b, linear_aq, linear_wq, linear_gq) -> y
+
+    The quantizer modules stay where they are (state_dict, set_stage, export unchanged); the call
+    reads them through get_attr nodes that keep the quantizers' names and provenance. Every other
+    compute op gets a NativeInfo saying why it stays simulated.
+    """
+
+    name = "lower-native"
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        lowered = kept = 0
+        for node in list(gm.graph.nodes):
+            info, spec = meta.op_info(node), meta.qspec(node)
+            if info is None or spec is None or node.target in _NATIVE_CALLS:
+                continue
+            why = self._why_not(node, spec)
+            if why is None:
+                self._lower(gm, node)
+                lowered += 1
+            else:
+                node.meta[NATIVE] = NativeInfo(False, why)
+                kept += 1
+        return PassResult(gm, modified=lowered > 0, stats={"lowered": lowered, "simulated": kept})
+
+    def _why_not(self, node: torch.fx.Node, spec) -> Optional[str]:
+        if spec.excluded:
+            return f"excluded: {spec.excluded}"
+        is_linear = node.op == "call_function" and node.target in _LINEAR
+        is_matmul = (node.op == "call_function" and node.target in _MATMUL) or (
+            node.op == "call_method" and node.target in _MATMUL_METHODS)
+        if not (is_linear or is_matmul):
+            return f"no native path for {meta.op_info(node).kind} yet (linear and matmul have one)"
+        if node.kwargs or len(node.args) < 2:
+            return "operands passed by keyword"
+        for arg in node.args[:2]:
+            q = next((r for r in ("act", "weight") if _quantizer_node(arg, node, r) is not None), None)
+            if q is not None and (len(arg.args) != 1 or len(arg.users) != 1):
+                return "gated unit (per-sample scales: no native path yet)" if len(arg.args) != 1 else \
+                    "a quantized operand has other users"
+        grads = [u for u in node.users if _quantizer_node(u, node, "grad") is not None]
+        if grads and (len(node.users) != 1 or len(grads[0].args) != 1):
+            return "gated unit (per-sample scales: no native path yet)"
+        return None
+
+    def _lower(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+        graph = gm.graph
+        grad = next(iter(node.users)) if len(node.users) == 1 else None
+        grad = _quantizer_node(grad, node, "grad")
+        operands, refs, erase = [], [], []
+        with graph.inserting_before(node):
+            for arg in node.args[:2]:
+                role = "act" if _quantizer_node(arg, node, "act") is not None else (
+                    "weight" if _quantizer_node(arg, node, "weight") is not None else None)
+                if role is None:
+                    operands.append(arg)
+                    refs.append(None)
+                    continue
+                operands.append(arg.args[0])
+                refs.append(self._ref(graph, arg, role, node))
+                erase.append(arg)
+            gref = self._ref(graph, grad, "grad", node) if grad is not None else None
+            if node.target in _LINEAR:
+                bias = node.args[2] if len(node.args) > 2 else None
+                new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
+            else:
+                new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
+        new.meta.update(node.meta)
+        new.meta[NATIVE] = NativeInfo(True)
+        (grad if grad is not None else node).replace_all_uses_with(new)
+        names = {}
+        for old in ([grad] if grad is not None else []) + [node] + erase:
+            names[old.target if old.op == "call_module" else None] = old.name
+            graph.erase_node(old)
+        new.name = node.name
+        for ref in [r for r in refs + [gref] if r is not None]:
+            ref.name = names.get(ref.target, ref.name)
+
+    @staticmethod
+    def _ref(graph: torch.fx.Graph, quantizer: torch.fx.Node, role: str, op: torch.fx.Node) -> torch.fx.Node:
+        ref = graph.get_attr(quantizer.target)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in quantizer.meta:
+                ref.meta[key] = quantizer.meta[key]
+        meta.set_inserted(ref, meta.Inserted(role=role, source=op.name, created_by=LowerNativePass.name))
+        return ref
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
+    """op name -> (path at the current stage: "int8" or "simulated", why not native / what runs in fp32).
+
+    Decided from the quantizers' current bits and this CPU, for float32 CPU inputs."""
+    from fracpass.api import _state
+
+    execution = getattr(_state(qmodel), "execution", "simulate")
+    paths = {}
+    for node in qmodel.graph.nodes:
+        if meta.op_info(node) is None or meta.qspec(node) is None:
+            continue
+        if node.target in _NATIVE_CALLS:
+            refs = node.args[3:6] if node.target is native_linear else node.args[2:5]
+            mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
+            if node.target is native_linear and not isinstance(mods[0], ActQuant):
+                paths[node.name] = ("simulated", _operand_reason(mods[0], "first") or "first operand not per tensor")
+            else:
+                paths[node.name] = decide(*mods)
+        elif execution != "native":
+            paths[node.name] = ("simulated", "execution='simulate'")
+        else:
+            info = node.meta.get(NATIVE)
+            paths[node.name] = ("simulated", info.reason if info is not None else "not lowered")
+    return paths

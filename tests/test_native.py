@@ -1,0 +1,274 @@
+"""Native execution (fracpass.native): int8 products must compute what the simulation computes.
+
+Exact int8 paths are compared with the simulated model on the same weights, inputs and seed
+(the gradient quantizer's stochastic rounding draws the same noise): forward output, input
+gradient and weight gradient within 1e-5 of the simulated tensor's range (float32 rounding of the
+two summation orders). Fallbacks must give the simulated result bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fracpass
+from fracpass import native
+from fracpass.errors import FracpassError
+
+TOL = 1e-5  # of the simulated tensor's range
+
+
+class Lin(nn.Module):
+    def __init__(self, k=48, n=40):
+        super().__init__()
+        self.fc = nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ActMatmul(nn.Module):  # both operands activations (attention-like), right one 2-D
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+class WeightMatmul(nn.Module):  # a parameter on the right: per-column (free axis) weight scale
+    def __init__(self, k=24, n=20):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(k, n) * 0.2)
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _run(qmodel, inputs, seed=123):
+    """Output, input gradients and parameter gradients for loss = <y, r> with a fixed r."""
+    qmodel.zero_grad(set_to_none=True)
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    y = qmodel(*inputs)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(seed)  # the gradient quantizers' noise
+    (y * r).sum().backward()
+    return [y.detach()] + [t.grad for t in inputs] + [p.grad for p in qmodel.parameters()]
+
+
+def _pair(model, plan, inputs):
+    sim = fracpass.transform(model, plan, example_inputs=inputs)
+    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native")
+    return sim, nat
+
+
+def _assert_close(got, want, what):
+    for i, (g, w) in enumerate(zip(got, want)):
+        span = float(w.max() - w.min()) or 1.0
+        err = float((g - w).abs().max())
+        assert err <= TOL * span, f"{what}: tensor {i} differs by {err:.3g} ({err / span:.2g} of its range {span:.3g})"
+
+
+def _count_int_mm(monkeypatch):
+    calls = []
+    real = torch._int_mm
+
+    def counting(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", counting)
+    return calls
+
+
+CASES = {
+    # name: (model factory, inputs) -- inputs chosen so that 8-bit codes are asymmetric (zero point != 128)
+    "linear 2-D": (Lin, lambda: (torch.randn(32, 48),)),
+    "linear 3-D, x >= 0": (Lin, lambda: (torch.rand(4, 8, 48) * 3,)),
+    "linear offset range": (Lin, lambda: (torch.rand(16, 48) * 4 - 1,)),
+    "matmul act x act": (ActMatmul, lambda: (torch.randn(3, 10, 24), torch.rand(24, 16) * 2 - 0.5)),
+    "matmul act x weight": (WeightMatmul, lambda: (torch.randn(2, 12, 24).abs(),)),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_int8_path_matches_simulation(case, bits, monkeypatch):
+    factory, make = CASES[case]
+    torch.manual_seed(0)
+    model, inputs = factory(), make()
+    sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs)
+    calls = _count_int_mm(monkeypatch)
+    want = _run(sim, inputs)
+    assert not calls
+    got = _run(nat, inputs)
+    # forward and the weight gradient always run on int8; g x w too when no per-channel weight is contracted
+    assert len(calls) >= 2, f"{case}: the int8 path did not run ({calls})"
+    _assert_close(got, want, f"{case} at {bits} bits")
+    assert all(p == "int8" for p, _ in native.op_paths(nat).values())
+
+
+def test_int8_input_gradient_is_int8_when_no_channel_axis_is_contracted(monkeypatch):
+    torch.manual_seed(0)
+    inputs = (torch.randn(3, 10, 24), torch.randn(24, 16))
+    _, nat = _pair(ActMatmul(), fracpass.Plan.static(8, 8, 8), inputs)
+    calls = _count_int_mm(monkeypatch)
+    _run(nat, inputs)
+    assert len(calls) == 3  # forward, dA, dB
+    path, note = native.op_paths(nat)["matmul"]
+    assert (path, note) == ("int8", "")
+
+
+def test_gradient_above_8_bits_runs_backward_in_fp32_and_matches(monkeypatch):
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 12), inputs)
+    calls = _count_int_mm(monkeypatch)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert len(calls) == 1  # forward only
+    _assert_close(got, want, "8/8/12")
+    assert "gradient at 12 bits" in native.op_paths(nat)["fc"][1]
+
+
+@pytest.mark.parametrize("bits", [9, 12, 16])
+def test_bits_above_8_fall_back_to_the_simulation_exactly(bits, monkeypatch):
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(bits, bits, 8), inputs)
+    calls = _count_int_mm(monkeypatch)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert not calls
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    path, why = native.op_paths(nat)["fc"]
+    assert path == "simulated" and f"{bits} bits" in why
+
+
+def test_cpu_without_int8_instructions_falls_back_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(native, "_warned", set())
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
+    calls = _count_int_mm(monkeypatch)
+    with caplog.at_level("WARNING", logger="fracpass.native"):
+        want, got = _run(sim, inputs), _run(nat, inputs)
+        _run(nat, inputs)
+    assert not calls
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert sum("no int8 dot-product instructions" in r.getMessage() for r in caplog.records) == 1
+    path, why = native.op_paths(nat)["fc"]
+    assert path == "simulated" and "avx512_vnni" in why
+
+
+def test_unsupported_op_stays_simulated_and_coverage_says_why():
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 3, 6, 6),)
+    sim, nat = _pair(Conv(), fracpass.Plan.static(8, 8, 8), inputs)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    _assert_close(got, want, "conv + linear")
+    paths = native.op_paths(nat)
+    assert paths["conv"] == ("simulated", "no native path for conv2d yet (linear and matmul have one)")
+    assert paths["fc"][0] == "int8"
+    text = str(fracpass.coverage(nat))
+    assert "path conv: simulated: no native path for conv2d" in text and "path fc: int8" in text
+    assert "path " not in str(fracpass.coverage(sim))  # a simulated model's report is unchanged
+
+
+def test_stage_switch_moves_ops_between_paths_without_retrace(monkeypatch):
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    plan = fracpass.Plan.progressive(fw=(4, 12, 8), bw=(6, 16, 8))
+    sim, nat = _pair(Lin(), plan, inputs)
+    graph = nat.graph
+    for stage, expected in ((0, "int8"), (1, "simulated"), (2, "int8")):
+        fracpass.set_stage(sim, stage)
+        fracpass.set_stage(nat, stage)
+        calls = _count_int_mm(monkeypatch)
+        want, got = _run(sim, inputs), _run(nat, inputs)
+        _assert_close(got, want, f"stage {stage}")
+        assert native.op_paths(nat)["fc"][0] == expected
+        assert bool(calls) == (expected == "int8")
+        assert nat.graph is graph
+
+
+def test_eval_mode_uses_the_running_range_like_the_simulation():
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
+    _run(sim, inputs), _run(nat, inputs)  # one training batch: EMA ranges
+    sim.eval(), nat.eval()
+    x = torch.randn(8, 48) * 2  # partly outside the running range: clamping must agree
+    with torch.no_grad():
+        _assert_close([nat(x)], [sim(x)], "eval")
+    assert native.op_paths(nat)["fc"][0] == "int8"
+
+
+def test_saved_operands_stay_int8(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    _, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), (x.detach(),))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        nat(x).sum().backward()
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert big and all(t.dtype == torch.int8 for t in big), [t.dtype for t in big]
+
+
+def test_lower_native_pass_contract():
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    nat = fracpass.transform(Lin(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native")
+    assert nat.fracpass.stats[True]["lower-native"] == {"lowered": 1, "simulated": 0}
+    again = native.LowerNativePass()(nat)
+    assert again.modified is False and again.stats == {"lowered": 0, "simulated": 0}
+    text = nat.code
+    assert "native_linear" in text and "fc_aq" in text and "F.linear" not in text
+    roles = {n.name: fracpass.meta.inserted(n).role for n in nat.graph.nodes if fracpass.meta.inserted(n)}
+    assert roles == {"fc_aq": "act", "fc_wq": "weight", "fc_gq": "grad"}
+
+
+def test_bad_execution_is_refused():
+    with pytest.raises(FracpassError, match="execution='fast' is not one of"):
+        fracpass.transform(Lin(), fracpass.Plan.static(), example_inputs=(torch.randn(2, 48),), execution="fast")
+
+
+def test_state_dict_deepcopy_pickle_and_cost_as_for_simulated():
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
+    _run(sim, inputs)
+    assert list(sim.state_dict()) == list(nat.state_dict())
+    nat.load_state_dict(sim.state_dict())
+    for key, value in sim.state_dict().items():
+        assert torch.equal(nat.state_dict()[key], value), key
+    want = _run(nat, inputs)
+    for clone in (copy.deepcopy(nat), pickle.loads(pickle.dumps(nat))):
+        assert clone.fracpass.execution == "native" and "native_linear" in clone.code
+        _assert_close(_run(clone, inputs), want, "copy")
+    assert [(o.op, o.forward_macs) for o in fracpass.cost(nat).ops] == [(o.op, o.forward_macs)
+                                                                       for o in fracpass.cost(sim).ops]
+
+
+def test_onnx_export_is_identical(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
+    nat.load_state_dict(sim.state_dict())
+    _run(sim, inputs), _run(nat, inputs)  # a training batch: EMA ranges for export
+    a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
+    b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)
+    assert a.SerializeToString() == b.SerializeToString()
