@@ -131,7 +131,7 @@ def test_plain_trainer_with_the_callbacks_loss_function_and_gradient_accumulatio
         return F.cross_entropy(outputs["logits"], labels, reduction="sum") / num_items_in_batch
 
     cb = FracpassCallback(sched)
-    trainer = Trainer(model=qmodel, args=_args(tmp_path, 3, gradient_accumulation_steps=2), train_dataset=Tokens(),
+    trainer = Trainer(model=qmodel, args=_args(tmp_path, 3, gradient_accumulation_steps=2, label_names=["labels"]), train_dataset=Tokens(),
                       callbacks=[cb], compute_loss_func=cb.compute_loss_func(cross_entropy))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -17,6 +17,8 @@ With a plain ``Trainer``, pass the callback and a loss function built from it:
     trainer = Trainer(model=qmodel, args=args, train_dataset=data, callbacks=[cb],
                       compute_loss_func=cb.compute_loss_func(my_loss))   # my_loss(outputs, labels, num_items_in_batch)
 
+A model transformed without ``labels`` in its ``example_kwargs`` does not take them, and the Trainer
+drops dataset columns its ``forward`` does not take: set ``TrainingArguments(label_names=["labels"])``.
 The Trainer hands its callbacks no loss, which is why the callback needs its loss function (or
 ``FracpassTrainer``) to see it. Two differences from ``FracpassTrainer``: reporting callbacks
 (TensorBoard, W&B) run before user callbacks, so they do not get the fracpass entries (the console and
