@@ -87,10 +87,24 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         return (_rebuild, (state.root, state.plan, state.args, state.kwargs, state.options, self.state_dict(),
                            self.training, state.execution))
 
+    def recompile(self):
+        # FSDP2's fully_shard re-classes the module as FSDP<cls>(FSDPModule, cls); fx's recompile on that
+        # class would install a second __call__ wrapper whose super() call lands on the first: infinite
+        # recursion at the next call. Recompile on the class fx generated, which the wrapper inherits from.
+        cls = type(self)
+        owner = next((c for c in cls.__mro__ if "_wrapped_call" in vars(c)), cls)
+        if owner is cls:
+            return super().recompile()
+        self.__class__ = owner
+        try:
+            return super().recompile()
+        finally:
+            self.__class__ = cls
+
     def _use_mode(self, state: _State, mode: bool) -> None:
         graph = state.graphs.get(mode)
         if graph is None:
-            with _gc_paused():
+            with _gc_paused(), _unsharded(self):
                 _capture_into(self, state, mode)
         else:
             self.graph = graph  # the setter recompiles
@@ -188,6 +202,26 @@ def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, trai
                        dynamic_batch=options.dynamic_batch, execution=execution)
     qmodel.load_state_dict(state_dict)
     return qmodel
+
+
+@contextlib.contextmanager
+def _unsharded(module: nn.Module):
+    """Full parameters while a mode is captured under FSDP2 (``fully_shard``): the capture and the
+    passes run the model on its example inputs, which a sharded (DTensor) parameter refuses.
+    Every rank switches mode together, as ``unshard`` gathers over the process group."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        yield
+        return
+    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

@@ -306,9 +306,14 @@ def _run(q, opt, sched, steps, log, gates=False):
         log.append(float(loss.detach()))
 
 
-@pytest.mark.parametrize("gates", [False, True], ids=["pfq", "gated"])
-def test_resume_from_a_checkpoint_is_bit_exact_across_a_stage_switch(gates, tmp_path):
-    switch = fracpass.AtSteps((3,))
+# plateau: the rule switches at iteration 4 (its second window); the checkpoint at 3 is mid-window
+PLATEAU = fracpass.LossPlateau(threshold=100.0, window=2, eval_every=2, scale_windows=1)
+
+
+@pytest.mark.parametrize("gates, switch, saved_at", [(False, fracpass.AtSteps((3,)), 2),
+                                                     (True, fracpass.AtSteps((3,)), 2),
+                                                     (False, PLATEAU, 3)], ids=["pfq", "gated", "plateau"])
+def test_resume_from_a_checkpoint_is_bit_exact_across_a_stage_switch(gates, switch, saved_at, tmp_path):
     if gates:
         plan = fracpass.Plan(stages=(fracpass.Stage(4, 6, 8), fracpass.Stage(8, 8, 8)), switch=switch).with_gates(
             fracpass.Gates(a=(3, 6), g=(6, 8), target=(2.0, 3.0)))
@@ -330,13 +335,14 @@ def test_resume_from_a_checkpoint_is_bit_exact_across_a_stage_switch(gates, tmp_
     torch.manual_seed(11)
     q1, opt1, sched1 = start()
     resumed = []
-    _run(q1, opt1, sched1, 2, resumed, gates)  # stops before the switch at step 3
+    _run(q1, opt1, sched1, saved_at, resumed, gates)  # stops before the switch
+    assert sched1.stage == 0
     fracpass.save_checkpoint(tmp_path / "ckpt.pt", q1, opt1, sched1, epoch=7)
     torch.manual_seed(99)  # whatever the new process does before loading
     q2, opt2, sched2 = start()
     extra = fracpass.load_checkpoint(tmp_path / "ckpt.pt", q2, opt2, sched2)
     assert extra == {"epoch": 7}
-    _run(q2, opt2, sched2, 4, resumed, gates)
+    _run(q2, opt2, sched2, 6 - saved_at, resumed, gates)
     assert resumed == straight and sched2.history == sched.history
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), q2.state_dict().values()))
 
@@ -345,8 +351,8 @@ def test_resume_from_a_checkpoint_is_bit_exact_across_a_stage_switch(gates, tmp_
     q3, opt3, sched3 = start()
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     q3.load_state_dict(saved["model"]), opt3.load_state_dict(saved["optimizer"]), sched3.load_state_dict(saved["scheduler"])
-    without_rng = resumed[:2]
-    _run(q3, opt3, sched3, 4, without_rng, gates)
+    without_rng = resumed[:saved_at]
+    _run(q3, opt3, sched3, 6 - saved_at, without_rng, gates)
     assert without_rng != straight
 
 
