@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fracpass import meta
+from fracpass import meta, registry
 from fracpass.quant import FULL_PRECISION
 
 __all__ = ["graph_text", "coverage", "Coverage", "compare_text", "GoldenMismatch"]
@@ -186,6 +186,7 @@ class Coverage:
     ops: Dict[str, Tuple[int, int]]  # role -> (quantized, applicable)
     macs: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # role -> (quantized MACs, applicable MACs)
     unquantized: List[Tuple[str, str, str]] = field(default_factory=list)  # (op, role(s), reason)
+    unmeasured: List[str] = field(default_factory=list)  # opaque calls whose MACs no rule could count
     # execution="native" only: op -> (path at the current stage, why not native / which products run in fp32)
     paths: Dict[str, Tuple[str, str]] = field(default_factory=dict)
 
@@ -202,7 +203,7 @@ class Coverage:
         return {"ops": {r: {"quantized": q, "total": t, "fraction": self.fraction(r)} for r, (q, t) in self.ops.items()},
                 "macs": {r: {"quantized": q, "total": t, "fraction": self.fraction(r, "macs")}
                          for r, (q, t) in self.macs.items()},
-                "minimum": self.minimum,
+                "minimum": self.minimum, "macs_unknown_for": list(self.unmeasured),
                 "unquantized": [{"op": o, "roles": r, "reason": why} for o, r, why in self.unquantized],
                 "paths": {o: {"path": p, "note": why} for o, (p, why) in self.paths.items()}}
 
@@ -213,7 +214,11 @@ class Coverage:
             line = f"  {r:6s} {q}/{t} ops ({100 * self.fraction(r):.1f}%)"
             if self.macs:
                 line += f", {100 * self.fraction(r, 'macs'):.1f}% of forward MACs"
+                if self.unmeasured:
+                    line += " that could be counted"
             lines.append(line)
+        if self.macs and self.unmeasured:
+            lines.append(f"  MACs unknown (not in the totals) for: {', '.join(self.unmeasured)}")
         for op, roles, why in self.unquantized:
             lines.append(f"  not quantized: {op} [{roles}]: {why}")
         for op, (path, why) in self.paths.items():
@@ -223,7 +228,10 @@ class Coverage:
 
 def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Coverage:
     """Which compute ops are quantized per role, which are not and why; MACs-weighted when the
-    model can be costed (example inputs default to those given to transform)."""
+    model can be costed (example inputs default to those given to transform).
+
+    Calls fracpass cannot see into (leaf modules, ``torch.fx.wrap``'ped functions) count as
+    unquantized ops, and their MACs, measured with FlopCounterMode's rules, as unquantized MACs."""
     from fracpass.api import _state, cost
     from fracpass.costing import _uncosted
 
@@ -246,24 +254,40 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
         applicable.add("grad")
         done = quantizers_of.get(node.name, set()) & applicable
         per_op_roles[node.name] = (applicable, done)
-        for r in applicable:
-            counts[r][1] += 1
-            counts[r][0] += r in done
         missing = sorted(applicable - done)
         if missing:
             unquantized.append((node.name, ",".join(missing), _why_not(state.plan, spec)))
-    for name, why in _uncosted(qmodel):
-        unquantized.append((name, "all", why))
-    result = Coverage({r: (q, t) for r, (q, t) in counts.items()}, unquantized=unquantized)
-    if getattr(state, "execution", "simulate") == "native":
-        from fracpass.native import op_paths
-
-        result.paths = op_paths(qmodel)
+    report = None
     if example_inputs or example_kwargs or state.args or state.kwargs:
         try:
             report = cost(qmodel, example_inputs, example_kwargs)
         except Exception:  # coverage by ops still stands when a model cannot be run for costing
-            return result
+            report = None
+    # opaque calls: measured ones from the cost report, the rest (no MAC count) from the graph alone
+    opaque = [(op.op, op.excluded, op.forward_macs, op.operand_elems[1] > 0)
+              for op in (report.ops if report is not None else ()) if op.kind == "opaque"]
+    measured = {name for name, *_ in opaque}
+    for name, why in _uncosted(qmodel):
+        if name not in measured:
+            node = next(n for n in qmodel.graph.nodes if n.name == name)
+            weighted = any(True for _ in qmodel.get_submodule(node.target).parameters()) if node.op == "call_module" \
+                else any(registry.parameter_of(qmodel, a) is not None for a in node.all_input_nodes)
+            opaque.append((name, why, None, weighted))
+    for name, why, macs, weighted in opaque:
+        roles = {"act", "grad"} | ({"weight"} if weighted else set())
+        per_op_roles[name] = (roles, set())
+        unquantized.append((name, ",".join(sorted(roles)), why if macs is None else f"{why} ({macs:,} forward MACs)"))
+    for applicable, done in per_op_roles.values():
+        for r in applicable:
+            counts[r][1] += 1
+            counts[r][0] += r in done
+    result = Coverage({r: (q, t) for r, (q, t) in counts.items()}, unquantized=unquantized,
+                      unmeasured=[name for name, _, macs, _ in opaque if macs is None])
+    if getattr(state, "execution", "simulate") == "native":
+        from fracpass.native import op_paths
+
+        result.paths = op_paths(qmodel)
+    if report is not None:
         macs = {r: [0.0, 0.0] for r in ROLES}
         for op in report.ops:
             applicable, done = per_op_roles.get(op.op, (set(), set()))

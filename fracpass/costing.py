@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from fracpass import meta, registry
 from fracpass.costreport import CostReport, OpCost
@@ -30,17 +33,86 @@ _DETACHING = {torch.Tensor.detach, "detach", torch.ops.aten.detach.default, torc
 _UNCOSTED_NAMES = ("lstm", "gru", "rnn_", "bilinear", "tensordot", "convolution", "conv_tbc", "multi_head_attention")
 
 
+# -- MACs of calls fracpass cannot see into (leaf modules, fx.wrap'ped functions) ------------------
+def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# CPU attention, which torch 2.13's FlopCounterMode leaves out (its custom_mapping takes these as they are)
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+FLOP_RULES = {**flop_registry, **{op: shape_wrapper(f) for op, f in CPU_ATTENTION_FLOPS.items()}}
+
+
+class MacCounter(TorchDispatchMode):
+    """Counts the MACs (FLOPs / 2) of the aten ops run under it with FlopCounterMode's rules.
+
+    FlopCounterMode itself costs ~1.7 ms to enter (it hooks every module); this mode ~12 us, so
+    it can wrap every call of a graph that might hide compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    @property
+    def macs(self) -> int:
+        return self.flops // 2
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rule = FLOP_RULES.get(func.overloadpacket)
+        if rule is not None:
+            self.flops += int(rule(*args, **kwargs, out_val=out))
+        return out
+
+
+def _opaque_reason(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return (f"inside leaf module {node.target!r} ({type(gm.get_submodule(node.target)).__name__}): its compute "
+                "runs at full precision, unseen by fracpass; un-leaf it (leave it out of leaf_modules) or register "
+                "its kind in fracpass.registry")
+    name = getattr(node.target, "__name__", str(node.target))
+    return (f"opaque call {name!r}: its compute runs at full precision, unseen by fracpass (a torch.fx.wrap'ped or "
+            "unregistered function); capture with capture_method='export' to trace through it, or register its kind "
+            "in fracpass.registry")
+
+
+def _user_function(target: Any) -> bool:
+    """A Python function from outside torch that fx kept as one call (``torch.fx.wrap``)."""
+    module = getattr(target, "__module__", None) or ""
+    return callable(target) and not isinstance(target, torch._ops.OpOverload) and \
+        module.partition(".")[0] not in ("torch", "_operator", "operator", "builtins", "math", "fracpass")
+
+
+def _opaque_candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A call fracpass has no MAC rule for, which may hide products (a leaf module, a wrapped function)."""
+    if node.op not in ("call_module", "call_function", "call_method") or meta.op_info(node) or meta.inserted(node):
+        return False
+    return node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Quantizer)
+
+
 # -- shape propagation ------------------------------------------------------------------------------
 class _Recorder(torch.fx.Interpreter):
-    """Runs the graph with quantizers bypassed and records each compute op's operand shapes."""
+    """Runs the graph with quantizers bypassed and records each compute op's operand shapes, and
+    the MACs of every other call (``opaque``: forward, and the error and weight-gradient products
+    of a training step)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, convert=None, watch: Sequence[str] = ()):
+    def __init__(self, gm: torch.fx.GraphModule, convert=None, watch: Sequence[str] = (),
+                 flow: Optional[Dict[str, bool]] = None, num_stages: int = 1):
         super().__init__(gm, garbage_collect_values=True)
         self.convert = convert  # real tensor -> fake tensor, for the symbolic run
         self._converted: Dict[int, Any] = {}
         self.shapes: Dict[str, Tuple[List[Any], Any]] = {}
         self.watch = frozenset(watch)
         self.watched: Dict[str, Tuple[int, ...]] = {}  # output shapes of the nodes named in ``watch``
+        self.flow = flow  # None: do not measure opaque calls
+        self.num_stages = num_stages
+        self.opaque: Dict[str, OpCost] = {}
 
     def _tensor(self, value):
         if self.convert is None or not isinstance(value, torch.Tensor):
@@ -62,13 +134,74 @@ class _Recorder(torch.fx.Interpreter):
         return torch.func.functional_call(module, state, args, kwargs)
 
     def run_node(self, node):
-        out = super().run_node(node)
+        if self.flow is not None and _opaque_candidate(self.module, node):
+            counter = MacCounter()
+            # autograd on: modules with a fused inference path (MultiheadAttention) run their training ops
+            with counter, torch.enable_grad():
+                out = super().run_node(node)
+            out = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+            if counter.macs:
+                self.opaque[node.name] = self._opaque_cost(node, counter.macs, out)
+        else:
+            out = super().run_node(node)
         if node.name in self.watch and isinstance(out, torch.Tensor):
             self.watched[node.name] = tuple(out.shape)
         info = meta.op_info(node)
         if info is not None:
             self.shapes[node.name] = ([tuple(_shape_of(self, node, slot)) for slot in _operand_slots(info)], tuple(out.shape))
         return out
+
+
+    def _opaque_cost(self, node: torch.fx.Node, forward: int, out: Any) -> OpCost:
+        """The call's MACs as one full-precision op: forward, then the backward products measured
+        by running the call again with only the activations, then only the weights, needing grad."""
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        params: Dict[str, torch.Tensor] = {}
+        if node.op == "call_module":
+            module = self.fetch_attr(node.target)
+            params = dict(module.named_parameters())
+            call = lambda w, a, k: torch.func.functional_call(module, w, a, k)
+        else:
+            fn = node.target if node.op == "call_function" else (lambda obj, *a, **k: getattr(obj, node.target)(*a, **k))
+            leaves = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, nn.Parameter)]
+            params = {str(i): p for i, p in enumerate(leaves)}
+            key = {id(p): str(i) for i, p in enumerate(leaves)}
+            swap = lambda w: lambda a: w[key[id(a)]] if id(a) in key else a
+            call = lambda w, a, k: fn(*pytree.tree_map(swap(w), a), **pytree.tree_map(swap(w), k))
+        inputs = [n for n in node.all_input_nodes if isinstance(self.env.get(n), torch.Tensor)
+                  and self.env[n].is_floating_point() and not isinstance(self.env[n], nn.Parameter)]
+        acts = [n for n in inputs if self.flow.get(n.name, False)]
+        weights = {k: p for k, p in params.items() if p.requires_grad}
+        # products on the way to both the activations and the weights (attention's dS, dP) run once in a
+        # training step: the error products are those of a step that needs no weight gradient, the rest
+        # is the weight-gradient products'
+        total = self._backward_macs(node, call, params, acts, weights) if acts or weights else 0
+        error = self._backward_macs(node, call, params, acts, {}) if acts and weights else total if acts else 0
+        weight = total - error
+        act_elems = sum(self.env[n].numel() for n in inputs)
+        out_elems = sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        fp32 = (FULL_PRECISION,) * self.num_stages
+        path = str(node.target) if node.op == "call_module" else registry.module_path(self.module, node)
+        return OpCost(node.name, "opaque", path, ("act", "weight"), forward, (error, weight),
+                      (act_elems, sum(p.numel() for p in params.values())), out_elems, fp32, fp32, fp32,
+                      _opaque_reason(self.module, node))
+
+    def _backward_macs(self, node, call, params, acts, weights) -> int:
+        env = dict(self.env)
+        for n in acts:
+            env[n] = env[n].detach().requires_grad_(True)
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        w = {k: p.detach().requires_grad_(k in weights) for k, p in params.items()}
+        with torch.enable_grad():
+            out = call(w, args, kwargs)
+            outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            wrt = [env[n] for n in acts] + [w[k] for k in weights]
+            if not outs:
+                return 0
+            counter = MacCounter()
+            with counter:
+                torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
+        return counter.macs
 
 
 def _operand_slots(info: meta.OpInfo) -> List[Tuple[Any, ...]]:
@@ -152,6 +285,8 @@ def _uncosted(gm: torch.fx.GraphModule) -> List[Tuple[str, str]]:
             name = getattr(node.target, "__name__", str(node.target)).lower()
             if any(k in name for k in _UNCOSTED_NAMES):
                 found.append((node.name, f"unsupported op kind {name!r}: no rule in fracpass.registry"))
+            elif node.op == "call_function" and _user_function(node.target):
+                found.append((node.name, _opaque_reason(gm, node)))
     return found
 
 
@@ -200,13 +335,16 @@ def analyze(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Dict[str, Any
 
     ``watch``: node names whose output shapes the report keeps in ``node_shapes``."""
     flat = _flat_inputs(gm, args, kwargs)
-    with _state_kept(gm):
-        recorder = _Recorder(gm, watch=watch)
-        recorder.run(*flat)
     flow = _needs_grad(gm)
+    with _state_kept(gm):
+        recorder = _Recorder(gm, watch=watch, flow=flow, num_stages=num_stages)
+        recorder.run(*flat)
     ops, skipped = _op_costs(gm, recorder.shapes, flow, num_stages, int)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    ops = sorted(ops + list(recorder.opaque.values()), key=lambda o: order[o.op])
     batch = next((int(x.shape[0]) for x in flat if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
-    report = CostReport(ops, batch, num_stages, stage, target, _uncosted(gm) + skipped)
+    unseen = [(name, why) for name, why in _uncosted(gm) if name not in recorder.opaque]
+    report = CostReport(ops, batch, num_stages, stage, target, unseen + skipped)
     report.node_shapes = dict(recorder.watched)
     report._symbolic = lambda: _symbolic_ops(gm, args, kwargs, flow, num_stages, report)
     return report
