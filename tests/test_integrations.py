@@ -154,3 +154,51 @@ def test_callback_without_a_loss_says_how_to_give_it_one(tmp_path):
         trainer.train()
     with pytest.raises(FracpassError, match="loss_func must be callable"):
         cb.compute_loss_func(None)
+
+
+# -- Lightning ------------------------------------------------------------------------------------------
+def _lightning_example():
+    pytest.importorskip("lightning")
+    from conftest import ROOT
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_train", ROOT / "examples" / "lightning_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # three Lightning fits of a gated ResNet-20, ~35 s of CPU
+def test_lightning_callback_switches_logs_checkpoints_and_resumes(tmp_path):
+    import csv
+
+    example = _lightning_example()
+    out = tmp_path / "run"
+    sched, trainer = example.run(steps=4, switch_at=3, out=str(out), batch_size=8)
+    assert sched.history == [(3, 0, 1, "reached step 3")] and (sched.stage, sched.iteration) == (1, 4)
+    rows = list(csv.DictReader(open(out / "logs" / "version_0" / "metrics.csv")))
+    assert [float(r["fracpass/stage"]) for r in rows] == [0, 0, 1, 1]
+    assert [float(r["fracpass/a_bits"]) for r in rows] == [4, 4, 8, 8]
+    mix = [sum(float(r[f"fracpass/gate_mix/a{a}_g8"]) for a in (4, 6, 8)) for r in rows]
+    assert mix == pytest.approx([1.0] * 4)
+    saved = torch.load(out / "epoch=0-step=2.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("FracpassCallback")]
+    assert state["scheduler"]["stage"] == 0 and state["scheduler"]["iteration"] == 2
+
+    # resume before the switch: a fresh model and Scheduler pick up at step 2 and switch at step 3 again
+    resumed, _ = example.run(steps=4, switch_at=3, out=str(tmp_path / "again"), resume=str(out / "epoch=0-step=2.ckpt"),
+                             batch_size=8)
+    assert resumed.history == sched.history and (resumed.stage, resumed.iteration) == (1, 4)
+    # resume after it: stage 1 and the history come back from the checkpoint
+    late, _ = example.run(steps=5, switch_at=3, out=str(tmp_path / "late"), resume=str(out / "last.ckpt"), batch_size=8)
+    assert late.history == sched.history and (late.stage, late.iteration) == (1, 5)
+    assert fracpass.current_stage(late.qmodel) == 1
+
+
+def test_lightning_callback_names_a_missing_loss_key():
+    pytest.importorskip("lightning")
+    from fracpass.integrations.lightning import FracpassCallback
+
+    cb = FracpassCallback(_mlp_scheduler(), loss_key="task_loss")
+    with pytest.raises(FracpassError, match=r"returned \['loss'\] but no 'task_loss'.*loss_key="):
+        cb.on_train_batch_end(None, None, {"loss": torch.tensor(1.0)}, None, 0)
