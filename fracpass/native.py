@@ -32,20 +32,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import operator
+import pathlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fracpass import meta, registry
+from fracpass import kernels, meta, registry
 from fracpass.errors import FracpassError
 from fracpass.pass_base import PassBase, PassResult
-from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, quantize_grad_stochastic
+from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _fused_kernels,
+                            _torch_seed, quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
            "int8_support", "NativeInfo"]
@@ -105,103 +108,179 @@ def int8_support() -> Optional[str]:
 
 
 # -- codes -----------------------------------------------------------------------------------------
-def _encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """int8 codes t, integer offset k and scale s with s * (t + k) == the simulation's fake_quantize(x).
+_SOURCE = pathlib.Path(__file__).with_name("csrc") / "native_cpu.cpp"
 
-    Up to 7 bits the codes (zero point included) already lie in [-127, 127]: k is None. At 8 bits
-    they span 256 values in [-255, 255]; t = q - lo - 128 fits int8 and k = lo + 128."""
+
+@functools.lru_cache(maxsize=None)
+def _ext():
+    """The fused encode / gradient-code / epilogue kernels (csrc/native_cpu.cpp), built on first use
+    like fracpass.kernels (same switch: FRACPASS_KERNELS=0); None if disabled or the build fails."""
+    if not kernels.enabled():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *kernels.FLAGS, torch.__version__]).encode())
+        return cpp_extension.load(f"fracpass_native_cpu_{digest.hexdigest()[:16]}", [str(_SOURCE)],
+                                  extra_cflags=kernels.FLAGS, verbose=False)
+    except Exception as e:  # no compiler...: the torch-op path computes the same values
+        log.warning("fracpass native kernels unavailable (%s: %s); using torch ops, which are slower",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+
+
+class _Coded(NamedTuple):
+    """A 2-D operand as int8 codes: value = s * (t + k) + c.
+
+    s and k (int32) hold one value, or one per index of the operand's free (non-contracted) axis:
+    rows for a left operand, columns for a right one. c is a per-tensor float offset (gradients)."""
+
+    t: Tensor
+    k: Optional[Tensor]
+    s: Tensor
+    c: Optional[Tensor] = None
+    rows: Optional[Tensor] = None  # int32 sums of t over each row / column, when already known
+    cols: Optional[Tensor] = None
+
+    @property
+    def T(self) -> "_Coded":
+        return _Coded(self.t.t(), self.k, self.s, self.c, self.cols, self.rows)
+
+    def row_sums(self) -> Tensor:
+        return self.rows if self.rows is not None else self.t.sum(1, dtype=torch.int32)
+
+    def col_sums(self) -> Tensor:
+        return self.cols if self.cols is not None else self.t.sum(0, dtype=torch.int32)
+
+    def decode(self, free: int) -> Tensor:
+        """The float values, with s and k along axis ``free`` (0: rows, 1: columns)."""
+        ext = _ext()
+        if ext is not None and self.c is None and self.t.is_contiguous() and (free == 0 or self.s.numel() == 1):
+            return ext.decode(self.t, _NONE_I if self.k is None else self.k, self.s)
+        if ext is not None and self.c is None and self.t.t().is_contiguous() and (free == 1 or self.s.numel() == 1):
+            return ext.decode(self.t.t(), _NONE_I if self.k is None else self.k, self.s).t()
+        shape = (-1, 1) if free == 0 else (1, -1)
+        q = self.t.float() if self.k is None else self.t.to(torch.int32).add_(self.k.view(shape)).float()
+        q.mul_(self.s.view(shape))
+        return q if self.c is None else q.add_(self.c)
+
+
+def _encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> _Coded:
+    """The codes of fake_quantize(x) over [mn, mx] (per tensor, or per row of 2-D x with mn (R, 1),
+    or per column with mn (1, C)): up to 7 bits the codes (zero point included) lie in [-127, 127]
+    and k is None; at 8 bits they span 256 values in [-255, 255], so t = q - lo - 128, k = lo + 128."""
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
-    q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
-    q.clamp_min_(lo)
-    q.clamp_max_(hi)
-    if bits < MAX_INT8_BITS:
-        return q.to(torch.int8), None, scale
-    shift = lo + 128
-    return q.sub_(shift).to(torch.int8), shift.to(torch.int32), scale
+    eight = bits >= MAX_INT8_BITS
+    shift = lo + 128 if eight else torch.zeros_like(lo)
+    ext = _ext()
+    per_row = scale.dim() == 2 and scale.shape == (x.shape[0], 1)
+    if ext is not None and x.is_contiguous() and (scale.numel() == 1 or per_row):
+        t, rows, cols = ext.encode(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), shift.reshape(-1))
+    else:
+        q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
+        q.clamp_min_(lo)
+        q.clamp_max_(hi)
+        t, rows, cols = (q.sub_(shift) if eight else q).to(torch.int8), None, None
+    k = shift.reshape(-1).to(torch.int32) if eight else None
+    return _Coded(t, k, scale.reshape(-1), None, rows, cols)
 
 
-def _grad_codes(grad: Tensor, ghat: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """int8 codes t, scale s and float offset c with s * t + c == ghat, the simulation's stochastic
-    rounding of ``grad`` (levels q = floor((g - mn) / s + u) in [0, 2^b - 1], read back from ghat)."""
+def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
+    """The simulation's stochastic rounding of ``grad`` (fracpass.quant.quantize_grad_stochastic: same
+    noise for the same seed) as values ghat and as codes with s * t + c == ghat, t = q - 2^(b-1)."""
     levels = float(2**bits - 1)
     mn, mx = torch.aminmax(grad)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     half = float(2 ** (bits - 1))
-    t = torch.sub(ghat, mn).div_(scale).round_().sub_(half).to(torch.int8)
-    return t, scale, mn + scale * half
+    ext = _ext()
+    if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
+        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, _torch_seed())
+    else:
+        ghat = quantize_grad_stochastic(grad, bits)
+        t, rows, cols = torch.sub(ghat, mn).div_(scale).round_().sub_(half).to(torch.int8), None, None
+    return ghat, _Coded(t, None, scale.reshape(1), mn + scale * half, rows, cols)
 
 
-def _decode(t: Tensor, k: Optional[Tensor], s: Tensor) -> Tensor:
-    q = t.float() if k is None else t.to(torch.int32).add_(k).float()
-    return q.mul_(s)
+_NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)
 
 
-def _affine_mm(ta, ka, sa, ca, tb, kb, sb, cb) -> Tensor:
-    """(sa (ta + ka) + ca) @ (sb (tb + kb) + cb) with one int8 GEMM and row/column-sum corrections.
-
-    A is (M, K) with ka, sa per tensor or per row (M, 1); B is (K, N) with kb, sb per tensor or per
-    column (1, N); ca, cb are per-tensor float offsets or None. The integer part is exact in int32."""
-    k_len = ta.shape[1]
-    acc = torch._int_mm(ta, tb)
-    row_a = col_b = None
-    if kb is not None or cb is not None:
-        row_a = ta.sum(1, keepdim=True, dtype=torch.int32)
+def _affine_mm(a: _Coded, b: _Coded, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b (+ bias) for a (M, K) and b (K, N) given as codes: one int8 GEMM (int32 accumulation,
+    exact for K <= MAX_CONTRACTION), then the scales and the zero-point corrections on the output."""
+    k_len = a.t.shape[1]
+    acc = torch._int_mm(a.t, b.t)
+    need_rows, need_cols = b.k is not None or b.c is not None, a.k is not None or a.c is not None
+    row_a = a.row_sums() if need_rows else None
+    col_b = b.col_sums() if need_cols else None
+    ext = _ext()
+    if ext is not None:
+        pick = lambda v, empty: empty if v is None else v.reshape(-1)
+        return ext.epilogue(acc, a.s.reshape(-1), b.s.reshape(-1), pick(row_a, _NONE_I), pick(b.k, _NONE_I),
+                            pick(a.k, _NONE_I), pick(col_b, _NONE_I), pick(a.c, _NONE_F), pick(b.c, _NONE_F),
+                            pick(bias, _NONE_F), k_len)
+    sa, sb = a.s.view(-1, 1), b.s.view(1, -1)
+    ka = None if a.k is None else a.k.view(-1, 1)
+    kb = None if b.k is None else b.k.view(1, -1)
+    if row_a is not None:
+        row_a = row_a.view(-1, 1)
         if kb is not None:
             acc += row_a * kb
         if ka is not None:
             row_a = row_a + k_len * ka
-    if ka is not None or ca is not None:
-        col_b = tb.sum(0, keepdim=True, dtype=torch.int32)
-        if kb is not None:
-            col_b = col_b + k_len * kb
+    if col_b is not None:
+        col_b = col_b.view(1, -1) + (k_len * kb if kb is not None else 0)
         if ka is not None:
             acc += ka * col_b
     y = acc.float().mul_(sa * sb)
-    if ca is not None:
-        y += (ca * sb) * col_b.float()
-    if cb is not None:
-        y += (cb * sa) * row_a.float()
-    if ca is not None and cb is not None:
-        y += k_len * ca * cb
-    return y
+    if a.c is not None:
+        y += (a.c * sb) * col_b.float()
+    if b.c is not None:
+        y += (b.c * sa) * row_a.float()
+    if a.c is not None and b.c is not None:
+        y += k_len * a.c * b.c
+    return y if bias is None else y.add_(bias)
 
 
 class _Int8Product(torch.autograd.Function):
-    """y = A @ B (+ bias) on int8 codes; backward quantizes dy as the gradient quantizer would."""
+    """y = A @ B (+ bias) on int8 codes; backward quantizes dy as the gradient quantizer would.
+
+    Only the codes are saved for backward. dA = dy B^T contracts over B's free axis and dB = A^T dy
+    over A's: each runs on int8 when the contracted operand's scale is per tensor, else in float32
+    on the decoded codes (a per-channel weight scale cannot be applied to that product's output)."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, ta, ka, sa, tb, kb, sb, gbits: int):  # type: ignore[override]
-        y = _affine_mm(ta, ka, sa, None, tb, kb, sb, None)
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(ta, ka, sa, tb, kb, sb)
+    def forward(ctx, a, b, bias, ca: _Coded, cb: _Coded, gbits: int):  # type: ignore[override]
+        y = _affine_mm(ca, cb, bias)
+        ctx.save_for_backward(*ca, *cb)  # int8 codes (and small vectors), never the float operands
         ctx.gbits = gbits
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        ta, ka, sa, tb, kb, sb = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        ca, cb = _Coded(*saved[:6]), _Coded(*saved[6:])
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         gbits = ctx.gbits
-        ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
-        codes = _grad_codes(grad, ghat, gbits) if 2 <= gbits <= MAX_INT8_BITS else None
+        coded_g = None
+        if 2 <= gbits <= MAX_INT8_BITS:
+            ghat, coded_g = _grad_codes(grad, gbits)
+        else:
+            ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
         da = db = dbias = None
-        if need_a:  # dA = dy @ B^T contracts over B's columns: int8 only if B's scale is per tensor
-            if codes is not None and sb.dim() == 0:
-                tg, sg, cg = codes
-                da = _affine_mm(tg, None, sg, cg, tb.t(), kb, sb, None)
+        if need_a:
+            if coded_g is not None and cb.s.numel() == 1 and cb.t.shape[1] <= MAX_CONTRACTION:
+                da = _affine_mm(coded_g, cb.T)
             else:
-                da = ghat @ _decode(tb, kb, sb).t()
-        if need_b:  # dB = A^T @ dy contracts over A's rows: int8 only if A's scale is per tensor
-            if codes is not None and sa.dim() == 0:
-                tg, sg, cg = codes
-                db = _affine_mm(ta.t(), ka, sa, None, tg, None, sg, cg)
+                da = ghat @ cb.decode(free=1).t()
+        if need_b:
+            if coded_g is not None and ca.s.numel() == 1 and ca.t.shape[0] <= MAX_CONTRACTION:
+                db = _affine_mm(ca.T, coded_g)
             else:
-                db = _decode(ta, ka, sa).t() @ ghat
+                db = ca.decode(free=0).t() @ ghat
         if need_bias:
             dbias = ghat.sum(0)
-        return da, db, dbias, None, None, None, None, None, None, None
+        return da, db, dbias, None, None, None
 
 
 # -- path choice -----------------------------------------------------------------------------------
@@ -271,10 +350,9 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
         return _call(gq, F.linear(_call(aq, x), _call(wq, weight), bias))
     x2 = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
-        ta, ka, sa = _encode(x2, *aq.qrange(x), aq.bits)
-        tw, kw, sw = _encode(weight.detach(), *wq.qrange(weight), wq.bits)
-    kb = None if kw is None else kw.t()
-    y = _Int8Product.apply(x2, weight.t(), bias, ta, ka, sa, tw.t(), kb, sw.t(), _grad_bits(gq))
+        ca = _encode(x2.detach(), *aq.qrange(x), aq.bits)
+        cw = _encode(weight.detach(), *wq.qrange(weight), wq.bits)
+    y = _Int8Product.apply(x2, weight.t(), bias, ca, cw.T, _grad_bits(gq))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -295,7 +373,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
         cb = _encode(b.detach(), *qb.qrange(b), qb.bits)
-    y = _Int8Product.apply(a2, b, None, *ca, *cb, _grad_bits(gq))
+    y = _Int8Product.apply(a2, b, None, ca, cb, _grad_bits(gq))
     return y.view(*a.shape[:-1], b.shape[1])
 
 

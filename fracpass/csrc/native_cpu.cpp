@@ -1,0 +1,209 @@
+// Fused CPU kernels around fracpass's int8 products (fracpass/native.py): one pass each for the codes
+// going in and for the scaled output coming out of torch._int_mm.
+//
+//   encode:      t = int8(clamp(nearbyint(x / s), lo, hi) - shift), per tensor or per row of x (R, C),
+//                plus the row and column sums of t (the zero-point corrections need them);
+//                the same float32 arithmetic as fracpass.quant.fake_quantize.
+//   grad_codes:  the stochastic rounding of fracpass_quant_cpu's grad_sr, bit for bit (same dither for
+//                the same seed): q = min(floor((g - mn) / s + u), levels); returns ghat = q * s + mn,
+//                t = int8(q - half) and the row and column sums of t.
+//   epilogue:    y = sa sb (acc + row_a kb + ka col_b') + ca sb col_b' + cb sa row_a' + K ca cb + bias, with
+//                col_b' = col_b + K kb and row_a' = row_a + K ka, written over acc (int32 -> float32 in place).
+//   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 20;  // as fracpass_quant_cpu: dither keys restart every kChunk elements
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t chunk_key(int64_t seed, int64_t chunk) {
+  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  return mix32(lo ^ mix32(static_cast<uint32_t>(chunk) + hi * 0x9E3779B9U));
+}
+
+void check2d(const torch::Tensor& x, c10::ScalarType type, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == type && x.dim() == 2 && x.is_contiguous(), what,
+              ": expected a contiguous 2-D CPU tensor of ", type);
+}
+
+template <typename T>
+const T* values(const torch::Tensor& t, int64_t n, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.is_contiguous() && (t.numel() == 1 || t.numel() == n), what, ": expected 1 or ", n, " values, got ",
+              t.numel());
+  return t.data_ptr<T>();
+}
+
+inline int64_t per(const torch::Tensor& t) { return t.numel() > 1 ? 1 : 0; }
+
+// Rows split in one chunk per thread; each chunk sums its own columns, then the chunks are added.
+template <typename F>
+torch::Tensor by_row_chunks(int64_t rows, int64_t cols, F body) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  auto partial = torch::zeros({chunks, cols}, torch::kInt);
+  int32_t* pc = partial.data_ptr<int32_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ch = b; ch < e; ++ch) body(rows * ch / chunks, rows * (ch + 1) / chunks, pc + ch * cols);
+  });
+  return partial.sum(0, false, torch::kInt);
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> encode(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
+                                  const torch::Tensor& hi, const torch::Tensor& shift) {
+  check2d(x, torch::kFloat, "encode");
+  const int64_t R = x.size(0), C = x.size(1);
+  auto t = torch::empty({R, C}, torch::kChar);
+  auto rows = torch::empty({R}, torch::kInt);
+  const float* src = x.data_ptr<float>();
+  int8_t* dst = t.data_ptr<int8_t>();
+  int32_t* prow = rows.data_ptr<int32_t>();
+  const float *ps = values<float>(scale, R, "encode scale"), *pl = values<float>(lo, R, "encode lo"),
+              *ph = values<float>(hi, R, "encode hi"), *psh = values<float>(shift, R, "encode shift");
+  const int64_t ds = per(scale), dl = per(lo), dh = per(hi), dsh = per(shift);
+  auto cols = by_row_chunks(R, C, [&](int64_t r0, int64_t r1, int32_t* col) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float s = ps[r * ds], l = pl[r * dl], h = ph[r * dh], sh = psh[r * dsh];
+      const float* in = src + r * C;
+      int8_t* out = dst + r * C;
+      int32_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        float q = std::nearbyint(in[c] / s);
+        q = q < l ? l : q;
+        q = q > h ? h : q;
+        const int32_t v = static_cast<int32_t>(q - sh);
+        out[c] = static_cast<int8_t>(v);
+        sum += v;
+        col[c] += v;
+      }
+      prow[r] = sum;
+    }
+  });
+  return {t, rows, cols};
+}
+
+std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
+                                      double levels, int64_t seed) {
+  check2d(g, torch::kFloat, "grad_codes");
+  const int64_t R = g.size(0), C = g.size(1);
+  auto ghat = torch::empty({R, C}, torch::kFloat);
+  auto t = torch::empty({R, C}, torch::kChar);
+  auto rows = torch::empty({R}, torch::kInt);
+  const float* src = g.data_ptr<float>();
+  float* out = ghat.data_ptr<float>();
+  int8_t* codes = t.data_ptr<int8_t>();
+  int32_t* prow = rows.data_ptr<int32_t>();
+  const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), mx = mx_t.item<float>();
+  float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
+  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+  const float half_levels = std::floor((lv + 1.0f) / 2.0f);
+  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
+  auto cols = by_row_chunks(R, C, [&](int64_t r0, int64_t r1, int32_t* col) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t sum = 0;
+      int64_t c = 0;
+      while (c < C) {  // spans that stay inside one dither chunk
+        const int64_t i = r * C + c, chunk = i / kChunk;
+        const int64_t stop = std::min(C, (chunk + 1) * kChunk - r * C);
+        const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
+        for (int64_t j = c; j < stop; ++j) {
+          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - c));
+          const float u = static_cast<float>(hsh >> 8) * unit + half;
+          float q = std::floor((src[r * C + j] - mn) / s + u);
+          q = q > lv ? lv : q;
+          out[r * C + j] = q * s + mn;
+          const int32_t v = static_cast<int32_t>(q - half_levels);
+          codes[r * C + j] = static_cast<int8_t>(v);
+          sum += v;
+          col[j] += v;
+        }
+        c = stop;
+      }
+      prow[r] = sum;
+    }
+  });
+  return {ghat, t, rows, cols};
+}
+
+torch::Tensor epilogue(torch::Tensor acc, const torch::Tensor& sa, const torch::Tensor& sb, const torch::Tensor& row_a,
+                       const torch::Tensor& kb, const torch::Tensor& ka, const torch::Tensor& col_b,
+                       const torch::Tensor& ca, const torch::Tensor& cb, const torch::Tensor& bias, int64_t K) {
+  check2d(acc, torch::kInt, "epilogue");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const float *psa = values<float>(sa, M, "epilogue sa"), *psb = values<float>(sb, N, "epilogue sb");
+  const int32_t *pra = values<int32_t>(row_a, M, "epilogue row_a"), *pkb = values<int32_t>(kb, N, "epilogue kb"),
+                *pka = values<int32_t>(ka, M, "epilogue ka"), *pcb = values<int32_t>(col_b, N, "epilogue col_b");
+  const float* pbias = values<float>(bias, N, "epilogue bias");
+  const float fca = ca.numel() ? ca.item<float>() : 0.0f, fcb = cb.numel() ? cb.item<float>() : 0.0f;
+  const int64_t dsa = per(sa), dsb = per(sb), dkb = per(kb), dka = per(ka);
+  // per column: scale, offset k, corrected column sum, and the float terms that depend on the column only
+  std::vector<float> col_s(N), col_add(N);
+  std::vector<int32_t> col_k(N), col_sum(N);
+  for (int64_t n = 0; n < N; ++n) {
+    col_s[n] = psb[n * dsb];
+    col_k[n] = pkb ? pkb[n * dkb] : 0;
+    col_sum[n] = (pcb ? pcb[n] : 0) + static_cast<int32_t>(K) * col_k[n];
+    col_add[n] = (ca.numel() ? fca * col_s[n] * static_cast<float>(col_sum[n]) : 0.0f) + (pbias ? pbias[n] : 0.0f) +
+                 (ca.numel() && cb.numel() ? static_cast<float>(K) * fca * fcb : 0.0f);
+  }
+  int32_t* pacc = acc.data_ptr<int32_t>();
+  float* py = reinterpret_cast<float*>(pacc);
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float s_i = psa[i * dsa];
+      const int32_t ka_i = pka ? pka[i * dka] : 0, ra_i = pra ? pra[i] : 0;
+      const float row_add = cb.numel() ? fcb * s_i * static_cast<float>(ra_i + static_cast<int32_t>(K) * ka_i) : 0.0f;
+      int32_t* a = pacc + i * N;
+      float* y = py + i * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const int32_t v = a[n] + ra_i * col_k[n] + ka_i * col_sum[n];
+        y[n] = static_cast<float>(v) * (s_i * col_s[n]) + col_add[n] + row_add;
+      }
+    }
+  });
+  return acc.view(torch::kFloat);
+}
+
+// x = s * (t + k) per tensor or per row of t (R, C): the float operand the simulation multiplies.
+torch::Tensor decode(const torch::Tensor& t, const torch::Tensor& k, const torch::Tensor& scale) {
+  check2d(t, torch::kChar, "decode");
+  const int64_t R = t.size(0), C = t.size(1);
+  auto x = torch::empty({R, C}, torch::kFloat);
+  const int8_t* src = t.data_ptr<int8_t>();
+  float* dst = x.data_ptr<float>();
+  const int32_t* pk = values<int32_t>(k, R, "decode k");
+  const float* ps = values<float>(scale, R, "decode scale");
+  const int64_t dk = per(k), ds = per(scale);
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int32_t kr = pk ? pk[r * dk] : 0;
+      const float sr = ps[r * ds];
+      for (int64_t c = 0; c < C; ++c) dst[r * C + c] = static_cast<float>(src[r * C + c] + kr) * sr;
+    }
+  });
+  return x;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
+  m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
+  m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
+  m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
+}
