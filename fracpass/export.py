@@ -112,9 +112,9 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
         work = copy.deepcopy(qmodel)
         references = []
         if verify:
-            with torch.no_grad():
-                for batch_args, batch_kwargs in _verification_inputs(example_inputs, example_kwargs, dynamic_batch):
-                    references.append((batch_args, batch_kwargs, _first_tensor(qmodel(*batch_args, **batch_kwargs))))
+            for batch_args, batch_kwargs in _verification_inputs(example_inputs, example_kwargs, dynamic_batch):
+                output, choices = _run_recording_choices(qmodel, batch_args, batch_kwargs)
+                references.append((batch_args, batch_kwargs, output, choices))
     finally:
         set_stage(qmodel, was_stage)
         qmodel.train(was_training)
@@ -178,22 +178,51 @@ def _verification_inputs(args, kwargs, dynamic_batch: bool):
     return cases
 
 
+def _run_recording_choices(qmodel: nn.Module, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """qmodel's first output tensor, and per gated activation quantizer (by its ONNX stem) the option
+    each sample's gate chose."""
+    choices, hooks = {}, []
+    for name, q in qmodel.named_modules():
+        if isinstance(q, GatedActQuant):
+            def record(module, inputs, output, stem=name.replace(".", "_")):
+                choices[stem] = inputs[1].detach().argmax(1)
+            hooks.append(q.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            return _first_tensor(qmodel(*args, **kwargs)), choices
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _verify(data: bytes, references, dynamic_batch: bool) -> None:
     """Run the exported bytes in onnxruntime and compare with PyTorch. A coarse check, mean |diff|
     <= 1e-2 of the output range: on a few example samples one value on a rounding boundary can
-    land a step apart and propagate, while a wrong scale, zero point or baked shape is far off."""
+    land a step apart and propagate, while a wrong scale, zero point or baked shape is far off.
+
+    With gates, a sample whose gate logits nearly tie can pick another option in onnxruntime (its
+    float sums differ by an ulp), and at 3-4 bits that moves its output far. So the gates' choices
+    are read from the exported graph too: samples where any gate chose differently are left out of
+    the comparison (logged), and at least half the samples must agree on every choice."""
     try:
+        import onnx
         import onnxruntime as ort
     except ImportError:
         log.info("onnxruntime is not installed: the exported model was not verified")
         return
+    stems = sorted({stem for *_, choices in references for stem in choices})
+    if stems:  # expose each gated quantizer's ArgMax as an extra output of a verification copy
+        model = onnx.load_from_string(data)
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(f"{stem}_choice", onnx.TensorProto.INT64, None)
+                                  for stem in stems)
+        data = model.SerializeToString()
     session = ort.InferenceSession(data)
     names = [i.name for i in session.get_inputs()]
-    for i, (args, kwargs, expected) in enumerate(references):
+    for i, (args, kwargs, expected, choices) in enumerate(references):
         values = list(args) + list(kwargs.values())
         feeds = {n: v.numpy() for n, v in zip(names, [v for v in values if isinstance(v, torch.Tensor)])}
         try:
-            got = session.run(None, feeds)[0]
+            got, *onnx_choices = session.run([session.get_outputs()[0].name] + [f"{s}_choice" for s in stems], feeds)
         except Exception as e:
             what = "at a batch size other than the example's" if i else "on the example inputs"
             hint = (": the traced graph fixed the batch size somewhere; export with dynamic_batch=False"
@@ -201,6 +230,19 @@ def _verify(data: bytes, references, dynamic_batch: bool) -> None:
             raise ExportError(f"export_onnx: the exported model fails in onnxruntime {what}{hint} "
                               f"({str(e).splitlines()[0][:300]})") from e
         expected = expected.numpy()
+        if stems and got.shape == expected.shape:
+            same = np.ones(expected.shape[0], dtype=bool)
+            for stem, theirs in zip(stems, onnx_choices):
+                ours = choices[stem].numpy()
+                if theirs.shape == ours.shape == same.shape:
+                    same &= theirs == ours
+            if same.sum() * 2 < same.size:
+                raise ExportError(f"export_onnx: the exported gates choose differently from PyTorch's on {(~same).sum()} "
+                                  f"of {same.size} samples; nothing was written")
+            if not same.all():
+                log.info("export_onnx: verification leaves out %d of %d samples whose gate logits nearly tie "
+                         "(onnxruntime picked another option)", (~same).sum(), same.size)
+            got, expected = got[same], expected[same]
         scale = float(expected.max() - expected.min()) or 1.0
         mean_diff = float(np.abs(got - expected).mean()) if got.shape == expected.shape else float("nan")
         if not mean_diff <= 1e-2 * scale:  # nan (a shape mismatch) fails too
@@ -510,6 +552,26 @@ def _weight_qdq(graph, q: WeightQuant, src, out, stem: str) -> None:
                     scale.astype(np.float32).reshape(()))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{stem}/DequantizeLinear", attrs=attrs, inputs=[weight, s, z],
                                outputs=[out]))
+    if w.dim() == 2:
+        _matmul_as_einsum(out)
+
+
+def _matmul_as_einsum(weight) -> None:
+    """Turn ``MatMul(x, W)`` and ``MatMul(x, Transpose(W))`` (a linear on a 3-D input) on a
+    dequantized weight into an Einsum of the same product.
+
+    onnxruntime fuses DequantizeLinear -> MatMul(B) into MatMulNBits, seeing through a Transpose in
+    between, and by default (accuracy_level 4) that kernel rounds the activations to int8 inside: up
+    to 1e-2 of the output range off PyTorch. An Einsum keeps the Q/DQ form and is computed in float32.
+    """
+    for user in list(weight.outputs):
+        if user.op == "MatMul" and len(user.inputs) > 1 and user.inputs[1] is weight:
+            user.op, user.attrs = "Einsum", {"equation": "...k,kn->...n"}
+        elif user.op == "Transpose" and list(user.attrs.get("perm", [1, 0])) == [1, 0]:
+            for matmul in list(user.outputs[0].outputs):
+                if matmul.op == "MatMul" and len(matmul.inputs) > 1 and matmul.inputs[1] is user.outputs[0]:
+                    matmul.op, matmul.attrs = "Einsum", {"equation": "...k,nk->...n"}
+                    matmul.inputs[1] = weight
 
 
 def _bypass_identities(graph) -> None:
