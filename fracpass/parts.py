@@ -200,7 +200,9 @@ def _record_calls(model, parts, example_inputs, example_kwargs, where: str):
         (path, m, *tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), dict(kwargs)))))
     hooks = [part.register_forward_pre_hook(lambda m, a, k, path=path: record(m, a, k, path), with_kwargs=True)
              for path, part in parts]
-    hubs = [part.gates for _, part in parts if isinstance(part.__dict__.get("fracpass"), _State()) and _has_gates(part)]
+    from fracpass.api import _State
+
+    hubs = [part.gates for _, part in parts if isinstance(part.__dict__.get("fracpass"), _State) and _has_gates(part)]
     try:
         with _state_kept(model), contextlib.ExitStack() as stack:
             for hub in hubs:

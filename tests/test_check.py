@@ -150,12 +150,20 @@ def test_coverage_names_unsupported_and_leaf_modules():
         def forward(self, x):
             return self.head(self.attn(x, x, x)[0])
 
-    cov = fracpass.coverage(fracpass.transform(Opaque(), fracpass.Plan.static(), example_inputs=(torch.randn(2, 3, 8),)))
-    assert ("attn", "all", "inside leaf module 'attn' (MultiheadAttention): its compute ops are not visible to fracpass;"
-            " un-leaf it or register its kind") in cov.unquantized
-    assert "not quantized: attn [all]: inside leaf module 'attn'" in str(cov)
+    x = torch.randn(2, 3, 8)
+    cov = fracpass.coverage(fracpass.transform(Opaque(), fracpass.Plan.static(), example_inputs=(x,),
+                                               leaf_modules=[nn.MultiheadAttention]))
+    (op, roles, reason), = cov.unquantized
+    assert (op, roles) == ("attn", "act,grad,weight")
+    assert reason.startswith("inside leaf module 'attn' (MultiheadAttention): its compute runs at full precision")
+    # in-projection 2*3*8*24 + QK^T and AV 2 * 2*2*3*3*4 + out-projection 2*3*8*8, by the flop counter's rules
+    assert "(1,824 forward MACs)" in reason
+    assert "not quantized: attn [act,grad,weight]: inside leaf module 'attn'" in str(cov)
     data = cov.to_dict()
-    assert data["ops"]["act"]["fraction"] == 1.0 and data["unquantized"][0]["op"] == "attn"
+    assert data["ops"]["act"]["fraction"] == 0.5 and data["unquantized"][0]["op"] == "attn"
+    # left to fracpass, MultiheadAttention is traced into and every product in it is quantized
+    traced = fracpass.coverage(fracpass.transform(Opaque(), fracpass.Plan.static(), example_inputs=(x,))).to_dict()
+    assert traced["ops"]["act"] == {"quantized": 5, "total": 5, "fraction": 1.0}
 
 
 def test_min_coverage_and_output_formats(tmp_path):

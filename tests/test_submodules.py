@@ -14,10 +14,13 @@ LADDER = fracpass.Plan.progressive(fw=(4, 8), bw=(8, 8), switch=fracpass.AtSteps
 
 
 def transform_parts(model, plan, images, head_plan=None, neck_plan=None):
-    """The recipe from the README: each part gets the inputs it sees inside the model."""
+    """Each part gets the inputs it sees inside the model, read in eval mode: a train-mode forward
+    would move BatchNorm's running statistics of the copy and not of the original."""
+    model.eval()
     with torch.no_grad():
         features = model.backbone(images)
         pyramid = model.neck(features)
+    model.train()
     model.backbone = fracpass.transform(model.backbone, plan, example_inputs=(images,))
     model.neck = fracpass.transform(model.neck, neck_plan or plan, example_inputs=(features,))
     model.head = fracpass.transform(model.head, head_plan or plan, example_inputs=(pyramid[0],))
