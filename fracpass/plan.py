@@ -359,15 +359,22 @@ class Plan:
             w=tuple(bits["w"]), a=tuple(bits["a"]), g=tuple(bits["g"]), excluded=excluded, rules=tuple(hits)
         )
 
-    def check_rules_matched(self, hits: Mapping[int, int], module_paths: Sequence[str]) -> None:
-        """Raise PlanError for a rule that matched no compute op, listing the closest paths."""
+    def check_rules_matched(self, hits: Mapping[int, int], module_paths: Sequence[str], kinds: Sequence[str] = ()) -> None:
+        """Raise PlanError for a rule that matched no compute op: the closest module paths, or for a
+        rule whose ``kind`` fits no op, the op kinds the model has."""
         for i, rule in enumerate(self.rules):
             if hits.get(i, 0):
                 continue
-            close = difflib.get_close_matches(rule.match.replace("*", ""), sorted(set(module_paths)), n=5, cutoff=0.3)
-            hint = f"closest module paths: {', '.join(close)}" if close else (
-                f"module paths with compute ops include: {', '.join(sorted(set(module_paths))[:5])}"
-            )
+            present = sorted(set(kinds))
+            if rule.kind != "*" and present and not any(fnmatchcase(k, rule.kind) for k in present):
+                hint = (f"no op of kind {rule.kind!r}; the model's op kinds are {', '.join(present)} "
+                        "(kind takes a glob, e.g. 'conv*')")
+            else:
+                close = difflib.get_close_matches(rule.match.replace("*", ""), sorted(set(module_paths)), n=5,
+                                                  cutoff=0.3)
+                hint = f"closest module paths: {', '.join(close)}" if close else (
+                    f"module paths with compute ops include: {', '.join(sorted(set(module_paths))[:5])}"
+                )
             raise PlanError(f"plan rule {i} ({rule.describe()}) matches no compute op in the model; {hint}")
 
     # -- files ----------------------------------------------------------------------------------

@@ -46,6 +46,6 @@ class AnnotatePass(PassBase):
                 meta.set_op_info(node, info)
                 meta.set_qspec(node, spec)
                 changed += 1
-        self.plan.check_rules_matched(hits, paths)
+        self.plan.check_rules_matched(hits, paths, list(kinds))
         stats = {"compute_ops": sum(kinds.values()), "excluded": excluded, "annotated": changed, "by_kind": dict(kinds)}
         return PassResult(gm, modified=changed > 0, stats=stats)

@@ -214,6 +214,11 @@ def test_unmatched_rule_lists_closest_module_paths():
         fracpass.transform(factory(), fracpass.Plan.static(exclude=("conv9",)), example_inputs=(make_input(2),))
     with pytest.raises(fracpass.PlanError, match=r"plan rule 0 \(kind='conv3d'\) matches no compute op"):
         fracpass.transform(factory(), fracpass.Plan.static(rules=[fracpass.Rule(kind="conv3d", w=4)]))
+    # a kind that fits no op: the hint lists the model's op kinds, not module paths
+    with pytest.raises(fracpass.PlanError, match=r"\(kind='conv'\) matches no compute op in the model; no op of kind "
+                                                 r"'conv'; the model's op kinds are conv2d, linear \(kind takes a glob"):
+        fracpass.transform(factory(), fracpass.Plan.static(rules=[fracpass.Rule(kind="conv", w=4)]),
+                           example_inputs=(make_input(2),))
 
 
 def test_bad_arguments():
