@@ -330,10 +330,44 @@ def decide(qa, qb, gq) -> Tuple[str, str]:
 def _tensor_reason(*tensors: Tensor) -> Optional[str]:
     for t in tensors:
         if isinstance(t, torch._subclasses.FakeTensor) or t.device.type != "cpu":
-            return "not a CPU tensor"
+            return "not a CPU tensor (shape-only run, or another device: no native path there yet)"
         if t.dtype != torch.float32:
             return f"{t.dtype} operands"
+        if t.numel() == 0:
+            return "an empty operand"
     return None
+
+
+def _free_axis(q, free: int) -> bool:
+    """True if ``q``'s scale is per tensor or along the free (non-contracted) axis ``free`` of a 2-D operand."""
+    return not isinstance(q, WeightQuant) or q.axis is None or q.axis % 2 == free
+
+
+def _linear_reason(x: Tensor, weight: Tensor, aq, wq) -> Optional[str]:
+    if not isinstance(aq, ActQuant) or not _free_axis(wq, 0):
+        return "the input's scale is not per tensor or the weight's is not per output channel"
+    if weight.dim() != 2 or x.dim() < 1:
+        return f"a {weight.dim()}-D weight or {x.dim()}-D input"
+    return _size_reason(x.shape[-1]) or _tensor_reason(x, weight)
+
+
+def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
+    if b.dim() != 2 or a.dim() < 1:
+        return (f"a {b.dim()}-D right operand: torch._int_mm multiplies 2-D matrices and a batched int8 product is "
+                "not implemented here")
+    if (a.dim() != 2 and isinstance(qa, WeightQuant)) or not _free_axis(qa, 0) or not _free_axis(qb, 1):
+        return "a weight operand's channel axis is the contracted one"
+    return _size_reason(a.shape[-1]) or _tensor_reason(a, b)
+
+
+def _size_reason(k: int) -> Optional[str]:
+    return None if k <= MAX_CONTRACTION else f"a contraction of {k} > {MAX_CONTRACTION} overflows int32 accumulation"
+
+
+def _remember(q, why: Optional[str]) -> None:
+    """Keep the last call's shape-dependent fallback reason on the op's first quantizer (for op_paths)."""
+    if q is not None and q.__dict__.get("_native_last", 0) != why:
+        q.__dict__["_native_last"] = why
 
 
 # -- the native calls --------------------------------------------------------------------------------
@@ -344,10 +378,12 @@ def _call(q, x: Tensor) -> Tensor:
 def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optional[nn.Module],
                   wq: Optional[nn.Module], gq: Optional[nn.Module]) -> Tensor:
     """``gq(F.linear(aq(x), wq(weight), bias))``, on int8 codes where the current bits allow."""
-    path, _ = decide(aq, wq, gq)
-    if (path != "int8" or not isinstance(aq, ActQuant) or not _free_axis(wq, 0) or weight.dim() != 2 or x.dim() < 1 or x.numel() == 0 or x.shape[-1] > MAX_CONTRACTION
-            or _tensor_reason(x, weight) is not None):
+    why = decide(aq, wq, gq)[0] != "int8" or _linear_reason(x, weight, aq, wq)
+    if why:
+        if why is not True:
+            _remember(aq, why)
         return _call(gq, F.linear(_call(aq, x), _call(wq, weight), bias))
+    _remember(aq, None)
     x2 = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         ca = _encode(x2.detach(), *aq.qrange(x), aq.bits)
@@ -356,19 +392,15 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _free_axis(q, free: int) -> bool:
-    """True if ``q``'s scale is per tensor or along the free (non-contracted) axis ``free`` of a 2-D operand."""
-    return not isinstance(q, WeightQuant) or q.axis is None or q.axis % 2 == free
-
-
 def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
                   gq: Optional[nn.Module]) -> Tensor:
     """``gq(torch.matmul(qa(a), qb(b)))``, on int8 codes for 2-D right operands where the bits allow."""
-    path, _ = decide(qa, qb, gq)
-    if (path != "int8" or b.dim() != 2 or a.dim() < 1 or a.numel() == 0 or b.numel() == 0
-            or (a.dim() != 2 and isinstance(qa, WeightQuant)) or not _free_axis(qa, 0) or not _free_axis(qb, 1)
-            or a.shape[-1] > MAX_CONTRACTION or _tensor_reason(a, b) is not None):
+    why = decide(qa, qb, gq)[0] != "int8" or _matmul_reason(a, b, qa, qb)
+    if why:
+        if why is not True:
+            _remember(qa, why)
         return _call(gq, torch.matmul(_call(qa, a), _call(qb, b)))
+    _remember(qa, None)
     a2 = a.reshape(-1, a.shape[-1])
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
@@ -491,7 +523,8 @@ class LowerNativePass(PassBase):
 def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
     """op name -> (path at the current stage: "int8" or "simulated", why not native / what runs in fp32).
 
-    Decided from the quantizers' current bits and this CPU, for float32 CPU inputs."""
+    Decided from the quantizers' current bits and this CPU; a reason that depends on the operands
+    (a batched right operand, another dtype or device) is the one seen at the op's last call."""
     from fracpass.api import _state
 
     execution = getattr(_state(qmodel), "execution", "simulate")
@@ -502,10 +535,11 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
         if node.target in _NATIVE_CALLS:
             refs = node.args[3:6] if node.target is native_linear else node.args[2:5]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
-            if node.target is native_linear and not isinstance(mods[0], ActQuant):
-                paths[node.name] = ("simulated", _operand_reason(mods[0], "first") or "first operand not per tensor")
-            else:
-                paths[node.name] = decide(*mods)
+            path, note = decide(*mods)
+            last = mods[0].__dict__.get("_native_last") if mods[0] is not None else None
+            if path == "int8" and last:  # the bits allow it, the operands of the last call did not
+                path, note = "simulated", f"at the last call: {last}"
+            paths[node.name] = (path, note)
         elif execution != "native":
             paths[node.name] = ("simulated", "execution='simulate'")
         else:

@@ -282,3 +282,17 @@ def test_onnx_export_is_identical(tmp_path):
     a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
     b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)
     assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_batched_product_falls_back_and_reports_the_last_calls_reason(monkeypatch):
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 4, 10, 8), torch.randn(2, 4, 8, 10))  # attention scores: both operands batched
+    sim, nat = _pair(ActMatmul(), fracpass.Plan.static(8, 8, 8), inputs)
+    assert native.op_paths(nat)["matmul"] == ("int8", "")  # the bits allow it; no call seen yet
+    calls = _count_int_mm(monkeypatch)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert not calls
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    path, why = native.op_paths(nat)["matmul"]
+    assert path == "simulated" and why.startswith("at the last call: a 4-D right operand")
