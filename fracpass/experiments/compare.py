@@ -1,0 +1,284 @@
+"""Every recipe x seeds on one data set: the runs, their summary, the table (JSON + Markdown), the plots.
+
+Summaries are over seeds: accuracy as mean and sample standard deviation; costs as means, whose
+ratios (relative cost, saving vs static 8/8/8) are ratios of totals over the seeds. Savings up to
+the best-accuracy iteration are ratios of totals only: per seed they swing with one test sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fracpass.experiments.data import ImageSet
+from fracpass.experiments.recipes import BY_NAME, RECIPES, Config
+from fracpass.experiments.runner import train_run
+
+__all__ = ["run_comparison", "merge_results", "summarize", "markdown_table", "console_table", "write_results", "FLOOR_SAVING",
+           "FLOOR_ACCURACY_PP"]
+
+log = logging.getLogger("fracpass.experiments")
+
+FLOOR_SAVING = 0.35  # PFQ's whole-run saving vs static 8/8/8, paper's accounting (issue 12)
+FLOOR_ACCURACY_PP = 0.5  # within this many points of static 8/8/8's mean accuracy
+BASELINE = "static-8/8/8"
+
+
+def run_comparison(data: ImageSet, cfg: Config, seeds: Sequence[int], recipes: Sequence[str] = (),
+                   profiles: Sequence[str] = (), progress: bool = True, out=print) -> Dict[str, Any]:
+    """Train every recipe with every seed (same iterations, optimiser, data order per seed)."""
+    recipes = list(recipes) or [r.name for r in RECIPES]
+    runs: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    for recipe in recipes:
+        for seed in seeds:
+            bar = _bar(f"{BY_NAME[recipe].label:<26} seed {seed}", cfg.iterations, progress)
+            try:
+                runs.append(train_run(recipe, cfg, data, seed, profiles, bar))
+            finally:
+                if bar is not None:
+                    bar.close()
+            r = runs[-1]
+            if not progress:
+                out(f"{recipe} seed {seed}: accuracy {r['final_accuracy']:.4f}, {r['wall_s']:.1f} s")
+    results = {"dataset": data.describe(), "config": cfg.to_dict(), "seeds": list(seeds), "recipes": recipes,
+               "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "python": platform.python_version(), "machine": platform.machine()},
+               "wall_s": time.perf_counter() - start, "runs": runs}
+    results["summary"] = summarize(runs, recipes)
+    results["floors"] = floors(results["summary"])
+    return results
+
+
+def merge_results(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One comparison from parts run separately (e.g. one process per recipe, side by side): the same
+    data set and settings, their runs together, summary and floors recomputed. ``wall_s`` is the
+    longest part's (they ran at the same time); ``parts`` keeps each part's command and wall time."""
+    first = parts[0]
+    for part in parts[1:]:
+        for key in ("dataset", "config"):
+            if part[key] != first[key]:
+                raise ValueError(f"cannot merge: the parts differ in {key} ({part[key]!r} vs {first[key]!r})")
+    runs = [r for part in parts for r in part["runs"]]
+    order = {r.name: i for i, r in enumerate(RECIPES)}
+    recipes = sorted({r["recipe"] for r in runs}, key=order.get)
+    seeds = sorted({r["seed"] for r in runs})
+    merged = dict(first, runs=sorted(runs, key=lambda r: (order[r["recipe"]], r["seed"])), recipes=recipes, seeds=seeds,
+                  wall_s=max(p["wall_s"] for p in parts),
+                  parts=[{"command": p.get("command", ""), "recipes": p["recipes"], "wall_s": p["wall_s"]} for p in parts])
+    merged["summary"] = summarize(merged["runs"], recipes)
+    merged["floors"] = floors(merged["summary"])
+    return merged
+
+
+def _bar(label: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="it", leave=True, dynamic_ncols=True, mininterval=0.5)
+
+
+def summarize(runs: List[Dict[str, Any]], recipes: Sequence[str]) -> Dict[str, Any]:
+    by = {name: [r for r in runs if r["recipe"] == name] for name in recipes}
+    base = by.get(BASELINE) or []
+    fp32 = np.mean([r["fp32_total"] for r in runs], axis=0)  # the same for every run of a data set
+    names = runs[0]["cost_vector"]
+    summary: Dict[str, Any] = {}
+    for name, rs in by.items():
+        if not rs:
+            continue
+        acc = np.array([r["final_accuracy"] for r in rs])
+        best = np.array([r["best_accuracy"] for r in rs])
+        total = np.array([r["total"] for r in rs])
+        upto = np.array([r["up_to_best"] for r in rs])
+        entry: Dict[str, Any] = {
+            "label": BY_NAME[name].label, "seeds": [r["seed"] for r in rs],
+            "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "accuracy_per_seed": acc.tolist(),
+            "best_accuracy_mean": float(best.mean()), "best_iteration_per_seed": [r["best_iteration"] for r in rs],
+            "switch_iterations_per_seed": [[s[0] for s in r["switches"]] for r in rs],
+            "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+            "total_mean": dict(zip(names, total.mean(0).tolist())),
+            "total_std": dict(zip(names, total.std(0, ddof=1).tolist() if len(rs) > 1 else [0.0] * len(names))),
+            "relative_to_fp32": {"paper": float(total[:, 0].mean() / fp32[0]), "whole": float(total[:, 1].mean() / fp32[1])},
+        }
+        if base:
+            b_total = np.array([r["total"] for r in base])
+            b_upto = np.array([r["up_to_best"] for r in base])
+            b_acc = np.array([r["final_accuracy"] for r in base])
+            entry["saving_vs_static8"] = {
+                "paper": float(1 - total[:, 0].mean() / b_total[:, 0].mean()),
+                "whole": float(1 - total[:, 1].mean() / b_total[:, 1].mean()),
+                "paper_per_seed": (1 - total[:, 0] / b_total[:len(rs), 0]).tolist() if len(base) == len(rs) else [],
+                "paper_up_to_best": float(1 - upto[:, 0].sum() / b_upto[:, 0].sum()),
+                "whole_up_to_best": float(1 - upto[:, 1].sum() / b_upto[:, 1].sum()),
+            }
+            entry["accuracy_vs_static8_pp"] = float(100 * (acc.mean() - b_acc.mean()))
+        if "gates" in rs[0]:
+            entry["gates"] = _gate_summary(rs)
+        summary[name] = entry
+    summary["_fp32_total"] = dict(zip(names, fp32.tolist()))
+    return summary
+
+
+def _gate_summary(rs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per stage: the option mix per unit (over all seeds' batches), the controller's mean batch cost
+    against the target in force, and the mean relative cost in the paper's accounting."""
+    g0 = rs[0]["gates"]
+    per_stage = []
+    for k, target in enumerate(g0["controller_targets"]):
+        counts = [np.array(r["gates"]["counts"])[np.array(r["stages"]) == k] for r in rs]
+        cost = [np.array(r["gates"]["controller_cost"])[np.array(r["stages"]) == k] for r in rs]
+        n = sum(len(c) for c in counts)
+        if not n:
+            per_stage.append({"stage": k, "batches": 0})
+            continue
+        mix = sum(c.sum(0) for c in counts if len(c))
+        per_stage.append({
+            "stage": k, "batches": int(n), "paper_target": g0["paper_targets"][k], "controller_target": target,
+            "controller_cheapest": g0["controller_cheapest"][k],
+            "controller_cost_mean": float(np.concatenate(cost).mean()),
+            "mix": {u: (mix[i] / mix[i].sum()).tolist() for i, u in enumerate(g0["units"])},
+        })
+    return {"units": g0["units"], "options": g0["options"], "per_stage": per_stage}
+
+
+def floors(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The issue's floors, paper's accounting, means over seeds: PFQ saves >= 35 % within 0.5 pp of
+    static 8/8/8; FracTrain saves more than PFQ within 0.5 pp."""
+    out: Dict[str, Any] = {}
+    pfq, ft = summary.get("pfq"), summary.get("fractrain")
+    if pfq and "saving_vs_static8" in pfq:
+        s, d = pfq["saving_vs_static8"]["paper"], pfq["accuracy_vs_static8_pp"]
+        out["pfq"] = {"saving": s, "accuracy_pp": d, "met": bool(s >= FLOOR_SAVING and d >= -FLOOR_ACCURACY_PP)}
+    if ft and pfq and "saving_vs_static8" in ft:
+        s, d = ft["saving_vs_static8"]["paper"], ft["accuracy_vs_static8_pp"]
+        out["fractrain"] = {"saving": s, "accuracy_pp": d, "pfq_saving": pfq["saving_vs_static8"]["paper"],
+                            "met": bool(s > pfq["saving_vs_static8"]["paper"] and d >= -FLOOR_ACCURACY_PP)}
+    return out
+
+
+# -- presentation -------------------------------------------------------------------------------------
+def _pm(mean: float, std: float, scale: float = 100, digits: int = 2) -> str:
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def _rows(summary: Dict[str, Any], target: str = "bitfusion") -> List[List[str]]:
+    rows = []
+    for name, e in summary.items():
+        if name.startswith("_"):
+            continue
+        sav = e.get("saving_vs_static8", {})
+        t = e["total_mean"]
+        switches = e["switch_iterations_per_seed"]
+        rows.append([
+            e["label"], _pm(e["accuracy_mean"], e["accuracy_std"]),
+            f"{e.get('accuracy_vs_static8_pp', 0):+.2f}",
+            "; ".join("/".join(map(str, s)) for s in switches) if any(switches) else "-",
+            f"{t['paper_bitops']:.3e}", f"{100 * e['relative_to_fp32']['paper']:.2f}%",
+            f"{100 * sav['paper']:.1f}%" if sav else "-",
+            f"{100 * sav['paper_up_to_best']:.1f}%" if sav else "-",
+            f"{t['whole_bitops']:.3e}", f"{100 * e['relative_to_fp32']['whole']:.2f}%",
+            f"{100 * sav['whole']:.1f}%" if sav else "-",
+            f"{t.get('energy_j:' + target, float('nan')):.3e}", f"{t.get('latency_s:' + target, float('nan')):.3e}",
+            f"{e['wall_s_mean']:.1f}",
+        ])
+    return rows
+
+
+HEAD = ["recipe", "test acc. % (mean ± std)", "Δ acc. vs 8/8/8 (pp)", "switch iterations (per seed)",
+        "training BitOPs (paper)", "vs FP32", "saving vs 8/8/8", "saving to best acc.", "BitOPs (whole model)",
+        "vs FP32", "saving vs 8/8/8", "energy J (bitfusion)", "latency s (bitfusion)", "wall s / run"]
+
+
+def markdown_table(summary: Dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEAD))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(summary)]
+    return "\n".join(lines)
+
+
+def console_table(summary: Dict[str, Any], columns: Sequence[int] = (0, 1, 2, 4, 5, 6, 8, 10, 11, 12)) -> str:
+    rows = [[HEAD[i] for i in columns]] + [[r[i] for i in columns] for r in _rows(summary)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
+
+
+def profiles_table(summary: Dict[str, Any]) -> str:
+    """Energy and latency of the whole training run on every profile (means over seeds)."""
+    names = [k for k in next(e for n, e in summary.items() if not n.startswith("_"))["total_mean"]
+             if k.startswith("latency_s:")]
+    targets = [k.split(":", 1)[1] for k in names]
+    head = ["recipe"] + [f"{t} energy J / latency s" for t in targets]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(targets) + "|"]
+    for name, e in summary.items():
+        if name.startswith("_"):
+            continue
+        t = e["total_mean"]
+        lines.append("| " + " | ".join([e["label"]] + [f"{t['energy_j:' + p]:.3e} / {t['latency_s:' + p]:.3e}"
+                                                         for p in targets]) + " |")
+    return "\n".join(lines)
+
+
+def gates_table(summary: Dict[str, Any]) -> str:
+    """Option mix per stage and unit, and the controller's mean cost against its target."""
+    lines = []
+    for name, e in summary.items():
+        if name.startswith("_") or "gates" not in e:
+            continue
+        g = e["gates"]
+        opts = [f"a{a}/g{b}" if a else "skip" for a, b in g["options"]]
+        lines += [f"**{e['label']}**: option mix per stage (share of samples over all seeds' batches); the "
+                  "controller's mean batch cost vs its target (whole-model units, gates left out); paper's target",
+                  "", "| stage | unit | " + " | ".join(opts) + " | controller cost vs target | paper target |",
+                  "|---|---|" + "---:|" * (len(opts) + 2)]
+        for st in g["per_stage"]:
+            if not st.get("batches"):
+                lines.append(f"| {st['stage']} | (never reached) |" + " - |" * (len(opts) + 2))
+                continue
+            for i, (u, mix) in enumerate(st["mix"].items()):
+                ctrl = (f"{st['controller_cost_mean']:.3f}% vs {st['controller_target']:.3f}% (cheapest "
+                        f"{st['controller_cheapest']:.3f}%)") if i == 0 else ""
+                lines.append(f"| {st['stage'] if i == 0 else ''} | {u} | " + " | ".join(f"{100 * p:.0f}%" for p in mix)
+                             + f" | {ctrl} | {st['paper_target'] if i == 0 else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = True) -> Dict[str, Path]:
+    """``<out>/results.json`` (summary, floors, every run's record), ``<out>/results.md`` and the plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results, command=command)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
+    paths["json"].write_text(json.dumps(results, indent=1))
+    summary = results["summary"]
+    fl = results.get("floors", {})
+    floor_lines = []
+    for name, f in fl.items():
+        extra = f" (PFQ saved {100 * f['pfq_saving']:.1f}%)" if "pfq_saving" in f else ""
+        floor_lines.append(f"- {name}: saves {100 * f['saving']:.1f}% of static 8/8/8's training BitOPs (paper's "
+                           f"accounting){extra} at {f['accuracy_pp']:+.2f} pp: floor {'met' if f['met'] else 'NOT met'}")
+    cfg = results["config"]
+    text = [f"# {results['dataset']}", "",
+            f"`{command}`: {len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}), "
+            f"{cfg['iterations']} iterations of batch {cfg['batch_size']}, SGD lr {cfg['lr']} (cosine) momentum "
+            f"{cfg['momentum']} wd {cfg['weight_decay']}, ResNet-{6 * cfg['blocks'] + 2} width {cfg['width']}; "
+            f"torch {results['environment']['torch']}, {results['environment']['threads']} thread(s); "
+            f"{results['wall_s']:.0f} s in all.", "", markdown_table(summary), "",
+            "Floors (issue 12, paper's accounting, means over seeds):", *floor_lines, "",
+            "Energy and latency of the whole training run per hardware profile (whole model):", "",
+            profiles_table(summary), "", gates_table(summary)]
+    paths["markdown"].write_text("\n".join(text) + "\n")
+    if plots:
+        from fracpass.experiments.plots import write_plots
+
+        paths.update(write_plots(results, out_dir))
+    return paths

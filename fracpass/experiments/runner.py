@@ -1,0 +1,145 @@
+"""Train one recipe with one seed and record what its cost accounting needs, step by step.
+
+A run records per iteration the training loss, the stage in force and, for gated recipes, how many
+samples of the batch chose each option in each gated unit (and the controller's batch cost); the
+stage switches; test accuracy every ``eval_every`` iterations; and its wall time. Its costs come
+from ``Accounting`` over exactly that history.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fracpass
+from fracpass.experiments.accounting import PAPER, WHOLE, Accounting
+from fracpass.experiments.data import ImageSet
+from fracpass.experiments.model import SmallResNet
+from fracpass.experiments.recipes import EXCLUDE, Config, gate_targets, plan_for, warn_unreachable
+
+__all__ = ["train_run", "build", "accounting_for"]
+
+log = logging.getLogger("fracpass.experiments")
+
+
+def _network(cfg: Config, data: ImageSet) -> torch.nn.Module:
+    return SmallResNet(data.in_channels, data.num_classes, n=cfg.blocks, width=cfg.width)
+
+
+def build(recipe: str, cfg: Config, data: ImageSet, seed: int):
+    """(model to train, plan or None, gate targets in the controller's units or None) for a recipe and seed."""
+    torch.manual_seed(seed)
+    model = _network(cfg, data)
+    plan = plan_for(recipe, cfg)
+    if plan is None:
+        return model, None, None
+    example = data.x_train[:cfg.batch_size]
+    targets = None
+    if plan.gates is not None:
+        # the controller steers the whole model's cost; convert the paper-accounting targets first
+        probe = fracpass.transform(model, plan, example_inputs=(example,))
+        targets = gate_targets(plan, fracpass.cost(probe))
+        plan = dataclasses.replace(plan, gates=dataclasses.replace(plan.gates, target=targets))
+        torch.manual_seed(seed)  # the gates' initial weights do not depend on the probe
+    qmodel = fracpass.transform(model, plan, example_inputs=(example,))
+    return qmodel, plan, targets
+
+
+def accounting_for(recipe: str, model, cfg: Config, data: ImageSet, profiles=()) -> Accounting:
+    """The cost vectors of a recipe's model. FP32 is costed on the same network transformed with
+    every op at 32 bits (the stem and classifier marked full precision, as in the other recipes)."""
+    example = data.x_train[:cfg.batch_size]
+    if recipe == "fp32":
+        model = fracpass.transform(model, fracpass.Plan.static(32, 32, 32, exclude=EXCLUDE), example_inputs=(example,))
+    return Accounting.from_model(model, example, profiles)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 500) -> float:
+    model.eval()
+    try:
+        correct = sum(int((model(x[i:i + chunk]).argmax(1) == y[i:i + chunk]).sum()) for i in range(0, len(y), chunk))
+    finally:
+        model.train()
+    return correct / len(y)
+
+
+def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), bar=None) -> Dict[str, Any]:
+    """Train ``recipe`` on ``data`` with ``seed``; returns the run's record (JSON-ready) and costs."""
+    start = time.perf_counter()
+    model, plan, ctrl_targets = build(recipe, cfg, data, seed)
+    acct = accounting_for(recipe, model, cfg, data, profiles)
+    gated = plan is not None and plan.gates is not None
+    cheapest = warn_unreachable(model.gates, ctrl_targets, recipe) if gated else None
+    sched = fracpass.Scheduler(model) if plan is not None else None
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lr_at = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.iterations))  # cosine to zero, the same for all
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every recipe of a seed
+    n, b = len(data.y_train), cfg.batch_size
+    per_epoch = n // b
+    losses: List[float] = []
+    stages: List[int] = []
+    counts: List[List[List[int]]] = []
+    ctrl_cost: List[float] = []
+    evals: List[List[float]] = []
+    order = None
+    model.train()
+    for it in range(cfg.iterations):
+        if it % per_epoch == 0:
+            order = torch.randperm(n, generator=order_gen)
+        idx = order[(it % per_epoch) * b:(it % per_epoch + 1) * b]
+        x, y = data.x_train[idx], data.y_train[idx]
+        stage = sched.stage if sched is not None else 0
+        loss = F.cross_entropy(model(x), y)
+        total = loss + fracpass.gate_loss(model) if gated else loss
+        if gated:
+            stats = fracpass.gate_stats(model)
+            counts.append([[int(round(p * len(idx))) for p in mix] for mix in stats.units.values()])
+            ctrl_cost.append(stats.mean_cost)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        lr_sched.step()
+        losses.append(loss.item())
+        stages.append(stage)
+        if sched is not None:
+            sched.step(loss.detach())
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+            evals.append([it + 1, evaluate(model, data.x_test, data.y_test)])
+        if bar is not None:
+            bar.update(1)
+            if (it + 1) % 10 == 0:
+                bar.set_postfix_str(f"loss {losses[-1]:.3f} stage {stage}" + (f" acc {evals[-1][1]:.3f}" if evals else ""))
+    wall = time.perf_counter() - start
+    step_costs = acct.steps(stages, b, np.asarray(counts) if gated else None) if recipe != "fp32" \
+        else acct.fp32_steps(cfg.iterations, b)
+    cumulative = np.cumsum(step_costs, axis=0)
+    best_it, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # the first iteration at the best accuracy
+    record: Dict[str, Any] = {
+        "recipe": recipe, "seed": seed, "dataset": cfg.dataset, "iterations": cfg.iterations, "batch_size": b,
+        "final_accuracy": evals[-1][1], "best_accuracy": best_acc, "best_iteration": int(best_it),
+        "evals": evals, "losses": losses, "stages": stages,
+        "switches": [[int(i), int(old), int(new)] for i, old, new, _ in (sched.history if sched else [])],
+        "cost_vector": ["paper_bitops", "whole_bitops"] + [f"latency_s:{t}" for t in acct.targets]
+                       + [f"energy_j:{t}" for t in acct.targets],
+        "total": cumulative[-1].tolist(), "up_to_best": cumulative[int(best_it) - 1].tolist(),
+        "fp32_total": (cfg.iterations * b * acct.fp32).tolist(),
+        "cumulative_at_evals": {"paper": [float(cumulative[int(i) - 1, PAPER]) for i, _ in evals],
+                                "whole": [float(cumulative[int(i) - 1, WHOLE]) for i, _ in evals]},
+        "wall_s": wall, "threads": torch.get_num_threads(),
+    }
+    if gated:
+        record["gates"] = {
+            "units": list(acct.units), "options": [list(o) for o in acct.options],
+            "paper_targets": list(plan_for(recipe, cfg).gates.targets(plan.num_stages)),
+            "controller_targets": list(ctrl_targets), "controller_cheapest": list(cheapest),
+            "counts": counts, "controller_cost": ctrl_cost,
+        }
+    return record
