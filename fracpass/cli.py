@@ -7,6 +7,7 @@
     fracpass check --model pkg.module:factory --plan plan.toml --golden golden/ [--update] [--min-coverage 0.95]
                    [--format text|json|github]
     fracpass export --model pkg.module:factory --plan plan.toml --stage -1 --input-shape 1,3,32,32 -o model.onnx
+    fracpass demo [--quick] [--out fracpass-demo]
 
 Exit codes: 0 success; 1 (check) the graph differs from a golden file, a golden file is missing, or
 coverage is below --min-coverage; 2 bad usage, a model that does not load, or a plan or model
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import sys
@@ -156,10 +158,31 @@ def _cost(args) -> int:
     if args.steps_per_stage:
         steps = int_list("--steps-per-stage", args.steps_per_stage, "8190,8190,7800,40000")
         totals = report.training(steps, batch_size=args.batch_size)
-    print(report.to_json() if args.json else report)
-    if args.steps_per_stage and not args.json:
-        print(totals)
+    if args.json:
+        data = json.loads(report.to_json())
+        if args.steps_per_stage:
+            data["training"] = _totals_dict(totals)
+        print(json.dumps(data, indent=2))
+    else:
+        print(report)
+        if args.steps_per_stage:
+            print(totals)
     return EXIT_OK
+
+
+def _totals_dict(totals) -> dict:
+    """``TrainingTotals`` as JSON: the schedule's totals and the static last-stage plan's."""
+    return {"steps_per_stage": list(totals.steps_per_stage), "batch_size": totals.batch_size,
+            "bitops": totals.bitops, "static_bitops": totals.static_bitops, "bitops_saving": totals.bitops_saving,
+            "latency_s": totals.latency_s, "static_latency_s": totals.static_latency_s,
+            "latency_saving": totals.latency_saving, "energy_j": totals.energy_j,
+            "static_energy_j": totals.static_energy_j}
+
+
+def _demo(args) -> int:
+    from fracpass.experiments.demo import run
+
+    return run(args)
 
 
 def _plan(args) -> int:
@@ -274,14 +297,25 @@ def _export(args) -> int:
     return EXIT_OK
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+STAGE_HELP = {
+    "transform": "stage whose bits the summary shows (default 0; negative counts from the end)",
+    "cost": "stage of the per-op table (default 0); the BitOPs of every stage are printed either way",
+    "plan": "not used by plan: the StagePlan covers every stage",
+    "check": "not used by check: the golden files cover every stage",
+    "export": "stage to export (default -1, the last)",
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning an nn.Module")
     p.add_argument("--plan", help="plan TOML file (default: static 8/8/8)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
     p.add_argument("--input-dtype", choices=("float32", "int64"), default="float32",
                    help="example input dtype (int64 for token ids)")
-    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto")
-    p.add_argument("--stage", type=int, help="stage to show (default 0)")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="how to capture the model: auto (torch.fx, falling back to non-strict torch.export where fx "
+                        "fails), fx, or export (default auto)")
+    p.add_argument("--stage", type=int, help=STAGE_HELP[command])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,24 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transform", help="transform a model with a plan and print the summary table")
-    _add_model_args(t)
+    _add_model_args(t, "transform")
     t.set_defaults(run=_transform)
     c = sub.add_parser("cost", help="MACs, BitOPs per stage, and energy/latency on a hardware target")
-    _add_model_args(c)
+    _add_model_args(c, "cost")
     c.add_argument("--target", help="hardware profile: a built-in name (bitfusion, a100, h100, xeon8380) or a .toml path")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--steps-per-stage", help="whole-schedule totals for these steps per stage, e.g. 8190,8190,7800,40000")
     c.add_argument("--batch-size", type=int, help="batch size for --steps-per-stage (default: the input shape's)")
     c.set_defaults(run=_cost)
     pl = sub.add_parser("plan", help="emit the per-stage precision plan (StagePlan) of a model and plan")
-    _add_model_args(pl)
+    _add_model_args(pl, "plan")
     pl.add_argument("-o", "--output", help="write the StagePlan TOML here")
     pl.add_argument("--budget", type=float, help="training budget as a fraction of the static last-stage plan")
     pl.add_argument("--total-steps", type=int, help="total training steps, for --budget")
     pl.add_argument("--granularity", type=int, default=390, help="stage boundaries are multiples of this (default 390)")
     pl.set_defaults(run=_plan)
     ch = sub.add_parser("check", help="compare the rewritten graph with golden files and check coverage (for CI)")
-    _add_model_args(ch)
+    _add_model_args(ch, "check")
     ch.add_argument("--golden", required=True, help="directory of golden files (<name>.graph.txt, <name>.stages.toml)")
     ch.add_argument("--name", help="golden file name stem (default: the factory's name)")
     ch.add_argument("--update", action="store_true", help="write the golden files instead of comparing")
@@ -314,11 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--format", choices=("text", "json", "github"), default="text")
     ch.set_defaults(run=_check)
     ex = sub.add_parser("export", help="export the model at a stage as ONNX with Q/DQ quantizers")
-    _add_model_args(ex)
+    _add_model_args(ex, "export")
     ex.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     ex.add_argument("--calibrate", type=int, default=4, help="synthetic batches that set activation ranges (default 4)")
     ex.add_argument("--static-batch", action="store_true", help="fix the batch dimension at the input shape's")
     ex.set_defaults(run=_export)
+    from fracpass.experiments.demo import add_arguments
+
+    de = sub.add_parser("demo", help="train FP32, static 8/8/8 and FracTrain on real digits; print the comparison "
+                                     "table and write the plots (about 2 minutes on 2 cores)")
+    add_arguments(de)
+    de.set_defaults(run=_demo)
     return parser
 
 

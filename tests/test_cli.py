@@ -128,3 +128,46 @@ def test_gated_plan_needs_an_input_shape():
     done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(GATED))
     assert done.returncode == 2
     assert "--input-shape is required for a plan with gates" in done.stderr
+
+
+def _help(*command):
+    done = fracpass_cli(*command, "--help")
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())  # argparse wraps lines
+
+
+def test_capture_has_a_help_text_and_stage_help_says_what_each_command_does_with_it():
+    text = _help("transform")
+    assert "--capture {auto,fx,export} how to capture the model: auto (torch.fx, falling back to non-strict " \
+           "torch.export where fx fails), fx, or export (default auto)" in text
+    assert "--stage STAGE stage whose bits the summary shows (default 0" in text
+    assert "--stage STAGE stage of the per-op table (default 0); the BitOPs of every stage are printed" in _help("cost")
+    assert "--stage STAGE not used by plan: the StagePlan covers every stage" in _help("plan")
+    assert "--stage STAGE not used by check: the golden files cover every stage" in _help("check")
+    assert "--stage STAGE stage to export (default -1, the last)" in _help("export")
+
+
+def test_cost_json_with_steps_per_stage_includes_the_training_totals():
+    import json
+
+    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+                        "--target", "bitfusion", "--steps-per-stage", "10,20,30,40", "--batch-size", "128", "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    training = data["training"]
+    per_sample = [s["bitops_per_sample"]["total"] for s in data["stages"]]
+    assert training["steps_per_stage"] == [10, 20, 30, 40] and training["batch_size"] == 128
+    assert training["bitops"] == pytest.approx(128 * sum(n * b for n, b in zip((10, 20, 30, 40), per_sample)), rel=1e-12)
+    assert training["static_bitops"] == pytest.approx(128 * 100 * per_sample[-1], rel=1e-12)
+    assert training["bitops_saving"] == pytest.approx(1 - training["bitops"] / training["static_bitops"], rel=1e-12)
+    latency = [s["latency_s_per_step"] for s in data["stages"]]  # at the example batch of 1
+    assert training["latency_s"] == pytest.approx(128 * sum(n * t for n, t in zip((10, 20, 30, 40), latency)), rel=1e-9)
+    assert 0 < training["latency_saving"] < 1 and training["energy_j"] < training["static_energy_j"]
+    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
+    assert "training" not in json.loads(done.stdout)
+
+
+def test_demo_is_a_subcommand_with_its_options():
+    text = _help("demo")
+    for option in ("--out", "--seed", "--quick", "--no-progress", "--threads"):
+        assert option in text
