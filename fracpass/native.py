@@ -26,7 +26,11 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
 
-Other compute ops (convolutions, SDPA, einsum) are left simulated; ``op_paths`` says why per op.
+conv2d (``native_conv2d``): the forward runs on oneDNN's int8 convolution (``qconv_pointwise``: uint8
+activation codes with their zero point, so zero padding stays the real zero; int8 weight codes, 8-bit
+weights shifted and corrected with window sums; fp32 output, exact), both backward products in
+float32 on the decoded codes. Other compute ops (conv1d/3d, transposed and SDPA, einsum, bmm) stay
+simulated; ``op_paths`` says why per op.
 """
 from __future__ import annotations
 
@@ -409,16 +413,109 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     return y.view(*a.shape[:-1], b.shape[1])
 
 
-_NATIVE_CALLS = (native_linear, native_matmul)
+# -- conv2d: oneDNN's int8 convolution forward (fp32 output); backward in float32 on decoded codes --------
+def _conv_reason(x: Tensor, weight: Tensor, padding, aq, wq) -> Optional[str]:
+    if not isinstance(aq, ActQuant) or not isinstance(wq, WeightQuant) or wq.axis not in (0, -4):
+        return "the input's scale is not per tensor or the weight's is not per output channel"
+    if x.dim() != 4 or weight.dim() != 4:
+        return f"a {x.dim()}-D input (oneDNN's int8 convolution here takes a batched 4-D input)"
+    if isinstance(padding, str):
+        return f"padding={padding!r}"
+    if not hasattr(torch.ops.onednn, "qconv_pointwise"):
+        return "this torch build has no oneDNN int8 convolution (torch.ops.onednn.qconv_pointwise)"
+    return _tensor_reason(x, weight)
+
+
+class _Int8Conv2d(torch.autograd.Function):
+    """Forward: oneDNN's int8 convolution over uint8 activation codes (zero point included, so zero
+    padding is the real zero) and int8 weight codes, scales applied by oneDNN, int32 accumulation
+    (exact). Backward: both products in float32 on the decoded codes, as the simulation computes
+    them (oneDNN has no int8 weight-gradient or transposed convolution here); codes are what is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u, s, zp, cw, stride, padding, dilation, groups, gbits):  # type: ignore[override]
+        x_scale, x_zp = float(s), int(zp)  # CPU tensors: a memory read, no device sync
+        w_scale = cw.s.contiguous()
+        packed = torch.ops.onednn.qconv_prepack(cw.t, w_scale, x_scale, x_zp, list(stride), list(padding),
+                                                list(dilation), groups, list(u.shape))
+        y = torch.ops.onednn.qconv_pointwise(u, x_scale, x_zp, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.int64),
+                                             bias, list(stride), list(padding), list(dilation), groups, 1.0, 0,
+                                             torch.float32, "none", [], "")
+        if cw.k is not None:  # 8-bit weights: t = q - k, add s_w k * (window sums of x-hat)
+            cout = weight.shape[0]
+            per_group = (u.float() - x_zp).view(u.shape[0], groups, -1, *u.shape[2:]).sum(2)
+            ones = per_group.new_ones(groups, 1, *weight.shape[2:])
+            window = F.conv2d(per_group, ones, None, stride, padding, dilation, groups).mul_(s)
+            window = window.repeat_interleave(cout // groups, dim=1)
+            y += window * (cw.s * cw.k).view(1, -1, 1, 1)
+        ctx.save_for_backward(u, s, zp, cw.t, cw.k, cw.s)
+        ctx.conv = (stride, padding, dilation, groups, bias is not None, gbits)
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        u, s, zp, tw, kw, sw = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias, gbits = ctx.conv
+        ghat = quantize_grad_stochastic(grad.contiguous(), gbits) if gbits < FULL_PRECISION else grad
+        x_hat = (u.float() - zp).mul_(s)
+        w_hat = _Coded(tw.view(tw.shape[0], -1), kw, sw).decode(free=0).view(tw.shape)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [w_hat.shape[0]] if has_bias else None,
+                                                         list(stride), list(padding), list(dilation), False, [0, 0],
+                                                         groups, mask)
+        return (dx, dw, db) + (None,) * 9
+
+
+def _pair_arg(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
+                  aq: Optional[nn.Module], wq: Optional[nn.Module], gq: Optional[nn.Module]) -> Tensor:
+    """``gq(F.conv2d(aq(x), wq(weight), bias, ...))``, the forward on oneDNN's int8 convolution where the bits allow."""
+    why = decide(aq, wq, gq)[0] != "int8" or _conv_reason(x, weight, padding, aq, wq)
+    if why:
+        if why is not True:
+            _remember(aq, why)
+        return _call(gq, F.conv2d(_call(aq, x), _call(wq, weight), bias, stride, padding, dilation, groups))
+    _remember(aq, None)
+    stride, padding, dilation = _pair_arg(stride), _pair_arg(padding), _pair_arg(dilation)
+    with torch.no_grad():
+        mn, mx = aq.qrange(x)
+        scale, lo, _ = _affine_params(mn, mx, float(2**aq.bits - 1))
+        nhwc = x.detach().permute(0, 2, 3, 1)  # channels-last order: what oneDNN's int8 conv reads
+        flat = nhwc.reshape(1, -1) if nhwc.is_contiguous() else nhwc.contiguous().view(1, -1)
+        u = _encode_shifted(flat, mn, mx, aq.bits).view(nhwc.shape).permute(0, 3, 1, 2)
+        cw = _encode(weight.detach().reshape(weight.shape[0], -1), *(m.reshape(-1, 1) for m in wq.qrange(weight)),
+                     wq.bits)
+        cw = cw._replace(t=cw.t.view(weight.shape))
+    return _Int8Conv2d.apply(x, weight, bias, u, scale, -lo, cw, stride, padding, dilation, groups, _grad_bits(gq))
+
+
+def _encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
+    """uint8 codes q - lo = q + zero point in [0, 2^b - 1] of a per-tensor fake_quantize(x)."""
+    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    ext = _ext()
+    if ext is not None and x.is_contiguous():
+        t, _, _ = ext.encode(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), lo.reshape(-1))
+        return t.view(torch.uint8)  # codes up to 255 wrapped through int8: the same bytes
+    q = torch.div(x, scale).round_()
+    q.clamp_min_(lo)
+    q.clamp_max_(hi)
+    return q.sub_(lo).to(torch.uint8)
+
+
+_NATIVE_CALLS = (native_linear, native_matmul, native_conv2d)
 
 # the native calls are the same op kinds for cost analysis and coverage (operands at args 0 and 1)
-for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul)):
+for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2d", native_conv2d)):
     _entry = registry._KINDS[_kind]
     registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
 
 _LINEAR = {F.linear, torch.ops.aten.linear.default}
 _MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default}
 _MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+_CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
 
 
 def _quantizer_node(node, op: torch.fx.Node, role: str) -> Optional[torch.fx.Node]:
@@ -462,8 +559,9 @@ class LowerNativePass(PassBase):
         is_linear = node.op == "call_function" and node.target in _LINEAR
         is_matmul = (node.op == "call_function" and node.target in _MATMUL) or (
             node.op == "call_method" and node.target in _MATMUL_METHODS)
-        if not (is_linear or is_matmul):
-            return f"no native path for {meta.op_info(node).kind} yet (linear and matmul have one)"
+        is_conv = node.op == "call_function" and node.target in _CONV2D
+        if not (is_linear or is_matmul or is_conv):
+            return f"no native path for {meta.op_info(node).kind} yet (linear, matmul and conv2d have one)"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
         for arg in node.args[:2]:
@@ -496,6 +594,9 @@ class LowerNativePass(PassBase):
             if node.target in _LINEAR:
                 bias = node.args[2] if len(node.args) > 2 else None
                 new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
+            elif node.target in _CONV2D:
+                rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]  # bias, stride, padding, dilation, groups
+                new = graph.call_function(native_conv2d, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
             else:
                 new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
         new.meta.update(node.meta)
@@ -533,9 +634,12 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
         if meta.op_info(node) is None or meta.qspec(node) is None:
             continue
         if node.target in _NATIVE_CALLS:
-            refs = node.args[3:6] if node.target is native_linear else node.args[2:5]
+            refs = {native_linear: node.args[3:6], native_matmul: node.args[2:5], native_conv2d: node.args[7:10]}[node.target]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
             path, note = decide(*mods)
+            if path == "int8" and node.target is native_conv2d:
+                note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
+                        "transposed convolution here)")
             last = mods[0].__dict__.get("_native_last") if mods[0] is not None else None
             if path == "int8" and last:  # the bits allow it, the operands of the last call did not
                 path, note = "simulated", f"at the last call: {last}"

@@ -46,14 +46,23 @@ class WeightMatmul(nn.Module):  # a parameter on the right: per-column (free axi
         return x @ self.w
 
 
-class Conv(nn.Module):
+class Conv1d(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6, 5)
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin=6, cout=8, k=3, stride=1, padding=1, dilation=1, groups=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups)
+
+    def forward(self, x):
+        return self.conv(x)
 
 
 def _run(qmodel, inputs, seed=123):
@@ -93,6 +102,11 @@ def _count_int_mm(monkeypatch):
 
 
 CASES = {
+    "conv2d 3x3 pad 1, x offset": (Conv2d, lambda: (torch.rand(3, 6, 9, 9) * 3 - 0.5,)),
+    "conv2d stride 2 no pad": (lambda: Conv2d(stride=2, padding=0), lambda: (torch.randn(2, 6, 9, 9),)),
+    "conv2d grouped dilated, x >= 0": (lambda: Conv2d(cin=6, cout=9, groups=3, dilation=2, padding=2),
+                                       lambda: (torch.rand(2, 6, 8, 8),)),
+    "conv2d depthwise": (lambda: Conv2d(cin=6, cout=6, groups=6), lambda: (torch.randn(2, 6, 7, 7),)),
     # name: (model factory, inputs) -- inputs chosen so that 8-bit codes are asymmetric (zero point != 128)
     "linear 2-D": (Lin, lambda: (torch.randn(32, 48),)),
     "linear 3-D, x >= 0": (Lin, lambda: (torch.rand(4, 8, 48) * 3,)),
@@ -120,11 +134,18 @@ def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
     model, inputs = factory(), make()
     sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs)
     calls = _count_int_mm(monkeypatch)
+    convs = []
+    real_conv = native._Int8Conv2d.apply
+    monkeypatch.setattr(native._Int8Conv2d, "apply", lambda *a: convs.append(1) or real_conv(*a))
     want = _run(sim, inputs)
-    assert not calls
+    assert not calls and not convs
     got = _run(nat, inputs)
-    # forward and the weight gradient always run on int8; g x w too when no per-channel weight is contracted
-    assert len(calls) >= 2, f"{case}: the int8 path did not run ({calls})"
+    # linear/matmul: forward and weight gradient always on int8 (g x w too when no per-channel weight is
+    # contracted); conv2d: the forward on oneDNN's int8 convolution
+    if case.startswith("conv2d"):
+        assert convs == [1], f"{case}: the int8 convolution did not run"
+    else:
+        assert len(calls) >= 2, f"{case}: the int8 path did not run ({calls})"
     _assert_close(got, want, f"{case} at {bits} bits")
     assert all(p == "int8" for p, _ in native.op_paths(nat).values())
 
@@ -185,15 +206,15 @@ def test_cpu_without_int8_instructions_falls_back_and_says_so(monkeypatch, caplo
 
 def test_unsupported_op_stays_simulated_and_coverage_says_why():
     torch.manual_seed(0)
-    inputs = (torch.randn(4, 3, 6, 6),)
-    sim, nat = _pair(Conv(), fracpass.Plan.static(8, 8, 8), inputs)
+    inputs = (torch.randn(4, 3, 6),)
+    sim, nat = _pair(Conv1d(), fracpass.Plan.static(8, 8, 8), inputs)
     want, got = _run(sim, inputs), _run(nat, inputs)
-    _assert_close(got, want, "conv + linear")
+    _assert_close(got, want, "conv1d + linear")
     paths = native.op_paths(nat)
-    assert paths["conv"] == ("simulated", "no native path for conv2d yet (linear and matmul have one)")
+    assert paths["conv"] == ("simulated", "no native path for conv1d yet (linear, matmul and conv2d have one)")
     assert paths["fc"][0] == "int8"
     text = str(fracpass.coverage(nat))
-    assert "path conv: simulated: no native path for conv2d" in text and "path fc: int8" in text
+    assert "path conv: simulated: no native path for conv1d" in text and "path fc: int8" in text
     assert "path " not in str(fracpass.coverage(sim))  # a simulated model's report is unchanged
 
 
