@@ -202,3 +202,22 @@ def test_lightning_callback_names_a_missing_loss_key():
     cb = FracpassCallback(_mlp_scheduler(), loss_key="task_loss")
     with pytest.raises(FracpassError, match=r"returned \['loss'\] but no 'task_loss'.*loss_key="):
         cb.on_train_batch_end(None, None, {"loss": torch.tensor(1.0)}, None, 0)
+
+
+@pytest.mark.slow  # two Trainer runs of the example (~30 s)
+def test_hf_trainer_example_runs_and_resumes(tmp_path):
+    pytest.importorskip("accelerate")
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = str(ROOT / "examples" / "hf_trainer.py")
+    first = subprocess.run([sys.executable, script, "--steps", "4", "--switch-at", "3", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 3: stage 0 -> 1 (reached step 3)" in first.stdout
+    again = subprocess.run([sys.executable, script, "--steps", "6", "--switch-at", "3", "--out", str(tmp_path), "--resume"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "iteration 6, switches 1" in again.stdout and "step 3: stage 0 -> 1" in again.stdout
