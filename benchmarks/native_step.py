@@ -1,11 +1,12 @@
 """Training-step time of FP32, fracpass simulate and fracpass native on issue 11's transformer (one run, interleaved).
 
-    python benchmarks/native_step.py [--rounds 5] [--threads 2] [--batch 32] [--seq 128] [--stages 0,3]
-                                     [--profile]
+    python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
+                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--profile]
 
 Model: ``fracpass.models.TransformerClassifier`` at dim 512, 8 heads, 4 layers, MLP 2048, sequence
-128 (SDPA attention, which stays unquantized: fracpass quantizes its linears), batch 32; forward
-+ backward + SGD. Variants: FP32; bf16 autocast (the plain mixed-precision baseline); fracpass
+128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
+CIFAR ResNet (``--model resnet74 --batch 128``; ``--conv`` opts its convs into the int8 forward,
+which is off by default); forward + backward + SGD. Variants: FP32; bf16 autocast (the plain mixed-precision baseline); fracpass
 ``execution="simulate"`` and ``execution="native"`` at the given stages of the 3/4/6/8 ladder
 (gradients 6/6/8/8). Every round runs one step of each variant, so noise from other sessions on the
 machine hits all alike; the table gives the median step and its ratio to FP32 from the same rounds.
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import fracpass  # noqa: E402
+import fracpass.models  # noqa: E402
+import fracpass.native  # noqa: E402
 from benchmarks.native_kernels import cpu_flags  # noqa: E402
 from fracpass.models import TransformerClassifier  # noqa: E402
 
@@ -44,24 +47,32 @@ def step_fn(model, x, y, autocast=False):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("transformer", "resnet20", "resnet74"), default="transformer")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--stages", default="0,3", help="ladder stages to run native/simulate at (0..3)")
+    parser.add_argument("--conv", action="store_true", help="also lower conv2d (opt-in native path)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=args.seq,
-                                 dropout=0.0).train()
-    x = torch.randint(0, 1000, (args.batch, args.seq))
+    if args.model == "transformer":
+        base = TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=args.seq,
+                                     dropout=0.0).train()
+        x = torch.randint(0, 1000, (args.batch, args.seq))
+    else:
+        base = getattr(fracpass.models, args.model)().train()
+        x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     plan = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
     steps = {"fp32": step_fn(base, x, y), "bf16 autocast": step_fn(base, x, y, autocast=True)}
     models = {}
     for execution in ("simulate", "native"):
         models[execution] = fracpass.transform(base, plan, example_inputs=(x[:2],), execution=execution)
+    if args.conv:
+        fracpass.native.LowerNativePass(fracpass.native.NATIVE_KINDS)(models["native"])
     stages = [int(s) for s in args.stages.split(",")]
     for stage in stages:
         for execution, model in models.items():
@@ -70,7 +81,7 @@ def main() -> None:
                 inner()
 
             steps[f"{execution} stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g})"] = staged
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, seq {args.seq}, "
+    print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}, seq {args.seq}, "
           f"{args.rounds} interleaved rounds")
     print(f"CPU: {cpu_flags()}")
     native_paths = fracpass.native.op_paths(models["native"])

@@ -26,7 +26,8 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
 
-conv2d (``native_conv2d``): the forward runs on oneDNN's int8 convolution (``qconv_pointwise``: uint8
+conv2d (``native_conv2d``, opt-in: ``LowerNativePass(kinds=NATIVE_KINDS)``, as it measured slower than
+simulate end to end here): the forward runs on oneDNN's int8 convolution (``qconv_pointwise``: uint8
 activation codes with their zero point, so zero padding stays the real zero; int8 weight codes, 8-bit
 weights shifted and corrected with window sums; fp32 output, exact), both backward products in
 float32 on the decoded codes. Other compute ops (conv1d/3d, transposed and SDPA, einsum, bmm) stay
@@ -435,29 +436,47 @@ class _Int8Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, u, s, zp, cw, stride, padding, dilation, groups, gbits):  # type: ignore[override]
         x_scale, x_zp = float(s), int(zp)  # CPU tensors: a memory read, no device sync
-        w_scale = cw.s.contiguous()
-        packed = torch.ops.onednn.qconv_prepack(cw.t, w_scale, x_scale, x_zp, list(stride), list(padding),
+        cout, cg = weight.shape[0], weight.shape[0] // groups
+        tw, w_scale = cw.t, cw.s
+        if cw.k is not None:
+            # 8-bit weights are shifted (t = q - k): one extra all-ones output channel per group gives the
+            # window sums of x-hat that the correction s_w k * sum(x-hat) needs, inside the same int8 conv
+            ones = tw.new_ones(groups, 1, *tw.shape[1:])
+            tw = torch.cat([tw.view(groups, cg, *tw.shape[1:]), ones], 1).view(-1, *tw.shape[1:])
+            w_scale = torch.cat([w_scale.view(groups, cg), w_scale.new_ones(groups, 1)], 1).view(-1)
+        w_scale = w_scale.contiguous()
+        packed = torch.ops.onednn.qconv_prepack(tw, w_scale, x_scale, x_zp, list(stride), list(padding),
                                                 list(dilation), groups, list(u.shape))
-        y = torch.ops.onednn.qconv_pointwise(u, x_scale, x_zp, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.int64),
-                                             bias, list(stride), list(padding), list(dilation), groups, 1.0, 0,
-                                             torch.float32, "none", [], "")
-        if cw.k is not None:  # 8-bit weights: t = q - k, add s_w k * (window sums of x-hat)
-            cout = weight.shape[0]
-            per_group = (u.float() - x_zp).view(u.shape[0], groups, -1, *u.shape[2:]).sum(2)
-            ones = per_group.new_ones(groups, 1, *weight.shape[2:])
-            window = F.conv2d(per_group, ones, None, stride, padding, dilation, groups).mul_(s)
-            window = window.repeat_interleave(cout // groups, dim=1)
-            y += window * (cw.s * cw.k).view(1, -1, 1, 1)
+        y = torch.ops.onednn.qconv_pointwise(u, x_scale, x_zp, packed, w_scale,
+                                             torch.zeros(w_scale.numel(), dtype=torch.int64),
+                                             bias if cw.k is None else None, list(stride), list(padding),
+                                             list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+        keep = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if cw.k is not None:
+            n, _, h, w = y.shape
+            y5 = y.view(n, groups, cg + 1, h, w) if y.is_contiguous() else y.unflatten(1, (groups, cg + 1))
+            out = torch.empty((n, cout, h, w), memory_format=keep)
+            corr = (cw.s * cw.k).view(1, groups, cg, 1, 1)
+            torch.addcmul(y5[:, :, :cg], y5[:, :, cg:], corr, out=out.unflatten(1, (groups, cg)))
+            if bias is not None:
+                out += bias.view(1, -1, 1, 1)
+            y = out
+        else:
+            y = y.contiguous(memory_format=keep)
         ctx.save_for_backward(u, s, zp, cw.t, cw.k, cw.s)
         ctx.conv = (stride, padding, dilation, groups, bias is not None, gbits)
-        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+        return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         u, s, zp, tw, kw, sw = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, gbits = ctx.conv
         ghat = quantize_grad_stochastic(grad.contiguous(), gbits) if gbits < FULL_PRECISION else grad
-        x_hat = (u.float() - zp).mul_(s)
+        ext = _ext()
+        if ext is not None and (u.is_contiguous() or u.is_contiguous(memory_format=torch.channels_last)):
+            x_hat = ext.decode_u8(u, zp, s)
+        else:
+            x_hat = (u.float() - zp).mul_(s)
         w_hat = _Coded(tw.view(tw.shape[0], -1), kw, sw).decode(free=0).view(tw.shape)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [w_hat.shape[0]] if has_bias else None,
@@ -483,9 +502,11 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
     with torch.no_grad():
         mn, mx = aq.qrange(x)
         scale, lo, _ = _affine_params(mn, mx, float(2**aq.bits - 1))
-        nhwc = x.detach().permute(0, 2, 3, 1)  # channels-last order: what oneDNN's int8 conv reads
-        flat = nhwc.reshape(1, -1) if nhwc.is_contiguous() else nhwc.contiguous().view(1, -1)
-        u = _encode_shifted(flat, mn, mx, aq.bits).view(nhwc.shape).permute(0, 3, 1, 2)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            nhwc = x.detach().permute(0, 2, 3, 1)  # contiguous: codes in the same order, a channels-last view
+            u = _encode_shifted(nhwc.reshape(-1, nhwc.shape[-1]), mn, mx, aq.bits).view(nhwc.shape).permute(0, 3, 1, 2)
+        else:
+            u = _encode_shifted(x.detach().contiguous().view(-1, x.shape[-1]), mn, mx, aq.bits).view(x.shape)
         cw = _encode(weight.detach().reshape(weight.shape[0], -1), *(m.reshape(-1, 1) for m in wq.qrange(weight)),
                      wq.bits)
         cw = cw._replace(t=cw.t.view(weight.shape))
@@ -512,6 +533,12 @@ for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2
     _entry = registry._KINDS[_kind]
     registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
 
+NATIVE_KINDS = ("linear", "matmul", "conv2d")
+DEFAULT_KINDS = ("linear", "matmul")
+CONV2D_OFF = ("conv2d is not lowered by default: its int8 forward (oneDNN) is exact, but the per-step weight prepack "
+              "and layout changes made CIFAR ResNet-20 steps slower than simulate on the CPU measured "
+              "(benchmarks/native_step.py --model resnet20); opt in with "
+              "fracpass.native.LowerNativePass(kinds=('linear', 'matmul', 'conv2d'))(qmodel)")
 _LINEAR = {F.linear, torch.ops.aten.linear.default}
 _MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default}
 _MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
@@ -538,6 +565,12 @@ class LowerNativePass(PassBase):
 
     name = "lower-native"
 
+    def __init__(self, kinds: Tuple[str, ...] = DEFAULT_KINDS):
+        unknown = set(kinds) - set(NATIVE_KINDS)
+        if unknown:
+            raise FracpassError(f"LowerNativePass: no native path for {sorted(unknown)}; choose from {NATIVE_KINDS}")
+        self.kinds = tuple(kinds)
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         lowered = kept = 0
         for node in list(gm.graph.nodes):
@@ -562,6 +595,8 @@ class LowerNativePass(PassBase):
         is_conv = node.op == "call_function" and node.target in _CONV2D
         if not (is_linear or is_matmul or is_conv):
             return f"no native path for {meta.op_info(node).kind} yet (linear, matmul and conv2d have one)"
+        if is_conv and "conv2d" not in self.kinds:
+            return CONV2D_OFF
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
         for arg in node.args[:2]:

@@ -76,9 +76,11 @@ def _run(qmodel, inputs, seed=123):
     return [y.detach()] + [t.grad for t in inputs] + [p.grad for p in qmodel.parameters()]
 
 
-def _pair(model, plan, inputs):
+def _pair(model, plan, inputs, kinds=native.DEFAULT_KINDS):
     sim = fracpass.transform(model, plan, example_inputs=inputs)
     nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native")
+    if kinds != native.DEFAULT_KINDS:  # conv2d is opt-in
+        native.LowerNativePass(kinds)(nat)
     return sim, nat
 
 
@@ -107,6 +109,7 @@ CASES = {
     "conv2d grouped dilated, x >= 0": (lambda: Conv2d(cin=6, cout=9, groups=3, dilation=2, padding=2),
                                        lambda: (torch.rand(2, 6, 8, 8),)),
     "conv2d depthwise": (lambda: Conv2d(cin=6, cout=6, groups=6), lambda: (torch.randn(2, 6, 7, 7),)),
+    "conv2d channels_last input": (Conv2d, lambda: (torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last),)),
     # name: (model factory, inputs) -- inputs chosen so that 8-bit codes are asymmetric (zero point != 128)
     "linear 2-D": (Lin, lambda: (torch.randn(32, 48),)),
     "linear 3-D, x >= 0": (Lin, lambda: (torch.rand(4, 8, 48) * 3,)),
@@ -132,7 +135,7 @@ def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
     factory, make = CASES[case]
     torch.manual_seed(0)
     model, inputs = factory(), make()
-    sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs)
+    sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs, native.NATIVE_KINDS)
     calls = _count_int_mm(monkeypatch)
     convs = []
     real_conv = native._Int8Conv2d.apply
@@ -317,3 +320,16 @@ def test_batched_product_falls_back_and_reports_the_last_calls_reason(monkeypatc
         assert torch.equal(g, w)
     path, why = native.op_paths(nat)["matmul"]
     assert path == "simulated" and why.startswith("at the last call: a 4-D right operand")
+
+
+def test_conv2d_is_opt_in():
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 6, 8, 8),)
+    nat = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native")
+    assert native.op_paths(nat)["conv"] == ("simulated", native.CONV2D_OFF)
+    result = native.LowerNativePass(native.NATIVE_KINDS)(nat)
+    assert result.stats == {"lowered": 1, "simulated": 0}
+    path, note = native.op_paths(nat)["conv"]
+    assert path == "int8" and note.startswith("forward only")
+    with pytest.raises(FracpassError, match=r"no native path for \['conv3d'\]"):
+        native.LowerNativePass(("linear", "conv3d"))

@@ -9,7 +9,8 @@
 //                t = int8(q - half) and the row and column sums of t.
 //   epilogue:    y = sa sb (acc + row_a kb + ka col_b') + ca sb col_b' + cb sa row_a' + K ca cb + bias, with
 //                col_b' = col_b + K kb and row_a' = row_a + K ka, written over acc (int32 -> float32 in place).
-//   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8.
+//   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8;
+//   decode_u8:   the same for uint8 activation codes with a per-tensor zero point (the conv path), any dense layout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -201,7 +202,22 @@ torch::Tensor decode(const torch::Tensor& t, const torch::Tensor& k, const torch
   return x;
 }
 
+// x = s * (u - zp) for uint8 codes u with a per-tensor zero point, in u's memory layout (any dense one).
+torch::Tensor decode_u8(const torch::Tensor& u, const torch::Tensor& zp, const torch::Tensor& scale) {
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == torch::kByte && u.is_non_overlapping_and_dense(),
+              "decode_u8: expected a dense uint8 CPU tensor");
+  auto x = torch::empty_strided(u.sizes(), u.strides(), u.options().dtype(torch::kFloat));
+  const uint8_t* src = u.data_ptr<uint8_t>();
+  float* dst = x.data_ptr<float>();
+  const float z = zp.item<float>(), s = scale.item<float>();
+  at::parallel_for(0, u.numel(), 1 << 15, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = (static_cast<float>(src[i]) - z) * s;
+  });
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_u8", &decode_u8, "float32 values s * (u - zp) of uint8 codes, per tensor, layout kept");
   m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
   m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
