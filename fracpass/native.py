@@ -630,7 +630,8 @@ class LowerNativePass(PassBase):
                 bias = node.args[2] if len(node.args) > 2 else None
                 new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
             elif node.target in _CONV2D:
-                rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]  # bias, stride, padding, dilation, groups
+                # bias, stride, padding, dilation, groups with F.conv2d's defaults
+                rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]
                 new = graph.call_function(native_conv2d, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
             else:
                 new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
@@ -669,7 +670,8 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
         if meta.op_info(node) is None or meta.qspec(node) is None:
             continue
         if node.target in _NATIVE_CALLS:
-            refs = {native_linear: node.args[3:6], native_matmul: node.args[2:5], native_conv2d: node.args[7:10]}[node.target]
+            first = {native_linear: 3, native_matmul: 2, native_conv2d: 7}[node.target]
+            refs = node.args[first:first + 3]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
             path, note = decide(*mods)
             if path == "int8" and node.target is native_conv2d:

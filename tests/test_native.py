@@ -8,12 +8,10 @@ two summation orders). Fallbacks must give the simulated result bit for bit.
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fracpass
@@ -109,7 +107,8 @@ CASES = {
     "conv2d grouped dilated, x >= 0": (lambda: Conv2d(cin=6, cout=9, groups=3, dilation=2, padding=2),
                                        lambda: (torch.rand(2, 6, 8, 8),)),
     "conv2d depthwise": (lambda: Conv2d(cin=6, cout=6, groups=6), lambda: (torch.randn(2, 6, 7, 7),)),
-    "conv2d channels_last input": (Conv2d, lambda: (torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last),)),
+    "conv2d channels_last input": (Conv2d, lambda: (
+        torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last),)),
     # name: (model factory, inputs) -- inputs chosen so that 8-bit codes are asymmetric (zero point != 128)
     "linear 2-D": (Lin, lambda: (torch.randn(32, 48),)),
     "linear 3-D, x >= 0": (Lin, lambda: (torch.rand(4, 8, 48) * 3,)),
