@@ -439,7 +439,13 @@ def summary(qmodel: nn.Module) -> str:
         return parts_summary(qmodel, parts)
     state = _state(qmodel)
     stage = current_stage(qmodel)
-    rows = [("op", "kind", "module", "w", "a", "g", "gated", "status")]
+    native = getattr(state, "execution", "simulate") == "native"
+    paths = {}
+    if native:
+        from fracpass.native import op_paths
+
+        paths = op_paths(qmodel)
+    rows = [("op", "kind", "module", "w", "a", "g", "gated", "status") + (("path",) if native else ())]
     counts = {"quantized": 0, "excluded": 0}
     for node in qmodel.graph.nodes:
         info, spec = meta.op_info(node), meta.qspec(node)
@@ -458,7 +464,8 @@ def summary(qmodel: nn.Module) -> str:
         if unit is not None and not spec.excluded:
             bits = (bits[0], _options_cell(state.plan.gates.a), _options_cell(state.plan.gates.g, state.plan.gates.a))
         rows.append((node.name, info.kind + ("/" + ",".join(info.traits) if info.traits else ""),
-                     info.module_path or "<root>", *bits, unit or "no", status))
+                     info.module_path or "<root>", *bits, unit or "no", status)
+                    + ((paths.get(node.name, ("simulated", ""))[0],) if native else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"fracpass: {type(qmodel).__name__} captured with {state.method}; stage {stage} of "
              f"{state.plan.num_stages} (w/a/g = {_stage_text(state.plan, stage)})"]
@@ -470,6 +477,9 @@ def summary(qmodel: nn.Module) -> str:
     n_q = sum(1 for _ in quantizers(qmodel))
     lines.append(f"{len(rows) - 1} compute ops: {counts['quantized']} quantized, {counts['excluded']} excluded; "
                  f"{n_q} quantizer modules")
+    if native:  # execution="native": what runs in int8 at this stage, and why the rest does not
+        lines += [f"  path of {name}: {path}{': ' + why if why else ''}" for name, (path, why) in paths.items()
+                  if path != "int8" or why]
     hub = _hub(qmodel)
     if hub is not None:
         gates = state.plan.gates

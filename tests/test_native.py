@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -332,3 +333,21 @@ def test_conv2d_is_opt_in():
     assert path == "int8" and note.startswith("forward only")
     with pytest.raises(FracpassError, match=r"no native path for \['conv3d'\]"):
         native.LowerNativePass(("linear", "conv3d"))
+
+
+def test_summary_shows_each_ops_path_at_the_current_stage():
+    from fracpass.models import transformer
+
+    x = torch.randint(0, 100, (2, 16))
+    qmodel = fracpass.transform(transformer(), fracpass.Plan.progressive(fw=(4, 12), bw=(8, 8)), example_inputs=(x,),
+                                execution="native")
+    qmodel(x)
+    text = fracpass.summary(qmodel)
+    header = next(line for line in text.splitlines() if line.startswith("op "))
+    assert header.split()[-1] == "path"
+    assert re.search(r"^head +linear .* int8$", text, re.M)
+    assert re.search(r"^ +path of scaled_dot_product_attention: simulated: no native path for sdpa", text, re.M)
+    fracpass.set_stage(qmodel, 1)  # 12 bits: beyond int8, every op simulated
+    assert re.search(r"^head +linear .* simulated$", fracpass.summary(qmodel), re.M)
+    simulated = fracpass.transform(transformer(), fracpass.Plan.static(), example_inputs=(x,))
+    assert "path" not in next(line for line in fracpass.summary(simulated).splitlines() if line.startswith("op "))
