@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fracpass.experiments.demo import add_arguments
 
     de = sub.add_parser("demo", help="train FP32, static 8/8/8 and FracTrain on real digits; print the comparison "
-                                     "table and write the plots (about 2 minutes on 2 cores)")
+                                     "table and write the plots (about 30 s on 2 cores)")
     add_arguments(de)
     de.set_defaults(run=_demo)
     return parser

@@ -175,7 +175,7 @@ def _rows(summary: Dict[str, Any], target: str = "bitfusion") -> List[List[str]]
     for name, e in summary.items():
         if name.startswith("_"):
             continue
-        sav = e.get("saving_vs_static8", {})
+        sav = e.get("saving_vs_static8", {}) if name != "fp32" else {}  # FP32 is the 1x reference, not a saving
         t = e["total_mean"]
         switches = e["switch_iterations_per_seed"]
         rows.append([
@@ -194,13 +194,18 @@ def _rows(summary: Dict[str, Any], target: str = "bitfusion") -> List[List[str]]
 
 
 HEAD = ["recipe", "test acc. % (mean ± std)", "Δ acc. vs 8/8/8 (pp)", "switch iterations (per seed)",
-        "training BitOPs (paper)", "vs FP32", "saving vs 8/8/8", "saving to best acc.", "BitOPs (whole model)",
-        "vs FP32", "saving vs 8/8/8", "energy J (bitfusion)", "latency s (bitfusion)", "wall s / run"]
+        "training BitOPs (paper)", "paper: vs FP32", "paper: saving vs 8/8/8", "paper: saving to best acc.",
+        "BitOPs (whole model)", "whole: vs FP32", "whole: saving vs 8/8/8", "energy J (bitfusion)",
+        "latency s (bitfusion)", "wall s / run"]
 
 
-def markdown_table(summary: Dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEAD))) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(summary)]
+COMPACT = (0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 13)  # no switch lists or absolute BitOPs (for the README)
+
+
+def markdown_table(summary: Dict[str, Any], columns: Sequence[int] = tuple(range(len(HEAD)))) -> str:
+    head = [HEAD[i] for i in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(r[i] for i in columns) + " |" for r in _rows(summary)]
     return "\n".join(lines)
 
 
@@ -258,7 +263,7 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results, command=command)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    paths["json"].write_text(json.dumps(results, indent=1))
+    paths["json"].write_text(json.dumps(results))  # compact: every run's per-iteration record is in it
     summary = results["summary"]
     fl = results.get("floors", {})
     floor_lines = []
