@@ -36,7 +36,8 @@ class FindGatedUnitsPass(PassBase):
     is d itself (an identity shortcut), or d dominates the add in the data-flow graph. The operand
     with more compute ops is the residual branch, the other the shortcut, whose ops (a downsample
     conv) stay ungated and at full precision unless a plan rule sets their bits. Nested blocks: an
-    op belongs to the innermost one. Gated ops' weights take the gates' w bits.
+    op belongs to the innermost one. Gated ops' weights take the gates' w bits. With granularity
+    "op", an op whose bits a plan rule sets is left ungated (the rule pins them).
     """
 
     name = "find-gated-units"
@@ -131,6 +132,8 @@ class FindGatedUnitsPass(PassBase):
         for node in nodes:
             if not _gateable(node) or node not in data:
                 continue
+            if any(self._sets_bits(i) for i in meta.qspec(node).rules):
+                continue  # a plan rule pinned this op's bits: the gates leave it
             info = meta.op_info(node)
             source = _first_input(node, info)
             if source is None:

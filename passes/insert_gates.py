@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch.fx
 
 from fracpass import costing, meta
-from fracpass.errors import PassError
+from fracpass.errors import PassError, PlanError
 from fracpass.gating import GateHub, skip_gate
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.passes._quantizers import gate_choices
@@ -48,8 +48,11 @@ class InsertGatesPass(PassBase):
         existing = getattr(gm, HUB, None)
         with existing.keeping_choices() if isinstance(existing, GateHub) else contextlib.nullcontext():
             # a re-capture (the other train/eval mode) runs the gates on the example inputs
+            inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
             report = costing.analyze(gm, self.args, self.kwargs, self.plan.num_stages, 0,
-                                     watch=[u.input for u, _ in units])
+                                     watch=[u.input for u, _ in units] + inputs)
+        batches = [s[0] for s in (report.node_shapes.get(n) for n in inputs) if s]
+        self._check_batch_first(units, report, batches[0] if batches else None)
         hub = self._hub(gm, [u for u, _ in units], report, existing)
         by_name = {n.name: n for n in gm.graph.nodes}
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -82,6 +85,21 @@ class InsertGatesPass(PassBase):
                             "exclude the interleaved ops") from e
         return PassResult(gm, modified=True, stats={"gates_inserted": len(units), "skip_gates": skips,
                                                     "gate_parameters": sum(p.numel() for p in hub.parameters())})
+
+    @staticmethod
+    def _check_batch_first(units, report, batch) -> None:
+        """A gate picks bits per sample, so its unit's input must lead with the batch dimension.
+        Ops inside ``nn.MultiheadAttention`` run sequence-first ((L, B, E), (L*B, E)): refused here,
+        at transform time, rather than failing in the first batch."""
+        for unit, node in units:
+            shape = report.node_shapes.get(unit.input)
+            if batch is None or not shape or shape[0] == batch:
+                continue
+            module = meta.op_info(node).module_path if meta.op_info(node) else ""
+            raise PlanError(f"gated unit {unit.name!r}: its input {unit.input!r} has shape {tuple(shape)}, whose first "
+                            f"dimension is not the example batch ({batch}), so a gate cannot choose per sample (ops "
+                            "inside nn.MultiheadAttention run sequence-first); give these ops fixed bits with a plan "
+                            f"rule so the gates leave them, e.g. Rule(match={(module or unit.name)!r}, w=8, a=8, g=8)")
 
     def _hub(self, gm: torch.fx.GraphModule, units: List[meta.Unit], report, existing) -> GateHub:
         gates: Gates = self.gates
