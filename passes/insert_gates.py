@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import operator
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -14,6 +15,8 @@ from fracpass.gating import GateHub, skip_gate
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.passes._quantizers import gate_choices
 from fracpass.plan import Gates, Plan
+
+log = logging.getLogger("fracpass.passes.insert_gates")
 
 HUB = "gates"  # submodule holding every gate; parameters are gates.<unit>.fc1.weight, gates.lstm.*, gates.proj.*
 
@@ -128,6 +131,8 @@ class InsertGatesPass(PassBase):
             channels.append(shape[dim])
             dims.append(dim)
         names = [u.name for u in units]
+        if existing is None:  # once per transform, not on the other mode's re-capture
+            _warn_unreachable_targets(gates.targets(self.plan.num_stages), base, unit_costs)
         if existing is not None:
             if not isinstance(existing, GateHub) or existing.unit_names != names:
                 raise PassError(f"insert-gates: the model already has a submodule {HUB!r} ({type(existing).__name__}) "
@@ -138,6 +143,18 @@ class InsertGatesPass(PassBase):
                       gates.targets(self.plan.num_stages), gates.beta, gates.controller)
         gm.add_submodule(HUB, hub)
         return hub
+
+
+def _warn_unreachable_targets(targets: Sequence[float], base: Sequence[float], unit_costs) -> None:
+    """Warn for each stage whose cost target lies below the cheapest mix the gates can choose: the
+    ungated ops at the stage's bits plus every unit at its cheapest option."""
+    for k, target in enumerate(targets):
+        floor = base[k] + sum(min(row) for row in unit_costs)
+        if target < floor:
+            log.warning("insert-gates: stage %d's cost target %.3g%% of FP32 lies below the cheapest mix the gates can "
+                        "choose on this model (%.3f%%: every unit at its cheapest option, ungated ops at the stage's "
+                        "bits), so every sample will take the cheapest option; set Gates(target=...) to at least "
+                        "%.3f%% at that stage, or add a cheaper option (a=0 skips a block)", k, target, floor, floor)
 
 
 def unit_summary(gm: torch.fx.GraphModule) -> List[Tuple[str, Tuple[str, ...]]]:

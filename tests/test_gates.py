@@ -499,3 +499,16 @@ def test_gated_act_quant_per_sample_levels_and_error_bound(rows, rest, bits, mag
         for row in out[members]:
             assert row.unique().numel() <= 2**a
         assert (out[members] - group).abs().max() <= step / 2 * (1 + 1e-5) + 1e-6 * magnitude
+
+
+def test_a_target_below_the_cheapest_mix_is_warned_once_at_transform(caplog):
+    """Plan.fractrain('cifar') on ResNet-20: the cheapest mix the gates can choose (every unit at its
+    cheapest option, the excluded stem and classifier at full precision) costs more than the first two
+    stages' targets (1.5 % and 2.0 %), so those stages are warned about, the last two are not."""
+    with caplog.at_level("WARNING", logger="fracpass.passes.insert_gates"):
+        qmodel = fracpass.transform(models.resnet20(), fracpass.Plan.fractrain("cifar"),
+                                    example_inputs=(torch.randn(2, 3, 32, 32),))
+        qmodel.eval()  # the eval-mode re-capture does not warn again
+    warned = [r.getMessage() for r in caplog.records if "lies below the cheapest mix" in r.getMessage()]
+    assert [m.split("'s cost target")[0] for m in warned] == ["insert-gates: stage 0", "insert-gates: stage 1"]
+    assert "set Gates(target=...) to at least" in warned[0]
