@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, reject, seed, settings
 from hypothesis import strategies as st
 
 import fracpass
@@ -103,8 +103,22 @@ def run_pipeline(spec, plan, path):
     return "ok"
 
 
+def _plain_model_trains(spec) -> bool:
+    """Whether plain PyTorch can backward through the drawn model: an in-place activation right after
+    one whose backward reads its output (relu then relu_) fails there too, so it is no test of fracpass."""
+    try:
+        FuzzModel(spec)(example_input(2)).sum().backward()
+    except RuntimeError as e:
+        if "modified by an inplace operation" in str(e):
+            return False
+        raise
+    return True
+
+
 def _fuzz(data, tmp_path_factory):
     spec = data.draw(model_specs(), label="model")
+    if not _plain_model_trains(spec):
+        reject()
     plan = data.draw(plans(spec), label="plan")
     run_pipeline(spec, plan, tmp_path_factory.mktemp("fuzz") / "model.onnx")
 
