@@ -37,7 +37,8 @@ class FindGatedUnitsPass(PassBase):
     with more compute ops is the residual branch, the other the shortcut, whose ops (a downsample
     conv) stay ungated and at full precision unless a plan rule sets their bits. Nested blocks: an
     op belongs to the innermost one. Gated ops' weights take the gates' w bits. With granularity
-    "op", an op whose bits a plan rule sets is left ungated (the rule pins them).
+    "op", an op whose bits a plan rule sets is left ungated (the rule pins them). Ops inside an
+    ``nn.MultiheadAttention`` (sequence-first tensors) are in no unit.
     """
 
     name = "find-gated-units"
@@ -52,6 +53,11 @@ class FindGatedUnitsPass(PassBase):
         data = _data_nodes(nodes)
         shortcuts: List[torch.fx.Node] = []
         units = self._blocks(nodes, order, data, shortcuts) if self.gates.granularity == "block" else self._ops(nodes, data)
+        by_name = {n.name: n for n in nodes}
+        # nn.MultiheadAttention's internals run sequence-first ((L, B, E), (L*B, E)): a gate's per-sample
+        # rows would group them by position, not by sample, so no unit holds them (they keep the stage's bits)
+        units = [(dataclasses.replace(u, index=i), a) for i, (u, a) in
+                 enumerate((u, a) for u, a in units if not any(_sequence_first(by_name[op]) for op in u.ops))]
         if not units:
             what = ("residual block (an add of a branch of compute ops and a shortcut from the same input)"
                     if self.gates.granularity == "block" else "quantized compute op on the model's data path")
@@ -59,7 +65,6 @@ class FindGatedUnitsPass(PassBase):
                 "check the plan's exclude rules"
             raise PlanError(f"Gates(granularity={self.gates.granularity!r}) found no {what} in {type(gm).__name__}; {hint}")
         changed = 0
-        by_name = {n.name: n for n in nodes}
         for unit, anchor in units:
             changed += meta.unit(anchor) != unit
             meta.set_unit(anchor, unit)
@@ -140,6 +145,15 @@ class FindGatedUnitsPass(PassBase):
                 continue
             found.append((meta.Unit(_sanitize(node.name), len(found), source.name, (node.name,)), node))
         return found
+
+
+def _sequence_first(node: torch.fx.Node) -> bool:
+    """Whether ``node`` runs inside an ``nn.MultiheadAttention`` traced into (fracpass.traced)."""
+    from torch import nn
+
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], type)
+               and issubclass(entry[1], nn.MultiheadAttention) for entry in stack.values())
 
 
 def _gate_input(d: torch.fx.Node, branch: List[torch.fx.Node], order) -> torch.fx.Node:

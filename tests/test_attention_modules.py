@@ -123,14 +123,16 @@ def test_multihead_attention_cost_matches_the_flop_counter_and_the_model_trains_
     fracpass.export_onnx(qmodel, tmp_path / "vit.onnx")  # verified against onnxruntime
 
 
-def test_gates_find_both_residual_units_of_every_block():
+def test_gates_leave_the_attention_residuals_whose_ops_run_sequence_first():
+    """Block gates would find both residuals of every block, but the attention one's ops run inside
+    nn.MultiheadAttention on (L, B, E) and (L*B, E) tensors, where per-sample rows cannot be read off
+    dim 0: only the MLP residuals are gated (tests/test_real_patterns.py trains it at batch == L)."""
     qmodel = fracpass.transform(patterns.ViTLike(), PLAN.with_gates(fracpass.Gates()),
                                 example_inputs=(PATTERNS["multihead_attention"][1](2),))
     units = _units(qmodel)
-    assert [u.name for u in units] == ["layers_0_self_attention", "layers_0_mlp", "layers_1_self_attention",
-                                       "layers_1_mlp"]
+    assert [u.name for u in units] == ["layers_0_mlp", "layers_1_mlp"]
     attention = dict(mha_ops(qmodel))
-    assert set(units[0].ops) == {name for name in attention if name in units[0].ops} and len(units[0].ops) == 3
+    assert attention and not any(op in attention for u in units for op in u.ops)
 
 
 def test_multihead_attention_kept_as_a_leaf_is_counted_as_unquantized():
