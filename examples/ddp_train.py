@@ -50,31 +50,11 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import fracpass  # noqa: E402
+from examples.digits_fractrain import DigitsResNet  # noqa: E402  (1 channel in, 10 classes)
 
 log = logging.getLogger("ddp_train")
 RECIPES = ("static", "pfq", "gated")
 NUM_CLASSES, SIZE = 10, 8
-
-
-class Block(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
-
-
-class SmallResNet(nn.Module):
-    def __init__(self, c: int = 8, blocks: int = 2):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.blocks = nn.Sequential(*[Block(c) for _ in range(blocks)])
-        self.fc = nn.Linear(c, NUM_CLASSES)
-
-    def forward(self, x):
-        return self.fc(self.blocks(F.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
 def dataset(n: int, seed: int = 0, held_out: bool = False):
@@ -143,7 +123,7 @@ def train(recipe: str, steps: int, batch_sizes: List[int], lr: float = 0.05, eva
     start = sum(batch_sizes[:rank])
     x, y = dataset(global_batch * steps, seed)
     torch.manual_seed(seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
-    qmodel = fracpass.transform(SmallResNet(), plan, example_inputs=(x[:2],))
+    qmodel = fracpass.transform(DigitsResNet(c=8, blocks=2), plan, example_inputs=(x[:2],))
     model = wrap(qmodel, fsdp)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
