@@ -102,6 +102,16 @@ def _count_int_mm(monkeypatch):
     return calls
 
 
+def _assert_simulated_exactly(sim, nat, inputs, monkeypatch):
+    """nat runs no int8 product and gives sim's output and gradients bit for bit; returns the list
+    that keeps counting int8 products."""
+    calls = _count_int_mm(monkeypatch)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert not calls
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    return calls
+
 CASES = {
     "conv2d 3x3 pad 1, x offset": (Conv2d, lambda: (torch.rand(3, 6, 9, 9) * 3 - 0.5,)),
     "conv2d stride 2 no pad": (lambda: Conv2d(stride=2, padding=0), lambda: (torch.randn(2, 6, 9, 9),)),
@@ -180,11 +190,7 @@ def test_bits_above_8_fall_back_to_the_simulation_exactly(bits, monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
     sim, nat = _pair(Lin(), fracpass.Plan.static(bits, bits, 8), inputs)
-    calls = _count_int_mm(monkeypatch)
-    want, got = _run(sim, inputs), _run(nat, inputs)
-    assert not calls
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_simulated_exactly(sim, nat, inputs, monkeypatch)
     path, why = native.op_paths(nat)["fc"]
     assert path == "simulated" and f"{bits} bits" in why
 
@@ -195,13 +201,10 @@ def test_cpu_without_int8_instructions_falls_back_and_says_so(monkeypatch, caplo
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
     sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
-    calls = _count_int_mm(monkeypatch)
     with caplog.at_level("WARNING", logger="fracpass.native"):
-        want, got = _run(sim, inputs), _run(nat, inputs)
-        _run(nat, inputs)
+        calls = _assert_simulated_exactly(sim, nat, inputs, monkeypatch)
+        _run(nat, inputs)  # a second call warns no more
     assert not calls
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
     assert sum("no int8 dot-product instructions" in r.getMessage() for r in caplog.records) == 1
     path, why = native.op_paths(nat)["fc"]
     assert path == "simulated" and "avx512_vnni" in why
@@ -313,11 +316,7 @@ def test_batched_product_falls_back_and_reports_the_last_calls_reason(monkeypatc
     inputs = (torch.randn(2, 4, 10, 8), torch.randn(2, 4, 8, 10))  # attention scores: both operands batched
     sim, nat = _pair(ActMatmul(), fracpass.Plan.static(8, 8, 8), inputs)
     assert native.op_paths(nat)["matmul"] == ("int8", "")  # the bits allow it; no call seen yet
-    calls = _count_int_mm(monkeypatch)
-    want, got = _run(sim, inputs), _run(nat, inputs)
-    assert not calls
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _assert_simulated_exactly(sim, nat, inputs, monkeypatch)
     path, why = native.op_paths(nat)["matmul"]
     assert path == "simulated" and why.startswith("at the last call: a 4-D right operand")
 
