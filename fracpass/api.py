@@ -439,7 +439,7 @@ def summary(qmodel: nn.Module) -> str:
         return parts_summary(qmodel, parts)
     state = _state(qmodel)
     stage = current_stage(qmodel)
-    native = getattr(state, "execution", "simulate") == "native"
+    native = state.execution == "native"
     paths = {}
     if native:
         from fracpass.native import op_paths

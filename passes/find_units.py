@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Set
 
 import torch
 import torch.fx
+from torch import nn
 
 from fracpass import meta
 from fracpass.errors import PlanError
@@ -149,8 +150,6 @@ class FindGatedUnitsPass(PassBase):
 
 def _sequence_first(node: torch.fx.Node) -> bool:
     """Whether ``node`` runs inside an ``nn.MultiheadAttention`` traced into (fracpass.traced)."""
-    from torch import nn
-
     stack = node.meta.get("nn_module_stack") or {}
     return any(isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], type)
                and issubclass(entry[1], nn.MultiheadAttention) for entry in stack.values())

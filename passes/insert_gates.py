@@ -91,17 +91,18 @@ class InsertGatesPass(PassBase):
 
     @staticmethod
     def _check_batch_first(units, report, batch) -> None:
-        """A gate picks bits per sample, so its unit's input must lead with the batch dimension.
-        Ops inside ``nn.MultiheadAttention`` run sequence-first ((L, B, E), (L*B, E)): refused here,
-        at transform time, rather than failing in the first batch."""
+        """A gate picks bits per sample, so its unit's input must lead with the batch dimension. A unit
+        that does not (an op on a sequence-first (L, B, E) tensor) is refused here, at transform time,
+        rather than failing in the first batch. (find-gated-units already leaves out the ops inside
+        ``nn.MultiheadAttention``, which compute that way.)"""
         for unit, node in units:
             shape = report.node_shapes.get(unit.input)
             if batch is None or not shape or shape[0] == batch:
                 continue
             module = meta.op_info(node).module_path if meta.op_info(node) else ""
             raise PlanError(f"gated unit {unit.name!r}: its input {unit.input!r} has shape {tuple(shape)}, whose first "
-                            f"dimension is not the example batch ({batch}), so a gate cannot choose per sample (ops "
-                            "inside nn.MultiheadAttention run sequence-first); give these ops fixed bits with a plan "
+                            f"dimension is not the example batch ({batch}), so a gate cannot choose per sample (a "
+                            "sequence-first layout?); give these ops fixed bits with a plan "
                             f"rule so the gates leave them, e.g. Rule(match={(module or unit.name)!r}, w=8, a=8, g=8)")
 
     def _hub(self, gm: torch.fx.GraphModule, units: List[meta.Unit], report, existing) -> GateHub:

@@ -512,3 +512,23 @@ def test_a_target_below_the_cheapest_mix_is_warned_once_at_transform(caplog):
     warned = [r.getMessage() for r in caplog.records if "lies below the cheapest mix" in r.getMessage()]
     assert [m.split("'s cost target")[0] for m in warned] == ["insert-gates: stage 0", "insert-gates: stage 1"]
     assert "set Gates(target=...) to at least" in warned[0]
+
+
+def test_a_unit_whose_input_does_not_lead_with_the_batch_is_refused_at_transform():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # (B, L, E) -> (L, B, E) -> linear -> back
+            return self.head(self.proj(x.transpose(0, 1)).transpose(0, 1).mean(1))
+
+    plan = fracpass.Plan.static(8, 8, 8).with_gates(fracpass.Gates(granularity="op"))
+    with pytest.raises(PlanError, match=r"gated unit 'proj': its input 'transpose' has shape \(5, 2, 8\), whose first "
+                                        r"dimension is not the example batch \(2\).*Rule\(match='proj', w=8, a=8, g=8\)"):
+        fracpass.transform(SequenceFirst(), plan, example_inputs=(torch.randn(2, 5, 8),))
+    pinned = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(match="proj", w=8, a=8, g=8)])
+    qmodel = fracpass.transform(SequenceFirst(), pinned.with_gates(fracpass.Gates(granularity="op")),
+                                example_inputs=(torch.randn(2, 5, 8),))
+    assert qmodel.gates.unit_names == ["head"]
+    qmodel(torch.randn(3, 5, 8)).sum().backward()
