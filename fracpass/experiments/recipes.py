@@ -55,10 +55,9 @@ class Config:
 CONFIGS: Dict[str, Config] = {
     # 1,437 training images, batch 32: 44 iterations per epoch; 840 iterations ~ 19 epochs
     "digits": Config("digits", iterations=840, batch_size=32, eval_every=42, plateau_every=21),
-    # 4,000 training images, batch 64: 62 iterations per epoch; 300 iterations ~ 4.8 epochs, windows of 4
-    # (sized to the budget of the machine the README's results were measured on: 2 shared cores; far
-    # from converged: see the README's Results)
-    "mnist5k": Config("mnist5k", iterations=300, batch_size=64, eval_every=15, plateau_every=4),
+    # 4,000 training images, batch 64: 62 iterations per epoch; 840 iterations ~ 13.5 epochs, with
+    # digits' schedule (windows of 21 iterations, 40 over the run; accuracy every 42)
+    "mnist5k": Config("mnist5k", iterations=840, batch_size=64, eval_every=42, plateau_every=21),
     # 50,000 training images, batch 128: 390 iterations per epoch, FracTrain's window
     "cifar10-dir": Config("cifar10-dir", iterations=64000, batch_size=128, lr=0.1, eval_every=1950,
                           plateau_every=390, blocks=3),
