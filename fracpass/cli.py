@@ -7,6 +7,8 @@
     fracpass check --model pkg.module:factory --plan plan.toml --golden golden/ [--update] [--min-coverage 0.95]
                    [--format text|json|github]
     fracpass export --model pkg.module:factory --plan plan.toml --stage -1 --input-shape 1,3,32,32 -o model.onnx
+    fracpass bench --model pkg.module:factory --plan plan.toml --input-shape 32,3,32,32 [--execution native]
+                   [--target epyc9655] [--stages 0,-1] [--repeats 5] [--threads 2] [--json]
     fracpass demo [--quick] [--out fracpass-demo]
 
 Exit codes: 0 success; 1 (check) the graph differs from a golden file, a golden file is missing, or
@@ -125,7 +127,7 @@ def check_runs(model: torch.nn.Module, inputs: tuple, shape: str) -> None:
         model.train(was_training)
 
 
-def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
+def _transformed(args, default_plan=None, inputs_needed_for: str = "", execution: str = "simulate"):
     """(plan, example inputs, transformed model) from the common --model/--plan/--input-shape options."""
     import fracpass
 
@@ -137,7 +139,8 @@ def _transformed(args, default_plan=None, inputs_needed_for: str = ""):
     if inputs_needed_for and not inputs:
         raise CliError(f"--input-shape is required {inputs_needed_for} (e.g. --input-shape 1,3,32,32)")
     check_runs(model, inputs, args.input_shape)
-    return plan, inputs, fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture)
+    return plan, inputs, fracpass.transform(model, plan, example_inputs=inputs, capture_method=args.capture,
+                                            execution=execution)
 
 
 def _transform(args) -> int:
@@ -167,6 +170,20 @@ def _cost(args) -> int:
         print(report)
         if args.steps_per_stage:
             print(totals)
+    return EXIT_OK
+
+
+def _bench(args) -> int:
+    from fracpass.bench import bench
+
+    stages = int_list("--stages", args.stages, "0,-1") if args.stages else None
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 2")
+    _, inputs, qmodel = _transformed(args, inputs_needed_for="for bench: the step is timed on a batch of that shape",
+                                     execution=args.execution)
+    report = bench(qmodel, inputs, target=args.target, stages=stages, repeats=args.repeats, threads=args.threads,
+                   progress=None if args.json else lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return EXIT_OK
 
 
@@ -303,6 +320,7 @@ STAGE_HELP = {
     "plan": "not used by plan: the StagePlan covers every stage",
     "check": "not used by check: the golden files cover every stage",
     "export": "stage to export (default -1, the last)",
+    "bench": "not used by bench: see --stages",
 }
 
 
@@ -327,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(run=_transform)
     c = sub.add_parser("cost", help="MACs, BitOPs per stage, and energy/latency on a hardware target")
     _add_model_args(c, "cost")
-    c.add_argument("--target", help="hardware profile: a built-in name (bitfusion, a100, h100, xeon8380) or a .toml path")
+    c.add_argument("--target", help="hardware profile: a built-in name (bitfusion, a100, h100, xeon8380, epyc9655) or a .toml path")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--steps-per-stage", help="whole-schedule totals for these steps per stage, e.g. 8190,8190,7800,40000")
     c.add_argument("--batch-size", type=int, help="batch size for --steps-per-stage (default: the input shape's)")
@@ -353,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calibrate", type=int, default=4, help="synthetic batches that set activation ranges (default 4)")
     ex.add_argument("--static-batch", action="store_true", help="fix the batch dimension at the input shape's")
     ex.set_defaults(run=_export)
+    be = sub.add_parser("bench", help="time forward + backward per stage and per compute op beside the hardware "
+                                      "profile's predicted latency")
+    _add_model_args(be, "bench")
+    be.add_argument("--execution", choices=("simulate", "native"), default="simulate",
+                    help="simulate (float32 fake quantization) or native (int8 products where the bits allow)")
+    be.add_argument("--target", default="epyc9655", help="a cpu profile with a core count (default epyc9655, the "
+                                                         "AMD EPYC class this project runs on; or xeon8380, or a .toml)")
+    be.add_argument("--stages", help="stages to time, e.g. 0,-1 (default: every stage of the plan)")
+    be.add_argument("--repeats", type=int, default=5, help="timed steps per stage (default 5; the median is shown)")
+    be.add_argument("--threads", type=int, help="torch threads (default: torch's; the profile is scaled to them)")
+    be.add_argument("--json", action="store_true", help="print the report as JSON")
+    be.set_defaults(run=_bench)
     from fracpass.experiments.demo import add_arguments
 
     de = sub.add_parser("demo", help="train FP32, static 8/8/8 and FracTrain on real digits; print the comparison "

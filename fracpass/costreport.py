@@ -173,7 +173,7 @@ class CostReport:
     def _need_target(self):
         if self.target is None:
             raise FracpassError("this report has no hardware target; pass target='bitfusion' (or 'a100', 'h100', "
-                                "'xeon8380', or a profile path) to fracpass.cost()")
+                                "'xeon8380', 'epyc9655', or a profile path) to fracpass.cost()")
         return self.target
 
     def latency_s(self, stage: Optional[int] = None, batch_size: Optional[int] = None) -> float:

@@ -56,7 +56,7 @@ from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _a
                             _torch_seed, quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
-           "int8_support", "NativeInfo"]
+           "int8_support", "NativeInfo", "product_paths"]
 
 log = logging.getLogger("fracpass.native")
 
@@ -322,14 +322,24 @@ def decide(qa, qb, gq) -> Tuple[str, str]:
     why = int8_support()
     if why is not None:
         return "simulated", why
-    fp32 = []
     if not 2 <= gbits <= MAX_INT8_BITS:
-        fp32.append(f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)")
-    elif isinstance(qb, WeightQuant) and qb.axis is not None:
-        fp32.append("g x w in fp32 (the weight's per-channel scale lies on its contracted axis)")
-    elif isinstance(qa, WeightQuant) and qa.axis is not None:
-        fp32.append("g x w in fp32 (the weight's per-channel scale lies on its contracted axis)")
-    return "int8", "; ".join(fp32)
+        return "int8", f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
+    if any(_fp32_backward(qa, qb, gbits)):
+        return "int8", "g x w in fp32 (the weight's per-channel scale lies on its contracted axis)"
+    return "int8", ""
+
+
+def _per_channel(q) -> bool:
+    return isinstance(q, WeightQuant) and q.axis is not None
+
+
+def _fp32_backward(qa, qb, gbits: int) -> Tuple[bool, bool]:
+    """Whether an int8 op's gradient for its first / second operand runs in float32: both when the
+    gradient is not int8; the first's (g x b) when b has a per-channel weight scale, which lies on
+    that product's contracted axis; the second's (a^T x g) likewise for a."""
+    if not 2 <= gbits <= MAX_INT8_BITS:
+        return True, True
+    return _per_channel(qb), _per_channel(qa)
 
 
 def _tensor_reason(*tensors: Tensor) -> Optional[str]:
@@ -657,6 +667,26 @@ class LowerNativePass(PassBase):
 
 
 # -- reporting ---------------------------------------------------------------------------------------
+def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
+    """op name -> what each of its products runs on at the current stage, "int8" or "fp32": the
+    forward, then the gradient of each operand (the cost report's ``OpCost.products`` order).
+    Simulated ops run every product in float32 (on quantized values)."""
+    paths = op_paths(qmodel)
+    out = {}
+    for node in qmodel.graph.nodes:
+        if node.name not in paths:
+            continue
+        if paths[node.name][0] != "int8":
+            out[node.name] = ("fp32",) * 3
+        elif node.target is native_conv2d:  # oneDNN's int8 convolution: forward only
+            out[node.name] = ("int8", "fp32", "fp32")
+        else:
+            first = {native_linear: 3, native_matmul: 2}[node.target]
+            qa, qb, gq = (None if r is None else qmodel.get_submodule(r.target) for r in node.args[first:first + 3])
+            out[node.name] = ("int8",) + tuple("fp32" if f else "int8" for f in _fp32_backward(qa, qb, _grad_bits(gq)))
+    return out
+
+
 def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
     """op name -> (path at the current stage: "int8" or "simulated", why not native / what runs in fp32).
 

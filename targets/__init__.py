@@ -8,6 +8,7 @@ a path to a profile of your own.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from dataclasses import dataclass
@@ -53,6 +54,21 @@ class Target:
     energy_pj_per_mac_8x8: float = 0.0
     energy_pj_per_byte: float = 0.0
     watts: float = 0.0
+    cores: int = 0  # cpu profiles: cores the rates and bandwidth are for (0: not given)
+
+    def per_cores(self, used: int) -> "Target":
+        """The share of this profile that ``used`` cores get: every rate and the bandwidth times
+        used / cores (``fracpass.bench`` on a machine running fewer cores than the profile's)."""
+        if self.kind != "cpu" or not self.cores:
+            with_cores = ", ".join(n for n in available_targets() if load_target(n).cores)
+            raise TargetError(f"target {self.name!r} ({self.source}) is not a cpu profile with a core count ('cores'), "
+                              f"so it cannot be scaled to the {used} core(s) this run uses; use one that gives it "
+                              f"(built-in: {with_cores}), or add 'cores = N' to your profile")
+        share = used / self.cores
+        return dataclasses.replace(
+            self, name=f"{self.name} x {used}/{self.cores} cores", bandwidth_bytes_per_s=self.bandwidth_bytes_per_s * share,
+            precisions=tuple(dataclasses.replace(p, macs_per_s=p.macs_per_s * share) for p in self.precisions),
+            watts=self.watts * share, cores=used)
 
     def rate(self, bits_x: int, bits_y: int) -> Rate:
         """MAC throughput for a product of a ``bits_x``-bit and a ``bits_y``-bit operand."""
@@ -150,4 +166,5 @@ def _parse(data: Mapping[str, Any], source: str) -> Target:
         precisions.append(Precision(_field(entry, "name", where, str), _field(entry, "bits", where, int),
                                     _field(entry, "macs_per_s", where)))
     power = _section(data, "power", source)
-    return Target(**common, precisions=tuple(precisions), watts=_field(power, "watts", f"{source} [power]"))
+    cores = _field(data, "cores", source, int) if "cores" in data else 0
+    return Target(**common, precisions=tuple(precisions), watts=_field(power, "watts", f"{source} [power]"), cores=cores)

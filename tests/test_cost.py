@@ -242,7 +242,7 @@ def test_no_target_errors_clearly():
 
 
 def test_target_errors_name_file_and_field(tmp_path):
-    with pytest.raises(TargetError, match=r"unknown target 'tpu'; built-in targets: a100, bitfusion, h100, xeon8380"):
+    with pytest.raises(TargetError, match=r"unknown target 'tpu'; built-in targets: a100, bitfusion, epyc9655, h100, xeon8380"):
         load_target("tpu")
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\nkind = "gpu"\n[memory]\nbandwidth_bytes_per_s = 1e9\n[power]\nwatts = 10\n'

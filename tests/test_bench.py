@@ -1,0 +1,191 @@
+"""fracpass.bench / `fracpass bench`: measured step and per-op times beside the profile's prediction.
+
+The predictions must be the cost model's own numbers on the profile scaled to the threads used;
+the per-op measurements must attribute time to the right op; benchmarking must leave the user's
+model as it was. No assertion here is about how fast anything runs.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+from fracpass import native
+from fracpass.bench import bench
+from fracpass.errors import FracpassError
+from fracpass.targets import TargetError, load_target
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class Uneven(nn.Module):
+    """A heavy linear (512x1024 on 256 rows) beside a light one (8x8): 8192x the MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.heavy = nn.Linear(1024, 512)
+        self.squeeze = nn.Linear(512, 8)
+        self.light = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.light(torch.relu_(self.squeeze(torch.relu(self.heavy(x)))))
+
+
+def _model(execution="simulate", plan=None):
+    torch.manual_seed(0)
+    x = torch.randn(256, 1024)
+    return fracpass.transform(Uneven(), plan or fracpass.Plan.progressive(), example_inputs=(x,), execution=execution), x
+
+
+def test_predictions_are_the_cost_models_on_the_profile_scaled_to_the_threads():
+    q, x = _model()
+    report = bench(q, target="epyc9655", stages=[0, -1], repeats=1, warmup=0, threads=1)
+    assert [s.stage for s in report.stages] == [0, 3] and report.threads == 1 and report.batch == 256
+    scaled = load_target("epyc9655").per_cores(1)
+    assert scaled.precisions[0].macs_per_s == pytest.approx(3.195e13 / 96)
+    for st in report.stages:
+        cost = fracpass.cost(q, target=scaled, stage=st.stage)
+        assert [o.op for o in st.ops] == [o.op for o in cost.ops] == ["heavy", "squeeze", "light"]
+        # at bits: exactly CostReport.latency_s on the scaled profile
+        assert st.at_bits_s == pytest.approx(cost.latency_s(st.stage))
+        # simulated: every product in float32, i.e. the FP32 model's roofline on the same profile
+        fp32 = sum(scaled.latency_s(m, b, 32, 32) for o in cost.ops for _, m, _, _, b in o.products(None))
+        assert st.as_run_s == pytest.approx(fp32)
+        assert all(o.path == "simulated" and o.runs_on == ("fp32",) * 3 for o in st.ops)
+        assert st.as_run_s > st.at_bits_s  # fp32 products at a quarter of int8's rate
+    text = str(report)
+    assert "stage 0 (3/3/6)" in text and "stage 3 (8/8/8)" in text and "epyc9655 x 1/96 cores" in text
+
+
+def test_native_ops_are_predicted_at_the_precision_each_product_runs_on():
+    if native.int8_support() is not None:
+        pytest.skip("this CPU has no int8 dot-product instructions: native runs simulated")
+    q, x = _model("native")
+    report = bench(q, target="epyc9655", stages=[-1], repeats=1, warmup=0)
+    st = report.stages[0]
+    scaled = load_target("epyc9655").per_cores(report.threads)
+    cost = {o.op: o for o in fracpass.cost(q, stage=3).ops}
+    for o in st.ops:
+        # per-channel weights: forward and g x a on int8, g x w in float32
+        assert o.path == "int8" and o.runs_on == ("int8", "fp32", "int8"), o
+        c = cost[o.op]
+        bits, fp32 = c.products(3), c.products(None)
+        lat = lambda p: scaled.latency_s(p[1], p[4], p[2], p[3])
+        assert o.as_run_forward_s == pytest.approx(lat(bits[0]))
+        assert o.at_bits_s == pytest.approx(sum(lat(p) for p in bits))
+        # the first op's input needs no gradient: only its weight-gradient product, on int8
+        expect = [bits[0], fp32[1], bits[2]] if len(bits) == 3 else [bits[0], bits[1]]
+        assert o.as_run_s == pytest.approx(sum(lat(p) for p in expect))
+    assert "int8/fp32/int8" in str(report)
+
+
+def test_each_op_gets_its_own_time_forward_and_backward():
+    q, x = _model()
+    st = bench(q, target="epyc9655", stages=[-1], repeats=3, warmup=1).stages[0]
+    ops = {o.op: o for o in st.ops}
+    # 8192x the MACs: attribution to the wrong op could not keep this order
+    assert ops["heavy"].forward_s > ops["light"].forward_s
+    assert ops["heavy"].backward_s > ops["light"].backward_s > 0
+    assert all(o.forward_s > 0 and o.backward_s is not None for o in st.ops)
+    assert st.step_spread[0] <= st.step_s <= st.step_spread[1]
+
+
+def test_bench_leaves_the_model_as_it_was():
+    q, x = _model()
+    fracpass.set_stage(q, 1)
+    q(x).sum().backward()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in q.named_parameters()}
+    rng = torch.get_rng_state()
+    bench(q, target="epyc9655", stages=[0, 3], repeats=1, warmup=0)
+    assert fracpass.current_stage(q) == 1
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in q.named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_gated_models_and_keyword_inputs_bench():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + torch.relu(self.conv(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, image, scale=1.0):
+            return self.fc(self.blocks(self.stem(image) * scale).mean((2, 3)))
+
+    x = torch.randn(4, 3, 8, 8)
+    q = fracpass.transform(Net(), fracpass.Plan.fractrain("cifar"), example_kwargs={"image": x})
+    report = bench(q, target="epyc9655", stages=[0], repeats=1, warmup=0)
+    ops = {o.op: o for o in report.stages[0].ops}
+    cost = fracpass.cost(q, stage=0)
+    gated = [o.op for o in cost.ops if o.gated]
+    assert len(gated) == 2 and set(ops) == {o.op for o in cost.ops}
+    assert all(ops[g].path == "simulated" and ops[g].backward_s is not None for g in gated)
+    assert all(o.forward_s > 0 for o in ops.values())
+
+
+def test_bad_requests_say_what_to_do():
+    q, x = _model()
+    with pytest.raises(TargetError, match=r"'bitfusion'.*not a cpu profile with a core count.*built-in: epyc9655, "
+                                          r"xeon8380"):
+        bench(q, target="bitfusion")
+    with pytest.raises(FracpassError, match=r"stages \[4\] do not exist; the plan has 4 stage\(s\)"):
+        bench(q, stages=[4])
+    with pytest.raises(FracpassError, match=r"repeats=0"):
+        bench(q, repeats=0)
+
+    class NoGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).argmax(1)
+
+    q2 = fracpass.transform(NoGrad(), fracpass.Plan.static(), example_inputs=(torch.randn(2, 4),))
+    with pytest.raises(FracpassError, match=r"no floating tensor that needs a gradient.*loss_fn="):
+        bench(q2, repeats=1, warmup=0)
+
+
+def test_profiles_give_their_cores_and_scale_every_rate():
+    epyc = load_target("epyc9655")
+    assert epyc.cores == 96 and [p.name for p in epyc.precisions] == ["int8-vnni", "bf16", "fp32"]
+    # Zen 5 at 2.6 GHz: 32 fp32, 64 bf16, 128 int8 MACs per cycle per core
+    assert [p.macs_per_s / (96 * 2.6e9) for p in epyc.precisions] == pytest.approx([128, 64, 32], rel=1e-3)
+    two = epyc.per_cores(2)
+    assert two.bandwidth_bytes_per_s == pytest.approx(epyc.bandwidth_bytes_per_s / 48)
+    assert two.rate(16, 16).macs_per_s == pytest.approx(epyc.rate(16, 16).macs_per_s / 48)
+    assert load_target("xeon8380").cores == 40
+
+
+def test_cli_bench_prints_the_table_and_json(tmp_path):
+    cmd = [sys.executable, "-m", "fracpass", "bench", "--model", "examples.models:resnet20", "--input-shape",
+           "4,3,32,32", "--stages", "0", "--repeats", "1", "--threads", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "stage 0 (8/8/8)" in done.stdout and "layer3_2_conv2" in done.stdout and "measured / as run" in done.stdout
+    assert "stage 0: step" in done.stderr  # progress
+    done = subprocess.run(cmd + ["--json", "--execution", "native"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["execution"] == "native" and data["threads"] == 1 and len(data["stages"][0]["ops"]) == 22  # 19 + 2 downsample convs + fc
+    done = subprocess.run(cmd[:-2] + ["--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--threads 0: give a positive number" in done.stderr
