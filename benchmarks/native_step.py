@@ -1,22 +1,34 @@
-"""Training-step time of FP32, fracpass simulate and fracpass native on issue 11's transformer (one run, interleaved).
+"""Training-step time and peak memory of FP32, bf16, torchao and fracpass (simulate / native) on issue 11's models.
 
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
-                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--profile]
+                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated]
+                                     [--memory] [--profile] [--only VARIANT]
 
 Model: ``fracpass.models.TransformerClassifier`` at dim 512, 8 heads, 4 layers, MLP 2048, sequence
 128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
 CIFAR ResNet (``--model resnet74 --batch 128``; ``--conv`` opts its convs into the int8 forward,
-which is off by default); forward + backward + SGD. Variants: FP32; bf16 autocast (the plain mixed-precision baseline); fracpass
-``execution="simulate"`` and ``execution="native"`` at the given stages of the 3/4/6/8 ladder
-(gradients 6/6/8/8). Every round runs one step of each variant, so noise from other sessions on the
-machine hits all alike; the table gives the median step and its ratio to FP32 from the same rounds.
+which is off by default); forward + backward + SGD. Variants: FP32; FP32 channels_last (ResNets);
+bf16 autocast (channels_last for ResNets: the plain mixed-precision baseline); torchao's INT8
+mixed-precision training (``int8_mixed_precision_training``: nn.Linear forward and backward GEMMs
+in int8; transformer only, when torchao imports); fracpass ``execution="simulate"`` and
+``execution="native"`` at the given stages of the 3/4/6/8 ladder (gradients 6/6/8/8); with
+``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``). Every round runs
+one step of each variant, so noise from other sessions on the machine hits all alike; the table
+gives the median step and its ratio to FP32 from the same rounds.
+
+``--memory`` adds each variant's peak memory: every variant is built in a fresh process, which
+then resets the kernel's high-water mark (``/proc/self/clear_refs``) and takes 3 steps; the peak
+resident set (``VmHWM``) minus the resident set before the steps is the steps' own peak
+(activations kept for backward, gradients, optimizer state, workspaces). Linux only.
 ``--profile`` adds a torch.profiler table of the native step's top CPU ops (what bounds it).
 """
 from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -32,8 +44,12 @@ from benchmarks.native_kernels import cpu_flags  # noqa: E402
 from fracpass.models import TransformerClassifier  # noqa: E402
 
 
-def step_fn(model, x, y, autocast=False):
+
+def step_fn(model, x, y, autocast=False, channels_last=False):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -45,6 +61,93 @@ def step_fn(model, x, y, autocast=False):
     return step
 
 
+def build(args):
+    """(variants: name -> zero-argument builder of a step function, native model builder, plan)."""
+    torch.manual_seed(0)
+    if args.model == "transformer":
+        make = lambda: TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=args.seq,
+                                             dropout=0.0).train()
+        x = torch.randint(0, 1000, (args.batch, args.seq))
+    else:
+        make = lambda: getattr(fracpass.models, args.model)().train()
+        x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    state = make().state_dict()
+
+    def fresh():
+        model = make()
+        model.load_state_dict(state)
+        return model
+
+    plan = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
+    conv_model = args.model != "transformer"
+    variants = {"fp32": lambda: step_fn(fresh(), x, y)}
+    if conv_model:
+        variants["fp32 channels_last"] = lambda: step_fn(fresh(), x, y, channels_last=True)
+    variants["bf16 autocast" + (" channels_last" if conv_model else "")] = \
+        lambda: step_fn(fresh(), x, y, autocast=True, channels_last=conv_model)
+    if not conv_model:
+        variants["torchao int8 mixed-precision"] = lambda: torchao_step(fresh(), x, y)
+
+    def transformed(execution, stage, plan=plan):
+        model = fracpass.transform(fresh(), plan, example_inputs=(x[:2],), execution=execution)
+        if execution == "native" and args.conv:
+            fracpass.native.LowerNativePass(fracpass.native.NATIVE_KINDS)(model)
+        fracpass.set_stage(model, stage)
+        return model
+
+    for stage in [int(s) for s in args.stages.split(",")]:
+        for execution in ("simulate", "native"):
+            name = f"{execution} stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g})"
+            variants[name] = lambda e=execution, k=stage: step_fn(transformed(e, k), x, y)
+    if args.gated:
+        gated = fracpass.Plan.fractrain("cifar")
+        variants["native gated (FracTrain, stage 0)"] = \
+            lambda: step_fn(transformed("native", 0, gated), x, y)
+    return variants, lambda: transformed("native", 0), x, y
+
+
+def torchao_step(model, x, y):
+    try:
+        from torchao.prototype.quantized_training import int8_mixed_precision_training
+        from torchao.quantization import quantize_
+    except ImportError as e:  # optional: `pip install torchao==0.18.0 --no-deps` next to torch 2.13
+        raise RuntimeError(f"torchao is not installed ({e})") from e
+    quantize_(model, int8_mixed_precision_training(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+              and m.in_features % 16 == 0 and m.out_features % 16 == 0)
+    return step_fn(model, x, y)
+
+
+def _status_kb(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+) kB", pathlib.Path("/proc/self/status").read_text()).group(1))
+
+
+def only(args) -> None:
+    """Child process of --memory: build one variant, reset the high-water mark, take 3 steps, print
+    the peak resident set over the one before the steps."""
+    variants, _, _, _ = build(args)
+    step = variants[args.only]()
+    before = _status_kb("VmRSS")
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    for _ in range(3):
+        step()
+    print(f"PEAK_MB {(_status_kb('VmHWM') - before) / 1024:.1f}")
+
+
+def memory(args, names) -> dict:
+    peaks = {}
+    base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
+                str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
+        + (["--gated"] if args.gated else [])
+    for name in names:
+        done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True)
+        line = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MB")]
+        peaks[name] = float(line[0].split()[1]) if line else None
+        if not line:
+            print(f"{name}: no memory figure ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'})")
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("transformer", "resnet20", "resnet74"), default="transformer")
@@ -54,56 +157,56 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--stages", default="0,3", help="ladder stages to run native/simulate at (0..3)")
     parser.add_argument("--conv", action="store_true", help="also lower conv2d (opt-in native path)")
+    parser.add_argument("--gated", action="store_true", help="add fracpass native with FracTrain's gates")
+    parser.add_argument("--memory", action="store_true", help="add each variant's peak memory (one process each)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.model == "transformer":
-        base = TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=args.seq,
-                                     dropout=0.0).train()
-        x = torch.randint(0, 1000, (args.batch, args.seq))
-    else:
-        base = getattr(fracpass.models, args.model)().train()
-        x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    plan = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
-    steps = {"fp32": step_fn(base, x, y), "bf16 autocast": step_fn(base, x, y, autocast=True)}
-    models = {}
-    for execution in ("simulate", "native"):
-        models[execution] = fracpass.transform(base, plan, example_inputs=(x[:2],), execution=execution)
-    if args.conv:
-        fracpass.native.LowerNativePass(fracpass.native.NATIVE_KINDS)(models["native"])
-    stages = [int(s) for s in args.stages.split(",")]
-    for stage in stages:
-        for execution, model in models.items():
-            def staged(model=model, stage=stage, inner=step_fn(model, x, y)):
-                fracpass.set_stage(model, stage)
-                inner()
-
-            steps[f"{execution} stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g})"] = staged
-    print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}, seq {args.seq}, "
-          f"{args.rounds} interleaved rounds")
+    if args.only:
+        return only(args)
+    variants, native_model, x, y = build(args)
+    steps = {}
+    for name, builder in variants.items():
+        try:
+            steps[name] = builder()
+        except Exception as e:  # say what fails (e.g. torchao absent) and go on with the rest
+            print(f"{name}: left out: {type(e).__name__}: {e}")
+    print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
+          + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds")
     print(f"CPU: {cpu_flags()}")
-    native_paths = fracpass.native.op_paths(models["native"])
+    native_paths = fracpass.native.op_paths(native_model())
     print("native paths at stage 0:", sorted({p for p, _ in native_paths.values()}), "over", len(native_paths), "ops")
-    for step in steps.values():  # warm-up (and kernel builds)
-        step()
+    for name, step in list(steps.items()):  # warm-up (and kernel builds)
+        try:
+            step()
+        except Exception as e:
+            print(f"{name}: left out: the step failed: {type(e).__name__}: {e}")
+            del steps[name]
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
+    peaks = memory(args, list(steps)) if args.memory else {}
     base_ms = 1e3 * statistics.median(times["fp32"])
-    print(f"{'variant':34s} {'step ms':>9s} {'x fp32':>7s}   (min..max ms)")
+    mem = peaks.get
+    head = "| variant | step ms | x fp32 | min..max ms |" + (" peak MB | x fp32 |" if peaks else "")
+    print(head)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if peaks else ""))
     for name, t in times.items():
         ms = 1e3 * statistics.median(t)
-        print(f"{name:34s} {ms:9.1f} {ms / base_ms:7.2f}   ({1e3 * min(t):.0f}..{1e3 * max(t):.0f})")
+        row = f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {1e3 * min(t):.0f}..{1e3 * max(t):.0f} |"
+        if peaks:
+            m, m0 = mem(name), mem("fp32")
+            row += f" {m:.0f} | {m / m0:.2f} |" if m is not None and m0 else " - | - |"
+        print(row)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        fracpass.set_stage(models["native"], stages[-1])
-        step = step_fn(models["native"], x, y)
+        step = step_fn(native_model(), x, y)
+        step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))

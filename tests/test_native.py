@@ -350,3 +350,37 @@ def test_summary_shows_each_ops_path_at_the_current_stage():
     assert re.search(r"^head +linear .* simulated$", fracpass.summary(qmodel), re.M)
     simulated = fracpass.transform(transformer(), fracpass.Plan.static(), example_inputs=(x,))
     assert "path" not in next(line for line in fracpass.summary(simulated).splitlines() if line.startswith("op "))
+
+
+@pytest.mark.slow  # 6 digits trainings of 12 epochs: ~100 s on 2 cores
+def test_digits_pfq_trains_as_accurately_native_as_simulated():
+    """Issue 11: examples/digits_pfq.py's setup, 3 seeds each, native (linear and the opt-in conv
+    forward on int8) against simulated: the mean test accuracies within 0.5 pp."""
+    pytest.importorskip("sklearn")
+    if native.int8_support() is not None:
+        pytest.skip("this CPU has no int8 dot-product instructions: native would run simulated")
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from examples.digits_pfq import DigitsCNN, run
+
+    # what run(execution="native", native_convs=True) trains on: conv2, conv3 and fc on int8 (conv1 is excluded)
+    q = fracpass.transform(DigitsCNN(), fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8), exclude=("conv1",)),
+                           example_inputs=(torch.randn(2, 1, 8, 8),), execution="native")
+    native.LowerNativePass(native.NATIVE_KINDS)(q)
+    fracpass.set_stage(q, 3)
+    q(torch.randn(4, 1, 8, 8))
+    paths = {op: p for op, (p, _) in native.op_paths(q).items()}
+    assert paths == {"conv1": "simulated", "conv2": "int8", "conv3": "int8", "fc": "int8"}
+
+    acc = {"simulate": [], "native": []}
+    for seed in (0, 1, 2):
+        for execution in acc:
+            accuracy, sched, _ = run(seed=seed, log=lambda line: None, execution=execution,
+                                     native_convs=execution == "native")
+            assert sched.stage == 3  # both climbed the whole ladder
+            acc[execution].append(accuracy)
+    mean = {k: sum(v) / len(v) for k, v in acc.items()}
+    assert abs(mean["native"] - mean["simulate"]) <= 0.005, acc
+    assert min(mean.values()) >= 0.9, acc  # both learned (chance is 0.1)
