@@ -213,7 +213,8 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
     if op_cost.mix:  # gated: simulated, every product in float32
         return sum(lat(p) for p in fp32), bits_total, lat(fp32[0]), bits_fwd
     # runs_on: forward, then one entry per operand; the products list only operands with a gradient
-    per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
+    per_product = [runs_on[0]] + [runs_on[1 + i] if 1 + i < len(runs_on) else "fp32"
+                                  for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
     run = [b if how == "int8" else f for b, f, how in zip(at_bits, fp32, per_product)]
     return sum(lat(p) for p in run), bits_total, lat(run[0]), bits_fwd
 
@@ -298,7 +299,8 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 timings = []
                 for o in report.ops:
                     path = paths.get(o.op, ("fp32", ""))[0] if o.excluded == "" else "fp32"
-                    runs_on = runs.get(o.op, ("fp32",) * 3) if path == "int8" else ("fp32",) * 3
+                    fp32 = ("fp32",) * (1 + len(o.backward_macs))  # the forward, then one per operand
+                    runs_on = runs.get(o.op, fp32) if path == "int8" else fp32
                     as_run, at_bits, as_run_f, at_bits_f = _predict(o, stage, runs_on, scaled)
                     timings.append(OpTiming(o.op, o.kind, path, runs_on, _median(fwd[o.op]),
                                             _median(bwd[o.op]) if bwd[o.op] else None, as_run, at_bits, as_run_f,

@@ -69,6 +69,9 @@ def _check_bits(where: str, value: Any, role: str = "") -> int:
     return value
 
 
+WEIGHT_SCALES = ("channel", "tensor")
+
+
 @dataclass(frozen=True)
 class Stage:
     """Bits of each role in one PFQ stage."""
@@ -93,8 +96,12 @@ class Rule:
     g: BitsLike = None
     exclude: bool = False
     reason: str = ""
+    weight_scale: Optional[str] = None  # "channel" (default: one scale per output channel) or "tensor"
 
     def __post_init__(self) -> None:
+        if self.weight_scale is not None and self.weight_scale not in WEIGHT_SCALES:
+            raise PlanError(f"rule.weight_scale = {self.weight_scale!r}: use 'channel' (a scale per output channel, the "
+                            "default) or 'tensor' (one scale per weight, which lets native execution run g x w on int8)")
         for name in ("match", "kind", "reason"):
             if not isinstance(getattr(self, name), str):
                 raise PlanError(f"rule.{name} = {getattr(self, name)!r}: must be a string")
@@ -113,8 +120,8 @@ class Rule:
             else:
                 value = _check_bits(f"rule.{role}", value, role)
             object.__setattr__(self, role, value)
-        if self.exclude and any(getattr(self, r) is not None for r in ROLES):
-            raise PlanError(f"rule match={self.match!r}: an exclude rule cannot also set bits")
+        if self.exclude and (any(getattr(self, r) is not None for r in ROLES) or self.weight_scale is not None):
+            raise PlanError(f"rule match={self.match!r}: an exclude rule cannot also set bits or a weight scale")
 
     def describe(self) -> str:
         parts = [f"match={self.match!r}"] if self.match != "*" else []
@@ -139,6 +146,7 @@ class QSpec:
     g: Tuple[int, ...]
     excluded: str = ""  # non-empty: the op is left alone, and this says why
     rules: Tuple[int, ...] = ()  # indices of the plan rules that matched, in order
+    weight_scale: str = "channel"  # "channel": per output channel; "tensor": one scale per weight
 
     def stage_bits(self, role: str) -> Tuple[int, ...]:
         return getattr(self, role)
@@ -343,7 +351,7 @@ class Plan:
     def resolve(self, module_path: str, kind_matches) -> QSpec:
         """Apply the rules in order to an op at ``module_path``; ``kind_matches(glob) -> bool``."""
         bits = {role: [getattr(s, role) for s in self.stages] for role in ROLES}
-        excluded, hits = "", []
+        excluded, hits, weight_scale = "", [], "channel"
         for i, rule in enumerate(self.rules):
             if not rule.matches(module_path, kind_matches):
                 continue
@@ -355,8 +363,10 @@ class Plan:
                 value = getattr(rule, role)
                 if value is not None:
                     bits[role] = list(value) if isinstance(value, tuple) else [value] * self.num_stages
+            weight_scale = rule.weight_scale or weight_scale
         return QSpec(
-            w=tuple(bits["w"]), a=tuple(bits["a"]), g=tuple(bits["g"]), excluded=excluded, rules=tuple(hits)
+            w=tuple(bits["w"]), a=tuple(bits["a"]), g=tuple(bits["g"]), excluded=excluded, rules=tuple(hits),
+            weight_scale=weight_scale,
         )
 
     def check_rules_matched(self, hits: Mapping[int, int], module_paths: Sequence[str], kinds: Sequence[str] = ()) -> None:

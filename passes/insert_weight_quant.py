@@ -1,4 +1,5 @@
-"""insert-weight-quant: a per-output-channel weight quantizer on every weight of a compute op."""
+"""insert-weight-quant: a weight quantizer on every weight of a compute op (per output channel, or per tensor
+where a plan rule says weight_scale="tensor")."""
 from __future__ import annotations
 
 import torch.fx
@@ -32,7 +33,8 @@ class InsertWeightQuantPass(PassBase):
                 if not isinstance(src, torch.fx.Node) or is_quantizer_of(src, op, "weight"):
                     continue
                 name = quantizer_name(op, "weight", index)
-                get_or_add(gm, name, WeightQuant, op, stage_bits=spec.w, axis=axis)
+                # a rule's weight_scale="tensor": one scale per weight instead of per output channel
+                get_or_add(gm, name, WeightQuant, op, stage_bits=spec.w, axis=None if spec.weight_scale == "tensor" else axis)
                 node = insert_call(gm, name, src, before=op, role="weight", op=op, pass_name=self.name)
                 registry.set_slot(op, slot, node)
                 inserted += 1

@@ -141,6 +141,19 @@ def test_gated_models_and_keyword_inputs_bench():
     assert all(o.forward_s > 0 for o in ops.values())
 
 
+def test_attention_products_of_three_operands_are_costed_and_timed():
+    from fracpass.models import TransformerClassifier
+
+    torch.manual_seed(0)
+    model = TransformerClassifier(vocab=50, dim=32, heads=4, depth=1, mlp=64, max_len=16, dropout=0.0)
+    x = torch.randint(0, 50, (4, 16))
+    q = fracpass.transform(model, fracpass.Plan.static(), example_inputs=(x,), execution="native")
+    st = bench(q, target="epyc9655", repeats=1, warmup=0).stages[0]
+    sdpa = [o for o in st.ops if o.kind == "sdpa"]
+    assert sdpa and all(o.runs_on == ("fp32",) * 4 and o.path == "simulated" for o in sdpa)
+    assert all(o.as_run_s >= o.at_bits_s > 0 for o in sdpa)
+
+
 def test_bad_requests_say_what_to_do():
     q, x = _model()
     with pytest.raises(TargetError, match=r"'bitfusion'.*not a cpu profile with a core count.*built-in: epyc9655, "

@@ -392,3 +392,25 @@ def test_gated_resnet20_choices_in_onnx_equal_pytorchs(tmp_path):
     print(f"gated resnet20: mean {mean:.2e}, max {worst:.2e} of range, argmax agree {argmax:.4f}, choices identical "
           f"for {sum(a == 1.0 for a in agreement)}/{len(choices)} units, lowest per-unit agreement {min(agreement):.4f}")
     assert mean <= 1e-3 and argmax >= 0.99
+
+
+def test_per_tensor_weights_export_with_one_scale_per_weight(tmp_path):
+    """A plan rule weight_scale="tensor": each weight's DequantizeLinear (of its stored integer codes)
+    takes one scale, and the exported model runs as the PyTorch one does (verified before writing)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    plan = fracpass.Plan.static(rules=[fracpass.Rule(weight_scale="tensor")])
+    qmodel = calibrated(Net(), plan, lambda n: torch.randn(n, 3, 8, 8))
+    proto = fracpass.export_onnx(qmodel, tmp_path / "m.onnx", (torch.randn(4, 3, 8, 8),))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    weight_q = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and "_wq" in n.name]
+    assert len(weight_q) == 2
+    assert all(inits[n.input[1]].size == 1 for n in weight_q), [inits[n.input[1]].shape for n in weight_q]

@@ -174,6 +174,33 @@ def test_int8_input_gradient_is_int8_when_no_channel_axis_is_contracted(kernels,
     assert (path, note) == ("int8", "")
 
 
+PER_TENSOR = {
+    "linear 3-D": (Lin, lambda: (torch.rand(4, 8, 48) * 3 - 1,)),
+    "matmul act x weight": (WeightMatmul, lambda: (torch.randn(2, 12, 24),)),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("case", sorted(PER_TENSOR))
+def test_per_tensor_weights_run_all_three_products_on_int8(case, bits, kernels, monkeypatch):
+    """A plan rule weight_scale="tensor" gives each weight one scale, so the input gradient (g x w,
+    contracted over the weight's output channels) goes on int8 too, and still equals the simulation."""
+    factory, make = PER_TENSOR[case]
+    torch.manual_seed(0)
+    model, inputs = factory(), make()
+    plan = fracpass.Plan.static(w=bits, a=bits, g=bits, rules=[fracpass.Rule(weight_scale="tensor")])
+    sim, nat = _pair(model, plan, inputs)
+    assert all(q.axis is None for name, q in fracpass.quantizers(sim) if name.endswith("_wq"))
+    calls = _count_int_mm(monkeypatch)
+    want = _run(sim, inputs)
+    assert not calls
+    got = _run(nat, inputs)
+    assert len(calls) == 3, calls  # forward, g x w, g x a
+    _assert_close(got, want, f"{case}, per-tensor weights at {bits} bits")
+    assert [p for p, _ in native.op_paths(nat).values()] == ["int8"]
+    assert list(native.product_paths(nat).values()) == [("int8", "int8", "int8")]
+
+
 def test_gradient_above_8_bits_runs_backward_in_fp32_and_matches(monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)

@@ -143,3 +143,27 @@ def test_plan_is_frozen():
     plan = Plan.static()
     with pytest.raises(Exception):
         plan.stages = ()
+
+
+def test_weight_scale_rules_resolve_round_trip_and_reach_the_quantizers(tmp_path):
+    import torch
+    from torch import nn
+
+    with pytest.raises(PlanError, match=r"rule\.weight_scale = 'row': use 'channel' .* or 'tensor'"):
+        Rule(weight_scale="row")
+    with pytest.raises(PlanError, match="an exclude rule cannot also set bits or a weight scale"):
+        Rule(match="fc", exclude=True, weight_scale="tensor")
+    plan = Plan.static(rules=[Rule(weight_scale="tensor"), Rule(match="head", weight_scale="channel")])
+    assert plan.resolve("body", kind_matcher("linear")).weight_scale == "tensor"
+    assert plan.resolve("head", kind_matcher("linear")).weight_scale == "channel"  # the last match wins
+    assert Plan.static().resolve("body", kind_matcher("linear")).weight_scale == "channel"
+    path = tmp_path / "plan.toml"
+    plan.save(path)
+    assert 'weight_scale = "tensor"' in path.read_text() and Plan.load(path) == plan
+
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(8, 8))
+    model.add_module("head", nn.Linear(8, 2))
+    q = fracpass.transform(model, plan, example_inputs=(torch.randn(4, 8),))
+    axes = {name: qz.axis for name, qz in fracpass.quantizers(q) if name.endswith("_wq")}
+    assert axes == {"body_wq": None, "head_wq": 0}
