@@ -1,7 +1,7 @@
 """Training-step time and peak memory of FP32, bf16, torchao and fracpass (simulate / native) on issue 11's models.
 
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
-                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated]
+                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
                                      [--memory] [--profile] [--only VARIANT]
 
 Model: ``fracpass.models.TransformerClassifier`` at dim 512, 8 heads, 4 layers, MLP 2048, sequence
@@ -12,7 +12,9 @@ bf16 autocast (channels_last for ResNets: the plain mixed-precision baseline); t
 mixed-precision training (``int8_mixed_precision_training``: nn.Linear forward and backward GEMMs
 in int8; transformer only, when torchao imports); fracpass ``execution="simulate"`` and
 ``execution="native"`` at the given stages of the 3/4/6/8 ladder (gradients 6/6/8/8); with
-``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``). Every round runs
+``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``); with
+``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
+puts the input-gradient product on int8 too. Every round runs
 one step of each variant, so noise from other sessions on the machine hits all alike; the table
 gives the median step and its ratio to FP32 from the same rounds.
 
@@ -25,6 +27,7 @@ resident set (``VmHWM``) minus the resident set before the steps is the steps' o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import re
 import statistics
@@ -100,6 +103,11 @@ def build(args):
         for execution in ("simulate", "native"):
             name = f"{execution} stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g})"
             variants[name] = lambda e=execution, k=stage: step_fn(transformed(e, k), x, y)
+    if args.per_tensor:  # weight_scale="tensor": g x w on int8 too
+        pt = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale="tensor"),))
+        for stage in [int(s) for s in args.stages.split(",")]:
+            name = f"native stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g}), per-tensor weights"
+            variants[name] = lambda k=stage: step_fn(transformed("native", k, pt), x, y)
     if args.gated:
         gated = fracpass.Plan.fractrain("cifar")
         variants["native gated (FracTrain, stage 0)"] = \
@@ -138,7 +146,7 @@ def memory(args, names) -> dict:
     peaks = {}
     base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
-        + (["--gated"] if args.gated else [])
+        + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else [])
     for name in names:
         done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True)
         line = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MB")]
@@ -158,6 +166,8 @@ def main() -> None:
     parser.add_argument("--stages", default="0,3", help="ladder stages to run native/simulate at (0..3)")
     parser.add_argument("--conv", action="store_true", help="also lower conv2d (opt-in native path)")
     parser.add_argument("--gated", action="store_true", help="add fracpass native with FracTrain's gates")
+    parser.add_argument("--per-tensor", action="store_true",
+                        help="add fracpass native with per-tensor weight scales (all three products on int8)")
     parser.add_argument("--memory", action="store_true", help="add each variant's peak memory (one process each)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", help=argparse.SUPPRESS)

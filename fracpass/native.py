@@ -17,8 +17,9 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   shifted into int8 and the shift is corrected with row and column sums. Gradients are rounded by
   the simulation's own stochastic quantizer (same noise for the same seed) and read back as codes.
   The weight gradient (g x a) is always int8; the input gradient (g x w) is int8 only when the
-  weight's scale is per tensor: a per-channel weight scale lies on that product's contracted axis,
-  so it cannot be applied to the output, and that product runs in float32 on the decoded codes.
+  weight's scale is per tensor (a plan rule with ``weight_scale="tensor"``): a per-channel weight
+  scale lies on that product's contracted axis, so it cannot be applied to the output, and that
+  product runs in float32 on the decoded codes.
   Operands are saved for backward as int8 codes.
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
   bits above 8, gated (per-sample) quantizers, batched products, non-float32 or non-CPU tensors,
