@@ -4,7 +4,7 @@
                                      [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
                                      [--memory] [--profile] [--only VARIANT]
 
-Model: ``fracpass.models.TransformerClassifier`` at dim 512, 8 heads, 4 layers, MLP 2048, sequence
+Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
 128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
 CIFAR ResNet (``--model resnet74 --batch 128``; ``--conv`` opts its convs into the int8 forward,
 which is off by default); forward + backward + SGD. Variants: FP32; FP32 channels_last (ResNets);
@@ -44,7 +44,6 @@ import fracpass  # noqa: E402
 import fracpass.models  # noqa: E402
 import fracpass.native  # noqa: E402
 from benchmarks.native_kernels import cpu_flags  # noqa: E402
-from fracpass.models import TransformerClassifier  # noqa: E402
 
 
 
@@ -68,8 +67,7 @@ def build(args):
     """(variants: name -> zero-argument builder of a step function, native model builder, plan)."""
     torch.manual_seed(0)
     if args.model == "transformer":
-        make = lambda: TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=args.seq,
-                                             dropout=0.0).train()
+        make = lambda: fracpass.models.transformer_d512().train()
         x = torch.randint(0, 1000, (args.batch, args.seq))
     else:
         make = lambda: getattr(fracpass.models, args.model)().train()
@@ -172,6 +170,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model == "transformer" and not 1 <= args.seq <= 128:
+        parser.error(f"--seq {args.seq}: transformer_d512 takes sequences of 1 to 128 tokens")
     torch.set_num_threads(args.threads)
     if args.only:
         return only(args)
