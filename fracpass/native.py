@@ -22,7 +22,8 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   product runs in float32 on the decoded codes.
   Operands are saved for backward as int8 codes.
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
-  bits above 8, gated (per-sample) quantizers, batched products, non-float32 or non-CPU tensors,
+  bits above 8, gated (per-sample) quantizers, batched products, products too small for int8 to pay
+  (``MIN_INTENSITY``), non-float32 or non-CPU tensors,
   shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
@@ -66,6 +67,11 @@ NATIVE = "fracpass.native"  # node.meta key: NativeInfo on every compute op of a
 MAX_INT8_BITS = 8
 # |code + offset| <= 255, so a K-long int32 dot product is exact up to K = (2^31 - 1) / 255^2
 MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
+# An (M, K) x (K, N) product takes the int8 path only with at least this many multiply-adds per element of
+# its operands and output, MKN / (MK + KN + MN). Measured with benchmarks/native_crossover.py on this
+# project's CPU (Zen 5, 1 thread, linear forward + backward at 8/8/8): int8 was slower than the simulation
+# up to ~85 (e.g. 256x256x256: 1.08x) and faster from ~120 (2048x256x256: 0.84x; 2048x1024x1024: 0.53x).
+MIN_INTENSITY = 100.0
 
 
 @dataclass(frozen=True)
@@ -364,7 +370,8 @@ def _linear_reason(x: Tensor, weight: Tensor, aq, wq) -> Optional[str]:
         return "the input's scale is not per tensor or the weight's is not per output channel"
     if weight.dim() != 2 or x.dim() < 1:
         return f"a {weight.dim()}-D weight or {x.dim()}-D input"
-    return _size_reason(x.shape[-1]) or _tensor_reason(x, weight)
+    k = x.shape[-1]
+    return _size_reason(k) or _tensor_reason(x, weight) or _intensity_reason(x.numel() // max(k, 1), k, weight.shape[0])
 
 
 def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
@@ -373,11 +380,24 @@ def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
                 "not implemented here")
     if (a.dim() != 2 and isinstance(qa, WeightQuant)) or not _free_axis(qa, 0) or not _free_axis(qb, 1):
         return "a weight operand's channel axis is the contracted one"
-    return _size_reason(a.shape[-1]) or _tensor_reason(a, b)
+    k = a.shape[-1]
+    return _size_reason(k) or _tensor_reason(a, b) or _intensity_reason(a.numel() // max(k, 1), k, b.shape[1])
 
 
 def _size_reason(k: int) -> Optional[str]:
     return None if k <= MAX_CONTRACTION else f"a contraction of {k} > {MAX_CONTRACTION} overflows int32 accumulation"
+
+
+def _intensity_reason(m: int, k: int, n: int) -> Optional[str]:
+    """Too small a product for int8 to pay: the int8 path's passes over the operands and the output
+    (codes, sums, the epilogue) cost per element, the GEMM time it saves per multiply-add."""
+    elements = m * k + k * n + m * n
+    intensity = m * k * n / elements if elements else 0.0
+    if intensity >= MIN_INTENSITY:
+        return None
+    return (f"a small product ({m}x{k}x{n}: {intensity:.0f} multiply-adds per operand or output element, under "
+            f"fracpass.native.MIN_INTENSITY = {MIN_INTENSITY:g}): encoding and rescaling would cost more than the "
+            "int8 GEMM saves")
 
 
 def _remember(q, why: Optional[str]) -> None:

@@ -22,6 +22,13 @@ from fracpass.errors import FracpassError
 TOL = 1e-5  # of the simulated tensor's range
 
 
+@pytest.fixture(autouse=True)
+def every_size_native(monkeypatch):
+    """These tests use small operands, which the int8 path normally leaves to the simulation as not worth
+    it (MIN_INTENSITY); they check its arithmetic, so it runs at every size here."""
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
+
+
 class Lin(nn.Module):
     def __init__(self, k=48, n=40):
         super().__init__()
@@ -411,3 +418,18 @@ def test_digits_pfq_trains_as_accurately_native_as_simulated():
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     assert abs(mean["native"] - mean["simulate"]) <= 0.005, acc
     assert min(mean.values()) >= 0.9, acc  # both learned (chance is 0.1)
+
+
+def test_products_too_small_for_int8_to_pay_stay_simulated_and_say_why(monkeypatch):
+    monkeypatch.setattr(native, "MIN_INTENSITY", 100.0)  # the default
+    torch.manual_seed(0)
+    small = (torch.randn(32, 48),)  # 32x48x40: 13 multiply-adds per element
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), small)
+    _assert_simulated_exactly(sim, nat, small, monkeypatch)
+    path, why = native.op_paths(nat)["fc"]
+    assert path == "simulated" and "at the last call: a small product (32x48x40: 13 multiply-adds per operand or output element" in why
+    big = (torch.randn(512, 512),)  # 512x512x512: 171 per element
+    _, nat = _pair(Lin(512, 512), fracpass.Plan.static(8, 8, 8), big)
+    calls = _count_int_mm(monkeypatch)
+    _run(nat, big)
+    assert len(calls) == 2 and native.op_paths(nat)["fc"][0] == "int8"
