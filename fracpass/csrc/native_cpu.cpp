@@ -65,6 +65,19 @@ torch::Tensor by_row_chunks(int64_t rows, int64_t cols, F body) {
   return partial.sum(0, false, torch::kInt);
 }
 
+// Adds a row of codes to the column sums and returns its sum: a separate pass over the codes just
+// written (in L1), as fusing the sums into the loop that computes the codes kept it from vectorizing
+// (measured 18x slower on a 2048 x 512 encode).
+inline int32_t add_row(const int8_t* __restrict t, int64_t C, int32_t* __restrict col) {
+  int32_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t v = t[c];
+    sum += v;
+    col[c] += v;
+  }
+  return sum;
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> encode(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
@@ -82,19 +95,16 @@ std::vector<torch::Tensor> encode(const torch::Tensor& x, const torch::Tensor& s
   auto cols = by_row_chunks(R, C, [&](int64_t r0, int64_t r1, int32_t* col) {
     for (int64_t r = r0; r < r1; ++r) {
       const float s = ps[r * ds], l = pl[r * dl], h = ph[r * dh], sh = psh[r * dsh];
-      const float* in = src + r * C;
-      int8_t* out = dst + r * C;
-      int32_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) {
+      const float* __restrict in = src + r * C;
+      int8_t* __restrict out = dst + r * C;
+      const int64_t n = C;  // a local count: through the lambda's reference, int8 stores (char) may alias it
+      for (int64_t c = 0; c < n; ++c) {  // the codes alone: this loop vectorizes
         float q = std::nearbyint(in[c] / s);
         q = q < l ? l : q;
         q = q > h ? h : q;
-        const int32_t v = static_cast<int32_t>(q - sh);
-        out[c] = static_cast<int8_t>(v);
-        sum += v;
-        col[c] += v;
+        out[c] = static_cast<int8_t>(static_cast<int32_t>(q - sh));
       }
-      prow[r] = sum;
+      prow[r] = add_row(out, C, col);
     }
   });
   return {t, rows, cols};
@@ -118,26 +128,28 @@ std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tenso
   const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
   auto cols = by_row_chunks(R, C, [&](int64_t r0, int64_t r1, int32_t* col) {
     for (int64_t r = r0; r < r1; ++r) {
-      int32_t sum = 0;
       int64_t c = 0;
       while (c < C) {  // spans that stay inside one dither chunk
         const int64_t i = r * C + c, chunk = i / kChunk;
         const int64_t stop = std::min(C, (chunk + 1) * kChunk - r * C);
         const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
-        for (int64_t j = c; j < stop; ++j) {
-          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - c));
-          const float u = static_cast<float>(hsh >> 8) * unit + half;
-          float q = std::floor((src[r * C + j] - mn) / s + u);
-          q = q > lv ? lv : q;
-          out[r * C + j] = q * s + mn;
-          const int32_t v = static_cast<int32_t>(q - half_levels);
-          codes[r * C + j] = static_cast<int8_t>(v);
-          sum += v;
-          col[j] += v;
+        const float* __restrict in = src + r * C;
+        float* __restrict o = out + r * C;
+        int8_t* __restrict q8 = codes + r * C;
+        // locals, not the lambda's references: int8 stores (char) may alias those, which kept the loop scalar
+        const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = half_levels;
+        const int64_t j0 = c, j1 = stop;
+        for (int64_t j = j0; j < j1; ++j) {  // values and codes alone: this loop vectorizes
+          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+          float q = std::floor((in[j] - k_mn) / k_s + u);
+          q = q > k_lv ? k_lv : q;
+          o[j] = q * k_s + k_mn;
+          q8[j] = static_cast<int8_t>(static_cast<int32_t>(q - k_hl));
         }
         c = stop;
       }
-      prow[r] = sum;
+      prow[r] = add_row(codes + r * C, C, col);
     }
   });
   return {ghat, t, rows, cols};
