@@ -69,9 +69,9 @@ MAX_INT8_BITS = 8
 MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
 # An (M, K) x (K, N) product takes the int8 path only with at least this many multiply-adds per element of
 # its operands and output, MKN / (MK + KN + MN). Measured with benchmarks/native_crossover.py on this
-# project's CPU (Zen 5, 1 thread, linear forward + backward at 8/8/8): int8 was slower than the simulation
-# up to ~85 (e.g. 256x256x256: 1.08x) and faster from ~120 (2048x256x256: 0.84x; 2048x1024x1024: 0.53x).
-MIN_INTENSITY = 100.0
+# project's CPU (Zen 5, 1 thread, linear forward + backward at 8/8/8): int8 took 1.07-1.58x the
+# simulation's time up to 32 (2048x64x64: 1.07x) and 0.47-0.79x from 85 on (256x256x256: 0.79x).
+MIN_INTENSITY = 50.0
 
 
 @dataclass(frozen=True)
