@@ -15,7 +15,8 @@ in int8; transformer only, when torchao imports); fracpass ``execution="simulate
 ``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``); with
 ``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
 puts the input-gradient product on int8 too. Every round runs
-one step of each variant, so noise from other sessions on the machine hits all alike; the table
+one step of each variant, so noise from other sessions on the machine hits all alike (ResNets: fracpass
+also with the model and batch in channels_last); the table
 gives the median step and its ratio to FP32 from the same rounds.
 
 ``--memory`` adds each variant's peak memory: every variant is built in a fresh process, which
@@ -101,6 +102,9 @@ def build(args):
         for execution in ("simulate", "native"):
             name = f"{execution} stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g})"
             variants[name] = lambda e=execution, k=stage: step_fn(transformed(e, k), x, y)
+            if conv_model:  # the quantizers keep a channels_last model channels_last
+                variants[name + " channels_last"] = \
+                    lambda e=execution, k=stage: step_fn(transformed(e, k), x, y, channels_last=True)
     if args.per_tensor:  # weight_scale="tensor": g x w on int8 too
         pt = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale="tensor"),))
         for stage in [int(s) for s in args.stages.split(",")]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fracpass.errors import FracpassError, PlanError
-from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, _fused_kernels, _RangeTracker, _torch_seed,
+from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, _fused_kernels, _RangeTracker, _rows_outer_dense, _torch_seed,
                             plan_state_mismatch)
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
@@ -47,7 +47,7 @@ def _levels(bits: Tensor) -> Tensor:
 def fake_quantize_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
     """Fake-quantize each row of ``x`` (dim 0) over its own range [mn_r, mx_r] to levels_r + 1 values."""
     ext = _fused_kernels(x, mn, mx, levels)
-    if ext is not None and x.is_contiguous() and x.dim() > 0:
+    if ext is not None and _rows_outer_dense(x) and x.dim() > 0:
         return ext.fake_quant_rows(x, mn.contiguous(), mx.contiguous(), levels.contiguous())
     shape = (-1,) + (1,) * (x.dim() - 1)
     lv = levels.view(shape).to(x.dtype)
@@ -66,7 +66,8 @@ def quantize_grad_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Ten
     """Stochastic rounding of each row of ``g`` over its own range to levels_r + 1 values."""
     ext = _fused_kernels(g, mn, mx, levels)
     if ext is not None and g.dim() > 0:
-        return ext.grad_sr_rows(g.contiguous(), mn.contiguous(), mx.contiguous(), levels.contiguous(), _torch_seed())
+        g = g if _rows_outer_dense(g) else g.contiguous()
+        return ext.grad_sr_rows(g, mn.contiguous(), mx.contiguous(), levels.contiguous(), _torch_seed())
     shape = (-1,) + (1,) * (g.dim() - 1)
     lv = levels.view(shape).to(g.dtype)
     active = lv > 0
@@ -82,7 +83,9 @@ def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: T
     """(rows, K): sum over each row of g * fake_quantize(x) at option k's levels and the row's range."""
     ext = _fused_kernels(x, g, mn, mx, option_levels)
     if ext is not None and x.dim() > 0 and option_levels.numel() <= 16:
-        return ext.option_scores(x.contiguous(), g.contiguous(), mn.contiguous(), mx.contiguous(), option_levels)
+        if not (_rows_outer_dense(x) and x.stride() == g.stride()):  # the kernel pairs x and g by memory index
+            x, g = x.contiguous(), g.contiguous()
+        return ext.option_scores(x, g, mn.contiguous(), mx.contiguous(), option_levels)
     rows = x.shape[0]
     cols = []
     for lv in option_levels.tolist():

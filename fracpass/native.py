@@ -502,7 +502,8 @@ class _Int8Conv2d(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         u, s, zp, tw, kw, sw = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, gbits = ctx.conv
-        ghat = quantize_grad_stochastic(grad.contiguous(), gbits) if gbits < FULL_PRECISION else grad
+        # the incoming layout, as the simulation's gradient quantizer sees it (same dither, keyed by memory index)
+        ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
         ext = _ext()
         if ext is not None and (u.is_contiguous() or u.is_contiguous(memory_format=torch.channels_last)):
             x_hat = ext.decode_u8(u, zp, s)

@@ -275,3 +275,30 @@ def test_grad_quant_non_contiguous_and_half_precision():
     assert out.shape == g.shape and out.unique().numel() <= 16
     h = torch.randn(100, dtype=torch.bfloat16)  # not float32: torch-op path
     assert quantize_grad_stochastic(h, 4).dtype == torch.bfloat16
+
+
+def test_channels_last_tensors_stay_channels_last_through_the_quantizers():
+    """A channels_last model keeps its layout: the fused kernels run over memory order and write with
+    the input's strides (a copy to contiguous and back cost ~1 ms per 4 MB tensor per quantizer)."""
+    from fracpass import quant
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    cl = lambda t: t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    # fake quantization is elementwise: the same values whatever the layout
+    mn, mx = x.min(), x.max()
+    out = fake_quantize(x, mn, mx, 4)
+    assert cl(out) and torch.equal(out, fake_quantize(x.contiguous(), mn, mx, 4))
+    aq = ActQuant([4]).train()
+    assert cl(aq(x)) and torch.equal(aq(x), fake_quantize(x.contiguous(), mn, mx, 4))
+    # the min and max are read in memory order, without a copy, and equal aten's
+    assert all(torch.equal(a, b) for a, b in zip(quant._aminmax(x), torch.aminmax(x.contiguous())))
+    # stochastic rounding: the dither is keyed by memory index, so a channels_last gradient is rounded
+    # exactly as its memory read flat would be, and stays channels_last
+    torch.manual_seed(3)
+    g = quantize_grad_stochastic(x, 6)
+    torch.manual_seed(3)
+    flat = quantize_grad_stochastic(x.permute(0, 2, 3, 1).reshape(-1), 6)  # the same memory, contiguous
+    assert cl(g) and torch.equal(g.permute(0, 2, 3, 1).reshape(-1), flat)
+    x5 = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    assert quant._rows_outer_dense(x5) and not quant._rows_outer_dense(torch.randn(3, 4).t())

@@ -54,9 +54,17 @@ inline void fq_span(const float* src, float* dst, int64_t i, int64_t stop, const
   }
 }
 
+// Dense, with dim 0 outermost in memory (contiguous, or channels_last, ...): the kernels run over memory
+// order, each row of dim 0 one block, and write outputs with the input's strides (empty_like), so a
+// channels_last tensor stays channels_last. The dither is keyed by the memory index.
+bool rows_outer_dense(const torch::Tensor& t) {
+  return t.is_non_overlapping_and_dense() &&
+         (t.dim() == 0 || t.size(0) <= 1 || t.stride(0) == t.numel() / t.size(0));
+}
+
 void check(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
-              what, ": the fused kernel takes contiguous float32 CPU tensors");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && rows_outer_dense(t),
+              what, ": the fused kernel takes dense float32 CPU tensors with dim 0 outermost in memory");
 }
 
 }  // namespace
@@ -212,7 +220,7 @@ torch::Tensor option_scores(const torch::Tensor& x, const torch::Tensor& g, cons
                             const torch::Tensor& mx, const torch::Tensor& levels) {
   check(x, "option_scores(x)");
   check(g, "option_scores(g)");
-  TORCH_CHECK(x.sizes() == g.sizes(), "option_scores: x and g differ in shape");
+  TORCH_CHECK(x.sizes() == g.sizes() && x.strides() == g.strides(), "option_scores: x and g differ in shape or layout");
   check_rows(x, mn, "option_scores(mn)");
   check_rows(x, mx, "option_scores(mx)");
   TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == torch::kFloat && levels.dim() == 1 &&
