@@ -332,7 +332,8 @@ def decide(qa, qb, gq) -> Tuple[str, str]:
     if not 2 <= gbits <= MAX_INT8_BITS:
         return "int8", f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
     if any(_fp32_backward(qa, qb, gbits)):
-        return "int8", "g x w in fp32 (the weight's per-channel scale lies on its contracted axis)"
+        return "int8", ("g x w in fp32 (the weight's per-channel scale lies on its contracted axis; a plan rule "
+                        "with weight_scale='tensor' puts it on int8 too)")
     return "int8", ""
 
 

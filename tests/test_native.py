@@ -433,3 +433,14 @@ def test_products_too_small_for_int8_to_pay_stay_simulated_and_say_why(monkeypat
     calls = _count_int_mm(monkeypatch)
     _run(nat, big)
     assert len(calls) == 2 and native.op_paths(nat)["fc"][0] == "int8"
+
+
+def test_per_channel_weights_say_how_to_put_g_x_w_on_int8():
+    torch.manual_seed(0)
+    inputs = (torch.randn(16, 48),)
+    _, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
+    _run(nat, inputs)
+    path, note = native.op_paths(nat)["fc"]
+    assert path == "int8" and "g x w in fp32" in note and "weight_scale='tensor'" in note
+    assert native.product_paths(nat)["fc"] == ("int8", "fp32", "int8")
+    assert "weight_scale='tensor'" in fracpass.summary(nat)
