@@ -213,14 +213,9 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
     if op_cost.mix:  # gated: simulated, every product in float32
         return sum(lat(p) for p in fp32), bits_total, lat(fp32[0]), bits_fwd
     # runs_on: forward, then one entry per operand; the products list only operands with a gradient
-    per_product = [runs_on[0]] + [runs_on[1 + i] if 1 + i < len(runs_on) else "fp32"
-                                  for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
+    per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
     run = [b if how == "int8" else f for b, f, how in zip(at_bits, fp32, per_product)]
     return sum(lat(p) for p in run), bits_total, lat(run[0]), bits_fwd
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
 
 
 # -- entry point -----------------------------------------------------------------------------------
@@ -234,7 +229,8 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
     cores (default: ``torch.get_num_threads()``); ``stages``: default every stage of the plan;
     ``loss_fn``: output -> scalar (default: the sum of the output's floating tensors).
     """
-    from fracpass.api import _examples, _state, cost, set_stage
+    from fracpass.api import _examples, _stage_text, _state, cost, set_stage
+    from fracpass.costing import _flat_inputs
     from fracpass.native import op_paths, product_paths
     from fracpass.targets import load_target
 
@@ -270,7 +266,7 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 report = cost(work, args, kwargs, stage=stage)
                 ops = [o.op for o in report.ops]
                 member = _groups(work, ops)
-                runs = product_paths(work) if state.execution == "native" else {}
+                runs = product_paths(work)
                 paths = op_paths(work)
 
                 def plain():
@@ -288,7 +284,9 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 bwd: Dict[str, List[float]] = defaultdict(list)
                 for _ in range(repeats):
                     timed = _Timed(work, member)
-                    out = _run(timed, work, args, kwargs)
+                    # Interpreter.run takes the graph's flat inputs (keywords and defaults placed as cost does)
+                    flat = timed.run(*_flat_inputs(work, args, kwargs), enable_io_processing=False)
+                    out = work.graph._codegen.process_outputs(flat)
                     loss_fn(out).backward()
                     work.zero_grad(set_to_none=True)
                     for op in ops:
@@ -299,39 +297,16 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 timings = []
                 for o in report.ops:
                     path = paths.get(o.op, ("fp32", ""))[0] if o.excluded == "" else "fp32"
-                    fp32 = ("fp32",) * (1 + len(o.backward_macs))  # the forward, then one per operand
-                    runs_on = runs.get(o.op, fp32) if path == "int8" else fp32
+                    runs_on = runs.get(o.op, ("fp32",) * (1 + len(o.backward_macs)))  # forward, then per operand
                     as_run, at_bits, as_run_f, at_bits_f = _predict(o, stage, runs_on, scaled)
-                    timings.append(OpTiming(o.op, o.kind, path, runs_on, _median(fwd[o.op]),
-                                            _median(bwd[o.op]) if bwd[o.op] else None, as_run, at_bits, as_run_f,
+                    timings.append(OpTiming(o.op, o.kind, path, runs_on, statistics.median(fwd[o.op]),
+                                            statistics.median(bwd[o.op]) if bwd[o.op] else None, as_run, at_bits, as_run_f,
                                             at_bits_f))
-                results.append(StageBench(stage, _bits(state.plan, stage), _median(steps), (min(steps), max(steps)),
+                results.append(StageBench(stage, _stage_text(state.plan, stage), statistics.median(steps), (min(steps), max(steps)),
                                           tuple(timings)))
                 if progress is not None:
-                    progress(f"stage {stage}: step {_ms(_median(steps))} ms")
+                    progress(f"stage {stage}: step {_ms(statistics.median(steps))} ms")
     finally:
         torch.set_num_threads(prior_threads)
     return BenchReport(scaled.name, used, state.execution, batch, repeats, tuple(results))
 
-
-def _run(timed: _Timed, gm: torch.fx.GraphModule, args, kwargs) -> Any:
-    """Interpreter.run takes positional values in placeholder order: keyword inputs go in by name."""
-    if not kwargs:
-        return timed.run(*args)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values, it = [], iter(args)
-    missing = object()
-    for p in placeholders:
-        value = kwargs[p.target] if p.target in kwargs else next(it, missing)
-        if value is missing:
-            if not p.args:  # no default: forward itself would have refused these inputs
-                raise FracpassError(f"bench: no value for the model's input {p.target!r}")
-            value = p.args[0]
-        values.append(value)
-    return timed.run(*values)
-
-
-def _bits(plan, stage: int) -> str:
-    from fracpass.api import _stage_text
-
-    return _stage_text(plan, stage)

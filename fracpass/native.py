@@ -700,7 +700,8 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
         if node.name not in paths:
             continue
         if paths[node.name][0] != "int8":
-            out[node.name] = ("fp32",) * 3
+            info = meta.op_info(node)
+            out[node.name] = ("fp32",) * (1 + len(info.act_args) + len(info.weight_args))
         elif node.target is native_conv2d:  # oneDNN's int8 convolution: forward only
             out[node.name] = ("int8", "fp32", "fp32")
         else:

@@ -360,7 +360,7 @@ class WeightQuant(Quantizer):
     def qrange(self, w: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-channel (or per-tensor) min and max, shaped to broadcast against ``w``."""
         if self.axis is None or w.dim() == 0:
-            return torch.aminmax(w.detach())
+            return _aminmax(w.detach())
         axis = self.axis % w.dim()
         per_channel = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)
         mn, mx = torch.aminmax(per_channel, dim=1)

@@ -142,6 +142,25 @@ def test_gated_models_and_keyword_inputs_bench():
     assert all(o.forward_s > 0 for o in ops.values())
 
 
+def test_a_model_captured_with_torch_export_benches():
+    """A buffer updated in forward sends capture down the torch.export path, whose graph takes its
+    inputs flattened; the per-op run feeds them as the cost pass does."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x, scale=1.0):
+            self.calls += 1
+            return self.fc(x) * scale
+
+    q = fracpass.transform(Counting(), fracpass.Plan.static(), example_kwargs={"x": torch.randn(4, 8)})
+    assert "captured with export" in fracpass.summary(q)
+    (op,) = bench(q, repeats=1, warmup=0).stages[0].ops
+    assert op.forward_s > 0 and op.backward_s is not None
+
+
 def test_attention_products_of_three_operands_are_costed_and_timed():
     from fracpass.models import TransformerClassifier
 
