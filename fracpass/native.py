@@ -701,7 +701,8 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
             continue
         if paths[node.name][0] != "int8":
             info = meta.op_info(node)
-            out[node.name] = ("fp32",) * (1 + len(info.act_args) + len(info.weight_args))
+            # an unlowered module call (an excluded stem) has its weight as the module's parameter
+            out[node.name] = ("fp32",) * (1 + len(info.act_args) + len(info.weight_args) + info.module_weight)
         elif node.target is native_conv2d:  # oneDNN's int8 convolution: forward only
             out[node.name] = ("int8", "fp32", "fp32")
         else:

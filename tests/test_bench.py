@@ -86,6 +86,24 @@ def test_native_ops_are_predicted_at_the_precision_each_product_runs_on(monkeypa
     assert "int8/fp32/int8" in str(report)
 
 
+def test_an_excluded_module_call_is_predicted_in_fp32_with_its_weight_gradient():
+    # found by the README's `fracpass bench` on ResNet-20: an excluded stem stays a call_module, whose
+    # weight is the module's parameter, not a graph operand; its products once came one entry short
+    ladder = fracpass.Plan.progressive()
+    plan = fracpass.Plan(ladder.stages, ladder.rules + (fracpass.Rule(match="heavy", exclude=True, reason="stem"),))
+    q, x = _model("native", plan)
+    runs = native.product_paths(q)
+    cost = {o.op: o for o in fracpass.cost(q, stage=3).ops}
+    assert cost["heavy"].excluded and cost["heavy"].roles == ("act", "weight")
+    assert runs["heavy"] == ("fp32", "fp32", "fp32")
+    st = bench(q, target="epyc9655", stages=[-1], repeats=1, warmup=0, threads=1).stages[0]
+    heavy = next(o for o in st.ops if o.op == "heavy")
+    scaled = load_target("epyc9655").per_cores(1)
+    products = cost["heavy"].products(None)  # excluded: every product at 32 bits
+    assert heavy.path == "fp32" and heavy.runs_on == ("fp32",) * 3
+    assert heavy.as_run_s == pytest.approx(sum(scaled.latency_s(p[1], p[4], p[2], p[3]) for p in products))
+
+
 def test_each_op_gets_its_own_time_forward_and_backward():
     q, x = _model()
     st = bench(q, target="epyc9655", stages=[-1], repeats=3, warmup=1).stages[0]
