@@ -6,15 +6,15 @@
 
 Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
 128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
-CIFAR ResNet (``--model resnet74 --batch 128``; ``--conv`` opts its convs into the int8 forward,
-which is off by default); forward + backward + SGD. Variants: FP32; FP32 channels_last (ResNets);
+CIFAR ResNet (``--model resnet74 --batch 128``; native runs its convs on bfloat16 codes, ``--conv``
+puts conv2d's forward on oneDNN's int8 convolution instead, opt-in); forward + backward + SGD. Variants: FP32; FP32 channels_last (ResNets);
 bf16 autocast (channels_last for ResNets: the plain mixed-precision baseline); torchao's INT8
 mixed-precision training (``int8_mixed_precision_training``: nn.Linear forward and backward GEMMs
 in int8; transformer only, when torchao imports); fracpass ``execution="simulate"`` and
 ``execution="native"`` at the given stages of the 3/4/6/8 ladder (gradients 6/6/8/8); with
 ``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``); with
 ``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
-puts the input-gradient product on int8 too. Every round runs
+puts the input-gradient product on int8 (linear) or bf16 (conv) too. Every round runs
 one step of each variant, so noise from other sessions on the machine hits all alike (ResNets: fracpass
 also with the model and batch in channels_last); the table
 gives the median step and its ratio to FP32 from the same rounds.
@@ -110,6 +110,9 @@ def build(args):
         for stage in [int(s) for s in args.stages.split(",")]:
             name = f"native stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g}), per-tensor weights"
             variants[name] = lambda k=stage: step_fn(transformed("native", k, pt), x, y)
+            if conv_model:
+                variants[name + " channels_last"] = \
+                    lambda k=stage: step_fn(transformed("native", k, pt), x, y, channels_last=True)
     if args.gated:
         gated = fracpass.Plan.fractrain("cifar")
         variants["native gated (FracTrain, stage 0)"] = \
@@ -166,7 +169,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--stages", default="0,3", help="ladder stages to run native/simulate at (0..3)")
-    parser.add_argument("--conv", action="store_true", help="also lower conv2d (opt-in native path)")
+    parser.add_argument("--conv", action="store_true", help="conv2d's forward on int8 instead of bf16 (opt-in)")
     parser.add_argument("--gated", action="store_true", help="add fracpass native with FracTrain's gates")
     parser.add_argument("--per-tensor", action="store_true",
                         help="add fracpass native with per-tensor weight scales (all three products on int8)")

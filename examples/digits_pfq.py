@@ -1,13 +1,14 @@
 """FracTrain's PFQ on real images: scikit-learn's 8x8 handwritten digits (shipped with the package).
 
-    python examples/digits_pfq.py [--epochs 12] [--target bitfusion] [--seed 0] [--execution native [--native-convs]]
+    python examples/digits_pfq.py [--epochs 12] [--target bitfusion] [--seed 0] [--execution native [--int8-convs]]
 
 A small CNN is transformed with the 3/4/6/8-bit ladder (gradients 6/6/8/8), trained with SGD while
 ``fracpass.Scheduler`` advances the stage on a training-loss plateau, then evaluated on a held-out
 split. It prints the stage switches, the test accuracy, and the run's BitOPs and latency on the
 target against training the whole run at the last (static 8-bit) stage. ``--execution native`` runs
-the quantized linear layer's products on int8 codes (``fracpass.native``); ``--native-convs`` also
-lowers the quantized convolutions (their int8 forward, opt-in).
+the quantized linear layer's products on int8 codes and the quantized convolutions on bfloat16 codes
+(``fracpass.native``); ``--int8-convs`` puts the convolutions' forward on oneDNN's int8 convolution
+instead (opt-in).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def load(seed: int = 0):
 
 
 def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed: int = 0, log=print,
-        execution: str = "simulate", native_convs: bool = False):
+        execution: str = "simulate", int8_convs: bool = False):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
@@ -66,12 +67,12 @@ def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed:
         switch=fracpass.LossPlateau(threshold=0.1, decay=0.5, window=3, eval_every=steps_per_epoch // 3,
                                     scale_windows=3))
     qmodel = fracpass.transform(DigitsCNN(), plan, example_inputs=(x_train[:2],), execution=execution)
-    if native_convs:
+    if int8_convs:
         if execution != "native":
-            raise ValueError("native_convs=True needs execution='native'")
+            raise ValueError("int8_convs=True needs execution='native'")
         from fracpass.native import NATIVE_KINDS, LowerNativePass
 
-        LowerNativePass(NATIVE_KINDS)(qmodel)  # the training graph's convs too (opt-in)
+        LowerNativePass(NATIVE_KINDS)(qmodel)  # conv2d's forward on int8 instead of bf16 (opt-in)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     steps_in_stage = [0] * plan.num_stages
@@ -105,11 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="bitfusion")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--execution", choices=("simulate", "native"), default="simulate")
-    parser.add_argument("--native-convs", action="store_true", help="with --execution native: lower the convs too")
+    parser.add_argument("--int8-convs", action="store_true",
+                        help="with --execution native: the convolutions' forward on int8 instead of bf16")
     args = parser.parse_args(argv)
-    if args.native_convs and args.execution != "native":
-        parser.error("--native-convs needs --execution native")
-    run(args.epochs, target=args.target, seed=args.seed, execution=args.execution, native_convs=args.native_convs)
+    if args.int8_convs and args.execution != "native":
+        parser.error("--int8-convs needs --execution native")
+    run(args.epochs, target=args.target, seed=args.seed, execution=args.execution, int8_convs=args.int8_convs)
     return 0
 
 

@@ -477,9 +477,9 @@ def summary(qmodel: nn.Module) -> str:
     n_q = sum(1 for _ in quantizers(qmodel))
     lines.append(f"{len(rows) - 1} compute ops: {counts['quantized']} quantized, {counts['excluded']} excluded; "
                  f"{n_q} quantizer modules")
-    if native:  # execution="native": what runs in int8 at this stage, and why the rest does not
+    if native:  # execution="native": what runs natively at this stage, and why the rest does not
         lines += [f"  path of {name}: {path}{': ' + why if why else ''}" for name, (path, why) in paths.items()
-                  if path != "int8" or why]
+                  if path == "simulated" or why]
     hub = _hub(qmodel)
     if hub is not None:
         gates = state.plan.gates

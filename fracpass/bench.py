@@ -10,8 +10,8 @@ profile predicts, scaled to the cores the run used::
 * **at bits**: the cost model's roofline, max(MACs / rate, bytes / bandwidth) per product, at the
   op's bits (``CostReport.latency_s``): what the profile says training at these bits costs.
 * **as run**: the same roofline at the precision each product actually runs on here: int8 where
-  native execution runs it on int8 codes, fp32 otherwise (a simulated op computes in float32 on
-  quantized values). ``measured / as run`` is how far the kernels and the quantizers' own work are
+  native execution runs it on int8 codes, bf16 where on bfloat16 codes (16-bit operands), fp32
+  otherwise (a simulated op computes in float32 on quantized values). ``measured / as run`` is how far the kernels and the quantizers' own work are
   from the profile's peak; ``as run / at bits`` is what is not native yet.
 
 An op's time is its group's: the compute node and the quantizers the passes inserted for it (a
@@ -52,8 +52,8 @@ _ROLES = ("act", "weight", "grad")
 class OpTiming:
     op: str
     kind: str
-    path: str  # "int8", "simulated" (from fracpass.native.op_paths) or "fp32" (excluded op)
-    runs_on: Tuple[str, ...]  # per product, as the cost report lists them: "int8" or "fp32"
+    path: str  # "int8", "bf16", "simulated" (from fracpass.native.op_paths) or "fp32" (excluded op)
+    runs_on: Tuple[str, ...]  # per product, as the cost report lists them: "int8", "bf16" or "fp32"
     forward_s: float
     backward_s: Optional[float]  # None: no input of the op needs a gradient
     as_run_s: float  # predicted, forward + backward
@@ -109,7 +109,7 @@ class BenchReport:
                          f"(instrumented), predicted {_ms(st.as_run_s)} ms as run, {_ms(st.at_bits_s)} ms at bits")
             rows = [("op", "kind", "path", "fwd ms", "bwd ms", "as run ms", "at bits ms", "measured / as run")]
             for o in st.ops:
-                rows.append((o.op, o.kind, "/".join(o.runs_on) if o.path == "int8" else o.path, _ms(o.forward_s),
+                rows.append((o.op, o.kind, "/".join(o.runs_on) if o.path in ("int8", "bf16") else o.path, _ms(o.forward_s),
                              "-" if o.backward_s is None else _ms(o.backward_s), _ms(o.as_run_s), _ms(o.at_bits_s),
                              f"{o.measured_s / o.as_run_s:.1f}x" if o.as_run_s > 0 else "-"))
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -214,7 +214,9 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
         return sum(lat(p) for p in fp32), bits_total, lat(fp32[0]), bits_fwd
     # runs_on: forward, then one entry per operand; the products list only operands with a gradient
     per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
-    run = [b if how == "int8" else f for b, f, how in zip(at_bits, fp32, per_product)]
+    # int8: the product at its bits; bf16: 16-bit operands (half fp32's bytes); fp32: at 32 bits
+    run = [b if how == "int8" else (f[0], f[1], 16, 16, f[4] / 2) if how == "bf16" else f
+           for b, f, how in zip(at_bits, fp32, per_product)]
     return sum(lat(p) for p in run), bits_total, lat(run[0]), bits_fwd
 
 

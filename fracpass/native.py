@@ -1,4 +1,4 @@
-"""Native low-precision execution (issue 11): quantized linear and matmul products on int8 codes.
+"""Native low-precision execution (issue 11): quantized products on int8 or bfloat16 codes.
 
 The simulated graph computes ``gq(F.linear(aq(x), wq(w), b))`` in float32. With
 ``fracpass.transform(..., execution="native")`` the ``lower-native`` pass (run after the pipeline)
@@ -28,11 +28,20 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
 
-conv2d (``native_conv2d``, opt-in: ``LowerNativePass(kinds=NATIVE_KINDS)``, as it measured slower than
-simulate end to end here): the forward runs on oneDNN's int8 convolution (``qconv_pointwise``: uint8
-activation codes with their zero point, so zero padding stays the real zero; int8 weight codes, 8-bit
-weights shifted and corrected with window sums; fp32 output, exact), both backward products in
-float32 on the decoded codes. Other compute ops (conv1d/3d, transposed and SDPA, einsum, bmm) stay
+* **bf16** (convolutions: conv1d/2d/3d, grouped, depthwise, transposed; ``bf16_conv*``): the codes
+  as bfloat16 (integers of magnitude <= 255: exact), oneDNN's bfloat16 convolution accumulating in
+  float32, the scales applied to its output in float32. Each product's output is rounded to
+  bfloat16 (unit roundoff 2^-8), the one difference from the simulation. Backward runs dw = g x a
+  on bfloat16 codes always, dx = g x w too when the weight's scale is per tensor (else in float32 on
+  the decoded codes, as for linear); the gradient codes' offset adds a float32 product of window
+  sums at 1/N (dx) or 1/C_out (dw) of the size. bfloat16 codes are what is saved for backward. CPUs
+  without AVX512-BF16 or AMX-BF16 run convolutions simulated (said once in the log).
+
+conv2d's forward can run on oneDNN's int8 convolution instead (``native_conv2d``, opt-in:
+``LowerNativePass(kinds=NATIVE_KINDS)``, as its per-step weight prepack made it slower end to end
+here): uint8 activation codes with their zero point, so zero padding stays the real zero; int8
+weight codes, 8-bit weights shifted and corrected with window sums; fp32 output, exact; both
+backward products in float32 on the decoded codes. Other compute ops (SDPA, einsum, bmm) stay
 simulated; ``op_paths`` says why per op.
 """
 from __future__ import annotations
@@ -296,13 +305,14 @@ class _Int8Product(torch.autograd.Function):
 
 
 # -- path choice -----------------------------------------------------------------------------------
-def _operand_reason(q, role: str) -> Optional[str]:
+def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
     if q is None:
         return f"its {role} operand is not quantized by the plan"
     if type(q) not in (ActQuant, WeightQuant):
         return f"its {role} quantizer is {type(q).__name__} (gated, per-sample scales: no native path yet)"
     if q.bits > MAX_INT8_BITS:
-        return f"{role} at {'fp32' if q.bits >= FULL_PRECISION else q.bits} bits: int8 holds at most {MAX_INT8_BITS}"
+        holds = "int8 holds" if path == "int8" else "bfloat16 holds codes of"
+        return f"{role} at {'fp32' if q.bits >= FULL_PRECISION else q.bits} bits: {holds} at most {MAX_INT8_BITS}"
     if q.bits < 2:
         return f"{role} at {q.bits} bits"
     return None
@@ -316,25 +326,25 @@ def _grad_bits(gq) -> int:
     return gq.bits
 
 
-def decide(qa, qb, gq) -> Tuple[str, str]:
-    """(path, note) from the quantizers' current bits: path "int8" or "simulated"; the note says why
-    not native, or which backward products of an int8 op run in float32."""
+def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
+    """(path, note) from the quantizers' current bits: ``path`` ("int8", or "bf16" for convolutions) or
+    "simulated"; the note says why not native, or which backward products run in float32."""
     for q, role in ((qa, "first"), (qb, "second")):
-        why = _operand_reason(q, role)
+        why = _operand_reason(q, role, path)
         if why is not None:
             return "simulated", why
     gbits = _grad_bits(gq)
     if gbits == -1:
         return "simulated", f"its gradient quantizer is {type(gq).__name__} (gated: no native path yet)"
-    why = int8_support()
+    why = int8_support() if path == "int8" else bf16_support()
     if why is not None:
         return "simulated", why
     if not 2 <= gbits <= MAX_INT8_BITS:
-        return "int8", f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
+        return path, f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
     if any(_fp32_backward(qa, qb, gbits)):
-        return "int8", ("g x w in fp32 (the weight's per-channel scale lies on its contracted axis; a plan rule "
-                        "with weight_scale='tensor' puts it on int8 too)")
-    return "int8", ""
+        return path, ("g x w in fp32 (the weight's per-channel scale lies on its contracted axis; a plan rule "
+                      f"with weight_scale='tensor' puts it on {path} too)")
+    return path, ""
 
 
 def _per_channel(q) -> bool:
@@ -559,23 +569,287 @@ def _encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     return q.sub_(lo).to(torch.uint8)
 
 
-_NATIVE_CALLS = (native_linear, native_matmul, native_conv2d)
+# -- convolutions on bfloat16 codes (every conv kind) ---------------------------------------------------
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bf16_support() -> Optional[str]:
+    """None if this CPU has bfloat16 dot-product instructions, else why the bf16 path is not used."""
+    flags = _cpu_flags()
+    if any(f in flags for f in _BF16_FLAGS):
+        return None
+    why = (f"this CPU has none of {', '.join(_BF16_FLAGS)} (no bfloat16 dot-product instructions), so bf16 "
+           "convolutions would not be faster than float32")
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("fracpass native execution: %s; quantized convolutions run simulated", why)
+    return why
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself in a layout the fused kernels read in memory order (as the simulation's kernels do), else contiguous."""
+    from fracpass.quant import _rows_outer_dense
+
+    return x if _rows_outer_dense(x) else x.contiguous()
+
+
+def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """(codes q = clamp(round(x / s), lo, hi) as bfloat16 in x's layout, s): fake_quantize(x) == s * q.
+    |q| <= 2^bits - 1 <= 255, so bfloat16 holds every code exactly; the real zero is code 0."""
+    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    ext = _ext()
+    if ext is not None and scale.numel() == 1:
+        return ext.encode_bf16(_dense(x), scale, lo, hi), scale
+    q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
+    q.clamp_min_(lo)
+    q.clamp_max_(hi)
+    return q.to(torch.bfloat16), scale
+
+
+def _bf16_grad_codes(grad: Tensor, bits: int, values: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """The simulation's stochastic rounding of ``grad`` (same noise for the same seed) as codes t in
+    bfloat16 with ghat = s * t + c; ghat itself only if ``values``. t = q - k with k = round(-min / s)
+    (|t| <= 2^b - 1: exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's
+    correction stays small beside the product and bfloat16's rounding of the two cannot cancel."""
+    from fracpass.quant import _aminmax
+
+    grad = _dense(grad)  # the simulation's gradient quantizer reads this layout, in memory order
+    levels = float(2**bits - 1)
+    mn, mx = _aminmax(grad)
+    scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
+    zero = torch.round(-mn / scale).clamp_(0.0, levels)
+    ext = _ext()
+    if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
+        ghat, t = ext.grad_codes_bf16(grad, mn, mx, levels, float(zero), _torch_seed(), values)
+        ghat = ghat if values else None
+    else:
+        ghat = quantize_grad_stochastic(grad, bits)
+        t = torch.sub(ghat, mn).div_(scale).round_().sub_(zero).to(torch.bfloat16)
+    return ghat, t, scale, mn + scale * zero
+
+
+def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """float32 v * scale (+ bias), scale and bias per channel (dim 1) or per tensor, in v's layout."""
+    from fracpass.quant import _rows_outer_dense
+
+    ext = _ext()
+    if ext is not None and _rows_outer_dense(v):
+        return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1))
+    shape = (1, -1) + (1,) * (v.dim() - 2)
+    y = torch.mul(v, scale.view(shape) if scale.numel() > 1 else scale)  # bf16 x fp32 -> fp32
+    return y if bias is None else y.add_(bias.view(shape))
+
+
+class _Bf16Conv(torch.autograd.Function):
+    """A convolution (any dim, grouped, transposed) on bfloat16 codes: forward y = s_a s_w conv(q_a, q_w)
+    and, in backward, dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat) with ghat = s_g t + c.
+
+    The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
+    each product's output to bfloat16 (relative 2^-9), before the scales are applied in float32. The
+    gradient's offset c multiplies a convolution of ones, computed at 1/N (dx) or 1/C_out-per-group (dw)
+    of the main product's size. dx runs in float32 on the decoded codes when the weight's scale is per
+    output channel (it lies on that product's contracted axis) or the gradient has more than 8 bits.
+    Saved for backward: the bfloat16 codes, never the float operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, qa, sa, qw, sw, conv, gbits):  # type: ignore[override]
+        stride, padding, dilation, transposed, output_padding, groups = conv
+        v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
+        y = _scale_out(v, sa * _out_channel_scale(sw, transposed, groups), bias)
+        ctx.save_for_backward(qa, sa, qw, sw)
+        ctx.conv, ctx.gbits, ctx.has_bias = conv, gbits, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        qa, sa, qw, sw = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups = ctx.conv
+        args = (stride, padding, dilation, transposed, output_padding, groups)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        gbits = ctx.gbits
+        dx = dw = db = None
+        if not 2 <= gbits <= MAX_INT8_BITS:  # gradient codes would not be exact in bfloat16: float32 products
+            ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
+            x_hat = qa.float().mul_(sa) if need_w else _shape_only(qa)
+            w_hat = _weight_values(qw, sw, transposed)
+            dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
+                                                             *args, [need_x, need_w, need_b])
+            return (dx, dw, db) + (None,) * 6
+        fp32_dx = need_x and sw.numel() > 1
+        ghat, t, sg, c = _bf16_grad_codes(grad, gbits, values=fp32_dx)
+        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args, [need_x and not fp32_dx, need_w, False])
+        if need_x and fp32_dx:
+            dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed), None,
+                                                     *args, [True, False, False])[0]
+        elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second term is the same for every sample
+            ones = t.new_ones((1,) + tuple(t.shape[1:]))
+            corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
+            dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
+        if need_w:  # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
+            dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
+        if need_b:
+            dims = [0] + list(range(2, t.dim()))
+            db = ghat.sum(dims) if ghat is not None else t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
+        return (dx, dw, db) + (None,) * 6
+
+
+def _shape_only(like: Tensor) -> Tensor:
+    """A float32 stand-in with ``like``'s shape and layout for a convolution_backward operand whose gradient
+    is not asked for: never written or read (an expanded scalar took oneDNN off its fast path: 1.6x slower)."""
+    return torch.empty_like(like, dtype=torch.float32)
+
+
+def _weight_values(qw: Tensor, sw: Tensor, transposed: bool) -> Tensor:
+    shape = [1] * qw.dim()
+    shape[1 if transposed else 0] = -1
+    return qw.float().mul_(sw.view(shape) if sw.numel() > 1 else sw)
+
+
+def _out_channel_scale(sw: Tensor, transposed: bool, groups: int) -> Tensor:
+    """The weight's scale per output channel of the convolution (a transposed weight's axis 1 holds the
+    output channels of one group, repeated across groups)."""
+    return sw.repeat(groups) if transposed and groups > 1 and sw.numel() > 1 else sw
+
+
+def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor) -> Tensor:
+    """factor * conv_w(1, q_a) as float32 in the weight's shape: the window sums of the input codes.
+    They are the same for every sample's ones, so q_a is summed over the batch first (exact in float32:
+    |q_a| <= 255) and the sums are taken once per group, on one sample, then expanded to the group's
+    output channels (a one-channel convolution over the whole batch cost 60 % of the main product)."""
+    stride, padding, dilation, transposed, output_padding, groups = args
+    total = _batch_sum(qa)
+    ones = t.new_ones((1, groups) + tuple(t.shape[2:]), dtype=torch.float32)
+    if transposed:  # weight (C_in, C_out / groups, k...)
+        probe = total.new_empty((qw.shape[0], 1) + tuple(qw.shape[2:]))
+        sums = torch.ops.aten.convolution_backward(ones, total, probe, None, *args, [False, True, False])[1]
+        return sums.mul_(factor).expand(qw.shape)
+    probe = total.new_empty((groups,) + tuple(qw.shape[1:]))  # weight (C_out, C_in / groups, k...)
+    sums = torch.ops.aten.convolution_backward(ones, total, probe, None, *args, [False, True, False])[1]
+    return sums.mul_(factor).repeat_interleave(qw.shape[0] // groups, 0)
+
+
+def _batch_sum(q: Tensor) -> Tensor:
+    """q summed over dim 0 into float32, keepdim, in q's layout: a reduction over memory rows for the
+    layouts that keep dim 0 outermost (aten's sum of a channels_last bf16 tensor over dim 0 took 1.4 ms
+    for 4 MB here, over memory rows 0.48 ms, the fused kernel less)."""
+    from fracpass.quant import _rows_outer_dense
+
+    if not _rows_outer_dense(q):
+        return q.sum(0, keepdim=True, dtype=torch.float32)
+    ext = _ext()
+    if ext is not None and q.dtype == torch.bfloat16:
+        total = ext.batch_sum_bf16(q)
+    else:
+        n, rest = q.shape[0], q.numel() // max(q.shape[0], 1)
+        total = q.as_strided((n, rest), (rest, 1), q.storage_offset()).sum(0, dtype=torch.float32)
+    return total.as_strided((1,) + tuple(q.shape[1:]), q.stride())
+
+
+def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bool) -> Optional[str]:
+    axis = 1 if transposed else 0
+    if not isinstance(aq, ActQuant) or not isinstance(wq, WeightQuant) or (
+            wq.axis is not None and wq.axis % weight.dim() != axis):
+        return "the input's scale is not per tensor or the weight's is not per output channel"
+    if isinstance(padding, str):
+        return f"padding={padding!r}"
+    if x.dim() != weight.dim():
+        return f"an unbatched {x.dim()}-D input"
+    return bf16_support() or _tensor_reason(x, weight)
+
+
+def _tuple_arg(v, n: int) -> list:
+    return [v] * n if isinstance(v, int) else list(v)
+
+
+def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
+               output_padding, groups: int, aq, wq, gq, simulated) -> Tensor:
+    why = decide(aq, wq, gq, path="bf16")[0] != "bf16" or _bf16_conv_reason(x, weight, padding, aq, wq, transposed)
+    if why:
+        if why is not True:
+            _remember(aq, why)
+        return _call(gq, simulated(_call(aq, x), _call(wq, weight)))
+    _remember(aq, None)
+    n = weight.dim() - 2
+    conv = (_tuple_arg(stride, n), _tuple_arg(padding, n), _tuple_arg(dilation, n), transposed,
+            _tuple_arg(output_padding, n), groups)
+    with torch.no_grad():
+        qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), aq.bits)
+        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), wq.bits)
+    return _Bf16Conv.apply(x, weight, bias, qa, sa.reshape(-1), qw, sw.reshape(-1), conv, _grad_bits(gq))
+
+
+def _conv_call(fn):
+    """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers."""
+    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None):
+        return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq,
+                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups))
+
+    call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
+    return call
+
+
+def _conv_transpose_call(fn):
+    """The native form of ``fn`` (F.conv_transpose{1,2,3}d): its arguments, then the three quantizers."""
+    def call(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, aq=None, wq=None,
+             gq=None):
+        return _bf16_conv(x, weight, bias, stride, padding, dilation, True, output_padding, groups, aq, wq, gq,
+                          lambda a, w: fn(a, w, bias, stride, padding, output_padding, groups, dilation))
+
+    call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
+    return call
+
+
+def _named(fn, name: str):
+    fn.__name__ = fn.__qualname__ = name  # module-level names: fx code and pickles find them in this module
+    fn.__module__ = __name__
+    return fn
+
+
+bf16_conv1d = _named(_conv_call(F.conv1d), "bf16_conv1d")
+bf16_conv2d = _named(_conv_call(F.conv2d), "bf16_conv2d")
+bf16_conv3d = _named(_conv_call(F.conv3d), "bf16_conv3d")
+bf16_conv_transpose1d = _named(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d")
+bf16_conv_transpose2d = _named(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d")
+bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d")
+# the F function each lowers, its kind, and where its quantizer arguments start
+_BF16_CONVS = {
+    F.conv1d: (bf16_conv1d, "conv1d", 7), F.conv2d: (bf16_conv2d, "conv2d", 7), F.conv3d: (bf16_conv3d, "conv3d", 7),
+    F.conv_transpose1d: (bf16_conv_transpose1d, "conv_transpose1d", 8),
+    F.conv_transpose2d: (bf16_conv_transpose2d, "conv_transpose2d", 8),
+    F.conv_transpose3d: (bf16_conv_transpose3d, "conv_transpose3d", 8),
+}
+_BF16_BY_ATEN = {torch.ops.aten.conv1d.default: F.conv1d, torch.ops.aten.conv2d.default: F.conv2d,
+                 torch.ops.aten.conv3d.default: F.conv3d, torch.ops.aten.conv_transpose1d.default: F.conv_transpose1d,
+                 torch.ops.aten.conv_transpose2d.input: F.conv_transpose2d,
+                 torch.ops.aten.conv_transpose3d.input: F.conv_transpose3d}
+_BF16_FIRST_Q = {fn: first for fn, _, first in _BF16_CONVS.values()}
+
+
+_NATIVE_CALLS = (native_linear, native_matmul, native_conv2d) + tuple(c for c, _, _ in _BF16_CONVS.values())
 
 # the native calls are the same op kinds for cost analysis and coverage (operands at args 0 and 1)
-for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2d", native_conv2d)):
+for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2d", native_conv2d),
+                   *((k, c) for c, k, _ in _BF16_CONVS.values())):
     _entry = registry._KINDS[_kind]
     registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
 
-NATIVE_KINDS = ("linear", "matmul", "conv2d")
-DEFAULT_KINDS = ("linear", "matmul")
-CONV2D_OFF = ("conv2d is not lowered by default: its int8 forward (oneDNN) is exact, but the per-step weight prepack "
-              "and layout changes made CIFAR ResNet-20 steps slower than simulate on the CPU measured "
-              "(benchmarks/native_step.py --model resnet20); opt in with "
-              "fracpass.native.LowerNativePass(kinds=('linear', 'matmul', 'conv2d'))(qmodel)")
+NATIVE_KINDS = ("linear", "matmul", "conv", "conv2d_int8")
+DEFAULT_KINDS = ("linear", "matmul", "conv")
+CONV2D_INT8_OFF = ("conv2d's int8 forward (oneDNN) is opt-in: it is exact, but its per-step weight prepack and "
+                   "layout changes made CIFAR ResNet steps slower than the bf16 path (benchmarks/native_step.py); "
+                   "opt in with fracpass.native.LowerNativePass(kinds=fracpass.native.NATIVE_KINDS)(qmodel)")
 _LINEAR = {F.linear, torch.ops.aten.linear.default}
 _MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default}
 _MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
 _CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
+
+
+def _conv_fn(node: torch.fx.Node):
+    """The F.conv* function a call_function node computes (aten overloads from torch.export included), else None."""
+    if node.op != "call_function":
+        return None
+    fn = _BF16_BY_ATEN.get(node.target, node.target)
+    return fn if fn in _BF16_CONVS else None
 
 
 def _quantizer_node(node, op: torch.fx.Node, role: str) -> Optional[torch.fx.Node]:
@@ -599,6 +873,7 @@ class LowerNativePass(PassBase):
     name = "lower-native"
 
     def __init__(self, kinds: Tuple[str, ...] = DEFAULT_KINDS):
+        kinds = tuple("conv2d_int8" if k == "conv2d" else k for k in kinds)  # its name before the bf16 path
         unknown = set(kinds) - set(NATIVE_KINDS)
         if unknown:
             raise FracpassError(f"LowerNativePass: no native path for {sorted(unknown)}; choose from {NATIVE_KINDS}")
@@ -608,6 +883,10 @@ class LowerNativePass(PassBase):
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)
+            if node.target is bf16_conv2d and "conv2d_int8" in self.kinds:  # lowered at transform: same arguments
+                node.target = native_conv2d
+                lowered += 1
+                continue
             if info is None or spec is None or node.target in _NATIVE_CALLS:
                 continue
             why = self._why_not(node, spec)
@@ -625,11 +904,11 @@ class LowerNativePass(PassBase):
         is_linear = node.op == "call_function" and node.target in _LINEAR
         is_matmul = (node.op == "call_function" and node.target in _MATMUL) or (
             node.op == "call_method" and node.target in _MATMUL_METHODS)
-        is_conv = node.op == "call_function" and node.target in _CONV2D
+        is_conv = _conv_fn(node) is not None
         if not (is_linear or is_matmul or is_conv):
-            return f"no native path for {meta.op_info(node).kind} yet (linear, matmul and conv2d have one)"
-        if is_conv and "conv2d" not in self.kinds:
-            return CONV2D_OFF
+            return f"no native path for {meta.op_info(node).kind} yet (linear, matmul and convolutions have one)"
+        if is_conv and "conv" not in self.kinds and not (node.target in _CONV2D and "conv2d_int8" in self.kinds):
+            return f"convolutions are not lowered (LowerNativePass(kinds={self.kinds}))"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
         for arg in node.args[:2]:
@@ -662,10 +941,16 @@ class LowerNativePass(PassBase):
             if node.target in _LINEAR:
                 bias = node.args[2] if len(node.args) > 2 else None
                 new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
-            elif node.target in _CONV2D:
+            elif node.target in _CONV2D and "conv2d_int8" in self.kinds:
                 # bias, stride, padding, dilation, groups with F.conv2d's defaults
                 rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]
                 new = graph.call_function(native_conv2d, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
+            elif _conv_fn(node) is not None:
+                call, _, first = _BF16_CONVS[_conv_fn(node)]
+                # F's own defaults for the arguments the call left out: bias, stride, padding, ...
+                defaults = [None, 1, 0, 1, 1] if first == 7 else [None, 1, 0, 0, 1, 1]
+                rest = list(node.args[2:]) + defaults[len(node.args) - 2:]
+                new = graph.call_function(call, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
             else:
                 new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
         new.meta.update(node.meta)
@@ -691,29 +976,30 @@ class LowerNativePass(PassBase):
 
 # -- reporting ---------------------------------------------------------------------------------------
 def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
-    """op name -> what each of its products runs on at the current stage, "int8" or "fp32": the
-    forward, then the gradient of each operand (the cost report's ``OpCost.products`` order).
+    """op name -> what each of its products runs on at the current stage, "int8", "bf16" or "fp32":
+    the forward, then the gradient of each operand (the cost report's ``OpCost.products`` order).
     Simulated ops run every product in float32 (on quantized values)."""
     paths = op_paths(qmodel)
     out = {}
     for node in qmodel.graph.nodes:
         if node.name not in paths:
             continue
-        if paths[node.name][0] != "int8":
+        path = paths[node.name][0]
+        if path == "simulated":
             info = meta.op_info(node)
             # an unlowered module call (an excluded stem) has its weight as the module's parameter
             out[node.name] = ("fp32",) * (1 + len(info.act_args) + len(info.weight_args) + info.module_weight)
         elif node.target is native_conv2d:  # oneDNN's int8 convolution: forward only
             out[node.name] = ("int8", "fp32", "fp32")
         else:
-            first = {native_linear: 3, native_matmul: 2}[node.target]
+            first = {native_linear: 3, native_matmul: 2, **_BF16_FIRST_Q}[node.target]
             qa, qb, gq = (None if r is None else qmodel.get_submodule(r.target) for r in node.args[first:first + 3])
-            out[node.name] = ("int8",) + tuple("fp32" if f else "int8" for f in _fp32_backward(qa, qb, _grad_bits(gq)))
+            out[node.name] = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, _grad_bits(gq)))
     return out
 
 
 def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
-    """op name -> (path at the current stage: "int8" or "simulated", why not native / what runs in fp32).
+    """op name -> (path at the current stage: "int8", "bf16" or "simulated", why not native / what runs in fp32).
 
     Decided from the quantizers' current bits and this CPU; a reason that depends on the operands
     (a batched right operand, another dtype or device) is the one seen at the op's last call."""
@@ -725,15 +1011,15 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
         if meta.op_info(node) is None or meta.qspec(node) is None:
             continue
         if node.target in _NATIVE_CALLS:
-            first = {native_linear: 3, native_matmul: 2, native_conv2d: 7}[node.target]
+            first = {native_linear: 3, native_matmul: 2, native_conv2d: 7, **_BF16_FIRST_Q}[node.target]
             refs = node.args[first:first + 3]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
-            path, note = decide(*mods)
+            path, note = decide(*mods, path="bf16" if node.target in _BF16_FIRST_Q else "int8")
             if path == "int8" and node.target is native_conv2d:
                 note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
                         "transposed convolution here)")
             last = mods[0].__dict__.get("_native_last") if mods[0] is not None else None
-            if path == "int8" and last:  # the bits allow it, the operands of the last call did not
+            if path != "simulated" and last:  # the bits allow it, the operands of the last call did not
                 path, note = "simulated", f"at the last call: {last}"
             paths[node.name] = (path, note)
         elif execution != "native":

@@ -244,17 +244,26 @@ def test_cpu_without_int8_instructions_falls_back_and_says_so(monkeypatch, caplo
     assert path == "simulated" and "avx512_vnni" in why
 
 
+class BmmFc(nn.Module):  # a batched product (no native path) feeding a linear
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 6, 5)
+
+    def forward(self, a, b):
+        return self.fc(torch.bmm(a, b).flatten(1))
+
+
 def test_unsupported_op_stays_simulated_and_coverage_says_why():
     torch.manual_seed(0)
-    inputs = (torch.randn(4, 3, 6),)
-    sim, nat = _pair(Conv1d(), fracpass.Plan.static(8, 8, 8), inputs)
+    inputs = (torch.randn(3, 4, 8), torch.randn(3, 8, 6))
+    sim, nat = _pair(BmmFc(), fracpass.Plan.static(8, 8, 8), inputs)
     want, got = _run(sim, inputs), _run(nat, inputs)
-    _assert_close(got, want, "conv1d + linear")
+    _assert_close(got, want, "bmm + linear")
     paths = native.op_paths(nat)
-    assert paths["conv"] == ("simulated", "no native path for conv1d yet (linear, matmul and conv2d have one)")
+    assert paths["bmm"] == ("simulated", "no native path for bmm yet (linear, matmul and convolutions have one)")
     assert paths["fc"][0] == "int8"
     text = str(fracpass.coverage(nat))
-    assert "path conv: simulated: no native path for conv1d" in text and "path fc: int8" in text
+    assert "path bmm: simulated: no native path for bmm" in text and "path fc: int8" in text
     assert "path " not in str(fracpass.coverage(sim))  # a simulated model's report is unchanged
 
 
@@ -355,17 +364,25 @@ def test_batched_product_falls_back_and_reports_the_last_calls_reason(monkeypatc
     assert path == "simulated" and why.startswith("at the last call: a 4-D right operand")
 
 
-def test_conv2d_is_opt_in():
+def test_convolutions_run_on_bf16_by_default_and_conv2d_int8_is_opt_in():
     torch.manual_seed(0)
     inputs = (torch.randn(2, 6, 8, 8),)
     nat = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native")
-    assert native.op_paths(nat)["conv"] == ("simulated", native.CONV2D_OFF)
+    assert "bf16_conv2d" in nat.code
+    assert native.op_paths(nat)["conv"][0] == "bf16"
     result = native.LowerNativePass(native.NATIVE_KINDS)(nat)
     assert result.stats == {"lowered": 1, "simulated": 0}
     path, note = native.op_paths(nat)["conv"]
     assert path == "int8" and note.startswith("forward only")
+    assert "native_conv2d" in nat.code and "bf16_conv2d" not in nat.code
+    again = native.LowerNativePass(("linear", "conv2d"))  # the int8 kind's earlier name
+    assert again.kinds == ("linear", "conv2d_int8")
     with pytest.raises(FracpassError, match=r"no native path for \['conv3d'\]"):
         native.LowerNativePass(("linear", "conv3d"))
+    off = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs)
+    fracpass.native.LowerNativePass(("linear", "matmul"))(off)
+    assert "not lowered" in off.graph.find_nodes(op="call_function", target=torch.nn.functional.conv2d)[0].meta[
+        native.NATIVE].reason
 
 
 def test_summary_shows_each_ops_path_at_the_current_stage():
@@ -386,33 +403,34 @@ def test_summary_shows_each_ops_path_at_the_current_stage():
     assert "path" not in next(line for line in fracpass.summary(simulated).splitlines() if line.startswith("op "))
 
 
-@pytest.mark.slow  # 6 digits trainings of 12 epochs: ~100 s on 2 cores
+@pytest.mark.slow  # 20 digits trainings of 12 epochs: ~35 s on 2 cores
 def test_digits_pfq_trains_as_accurately_native_as_simulated():
-    """Issue 11: examples/digits_pfq.py's setup, 3 seeds each, native (linear and the opt-in conv
-    forward on int8) against simulated: the mean test accuracies within 0.5 pp."""
+    """Issue 11: examples/digits_pfq.py's setup, native (the linear on int8, the convs on bf16) against
+    simulated: the mean test accuracies within 0.5 pp. Seeds 0-9, not 3: one seed's accuracy spreads
+    ~0.7 pp here (360 test images, 0.28 pp each), so the difference of two 3-seed means has a ~0.5 pp
+    standard deviation by itself (seeds 0-2 measured 98.61 % native vs 99.26 % simulated; 0-9
+    98.97 % vs 99.08 %)."""
     pytest.importorskip("sklearn")
-    if native.int8_support() is not None:
-        pytest.skip("this CPU has no int8 dot-product instructions: native would run simulated")
+    if native.int8_support() is not None or native.bf16_support() is not None:
+        pytest.skip("this CPU lacks int8 or bf16 dot-product instructions: native would run simulated")
     import pathlib
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from examples.digits_pfq import DigitsCNN, run
 
-    # what run(execution="native", native_convs=True) trains on: conv2, conv3 and fc on int8 (conv1 is excluded)
+    # what run(execution="native") trains on: conv2 and conv3 on bf16, fc on int8 (conv1 is excluded)
     q = fracpass.transform(DigitsCNN(), fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8), exclude=("conv1",)),
                            example_inputs=(torch.randn(2, 1, 8, 8),), execution="native")
-    native.LowerNativePass(native.NATIVE_KINDS)(q)
     fracpass.set_stage(q, 3)
     q(torch.randn(4, 1, 8, 8))
     paths = {op: p for op, (p, _) in native.op_paths(q).items()}
-    assert paths == {"conv1": "simulated", "conv2": "int8", "conv3": "int8", "fc": "int8"}
+    assert paths == {"conv1": "simulated", "conv2": "bf16", "conv3": "bf16", "fc": "int8"}
 
     acc = {"simulate": [], "native": []}
-    for seed in (0, 1, 2):
+    for seed in range(10):
         for execution in acc:
-            accuracy, sched, _ = run(seed=seed, log=lambda line: None, execution=execution,
-                                     native_convs=execution == "native")
+            accuracy, sched, _ = run(seed=seed, log=lambda line: None, execution=execution)
             assert sched.stage == 3  # both climbed the whole ladder
             acc[execution].append(accuracy)
     mean = {k: sum(v) / len(v) for k, v in acc.items()}

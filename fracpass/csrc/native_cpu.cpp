@@ -11,6 +11,14 @@
 //                col_b' = col_b + K kb and row_a' = row_a + K ka, written over acc (int32 -> float32 in place).
 //   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8;
 //   decode_u8:   the same for uint8 activation codes with a per-tensor zero point (the conv path), any dense layout.
+//   encode_bf16: q = clamp(nearbyint(x / s), lo, hi) per tensor, as bfloat16 (exact: |q| <= 255), in x's
+//                memory layout (contiguous or channels_last): the operands of the bf16 convolution path.
+//   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither),
+//                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for.
+//   scale_bf16:  y = v * s (+ bias) from a bf16 product v, with s and bias per channel (dim 1), float32
+//                out in v's layout: the bf16 path's epilogue.
+//   batch_sum_bf16: the sum over dim 0 of bf16 codes into float32 (the window sums of the weight
+//                gradient's offset correction).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,6 +26,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -228,10 +237,176 @@ torch::Tensor decode_u8(const torch::Tensor& u, const torch::Tensor& zp, const t
   return x;
 }
 
+namespace {
+
+// A float holding an integer of magnitude <= 256 has its low 16 bits zero: its bfloat16 is its top half, exactly.
+inline uint16_t bf16_top(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+void check_dense(const torch::Tensor& x, c10::ScalarType type, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == type && x.is_non_overlapping_and_dense(), what,
+              ": expected a dense CPU tensor of ", type);
+}
+
+// The channel (dim 1) of each memory index of a dense tensor that keeps dim 0 outermost: contiguous
+// (channels at stride inner) or channels-last (channels at stride 1).
+struct ChannelOf {
+  int64_t stride, count;
+  explicit ChannelOf(const torch::Tensor& t) : stride(t.dim() > 1 ? t.stride(1) : 1), count(t.dim() > 1 ? t.size(1) : 1) {}
+  inline int64_t operator()(int64_t i) const { return (i / stride) % count; }
+};
+
+}  // namespace
+
+torch::Tensor encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
+                          const torch::Tensor& hi) {
+  check_dense(x, torch::kFloat, "encode_bf16");
+  auto t = torch::empty_strided(x.sizes(), x.strides(), x.options().dtype(torch::kBFloat16));
+  const float* src = x.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  const float s = scale.item<float>(), l = lo.item<float>(), h = hi.item<float>();
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    const float ks = s, kl = l, kh = h;
+    for (int64_t i = b; i < e; ++i) {
+      float q = std::nearbyint(src[i] / ks);
+      q = q < kl ? kl : q;
+      q = q > kh ? kh : q;
+      dst[i] = bf16_top(q);
+    }
+  });
+  return t;
+}
+
+std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
+                                           double levels, double shift, int64_t seed, bool values) {
+  check_dense(g, torch::kFloat, "grad_codes_bf16");
+  const int64_t n = g.numel();
+  auto t = torch::empty_strided(g.sizes(), g.strides(), g.options().dtype(torch::kBFloat16));
+  auto ghat = values ? torch::empty_strided(g.sizes(), g.strides(), g.options()) : torch::empty({0}, g.options());
+  const float* src = g.data_ptr<float>();
+  float* out = values ? ghat.data_ptr<float>() : nullptr;
+  uint16_t* codes = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), mx = mx_t.item<float>();
+  float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
+  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+  const float zero = static_cast<float>(shift);
+  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    while (i < e) {  // spans that stay inside one dither chunk
+      const int64_t chunk = i / kChunk, stop = std::min(e, (chunk + 1) * kChunk);
+      const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
+      const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = zero;
+      const int64_t j0 = i, j1 = stop;
+      if (out != nullptr) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+          float q = std::floor((src[j] - k_mn) / k_s + u);
+          q = q > k_lv ? k_lv : q;
+          out[j] = q * k_s + k_mn;
+          codes[j] = bf16_top(q - k_hl);
+        }
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+          float q = std::floor((src[j] - k_mn) / k_s + u);
+          q = q > k_lv ? k_lv : q;
+          codes[j] = bf16_top(q - k_hl);
+        }
+      }
+      i = stop;
+    }
+  });
+  return {ghat, t};
+}
+
+torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias) {
+  check_dense(v, torch::kBFloat16, "scale_bf16");
+  TORCH_CHECK(v.dim() < 2 || v.stride(1) == 1 || v.is_contiguous(), "scale_bf16: expected a contiguous or channels-last tensor");
+  auto y = torch::empty_strided(v.sizes(), v.strides(), v.options().dtype(torch::kFloat));
+  const ChannelOf channel(v);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  float* dst = y.data_ptr<float>();
+  const int64_t n = v.numel(), C = channel.count;
+  const float* ps = values<float>(scale, C, "scale_bf16 scale");
+  const float* pb = values<float>(bias, C, "scale_bf16 bias");
+  if (n == 0) return y;
+  if (scale.numel() == 1 && pb == nullptr) {  // one scale: a flat loop
+    const float sc = ps[0];
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dst[i] = bf16_value(src[i]) * sc;
+    });
+    return y;
+  }
+  std::vector<float> sv(C), bv(C, 0.0f);  // per channel
+  for (int64_t c = 0; c < C; ++c) {
+    sv[c] = ps[scale.numel() == 1 ? 0 : c];
+    if (pb != nullptr) bv[c] = pb[bias.numel() == 1 ? 0 : c];
+  }
+  const float *s_c = sv.data(), *b_c = bv.data();
+  if (channel.stride == 1) {  // channels innermost: whole rows of C channels
+    at::parallel_for(0, n / C, std::max<int64_t>(1, (1 << 14) / C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const uint16_t* __restrict in = src + r * C;
+        float* __restrict out = dst + r * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * s_c[c] + b_c[c];
+      }
+    });
+  } else {  // contiguous: runs of `stride` elements share a channel
+    const int64_t S = channel.stride;
+    at::parallel_for(0, n / S, std::max<int64_t>(1, (1 << 14) / S), [&](int64_t b, int64_t e) {
+      for (int64_t run = b; run < e; ++run) {
+        const int64_t c = run % C;
+        const float sc = s_c[c], bi = b_c[c];
+        const uint16_t* __restrict in = src + run * S;
+        float* __restrict out = dst + run * S;
+        for (int64_t j = 0; j < S; ++j) out[j] = bf16_value(in[j]) * sc + bi;
+      }
+    });
+  }
+  return y;
+}
+
+// The sum over dim 0 of bfloat16 codes laid out as (rows, rest) in memory, into float32 (exact for
+// integer codes while the sums stay under 2^24): the columns split across threads, rows added in order.
+torch::Tensor batch_sum_bf16(const torch::Tensor& q) {
+  check_dense(q, torch::kBFloat16, "batch_sum_bf16");
+  TORCH_CHECK(q.dim() >= 1 && (q.dim() == 1 || q.stride(0) * q.size(0) == q.numel()),
+              "batch_sum_bf16: dim 0 must be outermost in memory");
+  const int64_t rows = q.size(0), rest = rows ? q.numel() / rows : 0;
+  auto out = torch::zeros({rest}, q.options().dtype(torch::kFloat));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, rest, 1 << 12, [&](int64_t b, int64_t e) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* __restrict in = src + r * rest;
+      float* __restrict acc = dst;
+      for (int64_t c = b; c < e; ++c) acc[c] += bf16_value(in[c]);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_u8", &decode_u8, "float32 values s * (u - zp) of uint8 codes, per tensor, layout kept");
   m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
   m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
+  m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept");
+  m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
+  m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
+  m.def("scale_bf16", &scale_bf16, "float32 v * s + bias per channel (dim 1) of a bf16 product, layout kept");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }

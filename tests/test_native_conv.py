@@ -1,0 +1,281 @@
+"""Native convolutions on bfloat16 codes (fracpass.native's bf16 path): every conv kind must compute
+what the simulation computes, within the rounding bfloat16 outputs imply.
+
+The codes themselves are exact in bfloat16 (integers of magnitude <= 255) and oneDNN accumulates in
+float32, so the one loss is each product's output rounded to bfloat16 (unit roundoff 2^-8) before
+the float32 scales. In backward the gradient's codes carry an offset c (|c| <= half a gradient step
+s_g); its term B = c * (window sums) is computed in float32 and the product A = want - B is rounded.
+So an element is off by at most 2^-8 |A| <= 2^-8 (|want| + |B|): the tests allow
+2^-8 (max |want| + 2 max |B|), with max |B| bounded from the inputs (s_g / 2 times the largest sum of
+|x| over an input channel for dw, of |w| for dx), plus the bias's share in the forward and 1e-5 of
+the range for float32 summation order. Fallbacks must give the simulated result bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+from fracpass import native
+
+BF16_U = 2.0**-8  # bfloat16's unit roundoff
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu():
+    if native.bf16_support() is not None:
+        pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
+
+
+class Conv(nn.Module):
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+CASES = {
+    # name: (conv module, input shape); inputs are offset so that 8-bit codes are asymmetric
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (3, 4, 10)),
+    "conv2d 3x3 pad 1": (lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 9, 9)),
+    "conv2d stride 2 no pad": (lambda: nn.Conv2d(6, 8, 3, stride=2), (2, 6, 9, 9)),
+    "conv2d grouped dilated": (lambda: nn.Conv2d(6, 9, 3, padding=2, dilation=2, groups=3), (2, 6, 8, 8)),
+    "conv2d depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 7, 7)),
+    "conv2d channels_last": (lambda: nn.Conv2d(6, 8, 3, padding=1).to(memory_format=torch.channels_last),
+                             (2, 6, 8, 8)),
+    "conv3d stride 2": (lambda: nn.Conv3d(3, 4, 3, padding=1, stride=2), (2, 3, 6, 6, 6)),
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(4, 3, 4, stride=2), (2, 4, 7)),
+    "conv_transpose2d grouped": (lambda: nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+                                 (2, 8, 5, 5)),
+    "conv_transpose3d": (lambda: nn.ConvTranspose3d(4, 2, 3, stride=2, padding=1), (2, 4, 3, 3, 3)),
+}
+
+
+def _inputs(name, shape):
+    x = torch.rand(*shape) * 3 - 0.5
+    if "channels_last" in name:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x,)
+
+
+def _run(qmodel, inputs, seed=123):
+    """Output, input gradient and parameter gradients for loss = <y, r> with a fixed r."""
+    qmodel.zero_grad(set_to_none=True)
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    y = qmodel(*inputs)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(seed)  # the gradient quantizers' noise
+    (y * r).sum().backward()
+    return [y.detach()] + [t.grad for t in inputs] + [p.grad for p in qmodel.parameters()]
+
+
+def _pair(model, plan, inputs):
+    return (fracpass.transform(model, plan, example_inputs=inputs),
+            fracpass.transform(model, plan, example_inputs=inputs, execution="native"))
+
+
+def _offset_bounds(model, inputs, bits):
+    """Upper bounds of the gradient offset's term |B| in (dx, dw): s_g / 2 times the largest sum of
+    |w| (dx) or |x| (dw) over one input channel, |x| and |w| padded by a quantization step."""
+    conv, (x,) = model.conv, inputs
+    with torch.no_grad():
+        y = conv(x)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))  # dL/dy in _run
+    levels = 2.0**bits - 1
+    s_g = float(r.max() / levels - r.min() / levels)
+    xa = x.abs() + float(x.abs().max()) / levels
+    wa = conv.weight.detach().abs() + float(conv.weight.detach().abs().max()) / levels
+    w_in = 0 if isinstance(conv, nn.modules.conv._ConvTransposeNd) else 1  # the weight's input-channel axis
+    dx = s_g / 2 * float(wa.movedim(w_in, 0).flatten(1).sum(1).max())
+    dw = s_g / 2 * float(xa.movedim(1, 0).flatten(1).sum(1).max())
+    return dx, dw
+
+
+def _assert_within_bf16(got, want, what, model=None, inputs=None, bits=8):
+    """got[0] the output, got[1] dx, got[2] dw, then the bias gradient (float32 sums: 1e-5)."""
+    offsets = _offset_bounds(model, inputs, bits) if model is not None else (0.0, 0.0)
+    bias = model.conv.bias if model is not None else None
+    for i, (g, w) in enumerate(zip(got, want)):
+        spread = 1e-5 * (float(w.max() - w.min()) + float(w.abs().max()) or 1.0)  # float32 summation order
+        if i == 0:
+            bound = BF16_U * (float(w.abs().max()) + (float(bias.detach().abs().max()) if bias is not None else 0.0))
+        elif i in (1, 2):
+            bound = BF16_U * (float(w.abs().max()) + 2 * offsets[i - 1])
+        else:
+            bound = 0.0
+        err = float((g - w).abs().max())
+        assert err <= bound + spread, (f"{what}: tensor {i} differs by {err:.3g} (bound {bound + spread:.3g}; "
+                                       f"{err / float(w.abs().max()):.2g} of its largest magnitude)")
+
+
+def _count_bf16(monkeypatch):
+    calls = []
+    real = native._Bf16Conv.apply
+    monkeypatch.setattr(native._Bf16Conv, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.fixture(params=["fused", "torch ops"])
+def kernels(request, monkeypatch):
+    """Both implementations of the codes and the scaling: csrc/native_cpu.cpp and the torch-op path."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(native, "_ext", lambda: None)
+    elif native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    return request.param
+
+
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bf16_convolution_matches_simulation(case, bits, weight_scale, kernels, monkeypatch):
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model, inputs = Conv(factory()), _inputs(case, shape)
+    plan = fracpass.Plan.static(w=bits, a=bits, g=bits, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    sim, nat = _pair(model, plan, inputs)
+    calls = _count_bf16(monkeypatch)
+    want = _run(sim, inputs)
+    assert not calls
+    got = _run(nat, inputs)
+    assert calls == [1], f"{case}: the bf16 convolution did not run"
+    _assert_within_bf16(got, want, f"{case} at {bits} bits, {weight_scale} weights", model, inputs, bits)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == want[0].is_contiguous(
+        memory_format=torch.channels_last)
+    path, note = native.op_paths(nat)["conv"]
+    assert path == "bf16"
+    # per-channel weights: their scale lies on g x w's contracted axis, so that product runs in fp32
+    expect = ("bf16", "fp32", "bf16") if weight_scale == "channel" else ("bf16",) * 3
+    assert native.product_paths(nat)["conv"] == expect
+    assert ("g x w in fp32" in note) == (weight_scale == "channel")
+
+
+def test_gradient_above_8_bits_runs_conv_backward_in_fp32_exactly(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (3, 6, 9, 9))
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 12), inputs)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    _assert_within_bf16(got[:1], want[:1], "forward at 8 bits", model, inputs)
+    for g, w in zip(got[1:], want[1:]):  # decoded codes, float32 products: float32 rounding only
+        assert float((g - w).abs().max()) <= 1e-5 * float(w.max() - w.min())
+    assert "gradient at 12 bits" in native.op_paths(nat)["conv"][1]
+    assert native.product_paths(nat)["conv"] == ("bf16", "fp32", "fp32")
+
+
+@pytest.mark.parametrize("bits", [9, 12, 16])
+def test_conv_bits_above_8_fall_back_to_the_simulation_exactly(bits, monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
+    sim, nat = _pair(model, fracpass.Plan.static(bits, bits, 8), inputs)
+    calls = _count_bf16(monkeypatch)
+    for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
+        assert torch.equal(g, w)
+    assert not calls
+    path, why = native.op_paths(nat)["conv"]
+    assert path == "simulated" and f"{bits} bits: bfloat16 holds codes of at most 8" in why
+
+
+def test_cpu_without_bf16_instructions_runs_convs_simulated_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.setattr(native, "_warned", set())
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    calls = _count_bf16(monkeypatch)
+    with caplog.at_level("WARNING", logger="fracpass.native"):
+        for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
+            assert torch.equal(g, w)
+        _run(nat, inputs)
+    assert not calls
+    assert sum("no bfloat16 dot-product instructions" in r.getMessage() for r in caplog.records) == 1
+    path, why = native.op_paths(nat)["conv"]
+    assert path == "simulated" and "avx512_bf16" in why
+    assert "path conv: simulated" in str(fracpass.coverage(nat))
+
+
+@pytest.mark.parametrize("what", ["padding='same'", "unbatched input"])
+def test_convs_native_cannot_take_fall_back_with_the_reason(what, monkeypatch):
+    torch.manual_seed(0)
+    if what == "padding='same'":
+        model, inputs = Conv(nn.Conv2d(6, 8, 3, padding="same")), (torch.randn(2, 6, 8, 8),)
+    else:
+        model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), (torch.randn(6, 8, 8),)
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    calls = _count_bf16(monkeypatch)
+    for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
+        assert torch.equal(g, w)
+    assert not calls
+    path, why = native.op_paths(nat)["conv"]
+    assert path == "simulated" and why.startswith("at the last call: ")
+    assert ("padding='same'" in why) if what == "padding='same'" else ("unbatched 3-D input" in why)
+
+
+def test_saved_conv_operands_are_bf16_codes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8, 8, requires_grad=True)
+    _, nat = _pair(Conv(nn.Conv2d(6, 8, 3, padding=1)), fracpass.Plan.static(8, 8, 8), (x.detach(),))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        nat(x).sum().backward()
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert big and all(t.dtype == torch.bfloat16 for t in big), [t.dtype for t in big]
+
+
+def test_stage_switch_moves_a_conv_between_bf16_and_simulation():
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
+    sim, nat = _pair(model, fracpass.Plan.progressive(fw=(4, 12, 8), bw=(6, 16, 8)), inputs)
+    graph = nat.graph
+    for stage, expected in ((0, "bf16"), (1, "simulated"), (2, "bf16")):
+        fracpass.set_stage(sim, stage)
+        fracpass.set_stage(nat, stage)
+        want, got = _run(sim, inputs), _run(nat, inputs)
+        _assert_within_bf16(got, want, f"stage {stage}", model, inputs, bits=(4, 8, 8)[stage])
+        assert native.op_paths(nat)["conv"][0] == expected
+        assert nat.graph is graph
+
+
+def test_a_bf16_conv_model_copies_pickles_and_exports_as_a_simulated_one(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    assert "bf16_conv2d" in nat.code
+    _run(sim, inputs), _run(nat, inputs)  # a training batch: EMA ranges
+    nat.load_state_dict(sim.state_dict())
+    want = _run(nat, inputs)
+    for clone in (copy.deepcopy(nat), pickle.loads(pickle.dumps(nat))):
+        assert "bf16_conv2d" in clone.code
+        for g, w in zip(_run(clone, inputs), want):
+            assert torch.equal(g, w)
+    a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
+    b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert [(o.op, o.forward_macs) for o in fracpass.cost(nat).ops] == [(o.op, o.forward_macs)
+                                                                       for o in fracpass.cost(sim).ops]
+
+
+def test_bench_predicts_bf16_products_at_16_bits():
+    from fracpass.bench import bench
+    from fracpass.targets import load_target
+
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(16, 32, 3, padding=1)), _inputs("", (8, 16, 16, 16))
+    _, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    report = bench(nat, inputs, target="epyc9655", stages=[0], repeats=1, warmup=0, threads=1)
+    st = report.stages[0]
+    (op,) = st.ops
+    assert op.path == "bf16" and op.runs_on == ("bf16", "fp32", "bf16")
+    scaled = load_target("epyc9655").per_cores(1)
+    fp32 = fracpass.cost(nat, stage=0).ops[0].products(None)
+    lat = lambda p: scaled.latency_s(p[1], p[4], p[2], p[3])
+    as_bf16 = lambda p: lat((p[0], p[1], 16, 16, p[4] / 2))
+    assert len(fp32) == 2  # the model's input needs no gradient: the forward and g x a (dw), both on bf16
+    assert op.as_run_s == pytest.approx(as_bf16(fp32[0]) + as_bf16(fp32[1]))
+    assert "bf16/fp32/bf16" in str(report)
