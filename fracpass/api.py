@@ -127,8 +127,9 @@ def transform(
 
     ``capture_method``: "auto" (torch.fx, falling back to non-strict torch.export), "fx" or "export".
     Export needs ``example_inputs`` and/or ``example_kwargs``; its batch dimension stays dynamic.
-    ``execution``: "simulate" (float32 fake quantization) or "native" (int8 products where the current
-    bits allow, else simulated; see ``fracpass.native``).
+    ``execution``: "simulate" (float32 fake quantization) or "native" (linear/matmul products on int8
+    codes and convolutions on bfloat16 codes where the current bits allow, else simulated; see
+    ``fracpass.native``).
     """
     if not isinstance(model, nn.Module):
         raise FracpassError(f"transform: model must be a torch.nn.Module, got {type(model).__name__}")

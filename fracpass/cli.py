@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "profile's predicted latency")
     _add_model_args(be, "bench")
     be.add_argument("--execution", choices=("simulate", "native"), default="simulate",
-                    help="simulate (float32 fake quantization) or native (int8 products where the bits allow)")
+                    help="simulate (float32 fake quantization) or native (int8 linear/matmul and bf16 "
+                         "convolution products where the bits allow)")
     be.add_argument("--target", default="epyc9655", help="a cpu profile with a core count (default epyc9655, the "
                                                          "AMD EPYC class this project runs on; or xeon8380, or a .toml)")
     be.add_argument("--stages", help="stages to time, e.g. 0,-1 (default: every stage of the plan)")
