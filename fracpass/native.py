@@ -63,8 +63,8 @@ from torch import Tensor, nn
 from fracpass import kernels, meta, registry
 from fracpass.errors import FracpassError
 from fracpass.pass_base import PassBase, PassResult
-from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _fused_kernels,
-                            _torch_seed, quantize_grad_stochastic)
+from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _aminmax, _dense,
+                            _fused_kernels, _rows_outer_dense, _torch_seed, quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
            "int8_support", "NativeInfo", "product_paths"]
@@ -94,7 +94,7 @@ class NativeInfo:
 def check_execution(execution: str) -> str:
     if execution not in EXECUTIONS:
         raise FracpassError(f"transform: execution={execution!r} is not one of {EXECUTIONS}; use 'simulate' (float32 "
-                            "fake quantization, the default) or 'native' (int8 products where the bits allow)")
+                            "fake quantization, the default) or 'native' (int8 or bf16 products where the bits allow)")
     return execution
 
 
@@ -112,20 +112,31 @@ def _cpu_flags() -> frozenset:
 
 
 _INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 _warned: set = set()
+
+
+def _instructions_reason(flags: Tuple[str, ...], kind: str, products: str) -> Optional[str]:
+    """None if this CPU has one of ``flags`` (``kind`` dot-product instructions), else why the path is
+    not used, warned once."""
+    if any(f in _cpu_flags() for f in flags):
+        return None
+    why = (f"this CPU has none of {', '.join(flags)} (no {kind} dot-product instructions), so {products} "
+           "would not be faster than float32")
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("fracpass native execution: %s; they run simulated", why)
+    return why
 
 
 def int8_support() -> Optional[str]:
     """None if this CPU has int8 dot-product instructions, else why the int8 path is not used."""
-    flags = _cpu_flags()
-    if any(f in flags for f in _INT8_FLAGS):
-        return None
-    why = (f"this CPU has none of {', '.join(_INT8_FLAGS)} (no int8 dot-product instructions), so int8 products "
-           "would not be faster than float32")
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("fracpass native execution: %s; quantized ops run simulated", why)
-    return why
+    return _instructions_reason(_INT8_FLAGS, "int8", "int8 products")
+
+
+def bf16_support() -> Optional[str]:
+    """None if this CPU has bfloat16 dot-product instructions, else why the bf16 path is not used."""
+    return _instructions_reason(_BF16_FLAGS, "bfloat16", "bf16 convolutions")
 
 
 # -- codes -----------------------------------------------------------------------------------------
@@ -528,8 +539,9 @@ class _Int8Conv2d(torch.autograd.Function):
         return (dx, dw, db) + (None,) * 9
 
 
-def _pair_arg(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _tuple_arg(v, n: int) -> list:
+    """A convolution's int-or-sequence argument (stride, padding, ...) as a list of n ints."""
+    return [v] * n if isinstance(v, int) else list(v)
 
 
 def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
@@ -541,7 +553,7 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
             _remember(aq, why)
         return _call(gq, F.conv2d(_call(aq, x), _call(wq, weight), bias, stride, padding, dilation, groups))
     _remember(aq, None)
-    stride, padding, dilation = _pair_arg(stride), _pair_arg(padding), _pair_arg(dilation)
+    stride, padding, dilation = _tuple_arg(stride, 2), _tuple_arg(padding, 2), _tuple_arg(dilation, 2)
     with torch.no_grad():
         mn, mx = aq.qrange(x)
         scale, lo, _ = _affine_params(mn, mx, float(2**aq.bits - 1))
@@ -570,29 +582,6 @@ def _encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
 
 
 # -- convolutions on bfloat16 codes (every conv kind) ---------------------------------------------------
-_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def bf16_support() -> Optional[str]:
-    """None if this CPU has bfloat16 dot-product instructions, else why the bf16 path is not used."""
-    flags = _cpu_flags()
-    if any(f in flags for f in _BF16_FLAGS):
-        return None
-    why = (f"this CPU has none of {', '.join(_BF16_FLAGS)} (no bfloat16 dot-product instructions), so bf16 "
-           "convolutions would not be faster than float32")
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("fracpass native execution: %s; quantized convolutions run simulated", why)
-    return why
-
-
-def _dense(x: Tensor) -> Tensor:
-    """x itself in a layout the fused kernels read in memory order (as the simulation's kernels do), else contiguous."""
-    from fracpass.quant import _rows_outer_dense
-
-    return x if _rows_outer_dense(x) else x.contiguous()
-
-
 def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     """(codes q = clamp(round(x / s), lo, hi) as bfloat16 in x's layout, s): fake_quantize(x) == s * q.
     |q| <= 2^bits - 1 <= 255, so bfloat16 holds every code exactly; the real zero is code 0."""
@@ -611,8 +600,6 @@ def _bf16_grad_codes(grad: Tensor, bits: int, values: bool) -> Tuple[Optional[Te
     bfloat16 with ghat = s * t + c; ghat itself only if ``values``. t = q - k with k = round(-min / s)
     (|t| <= 2^b - 1: exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's
     correction stays small beside the product and bfloat16's rounding of the two cannot cancel."""
-    from fracpass.quant import _aminmax
-
     grad = _dense(grad)  # the simulation's gradient quantizer reads this layout, in memory order
     levels = float(2**bits - 1)
     mn, mx = _aminmax(grad)
@@ -630,8 +617,6 @@ def _bf16_grad_codes(grad: Tensor, bits: int, values: bool) -> Tuple[Optional[Te
 
 def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """float32 v * scale (+ bias), scale and bias per channel (dim 1) or per tensor, in v's layout."""
-    from fracpass.quant import _rows_outer_dense
-
     ext = _ext()
     if ext is not None and _rows_outer_dense(v):
         return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1))
@@ -645,9 +630,9 @@ class _Bf16Conv(torch.autograd.Function):
     and, in backward, dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat) with ghat = s_g t + c.
 
     The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
-    each product's output to bfloat16 (relative 2^-9), before the scales are applied in float32. The
-    gradient's offset c multiplies a convolution of ones, computed at 1/N (dx) or 1/C_out-per-group (dw)
-    of the main product's size. dx runs in float32 on the decoded codes when the weight's scale is per
+    each product's output to bfloat16 (unit roundoff 2^-8), before the scales are applied in float32.
+    The gradient's offset c multiplies a float32 convolution of ones: over one sample for dx, over the
+    batch sum of the input codes and one channel per group for dw. dx runs in float32 on the decoded codes when the weight's scale is per
     output channel (it lies on that product's contracted axis) or the gradient has more than 8 bits.
     Saved for backward: the bfloat16 codes, never the float operands."""
 
@@ -732,8 +717,6 @@ def _batch_sum(q: Tensor) -> Tensor:
     """q summed over dim 0 into float32, keepdim, in q's layout: a reduction over memory rows for the
     layouts that keep dim 0 outermost (aten's sum of a channels_last bf16 tensor over dim 0 took 1.4 ms
     for 4 MB here, over memory rows 0.48 ms, the fused kernel less)."""
-    from fracpass.quant import _rows_outer_dense
-
     if not _rows_outer_dense(q):
         return q.sum(0, keepdim=True, dtype=torch.float32)
     ext = _ext()
@@ -754,11 +737,7 @@ def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bo
         return f"padding={padding!r}"
     if x.dim() != weight.dim():
         return f"an unbatched {x.dim()}-D input"
-    return bf16_support() or _tensor_reason(x, weight)
-
-
-def _tuple_arg(v, n: int) -> list:
-    return [v] * n if isinstance(v, int) else list(v)
+    return _tensor_reason(x, weight)  # the CPU's bf16 support: decide() checked it
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,

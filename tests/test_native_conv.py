@@ -21,6 +21,7 @@ from torch import nn
 
 import fracpass
 from fracpass import native
+from test_native import _pair, _run, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
 
 BF16_U = 2.0**-8  # bfloat16's unit roundoff
 
@@ -64,22 +65,6 @@ def _inputs(name, shape):
     return (x,)
 
 
-def _run(qmodel, inputs, seed=123):
-    """Output, input gradient and parameter gradients for loss = <y, r> with a fixed r."""
-    qmodel.zero_grad(set_to_none=True)
-    inputs = [t.clone().requires_grad_() for t in inputs]
-    y = qmodel(*inputs)
-    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
-    torch.manual_seed(seed)  # the gradient quantizers' noise
-    (y * r).sum().backward()
-    return [y.detach()] + [t.grad for t in inputs] + [p.grad for p in qmodel.parameters()]
-
-
-def _pair(model, plan, inputs):
-    return (fracpass.transform(model, plan, example_inputs=inputs),
-            fracpass.transform(model, plan, example_inputs=inputs, execution="native"))
-
-
 def _offset_bounds(model, inputs, bits):
     """Upper bounds of the gradient offset's term |B| in (dx, dw): s_g / 2 times the largest sum of
     |w| (dx) or |x| (dw) over one input channel, |x| and |w| padded by a quantization step."""
@@ -119,16 +104,6 @@ def _count_bf16(monkeypatch):
     real = native._Bf16Conv.apply
     monkeypatch.setattr(native._Bf16Conv, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
-
-
-@pytest.fixture(params=["fused", "torch ops"])
-def kernels(request, monkeypatch):
-    """Both implementations of the codes and the scaling: csrc/native_cpu.cpp and the torch-op path."""
-    if request.param == "torch ops":
-        monkeypatch.setattr(native, "_ext", lambda: None)
-    elif native._ext() is None:
-        pytest.skip("the fused native kernels could not be built here")
-    return request.param
 
 
 @pytest.mark.parametrize("weight_scale", ["channel", "tensor"])

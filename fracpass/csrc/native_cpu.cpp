@@ -52,6 +52,11 @@ void check2d(const torch::Tensor& x, c10::ScalarType type, const char* what) {
               ": expected a contiguous 2-D CPU tensor of ", type);
 }
 
+void check_dense(const torch::Tensor& x, c10::ScalarType type, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == type && x.is_non_overlapping_and_dense(), what,
+              ": expected a dense CPU tensor of ", type);
+}
+
 template <typename T>
 const T* values(const torch::Tensor& t, int64_t n, const char* what) {
   if (t.numel() == 0) return nullptr;
@@ -225,8 +230,7 @@ torch::Tensor decode(const torch::Tensor& t, const torch::Tensor& k, const torch
 
 // x = s * (u - zp) for uint8 codes u with a per-tensor zero point, in u's memory layout (any dense one).
 torch::Tensor decode_u8(const torch::Tensor& u, const torch::Tensor& zp, const torch::Tensor& scale) {
-  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == torch::kByte && u.is_non_overlapping_and_dense(),
-              "decode_u8: expected a dense uint8 CPU tensor");
+  check_dense(u, torch::kByte, "decode_u8");
   auto x = torch::empty_strided(u.sizes(), u.strides(), u.options().dtype(torch::kFloat));
   const uint8_t* src = u.data_ptr<uint8_t>();
   float* dst = x.data_ptr<float>();
@@ -251,11 +255,6 @@ inline float bf16_value(uint16_t b) {
   float v;
   std::memcpy(&v, &u, sizeof v);
   return v;
-}
-
-void check_dense(const torch::Tensor& x, c10::ScalarType type, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == type && x.is_non_overlapping_and_dense(), what,
-              ": expected a dense CPU tensor of ", type);
 }
 
 // The channel (dim 1) of each memory index of a dense tensor that keeps dim 0 outermost: contiguous
