@@ -30,7 +30,7 @@ from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, _fused
                             plan_state_mismatch)
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
-           "fake_quantize_rows", "quantize_grad_rows", "option_scores"]
+           "fake_quantize_rows", "quantize_grad_rows", "option_scores", "onehot_grad"]
 
 FEATURES = 32  # width of the gate's first 1x1 conv (C -> 32), as in FracTrain / SkipNet
 HIDDEN = 16  # LSTM input and hidden size
@@ -100,7 +100,12 @@ def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: T
 def _row_range(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample min and max. A NaN propagates into its row's range and an Inf makes the scale
     infinite: either way that row's output comes out NaN, as in the static quantizers."""
-    flat = x.detach().reshape(x.shape[0], -1)
+    x = x.detach()
+    if _rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
+        rest = x.numel() // max(x.shape[0], 1)
+        flat = x.as_strided((x.shape[0], rest), (rest, 1), x.storage_offset())
+    else:
+        flat = x.reshape(x.shape[0], -1)
     # amin and amax separately: aminmax(dim=1) took 0.83 ms per 2M floats here, the pair 0.4 ms
     return torch.amin(flat, 1), torch.amax(flat, 1)
 
@@ -138,14 +143,19 @@ class _GatedFakeQuant(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         d_onehot = None
         if ctx.needs_input_grad[1]:
-            x, mn, mx, option_levels, onehot = ctx.saved_tensors
-            scores = option_scores(x, grad, mn, mx, option_levels)
-            # a skip option has no quantizer output; give it the score of what the row used, which is
-            # neutral (the softmax's backward ignores a common offset): skipping is costed at the block's add
-            used = (scores * onehot).sum(1, keepdim=True)
-            skip = (option_levels <= 0).unsqueeze(0)
-            d_onehot = torch.where(skip, used, scores).to(onehot.dtype)
+            d_onehot = onehot_grad(*ctx.saved_tensors, grad)
         return grad, d_onehot, None, None, None, None
+
+
+def onehot_grad(x: Tensor, mn: Tensor, mx: Tensor, option_levels: Tensor, onehot: Tensor, grad: Tensor) -> Tensor:
+    """dL/d onehot of a gated activation quantizer given dL/d(its output) ``grad``: per row and option,
+    <grad, Q_k(x)> over the row's range (``option_scores``)."""
+    scores = option_scores(x, grad, mn, mx, option_levels)
+    # a skip option has no quantizer output; give it the score of what the row used, which is
+    # neutral (the softmax's backward ignores a common offset): skipping is costed at the block's add
+    used = (scores * onehot).sum(1, keepdim=True)
+    skip = (option_levels <= 0).unsqueeze(0)
+    return torch.where(skip, used, scores).to(onehot.dtype)
 
 
 class _GatedGradQuantFn:
@@ -217,16 +227,22 @@ class GatedActQuant(_RangeTracker):
         rows = _per_sample(x, choice.numel(), self)
         if rows is not x:
             return self.forward(rows, onehot).view_as(x)
+        mn, mx = self.row_range(x, choice)
+        levels = self.option_levels.to(x.dtype)
+        return _GatedFakeQuant.apply(x, onehot, mn.to(x.dtype), mx.to(x.dtype), levels[choice], levels)
+
+    def row_range(self, x: Tensor, choice: Tensor) -> Tuple[Tensor, Tensor]:
+        """Each sample's (min, max) that ``forward`` quantizes over, its option group's (tracking the
+        groups' EMA in training), for callers that compute the codes themselves (``fracpass.native``).
+        ``x`` leads with one row per sample; ``choice`` holds each sample's option."""
         if self.training or not self._range_ready:
             mn, mx = _row_range(x)
             mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
             if self.training:
                 self._track(gmn, gmx)
-        else:  # eval: the per-option EMA ranges, no pass over x
-            table_min, table_max = self.eval_ranges()
-            mn, mx = table_min[choice], table_max[choice]
-        levels = self.option_levels.to(x.dtype)
-        return _GatedFakeQuant.apply(x, onehot, mn.to(x.dtype), mx.to(x.dtype), levels[choice], levels)
+            return mn, mx
+        table_min, table_max = self.eval_ranges()  # eval: the per-option EMA ranges, no pass over x
+        return table_min[choice], table_max[choice]
 
     def eval_ranges(self) -> Tuple[Tensor, Tensor]:
         """Per-option (min, max) used in eval: each option's EMA, and for an option no training batch

@@ -50,6 +50,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import operator
 import pathlib
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from torch import Tensor, nn
 
 from fracpass import kernels, meta, registry
 from fracpass.errors import FracpassError
+from fracpass.gating import GatedActQuant, GatedGradQuant, _group_range, _row_range, onehot_grad, quantize_grad_rows
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _aminmax, _dense,
                             _fused_kernels, _rows_outer_dense, _torch_seed, quantize_grad_stochastic)
@@ -319,8 +321,17 @@ class _Int8Product(torch.autograd.Function):
 def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
     if q is None:
         return f"its {role} operand is not quantized by the plan"
+    if isinstance(q, GatedActQuant):
+        if path != "bf16":
+            return (f"its {role} quantizer is gated (per-sample scales): gated ops run native as convolutions "
+                    "(bf16) only; int8 linear / matmul with per-sample scales is not built")
+        wide = sorted({b for b in q.options.tolist() if not 2 <= b <= MAX_INT8_BITS})
+        if wide:
+            return (f"its {role} gate options include {wide} bits: bfloat16 codes need 2..{MAX_INT8_BITS} bits in "
+                    "every option")
+        return None
     if type(q) not in (ActQuant, WeightQuant):
-        return f"its {role} quantizer is {type(q).__name__} (gated, per-sample scales: no native path yet)"
+        return f"its {role} quantizer is {type(q).__name__}: no native path for it"
     if q.bits > MAX_INT8_BITS:
         holds = "int8 holds" if path == "int8" else "bfloat16 holds codes of"
         return f"{role} at {'fp32' if q.bits >= FULL_PRECISION else q.bits} bits: {holds} at most {MAX_INT8_BITS}"
@@ -330,10 +341,14 @@ def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
 
 
 def _grad_bits(gq) -> int:
+    """The gradient's bits: a gated quantizer's widest option (what decides its backward path in the
+    reports), -1 for a gradient quantizer with no native path."""
     if gq is None:
         return FULL_PRECISION
+    if isinstance(gq, GatedGradQuant):
+        return max(gq.options.tolist())
     if type(gq) is not GradQuant:
-        return -1  # gated gradient quantizer
+        return -1
     return gq.bits
 
 
@@ -345,11 +360,15 @@ def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
         if why is not None:
             return "simulated", why
     gbits = _grad_bits(gq)
-    if gbits == -1:
-        return "simulated", f"its gradient quantizer is {type(gq).__name__} (gated: no native path yet)"
+    if gbits == -1 or (isinstance(gq, GatedGradQuant) and path != "bf16"):
+        return "simulated", (f"its gradient quantizer is {type(gq).__name__}: gated ops run native as convolutions "
+                             "(bf16) only")
     why = int8_support() if path == "int8" else bf16_support()
     if why is not None:
         return "simulated", why
+    if isinstance(gq, GatedGradQuant) and gbits > MAX_INT8_BITS:
+        return path, (f"backward products in fp32 in batches where a sample chose a gradient option above "
+                      f"{MAX_INT8_BITS} bits (gate options g={tuple(gq.options.tolist())})")
     if not 2 <= gbits <= MAX_INT8_BITS:
         return path, f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
     if any(_fp32_backward(qa, qb, gbits)):
@@ -429,8 +448,12 @@ def _remember(q, why: Optional[str]) -> None:
 
 
 # -- the native calls --------------------------------------------------------------------------------
-def _call(q, x: Tensor) -> Tensor:
-    return x if q is None else q(x)
+def _call(q, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+    """q(x), or q(x, gate) for the activation and gradient quantizers of a gated op (a gated op's come
+    with its gate: the lowering checked that; export's markers take the same arguments)."""
+    if q is None:
+        return x
+    return q(x) if gate is None else q(x, gate)
 
 
 def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optional[nn.Module],
@@ -582,47 +605,83 @@ def _encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
 
 
 # -- convolutions on bfloat16 codes (every conv kind) ---------------------------------------------------
-def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
-    """(codes q = clamp(round(x / s), lo, hi) as bfloat16 in x's layout, s): fake_quantize(x) == s * q.
-    |q| <= 2^bits - 1 <= 255, so bfloat16 holds every code exactly; the real zero is code 0."""
-    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tensor]:
+    """(codes q = clamp(round(x / s), lo, hi) as bfloat16 in x's layout, s): fake_quantize(x) == s * q,
+    with ``levels`` = 2^bits - 1. Per tensor, or per sample (gated: mn, mx, levels one per row of dim
+    0, s then too). |q| <= 255, so bfloat16 holds every code exactly; the real zero is code 0."""
+    rows = torch.is_tensor(levels) and levels.numel() > 1
+    if rows:  # one range per sample: fracpass.gating.fake_quantize_rows's arithmetic
+        levels = levels.to(torch.float32)
+    scale, lo, hi = _affine_params(mn, mx, levels if rows else float(levels))
     ext = _ext()
-    if ext is not None and scale.numel() == 1:
-        return ext.encode_bf16(_dense(x), scale, lo, hi), scale
+    along_rows = scale.numel() == 1 or (x.dim() > 0 and scale.dim() > 0 and scale.numel() == scale.shape[0] == x.shape[0]
+                                      and _rows_outer_dense(x))
+    if ext is not None and along_rows:  # per tensor, per sample, or per output channel of a weight (dim 0)
+        return ext.encode_bf16(_dense(x), scale.reshape(-1), lo.reshape(-1), hi.reshape(-1)), scale.reshape(-1)
+    if rows:
+        scale, lo, hi = (_per_row_view(v, x) for v in (scale, lo, hi))
     q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
-    q.clamp_min_(lo)
-    q.clamp_max_(hi)
-    return q.to(torch.bfloat16), scale
+    q = torch.maximum(q, lo)
+    q = torch.minimum(q, hi)
+    return q.to(torch.bfloat16), scale.reshape(-1)
 
 
-def _bf16_grad_codes(grad: Tensor, bits: int, values: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """The simulation's stochastic rounding of ``grad`` (same noise for the same seed) as codes t in
-    bfloat16 with ghat = s * t + c; ghat itself only if ``values``. t = q - k with k = round(-min / s)
-    (|t| <= 2^b - 1: exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's
-    correction stays small beside the product and bfloat16's rounding of the two cannot cancel."""
-    grad = _dense(grad)  # the simulation's gradient quantizer reads this layout, in memory order
-    levels = float(2**bits - 1)
-    mn, mx = _aminmax(grad)
+def _per_row_view(v: Tensor, like: Tensor) -> Tensor:
+    """A per-tensor or per-sample vector ``v`` shaped to broadcast against ``like`` (N, C, ...)."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1)) if v.numel() > 1 else v.reshape(())
+
+
+def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor,
+                     values: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """The simulation's stochastic rounding of ``grad`` over [mn, mx] at ``levels`` (per tensor:
+    fracpass.quant.quantize_grad_stochastic; one of each per sample: fracpass.gating.quantize_grad_rows;
+    same noise for the same seed) as codes t in bfloat16 with ghat = s * t + c (s, c per tensor or per
+    sample); ghat itself only if ``values``. t = q - k with k = round(-min / s) (|t| <= 2^b - 1:
+    exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's correction stays small
+    beside the product and bfloat16's rounding of the two cannot cancel."""
+    grad = _dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
-    zero = torch.round(-mn / scale).clamp_(0.0, levels)
+    zero = torch.minimum(torch.round(-mn / scale).clamp_(min=0.0), levels)
     ext = _ext()
     if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
-        ghat, t = ext.grad_codes_bf16(grad, mn, mx, levels, float(zero), _torch_seed(), values)
+        ghat, t = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
+                                      _torch_seed(), values)
         ghat = ghat if values else None
     else:
-        ghat = quantize_grad_stochastic(grad, bits)
-        t = torch.sub(ghat, mn).div_(scale).round_().sub_(zero).to(torch.bfloat16)
-    return ghat, t, scale, mn + scale * zero
+        if levels.numel() > 1:
+            ghat = quantize_grad_rows(grad, mn, mx, levels)
+        else:
+            ghat = quantize_grad_stochastic(grad, round(math.log2(float(levels) + 1)))
+        v = lambda a: _per_row_view(a, grad)
+        t = torch.sub(ghat, v(mn)).div_(v(scale)).round_().sub_(v(zero)).to(torch.bfloat16)
+    return ghat, t, scale.reshape(-1), (mn + scale * zero).reshape(-1)
 
 
-def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """float32 v * scale (+ bias), scale and bias per channel (dim 1) or per tensor, in v's layout."""
+def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
+    """float32 v * scale (* rows) (+ bias), scale and bias per channel (dim 1) or per tensor, ``rows`` a
+    factor per sample (dim 0) or per tensor, in v's layout."""
     ext = _ext()
     if ext is not None and _rows_outer_dense(v):
-        return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1))
+        return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1),
+                              _NONE_F if rows is None else rows.reshape(-1).float())
     shape = (1, -1) + (1,) * (v.dim() - 2)
-    y = torch.mul(v, scale.view(shape) if scale.numel() > 1 else scale)  # bf16 x fp32 -> fp32
+    s = scale.view(shape) if scale.numel() > 1 else scale
+    if rows is not None:
+        s = s * _per_row_view(rows, v)
+    y = torch.mul(v, s)  # bf16 x fp32 -> fp32
     return y if bias is None else y.add_(bias.view(shape))
+
+
+class _Gating(NamedTuple):
+    """A gated op's per-sample state for _Bf16Conv: each sample's option (``choice``), the activation's
+    per-sample range and its options' level counts (the gate's gradient needs them), and the gradient
+    quantizer's options' level counts (None: the gradient is quantized per tensor, ``gbits``)."""
+
+    choice: Tensor
+    mn: Tensor
+    mx: Tensor
+    act_levels: Optional[Tensor]
+    grad_levels: Optional[Tensor]
 
 
 class _Bf16Conv(torch.autograd.Function):
@@ -632,50 +691,119 @@ class _Bf16Conv(torch.autograd.Function):
     The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
     each product's output to bfloat16 (unit roundoff 2^-8), before the scales are applied in float32.
     The gradient's offset c multiplies a float32 convolution of ones: over one sample for dx, over the
-    batch sum of the input codes and one channel per group for dw. dx runs in float32 on the decoded codes when the weight's scale is per
-    output channel (it lies on that product's contracted axis) or the gradient has more than 8 bits.
-    Saved for backward: the bfloat16 codes, never the float operands."""
+    batch sum of the input codes and one channel per group for dw. dx runs in float32 on the decoded
+    codes when the weight's scale is per output channel (it lies on that product's contracted axis) or
+    the gradient has more than 8 bits. Saved for backward: the bfloat16 codes, never the float operands.
+
+    Gated (``gating``): s_a, s_g and c hold one value per sample, on the free axis of y and dx, so they
+    scale those outputs per sample; dw contracts over the samples, so it runs once per option group
+    (whose samples share their scales). The gate's gradient needs the float input: it is saved then."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, qa, sa, qw, sw, conv, gbits):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):  # type: ignore[override]
         stride, padding, dilation, transposed, output_padding, groups = conv
         v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
-        y = _scale_out(v, sa * _out_channel_scale(sw, transposed, groups), bias)
-        ctx.save_for_backward(qa, sa, qw, sw)
-        ctx.conv, ctx.gbits, ctx.has_bias = conv, gbits, bias is not None
+        wscale = _out_channel_scale(sw, transposed, groups)
+        y = _scale_out(v, wscale, bias, sa) if sa.numel() > 1 else _scale_out(v, sa * wscale, bias)
+        ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
+        keep = (x.detach(), onehot) if ctx.gate_grad else ()
+        ctx.save_for_backward(qa, sa, qw, sw, *keep)
+        ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        qa, sa, qw, sw = ctx.saved_tensors
+        qa, sa, qw, sw = ctx.saved_tensors[:4]
         stride, padding, dilation, transposed, output_padding, groups = ctx.conv
         args = (stride, padding, dilation, transposed, output_padding, groups)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        gbits = ctx.gbits
+        gating: Optional[_Gating] = ctx.gating
+        need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
         dx = dw = db = None
-        if not 2 <= gbits <= MAX_INT8_BITS:  # gradient codes would not be exact in bfloat16: float32 products
-            ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
-            x_hat = qa.float().mul_(sa) if need_w else _shape_only(qa)
+        if levels is None or not bool(((levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)).all()):
+            # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
+            ghat = grad if levels is None else (quantize_grad_rows(_dense(grad), mn, mx, levels) if levels.numel() > 1
+                                                else quantize_grad_stochastic(grad, ctx.gbits))
+            x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
             w_hat = _weight_values(qw, sw, transposed)
             dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
                                                              *args, [need_x, need_w, need_b])
-            return (dx, dw, db) + (None,) * 6
-        fp32_dx = need_x and sw.numel() > 1
-        ghat, t, sg, c = _bf16_grad_codes(grad, gbits, values=fp32_dx)
-        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args, [need_x and not fp32_dx, need_w, False])
-        if need_x and fp32_dx:
-            dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed), None,
-                                                     *args, [True, False, False])[0]
-        elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second term is the same for every sample
-            ones = t.new_ones((1,) + tuple(t.shape[1:]))
-            corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
-            dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
-        if need_w:  # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
-            dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
-        if need_b:
-            dims = [0] + list(range(2, t.dim()))
-            db = ghat.sum(dims) if ghat is not None else t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
-        return (dx, dw, db) + (None,) * 6
+        else:
+            fp32_dx = need_x and sw.numel() > 1
+            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, values=fp32_dx)
+            per_sample = sa.numel() > 1 or sg.numel() > 1
+            vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
+                                                            [need_x and not fp32_dx, need_w and not per_sample, False])
+            if need_x and fp32_dx:
+                dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
+                                                         None, *args, [True, False, False])[0]
+            elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second the same for every sample
+                ones = t.new_ones((1,) + tuple(t.shape[1:]))
+                corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
+                if sg.numel() > 1:
+                    dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
+                else:
+                    dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
+            if need_w and not per_sample:
+                # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
+                dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
+            elif need_w:
+                dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice)
+            if need_b:
+                dims = [0] + list(range(2, t.dim()))
+                if ghat is not None:
+                    db = ghat.sum(dims)
+                elif sg.numel() > 1:  # sum over samples of s_g t + c
+                    per = t.sum(dims[1:], dtype=torch.float32) if t.dim() > 2 else t.float()
+                    db = (per * sg.view(-1, 1)).sum(0).add_(c.sum() * (t.numel() // (t.shape[0] * t.shape[1])))
+                else:
+                    db = t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
+        d_onehot = None
+        if ctx.gate_grad:
+            x, onehot = ctx.saved_tensors[4:]
+            d_onehot = onehot_grad(x, gating.mn, gating.mx, gating.act_levels, onehot, dx)
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        return (dx, dw, db, d_onehot) + (None,) * 7
+
+
+def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
+    """(min, max, level count) the gradient quantizer rounds ``grad`` over: per tensor at ``gbits``, or
+    per sample over its option group's range at its option's levels (fracpass.gating's GatedGradQuant).
+    The level count is None where the gradient is not quantized."""
+    if gating is not None and gating.grad_levels is not None:
+        mn, mx = _row_range(grad)
+        mn, mx, _, _ = _group_range(mn, mx, gating.choice, gating.grad_levels.numel())
+        return mn, mx, gating.grad_levels[gating.choice]
+    if gbits >= FULL_PRECISION:
+        return None, None, None
+    mn, mx = _aminmax(_dense(grad))
+    return mn, mx, torch.tensor(float(2**gbits - 1))
+
+
+def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg: Tensor, c: Tensor,
+                         choice: Tensor) -> Tensor:
+    """dw of a gated convolution: the samples' scales lie on its contracted (batch) axis, so one bf16
+    product per option group, whose samples share s_a, s_g and c (their group's range)."""
+    dw = None
+    for option in torch.unique(choice).tolist():
+        idx = (choice == option).nonzero().view(-1)
+        first = int(idx[0])
+        whole = idx.numel() == choice.numel()
+        t_k, qa_k = (t, qa) if whole else (_take(t, idx), _take(qa, idx))
+        pick = lambda v: v[first] if v.numel() > 1 else v.reshape(())
+        s_a, s_g, c_k = pick(sa), pick(sg), pick(c)
+        vw = torch.ops.aten.convolution_backward(t_k, qa_k, qw, None, *args, [False, True, False])[1]
+        part = _scale_out(vw, s_a * s_g, None).add_(_ones_weight_grad(t_k, qa_k, qw, args, c_k * s_a))
+        dw = part if dw is None else dw.add_(part)
+    return dw
+
+
+def _take(v: Tensor, idx: Tensor) -> Tensor:
+    """The samples ``idx`` of ``v`` in v's memory layout (channels_last stays channels_last)."""
+    out = torch.empty_like(v[:idx.numel()])
+    return torch.index_select(v, 0, idx, out=out)
 
 
 def _shape_only(like: Tensor) -> Tensor:
@@ -728,39 +856,55 @@ def _batch_sum(q: Tensor) -> Tensor:
     return total.as_strided((1,) + tuple(q.shape[1:]), q.stride())
 
 
-def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bool) -> Optional[str]:
+def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bool, gate) -> Optional[str]:
     axis = 1 if transposed else 0
-    if not isinstance(aq, ActQuant) or not isinstance(wq, WeightQuant) or (
+    if not isinstance(aq, (ActQuant, GatedActQuant)) or not isinstance(wq, WeightQuant) or (
             wq.axis is not None and wq.axis % weight.dim() != axis):
         return "the input's scale is not per tensor or the weight's is not per output channel"
     if isinstance(padding, str):
         return f"padding={padding!r}"
     if x.dim() != weight.dim():
         return f"an unbatched {x.dim()}-D input"
+    if gate is not None and (gate.dim() != 2 or gate.shape[0] != x.shape[0]):
+        return f"a gate choice of shape {tuple(gate.shape)} for a batch of {x.shape[0]}"
     return _tensor_reason(x, weight)  # the CPU's bf16 support: decide() checked it
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
-               output_padding, groups: int, aq, wq, gq, simulated) -> Tensor:
-    why = decide(aq, wq, gq, path="bf16")[0] != "bf16" or _bf16_conv_reason(x, weight, padding, aq, wq, transposed)
+               output_padding, groups: int, aq, wq, gq, gate, simulated) -> Tensor:
+    why = (decide(aq, wq, gq, path="bf16")[0] != "bf16"
+           or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate))
     if why:
         if why is not True:
             _remember(aq, why)
-        return _call(gq, simulated(_call(aq, x), _call(wq, weight)))
+        return _call(gq, simulated(_call(aq, x, gate), _call(wq, weight)), gate)
     _remember(aq, None)
     n = weight.dim() - 2
     conv = (_tuple_arg(stride, n), _tuple_arg(padding, n), _tuple_arg(dilation, n), transposed,
             _tuple_arg(output_padding, n), groups)
+    gating = None
     with torch.no_grad():
-        qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), aq.bits)
-        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), wq.bits)
-    return _Bf16Conv.apply(x, weight, bias, qa, sa.reshape(-1), qw, sw.reshape(-1), conv, _grad_bits(gq))
+        if isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant):
+            choice = gate.detach().argmax(1)
+            act = isinstance(aq, GatedActQuant)
+            mn, mx = aq.row_range(x, choice) if act else aq.qrange(x)
+            levels = aq.option_levels.to(torch.float32)[choice] if act else float(2**aq.bits - 1)
+            qa, sa = _bf16_codes(x.detach(), mn.float().contiguous(), mx.float().contiguous(), levels)
+            gating = _Gating(choice, mn.float().contiguous(), mx.float().contiguous(),
+                             aq.option_levels.to(torch.float32) if act else None,
+                             gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None)
+        else:
+            qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), float(2**aq.bits - 1))
+        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
+    onehot = gate if gating is not None and gating.act_levels is not None else None
+    return _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating)
 
 
 def _conv_call(fn):
-    """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers."""
-    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None):
-        return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq,
+    """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers and, for a
+    gated op, its gate's one-hot choice."""
+    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None):
+        return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
                           lambda a, w: fn(a, w, bias, stride, padding, dilation, groups))
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
@@ -768,10 +912,11 @@ def _conv_call(fn):
 
 
 def _conv_transpose_call(fn):
-    """The native form of ``fn`` (F.conv_transpose{1,2,3}d): its arguments, then the three quantizers."""
+    """The native form of ``fn`` (F.conv_transpose{1,2,3}d): its arguments, then the three quantizers
+    and, for a gated op, its gate's one-hot choice."""
     def call(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, aq=None, wq=None,
-             gq=None):
-        return _bf16_conv(x, weight, bias, stride, padding, dilation, True, output_padding, groups, aq, wq, gq,
+             gq=None, gate=None):
+        return _bf16_conv(x, weight, bias, stride, padding, dilation, True, output_padding, groups, aq, wq, gq, gate,
                           lambda a, w: fn(a, w, bias, stride, padding, output_padding, groups, dilation))
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
@@ -862,7 +1007,8 @@ class LowerNativePass(PassBase):
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)
-            if node.target is bf16_conv2d and "conv2d_int8" in self.kinds:  # lowered at transform: same arguments
+            if node.target is bf16_conv2d and "conv2d_int8" in self.kinds and len(node.args) == 10:
+                # lowered at transform, the same arguments (a gated one, with its gate, stays on bf16)
                 node.target = native_conv2d
                 lowered += 1
                 continue
@@ -890,14 +1036,29 @@ class LowerNativePass(PassBase):
             return f"convolutions are not lowered (LowerNativePass(kinds={self.kinds}))"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
+        gated = "gated unit (per-sample scales): gated ops run native as convolutions (bf16) only"
+        gates, static = set(), 0  # a gated op's activation and gradient quantizers all read one gate
         for arg in node.args[:2]:
             q = next((r for r in ("act", "weight") if _quantizer_node(arg, node, r) is not None), None)
-            if q is not None and (len(arg.args) != 1 or len(arg.users) != 1):
-                return "gated unit (per-sample scales: no native path yet)" if len(arg.args) != 1 else \
-                    "a quantized operand has other users"
+            if q is not None and len(arg.users) != 1:
+                return "a quantized operand has other users"
+            if q == "act" and len(arg.args) == 2:
+                gates.add(arg.args[1])
+            elif q is not None and len(arg.args) != 1:
+                return gated
+            else:
+                static += q == "act"
         grads = [u for u in node.users if _quantizer_node(u, node, "grad") is not None]
-        if grads and (len(node.users) != 1 or len(grads[0].args) != 1):
-            return "gated unit (per-sample scales: no native path yet)"
+        if grads and len(node.users) != 1:
+            return "its output has users besides its gradient quantizer"
+        if grads and len(grads[0].args) == 2:
+            gates.add(grads[0].args[1])
+        elif grads and len(grads[0].args) != 1:
+            return gated
+        else:
+            static += len(grads)
+        if gates and (not is_conv or static or len(gates) > 1):
+            return gated if not is_conv else "its quantizers mix gated and static ones (or read different gates)"
         return None
 
     def _lower(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
@@ -905,6 +1066,9 @@ class LowerNativePass(PassBase):
         grad = next(iter(node.users)) if len(node.users) == 1 else None
         grad = _quantizer_node(grad, node, "grad")
         operands, refs, erase = [], [], []
+        # a gated op's one-hot choice (the second argument of its gated quantizers)
+        gate = next((q.args[1] for q in (*node.args[:2], grad) if isinstance(q, torch.fx.Node) and len(q.args) == 2
+                     and meta.inserted(q) is not None and meta.inserted(q).source == node.name), None)
         with graph.inserting_before(node):
             for arg in node.args[:2]:
                 role = "act" if _quantizer_node(arg, node, "act") is not None else (
@@ -920,7 +1084,7 @@ class LowerNativePass(PassBase):
             if node.target in _LINEAR:
                 bias = node.args[2] if len(node.args) > 2 else None
                 new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
-            elif node.target in _CONV2D and "conv2d_int8" in self.kinds:
+            elif node.target in _CONV2D and "conv2d_int8" in self.kinds and gate is None:
                 # bias, stride, padding, dilation, groups with F.conv2d's defaults
                 rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]
                 new = graph.call_function(native_conv2d, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
@@ -929,7 +1093,8 @@ class LowerNativePass(PassBase):
                 # F's own defaults for the arguments the call left out: bias, stride, padding, ...
                 defaults = [None, 1, 0, 1, 1] if first == 7 else [None, 1, 0, 0, 1, 1]
                 rest = list(node.args[2:]) + defaults[len(node.args) - 2:]
-                new = graph.call_function(call, (operands[0], operands[1], *rest, refs[0], refs[1], gref))
+                new = graph.call_function(call, (operands[0], operands[1], *rest, refs[0], refs[1], gref)
+                                          + ((gate,) if gate is not None else ()))
             else:
                 new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
         new.meta.update(node.meta)

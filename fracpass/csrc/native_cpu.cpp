@@ -11,12 +11,15 @@
 //                col_b' = col_b + K kb and row_a' = row_a + K ka, written over acc (int32 -> float32 in place).
 //   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8;
 //   decode_u8:   the same for uint8 activation codes with a per-tensor zero point (the conv path), any dense layout.
-//   encode_bf16: q = clamp(nearbyint(x / s), lo, hi) per tensor, as bfloat16 (exact: |q| <= 255), in x's
-//                memory layout (contiguous or channels_last): the operands of the bf16 convolution path.
-//   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither),
+//   encode_bf16: q = clamp(nearbyint(x / s), lo, hi) per tensor or per row of dim 0 (a gated op's samples),
+//                as bfloat16 (exact: |q| <= 255), in x's memory layout (contiguous or channels_last): the
+//                operands of the bf16 convolution path.
+//   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither), per
+//                tensor or with one range and level count per row of dim 0 (grad_sr_rows, gated ops),
 //                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for.
-//   scale_bf16:  y = v * s (+ bias) from a bf16 product v, with s and bias per channel (dim 1), float32
-//                out in v's layout: the bf16 path's epilogue.
+//   scale_bf16:  y = v * s (+ bias) from a bf16 product v, with s and bias per channel (dim 1), and s
+//                times a per-row (per-sample, dim 0) factor if given, float32 out in v's layout: the bf16
+//                path's epilogue.
 //   batch_sum_bf16: the sum over dim 0 of bf16 codes into float32 (the window sums of the weight
 //                gradient's offset correction).
 #include <torch/extension.h>
@@ -267,45 +270,73 @@ struct ChannelOf {
 
 }  // namespace
 
+// The per-row parameter of row r: one value for every row, or one per row.
+inline float row_value(const float* p, int64_t numel, int64_t r) { return p[numel == 1 ? 0 : r]; }
+
+void check_row_params(const torch::Tensor& x, std::initializer_list<const torch::Tensor*> params, const char* what) {
+  const int64_t rows = x.dim() > 0 ? x.size(0) : 1;
+  for (const torch::Tensor* p : params)
+    TORCH_CHECK(p->device().is_cpu() && p->scalar_type() == torch::kFloat && p->is_contiguous() &&
+                    (p->numel() == 1 || p->numel() == rows),
+                what, ": expected float32 parameters with one value, or one per row of dim 0 (", rows, ")");
+  TORCH_CHECK(x.dim() == 0 || x.size(0) <= 1 || x.stride(0) * x.size(0) == x.numel() ||
+                  std::all_of(params.begin(), params.end(), [](const torch::Tensor* p) { return p->numel() == 1; }),
+              what, ": per-row parameters need dim 0 outermost in memory");
+}
+
 torch::Tensor encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
                           const torch::Tensor& hi) {
   check_dense(x, torch::kFloat, "encode_bf16");
+  check_row_params(x, {&scale, &lo, &hi}, "encode_bf16");
   auto t = torch::empty_strided(x.sizes(), x.strides(), x.options().dtype(torch::kBFloat16));
   const float* src = x.data_ptr<float>();
   uint16_t* dst = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-  const float s = scale.item<float>(), l = lo.item<float>(), h = hi.item<float>();
-  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    const float ks = s, kl = l, kh = h;
-    for (int64_t i = b; i < e; ++i) {
-      float q = std::nearbyint(src[i] / ks);
-      q = q < kl ? kl : q;
-      q = q > kh ? kh : q;
-      dst[i] = bf16_top(q);
+  const float *ps = scale.data_ptr<float>(), *pl = lo.data_ptr<float>(), *ph = hi.data_ptr<float>();
+  const int64_t n = x.numel(), rows = x.dim() > 0 && x.size(0) > 0 ? x.size(0) : 1, per = n / rows;
+  const int64_t ns = scale.numel(), nl = lo.numel(), nh = hi.numel();
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    while (i < e) {  // spans inside one row
+      const int64_t r = per > 0 ? i / per : 0, stop = std::min(e, (r + 1) * per);
+      const float ks = row_value(ps, ns, r), kl = row_value(pl, nl, r), kh = row_value(ph, nh, r);
+      for (int64_t j = i; j < stop; ++j) {
+        float q = std::nearbyint(src[j] / ks);
+        q = q < kl ? kl : q;
+        q = q > kh ? kh : q;
+        dst[j] = bf16_top(q);
+      }
+      i = stop;
     }
   });
   return t;
 }
 
+// grad_sr (or grad_sr_rows, one range and level count per row of dim 0) as bfloat16 codes t = q - zero.
 std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
-                                           double levels, double shift, int64_t seed, bool values) {
+                                           const torch::Tensor& levels_t, const torch::Tensor& zero_t, int64_t seed,
+                                           bool values) {
   check_dense(g, torch::kFloat, "grad_codes_bf16");
-  const int64_t n = g.numel();
+  check_row_params(g, {&mn_t, &mx_t, &levels_t, &zero_t}, "grad_codes_bf16");
+  const int64_t n = g.numel(), rows = g.dim() > 0 && g.size(0) > 0 ? g.size(0) : 1, per = n / rows;
   auto t = torch::empty_strided(g.sizes(), g.strides(), g.options().dtype(torch::kBFloat16));
   auto ghat = values ? torch::empty_strided(g.sizes(), g.strides(), g.options()) : torch::empty({0}, g.options());
   const float* src = g.data_ptr<float>();
   float* out = values ? ghat.data_ptr<float>() : nullptr;
   uint16_t* codes = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-  const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), mx = mx_t.item<float>();
-  float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
-  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
-  const float zero = static_cast<float>(shift);
+  const float *pmn = mn_t.data_ptr<float>(), *pmx = mx_t.data_ptr<float>(), *plv = levels_t.data_ptr<float>(),
+              *pz = zero_t.data_ptr<float>();
+  const int64_t nmn = mn_t.numel(), nmx = mx_t.numel(), nlv = levels_t.numel(), nz = zero_t.numel();
   const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
     int64_t i = b;
-    while (i < e) {  // spans that stay inside one dither chunk
-      const int64_t chunk = i / kChunk, stop = std::min(e, (chunk + 1) * kChunk);
+    while (i < e) {  // spans that stay inside one row and one dither chunk
+      const int64_t r = per > 0 ? i / per : 0, chunk = i / kChunk;
+      const int64_t stop = std::min({e, (chunk + 1) * kChunk, (r + 1) * per});
       const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
-      const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = zero;
+      const float lv = row_value(plv, nlv, r), mn = row_value(pmn, nmn, r), mx = row_value(pmx, nmx, r);
+      float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
+      if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+      const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = row_value(pz, nz, r);
       const int64_t j0 = i, j1 = stop;
       if (out != nullptr) {
         for (int64_t j = j0; j < j1; ++j) {
@@ -331,7 +362,8 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
   return {ghat, t};
 }
 
-torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias) {
+torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias,
+                         const torch::Tensor& row_scale) {
   check_dense(v, torch::kBFloat16, "scale_bf16");
   TORCH_CHECK(v.dim() < 2 || v.stride(1) == 1 || v.is_contiguous(), "scale_bf16: expected a contiguous or channels-last tensor");
   auto y = torch::empty_strided(v.sizes(), v.strides(), v.options().dtype(torch::kFloat));
@@ -341,8 +373,11 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
   const int64_t n = v.numel(), C = channel.count;
   const float* ps = values<float>(scale, C, "scale_bf16 scale");
   const float* pb = values<float>(bias, C, "scale_bf16 bias");
+  const int64_t N = v.dim() > 0 && v.size(0) > 0 ? v.size(0) : 1, per_row = n / N;
+  const float* pr = values<float>(row_scale, N, "scale_bf16 row_scale");
+  TORCH_CHECK(pr == nullptr || N <= 1 || v.stride(0) * N == n, "scale_bf16: a per-row scale needs dim 0 outermost");
   if (n == 0) return y;
-  if (scale.numel() == 1 && pb == nullptr) {  // one scale: a flat loop
+  if (scale.numel() == 1 && pb == nullptr && pr == nullptr) {  // one scale: a flat loop
     const float sc = ps[0];
     at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) dst[i] = bf16_value(src[i]) * sc;
@@ -360,7 +395,12 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
       for (int64_t r = b; r < e; ++r) {
         const uint16_t* __restrict in = src + r * C;
         float* __restrict out = dst + r * C;
-        for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * s_c[c] + b_c[c];
+        if (pr != nullptr) {
+          const float f = pr[row_scale.numel() == 1 ? 0 : (r * C) / per_row];
+          for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * (s_c[c] * f) + b_c[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * s_c[c] + b_c[c];
+        }
       }
     });
   } else {  // contiguous: runs of `stride` elements share a channel
@@ -368,7 +408,8 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
     at::parallel_for(0, n / S, std::max<int64_t>(1, (1 << 14) / S), [&](int64_t b, int64_t e) {
       for (int64_t run = b; run < e; ++run) {
         const int64_t c = run % C;
-        const float sc = s_c[c], bi = b_c[c];
+        const float sc = pr != nullptr ? s_c[c] * pr[row_scale.numel() == 1 ? 0 : (run * S) / per_row] : s_c[c];
+        const float bi = b_c[c];
         const uint16_t* __restrict in = src + run * S;
         float* __restrict out = dst + run * S;
         for (int64_t j = 0; j < S; ++j) out[j] = bf16_value(in[j]) * sc + bi;
@@ -406,6 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
-  m.def("scale_bf16", &scale_bf16, "float32 v * s + bias per channel (dim 1) of a bf16 product, layout kept");
+  m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) of a bf16 product, layout kept");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }

@@ -1,0 +1,220 @@
+"""Gated (DFQ) convolutions on bfloat16 codes: per-sample bits and scales on fracpass.native's bf16 path.
+
+A gated op quantizes each sample at its gate's option, over its option group's range, so the
+activation's scale s_a and the gradient's s_g and offset c hold one value per sample. Those lie on
+the free (batch) axis of the output and of dx, so they scale those outputs per sample; dw contracts
+over the batch, so it runs once per option group, whose samples share their scales. The bound per
+element is the static one (tests/test_native_conv.py's module docstring) with the gradient step of
+the coarsest gradient option. The gate's own gradient <dL/dy_k, Q_k(x)> is computed from dx, so
+its error is at most dx's bound times the row's sum of |Q_k(x)|.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+from fracpass import gating, native
+from test_native import _run, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
+from test_native_conv import BF16_U, CASES, Conv, _count_bf16, _inputs, _offset_bounds
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu():
+    if native.bf16_support() is not None:
+        pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
+
+
+def _gated_pair(model, inputs, a=(2, 4, 6, 8), g=(8, 6, 4, 8), weight_scale="channel"):
+    """The model gated per op, simulated and native, with the same random gate weights (so that the
+    batch's samples spread over several options)."""
+    gates = fracpass.Gates(a=a, g=g, w=5, granularity="op", target=3.0)
+    plan = fracpass.Plan(stages=(fracpass.Stage(w=5, a=max(a), g=max(g)),), gates=gates,
+                         rules=(fracpass.Rule(weight_scale=weight_scale),))
+    sim = fracpass.transform(model, plan, example_inputs=inputs)
+    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native")
+    with torch.no_grad():
+        for p in sim.gates.parameters():
+            p.normal_(0, 3, generator=torch.Generator().manual_seed(p.numel()))
+    nat.load_state_dict(sim.state_dict())
+    return sim, nat
+
+
+def _spread(inputs):
+    """Samples of different scales and signs, so that the gates' pooled features (and choices) differ."""
+    (x,) = inputs
+    n = x.shape[0]
+    factor = torch.linspace(-3, 3, n).view((n,) + (1,) * (x.dim() - 1))
+    return ((x * factor).contiguous(memory_format=torch.channels_last) if x.dim() == 4 and not x.is_contiguous()
+            else x * factor,)
+
+
+def _record_gate_grads(monkeypatch):
+    """The gate's gradient dL/d onehot from the simulated (fracpass.gating) and native calls."""
+    seen = {"sim": [], "native": []}
+    real = gating.onehot_grad
+    monkeypatch.setattr(gating, "onehot_grad", lambda *a: seen["sim"].append(real(*a)) or seen["sim"][-1])
+    monkeypatch.setattr(native, "onehot_grad", lambda *a: seen["native"].append(real(*a)) or seen["native"][-1])
+    return seen
+
+
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gated_convolution_matches_the_gated_simulation(case, weight_scale, kernels, monkeypatch):
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model, inputs = Conv(factory()), _spread(_inputs(case, (8,) + shape[1:]))
+    sim, nat = _gated_pair(model, inputs, weight_scale=weight_scale)
+    assert native.op_paths(nat)["conv"][0] == "bf16"
+    grads = _record_gate_grads(monkeypatch)
+    calls = _count_bf16(monkeypatch)
+    want = _run(sim, inputs)
+    got = _run(nat, inputs)
+    assert calls == [1], f"{case}: the bf16 convolution did not run"
+    (chosen,) = sim.gates.stats().units.values()
+    assert sum(share > 0 for share in chosen) >= 2, f"the batch took one option only ({chosen}): dw's groups untested"
+
+    # y, dx, dw, bias gradient: the static bound at the coarsest gradient option (4 bits)
+    dx_off, dw_off = _offset_bounds(model, inputs, bits=4)
+    y, dx, dw, db = got[:4]
+    y_w, dx_w, dw_w, db_w = want[:4]
+    bias = float(model.conv.bias.detach().abs().max())
+    for name, g, w, bound in (("y", y, y_w, BF16_U * (float(y_w.abs().max()) + bias)),
+                              ("dx", dx, dx_w, BF16_U * (float(dx_w.abs().max()) + 2 * dx_off)),
+                              ("dw", dw, dw_w, BF16_U * (float(dw_w.abs().max()) + 2 * dw_off)),
+                              ("bias grad", db, db_w, 0.0)):
+        spread = 1e-5 * (float(w.max() - w.min()) + float(w.abs().max()))
+        err = float((g - w).abs().max())
+        assert err <= bound + spread, f"{case} {weight_scale}: {name} differs by {err:.3g} (bound {bound + spread:.3g})"
+    if weight_scale == "channel":  # dx on the decoded codes in float32
+        assert float((dx - dx_w).abs().max()) <= 1e-5 * float(dx_w.abs().max())
+    assert y.is_contiguous(memory_format=torch.channels_last) == y_w.is_contiguous(memory_format=torch.channels_last)
+
+    # the gate's gradient: per row and option, dx's bound times the row's sum of |Q_k(x)|
+    (d_sim,), (d_nat,) = grads["sim"], grads["native"]
+    x = inputs[0]
+    row_l1 = float((x.abs() + float(x.abs().max()) / 3).flatten(1).sum(1).max())
+    bound = (BF16_U * (float(dx_w.abs().max()) + 2 * dx_off) + 1e-5 * float(dx_w.abs().max())) * row_l1
+    err = float((d_nat - d_sim).abs().max())
+    assert err <= bound, f"{case} {weight_scale}: the gate's gradient differs by {err:.3g} (bound {bound:.3g})"
+    if weight_scale == "channel":
+        assert float((d_nat - d_sim).abs().max()) <= 1e-5 * float(d_sim.abs().max()) * row_l1
+
+
+def test_a_gradient_option_above_8_bits_runs_that_batch_backward_in_fp32(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
+    sim, nat = _gated_pair(model, inputs, a=(4, 6, 8), g=(6, 12, 8))
+    path, note = native.op_paths(nat)["conv"]
+    assert path == "bf16" and "gradient option above 8 bits (gate options g=(6, 12, 8))" in note
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    (chosen,) = sim.gates.stats().units.values()
+    assert chosen[1] > 0, "no sample chose the 12-bit gradient option"
+    y, y_w = got[0], want[0]
+    assert float((y - y_w).abs().max()) <= BF16_U * float(y_w.abs().max() + model.conv.bias.abs().max())
+    for g, w in zip(got[1:4], want[1:4]):  # decoded codes, float32 products: float32 rounding only
+        assert float((g - w).abs().max()) <= 1e-5 * float(w.max() - w.min())
+
+
+def test_gate_options_outside_2_to_8_bits_keep_the_op_simulated_exactly(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (4, 6, 8, 8)))
+    sim, nat = _gated_pair(model, inputs, a=(4, 12), g=(8, 8))
+    calls = _count_bf16(monkeypatch)
+    for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
+        assert torch.equal(g, w)
+    assert not calls
+    path, why = native.op_paths(nat)["conv"]
+    assert path == "simulated" and "gate options include [12] bits" in why
+
+
+def test_gated_linear_stays_simulated_and_says_why():
+    torch.manual_seed(0)
+    model, inputs = nn.Sequential(nn.Linear(64, 64)), (torch.randn(8, 64),)
+    sim, nat = _gated_pair(model, inputs)
+    for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
+        assert torch.equal(g, w)
+    path, why = next(iter(native.op_paths(nat).values()))
+    assert path == "simulated" and "gated ops run native as convolutions (bf16) only" in why
+
+
+def test_gated_eval_uses_the_option_ranges_and_matches_the_simulation():
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
+    sim, nat = _gated_pair(model, inputs)
+    _run(sim, inputs), _run(nat, inputs)  # a training batch each: the options' EMA ranges
+    assert torch.equal(sim.conv_aq.running_min, nat.conv_aq.running_min)
+    assert torch.equal(sim.conv_aq.running_max, nat.conv_aq.running_max)
+    sim.eval(), nat.eval()
+    x = _spread(_inputs("", (8, 6, 9, 9)))[0].flip(0)
+    with torch.no_grad():
+        want, got = sim(x), nat(x)
+    bias = float(model.conv.bias.abs().max())
+    assert float((got - want).abs().max()) <= BF16_U * (float(want.abs().max()) + bias)
+
+
+def test_saved_gated_operands_are_bf16_codes_and_the_input_for_the_gate():
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
+    _, nat = _gated_pair(model, inputs)
+    x = inputs[0].clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = nat(x)
+    big = sorted(str(t.dtype) for t in saved if t.numel() == x.numel())
+    # the conv keeps its bf16 codes; the float input once, for the gate's gradient (the gate's own
+    # layers save what they need of it too)
+    assert "torch.bfloat16" in big and big.count("torch.float32") <= 2, big
+    out.sum().backward()
+
+
+def test_a_gated_native_model_copies_pickles_and_exports_as_a_simulated_one(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 8, 8)))
+    sim, nat = _gated_pair(model, inputs)
+    assert "bf16_conv2d" in nat.code and "gate_conv_choice" in nat.code
+    _run(sim, inputs), _run(nat, inputs)
+    nat.load_state_dict(sim.state_dict())
+    want = _run(nat, inputs)
+    for clone in (copy.deepcopy(nat), pickle.loads(pickle.dumps(nat))):
+        assert "bf16_conv2d" in clone.code
+        for g, w in zip(_run(clone, inputs), want):
+            assert torch.equal(g, w)
+    sim.eval(), nat.eval()
+    a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
+    b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_a_gated_resnet_block_lowers_both_convs_and_trains():
+    from fracpass.models import BasicBlock
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), BasicBlock(8, 8, 1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    qmodel = fracpass.transform(Net(), fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native")
+    paths = native.op_paths(qmodel)
+    assert paths["block_conv1"][0] == paths["block_conv2"][0] == "bf16"
+    assert "gate options g=(6, 6, 8, 8, 12)" in paths["block_conv1"][1]
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(qmodel(x), y) + qmodel.gates.loss()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.grad is not None for n, p in qmodel.named_parameters() if n.startswith("gates.") and "weight_hh" not in n)
