@@ -2,7 +2,7 @@
 
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
                                      [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
-                                     [--memory] [--profile] [--only VARIANT]
+                                     [--match a,b] [--memory] [--profile] [--only VARIANT]
 
 Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
 128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
@@ -12,7 +12,8 @@ bf16 autocast (channels_last for ResNets: the plain mixed-precision baseline); t
 mixed-precision training (``int8_mixed_precision_training``: nn.Linear forward and backward GEMMs
 in int8; transformer only, when torchao imports); fracpass ``execution="simulate"`` and
 ``execution="native"`` at the given stages of the 3/4/6/8 ladder (gradients 6/6/8/8); with
-``--gated``, fracpass native with FracTrain's gates (``Plan.fractrain("cifar")``); with
+``--gated``, fracpass simulate and native with FracTrain's gates (``Plan.fractrain("cifar")``: gated
+convolutions run per sample on bfloat16 codes; native also with per-tensor weights); with
 ``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
 puts the input-gradient product on int8 (linear) or bf16 (conv) too. Every round runs
 one step of each variant, so noise from other sessions on the machine hits all alike (ResNets: fracpass
@@ -113,10 +114,19 @@ def build(args):
             if conv_model:
                 variants[name + " channels_last"] = \
                     lambda k=stage: step_fn(transformed("native", k, pt), x, y, channels_last=True)
-    if args.gated:
+    if args.gated:  # FracTrain: gates over a=(3,4,4,6,6), g=(6,6,8,8,12), weights at 4 bits
         gated = fracpass.Plan.fractrain("cifar")
-        variants["native gated (FracTrain, stage 0)"] = \
-            lambda: step_fn(transformed("native", 0, gated), x, y)
+        pt_gated = dataclasses.replace(gated, rules=(fracpass.Rule(weight_scale="tensor"),))
+        for execution, gplan, tag in (("simulate", gated, ""), ("native", gated, ""),
+                                      ("native", pt_gated, ", per-tensor weights")):
+            name = f"{execution} gated (FracTrain, stage 0){tag}"
+            variants[name] = lambda e=execution, p=gplan: step_fn(transformed(e, 0, p), x, y)
+            if conv_model:
+                variants[name + " channels_last"] = \
+                    lambda e=execution, p=gplan: step_fn(transformed(e, 0, p), x, y, channels_last=True)
+    if args.match:  # fp32 stays: the ratios' baseline
+        keep = [m.strip() for m in args.match.split(",")]
+        variants = {k: v for k, v in variants.items() if k == "fp32" or any(m in k for m in keep)}
     return variants, lambda: transformed("native", 0), x, y
 
 
@@ -151,7 +161,8 @@ def memory(args, names) -> dict:
     peaks = {}
     base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
-        + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else [])
+        + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else []) \
+        + (["--match", args.match] if args.match else [])
     for name in names:
         done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True)
         line = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MB")]
@@ -173,6 +184,8 @@ def main() -> None:
     parser.add_argument("--gated", action="store_true", help="add fracpass native with FracTrain's gates")
     parser.add_argument("--per-tensor", action="store_true",
                         help="add fracpass native with per-tensor weight scales (all three products on int8)")
+    parser.add_argument("--match", help="run only the variants whose names contain one of these comma-separated "
+                        "strings (and fp32, the baseline), e.g. --match gated,autocast")
     parser.add_argument("--memory", action="store_true", help="add each variant's peak memory (one process each)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", help=argparse.SUPPRESS)

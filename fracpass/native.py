@@ -668,7 +668,7 @@ def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[
     s = scale.view(shape) if scale.numel() > 1 else scale
     if rows is not None:
         s = s * _per_row_view(rows, v)
-    y = torch.mul(v, s)  # bf16 x fp32 -> fp32
+    y = torch.mul(v, s.reshape(1) if s.dim() == 0 else s)  # bf16 x fp32 -> fp32 (a 0-dim fp32 would give bf16)
     return y if bias is None else y.add_(bias.view(shape))
 
 
@@ -721,7 +721,8 @@ class _Bf16Conv(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
         dx = dw = db = None
-        if levels is None or not bool(((levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)).all()):
+        exact = None if levels is None else (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
+        if exact is None or not bool(exact.any()):
             # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
             ghat = grad if levels is None else (quantize_grad_rows(_dense(grad), mn, mx, levels) if levels.numel() > 1
                                                 else quantize_grad_stochastic(grad, ctx.gbits))
@@ -730,8 +731,11 @@ class _Bf16Conv(torch.autograd.Function):
             dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
                                                              *args, [need_x, need_w, need_b])
         else:
+            # gated, some samples' gradient options above 8 bits ("wide"): their codes are not exact in
+            # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
+            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
             fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, values=fp32_dx)
+            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, values=fp32_dx or wide is not None)
             per_sample = sa.numel() > 1 or sg.numel() > 1
             vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
                                                             [need_x and not fp32_dx, need_w and not per_sample, False])
@@ -745,11 +749,16 @@ class _Bf16Conv(torch.autograd.Function):
                     dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
                 else:
                     dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
+                if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
+                    w_hat = _weight_values(qw, sw, transposed)
+                    rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
+                                                               None, *args, [True, False, False])[0]
+                    dx.index_copy_(0, wide, rows)
             if need_w and not per_sample:
                 # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
                 dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
             elif need_w:
-                dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice)
+                dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice, ghat, exact)
             if need_b:
                 dims = [0] + list(range(2, t.dim()))
                 if ghat is not None:
@@ -783,19 +792,28 @@ def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
 
 
 def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg: Tensor, c: Tensor,
-                         choice: Tensor) -> Tensor:
+                         choice: Tensor, ghat: Optional[Tensor], exact: Tensor) -> Tensor:
     """dw of a gated convolution: the samples' scales lie on its contracted (batch) axis, so one bf16
-    product per option group, whose samples share s_a, s_g and c (their group's range)."""
+    product per option group, whose samples share s_a, s_g and c (their group's range); a group whose
+    gradient codes are not exact in bfloat16 (``exact`` False: above 8 bits) runs in float32 on ghat."""
     dw = None
     for option in torch.unique(choice).tolist():
         idx = (choice == option).nonzero().view(-1)
         first = int(idx[0])
         whole = idx.numel() == choice.numel()
-        t_k, qa_k = (t, qa) if whole else (_take(t, idx), _take(qa, idx))
         pick = lambda v: v[first] if v.numel() > 1 else v.reshape(())
-        s_a, s_g, c_k = pick(sa), pick(sg), pick(c)
-        vw = torch.ops.aten.convolution_backward(t_k, qa_k, qw, None, *args, [False, True, False])[1]
-        part = _scale_out(vw, s_a * s_g, None).add_(_ones_weight_grad(t_k, qa_k, qw, args, c_k * s_a))
+        s_a = pick(sa)
+        qa_k = qa if whole else _take(qa, idx)
+        if not bool(exact[first]):
+            x_hat = qa_k.float().mul_(s_a)
+            probe = torch.empty_like(qw, dtype=torch.float32)
+            g_k = ghat if whole else _take(ghat, idx)
+            part = torch.ops.aten.convolution_backward(g_k, x_hat, probe, None, *args, [False, True, False])[1]
+        else:
+            s_g, c_k = pick(sg), pick(c)
+            t_k = t if whole else _take(t, idx)
+            vw = torch.ops.aten.convolution_backward(t_k, qa_k, qw, None, *args, [False, True, False])[1]
+            part = _scale_out(vw, s_a * s_g, None).add_(_ones_weight_grad(t_k, qa_k, qw, args, c_k * s_a))
         dw = part if dw is None else dw.add_(part)
     return dw
 

@@ -105,17 +105,51 @@ def test_gated_convolution_matches_the_gated_simulation(case, weight_scale, kern
         assert float((d_nat - d_sim).abs().max()) <= 1e-5 * float(d_sim.abs().max()) * row_l1
 
 
-def test_a_gradient_option_above_8_bits_runs_that_batch_backward_in_fp32(monkeypatch):
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+def test_samples_with_a_gradient_option_above_8_bits_run_their_backward_in_fp32(weight_scale, kernels):
     torch.manual_seed(0)
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
-    sim, nat = _gated_pair(model, inputs, a=(4, 6, 8), g=(6, 12, 8))
+    sim, nat = _gated_pair(model, inputs, a=(4, 6, 8), g=(6, 12, 8), weight_scale=weight_scale)
     path, note = native.op_paths(nat)["conv"]
     assert path == "bf16" and "gradient option above 8 bits (gate options g=(6, 12, 8))" in note
+    choices = []
+    nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
     want, got = _run(sim, inputs), _run(nat, inputs)
-    (chosen,) = sim.gates.stats().units.values()
-    assert chosen[1] > 0, "no sample chose the 12-bit gradient option"
+    wide = choices[0] == 1
+    assert 0 < int(wide.sum()) < wide.numel(), f"choices {choices[0].tolist()}: want some samples at 12 bits, not all"
+    dx_off, dw_off = _offset_bounds(model, inputs, bits=6)
+    y, dx, dw, db = got[:4]
+    y_w, dx_w, dw_w, db_w = want[:4]
+    bias = float(model.conv.bias.detach().abs().max())
+    assert float((y - y_w).abs().max()) <= BF16_U * (float(y_w.abs().max()) + bias)
+    # the 12-bit samples' dx rows: float32 products on ghat, float32 rounding only
+    assert float((dx[wide] - dx_w[wide]).abs().max()) <= 1e-5 * float(dx_w.abs().max())
+    for name, g, w, off in (("dx", dx, dx_w, dx_off), ("dw", dw, dw_w, dw_off), ("bias grad", db, db_w, None)):
+        bound = 0.0 if off is None else BF16_U * (float(w.abs().max()) + 2 * off)
+        err = float((g - w).abs().max())
+        assert err <= bound + 1e-5 * float(w.abs().max()), f"{name} differs by {err:.3g} (bound {bound:.3g})"
+
+    # with no gradient on the other samples (their codes and offsets are 0), dw is the 12-bit group's
+    # alone: float32 products, float32 rounding only
+    def weight_grad(qmodel):
+        qmodel.zero_grad(set_to_none=True)
+        out = qmodel(inputs[0])
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        torch.manual_seed(123)
+        (out * r * wide.view(-1, 1, 1, 1)).sum().backward()
+        return qmodel.conv.weight.grad
+
+    w_sim, w_nat = weight_grad(sim), weight_grad(nat)
+    assert float((w_nat - w_sim).abs().max()) <= 1e-5 * float(w_sim.abs().max())
+
+
+def test_a_batch_whose_samples_all_chose_more_than_8_gradient_bits_runs_backward_in_fp32_exactly():
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
+    sim, nat = _gated_pair(model, inputs, a=(4, 6), g=(12, 10))
+    want, got = _run(sim, inputs), _run(nat, inputs)
     y, y_w = got[0], want[0]
-    assert float((y - y_w).abs().max()) <= BF16_U * float(y_w.abs().max() + model.conv.bias.abs().max())
+    assert float((y - y_w).abs().max()) <= BF16_U * float(y_w.abs().max() + model.conv.bias.detach().abs().max())
     for g, w in zip(got[1:4], want[1:4]):  # decoded codes, float32 products: float32 rounding only
         assert float((g - w).abs().max()) <= 1e-5 * float(w.max() - w.min())
 
@@ -153,7 +187,7 @@ def test_gated_eval_uses_the_option_ranges_and_matches_the_simulation():
     x = _spread(_inputs("", (8, 6, 9, 9)))[0].flip(0)
     with torch.no_grad():
         want, got = sim(x), nat(x)
-    bias = float(model.conv.bias.abs().max())
+    bias = float(model.conv.bias.detach().abs().max())
     assert float((got - want).abs().max()) <= BF16_U * (float(want.abs().max()) + bias)
 
 
@@ -215,6 +249,6 @@ def test_a_gated_resnet_block_lowers_both_convs_and_trains():
         loss = nn.functional.cross_entropy(qmodel(x), y) + qmodel.gates.loss()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(p.grad is not None for n, p in qmodel.named_parameters() if n.startswith("gates.") and "weight_hh" not in n)

@@ -390,17 +390,32 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
     if (pb != nullptr) bv[c] = pb[bias.numel() == 1 ? 0 : c];
   }
   const float *s_c = sv.data(), *b_c = bv.data();
-  if (channel.stride == 1) {  // channels innermost: whole rows of C channels
-    at::parallel_for(0, n / C, std::max<int64_t>(1, (1 << 14) / C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const uint16_t* __restrict in = src + r * C;
-        float* __restrict out = dst + r * C;
+  if (channel.stride == 1) {
+    // channels innermost: the channel scales tiled to a span of L elements (a multiple of C), so the
+    // loop runs over flat spans with contiguous scales (a loop over C channels per pixel did not
+    // vectorize for small C: 0.27 ms vs 0.09 ms for 2M elements at C = 16); spans stay inside one row
+    const int64_t L = C * std::max<int64_t>(1, 1024 / C), spans = (per_row + L - 1) / L;
+    std::vector<float> st(L), bt(L);
+    for (int64_t j = 0; j < L; ++j) st[j] = s_c[j % C], bt[j] = b_c[j % C];
+    const float *s_t = st.data(), *b_t = bt.data();
+    at::parallel_for(0, N * spans, std::max<int64_t>(1, (1 << 14) / L), [&](int64_t b, int64_t e) {
+      std::vector<float> scaled(pr != nullptr ? L : 0);  // the row's scales: s_t times the row's factor
+      int64_t scaled_row = -1;
+      for (int64_t u = b; u < e; ++u) {
+        const int64_t row = u / spans, first = row * per_row + (u % spans) * L;
+        const int64_t len = std::min(L, (row + 1) * per_row - first);
+        const float* __restrict sc = s_t;
         if (pr != nullptr) {
-          const float f = pr[row_scale.numel() == 1 ? 0 : (r * C) / per_row];
-          for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * (s_c[c] * f) + b_c[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) out[c] = bf16_value(in[c]) * s_c[c] + b_c[c];
+          if (row != scaled_row) {
+            const float f = pr[row_scale.numel() == 1 ? 0 : row];
+            for (int64_t j = 0; j < L; ++j) scaled[j] = s_t[j] * f;
+            scaled_row = row;
+          }
+          sc = scaled.data();
         }
+        const uint16_t* __restrict in = src + first;
+        float* __restrict out = dst + first;
+        for (int64_t j = 0; j < len; ++j) out[j] = bf16_value(in[j]) * sc[j] + b_t[j];
       }
     });
   } else {  // contiguous: runs of `stride` elements share a channel
