@@ -675,13 +675,15 @@ def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[
 class _Gating(NamedTuple):
     """A gated op's per-sample state for _Bf16Conv: each sample's option (``choice``), the activation's
     per-sample range and its options' level counts (the gate's gradient needs them), and the gradient
-    quantizer's options' level counts (None: the gradient is quantized per tensor, ``gbits``)."""
+    quantizer's options' level counts (None: the gradient is quantized per tensor, ``gbits``). A batch
+    whose samples all chose one option shares one range, so it runs as a static op."""
 
     choice: Tensor
     mn: Tensor
     mx: Tensor
     act_levels: Optional[Tensor]
     grad_levels: Optional[Tensor]
+    one_group: bool  # every sample chose the same option: its scales hold one value for the whole batch
 
 
 class _Bf16Conv(torch.autograd.Function):
@@ -736,6 +738,8 @@ class _Bf16Conv(torch.autograd.Function):
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
             fp32_dx = need_x and sw.numel() > 1
             ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, values=fp32_dx or wide is not None)
+            if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
+                sg, c = sg[:1], c[:1]
             per_sample = sa.numel() > 1 or sg.numel() > 1
             vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
                                                             [need_x and not fp32_dx, need_w and not per_sample, False])
@@ -908,9 +912,12 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             mn, mx = aq.row_range(x, choice) if act else aq.qrange(x)
             levels = aq.option_levels.to(torch.float32)[choice] if act else float(2**aq.bits - 1)
             qa, sa = _bf16_codes(x.detach(), mn.float().contiguous(), mx.float().contiguous(), levels)
+            one_group = bool(choice.min() == choice.max())  # every sample at one option: one scale for all
             gating = _Gating(choice, mn.float().contiguous(), mx.float().contiguous(),
                              aq.option_levels.to(torch.float32) if act else None,
-                             gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None)
+                             gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None,
+                             one_group)
+            sa = sa[:1] if one_group else sa
         else:
             qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), float(2**aq.bits - 1))
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))

@@ -252,3 +252,30 @@ def test_a_gated_resnet_block_lowers_both_convs_and_trains():
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(p.grad is not None for n, p in qmodel.named_parameters() if n.startswith("gates.") and "weight_hh" not in n)
+
+
+@pytest.mark.parametrize("case", ["conv2d 3x3 pad 1", "conv2d channels_last", "conv_transpose2d grouped"])
+def test_a_batch_at_one_option_runs_as_a_static_op_and_matches_the_simulation(case, monkeypatch):
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    model, inputs = Conv(factory()), _inputs(case, (8,) + shape[1:])
+    sim, nat = _gated_pair(model, inputs, weight_scale="tensor")
+    with torch.no_grad():  # the projection's bias alone decides: every sample takes option 2
+        sim.gates.proj.weight.zero_()
+        sim.gates.proj.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    nat.load_state_dict(sim.state_dict())
+    grouped = []
+    real = native._grouped_weight_grad
+    monkeypatch.setattr(native, "_grouped_weight_grad", lambda *a: grouped.append(1) or real(*a))
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    (chosen,) = sim.gates.stats().units.values()
+    assert chosen == (0.0, 0.0, 1.0, 0.0)
+    assert not grouped, "one option group: dw should run as one product"
+    dx_off, dw_off = _offset_bounds(model, inputs, bits=4)  # option 2's gradient: 4 bits
+    bias = float(model.conv.bias.detach().abs().max())
+    for name, g, w, bound in (("y", got[0], want[0], BF16_U * (float(want[0].abs().max()) + bias)),
+                              ("dx", got[1], want[1], BF16_U * (float(want[1].abs().max()) + 2 * dx_off)),
+                              ("dw", got[2], want[2], BF16_U * (float(want[2].abs().max()) + 2 * dw_off)),
+                              ("bias grad", got[3], want[3], 0.0)):
+        err = float((g - w).abs().max())
+        assert err <= bound + 1e-5 * float(w.abs().max()), f"{case}: {name} differs by {err:.3g} (bound {bound:.3g})"
