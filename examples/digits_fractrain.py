@@ -1,6 +1,6 @@
 """FracTrain's full method (PFQ + DFQ) on real images: scikit-learn's 8x8 handwritten digits.
 
-    python examples/digits_fractrain.py [--epochs 15] [--no-baseline]
+    python examples/digits_fractrain.py [--epochs 15] [--no-baseline] [--seed 0] [--execution native]
 
 A small residual CNN (a stem and three residual blocks) is transformed with
 ``fracpass.Plan.fractrain("cifar")``: per block and per sample a gate picks one of five
@@ -9,7 +9,8 @@ relative-cost target that the loss-plateau indicator steps up 1.5 -> 2 -> 2.5 ->
 the stages advance. It prints, per epoch, the mean cost the gates chose against the target in
 force; then the stage switches, the held-out accuracy, the gates' option mix, and the run's
 training BitOPs against the same network trained at static 8/8/8 (which it also trains and
-evaluates, unless --no-baseline).
+evaluates, unless --no-baseline). ``--execution native`` runs the gated convolutions per sample on
+bfloat16 codes (fracpass.native).
 """
 from __future__ import annotations
 
@@ -49,13 +50,13 @@ class DigitsResNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
-def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, label: str):
+def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, label: str, execution: str = "simulate"):
     """Train DigitsResNet under ``plan``; returns (accuracy, scheduler, BitOPs of the run, model, bookkeeping):
     bookkeeping holds the FP32 BitOPs per sample, the samples trained on and the static relative cost."""
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
-    qmodel = fracpass.transform(DigitsResNet(), plan, example_inputs=(x_train[:batch_size],))
+    qmodel = fracpass.transform(DigitsResNet(), plan, example_inputs=(x_train[:batch_size],), execution=execution)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     # BitOPs per sample at 32 x 32 bits: the run's cost is sum over steps of (relative cost x this x batch)
@@ -91,20 +92,22 @@ def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, lab
     return accuracy, sched, bitops, qmodel, bookkeeping
 
 
-def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = True, log=print):
+def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = True, log=print,
+        execution: str = "simulate"):
     plan = fracpass.Plan.fractrain("cifar")
     steps_per_epoch = len(load(seed)[0][1]) // batch_size
     # the preset's windows are sized for CIFAR (390 steps); these epochs have 44
     plan = dataclasses.replace(plan, switch=dataclasses.replace(plan.switch, eval_every=steps_per_epoch // 2,
                                                                 window=3, scale_windows=3))
-    accuracy, sched, bitops, qmodel, _ = train(plan, epochs, batch_size, seed, log, "fractrain")
+    accuracy, sched, bitops, qmodel, _ = train(plan, epochs, batch_size, seed, log, "fractrain", execution)
     for iteration, old, new, reason in sched.history:
         log(f"switch at iteration {iteration}: stage {old} -> {new} ({reason})")
     log(str(fracpass.gate_stats(qmodel)))
     log(f"FracTrain: test accuracy {accuracy:.4f}, training BitOPs {bitops:.3e}")
     result = {"accuracy": accuracy, "bitops": bitops, "switches": [h[0] for h in sched.history]}
     if baseline:
-        static_acc, _, static_bitops, _, static_books = train(fracpass.Plan.static(8, 8, 8), epochs, batch_size, seed, log, "static")
+        static_acc, _, static_bitops, _, static_books = train(fracpass.Plan.static(8, 8, 8), epochs, batch_size, seed, log,
+                                                              "static", execution)
         log(f"static 8/8/8: test accuracy {static_acc:.4f}, training BitOPs {static_bitops:.3e}; FracTrain used "
             f"{100 * (1 - bitops / static_bitops):.1f}% fewer BitOPs, accuracy {100 * (accuracy - static_acc):+.2f} points")
         result.update(static_accuracy=static_acc, static_bitops=static_bitops, static_bookkeeping=static_books)
@@ -115,8 +118,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--no-baseline", action="store_true", help="skip the static 8/8/8 comparison run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--execution", choices=("simulate", "native"), default="simulate",
+                        help="native: gated and static convolutions on bfloat16 codes, the linear on int8 "
+                             "(fracpass.transform's execution)")
     args = parser.parse_args(argv)
-    run(args.epochs, baseline=not args.no_baseline)
+    run(args.epochs, seed=args.seed, baseline=not args.no_baseline, execution=args.execution)
     return 0
 
 

@@ -210,13 +210,18 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
     lat = lambda p: target.latency_s(p[1], p[4], p[2], p[3])
     bits_total = sum(lat(p) for p in at_bits)
     bits_fwd = lat(at_bits[0])
-    if op_cost.mix:  # gated: simulated, every product in float32
-        return sum(lat(p) for p in fp32), bits_total, lat(fp32[0]), bits_fwd
     # runs_on: forward, then one entry per operand; the products list only operands with a gradient
     per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
+    bf16 = lambda f: (f[0], f[1], 16, 16, f[4] / 2)  # 16-bit operands, half fp32's bytes
+    if op_cost.mix:  # gated: simulated (every product in fp32), or convolutions on bf16 with per-sample scales
+        # samples whose gradient option exceeds 8 bits run their backward products in fp32
+        wide = sum(share for share, a, g in op_cost.mix if a and g > 8)
+        run_s = [lat(bf16(f)) if how == "bf16" and i == 0 else
+                 (1 - wide) * lat(bf16(f)) + wide * lat(f) if how == "bf16" else lat(f)
+                 for i, (f, how) in enumerate(zip(fp32, per_product))]
+        return sum(run_s), bits_total, run_s[0], bits_fwd
     # int8: the product at its bits; bf16: 16-bit operands (half fp32's bytes); fp32: at 32 bits
-    run = [b if how == "int8" else (f[0], f[1], 16, 16, f[4] / 2) if how == "bf16" else f
-           for b, f, how in zip(at_bits, fp32, per_product)]
+    run = [b if how == "int8" else bf16(f) if how == "bf16" else f for b, f, how in zip(at_bits, fp32, per_product)]
     return sum(lat(p) for p in run), bits_total, lat(run[0]), bits_fwd
 
 

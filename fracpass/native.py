@@ -22,8 +22,8 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   product runs in float32 on the decoded codes.
   Operands are saved for backward as int8 codes.
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
-  bits above 8, gated (per-sample) quantizers, batched products, products too small for int8 to pay
-  (``MIN_INTENSITY``), non-float32 or non-CPU tensors,
+  bits above 8, gated (per-sample) linear and matmul ops, batched products, products too small to pay
+  (``MIN_INTENSITY``; convolutions: ``MIN_CONV_MACS``), non-float32 or non-CPU tensors,
   shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
@@ -36,6 +36,12 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   the decoded codes, as for linear); the gradient codes' offset adds a float32 product of window
   sums at 1/N (dx) or 1/C_out (dw) of the size. bfloat16 codes are what is saved for backward. CPUs
   without AVX512-BF16 or AMX-BF16 run convolutions simulated (said once in the log).
+  Gated convolutions (FracTrain's DFQ: each sample at its gate's option, over its option group's
+  range) take the same path with per-sample scales: the codes per sample, the output and dx scaled
+  per sample, dw once per option group (the samples' scales lie on its contracted axis); samples
+  whose gradient option exceeds 8 bits run their dx rows and their group's dw in float32; the gate's
+  gradient is computed from dx and the float input, which is saved for it. Every activation option
+  must have 2..8 bits (else the op stays simulated).
 
 conv2d's forward can run on oneDNN's int8 convolution instead (``native_conv2d``, opt-in:
 ``LowerNativePass(kinds=NATIVE_KINDS)``, as its per-step weight prepack made it slower end to end
@@ -83,6 +89,12 @@ MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
 # project's CPU (Zen 5, 1 thread, linear forward + backward at 8/8/8): int8 took 1.07-1.58x the
 # simulation's time up to 32 (2048x64x64: 1.07x) and 0.47-0.79x from 85 on (256x256x256: 0.79x).
 MIN_INTENSITY = 50.0
+# A convolution takes the bf16 path only with at least this many forward multiply-adds per call: below,
+# its fixed costs (codes, output scaling, the offset's two small convolutions: ~0.3 ms per training step)
+# outweigh what bf16 saves. Measured with ``benchmarks/native_crossover.py --conv`` (Zen 5, 2 threads,
+# 3x3 conv forward + backward at 8/8/8, NCHW and channels_last): 4.7-19M multiply-adds 1.30-1.53x the
+# simulation's time, 75M 0.71-1.18x by shape, 151M 0.65-1.04x, 302M 0.43-0.93x.
+MIN_CONV_MACS = 100e6
 
 
 @dataclass(frozen=True)
@@ -892,10 +904,34 @@ def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bo
     return _tensor_reason(x, weight)  # the CPU's bf16 support: decide() checked it
 
 
+def _conv_macs(x: Tensor, weight: Tensor, stride, padding, dilation, transposed: bool) -> int:
+    """Forward multiply-adds of a batched convolution: every output element's window (a transposed one:
+    every input element's scatter)."""
+    n = weight.dim() - 2
+    taps = weight[0].numel()  # C_in / groups x kernel (a transposed weight: C_out / groups x kernel)
+    if transposed:
+        return x.numel() * taps
+    out = 1
+    for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], _tuple_arg(stride, n), _tuple_arg(padding, n),
+                                _tuple_arg(dilation, n)):
+        out *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return x.shape[0] * weight.shape[0] * out * taps
+
+
+def _conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, transposed: bool) -> Optional[str]:
+    macs = _conv_macs(x, weight, stride, padding, dilation, transposed)
+    if macs >= MIN_CONV_MACS:
+        return None
+    return (f"a small convolution ({macs / 1e6:.1f}M multiply-adds, under fracpass.native.MIN_CONV_MACS = "
+            f"{MIN_CONV_MACS / 1e6:g}M): the bf16 path's codes, scaling and offset corrections would cost more than "
+            "it saves")
+
+
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
                output_padding, groups: int, aq, wq, gq, gate, simulated) -> Tensor:
     why = (decide(aq, wq, gq, path="bf16")[0] != "bf16"
-           or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate))
+           or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
+           or _conv_size_reason(x, weight, stride, padding, dilation, transposed))
     if why:
         if why is not True:
             _remember(aq, why)
@@ -1015,8 +1051,9 @@ class LowerNativePass(PassBase):
         x -> native_linear(x, w, b, linear_aq, linear_wq, linear_gq) -> y
 
     The quantizer modules stay where they are (state_dict, set_stage, export unchanged); the call
-    reads them through get_attr nodes that keep the quantizers' names and provenance. Every other
-    compute op gets a NativeInfo saying why it stays simulated.
+    reads them through get_attr nodes that keep the quantizers' names and provenance. A gated
+    convolution's call takes its gate's one-hot choice as a last argument. Every other compute op
+    gets a NativeInfo saying why it stays simulated.
     """
 
     name = "lower-native"
@@ -1147,7 +1184,8 @@ class LowerNativePass(PassBase):
 def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
     """op name -> what each of its products runs on at the current stage, "int8", "bf16" or "fp32":
     the forward, then the gradient of each operand (the cost report's ``OpCost.products`` order).
-    Simulated ops run every product in float32 (on quantized values)."""
+    Simulated ops run every product in float32 (on quantized values). A gated op's backward entries
+    are those of its samples at <= 8 gradient bits (the others run in fp32)."""
     paths = op_paths(qmodel)
     out = {}
     for node in qmodel.graph.nodes:
@@ -1163,7 +1201,10 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
         else:
             first = {native_linear: 3, native_matmul: 2, **_BF16_FIRST_Q}[node.target]
             qa, qb, gq = (None if r is None else qmodel.get_submodule(r.target) for r in node.args[first:first + 3])
-            out[node.name] = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, _grad_bits(gq)))
+            gbits = _grad_bits(gq)
+            if isinstance(gq, GatedGradQuant) and min(gq.options.tolist()) <= MAX_INT8_BITS:
+                gbits = min(gbits, MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
+            out[node.name] = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
     return out
 
 

@@ -24,9 +24,10 @@ TOL = 1e-5  # of the simulated tensor's range
 
 @pytest.fixture(autouse=True)
 def every_size_native(monkeypatch):
-    """These tests use small operands, which the int8 path normally leaves to the simulation as not worth
-    it (MIN_INTENSITY); they check its arithmetic, so it runs at every size here."""
+    """These tests use small operands, which the int8 and bf16 paths normally leave to the simulation as
+    not worth it (MIN_INTENSITY, MIN_CONV_MACS); they check their arithmetic, so they run at every size here."""
     monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
+    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
 
 
 class Lin(nn.Module):

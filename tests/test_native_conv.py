@@ -27,9 +27,12 @@ BF16_U = 2.0**-8  # bfloat16's unit roundoff
 
 
 @pytest.fixture(autouse=True)
-def bf16_cpu():
+def bf16_cpu(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
+    # these tests use small convolutions, which the bf16 path normally leaves to the simulation as not
+    # worth it (MIN_CONV_MACS); they check its arithmetic, so it runs at every size here
+    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
 
 
 class Conv(nn.Module):
@@ -254,3 +257,36 @@ def test_bench_predicts_bf16_products_at_16_bits():
     assert len(fp32) == 2  # the model's input needs no gradient: the forward and g x a (dw), both on bf16
     assert op.as_run_s == pytest.approx(as_bf16(fp32[0]) + as_bf16(fp32[1]))
     assert "bf16/fp32/bf16" in str(report)
+
+
+@pytest.mark.parametrize("shape, macs", [((2, 6, 8, 8), 2 * 8 * 64 * 54), ((128, 16, 32, 32), 128 * 16 * 1024 * 144)])
+def test_convolutions_below_min_conv_macs_stay_simulated_and_say_why(shape, macs, monkeypatch):
+    monkeypatch.setattr(native, "MIN_CONV_MACS", 100e6)  # the default
+    torch.manual_seed(0)
+    channels = shape[1]
+    model, inputs = Conv(nn.Conv2d(channels, 8 if channels == 6 else 16, 3, padding=1)), (torch.randn(*shape),)
+    assert native._conv_macs(inputs[0], model.conv.weight, 1, 1, 1, False) == macs
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    calls = _count_bf16(monkeypatch)
+    got, want = _run(nat, inputs), _run(sim, inputs)
+    path, why = native.op_paths(nat)["conv"]
+    if macs < 100e6:
+        assert not calls and path == "simulated" and "a small convolution (0.1M multiply-adds" in why
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    else:
+        assert calls == [1] and path == "bf16"
+
+
+def test_conv_macs_counts_strided_dilated_grouped_and_transposed_windows():
+    x = torch.zeros(2, 6, 9, 9)
+    # stride 2, no padding: 4x4 outputs; grouped (3 groups): 2 input channels x 9 taps per output
+    w = torch.zeros(9, 2, 3, 3)
+    assert native._conv_macs(x, w, 2, 0, 1, False) == 2 * 9 * 16 * 18
+    # dilation 2, padding 2: 9x9 outputs
+    assert native._conv_macs(x, w, 1, 2, 2, False) == 2 * 9 * 81 * 18
+    # transposed: every input element scatters C_out / groups x taps
+    wt = torch.zeros(6, 4, 3, 3)
+    assert native._conv_macs(x, wt, 2, 1, 1, True) == x.numel() * 36
+    got = torch.nn.functional.conv2d(torch.ones(2, 6, 9, 9), torch.ones(9, 2, 3, 3), stride=2, groups=3)
+    assert got.shape[2:] == (4, 4) and float(got.sum()) == 2 * 9 * 16 * 18  # each output sums its 18 taps of ones
