@@ -16,7 +16,8 @@ in int8; transformer only, when torchao imports); fracpass ``execution="simulate
 convolutions run per sample on bfloat16 codes; native also with per-tensor weights); with
 ``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
 puts the input-gradient product on int8 (linear) or bf16 (conv) too. Every round runs
-one step of each variant, so noise from other sessions on the machine hits all alike (ResNets: fracpass
+one step of each variant, each round starting one variant later than the last, so noise from other
+sessions and the machine's drift hit all alike (ResNets: fracpass
 also with the model and batch in channels_last); the table
 gives the median step and its ratio to FP32 from the same rounds.
 
@@ -214,10 +215,13 @@ def main() -> None:
             print(f"{name}: left out: the step failed: {type(e).__name__}: {e}")
             del steps[name]
     times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(args.rounds):
+        # each round starts one variant later: the machine drifts within a round (measured here: four
+        # identical ResNet-74 models in a fixed order differed 496-594 ms by position, rotated 516-535 ms)
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            step()
+            steps[name]()
             times[name].append(time.perf_counter() - start)
     peaks = memory(args, list(steps)) if args.memory else {}
     base_ms = 1e3 * statistics.median(times["fp32"])

@@ -1088,6 +1088,8 @@ class LowerNativePass(PassBase):
     def _why_not(self, node: torch.fx.Node, spec) -> Optional[str]:
         if spec.excluded:
             return f"excluded: {spec.excluded}"
+        if not any(spec.quantizes(role) for role in ("w", "a", "g")):
+            return "full precision at every stage (the plan quantizes none of its operands or gradients)"
         is_linear = node.op == "call_function" and node.target in _LINEAR
         is_matmul = (node.op == "call_function" and node.target in _MATMUL) or (
             node.op == "call_method" and node.target in _MATMUL_METHODS)

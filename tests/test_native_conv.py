@@ -290,3 +290,12 @@ def test_conv_macs_counts_strided_dilated_grouped_and_transposed_windows():
     assert native._conv_macs(x, wt, 2, 1, 1, True) == x.numel() * 36
     got = torch.nn.functional.conv2d(torch.ones(2, 6, 9, 9), torch.ones(9, 2, 3, 3), stride=2, groups=3)
     assert got.shape[2:] == (4, 4) and float(got.sum()) == 2 * 9 * 16 * 18  # each output sums its 18 taps of ones
+
+
+def test_a_full_precision_conv_says_so_rather_than_no_native_path():
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
+    plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(match="conv", w=32, a=32, g=32)])
+    _, nat = _pair(model, plan, inputs)
+    path, why = native.op_paths(nat)["conv"]
+    assert path == "simulated" and why.startswith("full precision at every stage"), why
