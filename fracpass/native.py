@@ -22,7 +22,7 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   product runs in float32 on the decoded codes.
   Operands are saved for backward as int8 codes.
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
-  bits above 8, gated (per-sample) linear and matmul ops, batched products, products too small to pay
+  bits above 8, gated (per-sample) matmul ops, batched products, products too small to pay
   (``MIN_INTENSITY``; convolutions: ``MIN_CONV_MACS``), non-float32 or non-CPU tensors,
   shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
@@ -41,7 +41,8 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   per sample, dw once per option group (the samples' scales lie on its contracted axis); samples
   whose gradient option exceeds 8 bits run their dx rows and their group's dw in float32; the gate's
   gradient is computed from dx and the float input, which is saved for it. Every activation option
-  must have 2..8 bits (else the op stays simulated).
+  must have 2..8 bits (else the op stays simulated). Gated linear layers take the bf16 path the same
+  way (``_Bf16Linear``: bf16 matmuls over the codes, each sample's rows scaled by its scales).
 
 conv2d's forward can run on oneDNN's int8 convolution instead (``native_conv2d``, opt-in:
 ``LowerNativePass(kinds=NATIVE_KINDS)``, as its per-step weight prepack made it slower end to end
@@ -336,7 +337,7 @@ def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
     if isinstance(q, GatedActQuant):
         if path != "bf16":
             return (f"its {role} quantizer is gated (per-sample scales): gated ops run native as convolutions "
-                    "(bf16) only; int8 linear / matmul with per-sample scales is not built")
+                    "and linear layers (bf16) only")
         wide = sorted({b for b in q.options.tolist() if not 2 <= b <= MAX_INT8_BITS})
         if wide:
             return (f"its {role} gate options include {wide} bits: bfloat16 codes need 2..{MAX_INT8_BITS} bits in "
@@ -374,7 +375,7 @@ def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
     gbits = _grad_bits(gq)
     if gbits == -1 or (isinstance(gq, GatedGradQuant) and path != "bf16"):
         return "simulated", (f"its gradient quantizer is {type(gq).__name__}: gated ops run native as convolutions "
-                             "(bf16) only")
+                             "and linear layers (bf16) only")
     why = int8_support() if path == "int8" else bf16_support()
     if why is not None:
         return "simulated", why
@@ -469,8 +470,11 @@ def _call(q, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
 
 
 def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optional[nn.Module],
-                  wq: Optional[nn.Module], gq: Optional[nn.Module]) -> Tensor:
-    """``gq(F.linear(aq(x), wq(weight), bias))``, on int8 codes where the current bits allow."""
+                  wq: Optional[nn.Module], gq: Optional[nn.Module], gate: Optional[Tensor] = None) -> Tensor:
+    """``gq(F.linear(aq(x), wq(weight), bias))``, on int8 codes where the current bits allow; a gated
+    linear (``gate``: its gate's one-hot choice) on bfloat16 codes with per-sample scales."""
+    if gate is not None:
+        return _gated_linear(x, weight, bias, aq, wq, gq, gate)
     why = decide(aq, wq, gq)[0] != "int8" or _linear_reason(x, weight, aq, wq)
     if why:
         if why is not True:
@@ -890,6 +894,159 @@ def _batch_sum(q: Tensor) -> Tensor:
     return total.as_strided((1,) + tuple(q.shape[1:]), q.stride())
 
 
+# -- gated linear layers on bfloat16 codes -------------------------------------------------------------
+def _gated_linear_reason(x: Tensor, weight: Tensor, aq, wq, gate: Tensor) -> Optional[str]:
+    if not isinstance(aq, GatedActQuant) or not _free_axis(wq, 0):
+        return "the input's quantizer is not gated or the weight's scale is not per output channel"
+    if weight.dim() != 2 or x.dim() < 2 or gate.dim() != 2 or x.shape[0] != gate.shape[0]:
+        return (f"a {x.dim()}-D input whose first dimension is not the gate's batch of {gate.shape[0]} (per-sample "
+                "rows back to back are left to the simulation)")
+    if not x.is_contiguous():
+        return "a non-contiguous input"
+    k = x.shape[-1]
+    return _tensor_reason(x, weight) or _intensity_reason(x.numel() // max(k, 1), k, weight.shape[0])
+
+
+def _gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq, gate: Tensor) -> Tensor:
+    """A gated linear layer: each sample's rows (x is (B, ..., K)) at its option's bits over its option
+    group's range, as bfloat16 codes; the product on bfloat16 (float32 accumulation), the scales per
+    row (the sample's) and per output column (the weight's) applied to its output."""
+    why = decide(aq, wq, gq, path="bf16")[0] != "bf16" or _gated_linear_reason(x, weight, aq, wq, gate)
+    if why:
+        if why is not True:
+            _remember(aq, why)
+        return _call(gq, F.linear(_call(aq, x, gate), _call(wq, weight), bias), gate)
+    _remember(aq, None)
+    batch = x.shape[0]
+    per = x.numel() // (batch * x.shape[-1])  # rows per sample
+    with torch.no_grad():
+        choice = gate.detach().argmax(1)
+        mn, mx = aq.row_range(x, choice)
+        mn, mx = mn.float().contiguous(), mx.float().contiguous()
+        act_levels = aq.option_levels.to(torch.float32)
+        one_group = bool(choice.min() == choice.max())
+        qa, sa = _bf16_codes(x.detach().reshape(batch, -1), mn, mx, act_levels[choice])  # per sample, memory order
+        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
+    gating = _Gating(choice, mn, mx, act_levels,
+                     gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None, one_group)
+    sa = sa[:1] if one_group else sa
+    y = _Bf16Linear.apply(x, weight, bias, gate, qa.view(-1, x.shape[-1]), sa, qw, sw, per, _grad_bits(gq), gating)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _rows(v: Tensor, per: int) -> Tensor:
+    """A per-sample vector repeated for each of the sample's ``per`` rows (a per-tensor one as is)."""
+    return v if v.numel() == 1 else v.repeat_interleave(per)
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """y = x_hat w_hat^T (+ bias) for a gated linear layer on bfloat16 codes, x as R = B x per rows:
+    forward s_a[r] s_w[n] (q_a q_w^T); backward dx = s_g[r] (t q_w) s_w + c[r] s_w colsum(q_w) with
+    per-tensor weights (with per-channel ones, float32 on ghat: the scale lies on the contracted
+    axis), dw once per option group (the rows' scales lie on its contracted axis); rows of samples
+    whose gradient option exceeds 8 bits in float32 on ghat. Each product's output is rounded to
+    bfloat16 (unit roundoff 2^-8), as on the convolution path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, per, gbits, gating):  # type: ignore[override]
+        v = qa @ qw.t()  # bfloat16 codes, float32 accumulation, bfloat16 out
+        wscale = sw.reshape(-1)
+        y = _scale_out(v, wscale, bias, _rows(sa, per)) if sa.numel() > 1 else _scale_out(v, sa * wscale, bias)
+        ctx.gate_grad = ctx.needs_input_grad[3]
+        ctx.save_for_backward(qa, sa, qw, sw, *((x, onehot) if ctx.gate_grad else ()))
+        ctx.per, ctx.gbits, ctx.gating, ctx.has_bias = per, gbits, gating, bias is not None
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        qa, sa, qw, sw = ctx.saved_tensors[:4]
+        gating: _Gating = ctx.gating
+        per, batch = ctx.per, gating.choice.numel()
+        need_x = ctx.needs_input_grad[0] or ctx.gate_grad
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        g = _dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
+        mn, mx, levels = _grad_range(g, ctx.gbits, gating)
+        exact = None if levels is None else (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
+        w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)
+        dx = dw = db = None
+        if exact is None or not bool(exact.any()):  # no bf16-exact gradient codes: float32 products on ghat
+            ghat = g if levels is None else (quantize_grad_rows(g, mn, mx, levels) if levels.numel() > 1
+                                             else quantize_grad_stochastic(g, ctx.gbits))
+            ghat = ghat.view(-1, qw.shape[0])
+            if need_x:
+                dx = ghat @ w_hat()
+            if need_w:
+                dw = ghat.t() @ qa.float().mul_(_rows(sa, per).view(-1, 1) if sa.numel() > 1 else sa)
+        else:
+            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+            fp32_dx = need_x and sw.numel() > 1
+            ghat, t, sg, c = _bf16_grad_codes(g, mn, mx, levels, values=fp32_dx or wide is not None)
+            if gating.one_group:
+                sg, c = sg[:1], c[:1]
+            t = t.view(-1, qw.shape[0])
+            ghat = None if ghat is None else ghat.view(-1, qw.shape[0])
+            if need_x and fp32_dx:
+                dx = ghat @ w_hat()
+            elif need_x:
+                colsum = qw.sum(0, dtype=torch.float32)  # exact: integer codes
+                if sg.numel() > 1:
+                    dx = _scale_out(t @ qw, sw, None, _rows(sg, per)).add_(
+                        torch.outer(_rows(c, per), colsum.mul_(sw)))
+                else:
+                    dx = _scale_out(t @ qw, sg * sw, None).add_(colsum.mul_(c * sw))
+                if wide is not None:  # those samples' rows again, in float32 on ghat
+                    rows = (wide.view(-1, 1) * per + torch.arange(per)).view(-1)
+                    dx.index_copy_(0, rows, ghat.index_select(0, rows) @ w_hat())
+            if need_w:
+                dw = _grouped_linear_weight_grad(t, ghat, qa, sa, sg, c, gating, exact, per)
+        if need_b:
+            g_rows = (ghat if ghat is not None else None)
+            if g_rows is not None:
+                db = g_rows.sum(0)
+            elif sg.numel() > 1:
+                db = (t.float().t() @ _rows(sg, per)).add_(c.sum() * per)
+            else:
+                db = t.sum(0, dtype=torch.float32).mul_(sg).add_(c * t.shape[0])
+        d_onehot = None
+        if ctx.gate_grad:
+            x, onehot = ctx.saved_tensors[4:]
+            d_onehot = onehot_grad(x.reshape(batch, -1), gating.mn, gating.mx, gating.act_levels, onehot,
+                                   dx.view(batch, -1))
+        if need_x:
+            dx = dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return (dx, dw, db, d_onehot) + (None,) * 7
+
+
+def _grouped_linear_weight_grad(t: Tensor, ghat: Optional[Tensor], qa: Tensor, sa: Tensor, sg: Tensor, c: Tensor,
+                                gating: _Gating, exact: Tensor, per: int) -> Tensor:
+    """dw = sum over rows of ghat[r]^T x_hat[r]: the rows' scales lie on its contracted axis, so one
+    bf16 product per option group (whose rows share s_a, s_g and c), float32 on ghat for a group whose
+    gradient codes are not exact in bfloat16."""
+    if sa.numel() == 1 and sg.numel() == 1:  # one group: one product for all rows
+        groups = [(None, 0)]
+    else:
+        groups = []
+        for option in torch.unique(gating.choice).tolist():
+            samples = (gating.choice == option).nonzero().view(-1)
+            groups.append(((samples.view(-1, 1) * per + torch.arange(per)).view(-1), int(samples[0])))
+    dw = None
+    for rows, first in groups:
+        pick = lambda v: v[first] if v.numel() > 1 else v.reshape(())
+        s_a = pick(sa)
+        qa_k = qa if rows is None else qa.index_select(0, rows)
+        if not bool(exact[first] if exact.numel() > 1 else exact.reshape(())):
+            g_k = ghat if rows is None else ghat.index_select(0, rows)
+            part = g_k.t() @ qa_k.float().mul_(s_a)
+        else:
+            t_k = t if rows is None else t.index_select(0, rows)
+            s_g, c_k = pick(sg), pick(c)
+            part = _scale_out(t_k.t() @ qa_k, (s_a * s_g).reshape(1), None).add_(
+                qa_k.sum(0, dtype=torch.float32).mul_(c_k * s_a))
+        dw = part if dw is None else dw.add_(part)
+    return dw
+
+
 def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bool, gate) -> Optional[str]:
     axis = 1 if transposed else 0
     if not isinstance(aq, (ActQuant, GatedActQuant)) or not isinstance(wq, WeightQuant) or (
@@ -1100,7 +1257,7 @@ class LowerNativePass(PassBase):
             return f"convolutions are not lowered (LowerNativePass(kinds={self.kinds}))"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
-        gated = "gated unit (per-sample scales): gated ops run native as convolutions (bf16) only"
+        gated = "gated unit (per-sample scales): gated ops run native as convolutions and linear layers (bf16) only"
         gates, static = set(), 0  # a gated op's activation and gradient quantizers all read one gate
         for arg in node.args[:2]:
             q = next((r for r in ("act", "weight") if _quantizer_node(arg, node, r) is not None), None)
@@ -1121,8 +1278,9 @@ class LowerNativePass(PassBase):
             return gated
         else:
             static += len(grads)
-        if gates and (not is_conv or static or len(gates) > 1):
-            return gated if not is_conv else "its quantizers mix gated and static ones (or read different gates)"
+        if gates and (not (is_conv or is_linear) or static or len(gates) > 1):
+            return gated if not (is_conv or is_linear) else \
+                "its quantizers mix gated and static ones (or read different gates)"
         return None
 
     def _lower(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
@@ -1147,7 +1305,8 @@ class LowerNativePass(PassBase):
             gref = self._ref(graph, grad, "grad", node) if grad is not None else None
             if node.target in _LINEAR:
                 bias = node.args[2] if len(node.args) > 2 else None
-                new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref))
+                new = graph.call_function(native_linear, (operands[0], operands[1], bias, refs[0], refs[1], gref)
+                                          + ((gate,) if gate is not None else ()))
             elif node.target in _CONV2D and "conv2d_int8" in self.kinds and gate is None:
                 # bias, stride, padding, dilation, groups with F.conv2d's defaults
                 rest = list(node.args[2:]) + [None, 1, 0, 1, 1][len(node.args) - 2:]
@@ -1226,7 +1385,8 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
             first = {native_linear: 3, native_matmul: 2, native_conv2d: 7, **_BF16_FIRST_Q}[node.target]
             refs = node.args[first:first + 3]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
-            path, note = decide(*mods, path="bf16" if node.target in _BF16_FIRST_Q else "int8")
+            bf16 = node.target in _BF16_FIRST_Q or (node.target is native_linear and len(node.args) > 6)  # gated linear
+            path, note = decide(*mods, path="bf16" if bf16 else "int8")
             if path == "int8" and node.target is native_conv2d:
                 note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
                         "transposed convolution here)")

@@ -169,14 +169,106 @@ def test_gate_options_outside_2_to_8_bits_keep_the_op_simulated_exactly(monkeypa
     assert path == "simulated" and "gate options include [12] bits" in why
 
 
-def test_gated_linear_stays_simulated_and_says_why():
+class Lin(nn.Module):
+    def __init__(self, k=96, n=80):
+        super().__init__()
+        self.fc = nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _linear_offsets(model, x, bits):
+    """Bounds of the gradient offset's term |B| in (dx, dw) for a linear layer: s_g / 2 times the largest
+    sum of |w| over the output features (dx) or of |x| over the rows (dw), padded by a step."""
+    with torch.no_grad():
+        y = model(x)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    levels = 2.0**bits - 1
+    s_g = float(r.max() / levels - r.min() / levels)
+    w = model.fc.weight.detach()
+    wa, xa = w.abs() + float(w.abs().max()) / levels, x.abs() + float(x.abs().max()) / levels
+    return s_g / 2 * float(wa.sum(0).max()), s_g / 2 * float(xa.reshape(-1, x.shape[-1]).sum(0).max())
+
+
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+@pytest.mark.parametrize("shape", [(8, 96), (8, 5, 96)])
+def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels, monkeypatch):
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
-    model, inputs = nn.Sequential(nn.Linear(64, 64)), (torch.randn(8, 64),)
+    model = Lin()
+    x = torch.rand(*shape) * 3 - 0.5
+    inputs = (x * torch.linspace(-3, 3, shape[0]).view((-1,) + (1,) * (len(shape) - 1)),)
+    sim, nat = _gated_pair(model, inputs, weight_scale=weight_scale)
+    assert native.op_paths(nat)["fc"][0] == "bf16"
+    grads = _record_gate_grads(monkeypatch)
+    calls = []
+    real = native._Bf16Linear.apply
+    monkeypatch.setattr(native._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert calls == [1], "the bf16 linear did not run"
+    (chosen,) = sim.gates.stats().units.values()
+    assert sum(share > 0 for share in chosen) >= 2, f"the batch took one option only ({chosen})"
+    dx_off, dw_off = _linear_offsets(model, inputs[0], bits=4)
+    (y, dx, dw, db), (y_w, dx_w, dw_w, db_w) = got[:4], want[:4]
+    bias = float(model.fc.bias.detach().abs().max())
+    for name, g, w, bound in (("y", y, y_w, BF16_U * (float(y_w.abs().max()) + bias)),
+                              ("dx", dx, dx_w, BF16_U * (float(dx_w.abs().max()) + 2 * dx_off)),
+                              ("dw", dw, dw_w, BF16_U * (float(dw_w.abs().max()) + 2 * dw_off)),
+                              ("bias grad", db, db_w, 0.0)):
+        err = float((g - w).abs().max())
+        assert err <= bound + 1e-5 * float(w.abs().max()) * 4, f"{shape} {weight_scale}: {name} differs by {err:.3g} " \
+                                                               f"(bound {bound:.3g})"
+    if weight_scale == "channel":  # dx on ghat and the decoded weight in float32
+        assert float((dx - dx_w).abs().max()) <= 1e-5 * float(dx_w.abs().max())
+    (d_sim,), (d_nat,) = grads["sim"], grads["native"]
+    x0 = inputs[0]
+    row_l1 = float((x0.abs() + float(x0.abs().max()) / 3).reshape(shape[0], -1).sum(1).max())
+    bound = (BF16_U * (float(dx_w.abs().max()) + 2 * dx_off) + 1e-5 * float(dx_w.abs().max())) * row_l1
+    assert float((d_nat - d_sim).abs().max()) <= bound
+
+
+def test_gated_linear_samples_above_8_gradient_bits_run_their_backward_in_fp32(monkeypatch):
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
+    torch.manual_seed(0)
+    model = Lin()
+    x = (torch.rand(8, 5, 96) * 3 - 0.5) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
+    sim, nat = _gated_pair(model, (x,), a=(4, 6, 8), g=(6, 12, 8), weight_scale="tensor")
+    choices = []
+    nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
+    want, got = _run(sim, (x,)), _run(nat, (x,))
+    wide = choices[0] == 1
+    assert 0 < int(wide.sum()) < wide.numel(), choices[0].tolist()
+    assert float((got[1][wide] - want[1][wide]).abs().max()) <= 1e-5 * float(want[1].abs().max())
+
+    def weight_grad(qmodel):  # only the 12-bit samples carry a gradient: dw is their group's, in float32
+        qmodel.zero_grad(set_to_none=True)
+        out = qmodel(x)
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        torch.manual_seed(123)
+        (out * r * wide.view(-1, 1, 1)).sum().backward()
+        return qmodel.fc.weight.grad
+
+    w_sim, w_nat = weight_grad(sim), weight_grad(nat)
+    assert float((w_nat - w_sim).abs().max()) <= 1e-5 * float(w_sim.abs().max())
+
+
+def test_gated_matmul_stays_simulated_and_says_why():
+    class MatMul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return x @ self.w
+
+    torch.manual_seed(0)
+    model, inputs = MatMul(), (torch.randn(8, 64),)
     sim, nat = _gated_pair(model, inputs)
     for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
         assert torch.equal(g, w)
     path, why = next(iter(native.op_paths(nat).values()))
-    assert path == "simulated" and "gated ops run native as convolutions (bf16) only" in why
+    assert path == "simulated" and "gated ops run native as convolutions and linear layers (bf16) only" in why
 
 
 def test_gated_eval_uses_the_option_ranges_and_matches_the_simulation():
@@ -209,17 +301,25 @@ def test_saved_gated_operands_are_bf16_codes_and_the_input_for_the_gate():
     out.sum().backward()
 
 
-def test_a_gated_native_model_copies_pickles_and_exports_as_a_simulated_one(tmp_path):
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_a_gated_native_model_copies_pickles_and_exports_as_a_simulated_one(kind, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
-    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 8, 8)))
+    if kind == "conv":
+        model, inputs, call = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 8, 8))), "bf16_conv2d"
+    else:
+        model, inputs, call = Lin(), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),), \
+            "native_linear"
     sim, nat = _gated_pair(model, inputs)
-    assert "bf16_conv2d" in nat.code and "gate_conv_choice" in nat.code
+    op = "conv" if kind == "conv" else "fc"
+    assert call in nat.code and f"gate_{op}_choice" in nat.code
     _run(sim, inputs), _run(nat, inputs)
+    assert native.op_paths(nat)[op][0] == "bf16"
     nat.load_state_dict(sim.state_dict())
     want = _run(nat, inputs)
     for clone in (copy.deepcopy(nat), pickle.loads(pickle.dumps(nat))):
-        assert "bf16_conv2d" in clone.code
+        assert call in clone.code
         for g, w in zip(_run(clone, inputs), want):
             assert torch.equal(g, w)
     sim.eval(), nat.eval()
@@ -327,3 +427,21 @@ def test_bench_predicts_a_gated_conv_on_bf16_with_its_wide_samples_backward_in_f
     as_bf16 = lambda p: lat((p[0], p[1], 16, 16, p[4] / 2))
     fwd, dw = fracpass.cost(nat, inputs, stage=0).ops[0].products(None)  # the input needs no gradient here
     assert op.as_run_s == pytest.approx(as_bf16(fwd) + (1 - wide) * as_bf16(dw) + wide * lat(dw))
+
+
+def test_gated_linear_eval_matches_the_simulation(monkeypatch):
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
+    torch.manual_seed(0)
+    model = Lin()
+    x = (torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
+    sim, nat = _gated_pair(model, (x,))
+    _run(sim, (x,)), _run(nat, (x,))  # a training batch each: the options' EMA ranges
+    sim.eval(), nat.eval()
+    calls = []
+    real = native._Bf16Linear.apply
+    monkeypatch.setattr(native._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want, got = sim(x.flip(0)), nat(x.flip(0))
+    assert calls == [1]
+    bias = float(model.fc.bias.detach().abs().max())
+    assert float((got - want).abs().max()) <= BF16_U * (float(want.abs().max()) + bias)
