@@ -991,8 +991,7 @@ class _Bf16Linear(torch.autograd.Function):
             elif need_x:
                 colsum = qw.sum(0, dtype=torch.float32)  # exact: integer codes
                 if sg.numel() > 1:
-                    dx = _scale_out(t @ qw, sw, None, _rows(sg, per)).add_(
-                        torch.outer(_rows(c, per), colsum.mul_(sw)))
+                    dx = _scale_out(t @ qw, sw, None, _rows(sg, per)).addr_(_rows(c, per), colsum.mul_(sw))
                 else:
                     dx = _scale_out(t @ qw, sg * sw, None).add_(colsum.mul_(c * sw))
                 if wide is not None:  # those samples' rows again, in float32 on ghat
@@ -1001,9 +1000,8 @@ class _Bf16Linear(torch.autograd.Function):
             if need_w:
                 dw = _grouped_linear_weight_grad(t, ghat, qa, sa, sg, c, gating, exact, per)
         if need_b:
-            g_rows = (ghat if ghat is not None else None)
-            if g_rows is not None:
-                db = g_rows.sum(0)
+            if ghat is not None:
+                db = ghat.sum(0)
             elif sg.numel() > 1:
                 db = (t.float().t() @ _rows(sg, per)).add_(c.sum() * per)
             else:
