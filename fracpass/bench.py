@@ -273,8 +273,6 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 report = cost(work, args, kwargs, stage=stage)
                 ops = [o.op for o in report.ops]
                 member = _groups(work, ops)
-                runs = product_paths(work)
-                paths = op_paths(work)
 
                 def plain():
                     loss_fn(work(*args, **kwargs)).backward()
@@ -287,6 +285,10 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                     start = time.perf_counter()
                     plain()
                     steps.append(time.perf_counter() - start)
+                # after a call on these inputs: a path that depends on the operands' sizes (MIN_INTENSITY,
+                # MIN_CONV_MACS) is the one this batch took
+                runs = product_paths(work)
+                paths = op_paths(work)
                 fwd: Dict[str, List[float]] = defaultdict(list)
                 bwd: Dict[str, List[float]] = defaultdict(list)
                 for _ in range(repeats):

@@ -299,3 +299,22 @@ def test_a_full_precision_conv_says_so_rather_than_no_native_path():
     _, nat = _pair(model, plan, inputs)
     path, why = native.op_paths(nat)["conv"]
     assert path == "simulated" and why.startswith("full precision at every stage"), why
+
+
+def test_bench_reports_the_path_a_conv_took_at_the_benched_batch(monkeypatch):
+    """A conv native at one batch and too small at another: bench reports the path of its own batch,
+    not the one the model's last call (before bench) left."""
+    from fracpass.bench import bench
+
+    monkeypatch.setattr(native, "MIN_CONV_MACS", 1e6)
+    torch.manual_seed(0)
+    model = Conv(nn.Conv2d(16, 16, 3, padding=1))
+    big, small = torch.randn(16, 16, 16, 16), torch.randn(1, 16, 16, 16)  # 9.4M and 0.6M multiply-adds
+    _, nat = _pair(model, fracpass.Plan.static(8, 8, 8), (big,))
+    nat(big)
+    assert native.op_paths(nat)["conv"][0] == "bf16"
+    (op,) = bench(nat, (small,), target="epyc9655", stages=[0], repeats=1, warmup=0, threads=1).stages[0].ops
+    assert op.path == "simulated" and op.runs_on == ("fp32",) * 3
+    nat(small)
+    (op,) = bench(nat, (big,), target="epyc9655", stages=[0], repeats=1, warmup=0, threads=1).stages[0].ops
+    assert op.path == "bf16"
