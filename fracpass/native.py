@@ -739,7 +739,7 @@ class _Bf16Conv(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
         dx = dw = db = None
-        exact = None if levels is None else (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
+        exact = _exact_codes(levels)
         if exact is None or not bool(exact.any()):
             # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
             ghat = grad if levels is None else (quantize_grad_rows(_dense(grad), mn, mx, levels) if levels.numel() > 1
@@ -795,6 +795,16 @@ class _Bf16Conv(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             dx = None
         return (dx, dw, db, d_onehot) + (None,) * 7
+
+
+def _exact_codes(levels: Optional[Tensor]) -> Optional[Tensor]:
+    """Per sample (or per tensor), whether the gradient's codes at ``levels`` are exact in bfloat16 (2..8
+    bits); None if the gradient is not quantized, or if a sample's option leaves it unquantized (levels
+    0: its rows pass through, as fracpass.gating.quantize_grad_rows does), so that the whole batch's
+    backward takes the float32 products on ghat."""
+    if levels is None or bool((levels <= 0).any()):
+        return None
+    return (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
 
 
 def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
@@ -967,7 +977,7 @@ class _Bf16Linear(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         g = _dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
         mn, mx, levels = _grad_range(g, ctx.gbits, gating)
-        exact = None if levels is None else (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
+        exact = _exact_codes(levels)
         w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)
         dx = dw = db = None
         if exact is None or not bool(exact.any()):  # no bf16-exact gradient codes: float32 products on ghat

@@ -1,7 +1,7 @@
 """Shared by the insert passes: adding (or reusing) a named quantizer module and its node."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import torch.fx
 
@@ -9,15 +9,22 @@ from fracpass import meta
 from fracpass.errors import PassError
 from fracpass.pass_base import node_context
 from fracpass.plan import QSpec
-from fracpass.quant import Quantizer
+from fracpass.quant import FULL_PRECISION, Quantizer
 
 
-def quantized_ops(gm: torch.fx.GraphModule, role: str) -> Iterator[Tuple[torch.fx.Node, meta.OpInfo, QSpec]]:
-    """Annotated compute nodes whose plan quantizes ``role`` in at least one stage."""
+def quantized_ops(gm: torch.fx.GraphModule, role: str,
+                  gated_bits: Sequence[int] = ()) -> Iterator[Tuple[torch.fx.Node, meta.OpInfo, QSpec]]:
+    """Annotated compute nodes whose plan quantizes ``role`` in at least one stage, and gated ops (in a
+    unit of find-gated-units) when one of ``gated_bits`` (their gate options' bits for ``role``) is
+    below 32: their QSpec holds the widest option, which is 32 when an option leaves ``role`` in full
+    precision, while the other options still quantize it."""
     field = meta.PLAN_FIELD[role]
+    options_quantize = any(0 < b < FULL_PRECISION for b in gated_bits)
     for node in list(gm.graph.nodes):
         info, spec = meta.op_info(node), meta.qspec(node)
-        if info is not None and spec is not None and spec.quantizes(field):
+        if info is None or spec is None:
+            continue
+        if spec.quantizes(field) or (options_quantize and not spec.excluded and meta.gated(node) is not None):
             yield node, info, spec
 
 

@@ -31,7 +31,7 @@ class InsertActQuantPass(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         inserted = gated = 0
         choices = gate_choices(gm)
-        for op, info, spec in quantized_ops(gm, "act"):
+        for op, info, spec in quantized_ops(gm, "act", self._option_bits()):
             choice = gated_choice(choices, op)
             for index, slot in enumerate(info.act_args):
                 src = registry.get_slot(op, slot)
@@ -49,8 +49,11 @@ class InsertActQuantPass(PassBase):
                 inserted += 1
         return PassResult(gm, modified=inserted > 0, stats={"act_quant_inserted": inserted, "gated": gated})
 
+    def _option_bits(self):
+        return self.gates.a if self.gates is not None else ()
+
     def ensures(self, gm: torch.fx.GraphModule) -> None:
-        for op, info, _ in quantized_ops(gm, "act"):
+        for op, info, _ in quantized_ops(gm, "act", self._option_bits()):
             for slot in info.act_args:
                 src = registry.get_slot(op, slot)
                 if isinstance(src, torch.fx.Node) and not is_quantizer_of(src, op, "act"):

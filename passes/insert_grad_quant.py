@@ -28,7 +28,8 @@ class InsertGradQuantPass(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         inserted = gated = 0
         choices = gate_choices(gm)
-        for op, _, spec in quantized_ops(gm, "grad"):
+        options = () if self.gates is None else tuple(g for a, g in zip(self.gates.a, self.gates.g) if a)
+        for op, _, spec in quantized_ops(gm, "grad", options):
             if any(is_quantizer_of(user, op, "grad") for user in op.users):
                 continue
             choice = gated_choice(choices, op)

@@ -532,3 +532,42 @@ def test_a_unit_whose_input_does_not_lead_with_the_batch_is_refused_at_transform
                                 example_inputs=(torch.randn(2, 5, 8),))
     assert qmodel.gates.unit_names == ["head"]
     qmodel(torch.randn(3, 5, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("stage_bits", [32, 8])
+def test_a_full_precision_option_leaves_the_other_options_quantized(stage_bits):
+    """Gates(a=(4, 32), g=(8, 32)): a gated op's QSpec holds the widest option (32), yet option 0 must
+    still quantize at 4/8 bits; the gated activation and gradient quantizers used to be left out, so
+    every option trained in full precision while the cost counted option 0 at its bits."""
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(6, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model, x = Conv(), torch.randn(8, 6, 9, 9)
+    gates = fracpass.Gates(a=(4, 32), g=(8, 32), w=5, granularity="op", target=3.0)
+    gated = fracpass.transform(model, fracpass.Plan(stages=(fracpass.Stage(w=5, a=stage_bits, g=stage_bits),),
+                                                    gates=gates), example_inputs=(x,))
+    assert isinstance(gated.conv_aq, gating.GatedActQuant) and isinstance(gated.conv_gq, gating.GatedGradQuant)
+
+    def run(qmodel, option):
+        if option is not None:
+            with torch.no_grad():  # the projection's bias alone decides
+                qmodel.gates.proj.weight.zero_()
+                qmodel.gates.proj.bias.copy_(torch.tensor([5.0, 0.0] if option == 0 else [0.0, 5.0]))
+        xi = x.clone().requires_grad_()
+        y = qmodel(xi)
+        torch.manual_seed(3)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), xi.grad
+
+    static = fracpass.transform(model, fracpass.Plan.static(w=5, a=4, g=8), example_inputs=(x,))
+    weights_only = fracpass.transform(model, fracpass.Plan.static(w=5, a=32, g=32), example_inputs=(x,))
+    for got, want in zip(run(gated, 0), run(static, None)):  # option 0: the static 5/4/8 op
+        assert torch.equal(got, want)
+    for got, want in zip(run(gated, 1), run(weights_only, None)):  # option 1: activations and gradients in fp32
+        assert torch.equal(got, want)

@@ -445,3 +445,26 @@ def test_gated_linear_eval_matches_the_simulation(monkeypatch):
     assert calls == [1]
     bias = float(model.fc.bias.detach().abs().max())
     assert float((got - want).abs().max()) <= BF16_U * (float(want.abs().max()) + bias)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_a_full_precision_gradient_option_passes_those_samples_gradients_through(kind, monkeypatch):
+    """g = 32 in an option leaves its samples' gradients unquantized (levels 0 in the simulation's
+    per-row kernel); a batch with such samples runs its backward in float32 on ghat, as simulated."""
+    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
+    torch.manual_seed(0)
+    if kind == "conv":
+        model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
+    else:
+        model, inputs = Lin(), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),)
+    sim, nat = _gated_pair(model, inputs, a=(4, 8), g=(8, 32), weight_scale="tensor")
+    choices = []
+    nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert 0 < int(choices[0].sum()) < 8, choices[0].tolist()  # both options in the batch
+    y, y_w = got[0], want[0]
+    bias = float(model.conv.bias.detach().abs().max() if kind == "conv" else model.fc.bias.detach().abs().max())
+    assert float((y - y_w).abs().max()) <= BF16_U * (float(y_w.abs().max()) + bias)
+    for g, w in zip(got[1:4], want[1:4]):  # float32 products on the simulation's ghat
+        assert torch.isfinite(g).all()
+        assert float((g - w).abs().max()) <= 1e-5 * float(w.abs().max())
