@@ -57,7 +57,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import math
 import operator
 import pathlib
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ from fracpass.errors import FracpassError
 from fracpass.gating import GatedActQuant, GatedGradQuant, _group_range, _row_range, onehot_grad, quantize_grad_rows
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _aminmax, _dense,
-                            _fused_kernels, _rows_outer_dense, _torch_seed, quantize_grad_stochastic)
+                            _fused_kernels, _memory_rows, _rows_outer_dense, _torch_seed, quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
            "int8_support", "NativeInfo", "product_paths"]
@@ -647,7 +646,18 @@ def _per_row_view(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1)) if v.numel() > 1 else v.reshape(())
 
 
-def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor,
+def _simulated_grad(grad: Tensor, mn: Optional[Tensor], mx: Optional[Tensor], levels: Optional[Tensor],
+                    gbits: int) -> Tensor:
+    """``grad`` as the simulation's gradient quantizer rounds it: per sample over [mn, mx] at ``levels``
+    (gated, fracpass.gating.quantize_grad_rows), per tensor at ``gbits``, or as is (``levels`` None)."""
+    if levels is None:
+        return grad
+    if levels.numel() > 1:
+        return quantize_grad_rows(grad, mn, mx, levels)
+    return quantize_grad_stochastic(grad, gbits)
+
+
+def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits: int,
                      values: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """The simulation's stochastic rounding of ``grad`` over [mn, mx] at ``levels`` (per tensor:
     fracpass.quant.quantize_grad_stochastic; one of each per sample: fracpass.gating.quantize_grad_rows;
@@ -664,10 +674,7 @@ def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor,
                                       _torch_seed(), values)
         ghat = ghat if values else None
     else:
-        if levels.numel() > 1:
-            ghat = quantize_grad_rows(grad, mn, mx, levels)
-        else:
-            ghat = quantize_grad_stochastic(grad, round(math.log2(float(levels) + 1)))
+        ghat = _simulated_grad(grad, mn, mx, levels, gbits)
         v = lambda a: _per_row_view(a, grad)
         t = torch.sub(ghat, v(mn)).div_(v(scale)).round_().sub_(v(zero)).to(torch.bfloat16)
     return ghat, t, scale.reshape(-1), (mn + scale * zero).reshape(-1)
@@ -676,6 +683,8 @@ def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor,
 def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
     """float32 v * scale (* rows) (+ bias), scale and bias per channel (dim 1) or per tensor, ``rows`` a
     factor per sample (dim 0) or per tensor, in v's layout."""
+    if rows is not None and rows.numel() == 1:  # one factor for every sample: into the scale (the flat loop)
+        scale, rows = scale * rows.reshape(()), None
     ext = _ext()
     if ext is not None and _rows_outer_dense(v):
         return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1),
@@ -722,7 +731,7 @@ class _Bf16Conv(torch.autograd.Function):
         stride, padding, dilation, transposed, output_padding, groups = conv
         v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
         wscale = _out_channel_scale(sw, transposed, groups)
-        y = _scale_out(v, wscale, bias, sa) if sa.numel() > 1 else _scale_out(v, sa * wscale, bias)
+        y = _scale_out(v, wscale, bias, sa)
         ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
         keep = (x.detach(), onehot) if ctx.gate_grad else ()
         ctx.save_for_backward(qa, sa, qw, sw, *keep)
@@ -735,6 +744,7 @@ class _Bf16Conv(torch.autograd.Function):
         stride, padding, dilation, transposed, output_padding, groups = ctx.conv
         args = (stride, padding, dilation, transposed, output_padding, groups)
         gating: Optional[_Gating] = ctx.gating
+        grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
         need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
@@ -742,8 +752,7 @@ class _Bf16Conv(torch.autograd.Function):
         exact = _exact_codes(levels)
         if exact is None or not bool(exact.any()):
             # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
-            ghat = grad if levels is None else (quantize_grad_rows(_dense(grad), mn, mx, levels) if levels.numel() > 1
-                                                else quantize_grad_stochastic(grad, ctx.gbits))
+            ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
             x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
             w_hat = _weight_values(qw, sw, transposed)
             dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
@@ -753,7 +762,7 @@ class _Bf16Conv(torch.autograd.Function):
             # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
             fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, values=fp32_dx or wide is not None)
+            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
             if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
                 sg, c = sg[:1], c[:1]
             per_sample = sa.numel() > 1 or sg.numel() > 1
@@ -817,8 +826,21 @@ def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
         return mn, mx, gating.grad_levels[gating.choice]
     if gbits >= FULL_PRECISION:
         return None, None, None
-    mn, mx = _aminmax(_dense(grad))
+    mn, mx = _aminmax(grad)
     return mn, mx, torch.tensor(float(2**gbits - 1))
+
+
+def _option_groups(choice: Tensor):
+    """(the samples that chose one option, the first of them, whether they are the whole batch) per option
+    chosen: a gated op's samples share their scales within such a group."""
+    for option in torch.unique(choice).tolist():
+        idx = (choice == option).nonzero().view(-1)
+        yield idx, int(idx[0]), idx.numel() == choice.numel()
+
+
+def _at(v: Tensor, first: int) -> Tensor:
+    """A per-sample scale's value for a group (its sample ``first``), or the per-tensor one."""
+    return v[first] if v.numel() > 1 else v.reshape(())
 
 
 def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg: Tensor, c: Tensor,
@@ -827,12 +849,8 @@ def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg
     product per option group, whose samples share s_a, s_g and c (their group's range); a group whose
     gradient codes are not exact in bfloat16 (``exact`` False: above 8 bits) runs in float32 on ghat."""
     dw = None
-    for option in torch.unique(choice).tolist():
-        idx = (choice == option).nonzero().view(-1)
-        first = int(idx[0])
-        whole = idx.numel() == choice.numel()
-        pick = lambda v: v[first] if v.numel() > 1 else v.reshape(())
-        s_a = pick(sa)
+    for idx, first, whole in _option_groups(choice):
+        s_a = _at(sa, first)
         qa_k = qa if whole else _take(qa, idx)
         if not bool(exact[first]):
             x_hat = qa_k.float().mul_(s_a)
@@ -840,7 +858,7 @@ def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg
             g_k = ghat if whole else _take(ghat, idx)
             part = torch.ops.aten.convolution_backward(g_k, x_hat, probe, None, *args, [False, True, False])[1]
         else:
-            s_g, c_k = pick(sg), pick(c)
+            s_g, c_k = _at(sg, first), _at(c, first)
             t_k = t if whole else _take(t, idx)
             vw = torch.ops.aten.convolution_backward(t_k, qa_k, qw, None, *args, [False, True, False])[1]
             part = _scale_out(vw, s_a * s_g, None).add_(_ones_weight_grad(t_k, qa_k, qw, args, c_k * s_a))
@@ -899,8 +917,7 @@ def _batch_sum(q: Tensor) -> Tensor:
     if ext is not None and q.dtype == torch.bfloat16:
         total = ext.batch_sum_bf16(q)
     else:
-        n, rest = q.shape[0], q.numel() // max(q.shape[0], 1)
-        total = q.as_strided((n, rest), (rest, 1), q.storage_offset()).sum(0, dtype=torch.float32)
+        total = _memory_rows(q).sum(0, dtype=torch.float32)
     return total.as_strided((1,) + tuple(q.shape[1:]), q.stride())
 
 
@@ -944,6 +961,11 @@ def _gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq,
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _sample_rows(samples: Tensor, per: int) -> Tensor:
+    """The row indices of ``samples`` when each sample holds ``per`` consecutive rows."""
+    return (samples.view(-1, 1) * per + torch.arange(per)).view(-1)
+
+
 def _rows(v: Tensor, per: int) -> Tensor:
     """A per-sample vector repeated for each of the sample's ``per`` rows (a per-tensor one as is)."""
     return v if v.numel() == 1 else v.repeat_interleave(per)
@@ -961,7 +983,7 @@ class _Bf16Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, per, gbits, gating):  # type: ignore[override]
         v = qa @ qw.t()  # bfloat16 codes, float32 accumulation, bfloat16 out
         wscale = sw.reshape(-1)
-        y = _scale_out(v, wscale, bias, _rows(sa, per)) if sa.numel() > 1 else _scale_out(v, sa * wscale, bias)
+        y = _scale_out(v, wscale, bias, _rows(sa, per))
         ctx.gate_grad = ctx.needs_input_grad[3]
         ctx.save_for_backward(qa, sa, qw, sw, *((x, onehot) if ctx.gate_grad else ()))
         ctx.per, ctx.gbits, ctx.gating, ctx.has_bias = per, gbits, gating, bias is not None
@@ -981,9 +1003,7 @@ class _Bf16Linear(torch.autograd.Function):
         w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)
         dx = dw = db = None
         if exact is None or not bool(exact.any()):  # no bf16-exact gradient codes: float32 products on ghat
-            ghat = g if levels is None else (quantize_grad_rows(g, mn, mx, levels) if levels.numel() > 1
-                                             else quantize_grad_stochastic(g, ctx.gbits))
-            ghat = ghat.view(-1, qw.shape[0])
+            ghat = _simulated_grad(g, mn, mx, levels, ctx.gbits).view(-1, qw.shape[0])
             if need_x:
                 dx = ghat @ w_hat()
             if need_w:
@@ -991,7 +1011,7 @@ class _Bf16Linear(torch.autograd.Function):
         else:
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
             fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c = _bf16_grad_codes(g, mn, mx, levels, values=fp32_dx or wide is not None)
+            ghat, t, sg, c = _bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
             if gating.one_group:
                 sg, c = sg[:1], c[:1]
             t = t.view(-1, qw.shape[0])
@@ -1005,7 +1025,7 @@ class _Bf16Linear(torch.autograd.Function):
                 else:
                     dx = _scale_out(t @ qw, sg * sw, None).add_(colsum.mul_(c * sw))
                 if wide is not None:  # those samples' rows again, in float32 on ghat
-                    rows = (wide.view(-1, 1) * per + torch.arange(per)).view(-1)
+                    rows = _sample_rows(wide, per)
                     dx.index_copy_(0, rows, ghat.index_select(0, rows) @ w_hat())
             if need_w:
                 dw = _grouped_linear_weight_grad(t, ghat, qa, sa, sg, c, gating, exact, per)
@@ -1031,24 +1051,17 @@ def _grouped_linear_weight_grad(t: Tensor, ghat: Optional[Tensor], qa: Tensor, s
     """dw = sum over rows of ghat[r]^T x_hat[r]: the rows' scales lie on its contracted axis, so one
     bf16 product per option group (whose rows share s_a, s_g and c), float32 on ghat for a group whose
     gradient codes are not exact in bfloat16."""
-    if sa.numel() == 1 and sg.numel() == 1:  # one group: one product for all rows
-        groups = [(None, 0)]
-    else:
-        groups = []
-        for option in torch.unique(gating.choice).tolist():
-            samples = (gating.choice == option).nonzero().view(-1)
-            groups.append(((samples.view(-1, 1) * per + torch.arange(per)).view(-1), int(samples[0])))
     dw = None
-    for rows, first in groups:
-        pick = lambda v: v[first] if v.numel() > 1 else v.reshape(())
-        s_a = pick(sa)
+    for samples, first, whole in _option_groups(gating.choice):
+        rows = None if whole else _sample_rows(samples, per)
+        s_a = _at(sa, first)
         qa_k = qa if rows is None else qa.index_select(0, rows)
-        if not bool(exact[first] if exact.numel() > 1 else exact.reshape(())):
+        if not bool(_at(exact, first)):
             g_k = ghat if rows is None else ghat.index_select(0, rows)
             part = g_k.t() @ qa_k.float().mul_(s_a)
         else:
             t_k = t if rows is None else t.index_select(0, rows)
-            s_g, c_k = pick(sg), pick(c)
+            s_g, c_k = _at(sg, first), _at(c, first)
             part = _scale_out(t_k.t() @ qa_k, (s_a * s_g).reshape(1), None).add_(
                 qa_k.sum(0, dtype=torch.float32).mul_(c_k * s_a))
         dw = part if dw is None else dw.add_(part)
