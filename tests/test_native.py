@@ -297,15 +297,20 @@ def test_eval_mode_uses_the_running_range_like_the_simulation(kernels):
     assert native.op_paths(nat)["fc"][0] == "int8"
 
 
+def _saved_dtypes(qmodel, x):
+    """The dtypes of the tensors of x's size that autograd saves over qmodel(x)'s forward and backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qmodel(x).sum().backward()
+    return [t.dtype for t in saved if t.numel() == x.numel()]
+
+
 def test_saved_operands_stay_int8(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
     _, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), (x.detach(),))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        nat(x).sum().backward()
-    big = [t for t in saved if t.numel() == x.numel()]
-    assert big and all(t.dtype == torch.int8 for t in big), [t.dtype for t in big]
+    big = _saved_dtypes(nat, x)
+    assert big and all(d == torch.int8 for d in big), big
 
 
 def test_lower_native_pass_contract():

@@ -21,7 +21,7 @@ from torch import nn
 
 import fracpass
 from fracpass import native
-from test_native import _pair, _run, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
+from test_native import _pair, _run, _saved_dtypes, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
 
 BF16_U = 2.0**-8  # bfloat16's unit roundoff
 
@@ -198,11 +198,8 @@ def test_saved_conv_operands_are_bf16_codes():
     torch.manual_seed(0)
     x = torch.randn(4, 6, 8, 8, requires_grad=True)
     _, nat = _pair(Conv(nn.Conv2d(6, 8, 3, padding=1)), fracpass.Plan.static(8, 8, 8), (x.detach(),))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        nat(x).sum().backward()
-    big = [t for t in saved if t.numel() == x.numel()]
-    assert big and all(t.dtype == torch.bfloat16 for t in big), [t.dtype for t in big]
+    big = _saved_dtypes(nat, x)
+    assert big and all(d == torch.bfloat16 for d in big), big
 
 
 def test_stage_switch_moves_a_conv_between_bf16_and_simulation():

@@ -19,7 +19,7 @@ from torch import nn
 
 import fracpass
 from fracpass import gating, native
-from test_native import _run, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
+from test_native import Lin, _run, _saved_dtypes, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
 from test_native_conv import BF16_U, CASES, Conv, _count_bf16, _inputs, _offset_bounds
 
 
@@ -169,15 +169,6 @@ def test_gate_options_outside_2_to_8_bits_keep_the_op_simulated_exactly(monkeypa
     assert path == "simulated" and "gate options include [12] bits" in why
 
 
-class Lin(nn.Module):
-    def __init__(self, k=96, n=80):
-        super().__init__()
-        self.fc = nn.Linear(k, n)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 def _linear_offsets(model, x, bits):
     """Bounds of the gradient offset's term |B| in (dx, dw) for a linear layer: s_g / 2 times the largest
     sum of |w| over the output features (dx) or of |x| over the rows (dw), padded by a step."""
@@ -196,7 +187,7 @@ def _linear_offsets(model, x, bits):
 def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels, monkeypatch):
     monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
-    model = Lin()
+    model = Lin(96, 80)
     x = torch.rand(*shape) * 3 - 0.5
     inputs = (x * torch.linspace(-3, 3, shape[0]).view((-1,) + (1,) * (len(shape) - 1)),)
     sim, nat = _gated_pair(model, inputs, weight_scale=weight_scale)
@@ -231,7 +222,7 @@ def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels,
 def test_gated_linear_samples_above_8_gradient_bits_run_their_backward_in_fp32(monkeypatch):
     monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
-    model = Lin()
+    model = Lin(96, 80)
     x = (torch.rand(8, 5, 96) * 3 - 0.5) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
     sim, nat = _gated_pair(model, (x,), a=(4, 6, 8), g=(6, 12, 8), weight_scale="tensor")
     choices = []
@@ -290,15 +281,10 @@ def test_saved_gated_operands_are_bf16_codes_and_the_input_for_the_gate():
     torch.manual_seed(0)
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
     _, nat = _gated_pair(model, inputs)
-    x = inputs[0].clone().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = nat(x)
-    big = sorted(str(t.dtype) for t in saved if t.numel() == x.numel())
+    big = _saved_dtypes(nat, inputs[0].clone().requires_grad_())
     # the conv keeps its bf16 codes; the float input once, for the gate's gradient (the gate's own
     # layers save what they need of it too)
-    assert "torch.bfloat16" in big and big.count("torch.float32") <= 2, big
-    out.sum().backward()
+    assert torch.bfloat16 in big and big.count(torch.float32) <= 2, big
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -309,7 +295,7 @@ def test_a_gated_native_model_copies_pickles_and_exports_as_a_simulated_one(kind
     if kind == "conv":
         model, inputs, call = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 8, 8))), "bf16_conv2d"
     else:
-        model, inputs, call = Lin(), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),), \
+        model, inputs, call = Lin(96, 80), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),), \
             "native_linear"
     sim, nat = _gated_pair(model, inputs)
     op = "conv" if kind == "conv" else "fc"
@@ -432,7 +418,7 @@ def test_bench_predicts_a_gated_conv_on_bf16_with_its_wide_samples_backward_in_f
 def test_gated_linear_eval_matches_the_simulation(monkeypatch):
     monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
-    model = Lin()
+    model = Lin(96, 80)
     x = (torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
     sim, nat = _gated_pair(model, (x,))
     _run(sim, (x,)), _run(nat, (x,))  # a training batch each: the options' EMA ranges
@@ -456,7 +442,7 @@ def test_a_full_precision_gradient_option_passes_those_samples_gradients_through
     if kind == "conv":
         model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
     else:
-        model, inputs = Lin(), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),)
+        model, inputs = Lin(96, 80), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),)
     sim, nat = _gated_pair(model, inputs, a=(4, 8), g=(8, 32), weight_scale="tensor")
     choices = []
     nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
