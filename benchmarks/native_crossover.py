@@ -3,6 +3,7 @@
 
     python benchmarks/native_crossover.py [--rounds 7] [--threads 1]
     python benchmarks/native_crossover.py --conv [--rounds 15] [--threads 2]
+    python benchmarks/native_crossover.py --bmm [--rounds 11] [--threads 2]
 
 For each (M, K, N) -- M rows of K features into N outputs, at w/a/g 8/8/8 -- one run times
 ``execution="simulate"`` and ``execution="native"`` (with ``fracpass.native.MIN_INTENSITY`` set to 0,
@@ -13,6 +14,10 @@ operands and output. ``MIN_INTENSITY`` (fracpass/native.py) is set from where th
 ``--conv``: a 3x3 convolution (C -> C, padding 1, per-tensor weights, 8/8/8) at batch N and H x W,
 in NCHW and channels_last, with ``fracpass.native.MIN_CONV_MACS`` set to 0; the table gives its
 forward multiply-adds, from which ``MIN_CONV_MACS`` is set.
+
+``--bmm``: torch.bmm of two activations (B entries of M x K times K x N, 8/8/8; attention's shapes
+among them) on bf16, with ``fracpass.native.MIN_BMM_INTENSITY`` set to 0; the table gives the
+intensity per batch entry, from which ``MIN_BMM_INTENSITY`` is set.
 """
 from __future__ import annotations
 
@@ -75,13 +80,48 @@ def conv_table(rounds: int) -> None:
                   f"{nat / sim:.2f} |")
 
 
+# (B, M, K, N): attention's q k^T (K = head dim) and P v (K = sequence) at 8 heads, and square products
+BMM_SIZES = [(256, 128, 64, 128), (256, 128, 128, 64), (64, 64, 32, 64), (64, 64, 64, 32), (256, 32, 64, 32),
+             (256, 64, 32, 64), (128, 64, 64, 64), (128, 96, 64, 96), (32, 128, 128, 128), (16, 256, 256, 256),
+             (8, 512, 512, 512), (128, 16, 16, 16)]
+
+
+class _Bmm(nn.Module):
+    def forward(self, a, b):
+        return torch.bmm(a, b)
+
+
+def bmm_table(rounds: int) -> None:
+    fracpass.native.MIN_BMM_INTENSITY = 0.0
+    print("| B x (M x K x N) | intensity | simulate ms | native ms | native / simulate |")
+    print("|---|---:|---:|---:|---:|")
+    for b, m, k, n in BMM_SIZES:
+        torch.manual_seed(0)
+        x, w = torch.randn(b, m, k, requires_grad=True), torch.randn(b, k, n, requires_grad=True)
+        runs = {e: fracpass.transform(_Bmm(), fracpass.Plan.static(8, 8, 8), example_inputs=(x, w), execution=e)
+                for e in ("simulate", "native")}
+
+        def step(q):
+            q(x, w).sum().backward()
+
+        step(runs["native"])
+        assert fracpass.native.op_paths(runs["native"])["bmm"][0] == "bf16"
+        sim, nat = _time(runs, step, rounds)
+        intensity = m * k * n / (m * k + k * n + m * n)
+        print(f"| {b} x ({m} x {k} x {n}) | {intensity:.0f} | {sim * 1e3:.3f} | {nat * 1e3:.3f} | {nat / sim:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--conv", action="store_true", help="convolutions on bf16 instead of linear layers on int8")
+    parser.add_argument("--bmm", action="store_true", help="batched products of two activations on bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.bmm:
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds")
+        return bmm_table(args.rounds)
     if args.conv:
         print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds")
         return conv_table(args.rounds)

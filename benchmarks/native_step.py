@@ -2,10 +2,12 @@
 
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
                                      [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
-                                     [--match a,b] [--memory] [--profile] [--only VARIANT]
+                                     [--match a,b] [--attention sdpa|matmul] [--memory] [--profile]
 
 Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
-128 (SDPA attention: quantized, but it has no native path and runs simulated), batch 32; or a
+128 (SDPA attention: quantized, but only q, k and v are, so it runs simulated; ``--attention matmul``
+writes it as two matmuls, which quantize P = softmax(q k^T) and run on bfloat16 codes, and adds native
+per-tensor with those batched products simulated, their share of the step), batch 32; or a
 CIFAR ResNet (``--model resnet74 --batch 128``; native runs its convs on bfloat16 codes, ``--conv``
 puts conv2d's forward on oneDNN's int8 convolution instead, opt-in); forward + backward + SGD. Variants: FP32; FP32 channels_last (ResNets);
 bf16 autocast (channels_last for ResNets: the plain mixed-precision baseline); torchao's INT8
@@ -70,7 +72,7 @@ def build(args):
     """(variants: name -> zero-argument builder of a step function, native model builder, plan)."""
     torch.manual_seed(0)
     if args.model == "transformer":
-        make = lambda: fracpass.models.transformer_d512().train()
+        make = lambda: fracpass.models.transformer_d512(attention=args.attention).train()
         x = torch.randint(0, 1000, (args.batch, args.seq))
     else:
         make = lambda: getattr(fracpass.models, args.model)().train()
@@ -115,6 +117,23 @@ def build(args):
             if conv_model:
                 variants[name + " channels_last"] = \
                     lambda k=stage: step_fn(transformed("native", k, pt), x, y, channels_last=True)
+    if args.model == "transformer" and args.attention == "matmul":  # the batched products' share: them simulated
+        def bmm_simulated(stage):
+            step = step_fn(transformed("native", stage, pt), x, y)
+
+            def run():
+                keep, fracpass.native.MIN_BMM_INTENSITY = fracpass.native.MIN_BMM_INTENSITY, float("inf")
+                try:
+                    step()
+                finally:
+                    fracpass.native.MIN_BMM_INTENSITY = keep
+            return run
+
+        pt = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale="tensor"),))
+        for stage in [int(s) for s in args.stages.split(",")]:
+            name = (f"native stage {stage} ({plan.stages[stage].a}/{plan.stages[stage].g}), per-tensor weights, "
+                    "batched products simulated")
+            variants[name] = lambda k=stage: bmm_simulated(k)
     if args.gated:  # FracTrain: gates over a=(3,4,4,6,6), g=(6,6,8,8,12), weights at 4 bits
         gated = fracpass.Plan.fractrain("cifar")
         pt_gated = dataclasses.replace(gated, rules=(fracpass.Rule(weight_scale="tensor"),))
@@ -163,7 +182,8 @@ def memory(args, names) -> dict:
     base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
         + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else []) \
-        + (["--match", args.match] if args.match else [])
+        + (["--match", args.match] if args.match else []) \
+        + ["--attention", args.attention]
     for name in names:
         done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True)
         line = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MB")]
@@ -188,6 +208,8 @@ def main() -> None:
     parser.add_argument("--match", help="run only the variants whose names contain one of these comma-separated "
                         "strings (and fp32, the baseline), e.g. --match gated,autocast")
     parser.add_argument("--memory", action="store_true", help="add each variant's peak memory (one process each)")
+    parser.add_argument("--attention", choices=("sdpa", "matmul"), default="sdpa",
+                        help="the transformer's attention: SDPA (simulated under native) or two matmuls (bf16)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,7 +228,10 @@ def main() -> None:
     print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
           + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds")
     print(f"CPU: {cpu_flags()}")
-    native_paths = fracpass.native.op_paths(native_model())
+    probe = native_model()
+    with torch.no_grad():
+        probe(x)  # a call: the paths that depend on the operands (batched products, sizes) are this batch's
+    native_paths = fracpass.native.op_paths(probe)
     print("native paths at stage 0:", sorted({p for p, _ in native_paths.values()}), "over", len(native_paths), "ops")
     for name, step in list(steps.items()):  # warm-up (and kernel builds)
         try:

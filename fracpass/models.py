@@ -205,11 +205,11 @@ def transformer(num_classes: int = 10, attention: str = "sdpa") -> TransformerCl
     return TransformerClassifier(num_classes=num_classes, attention=attention)
 
 
-def transformer_d512(num_classes: int = 10) -> TransformerClassifier:
+def transformer_d512(num_classes: int = 10, attention: str = "sdpa") -> TransformerClassifier:
     """Issue 11's benchmark encoder: dim 512, 8 heads, 4 layers, MLP 2048, sequences up to 128 of 1,000
     token ids, no dropout: wide enough that its GEMMs, not per-op overhead, dominate a step."""
     return TransformerClassifier(vocab=1000, dim=512, heads=8, depth=4, mlp=2048, max_len=128,
-                                 num_classes=num_classes, dropout=0.0)
+                                 num_classes=num_classes, attention=attention, dropout=0.0)
 
 
 class DetectorBackbone(nn.Module):

@@ -95,6 +95,11 @@ MIN_INTENSITY = 50.0
 # 3x3 conv forward + backward at 8/8/8, NCHW and channels_last): 4.7-19M multiply-adds 1.30-1.53x the
 # simulation's time, 75M 0.71-1.18x by shape, 151M 0.65-1.04x, 302M 0.43-0.93x.
 MIN_CONV_MACS = 100e6
+# A batched matmul (torch.bmm, attention's products) takes the bf16 path only with at least this many
+# multiply-adds per operand or output element of one batch entry (m k n / (m k + k n + m n)). Measured
+# with ``benchmarks/native_crossover.py --bmm`` (Zen 5, 2 threads, forward + backward at 8/8/8), native
+# over simulated time: intensity 5 1.71x, 13-16 0.84-1.14x, 21 0.85x, 27-32 0.42-0.82x, 43-171 0.29-0.61x.
+MIN_BMM_INTENSITY = 20.0
 
 
 @dataclass(frozen=True)
@@ -437,6 +442,27 @@ def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
     return _size_reason(k) or _tensor_reason(a, b) or _intensity_reason(a.numel() // max(k, 1), k, b.shape[1])
 
 
+def _batched_matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
+    if a.dim() < 2 or b.dim() < 2:
+        return (f"a {min(a.dim(), b.dim())}-D operand (matrix-vector products are left to the simulation)")
+    if _per_channel(qa) or _per_channel(qb):
+        return "a per-channel weight scale on a batched product's operand"
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    return _tensor_reason(a, b) or _batched_intensity_reason(m, k, n)
+
+
+def _batched_intensity_reason(m: int, k: int, n: int) -> Optional[str]:
+    """Too small a product per batch entry for bfloat16 to pay (the codes and the scaling cost per
+    element; benchmarks/native_crossover.py --bmm)."""
+    elements = m * k + k * n + m * n
+    intensity = m * k * n / elements if elements else 0.0
+    if intensity >= MIN_BMM_INTENSITY:
+        return None
+    return (f"a small batched product ({m}x{k}x{n} per batch entry: {intensity:.0f} multiply-adds per operand or "
+            f"output element, under fracpass.native.MIN_BMM_INTENSITY = {MIN_BMM_INTENSITY:g}): encoding and "
+            "rescaling would cost more than the bf16 product saves")
+
+
 def _size_reason(k: int) -> Optional[str]:
     return None if k <= MAX_CONTRACTION else f"a contraction of {k} > {MAX_CONTRACTION} overflows int32 accumulation"
 
@@ -490,19 +516,71 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
 
 def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
                   gq: Optional[nn.Module]) -> Tensor:
-    """``gq(torch.matmul(qa(a), qb(b)))``, on int8 codes for 2-D right operands where the bits allow."""
-    why = decide(qa, qb, gq)[0] != "int8" or _matmul_reason(a, b, qa, qb)
+    """``gq(torch.matmul(qa(a), qb(b)))`` where the bits allow: on int8 codes for a 2-D right operand,
+    on bfloat16 codes for a batched one (torch.bmm, attention's products)."""
+    path = "int8" if b.dim() == 2 else "bf16"
+    why = decide(qa, qb, gq, path=path)[0] != path or (
+        _matmul_reason(a, b, qa, qb) if path == "int8" else _batched_matmul_reason(a, b, qa, qb))
     if why:
         if why is not True:
             _remember(qa, why)
         return _call(gq, torch.matmul(_call(qa, a), _call(qb, b)))
     _remember(qa, None)
+    qa.__dict__["_native_path"] = path  # op_paths reports the path of the last call
+    if path == "bf16":
+        with torch.no_grad():
+            ca, sa = _bf16_codes(a.detach(), *qa.qrange(a), float(2**qa.bits - 1))
+            cb, sb = _bf16_codes(b.detach(), *qb.qrange(b), float(2**qb.bits - 1))
+        return _Bf16Matmul.apply(a, b, ca, sa, cb, sb, _grad_bits(gq))
     a2 = a.reshape(-1, a.shape[-1])
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
         cb = _encode(b.detach(), *qb.qrange(b), qb.bits)
     y = _Int8Product.apply(a2, b, None, ca, cb, _grad_bits(gq))
     return y.view(*a.shape[:-1], b.shape[1])
+
+
+class _Bf16Matmul(torch.autograd.Function):
+    """y = a_hat @ b_hat for batched operands (broadcast as torch.matmul does) on bfloat16 codes with
+    per-tensor scales: forward s_a s_b (q_a @ q_b); backward, with ghat = s_g t + c,
+    da = s_g s_b (t @ q_b^T) + c s_b rowsum(q_b) and db = s_a s_g (q_a^T @ t) + c s_a colsum(q_a)
+    (the offset's products with ones are the codes' sums, exact in float32). The codes are exact in
+    bfloat16 and the products accumulate in float32; each product's output is rounded to bfloat16 (unit
+    roundoff 2^-8), as on the convolution path. A gradient above 8 bits (or unquantized) runs both
+    backward products in float32 on ghat. Saved for backward: the bfloat16 codes."""
+
+    @staticmethod
+    def forward(ctx, a, b, qa, sa, qb, sb, gbits):  # type: ignore[override]
+        y = _scale_out(torch.matmul(qa, qb), sa * sb, None)
+        ctx.save_for_backward(qa, sa, qb, sb)
+        ctx.gbits, ctx.shapes = gbits, (a.shape, b.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        qa, sa, qb, sb = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad = _dense(grad)
+        mn, mx, levels = _grad_range(grad, ctx.gbits, None)
+        da = db = None
+        if _exact_codes(levels) is None or not bool(_exact_codes(levels)):  # float32 products on ghat
+            ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
+            if need_a:
+                da = ghat @ qb.float().mul_(sb).transpose(-2, -1)
+            if need_b:
+                db = qa.float().mul_(sa).transpose(-2, -1) @ ghat
+        else:
+            _, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=False)
+            if need_a:
+                rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
+                da = _scale_out(t @ qb.transpose(-2, -1), sg * sb, None).add_(rowsum.mul_(c * sb))
+            if need_b:
+                colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
+                db = _scale_out(qa.transpose(-2, -1) @ t, sa * sg, None).add_(colsum.mul_(c * sa))
+        a_shape, b_shape = ctx.shapes
+        da = None if da is None else da.sum_to_size(a_shape)  # a broadcast operand: its entries' sum
+        db = None if db is None else db.sum_to_size(b_shape)
+        return da, db, None, None, None, None, None
 
 
 # -- conv2d: oneDNN's int8 convolution forward (fp32 output); backward in float32 on decoded codes --------
@@ -1202,8 +1280,9 @@ CONV2D_INT8_OFF = ("conv2d's int8 forward (oneDNN) is opt-in: it is exact, but i
                    "layout changes made CIFAR ResNet steps slower than the bf16 path (benchmarks/native_step.py); "
                    "opt in with fracpass.native.LowerNativePass(kinds=fracpass.native.NATIVE_KINDS)(qmodel)")
 _LINEAR = {F.linear, torch.ops.aten.linear.default}
-_MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default}
-_MATMUL_METHODS = {"matmul", "__matmul__", "mm"}
+_MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.mm, torch.ops.aten.mm.default,
+           torch.bmm, torch.ops.aten.bmm.default}  # on valid operands, mm and bmm compute what matmul does
+_MATMUL_METHODS = {"matmul", "__matmul__", "mm", "bmm"}
 _CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
 
 
@@ -1273,7 +1352,12 @@ class LowerNativePass(PassBase):
             node.op == "call_method" and node.target in _MATMUL_METHODS)
         is_conv = _conv_fn(node) is not None
         if not (is_linear or is_matmul or is_conv):
-            return f"no native path for {meta.op_info(node).kind} yet (linear, matmul and convolutions have one)"
+            kind = meta.op_info(node).kind
+            if kind == "sdpa":  # the plan quantizes q, k and v; P = softmax(q k^T) and dS stay float32
+                return ("sdpa: only its inputs are quantized, its inner products also take the float32 attention "
+                        "probabilities P = softmax(q k^T) and their gradient, which have no exact bfloat16 or int8 "
+                        "codes; attention written as two matmuls quantizes P and runs both products on bf16")
+            return f"no native path for {kind} yet (linear, matmul, bmm and convolutions have one)"
         if is_conv and "conv" not in self.kinds and not (node.target in _CONV2D and "conv2d_int8" in self.kinds):
             return f"convolutions are not lowered (LowerNativePass(kinds={self.kinds}))"
         if node.kwargs or len(node.args) < 2:
@@ -1406,7 +1490,10 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
             first = {native_linear: 3, native_matmul: 2, native_conv2d: 7, **_BF16_FIRST_Q}[node.target]
             refs = node.args[first:first + 3]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
-            bf16 = node.target in _BF16_FIRST_Q or (node.target is native_linear and len(node.args) > 6)  # gated linear
+            bf16 = (node.target in _BF16_FIRST_Q or (node.target is native_linear and len(node.args) > 6)  # gated linear
+                    or (node.target is native_matmul and mods[0] is not None  # batched: bmm, or at the last call
+                        and mods[0].__dict__.get("_native_path", "bf16" if meta.op_info(node).kind == "bmm"
+                                                 else "int8") == "bf16"))
             path, note = decide(*mods, path="bf16" if bf16 else "int8")
             if path == "int8" and node.target is native_conv2d:
                 note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
