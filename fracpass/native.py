@@ -253,6 +253,7 @@ def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
 
 
 _NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)
+_ONE = torch.ones(1)
 
 
 def _affine_mm(a: _Coded, b: _Coded, bias: Optional[Tensor] = None) -> Tensor:
@@ -340,8 +341,8 @@ def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
         return f"its {role} operand is not quantized by the plan"
     if isinstance(q, GatedActQuant):
         if path != "bf16":
-            return (f"its {role} quantizer is gated (per-sample scales): gated ops run native as convolutions "
-                    "and linear layers (bf16) only")
+            return (f"its {role} quantizer is gated (per-sample scales): gated ops run native as convolutions, "
+                    "linear layers and batched products (bf16) only")
         wide = sorted({b for b in q.options.tolist() if not 2 <= b <= MAX_INT8_BITS})
         if wide:
             return (f"its {role} gate options include {wide} bits: bfloat16 codes need 2..{MAX_INT8_BITS} bits in "
@@ -378,8 +379,8 @@ def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
             return "simulated", why
     gbits = _grad_bits(gq)
     if gbits == -1 or (isinstance(gq, GatedGradQuant) and path != "bf16"):
-        return "simulated", (f"its gradient quantizer is {type(gq).__name__}: gated ops run native as convolutions "
-                             "and linear layers (bf16) only")
+        return "simulated", (f"its gradient quantizer is {type(gq).__name__}: gated ops run native as convolutions, "
+                             "linear layers and batched products (bf16) only")
     why = int8_support() if path == "int8" else bf16_support()
     if why is not None:
         return "simulated", why
@@ -488,10 +489,11 @@ def _remember(q, why: Optional[str]) -> None:
 # -- the native calls --------------------------------------------------------------------------------
 def _call(q, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
     """q(x), or q(x, gate) for the activation and gradient quantizers of a gated op (a gated op's come
-    with its gate: the lowering checked that; export's markers take the same arguments)."""
+    with its gate: the lowering checked that; export's markers take the same arguments). A gated
+    op's weight quantizer is static: it takes no gate."""
     if q is None:
         return x
-    return q(x) if gate is None else q(x, gate)
+    return q(x, gate) if gate is not None and getattr(q, "role", None) != "weight" else q(x)
 
 
 def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optional[nn.Module],
@@ -515,9 +517,12 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
 
 
 def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
-                  gq: Optional[nn.Module]) -> Tensor:
+                  gq: Optional[nn.Module], gate: Optional[Tensor] = None) -> Tensor:
     """``gq(torch.matmul(qa(a), qb(b)))`` where the bits allow: on int8 codes for a 2-D right operand,
-    on bfloat16 codes for a batched one (torch.bmm, attention's products)."""
+    on bfloat16 codes for a batched one (torch.bmm, attention's products), gated ones (``gate``: its
+    gate's one-hot choice) with per-sample scales."""
+    if gate is not None:
+        return _gated_matmul(a, b, qa, qb, gq, gate)
     path = "int8" if b.dim() == 2 else "bf16"
     why = decide(qa, qb, gq, path=path)[0] != path or (
         _matmul_reason(a, b, qa, qb) if path == "int8" else _batched_matmul_reason(a, b, qa, qb))
@@ -531,7 +536,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
         with torch.no_grad():
             ca, sa = _bf16_codes(a.detach(), *qa.qrange(a), float(2**qa.bits - 1))
             cb, sb = _bf16_codes(b.detach(), *qb.qrange(b), float(2**qb.bits - 1))
-        return _Bf16Matmul.apply(a, b, ca, sa, cb, sb, _grad_bits(gq))
+        return _Bf16Matmul.apply(a, b, None, ca, sa, cb, sb, _grad_bits(gq), None)
     a2 = a.reshape(-1, a.shape[-1])
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
@@ -541,46 +546,110 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
 
 
 class _Bf16Matmul(torch.autograd.Function):
-    """y = a_hat @ b_hat for batched operands (broadcast as torch.matmul does) on bfloat16 codes with
-    per-tensor scales: forward s_a s_b (q_a @ q_b); backward, with ghat = s_g t + c,
+    """y = a_hat @ b_hat for batched operands (broadcast as torch.matmul does) on bfloat16 codes:
+    forward s_a s_b (q_a @ q_b); backward, with ghat = s_g t + c,
     da = s_g s_b (t @ q_b^T) + c s_b rowsum(q_b) and db = s_a s_g (q_a^T @ t) + c s_a colsum(q_a)
     (the offset's products with ones are the codes' sums, exact in float32). The codes are exact in
     bfloat16 and the products accumulate in float32; each product's output is rounded to bfloat16 (unit
     roundoff 2^-8), as on the convolution path. A gradient above 8 bits (or unquantized) runs both
-    backward products in float32 on ghat. Saved for backward: the bfloat16 codes."""
+    backward products in float32 on ghat. Saved for backward: the bfloat16 codes.
+
+    Gated (``gating``): the samples lie on dim 0 of both operands and of y, which no product contracts,
+    so every scale and offset is per sample (a factor per sample on each output); samples whose
+    gradient option exceeds 8 bits get their entries of da and db in float32 on ghat; the gate's
+    gradient sums both operands' <dL/d(operand), Q_k(operand)>, from da, db and the saved float inputs."""
 
     @staticmethod
-    def forward(ctx, a, b, qa, sa, qb, sb, gbits):  # type: ignore[override]
-        y = _scale_out(torch.matmul(qa, qb), sa * sb, None)
-        ctx.save_for_backward(qa, sa, qb, sb)
-        ctx.gbits, ctx.shapes = gbits, (a.shape, b.shape)
+    def forward(ctx, a, b, onehot, qa, sa, qb, sb, gbits, gating):  # type: ignore[override]
+        y = _scale_out(torch.matmul(qa, qb), _ONE, None, sa * sb)
+        ctx.gate_grad = onehot is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(qa, sa, qb, sb, *((a.detach(), b.detach(), onehot) if ctx.gate_grad else ()))
+        ctx.gbits, ctx.shapes, ctx.gating = gbits, (a.shape, b.shape), gating
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        qa, sa, qb, sb = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[:2]
+        qa, sa, qb, sb = ctx.saved_tensors[:4]
+        gating: Optional[_Gating] = ctx.gating
+        need_a, need_b = ctx.needs_input_grad[0] or ctx.gate_grad, ctx.needs_input_grad[1] or ctx.gate_grad
         grad = _dense(grad)
-        mn, mx, levels = _grad_range(grad, ctx.gbits, None)
+        mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
+        exact = _exact_codes(levels)
+        a_hat = lambda: qa.float().mul_(_per_row_view(sa, qa))
+        b_hat = lambda: qb.float().mul_(_per_row_view(sb, qb))
         da = db = None
-        if _exact_codes(levels) is None or not bool(_exact_codes(levels)):  # float32 products on ghat
+        if exact is None or not bool(exact.any()):  # float32 products on ghat
             ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
             if need_a:
-                da = ghat @ qb.float().mul_(sb).transpose(-2, -1)
+                da = ghat @ b_hat().transpose(-2, -1)
             if need_b:
-                db = qa.float().mul_(sa).transpose(-2, -1) @ ghat
+                db = a_hat().transpose(-2, -1) @ ghat
         else:
-            _, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=False)
+            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None)
+            if gating is not None and gating.one_group:  # one option group: one s_g and c
+                sg, c = sg[:1], c[:1]
             if need_a:
                 rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
-                da = _scale_out(t @ qb.transpose(-2, -1), sg * sb, None).add_(rowsum.mul_(c * sb))
+                da = _scale_out(t @ qb.transpose(-2, -1), _ONE, None, sg * sb).add_(
+                    rowsum.mul_(_per_row_view(c * sb, rowsum)))
             if need_b:
                 colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
-                db = _scale_out(qa.transpose(-2, -1) @ t, sa * sg, None).add_(colsum.mul_(c * sa))
+                db = _scale_out(qa.transpose(-2, -1) @ t, _ONE, None, sa * sg).add_(
+                    colsum.mul_(_per_row_view(c * sa, colsum)))
+            if wide is not None:  # those samples' entries again, in float32 on ghat (no product mixes samples)
+                g_w = _take(ghat, wide)
+                if need_a:
+                    da.index_copy_(0, wide, g_w @ _take(b_hat(), wide).transpose(-2, -1))
+                if need_b:
+                    db.index_copy_(0, wide, _take(a_hat(), wide).transpose(-2, -1) @ g_w)
+        d_onehot = None
+        if ctx.gate_grad:
+            a, b, onehot = ctx.saved_tensors[4:]
+            levels_k = gating.act_levels
+            d_onehot = (onehot_grad(a, gating.mn, gating.mx, levels_k, onehot, da)
+                        + onehot_grad(b, gating.mn_b, gating.mx_b, levels_k, onehot, db))
         a_shape, b_shape = ctx.shapes
-        da = None if da is None else da.sum_to_size(a_shape)  # a broadcast operand: its entries' sum
-        db = None if db is None else db.sum_to_size(b_shape)
-        return da, db, None, None, None, None, None
+        da = da.sum_to_size(a_shape) if da is not None and ctx.needs_input_grad[0] else None  # broadcast: summed
+        db = db.sum_to_size(b_shape) if db is not None and ctx.needs_input_grad[1] else None
+        return da, db, d_onehot, None, None, None, None, None, None
+
+
+def _gated_matmul_reason(a: Tensor, b: Tensor, qa, qb, gate: Tensor) -> Optional[str]:
+    if not (isinstance(qa, GatedActQuant) and isinstance(qb, GatedActQuant)):
+        return "a gated product with a weight operand (gated matmul runs native with two gated activations)"
+    if not torch.equal(qa.options, qb.options):
+        return "its operands' gate options differ"
+    if a.dim() < 3 or a.shape[:-2] != b.shape[:-2] or a.shape[0] != gate.shape[0]:
+        return (f"operands {tuple(a.shape)} x {tuple(b.shape)} whose batch dims differ or do not lead with the gate's "
+                f"batch of {gate.shape[0]} (per-sample rows back to back are left to the simulation)")
+    return _tensor_reason(a, b) or _batched_intensity_reason(a.shape[-2], a.shape[-1], b.shape[-1])
+
+
+def _gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor) -> Tensor:
+    """A gated batched product (attention's q k^T and P v in a gated block): each sample's entries at
+    its option's bits over its option group's range, as bfloat16 codes; the product on bfloat16, each
+    sample's scales on its entries of the output."""
+    why = decide(qa, qb, gq, path="bf16")[0] != "bf16" or _gated_matmul_reason(a, b, qa, qb, gate)
+    if why:
+        if why is not True:
+            _remember(qa, why)
+        return _call(gq, torch.matmul(_call(qa, a, gate), _call(qb, b, gate)), gate)
+    _remember(qa, None)
+    with torch.no_grad():
+        choice = gate.detach().argmax(1)
+        act_levels = qa.option_levels.to(torch.float32)
+        (mn_a, mx_a), (mn_b, mx_b) = qa.row_range(a, choice), qb.row_range(b, choice)
+        mn_a, mx_a, mn_b, mx_b = (v.float().contiguous() for v in (mn_a, mx_a, mn_b, mx_b))
+        ca, sa = _bf16_codes(a.detach(), mn_a, mx_a, act_levels[choice])
+        cb, sb = _bf16_codes(b.detach(), mn_b, mx_b, act_levels[choice])
+        one_group = bool(choice.min() == choice.max())
+    gating = _Gating(choice, mn_a, mx_a, act_levels,
+                     gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None, one_group,
+                     mn_b, mx_b)
+    if one_group:
+        sa, sb = sa[:1], sb[:1]
+    return _Bf16Matmul.apply(a, b, gate, ca, sa, cb, sb, _grad_bits(gq), gating)
 
 
 # -- conv2d: oneDNN's int8 convolution forward (fp32 output); backward in float32 on decoded codes --------
@@ -787,6 +856,8 @@ class _Gating(NamedTuple):
     act_levels: Optional[Tensor]
     grad_levels: Optional[Tensor]
     one_group: bool  # every sample chose the same option: its scales hold one value for the whole batch
+    mn_b: Optional[Tensor] = None  # a gated product's second operand's per-sample range
+    mx_b: Optional[Tensor] = None
 
 
 class _Bf16Conv(torch.autograd.Function):
@@ -1362,7 +1433,8 @@ class LowerNativePass(PassBase):
             return f"convolutions are not lowered (LowerNativePass(kinds={self.kinds}))"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
-        gated = "gated unit (per-sample scales): gated ops run native as convolutions and linear layers (bf16) only"
+        gated = ("gated unit (per-sample scales): gated ops run native as convolutions, linear layers and batched "
+                 "products (bf16) only")
         gates, static = set(), 0  # a gated op's activation and gradient quantizers all read one gate
         for arg in node.args[:2]:
             q = next((r for r in ("act", "weight") if _quantizer_node(arg, node, r) is not None), None)
@@ -1383,9 +1455,8 @@ class LowerNativePass(PassBase):
             return gated
         else:
             static += len(grads)
-        if gates and (not (is_conv or is_linear) or static or len(gates) > 1):
-            return gated if not (is_conv or is_linear) else \
-                "its quantizers mix gated and static ones (or read different gates)"
+        if gates and (static or len(gates) > 1):
+            return "its quantizers mix gated and static ones (or read different gates)"
         return None
 
     def _lower(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
@@ -1424,7 +1495,8 @@ class LowerNativePass(PassBase):
                 new = graph.call_function(call, (operands[0], operands[1], *rest, refs[0], refs[1], gref)
                                           + ((gate,) if gate is not None else ()))
             else:
-                new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref))
+                new = graph.call_function(native_matmul, (operands[0], operands[1], refs[0], refs[1], gref)
+                                          + ((gate,) if gate is not None else ()))
         new.meta.update(node.meta)
         new.meta[NATIVE] = NativeInfo(True)
         (grad if grad is not None else node).replace_all_uses_with(new)
@@ -1491,6 +1563,7 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
             refs = node.args[first:first + 3]
             mods = [None if r is None else qmodel.get_submodule(r.target) for r in refs]
             bf16 = (node.target in _BF16_FIRST_Q or (node.target is native_linear and len(node.args) > 6)  # gated linear
+                    or (node.target is native_matmul and len(node.args) > 5)  # gated matmul
                     or (node.target is native_matmul and mods[0] is not None  # batched: bmm, or at the last call
                         and mods[0].__dict__.get("_native_path", "bf16" if meta.op_info(node).kind == "bmm"
                                                  else "int8") == "bf16"))

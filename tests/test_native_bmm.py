@@ -10,6 +10,12 @@ u |a|^T @ |g| (summed over the entries a broadcast operand was repeated in), wit
 gradient padded by 1.5 gradient steps (|s_g t| <= |ghat| + |c|, |c| <= s_g / 2), plus float32
 summation (1e-5 of the tensor's range). The gradient quantizer's noise is fixed by seed, as in
 tests/test_native.py.
+
+Gated products (DFQ) quantize each sample at its gate's option: the samples lie on dim 0, which no
+product contracts, so every scale is per sample and the bound is the same with the coarsest option's
+steps. The gate's gradient sums both operands' <dL/d operand, Q_k(operand)>: its error is at most
+each gradient's bound times the padded operand, summed over the sample, and it must equal that sum
+computed from native's own gradients.
 """
 from __future__ import annotations
 
@@ -259,6 +265,155 @@ def test_deepcopy_pickle_state_dict_and_onnx_export_as_for_simulated(tmp_path):
         nat.train()
     assert sim.state_dict().keys() == nat.state_dict().keys()
     pytest.importorskip("onnx")
+    sim.eval(), nat.eval()
+    a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
+    b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+# -- gated (DFQ) batched products: per-sample bits and scales ------------------------------------------
+def _gated_pair(model, inputs, a=(2, 4, 6, 8), g=(8, 6, 4, 8)):
+    """The product gated per op, simulated and native, with the same random gate weights (so that the
+    batch's samples spread over several options)."""
+    gates = fracpass.Gates(a=a, g=g, w=5, granularity="op", target=3.0)
+    plan = fracpass.Plan(stages=(fracpass.Stage(w=5, a=max(a), g=max(g)),), gates=gates)
+    sim, nat = _pair(model, plan, inputs)
+    with torch.no_grad():
+        for p in sim.gates.parameters():
+            p.normal_(0, 3, generator=torch.Generator().manual_seed(p.numel()))
+    nat.load_state_dict(sim.state_dict())
+    return sim, nat
+
+
+def _spread_inputs(n=8):
+    """q and k of attention scores whose samples differ in scale and sign (the gate's choices differ)."""
+    f = torch.linspace(-3, 3, n).view(n, 1, 1, 1)
+    return torch.randn(n, 2, 12, 16) * f, torch.rand(n, 2, 10, 16) * f.abs() + 0.1
+
+
+def _gate_grads(*qmodels):
+    """Per model: its gate's one-hot choice and dL/d(one-hot), as its backward computes it."""
+    seen = [[] for _ in qmodels]
+    def keep(out):
+        def hook(module, args, res):
+            out.append(res[0].detach())  # the one-hot, then (in backward) its gradient
+            res[0].register_hook(out.append)  # returns None: the output stays as it is
+        return hook
+
+    for q, out in zip(qmodels, seen):
+        q.gates.register_forward_hook(keep(out))
+    return seen
+
+
+def _gated_bounds(model, inputs, y_shape, a_bits, g_bits):
+    """_bounds with the operands padded by the coarsest activation option's step and the gradient by the
+    coarsest gradient option's: (y's bound, [da's, db's], the padded operands)."""
+    pads = [(x.abs() + _step(x, a_bits)).requires_grad_() for x in inputs]
+    r = torch.randn(y_shape, generator=torch.Generator().manual_seed(7))  # _run's dL/dy
+    y = model(*pads)
+    y.backward(r.abs() + 1.5 * float(r.max() - r.min()) / (2**g_bits - 1))
+    return BF16_U * y.detach(), [BF16_U * p.grad for p in pads], [p.detach() for p in pads]
+
+
+@pytest.mark.parametrize("case", ["scores", "bmm"])
+def test_gated_batched_product_matches_the_gated_simulation(case, kernels, monkeypatch):
+    torch.manual_seed(0)
+    if case == "scores":
+        model, inputs = Scores(), _spread_inputs()
+    else:
+        q, k = _spread_inputs()
+        model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
+    sim, nat = _gated_pair(model, inputs)
+    seen = _gate_grads(sim, nat)
+    calls = _count_bf16(monkeypatch)
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert calls == [1] and native.op_paths(nat)[next(iter(native.op_paths(nat)))] == ("bf16", "")
+    (chosen,) = sim.gates.stats().units.values()
+    assert sum(share > 0 for share in chosen) >= 2, f"the batch took one option only ({chosen})"
+    y_bound, (da_bound, db_bound), pads = _gated_bounds(model, inputs, want[0].shape, a_bits=2, g_bits=4)
+    _assert_within(got[:3], want[:3], [y_bound, da_bound, db_bound], f"gated {case}")
+
+    # the gate's gradient: both operands' <dL/d operand, Q_k(operand)>; each term's error is at most its
+    # gradient's elementwise bound times |Q_k(operand)| <= the padded operand, summed over the sample
+    (_, d_sim), (onehot, d_nat) = seen
+    # native's own gradients give its gate's gradient: both operands' terms, at the options' ranges
+    aq = next(m for m in nat.modules() if isinstance(m, fracpass.gating.GatedActQuant))
+    choice, levels = onehot.argmax(1), aq.option_levels.float()
+    terms = []
+    for x, dx in zip(inputs, got[1:3]):
+        mn, mx = fracpass.gating._row_range(x)
+        mn, mx, _, _ = fracpass.gating._group_range(mn, mx, choice, levels.numel())
+        terms.append(fracpass.gating.onehot_grad(x, mn, mx, levels, onehot, dx))
+    assert torch.allclose(d_nat, terms[0] + terms[1], rtol=1e-5, atol=1e-5 * float(d_nat.abs().max()))
+    n = inputs[0].shape[0]
+    spread = 1e-5 * (float(want[1].abs().max()) * float(pads[0].sum()) + float(want[2].abs().max()) * float(pads[1].sum()))
+    row_bound = ((da_bound * pads[0]).reshape(n, -1).sum(1) + (db_bound * pads[1]).reshape(n, -1).sum(1)).view(n, 1)
+    excess = float(((d_nat - d_sim).abs() - row_bound).max())
+    assert excess <= spread, f"the gate's gradient exceeds its bound by {excess:.3g}"
+
+
+def test_gated_samples_above_8_gradient_bits_run_their_entries_in_fp32(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Scores(), _spread_inputs()
+    sim, nat = _gated_pair(model, inputs, a=(4, 6, 8), g=(6, 12, 8))
+    path, note = native.op_paths(nat)["matmul"]
+    assert path == "bf16" and "gradient option above 8 bits (gate options g=(6, 12, 8))" in note
+    choices = []
+    nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    wide = choices[0] == 1
+    assert 0 < int(wide.sum()) < wide.numel(), f"choices {choices[0].tolist()}: want some samples at 12 bits"
+    for g, w in zip(got[1:3], want[1:3]):  # the 12-bit samples: float32 products on ghat
+        assert float((g[wide] - w[wide]).abs().max()) <= 1e-5 * float(w.abs().max())
+    y_bound, (da_bound, db_bound), _ = _gated_bounds(model, inputs, want[0].shape, a_bits=4, g_bits=6)
+    _assert_within(got[:3], want[:3], [y_bound, da_bound, db_bound], "gated, some samples at 12 bits")
+
+
+def test_gated_batch_at_one_option_runs_with_one_scale_and_eval_uses_the_option_ranges(monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = Scores(), _spread_inputs()
+    sim, nat = _gated_pair(model, inputs)
+    with torch.no_grad():  # equal logits: every sample takes option 0
+        for m in (sim, nat):
+            for p in m.gates.parameters():
+                p.zero_()
+    scales = []
+    real = native._Bf16Matmul.apply
+    monkeypatch.setattr(native._Bf16Matmul, "apply", lambda *a: scales.append(a[4].numel()) or real(*a))
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert scales == [1]
+    y_bound, (da_bound, db_bound), _ = _gated_bounds(model, inputs, want[0].shape, a_bits=2, g_bits=8)
+    _assert_within(got[:3], want[:3], [y_bound, da_bound, db_bound], "one option")
+    sim.eval(), nat.eval()
+    with torch.no_grad():
+        y_sim, y_nat = sim(*inputs), nat(*inputs)
+    _assert_within([y_nat], [y_sim], [y_bound], "eval")
+
+
+def test_a_gated_attention_transformer_runs_its_matmuls_on_bf16_and_trains(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randint(0, 100, (8, 16))
+    y = torch.randint(0, 10, (8,))
+    model = fracpass.models.transformer(attention="matmul")
+    nat = fracpass.transform(model, fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native")
+    opt = torch.optim.SGD(nat.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(nat(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    products = {k: v for k, v in native.op_paths(nat).items() if k.startswith("matmul")}
+    assert len(products) == 2 * len(model.layers) and all(p == "bf16" for p, _ in products.values()), products
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in nat.gates.parameters())
+
+
+def test_gated_batched_product_exports_as_the_simulated_one(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model, inputs = Scores(), _spread_inputs()
+    sim, nat = _gated_pair(model, inputs)
+    _run(sim, inputs), _run(nat, inputs)  # a training batch each: the options' EMA ranges
     sim.eval(), nat.eval()
     a = fracpass.export_onnx(sim, tmp_path / "sim.onnx", inputs)
     b = fracpass.export_onnx(nat, tmp_path / "nat.onnx", inputs)

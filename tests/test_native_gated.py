@@ -244,7 +244,7 @@ def test_gated_linear_samples_above_8_gradient_bits_run_their_backward_in_fp32(m
     assert float((w_nat - w_sim).abs().max()) <= 1e-5 * float(w_sim.abs().max())
 
 
-def test_gated_matmul_stays_simulated_and_says_why():
+def test_gated_matmul_with_a_weight_operand_stays_simulated_and_says_why():
     class MatMul(nn.Module):
         def __init__(self):
             super().__init__()
@@ -259,7 +259,7 @@ def test_gated_matmul_stays_simulated_and_says_why():
     for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
         assert torch.equal(g, w)
     path, why = next(iter(native.op_paths(nat).values()))
-    assert path == "simulated" and "gated ops run native as convolutions and linear layers (bf16) only" in why
+    assert path == "simulated" and "at the last call: a gated product with a weight operand" in why
 
 
 def test_gated_eval_uses_the_option_ranges_and_matches_the_simulation():
