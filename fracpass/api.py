@@ -243,9 +243,10 @@ def _copy_model(model: nn.Module) -> nn.Module:
 def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
     result = default_pipeline(state.plan, state.args, state.kwargs)(gm)
     if state.execution == "native":  # after the pipeline: it lowers the quantizer groups the passes built
-        from fracpass.native import LowerNativePass
+        from fracpass.native import FuseNativeBNPass, LowerNativePass
 
         result.stats["lower-native"] = LowerNativePass()(gm).stats
+        result.stats["fuse-native-bn"] = FuseNativeBNPass()(gm).stats
     state.graphs[mode] = gm.graph
     state.stats[mode] = result.stats
 

@@ -877,82 +877,92 @@ class _Bf16Conv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):  # type: ignore[override]
-        stride, padding, dilation, transposed, output_padding, groups = conv
-        v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
-        wscale = _out_channel_scale(sw, transposed, groups)
-        y = _scale_out(v, wscale, bias, sa)
-        ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
-        keep = (x.detach(), onehot) if ctx.gate_grad else ()
-        ctx.save_for_backward(qa, sa, qw, sw, *keep)
-        ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
+        y, _, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        qa, sa, qw, sw = ctx.saved_tensors[:4]
-        stride, padding, dilation, transposed, output_padding, groups = ctx.conv
-        args = (stride, padding, dilation, transposed, output_padding, groups)
-        gating: Optional[_Gating] = ctx.gating
-        grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
-        need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
-        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
-        dx = dw = db = None
-        exact = _exact_codes(levels)
-        if exact is None or not bool(exact.any()):
-            # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
-            ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
-            x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
-            w_hat = _weight_values(qw, sw, transposed)
-            dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
-                                                             *args, [need_x, need_w, need_b])
-        else:
-            # gated, some samples' gradient options above 8 bits ("wide"): their codes are not exact in
-            # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
-            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
-            fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
-            if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
-                sg, c = sg[:1], c[:1]
-            per_sample = sa.numel() > 1 or sg.numel() > 1
-            vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
-                                                            [need_x and not fp32_dx, need_w and not per_sample, False])
-            if need_x and fp32_dx:
-                dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
-                                                         None, *args, [True, False, False])[0]
-            elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second the same for every sample
-                ones = t.new_ones((1,) + tuple(t.shape[1:]))
-                corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
-                if sg.numel() > 1:
-                    dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
-                else:
-                    dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
-                if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
-                    w_hat = _weight_values(qw, sw, transposed)
-                    rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
-                                                               None, *args, [True, False, False])[0]
-                    dx.index_copy_(0, wide, rows)
-            if need_w and not per_sample:
-                # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
-                dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
-            elif need_w:
-                dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice, ghat, exact)
-            if need_b:
-                dims = [0] + list(range(2, t.dim()))
-                if ghat is not None:
-                    db = ghat.sum(dims)
-                elif sg.numel() > 1:  # sum over samples of s_g t + c
-                    per = t.sum(dims[1:], dtype=torch.float32) if t.dim() > 2 else t.float()
-                    db = (per * sg.view(-1, 1)).sum(0).add_(c.sum() * (t.numel() // (t.shape[0] * t.shape[1])))
-                else:
-                    db = t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
-        d_onehot = None
-        if ctx.gate_grad:
-            x, onehot = ctx.saved_tensors[4:]
-            d_onehot = onehot_grad(x, gating.mn, gating.mx, gating.act_levels, onehot, dx)
-        if not ctx.needs_input_grad[0]:
-            dx = None
-        return (dx, dw, db, d_onehot) + (None,) * 7
+        return _conv_backward(ctx, ctx.saved_tensors, grad) + (None,) * 7
+
+
+def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):
+    """_Bf16Conv's forward: (y, its bfloat16 product v, the tensors to save); sets ctx's attributes."""
+    stride, padding, dilation, transposed, output_padding, groups = conv
+    v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
+    y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)
+    ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
+    keep = (x.detach(), onehot) if ctx.gate_grad else ()
+    ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
+    return y, v, [qa, sa, qw, sw, *keep]
+
+
+def _conv_backward(ctx, saved, grad) -> tuple:
+    """_Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot)."""
+    qa, sa, qw, sw = saved[:4]
+    stride, padding, dilation, transposed, output_padding, groups = ctx.conv
+    args = (stride, padding, dilation, transposed, output_padding, groups)
+    gating: Optional[_Gating] = ctx.gating
+    grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
+    need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
+    need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
+    dx = dw = db = None
+    exact = _exact_codes(levels)
+    if exact is None or not bool(exact.any()):
+        # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
+        ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
+        x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
+        w_hat = _weight_values(qw, sw, transposed)
+        dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
+                                                         *args, [need_x, need_w, need_b])
+    else:
+        # gated, some samples' gradient options above 8 bits ("wide"): their codes are not exact in
+        # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
+        wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+        fp32_dx = need_x and sw.numel() > 1
+        ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
+        if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
+            sg, c = sg[:1], c[:1]
+        per_sample = sa.numel() > 1 or sg.numel() > 1
+        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
+                                                        [need_x and not fp32_dx, need_w and not per_sample, False])
+        if need_x and fp32_dx:
+            dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
+                                                     None, *args, [True, False, False])[0]
+        elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second the same for every sample
+            ones = t.new_ones((1,) + tuple(t.shape[1:]))
+            corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
+            if sg.numel() > 1:
+                dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
+            else:
+                dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
+            if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
+                w_hat = _weight_values(qw, sw, transposed)
+                rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
+                                                           None, *args, [True, False, False])[0]
+                dx.index_copy_(0, wide, rows)
+        if need_w and not per_sample:
+            # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
+            dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
+        elif need_w:
+            dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice, ghat, exact)
+        if need_b:
+            dims = [0] + list(range(2, t.dim()))
+            if ghat is not None:
+                db = ghat.sum(dims)
+            elif sg.numel() > 1:  # sum over samples of s_g t + c
+                per = t.sum(dims[1:], dtype=torch.float32) if t.dim() > 2 else t.float()
+                db = (per * sg.view(-1, 1)).sum(0).add_(c.sum() * (t.numel() // (t.shape[0] * t.shape[1])))
+            else:
+                db = t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
+    d_onehot = None
+    if ctx.gate_grad:
+        x, onehot = saved[4:6]
+        d_onehot = onehot_grad(x, gating.mn, gating.mx, gating.act_levels, onehot, dx)
+    if not ctx.needs_input_grad[0]:
+        dx = None
+    return dx, dw, db, d_onehot
 
 
 def _exact_codes(levels: Optional[Tensor]) -> Optional[Tensor]:
@@ -1255,14 +1265,18 @@ def _conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, tran
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
-               output_padding, groups: int, aq, wq, gq, gate, simulated) -> Tensor:
+               output_padding, groups: int, aq, wq, gq, gate, simulated, fused=None) -> Tensor:
+    """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
+    act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
+    same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them."""
     why = (decide(aq, wq, gq, path="bf16")[0] != "bf16"
            or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
            or _conv_size_reason(x, weight, stride, padding, dilation, transposed))
     if why:
         if why is not True:
             _remember(aq, why)
-        return _call(gq, simulated(_call(aq, x, gate), _call(wq, weight)), gate)
+        y = _call(gq, simulated(_call(aq, x, gate), _call(wq, weight)), gate)
+        return y if fused is None else _unfused(y, *fused)
     _remember(aq, None)
     n = weight.dim() - 2
     conv = (_tuple_arg(stride, n), _tuple_arg(padding, n), _tuple_arg(dilation, n), transposed,
@@ -1285,7 +1299,94 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), float(2**aq.bits - 1))
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
     onehot = gate if gating is not None and gating.act_levels is not None else None
-    return _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating)
+    if fused is None or _fused_reason(x, *fused):  # a BatchNorm the fused op does not take: run it unfused
+        y = _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating)
+        return y if fused is None else _unfused(y, *fused)
+    bn, act, residual, _ = fused
+    return _Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, bn.weight,
+                             bn.bias, residual, _bn_state(bn) + (act is not None,))
+
+
+# -- a bf16 convolution's BatchNorm, residual add and ReLU in one op: what backward keeps ----------------
+class _Bf16ConvBN(torch.autograd.Function):
+    """_Bf16Conv followed by BatchNorm (training or eval), optionally a residual add and a ReLU, as one
+    op that computes what the unfused ops compute, bit for bit (the same aten kernels on the same
+    values), but keeps less for backward: BatchNorm's input y = s v is recomputed from the convolution's
+    bfloat16 product v by the same call that made it, and the ReLU keeps a one-byte mask of where its
+    output is <= 0 (what threshold_backward reads) instead of its float32 output. Per element of the
+    convolution's output, 3 bytes instead of 8 (BatchNorm's input and the ReLU's output)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
+                post):  # type: ignore[override]
+        y, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating)
+        running_mean, running_var, training, momentum, eps, relu = post
+        out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
+                                                             momentum, eps)
+        del y
+        if residual is not None:
+            out = out.add_(residual)
+        dead = None
+        if relu:
+            out = out.relu_()
+            dead = out <= 0
+        ctx.n_conv, ctx.post, ctx.has_residual = len(saved), post, residual is not None
+        ctx.save_for_backward(*saved, v, bias, bn_w, mean, invstd, dead)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        n = ctx.n_conv
+        v, bias, bn_w, mean, invstd, dead = saved[n:]
+        running_mean, running_var, training, _, eps, _ = ctx.post
+        if dead is not None:  # the ReLU's backward, threshold_backward(grad, out, 0), on a stand-in for out
+            # with out's layout and sign (the output's layout then follows as it did for out: BatchNorm's
+            # backward reduces in that order)
+            grad = torch.ops.aten.threshold_backward(grad, dead.logical_not().float(), 0)
+        qa, sa, qw, sw = saved[:4]
+        _, _, _, transposed, _, groups = ctx.conv
+        y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)  # forward's call: the same y
+        dy, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
+            grad, y, bn_w, running_mean, running_var, mean, invstd, training, eps,
+            [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]])
+        del y
+        dx, dw, db, d_onehot = _conv_backward(ctx, saved[:n], dy)
+        d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
+        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None)
+
+
+def _bn_state(bn: nn.Module) -> tuple:
+    """(running_mean, running_var, training, momentum, eps) as ``nn.modules.batchnorm._BatchNorm.forward``
+    passes them to F.batch_norm, with its num_batches_tracked update."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    kept = not bn.training or bn.track_running_stats
+    return (bn.running_mean if kept else None, bn.running_var if kept else None, training, momentum, bn.eps)
+
+
+def _fused_reason(y_like: Tensor, bn: nn.Module, act, residual: Optional[Tensor], bn_first: bool) -> Optional[str]:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or type(bn).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return f"its BatchNorm is a {type(bn).__name__}"  # markers at export, or a subclass with its own forward
+    if act is not None and not (act == "relu" or type(act) is nn.ReLU):
+        return f"its activation is a {type(act).__name__}"
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, residual):
+        if t is not None and (t.dtype != torch.float32 or t.device != y_like.device):
+            return "its BatchNorm or residual is not float32 on the convolution's device"
+    return None
+
+
+def _unfused(y: Tensor, bn: nn.Module, act, residual: Optional[Tensor], bn_first: bool) -> Tensor:
+    """What the unfused graph computes after the convolution: bn, the residual add, the ReLU."""
+    out = bn(y)
+    if residual is not None:
+        out = out + residual if bn_first else residual + out
+    if act is None:
+        return out
+    return torch.relu(out) if isinstance(act, str) else act(out)
 
 
 def _conv_call(fn):
@@ -1296,6 +1397,21 @@ def _conv_call(fn):
                           lambda a, w: fn(a, w, bias, stride, padding, dilation, groups))
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
+    return call
+
+
+def _conv_bn_call(fn):
+    """The native form of ``fn`` (F.conv{1,2,3}d) followed by a BatchNorm module ``bn``, then optionally
+    the residual add (``bn(y) + residual``, or ``residual + bn(y)`` if not ``bn_first``) and a ReLU
+    (``act``: an nn.ReLU, or "relu" for the functional one): see FuseNativeBNPass."""
+    def call(x, weight, bias, stride, padding, dilation, groups, aq, wq, gq, gate, bn, act=None, residual=None,
+             bn_first=True):
+        return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
+                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups),
+                          fused=(bn, act, residual, bn_first))
+
+    call.__doc__ = (f"``act(bn(gq({fn.__name__}(aq(x), wq(weight), ...))) + residual)``, the convolution on "
+                    "bfloat16 codes where the bits allow, saving less for backward (_Bf16ConvBN).")
     return call
 
 
@@ -1323,6 +1439,10 @@ bf16_conv3d = _named(_conv_call(F.conv3d), "bf16_conv3d")
 bf16_conv_transpose1d = _named(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d")
 bf16_conv_transpose2d = _named(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d")
 bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d")
+bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
+bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
+bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
+_FUSED = {bf16_conv1d: bf16_conv1d_bn, bf16_conv2d: bf16_conv2d_bn, bf16_conv3d: bf16_conv3d_bn}
 # the F function each lowers, its kind, and where its quantizer arguments start
 _BF16_CONVS = {
     F.conv1d: (bf16_conv1d, "conv1d", 7), F.conv2d: (bf16_conv2d, "conv2d", 7), F.conv3d: (bf16_conv3d, "conv3d", 7),
@@ -1335,13 +1455,16 @@ _BF16_BY_ATEN = {torch.ops.aten.conv1d.default: F.conv1d, torch.ops.aten.conv2d.
                  torch.ops.aten.conv_transpose2d.input: F.conv_transpose2d,
                  torch.ops.aten.conv_transpose3d.input: F.conv_transpose3d}
 _BF16_FIRST_Q = {fn: first for fn, _, first in _BF16_CONVS.values()}
+_BF16_FIRST_Q.update({fused: 7 for fused in _FUSED.values()})
 
 
-_NATIVE_CALLS = (native_linear, native_matmul, native_conv2d) + tuple(c for c, _, _ in _BF16_CONVS.values())
+_NATIVE_CALLS = (native_linear, native_matmul, native_conv2d) + tuple(c for c, _, _ in _BF16_CONVS.values()) \
+    + tuple(_FUSED.values())
 
 # the native calls are the same op kinds for cost analysis and coverage (operands at args 0 and 1)
 for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2d", native_conv2d),
-                   *((k, c) for c, k, _ in _BF16_CONVS.values())):
+                   *((k, c) for c, k, _ in _BF16_CONVS.values()),
+                   ("conv1d", bf16_conv1d_bn), ("conv2d", bf16_conv2d_bn), ("conv3d", bf16_conv3d_bn)):
     _entry = registry._KINDS[_kind]
     registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
 
@@ -1397,6 +1520,8 @@ class LowerNativePass(PassBase):
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)
+            if node.target is bf16_conv2d_bn and "conv2d_int8" in self.kinds and node.args[10] is None:
+                node = _unfuse(gm, node)  # fused with its BatchNorm at transform: the int8 op runs unfused
             if node.target is bf16_conv2d and "conv2d_int8" in self.kinds and len(node.args) == 10:
                 # lowered at transform, the same arguments (a gated one, with its gate, stays on bf16)
                 node.target = native_conv2d
@@ -1516,6 +1641,146 @@ class LowerNativePass(PassBase):
                 ref.meta[key] = quantizer.meta[key]
         meta.set_inserted(ref, meta.Inserted(role=role, source=op.name, created_by=LowerNativePass.name))
         return ref
+
+
+# -- fusing a bf16 convolution with the BatchNorm, residual add and ReLU after it ------------------------
+_ADDS = {operator.add, operator.iadd, torch.add}
+_RELUS = {F.relu, torch.relu, torch.relu_}
+
+
+def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _plain(node: torch.fx.Node) -> bool:
+    """No fracpass annotation (a gated unit's merge add keeps its node)."""
+    return not any(str(k).startswith("fracpass") for k in node.meta)
+
+
+def _unfuse(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node:
+    """FuseNativeBNPass undone for one static conv2d: the convolution call, then the BatchNorm module,
+    the residual add and the ReLU as the graph had them. Returns the convolution's node."""
+    graph = gm.graph
+    bn_ref, act, residual, bn_first = node.args[11:15]
+    with graph.inserting_before(node):
+        conv = graph.call_function(bf16_conv2d, tuple(node.args[:10]))
+        out = graph.call_module(bn_ref.target, (conv,))
+        if residual is not None:
+            out = graph.call_function(operator.add, (out, residual) if bn_first else (residual, out))
+        if act is not None:
+            out = (graph.call_module(act.target, (out,)) if isinstance(act, torch.fx.Node)
+                   else graph.call_function(torch.relu, (out,)))
+    conv.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    name = node.name
+    graph.erase_node(node)
+    for ref in (bn_ref, act):
+        if isinstance(ref, torch.fx.Node) and not ref.users:
+            graph.erase_node(ref)
+    conv.name = name
+    return conv
+
+
+def _runs_before(node: torch.fx.Node, other: torch.fx.Node) -> bool:
+    """``node`` comes before ``other`` in graph order."""
+    n = node.next
+    while n.op != "root":
+        if n is other:
+            return True
+        n = n.next
+    return False
+
+
+def _only_calls(first: torch.fx.Node, last: torch.fx.Node, chain) -> bool:
+    """No computation other than ``chain``'s between ``first`` and ``last`` in graph order, so that the fused
+    op's autograd node takes the unfused nodes' place in the backward order (the gradient quantizers draw
+    their noise in that order)."""
+    n = first.next
+    while n is not last:
+        if n.op in ("call_function", "call_method", "call_module") and n not in chain:
+            return False
+        n = n.next
+    return True
+
+
+class FuseNativeBNPass(PassBase):
+    """Fuse each bf16 convolution with the BatchNorm module it feeds, and the ReLU (and the residual add
+    before it) after that, into one call that keeps less for backward (_Bf16ConvBN)::
+
+        x -> bf16_conv2d(x, w, ..., aq, wq, gq) -> bn -> [+ residual] -> relu -> y
+        becomes
+        x -> bf16_conv2d_bn(x, w, ..., aq, wq, gq, gate, bn, relu, residual, bn_first) -> y
+
+    The fused call computes what the unfused ops compute, bit for bit, on every route (a convolution
+    the bits or sizes leave simulated runs the BatchNorm, add and ReLU modules themselves). Each node
+    between the convolution and the end of the chain must have that one user, and the add no fracpass
+    annotation (a gated block's merge add stays). Run after LowerNativePass."""
+
+    name = "fuse-native-bn"
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        fused = 0
+        for conv in list(gm.graph.nodes):
+            if conv.op != "call_function" or conv.target not in _FUSED or conv.kwargs:
+                continue
+            chain = self._chain(gm, conv)
+            if chain is None:
+                continue
+            bn, add, residual, bn_first, relu = chain
+            graph, last = gm.graph, relu or add or bn
+            args = list(conv.args) + [None] * (11 - len(conv.args))  # the gate slot, None for a static op
+            with graph.inserting_before(last):
+                bn_ref = graph.get_attr(bn.target)
+                act = None if relu is None else (graph.get_attr(relu.target) if relu.op == "call_module" else "relu")
+                new = graph.call_function(_FUSED[conv.target], tuple(args) + (bn_ref, act, residual, bn_first))
+            new.meta.update(conv.meta)
+            last.replace_all_uses_with(new)
+            names = [n.name if n is not None else None for n in (conv, bn, relu)]
+            for old in (relu, add, bn, conv):
+                if old is not None:
+                    graph.erase_node(old)
+            new.name, bn_ref.name = names[:2]
+            if relu is not None and relu.op == "call_module":
+                act.name = names[2]
+            fused += 1
+        return PassResult(gm, modified=fused > 0, stats={"fused": fused})
+
+    @staticmethod
+    def _chain(gm, conv: torch.fx.Node):
+        """(bn, add, residual, bn_first, relu) after ``conv``, or None."""
+        bn = _only_user(conv)
+        if (bn is None or bn.op != "call_module" or bn.args != (conv,) or bn.kwargs or not _plain(bn)
+                or not isinstance(gm.get_submodule(bn.target), nn.modules.batchnorm._BatchNorm)):
+            return None
+        add = residual = relu = None
+        bn_first = True
+        nxt = _only_user(bn)
+        if (nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2
+                and not nxt.kwargs and _plain(nxt)):
+            other = nxt.args[1] if nxt.args[0] is bn else nxt.args[0]
+            if isinstance(other, torch.fx.Node) and other is not bn:
+                add, residual, bn_first = nxt, other, nxt.args[0] is bn
+                nxt = _only_user(add)
+        if nxt is not None and _plain(nxt) and (
+                (nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) is nn.ReLU and len(nxt.args) == 1)
+                or (nxt.op == "call_function" and nxt.target in _RELUS and len(nxt.args) == 1
+                    and set(nxt.kwargs) <= {"inplace"})
+                or (nxt.op == "call_method" and nxt.target in ("relu", "relu_") and len(nxt.args) == 1
+                    and not nxt.kwargs)):
+            relu = nxt
+        if add is not None and (relu is None or not _runs_before(residual, conv)):
+            # an add without a ReLU after it stays in the graph, and so does one whose residual is computed
+            # after the convolution (a downsample branch): fused, the convolution's backward would run
+            # before that branch's, which would draw the gradient quantizers' noise in another order
+            add = residual = relu = None
+            bn_first = True
+            nxt = _only_user(bn)
+            if nxt is not None and nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) is nn.ReLU:
+                relu = nxt if len(nxt.args) == 1 and _plain(nxt) else None
+        chain = {bn, add, relu} - {None}
+        if not _only_calls(conv, relu or add or bn, chain):
+            return None
+        return bn, add, residual, bn_first, relu
 
 
 # -- reporting ---------------------------------------------------------------------------------------
