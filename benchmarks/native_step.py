@@ -26,13 +26,20 @@ gives the median step and its ratio to FP32 from the same rounds.
 ``--memory`` adds each variant's peak memory: every variant is built in a fresh process, which
 then resets the kernel's high-water mark (``/proc/self/clear_refs``) and takes 3 steps; the peak
 resident set (``VmHWM``) minus the resident set before the steps is the steps' own peak
-(activations kept for backward, gradients, optimizer state, workspaces). Linux only.
-``--profile`` adds a torch.profiler table of the native step's top CPU ops (what bounds it).
+(activations kept for backward, gradients, optimizer state, workspaces). Twice: with glibc's
+default allocator settings ("peak MB": what a user's process holds, freed blocks that glibc keeps
+in its heap included; it varied 537-613 MB and 847-1114 MB between identical runs of two native
+variants here), and with ``MALLOC_MMAP_THRESHOLD_=1048576`` ("live MB": blocks of 1 MiB and more are
+mapped and returned on free, so the peak follows the tensors alive at once; the same figure within
+a few MB run to run). Linux only.
+``--profile`` adds a torch.profiler table of the native step's top CPU ops (what bounds it;
+ResNets channels_last).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import re
 import statistics
@@ -177,7 +184,10 @@ def only(args) -> None:
     print(f"PEAK_MB {(_status_kb('VmHWM') - before) / 1024:.1f}")
 
 
-def memory(args, names) -> dict:
+LIVE = {"MALLOC_MMAP_THRESHOLD_": "1048576"}  # glibc: blocks >= 1 MiB mapped, unmapped on free
+
+
+def memory(args, names, env=None) -> dict:
     peaks = {}
     base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
@@ -185,7 +195,8 @@ def memory(args, names) -> dict:
         + (["--match", args.match] if args.match else []) \
         + ["--attention", args.attention]
     for name in names:
-        done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True)
+        done = subprocess.run(base_cmd + ["--only", name], capture_output=True, text=True,
+                              env=None if env is None else {**os.environ, **env})
         line = [l for l in done.stdout.splitlines() if l.startswith("PEAK_MB")]
         peaks[name] = float(line[0].split()[1]) if line else None
         if not line:
@@ -249,22 +260,22 @@ def main() -> None:
             steps[name]()
             times[name].append(time.perf_counter() - start)
     peaks = memory(args, list(steps)) if args.memory else {}
+    live = memory(args, list(steps), LIVE) if args.memory else {}
     base_ms = 1e3 * statistics.median(times["fp32"])
-    mem = peaks.get
-    head = "| variant | step ms | x fp32 | min..max ms |" + (" peak MB | x fp32 |" if peaks else "")
+    head = "| variant | step ms | x fp32 | min..max ms |" + (" peak MB | x fp32 | live MB | x fp32 |" if peaks else "")
     print(head)
-    print("|---|---:|---:|---:|" + ("---:|---:|" if peaks else ""))
+    print("|---|---:|---:|---:|" + ("---:|---:|---:|---:|" if peaks else ""))
     for name, t in times.items():
         ms = 1e3 * statistics.median(t)
         row = f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {1e3 * min(t):.0f}..{1e3 * max(t):.0f} |"
-        if peaks:
-            m, m0 = mem(name), mem("fp32")
+        for table in (peaks, live) if peaks else ():
+            m, m0 = table.get(name), table.get("fp32")
             row += f" {m:.0f} | {m / m0:.2f} |" if m is not None and m0 else " - | - |"
         print(row)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        step = step_fn(native_model(), x, y)
+        step = step_fn(native_model(), x, y, channels_last=args.model != "transformer")  # as the fastest variant
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()

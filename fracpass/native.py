@@ -894,12 +894,33 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
-    return y, v, [qa, sa, qw, sw, *keep]
+    return y, v, [_narrow_codes(ctx, qa), sa, qw, sw, *keep]
+
+
+def _narrow_codes(ctx, q: Tensor) -> Tensor:
+    """The input codes to keep for backward: as bytes q - offset (ctx.code_offset) when they span at most
+    256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not), in one byte per
+    element instead of bfloat16's two; else q itself (ctx.code_offset None)."""
+    ctx.code_offset = None
+    ext = _ext()
+    if ext is None or q.numel() == 0 or not _rows_outer_dense(q):
+        return q
+    lo, hi = (float(m) for m in _aminmax(q))
+    if hi - lo > 255:
+        return q
+    ctx.code_offset = lo
+    return ext.codes_to_u8(q, lo)
+
+
+def _widened_codes(ctx, q: Tensor) -> Tensor:
+    """_narrow_codes's input back: the bfloat16 codes, exactly."""
+    return q if ctx.code_offset is None else _ext().u8_to_codes(q, ctx.code_offset)
 
 
 def _conv_backward(ctx, saved, grad) -> tuple:
     """_Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot)."""
     qa, sa, qw, sw = saved[:4]
+    qa = _widened_codes(ctx, qa)
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
     gating: Optional[_Gating] = ctx.gating
@@ -1328,9 +1349,8 @@ class _Bf16ConvBN(torch.autograd.Function):
             out = out.add_(residual)
         dead = None
         if relu:
-            out = out.relu_()
-            dead = out <= 0
-        ctx.n_conv, ctx.post, ctx.has_residual = len(saved), post, residual is not None
+            dead = _relu_mask_(out)
+        ctx.n_conv, ctx.post, ctx.has_residual, ctx.out_stride = len(saved), post, residual is not None, out.stride()
         ctx.save_for_backward(*saved, v, bias, bn_w, mean, invstd, dead)
         return out
 
@@ -1340,10 +1360,8 @@ class _Bf16ConvBN(torch.autograd.Function):
         n = ctx.n_conv
         v, bias, bn_w, mean, invstd, dead = saved[n:]
         running_mean, running_var, training, _, eps, _ = ctx.post
-        if dead is not None:  # the ReLU's backward, threshold_backward(grad, out, 0), on a stand-in for out
-            # with out's layout and sign (the output's layout then follows as it did for out: BatchNorm's
-            # backward reduces in that order)
-            grad = torch.ops.aten.threshold_backward(grad, dead.logical_not().float(), 0)
+        if dead is not None:
+            grad = _relu_grad(grad, dead, ctx.out_stride)
         qa, sa, qw, sw = saved[:4]
         _, _, _, transposed, _, groups = ctx.conv
         y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)  # forward's call: the same y
@@ -1354,6 +1372,38 @@ class _Bf16ConvBN(torch.autograd.Function):
         dx, dw, db, d_onehot = _conv_backward(ctx, saved[:n], dy)
         d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
         return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None)
+
+
+def _relu_mask_(out: Tensor) -> Tensor:
+    """torch.relu_(out), returning where out <= 0 (what the ReLU's backward reads): as bits in out's
+    memory order (uint8, 8 elements a byte) from the fused kernel, else as a bool tensor in out's layout."""
+    ext = _ext()
+    if ext is not None and _rows_outer_dense(out):
+        return ext.relu_bits_(out)
+    return out.relu_() <= 0
+
+
+def _relu_grad(grad: Tensor, dead: Tensor, stride: Tuple[int, ...]) -> Tensor:
+    """The ReLU's backward, threshold_backward(grad, out, 0), from _relu_mask_'s mask of out <= 0, with
+    threshold_backward's output layout (BatchNorm's backward then reduces in the order it did unfused).
+    ``stride``: out's strides."""
+    if dead.dtype == torch.uint8:  # bits in out's memory order
+        ext = _ext()
+        if ext is not None and grad.dtype == torch.float32 and grad.stride() == stride:
+            return ext.relu_grad_bits(grad, dead)
+        flags = dead.unsqueeze(1).bitwise_and(_BIT_WEIGHTS).ne(0).view(-1)[:grad.numel()]
+        dead = torch.empty_strided(grad.shape, stride, dtype=torch.bool, device=grad.device)
+        _memory_order(dead).copy_(flags)
+    # a stand-in for out with its layout and sign
+    return torch.ops.aten.threshold_backward(grad, dead.logical_not().float(), 0)
+
+
+_BIT_WEIGHTS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
+
+
+def _memory_order(x: Tensor) -> Tensor:
+    """A dense tensor's elements as a 1-D view in memory order."""
+    return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
 
 def _bn_state(bn: nn.Module) -> tuple:

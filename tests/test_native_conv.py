@@ -194,12 +194,43 @@ def test_convs_native_cannot_take_fall_back_with_the_reason(what, monkeypatch):
     assert ("padding='same'" in why) if what == "padding='same'" else ("unbatched 3-D input" in why)
 
 
-def test_saved_conv_operands_are_bf16_codes():
+def test_saved_conv_operands_are_low_precision_codes(kernels):
     torch.manual_seed(0)
     x = torch.randn(4, 6, 8, 8, requires_grad=True)
     _, nat = _pair(Conv(nn.Conv2d(6, 8, 3, padding=1)), fracpass.Plan.static(8, 8, 8), (x.detach(),))
     big = _saved_dtypes(nat, x)
-    assert big and all(d == torch.bfloat16 for d in big), big
+    # the input's codes: one byte each from the kernels (codes_to_u8), bfloat16 from the torch ops
+    want = torch.uint8 if kernels == "fused" else torch.bfloat16
+    assert big and all(d == want for d in big), big
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout):
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    codes = torch.arange(-255, 1, dtype=torch.float32).repeat(8).view(8, 4, 8, 8)  # 256 values: the widest
+    if layout == "channels_last":
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    q, ctx = codes.to(torch.bfloat16), type("Ctx", (), {})()
+    u = native._narrow_codes(ctx, q)
+    assert (u.dtype, u.stride(), ctx.code_offset) == (torch.uint8, q.stride(), -255.0)
+    back = native._widened_codes(ctx, u)
+    assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q)
+    wider = torch.cat([q, q[:1] + 1])  # 257 values: kept as bfloat16
+    assert native._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
+    assert native._widened_codes(ctx, wider) is wider
+
+
+def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    torch.manual_seed(0)
+    model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (4, 6, 8, 8))
+    _, nat = _pair(model, fracpass.Plan.static(6, 6, 8), inputs)
+    got = _run(nat, inputs)
+    monkeypatch.setattr(native, "_narrow_codes", lambda ctx, q: setattr(ctx, "code_offset", None) or q)
+    want = _run(nat, inputs)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_stage_switch_moves_a_conv_between_bf16_and_simulation():

@@ -21,6 +21,7 @@ from torch import nn
 import fracpass
 from fracpass import native
 from fracpass.pass_base import PassResult
+from test_native import kernels  # noqa: F401 (fixture: csrc/native_cpu.cpp's kernels, then the torch ops)
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +83,32 @@ def _assert_identical(fused, plain, x, steps=2):
         assert all(torch.equal(state[k], ref[k]) for k in state), "BatchNorm statistics differ"
 
 
+@pytest.mark.parametrize("numel", [3 * 5 * 4 * 6, 3 * 5 * 3 * 3])  # whole bytes of mask bits, and a partial last one
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_relu_mask_and_its_gradient_are_torchs_relu_and_threshold_backward(layout, numel, kernels):
+    x = torch.randn(3, 5, 4, 6) if numel == 360 else torch.randn(3, 5, 3, 3)
+    x.view(-1)[:6] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-45])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, ref = x.clone(), torch.relu(x)
+    dead = native._relu_mask_(out)
+    assert out.stride() == x.stride()
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num()) and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.signbit(), ref.signbit())  # -0.0 stays -0.0, as in clamp_min
+    # the kernels keep one bit per element, the torch ops a bool per element
+    assert (dead.dtype, dead.numel()) == ((torch.uint8, -(-x.numel() // 8)) if kernels == "fused" else
+                                          (torch.bool, x.numel()))
+    grad = torch.randn(x.shape).as_strided(x.shape, x.stride())
+    grad[1, 2, 2, 1] = float("nan")
+    got, want = native._relu_grad(grad, dead, x.stride()), torch.ops.aten.threshold_backward(grad, ref, 0)
+    assert got.stride() == want.stride()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+    # a gradient in another layout than out's: threshold_backward's result and layout
+    other = grad.contiguous() if layout == "channels_last" else grad.contiguous(memory_format=torch.channels_last)
+    got, want = native._relu_grad(other, dead, x.stride()), torch.ops.aten.threshold_backward(other, ref, 0)
+    assert got.stride() == want.stride() and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def _fused_nodes(qmodel):
     return [n for n in qmodel.graph.nodes if n.target in (native.bf16_conv1d_bn, native.bf16_conv2d_bn,
                                                            native.bf16_conv3d_bn)]
@@ -90,7 +117,7 @@ def _fused_nodes(qmodel):
 @pytest.mark.parametrize("gbits", [8, 32])
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
 @pytest.mark.parametrize("downsample", [False, True])
-def test_fused_block_equals_the_unfused_one_bit_for_bit(downsample, layout, gbits, monkeypatch):
+def test_fused_block_equals_the_unfused_one_bit_for_bit(downsample, layout, gbits, kernels, monkeypatch):
     torch.manual_seed(0)
     model, x = Block(downsample=downsample), torch.randn(4, 4, 8, 8)
     if layout == "channels_last":
@@ -207,7 +234,7 @@ def test_unfusable_chains_keep_their_nodes(monkeypatch):
     _assert_identical(fused, plain, x)
 
 
-def test_saved_for_backward_are_bf16_products_and_masks(monkeypatch):
+def test_saved_for_backward_are_bf16_products_and_masks(kernels, monkeypatch):
     torch.manual_seed(0)
     model, x = Block(downsample=False, cin=6, cout=6), torch.randn(4, 6, 8, 8)
     fused, plain = _pair(model, fracpass.Plan.static(8, 8, 8), (x,), monkeypatch)
@@ -216,12 +243,17 @@ def test_saved_for_backward_are_bf16_products_and_masks(monkeypatch):
         kept = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
             qmodel(x.clone().requires_grad_()).sum().backward()
-        return sorted(str(t.dtype) for t in kept if t.numel() == x.numel())
+        return sorted((str(t.dtype), t.numel()) for t in kept if t.numel() in (x.numel(), x.numel() // 8))
 
+    n = x.numel()
+    # the input codes as bytes from the kernels (codes_to_u8), bfloat16 from the torch ops
+    codes = ("torch.uint8", n) if kernels == "fused" else ("torch.bfloat16", n)
     # unfused: per conv its input's codes, BatchNorm's float32 input, the ReLU's float32 output
-    assert saved(plain) == sorted(["torch.bfloat16"] * 2 + ["torch.float32"] * 4)
-    # fused: per conv its input's codes, its bfloat16 product, the ReLU's mask
-    assert saved(fused) == sorted(["torch.bfloat16"] * 4 + ["torch.bool"] * 2)
+    assert saved(plain) == sorted([codes] * 2 + [("torch.float32", n)] * 4)
+    # fused: per conv its input's codes, its bfloat16 product, the ReLU's mask: 8 elements a byte from
+    # the kernels, a bool each from the torch ops
+    mask = ("torch.uint8", n // 8) if kernels == "fused" else ("torch.bool", n)
+    assert saved(fused) == sorted([codes] * 2 + [("torch.bfloat16", n)] * 2 + [mask] * 2)
 
 
 def test_copy_pickle_and_onnx_export_as_for_the_simulated_model(tmp_path, monkeypatch):
