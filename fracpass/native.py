@@ -22,8 +22,9 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   product runs in float32 on the decoded codes.
   Operands are saved for backward as int8 codes.
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
-  bits above 8, gated (per-sample) matmul ops, batched products, products too small to pay
-  (``MIN_INTENSITY``; convolutions: ``MIN_CONV_MACS``), non-float32 or non-CPU tensors,
+  bits above 8, gated products with a weight operand, products too small to pay
+  (``MIN_INTENSITY``; batched products: ``MIN_BMM_INTENSITY``; convolutions: ``MIN_CONV_MACS``),
+  SDPA (only its q, k and v are quantized: P and dS have no exact codes), non-float32 or non-CPU tensors,
   shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
   AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
@@ -34,8 +35,17 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   bfloat16 (unit roundoff 2^-8), the one difference from the simulation. Backward runs dw = g x a
   on bfloat16 codes always, dx = g x w too when the weight's scale is per tensor (else in float32 on
   the decoded codes, as for linear); the gradient codes' offset adds a float32 product of window
-  sums at 1/N (dx) or 1/C_out (dw) of the size. bfloat16 codes are what is saved for backward. CPUs
+  sums at 1/N (dx) or 1/C_out (dw) of the size. The input's codes are saved for backward as bytes
+  (q - offset, when they span <= 256 values, as per-tensor codes always do) or bfloat16. CPUs
   without AVX512-BF16 or AMX-BF16 run convolutions simulated (said once in the log).
+  ``fuse-native-bn`` (FuseNativeBNPass, after ``lower-native``) folds a bf16 convolution's only-user
+  chain BatchNorm (-> residual add) (-> ReLU) into one op (``bf16_conv*_bn``, _Bf16ConvBN) that
+  computes what the unfused ops compute, bit for bit, but keeps the convolution's bfloat16 product
+  (BatchNorm's input is recomputed from it in backward) and the ReLU's mask as bits instead of two
+  float32 tensors.
+* **bf16 batched products** (``torch.bmm``, ``torch.matmul`` with a batched right operand:
+  attention's q k^T and P v): bfloat16 codes with per-tensor scales (per sample when gated),
+  forward and both gradients, the gradient's offset corrected through the codes' row and column sums.
   Gated convolutions (FracTrain's DFQ: each sample at its gate's option, over its option group's
   range) take the same path with per-sample scales: the codes per sample, the output and dx scaled
   per sample, dw once per option group (the samples' scales lie on its contracted axis); samples
@@ -48,7 +58,7 @@ conv2d's forward can run on oneDNN's int8 convolution instead (``native_conv2d``
 ``LowerNativePass(kinds=NATIVE_KINDS)``, as its per-step weight prepack made it slower end to end
 here): uint8 activation codes with their zero point, so zero padding stays the real zero; int8
 weight codes, 8-bit weights shifted and corrected with window sums; fp32 output, exact; both
-backward products in float32 on the decoded codes. Other compute ops (SDPA, einsum, bmm) stay
+backward products in float32 on the decoded codes. Other compute ops (SDPA, einsum) stay
 simulated; ``op_paths`` says why per op.
 """
 from __future__ import annotations
