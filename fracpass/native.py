@@ -1352,6 +1352,8 @@ class _Bf16ConvBN(torch.autograd.Function):
                 post):  # type: ignore[override]
         y, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating)
         running_mean, running_var, training, momentum, eps, relu = post
+        if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
         out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
                                                              momentum, eps)
         del y

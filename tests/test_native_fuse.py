@@ -210,6 +210,24 @@ def test_batchnorm_variants_stay_identical(bn, monkeypatch):
         assert torch.equal(fused(x), plain(x))
 
 
+def test_one_value_per_channel_in_training_raises_as_batchnorm_does(monkeypatch):
+    """nn.BatchNorm refuses to train on one value per channel (F.batch_norm's check); the fused op
+    raised nothing and left NaN running variances (aten divides by n - 1 = 0)."""
+    torch.manual_seed(0)
+    model = Block(downsample=False)
+    fused = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(2, 4, 8, 8),),
+                               execution="native")
+    assert _fused_nodes(fused)
+    x = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError) as plain:
+        model(x)
+    with pytest.raises(ValueError) as got:
+        fused(x)
+    assert str(got.value) == str(plain.value)
+    fused.eval()
+    assert torch.isfinite(fused(x)).all() and all(torch.isfinite(t).all() for t in fused.state_dict().values())
+
+
 def test_unfusable_chains_keep_their_nodes(monkeypatch):
     class Shapes(nn.Module):
         def __init__(self):
