@@ -82,7 +82,8 @@ from fracpass.errors import FracpassError
 from fracpass.gating import GatedActQuant, GatedGradQuant, _group_range, _row_range, onehot_grad, quantize_grad_rows
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _aminmax, _dense,
-                            _fused_kernels, _memory_rows, _rows_outer_dense, _torch_seed, quantize_grad_stochastic)
+                            _fused_kernels, _memory_order, _memory_rows, _rows_outer_dense, _torch_seed,
+                            quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
            "int8_support", "NativeInfo", "product_paths"]
@@ -1343,9 +1344,10 @@ class _Bf16ConvBN(torch.autograd.Function):
     """_Bf16Conv followed by BatchNorm (training or eval), optionally a residual add and a ReLU, as one
     op that computes what the unfused ops compute, bit for bit (the same aten kernels on the same
     values), but keeps less for backward: BatchNorm's input y = s v is recomputed from the convolution's
-    bfloat16 product v by the same call that made it, and the ReLU keeps a one-byte mask of where its
-    output is <= 0 (what threshold_backward reads) instead of its float32 output. Per element of the
-    convolution's output, 3 bytes instead of 8 (BatchNorm's input and the ReLU's output)."""
+    bfloat16 product v by the same call that made it, and the ReLU keeps a mask of where its output is
+    <= 0 (what threshold_backward reads; a bit per element from the kernels, else a bool) instead of its
+    float32 output. Per element of the convolution's output, 2 bytes and a bit instead of 8 (BatchNorm's
+    input and the ReLU's output)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
@@ -1411,11 +1413,6 @@ def _relu_grad(grad: Tensor, dead: Tensor, stride: Tuple[int, ...]) -> Tensor:
 
 
 _BIT_WEIGHTS = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
-
-
-def _memory_order(x: Tensor) -> Tensor:
-    """A dense tensor's elements as a 1-D view in memory order."""
-    return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
 
 def _bn_state(bn: nn.Module) -> tuple:
@@ -1526,7 +1523,7 @@ _NATIVE_CALLS = (native_linear, native_matmul, native_conv2d) + tuple(c for c, _
 # the native calls are the same op kinds for cost analysis and coverage (operands at args 0 and 1)
 for _kind, _fn in (("linear", native_linear), ("matmul", native_matmul), ("conv2d", native_conv2d),
                    *((k, c) for c, k, _ in _BF16_CONVS.values()),
-                   ("conv1d", bf16_conv1d_bn), ("conv2d", bf16_conv2d_bn), ("conv3d", bf16_conv3d_bn)):
+                   *((k, _FUSED[c]) for c, k, _ in _BF16_CONVS.values() if c in _FUSED)):
     _entry = registry._KINDS[_kind]
     registry.register(dataclasses.replace(_entry, functions=_entry.functions + (_fn,)))
 
@@ -1833,12 +1830,10 @@ class FuseNativeBNPass(PassBase):
         if add is not None and (relu is None or not _runs_before(residual, conv)):
             # an add without a ReLU after it stays in the graph, and so does one whose residual is computed
             # after the convolution (a downsample branch): fused, the convolution's backward would run
-            # before that branch's, which would draw the gradient quantizers' noise in another order
+            # before that branch's, which would draw the gradient quantizers' noise in another order (the
+            # BatchNorm's one user is that add, so it fuses alone)
             add = residual = relu = None
             bn_first = True
-            nxt = _only_user(bn)
-            if nxt is not None and nxt.op == "call_module" and type(gm.get_submodule(nxt.target)) is nn.ReLU:
-                relu = nxt if len(nxt.args) == 1 and _plain(nxt) else None
         chain = {bn, add, relu} - {None}
         if not _only_calls(conv, relu or add or bn, chain):
             return None
