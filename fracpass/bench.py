@@ -53,7 +53,7 @@ class OpTiming:
     op: str
     kind: str
     path: str  # "int8", "bf16", "simulated" (from fracpass.native.op_paths) or "fp32" (excluded op)
-    runs_on: Tuple[str, ...]  # per product, as the cost report lists them: "int8", "bf16" or "fp32"
+    runs_on: Tuple[str, ...]  # per product, as the cost report lists them: "int8", "fp8", "bf16" or "fp32"
     forward_s: float
     backward_s: Optional[float]  # None: no input of the op needs a gradient
     as_run_s: float  # predicted, forward + backward
@@ -220,8 +220,8 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
                  (1 - wide) * lat(bf16(f)) + wide * lat(f) if how == "bf16" else lat(f)
                  for i, (f, how) in enumerate(zip(fp32, per_product))]
         return sum(run_s), bits_total, run_s[0], bits_fwd
-    # int8: the product at its bits; bf16: 16-bit operands (half fp32's bytes); fp32: at 32 bits
-    run = [b if how == "int8" else bf16(f) if how == "bf16" else f for b, f, how in zip(at_bits, fp32, per_product)]
+    # int8, fp8: the product at its bits; bf16: 16-bit operands (half fp32's bytes); fp32: at 32 bits
+    run = [b if how in ("int8", "fp8") else bf16(f) if how == "bf16" else f for b, f, how in zip(at_bits, fp32, per_product)]
     return sum(lat(p) for p in run), bits_total, lat(run[0]), bits_fwd
 
 

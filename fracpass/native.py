@@ -24,9 +24,10 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
 * **simulated**: the group's own modules in sequence, bit for bit the simulated graph. Used for
   bits above 8, gated products with a weight operand, products too small to pay
   (``MIN_INTENSITY``; batched products: ``MIN_BMM_INTENSITY``; convolutions: ``MIN_CONV_MACS``),
-  SDPA (only its q, k and v are quantized: P and dS have no exact codes), non-float32 or non-CPU tensors,
-  shape-only (fake tensor) runs, and CPUs without int8 dot-product instructions (AMX-INT8,
-  AVX512-VNNI or AVX-VNNI; said once in the log). ONNX export swaps the quantizers for markers,
+  SDPA (only its q, k and v are quantized: P and dS have no exact codes), non-float32 tensors or ones
+  on devices other than CPUs and NVIDIA GPUs, shape-only (fake tensor) runs, and CPUs without int8
+  dot-product instructions (AMX-INT8, AVX512-VNNI or AVX-VNNI) or GPUs without int8 tensor cores
+  (said once in the log). ONNX export swaps the quantizers for markers,
   which also takes this path, so a native model exports exactly as a simulated one.
 
 * **bf16** (convolutions: conv1d/2d/3d, grouped, depthwise, transposed; ``bf16_conv*``): the codes
@@ -53,6 +54,14 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   gradient is computed from dx and the float input, which is saved for it. Every activation option
   must have 2..8 bits (else the op stays simulated). Gated linear layers take the bf16 path the same
   way (``_Bf16Linear``: bf16 matmuls over the codes, each sample's rows scaled by its scales).
+
+**CUDA** tensors take the same paths where the GPU has the units (int8: sm_75, bf16: sm_80) with the
+torch-op code the CPU runs when its fused kernels are off (``_ext`` is None for them), torch._int_mm's
+CUDA shape limits checked per op (``_cuda_mm_reason``); on sm_89 and later an int8 op's products whose
+codes are exact in FP8 e4m3 (|code| <= 16: activations and weights up to 4 bits, gradients up to 5) run
+on torch._scaled_mm instead (``_fp8_products``, ``_code_mm``). Not run on a GPU yet (no GPU has been
+available to this project); tests/test_native_cuda.py runs them on CPU tensors routed as CUDA ones.
+Every device-dependent choice goes through ``_device_kind``.
 
 conv2d's forward can run on oneDNN's int8 convolution instead (``native_conv2d``, opt-in:
 ``LowerNativePass(kinds=NATIVE_KINDS)``, as its per-step weight prepack made it slower end to end
@@ -95,6 +104,8 @@ NATIVE = "fracpass.native"  # node.meta key: NativeInfo on every compute op of a
 MAX_INT8_BITS = 8
 # |code + offset| <= 255, so a K-long int32 dot product is exact up to K = (2^31 - 1) / 255^2
 MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
+# FP8 e4m3 codes have |code| <= 16; a float32 sum of such products is exact while it stays below 2^24
+MAX_FP8_CONTRACTION = 2**24 // (16 * 16)
 # An (M, K) x (K, N) product takes the int8 path only with at least this many multiply-adds per element of
 # its operands and output, MKN / (MK + KN + MN). Measured with benchmarks/native_crossover.py on this
 # project's CPU (Zen 5, 1 thread, linear forward + backward at 8/8/8): int8 took 1.07-1.58x the
@@ -143,7 +154,37 @@ def _cpu_flags() -> frozenset:
 
 _INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# CUDA compute capabilities with the units each path needs: int8 tensor cores (cuBLASLt's int8 GEMM behind
+# torch._int_mm: Turing, sm_75), bfloat16 tensor cores (Ampere, sm_80), FP8 e4m3 (Ada and Hopper, sm_89;
+# torch._scaled_mm). These paths have not run on a GPU in this project's CI (see the README): they are the
+# same code as the CPU's torch-op path, with CUDA's shape limits checked (_cuda_mm_reason).
+_CUDA_INT8, _CUDA_BF16, _CUDA_FP8 = (7, 5), (8, 0), (8, 9)
 _warned: set = set()
+
+
+def _once(why: str) -> str:
+    """``why`` a path is not used, logged the first time it is seen."""
+    if why not in _warned:
+        _warned.add(why)
+        log.warning("fracpass native execution: %s; they run simulated", why)
+    return why
+
+
+def _device_kind(device) -> str:
+    """The native backend of ``device``: "cpu", "cuda" (NVIDIA), "rocm" (a ROCm build's cuda device), or
+    the device's type. Every device-dependent choice of this module goes through here."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.version.hip is not None:
+        return "rocm"
+    return device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(device) -> Optional[Tuple[int, int]]:
+    """The GPU's compute capability (asked once per device: every native call checks it), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def _instructions_reason(flags: Tuple[str, ...], kind: str, products: str) -> Optional[str]:
@@ -151,30 +192,62 @@ def _instructions_reason(flags: Tuple[str, ...], kind: str, products: str) -> Op
     not used, warned once."""
     if any(f in _cpu_flags() for f in flags):
         return None
-    why = (f"this CPU has none of {', '.join(flags)} (no {kind} dot-product instructions), so {products} "
-           "would not be faster than float32")
-    if why not in _warned:
-        _warned.add(why)
-        log.warning("fracpass native execution: %s; they run simulated", why)
-    return why
+    return _once(f"this CPU has none of {', '.join(flags)} (no {kind} dot-product instructions), so {products} "
+                 "would not be faster than float32")
 
 
-def int8_support() -> Optional[str]:
-    """None if this CPU has int8 dot-product instructions, else why the int8 path is not used."""
-    return _instructions_reason(_INT8_FLAGS, "int8", "int8 products")
+def _support(device, flags: Tuple[str, ...], kind: str, products: str, capability: Tuple[int, int]) -> Optional[str]:
+    where = "cpu" if device is None else _device_kind(device)
+    if where == "cpu":
+        return _instructions_reason(flags, kind, products)
+    if where == "cuda":
+        cap = _cuda_capability(device)
+        if cap is None:
+            return "a CUDA tensor, but CUDA is not available in this process"
+        if cap < capability:
+            return _once(f"this GPU (sm_{cap[0]}{cap[1]}) has no {kind} tensor cores (sm_{capability[0]}"
+                         f"{capability[1]} and later), so {products} would not be faster than float32")
+        return None
+    return _once(f"{where} tensors (native paths exist for CPUs and NVIDIA GPUs only), so {products}")
 
 
-def bf16_support() -> Optional[str]:
-    """None if this CPU has bfloat16 dot-product instructions, else why the bf16 path is not used."""
-    return _instructions_reason(_BF16_FLAGS, "bfloat16", "bf16 convolutions")
+def int8_support(device=None) -> Optional[str]:
+    """None if ``device`` (default: this CPU) has int8 dot-product units, else why the int8 path is not used."""
+    return _support(device, _INT8_FLAGS, "int8", "int8 products", _CUDA_INT8)
+
+
+def bf16_support(device=None) -> Optional[str]:
+    """None if ``device`` (default: this CPU) has bfloat16 dot-product units, else why the bf16 path is not used."""
+    return _support(device, _BF16_FLAGS, "bfloat16", "bf16 products", _CUDA_BF16)
+
+
+def fp8_support(device=None) -> Optional[str]:
+    """None if ``device`` multiplies FP8 (e4m3) in hardware (NVIDIA sm_89 and later), else why an int8
+    path's products with codes of <= 4 bits stay on int8. No CPU here has FP8 units: torch._scaled_mm
+    runs there, emulated, 6.4x slower than torch._int_mm (4096x1024x1024, Zen 5, 2 threads)."""
+    where = "cpu" if device is None else _device_kind(device)
+    if where != "cuda":
+        return f"no FP8 units on {where}"
+    cap = _cuda_capability(device)
+    if cap is None or cap < _CUDA_FP8:
+        return "no FP8 tensor cores on this GPU (sm_89 and later)"
+    return None
 
 
 # -- codes -----------------------------------------------------------------------------------------
 _SOURCE = pathlib.Path(__file__).with_name("csrc") / "native_cpu.cpp"
 
 
+def _ext(t: Optional[Tensor] = None):
+    """The fused CPU kernels for ``t`` (csrc/native_cpu.cpp), or None: ``t`` on another device (the
+    torch-op path, which computes the same values, runs there), or the kernels disabled or not built."""
+    if t is not None and _device_kind(t.device) != "cpu":
+        return None
+    return _cpu_ext()
+
+
 @functools.lru_cache(maxsize=None)
-def _ext():
+def _cpu_ext():
     """The fused encode / gradient-code / epilogue kernels (csrc/native_cpu.cpp), built on first use
     like fracpass.kernels (same switch: FRACPASS_KERNELS=0); None if disabled or the build fails."""
     if not kernels.enabled():
@@ -216,7 +289,7 @@ class _Coded(NamedTuple):
 
     def decode(self, free: int) -> Tensor:
         """The float values, with s and k along axis ``free`` (0: rows, 1: columns)."""
-        ext = _ext()
+        ext = _ext(self.t)
         if ext is not None and self.c is None and self.t.is_contiguous() and (free == 0 or self.s.numel() == 1):
             return ext.decode(self.t, _NONE_I if self.k is None else self.k, self.s)
         if ext is not None and self.c is None and self.t.t().is_contiguous() and (free == 1 or self.s.numel() == 1):
@@ -234,7 +307,7 @@ def _encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> _Coded:
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
     eight = bits >= MAX_INT8_BITS
     shift = lo + 128 if eight else torch.zeros_like(lo)
-    ext = _ext()
+    ext = _ext(x)
     per_row = scale.dim() == 2 and scale.shape == (x.shape[0], 1)
     if ext is not None and x.is_contiguous() and (scale.numel() == 1 or per_row):
         t, rows, cols = ext.encode(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), shift.reshape(-1))
@@ -254,7 +327,7 @@ def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
     mn, mx = torch.aminmax(grad)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     half = float(2 ** (bits - 1))
-    ext = _ext()
+    ext = _ext(grad)
     if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
         ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, _torch_seed())
     else:
@@ -263,20 +336,32 @@ def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
     return ghat, _Coded(t, None, scale.reshape(1), mn + scale * half, rows, cols)
 
 
-_NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)
-_ONE = torch.ones(1)
+_NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)  # "none" for the CPU kernels
 
 
-def _affine_mm(a: _Coded, b: _Coded, bias: Optional[Tensor] = None) -> Tensor:
+def _code_mm(a: Tensor, b: Tensor, fp8: bool = False) -> Tensor:
+    """a @ b of int8 codes, exactly: int32 from torch._int_mm, or, with ``fp8`` (every code of magnitude
+    <= 16, contraction <= MAX_FP8_CONTRACTION), float32 from torch._scaled_mm over the same codes in
+    FP8 e4m3, the left operand row-major and the right one column-major as cuBLASLt's FP8 GEMM takes them."""
+    if not fp8:
+        return torch._int_mm(a, b)
+    one = torch.ones((), device=a.device)
+    a8 = a.to(torch.float8_e4m3fn).contiguous()
+    b8 = b.t().to(torch.float8_e4m3fn).contiguous().t()
+    return torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.float32)
+
+
+def _affine_mm(a: _Coded, b: _Coded, bias: Optional[Tensor] = None, fp8: bool = False) -> Tensor:
     """a @ b (+ bias) for a (M, K) and b (K, N) given as codes: one int8 GEMM (int32 accumulation,
-    exact for K <= MAX_CONTRACTION), then the scales and the zero-point corrections on the output."""
+    exact for K <= MAX_CONTRACTION; with ``fp8`` an FP8 one, see _code_mm), then the scales and the
+    zero-point corrections on the output."""
     k_len = a.t.shape[1]
-    acc = torch._int_mm(a.t, b.t)
+    acc = _code_mm(a.t, b.t, fp8)
     need_rows, need_cols = b.k is not None or b.c is not None, a.k is not None or a.c is not None
     row_a = a.row_sums() if need_rows else None
     col_b = b.col_sums() if need_cols else None
-    ext = _ext()
-    if ext is not None:
+    ext = _ext(a.t)
+    if ext is not None and acc.dtype == torch.int32:
         pick = lambda v, empty: empty if v is None else v.reshape(-1)
         return ext.epilogue(acc, a.s.reshape(-1), b.s.reshape(-1), pick(row_a, _NONE_I), pick(b.k, _NONE_I),
                             pick(a.k, _NONE_I), pick(col_b, _NONE_I), pick(a.c, _NONE_F), pick(b.c, _NONE_F),
@@ -309,13 +394,14 @@ class _Int8Product(torch.autograd.Function):
 
     Only the codes are saved for backward. dA = dy B^T contracts over B's free axis and dB = A^T dy
     over A's: each runs on int8 when the contracted operand's scale is per tensor, else in float32
-    on the decoded codes (a per-channel weight scale cannot be applied to that product's output)."""
+    on the decoded codes (a per-channel weight scale cannot be applied to that product's output).
+    ``fp8``: which of the three products (forward, dA, dB) run on FP8 codes instead (_fp8_products)."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, ca: _Coded, cb: _Coded, gbits: int):  # type: ignore[override]
-        y = _affine_mm(ca, cb, bias)
+    def forward(ctx, a, b, bias, ca: _Coded, cb: _Coded, gbits: int, fp8=(False, False, False)):  # type: ignore[override]
+        y = _affine_mm(ca, cb, bias, fp8[0])
         ctx.save_for_backward(*ca, *cb)  # int8 codes (and small vectors), never the float operands
-        ctx.gbits = gbits
+        ctx.gbits, ctx.fp8 = gbits, fp8
         return y
 
     @staticmethod
@@ -333,17 +419,17 @@ class _Int8Product(torch.autograd.Function):
         da = db = dbias = None
         if need_a:
             if coded_g is not None and cb.s.numel() == 1 and cb.t.shape[1] <= MAX_CONTRACTION:
-                da = _affine_mm(coded_g, cb.T)
+                da = _affine_mm(coded_g, cb.T, fp8=ctx.fp8[1])
             else:
                 da = ghat @ cb.decode(free=1).t()
         if need_b:
             if coded_g is not None and ca.s.numel() == 1 and ca.t.shape[0] <= MAX_CONTRACTION:
-                db = _affine_mm(ca.T, coded_g)
+                db = _affine_mm(ca.T, coded_g, fp8=ctx.fp8[2])
             else:
                 db = ca.decode(free=0).t() @ ghat
         if need_bias:
             dbias = ghat.sum(0)
-        return da, db, dbias, None, None, None
+        return da, db, dbias, None, None, None, None
 
 
 # -- path choice -----------------------------------------------------------------------------------
@@ -381,9 +467,10 @@ def _grad_bits(gq) -> int:
     return gq.bits
 
 
-def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
-    """(path, note) from the quantizers' current bits: ``path`` ("int8", or "bf16" for convolutions) or
-    "simulated"; the note says why not native, or which backward products run in float32."""
+def decide(qa, qb, gq, path: str = "int8", device=None) -> Tuple[str, str]:
+    """(path, note) from the quantizers' current bits and ``device``'s units (default: this CPU): ``path``
+    ("int8", or "bf16" for convolutions) or "simulated"; the note says why not native, or which
+    backward products run in float32."""
     for q, role in ((qa, "first"), (qb, "second")):
         why = _operand_reason(q, role, path)
         if why is not None:
@@ -392,7 +479,7 @@ def decide(qa, qb, gq, path: str = "int8") -> Tuple[str, str]:
     if gbits == -1 or (isinstance(gq, GatedGradQuant) and path != "bf16"):
         return "simulated", (f"its gradient quantizer is {type(gq).__name__}: gated ops run native as convolutions, "
                              "linear layers and batched products (bf16) only")
-    why = int8_support() if path == "int8" else bf16_support()
+    why = int8_support(device) if path == "int8" else bf16_support(device)
     if why is not None:
         return "simulated", why
     if isinstance(gq, GatedGradQuant) and gbits > MAX_INT8_BITS:
@@ -421,8 +508,10 @@ def _fp32_backward(qa, qb, gbits: int) -> Tuple[bool, bool]:
 
 def _tensor_reason(*tensors: Tensor) -> Optional[str]:
     for t in tensors:
-        if isinstance(t, torch._subclasses.FakeTensor) or t.device.type != "cpu":
-            return "not a CPU tensor (shape-only run, or another device: no native path there yet)"
+        if isinstance(t, torch._subclasses.FakeTensor):
+            return "a shape-only (fake tensor) run"
+        if _device_kind(t.device) not in ("cpu", "cuda"):
+            return f"a {t.device.type} tensor (native paths exist for CPUs and NVIDIA GPUs only)"
         if t.dtype != torch.float32:
             return f"{t.dtype} operands"
         if t.numel() == 0:
@@ -441,7 +530,8 @@ def _linear_reason(x: Tensor, weight: Tensor, aq, wq) -> Optional[str]:
     if weight.dim() != 2 or x.dim() < 1:
         return f"a {weight.dim()}-D weight or {x.dim()}-D input"
     k = x.shape[-1]
-    return _size_reason(k) or _tensor_reason(x, weight) or _intensity_reason(x.numel() // max(k, 1), k, weight.shape[0])
+    m, n = x.numel() // max(k, 1), weight.shape[0]
+    return _size_reason(k) or _tensor_reason(x, weight) or _cuda_mm_reason(x.device, m, k, n) or _intensity_reason(m, k, n)
 
 
 def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
@@ -451,7 +541,8 @@ def _matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
     if (a.dim() != 2 and isinstance(qa, WeightQuant)) or not _free_axis(qa, 0) or not _free_axis(qb, 1):
         return "a weight operand's channel axis is the contracted one"
     k = a.shape[-1]
-    return _size_reason(k) or _tensor_reason(a, b) or _intensity_reason(a.numel() // max(k, 1), k, b.shape[1])
+    m, n = a.numel() // max(k, 1), b.shape[1]
+    return _size_reason(k) or _tensor_reason(a, b) or _cuda_mm_reason(a.device, m, k, n) or _intensity_reason(m, k, n)
 
 
 def _batched_matmul_reason(a: Tensor, b: Tensor, qa, qb) -> Optional[str]:
@@ -473,6 +564,32 @@ def _batched_intensity_reason(m: int, k: int, n: int) -> Optional[str]:
     return (f"a small batched product ({m}x{k}x{n} per batch entry: {intensity:.0f} multiply-adds per operand or "
             f"output element, under fracpass.native.MIN_BMM_INTENSITY = {MIN_BMM_INTENSITY:g}): encoding and "
             "rescaling would cost more than the bf16 product saves")
+
+
+def _cuda_mm_reason(device, m: int, k: int, n: int) -> Optional[str]:
+    """torch._int_mm's limits on CUDA (aten/src/ATen/native/cuda/Blas.cpp, _int_mm_out_cuda: the left
+    operand's rows above 16, its columns and the right operand's a multiple of 8) for all three products
+    of an (M, K) x (K, N) op: the forward, (M, N) x (N, K) for the first operand's gradient and
+    (K, M) x (M, N) for the second's. Nothing on a CPU, whose int8 GEMM takes any shape."""
+    if _device_kind(device) != "cuda" or (min(m, k) > 16 and m % 8 == 0 and k % 8 == 0 and n % 8 == 0):
+        return None
+    return (f"a {m}x{k}x{n} product: torch._int_mm on CUDA needs M and K above 16 and M, K and N multiples of 8 "
+            "(for the forward product and both gradient products)")
+
+
+def _fp8_products(q, device, abits: int, bbits: int, gbits: int, m: int, k: int, n: int) -> Tuple[bool, bool, bool]:
+    """Which of an int8 op's products run on FP8 e4m3 instead (the forward a x b, then the gradient
+    products g x b^T and a^T x g): those whose two operands' codes are exact in e4m3, which holds every
+    integer of magnitude <= 16 (activation and weight codes up to 4 bits lie in [-15, 15], gradient
+    codes up to 5 bits in [-16, 15]), on a device with FP8 units (fp8_support), with the dimensions
+    torch._scaled_mm takes on CUDA (multiples of 16) and a contraction whose float32 accumulation of
+    products <= 16^2 stays exact (< 2^24). Kept on ``q`` (the op's first quantizer) for the reports."""
+    q.__dict__["_native_mm"] = (device, m, k, n)
+    if fp8_support(device) is not None or m % 16 or k % 16 or n % 16:
+        return False, False, False
+    a4, b4, g5 = abits <= 4, bbits <= 4, 2 <= gbits <= 5
+    fits = lambda contraction: contraction <= MAX_FP8_CONTRACTION
+    return a4 and b4 and fits(k), g5 and b4 and fits(n), a4 and g5 and fits(m)
 
 
 def _size_reason(k: int) -> Optional[str]:
@@ -513,7 +630,7 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     linear (``gate``: its gate's one-hot choice) on bfloat16 codes with per-sample scales."""
     if gate is not None:
         return _gated_linear(x, weight, bias, aq, wq, gq, gate)
-    why = decide(aq, wq, gq)[0] != "int8" or _linear_reason(x, weight, aq, wq)
+    why = decide(aq, wq, gq, device=x.device)[0] != "int8" or _linear_reason(x, weight, aq, wq)
     if why:
         if why is not True:
             _remember(aq, why)
@@ -523,7 +640,8 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     with torch.no_grad():
         ca = _encode(x2.detach(), *aq.qrange(x), aq.bits)
         cw = _encode(weight.detach(), *wq.qrange(weight), wq.bits)
-    y = _Int8Product.apply(x2, weight.t(), bias, ca, cw.T, _grad_bits(gq))
+    fp8 = _fp8_products(aq, x.device, aq.bits, wq.bits, _grad_bits(gq), *x2.shape, weight.shape[0])
+    y = _Int8Product.apply(x2, weight.t(), bias, ca, cw.T, _grad_bits(gq), fp8)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -535,7 +653,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     if gate is not None:
         return _gated_matmul(a, b, qa, qb, gq, gate)
     path = "int8" if b.dim() == 2 else "bf16"
-    why = decide(qa, qb, gq, path=path)[0] != path or (
+    why = decide(qa, qb, gq, path=path, device=a.device)[0] != path or (
         _matmul_reason(a, b, qa, qb) if path == "int8" else _batched_matmul_reason(a, b, qa, qb))
     if why:
         if why is not True:
@@ -552,7 +670,8 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
         cb = _encode(b.detach(), *qb.qrange(b), qb.bits)
-    y = _Int8Product.apply(a2, b, None, ca, cb, _grad_bits(gq))
+    fp8 = _fp8_products(qa, a.device, qa.bits, qb.bits, _grad_bits(gq), *a2.shape, b.shape[1])
+    y = _Int8Product.apply(a2, b, None, ca, cb, _grad_bits(gq), fp8)
     return y.view(*a.shape[:-1], b.shape[1])
 
 
@@ -572,7 +691,7 @@ class _Bf16Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, onehot, qa, sa, qb, sb, gbits, gating):  # type: ignore[override]
-        y = _scale_out(torch.matmul(qa, qb), _ONE, None, sa * sb)
+        y = _scale_out(torch.matmul(qa, qb), sa.new_ones(1), None, sa * sb)
         ctx.gate_grad = onehot is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(qa, sa, qb, sb, *((a.detach(), b.detach(), onehot) if ctx.gate_grad else ()))
         ctx.gbits, ctx.shapes, ctx.gating = gbits, (a.shape, b.shape), gating
@@ -602,11 +721,11 @@ class _Bf16Matmul(torch.autograd.Function):
                 sg, c = sg[:1], c[:1]
             if need_a:
                 rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
-                da = _scale_out(t @ qb.transpose(-2, -1), _ONE, None, sg * sb).add_(
+                da = _scale_out(t @ qb.transpose(-2, -1), sg.new_ones(1), None, sg * sb).add_(
                     rowsum.mul_(_per_row_view(c * sb, rowsum)))
             if need_b:
                 colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
-                db = _scale_out(qa.transpose(-2, -1) @ t, _ONE, None, sa * sg).add_(
+                db = _scale_out(qa.transpose(-2, -1) @ t, sg.new_ones(1), None, sa * sg).add_(
                     colsum.mul_(_per_row_view(c * sa, colsum)))
             if wide is not None:  # those samples' entries again, in float32 on ghat (no product mixes samples)
                 g_w = _take(ghat, wide)
@@ -641,7 +760,7 @@ def _gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor) -> Tensor:
     """A gated batched product (attention's q k^T and P v in a gated block): each sample's entries at
     its option's bits over its option group's range, as bfloat16 codes; the product on bfloat16, each
     sample's scales on its entries of the output."""
-    why = decide(qa, qb, gq, path="bf16")[0] != "bf16" or _gated_matmul_reason(a, b, qa, qb, gate)
+    why = decide(qa, qb, gq, path="bf16", device=a.device)[0] != "bf16" or _gated_matmul_reason(a, b, qa, qb, gate)
     if why:
         if why is not True:
             _remember(qa, why)
@@ -673,6 +792,8 @@ def _conv_reason(x: Tensor, weight: Tensor, padding, aq, wq) -> Optional[str]:
         return f"padding={padding!r}"
     if not hasattr(torch.ops.onednn, "qconv_pointwise"):
         return "this torch build has no oneDNN int8 convolution (torch.ops.onednn.qconv_pointwise)"
+    if _device_kind(x.device) != "cpu":
+        return "not a CPU tensor (oneDNN's int8 convolution runs on CPUs)"
     return _tensor_reason(x, weight)
 
 
@@ -722,7 +843,7 @@ class _Int8Conv2d(torch.autograd.Function):
         stride, padding, dilation, groups, has_bias, gbits = ctx.conv
         # the incoming layout, as the simulation's gradient quantizer sees it (same dither, keyed by memory index)
         ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
-        ext = _ext()
+        ext = _ext(u)
         if ext is not None and (u.is_contiguous() or u.is_contiguous(memory_format=torch.channels_last)):
             x_hat = ext.decode_u8(u, zp, s)
         else:
@@ -743,7 +864,7 @@ def _tuple_arg(v, n: int) -> list:
 def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int,
                   aq: Optional[nn.Module], wq: Optional[nn.Module], gq: Optional[nn.Module]) -> Tensor:
     """``gq(F.conv2d(aq(x), wq(weight), bias, ...))``, the forward on oneDNN's int8 convolution where the bits allow."""
-    why = decide(aq, wq, gq)[0] != "int8" or _conv_reason(x, weight, padding, aq, wq)
+    why = decide(aq, wq, gq, device=x.device)[0] != "int8" or _conv_reason(x, weight, padding, aq, wq)
     if why:
         if why is not True:
             _remember(aq, why)
@@ -767,7 +888,7 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
 def _encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     """uint8 codes q - lo = q + zero point in [0, 2^b - 1] of a per-tensor fake_quantize(x)."""
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
-    ext = _ext()
+    ext = _ext(x)
     if ext is not None and x.is_contiguous():
         t, _, _ = ext.encode(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), lo.reshape(-1))
         return t.view(torch.uint8)  # codes up to 255 wrapped through int8: the same bytes
@@ -786,7 +907,7 @@ def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tens
     if rows:  # one range per sample: fracpass.gating.fake_quantize_rows's arithmetic
         levels = levels.to(torch.float32)
     scale, lo, hi = _affine_params(mn, mx, levels if rows else float(levels))
-    ext = _ext()
+    ext = _ext(x)
     along_rows = scale.numel() == 1 or (x.dim() > 0 and scale.dim() > 0 and scale.numel() == scale.shape[0] == x.shape[0]
                                       and _rows_outer_dense(x))
     if ext is not None and along_rows:  # per tensor, per sample, or per output channel of a weight (dim 0)
@@ -826,7 +947,7 @@ def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits
     grad = _dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     zero = torch.minimum(torch.round(-mn / scale).clamp_(min=0.0), levels)
-    ext = _ext()
+    ext = _ext(grad)
     if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
         ghat, t = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
                                       _torch_seed(), values)
@@ -843,7 +964,7 @@ def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[
     factor per sample (dim 0) or per tensor, in v's layout."""
     if rows is not None and rows.numel() == 1:  # one factor for every sample: into the scale (the flat loop)
         scale, rows = scale * rows.reshape(()), None
-    ext = _ext()
+    ext = _ext(v)
     if ext is not None and _rows_outer_dense(v):
         return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1),
                               _NONE_F if rows is None else rows.reshape(-1).float())
@@ -913,7 +1034,7 @@ def _narrow_codes(ctx, q: Tensor) -> Tensor:
     256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not), in one byte per
     element instead of bfloat16's two; else q itself (ctx.code_offset None)."""
     ctx.code_offset = None
-    ext = _ext()
+    ext = _ext(q)
     if ext is None or q.numel() == 0 or not _rows_outer_dense(q):
         return q
     lo, hi = (float(m) for m in _aminmax(q))
@@ -925,7 +1046,7 @@ def _narrow_codes(ctx, q: Tensor) -> Tensor:
 
 def _widened_codes(ctx, q: Tensor) -> Tensor:
     """_narrow_codes's input back: the bfloat16 codes, exactly."""
-    return q if ctx.code_offset is None else _ext().u8_to_codes(q, ctx.code_offset)
+    return q if ctx.code_offset is None else _ext(q).u8_to_codes(q, ctx.code_offset)
 
 
 def _conv_backward(ctx, saved, grad) -> tuple:
@@ -1018,7 +1139,7 @@ def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
     if gbits >= FULL_PRECISION:
         return None, None, None
     mn, mx = _aminmax(grad)
-    return mn, mx, torch.tensor(float(2**gbits - 1))
+    return mn, mx, torch.tensor(float(2**gbits - 1), device=grad.device)
 
 
 def _option_groups(choice: Tensor):
@@ -1104,7 +1225,7 @@ def _batch_sum(q: Tensor) -> Tensor:
     for 4 MB here, over memory rows 0.48 ms, the fused kernel less)."""
     if not _rows_outer_dense(q):
         return q.sum(0, keepdim=True, dtype=torch.float32)
-    ext = _ext()
+    ext = _ext(q)
     if ext is not None and q.dtype == torch.bfloat16:
         total = ext.batch_sum_bf16(q)
     else:
@@ -1129,7 +1250,7 @@ def _gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq,
     """A gated linear layer: each sample's rows (x is (B, ..., K)) at its option's bits over its option
     group's range, as bfloat16 codes; the product on bfloat16 (float32 accumulation), the scales per
     row (the sample's) and per output column (the weight's) applied to its output."""
-    why = decide(aq, wq, gq, path="bf16")[0] != "bf16" or _gated_linear_reason(x, weight, aq, wq, gate)
+    why = decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16" or _gated_linear_reason(x, weight, aq, wq, gate)
     if why:
         if why is not True:
             _remember(aq, why)
@@ -1154,7 +1275,7 @@ def _gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq,
 
 def _sample_rows(samples: Tensor, per: int) -> Tensor:
     """The row indices of ``samples`` when each sample holds ``per`` consecutive rows."""
-    return (samples.view(-1, 1) * per + torch.arange(per)).view(-1)
+    return (samples.view(-1, 1) * per + torch.arange(per, device=samples.device)).view(-1)
 
 
 def _rows(v: Tensor, per: int) -> Tensor:
@@ -1270,7 +1391,7 @@ def _bf16_conv_reason(x: Tensor, weight: Tensor, padding, aq, wq, transposed: bo
         return f"an unbatched {x.dim()}-D input"
     if gate is not None and (gate.dim() != 2 or gate.shape[0] != x.shape[0]):
         return f"a gate choice of shape {tuple(gate.shape)} for a batch of {x.shape[0]}"
-    return _tensor_reason(x, weight)  # the CPU's bf16 support: decide() checked it
+    return _tensor_reason(x, weight)  # the device's bf16 support: decide() checked it
 
 
 def _conv_macs(x: Tensor, weight: Tensor, stride, padding, dilation, transposed: bool) -> int:
@@ -1301,7 +1422,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
     act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
     same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them."""
-    why = (decide(aq, wq, gq, path="bf16")[0] != "bf16"
+    why = (decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16"
            or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
            or _conv_size_reason(x, weight, stride, padding, dilation, transposed))
     if why:
@@ -1391,7 +1512,7 @@ class _Bf16ConvBN(torch.autograd.Function):
 def _relu_mask_(out: Tensor) -> Tensor:
     """torch.relu_(out), returning where out <= 0 (what the ReLU's backward reads): as bits in out's
     memory order (uint8, 8 elements a byte) from the fused kernel, else as a bool tensor in out's layout."""
-    ext = _ext()
+    ext = _ext(out)
     if ext is not None and _rows_outer_dense(out):
         return ext.relu_bits_(out)
     return out.relu_() <= 0
@@ -1402,10 +1523,10 @@ def _relu_grad(grad: Tensor, dead: Tensor, stride: Tuple[int, ...]) -> Tensor:
     threshold_backward's output layout (BatchNorm's backward then reduces in the order it did unfused).
     ``stride``: out's strides."""
     if dead.dtype == torch.uint8:  # bits in out's memory order
-        ext = _ext()
+        ext = _ext(grad)
         if ext is not None and grad.dtype == torch.float32 and grad.stride() == stride:
             return ext.relu_grad_bits(grad, dead)
-        flags = dead.unsqueeze(1).bitwise_and(_BIT_WEIGHTS).ne(0).view(-1)[:grad.numel()]
+        flags = dead.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(dead.device)).ne(0).view(-1)[:grad.numel()]
         dead = torch.empty_strided(grad.shape, stride, dtype=torch.bool, device=grad.device)
         _memory_order(dead).copy_(flags)
     # a stand-in for out with its layout and sign
@@ -1842,7 +1963,7 @@ class FuseNativeBNPass(PassBase):
 
 # -- reporting ---------------------------------------------------------------------------------------
 def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
-    """op name -> what each of its products runs on at the current stage, "int8", "bf16" or "fp32":
+    """op name -> what each of its products runs on at the current stage, "int8", "fp8", "bf16" or "fp32":
     the forward, then the gradient of each operand (the cost report's ``OpCost.products`` order).
     Simulated ops run every product in float32 (on quantized values). A gated op's backward entries
     are those of its samples at <= 8 gradient bits (the others run in fp32)."""
@@ -1864,14 +1985,28 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
             gbits = _grad_bits(gq)
             if isinstance(gq, GatedGradQuant) and min(gq.options.tolist()) <= MAX_INT8_BITS:
                 gbits = min(gbits, MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
-            out[node.name] = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
+            runs = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
+            last = qa.__dict__.get("_native_mm") if path == "int8" else None  # the last call's device and shape
+            if last is not None:
+                fp8 = _fp8_products(qa, *last[:1], qa.bits, qb.bits, gbits, *last[1:])
+                runs = tuple("fp8" if how == "int8" and f else how for how, f in zip(runs, fp8))
+            out[node.name] = runs
     return out
+
+
+def _quantizer_device(mods) -> torch.device:
+    """The device an op's quantizers (their buffers) live on: the model's."""
+    for q in mods:
+        for buf in (q.buffers() if q is not None else ()):
+            return buf.device
+    return torch.device("cpu")
 
 
 def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
     """op name -> (path at the current stage: "int8", "bf16" or "simulated", why not native / what runs in fp32).
 
-    Decided from the quantizers' current bits and this CPU; a reason that depends on the operands
+    Decided from the quantizers' current bits and their device's units (an int8 op whose products run on
+    FP8 says so in the note); a reason that depends on the operands
     (a batched right operand, another dtype or device) is the one seen at the op's last call."""
     from fracpass.api import _state
 
@@ -1889,10 +2024,17 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
                     or (node.target is native_matmul and mods[0] is not None  # batched: bmm, or at the last call
                         and mods[0].__dict__.get("_native_path", "bf16" if meta.op_info(node).kind == "bmm"
                                                  else "int8") == "bf16"))
-            path, note = decide(*mods, path="bf16" if bf16 else "int8")
+            path, note = decide(*mods, path="bf16" if bf16 else "int8", device=_quantizer_device(mods))
             if path == "int8" and node.target is native_conv2d:
                 note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
                         "transposed convolution here)")
+            mm = mods[0].__dict__.get("_native_mm") if path == "int8" and node.target is not native_conv2d else None
+            if mm is not None:  # products on FP8 at the last call's device and shape, at the current bits
+                fp8 = _fp8_products(mods[0], mm[0], mods[0].bits, mods[1].bits, _grad_bits(mods[2]), *mm[1:])
+                names = [what for what, f in zip(("the forward", "the first operand's gradient",
+                                                  "the second's"), fp8) if f]
+                if names:
+                    note = "; ".join(filter(None, [note, f"{', '.join(names)} on FP8 e4m3 (<= 4-bit codes: exact)"]))
             last = mods[0].__dict__.get("_native_last") if mods[0] is not None else None
             if path != "simulated" and last:  # the bits allow it, the operands of the last call did not
                 path, note = "simulated", f"at the last call: {last}"
