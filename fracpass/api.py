@@ -188,12 +188,22 @@ def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], ex
                    example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes,
                    execution=execution)
     _run_pipeline(gm, state, root.training)
+    _follow_device(gm, root)
     # after the pipeline, so the quantizers it added follow too; nn.Module.train does not re-capture
     nn.Module.train(gm, root.training)
     _order_like(gm, root)
     gm.fracpass = state
     set_stage(gm, 0)
     return gm
+
+
+def _follow_device(gm: nn.Module, root: nn.Module) -> None:
+    """Put the modules the pipeline added (quantizers, gates: made on the CPU) on the model's device when
+    all of the model's parameters and buffers lie on one, so a CUDA model comes back a CUDA model. A
+    model spread over devices keeps them where they are (move them with the part they serve)."""
+    devices = {t.device for t in (*root.parameters(), *root.buffers())}
+    if len(devices) == 1 and next(iter(devices)).type != "cpu":
+        gm.to(next(iter(devices)))
 
 
 def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, training: bool,

@@ -82,6 +82,27 @@ def test_fp8_takes_codes_of_at_most_4_bits_and_gradients_of_at_most_5(monkeypatc
     assert pick(2, 2, 2) == (False, False, False)
 
 
+def test_transform_puts_the_modules_it_adds_on_the_models_device(monkeypatch):
+    """The quantizers and gates the passes add are made on the CPU; a CUDA model must come back whole on
+    CUDA (found: its quantizers' buffers stayed on the CPU). The meta device stands in for CUDA here;
+    set_stage reads a value, which a meta tensor cannot give, so it is left out of this transform."""
+    from fracpass import api
+    from fracpass.api import _follow_device
+
+    make = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    plan = fracpass.Plan(stages=(fracpass.Stage(w=4, a=8, g=8),),
+                         gates=fracpass.Gates(a=(4, 8), g=(6, 8), w=4, granularity="op", target=5.0))
+    with monkeypatch.context() as m:
+        m.setattr(api, "set_stage", lambda *a: None)
+        qmodel = fracpass.transform(make().to("meta"), plan, example_inputs=(torch.randn(2, 8, device="meta"),))
+    assert any(name.endswith("_aq") for name, _ in qmodel.named_modules())
+    assert {t.device.type for t in (*qmodel.buffers(), *qmodel.parameters())} == {"meta"}
+    spread = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4).to("meta"))  # across devices: left as they are
+    qmodel = fracpass.transform(make(), plan, example_inputs=(torch.randn(2, 8),))
+    _follow_device(qmodel, spread)
+    assert {t.device.type for t in qmodel.buffers()} == {"cpu"}
+
+
 # -- emulated CUDA -----------------------------------------------------------------------------------
 def _emulate(monkeypatch) -> dict:
     """Route CPU tensors as CUDA ones on an sm_90; returns the int8 and FP8 products run."""
@@ -221,6 +242,13 @@ def test_on_a_gpu_linear_matches_the_simulation(bits):
     want, got = _run(sim, (x,)), _run(nat, (x,))
     assert native.op_paths(nat)["fc"][0] == "int8"
     _assert_close(got, want, f"CUDA linear at {bits} bits")
+
+
+@needs_gpu
+def test_on_a_gpu_transform_returns_a_cuda_model():
+    model = Lin(64, 64).cuda()
+    qmodel = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(32, 64).cuda(),))
+    assert {t.device.type for t in (*qmodel.buffers(), *qmodel.parameters())} == {"cuda"}
 
 
 @needs_gpu
