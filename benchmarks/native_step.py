@@ -3,6 +3,7 @@
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
                                      [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
                                      [--match a,b] [--attention sdpa|matmul] [--memory] [--profile]
+                                     [--device cpu|cuda]
 
 Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
 128 (SDPA attention: quantized, but only q, k and v are, so it runs simulated; ``--attention matmul``
@@ -34,6 +35,10 @@ mapped and returned on free, so the peak follows the tensors alive at once; the 
 a few MB run to run). Linux only.
 ``--profile`` adds a torch.profiler table of the native step's top CPU ops (what bounds it;
 ResNets channels_last).
+
+``--device cuda`` runs every variant on the GPU (bf16 autocast on CUDA; each step's time up to a
+``torch.cuda.synchronize()``; ``--memory`` then reports each variant's ``torch.cuda.max_memory_allocated``
+over 3 steps, in this process). Not run on a GPU yet: no GPU has been available to this project.
 """
 from __future__ import annotations
 
@@ -59,18 +64,24 @@ from benchmarks.native_kernels import cpu_flags  # noqa: E402
 
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def step_fn(model, x, y, autocast=False, channels_last=False):
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
 
     return step
 
@@ -103,7 +114,7 @@ def build(args):
         variants["torchao int8 mixed-precision"] = lambda: torchao_step(fresh(), x, y)
 
     def transformed(execution, stage, plan=plan):
-        model = fracpass.transform(fresh(), plan, example_inputs=(x[:2],), execution=execution)
+        model = fracpass.transform(fresh().to(DEVICE), plan, example_inputs=(x[:2].to(DEVICE),), execution=execution)
         if execution == "native" and args.conv:
             fracpass.native.LowerNativePass(fracpass.native.NATIVE_KINDS)(model)
         fracpass.set_stage(model, stage)
@@ -204,6 +215,19 @@ def memory(args, names, env=None) -> dict:
     return peaks
 
 
+def cuda_memory(steps) -> dict:
+    """Each variant's peak allocated CUDA memory over 3 steps beyond what it held before them."""
+    peaks = {}
+    for name, step in steps.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        peaks[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("transformer", "resnet20", "resnet74"), default="transformer")
@@ -222,11 +246,16 @@ def main() -> None:
     parser.add_argument("--attention", choices=("sdpa", "matmul"), default="sdpa",
                         help="the transformer's attention: SDPA (simulated under native) or two matmuls (bf16)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every variant runs")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model == "transformer" and not 1 <= args.seq <= 128:
         parser.error(f"--seq {args.seq}: transformer_d512 takes sequences of 1 to 128 tokens")
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available in this torch build or on this machine")
     if args.only:
         return only(args)
     variants, native_model, x, y = build(args)
@@ -238,10 +267,11 @@ def main() -> None:
             print(f"{name}: left out: {type(e).__name__}: {e}")
     print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
           + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds")
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_flags()}" if DEVICE.type == "cpu" else
+          f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     probe = native_model()
     with torch.no_grad():
-        probe(x)  # a call: the paths that depend on the operands (batched products, sizes) are this batch's
+        probe(x.to(DEVICE))  # a call: the paths that depend on the operands (batched products, sizes) are this batch's
     native_paths = fracpass.native.op_paths(probe)
     print("native paths at stage 0:", sorted({p for p, _ in native_paths.values()}), "over", len(native_paths), "ops")
     for name, step in list(steps.items()):  # warm-up (and kernel builds)
@@ -259,16 +289,20 @@ def main() -> None:
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
-    peaks = memory(args, list(steps)) if args.memory else {}
-    live = memory(args, list(steps), LIVE) if args.memory else {}
+    if args.memory and DEVICE.type == "cuda":
+        peaks, live = cuda_memory(steps), {}
+    else:
+        peaks = memory(args, list(steps)) if args.memory else {}
+        live = memory(args, list(steps), LIVE) if args.memory else {}
     base_ms = 1e3 * statistics.median(times["fp32"])
-    head = "| variant | step ms | x fp32 | min..max ms |" + (" peak MB | x fp32 | live MB | x fp32 |" if peaks else "")
-    print(head)
-    print("|---|---:|---:|---:|" + ("---:|---:|---:|---:|" if peaks else ""))
+    tables = [t for t in (peaks, live) if t]
+    titles = ["peak MB" if DEVICE.type == "cpu" else "CUDA peak MB", "live MB"][:len(tables)]
+    print("| variant | step ms | x fp32 | min..max ms |" + "".join(f" {t} | x fp32 |" for t in titles))
+    print("|---|---:|---:|---:|" + "---:|---:|" * len(tables))
     for name, t in times.items():
         ms = 1e3 * statistics.median(t)
         row = f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {1e3 * min(t):.0f}..{1e3 * max(t):.0f} |"
-        for table in (peaks, live) if peaks else ():
+        for table in tables:
             m, m0 = table.get(name), table.get("fp32")
             row += f" {m:.0f} | {m / m0:.2f} |" if m is not None and m0 else " - | - |"
         print(row)

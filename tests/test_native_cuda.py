@@ -245,6 +245,21 @@ def test_on_a_gpu_linear_matches_the_simulation(bits):
 
 
 @needs_gpu
+def test_on_a_gpu_fp8_products_match_the_simulation():
+    if native.fp8_support(CUDA) is not None:
+        pytest.skip(native.fp8_support(CUDA))
+    torch.manual_seed(0)
+    x = torch.rand(64, 64, device="cuda") * 3 - 1
+    plan = fracpass.Plan.static(w=4, a=4, g=5, rules=[fracpass.Rule(weight_scale="tensor")])
+    model = Lin(64, 64).cuda()
+    sim = fracpass.transform(model, plan, example_inputs=(x,))
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    want, got = _run(sim, (x,)), _run(nat, (x,))
+    assert native.product_paths(nat)["fc"] == ("fp8", "fp8", "fp8")
+    _assert_close(got, want, "CUDA FP8 linear at 4/4/5 bits")
+
+
+@needs_gpu
 def test_on_a_gpu_transform_returns_a_cuda_model():
     model = Lin(64, 64).cuda()
     qmodel = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(32, 64).cuda(),))
