@@ -40,10 +40,13 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   (q - offset, when they span <= 256 values, as per-tensor codes always do) or bfloat16. CPUs
   without AVX512-BF16 or AMX-BF16 run convolutions simulated (said once in the log).
   ``fuse-native-bn`` (FuseNativeBNPass, after ``lower-native``) folds a bf16 convolution's only-user
-  chain BatchNorm (-> residual add) (-> ReLU) into one op (``bf16_conv*_bn``, _Bf16ConvBN) that
-  computes what the unfused ops compute, bit for bit, but keeps the convolution's bfloat16 product
-  (BatchNorm's input is recomputed from it in backward) and the ReLU's mask as bits instead of two
-  float32 tensors.
+  chain BatchNorm (-> residual add) (-> ReLU) into one op (``bf16_conv*_bn``, _Bf16ConvBN) that keeps
+  the convolution's bfloat16 product and the ReLU's mask as bits instead of two float32 tensors. On a
+  channels-last product (one input scale for the batch) its BatchNorm runs on the CPU kernels straight
+  from that product (``FAST_BN``: statistics from per-channel float64 sums, the output and dL/dy as one
+  affine map per channel, dL/dy's range for the gradient quantizer in the same pass), equal to aten's
+  BatchNorm to float32 rounding; otherwise (or with ``FAST_BN = False``) on aten's kernels over the
+  float32 y = s v + bias, bit for bit the unfused ops.
 * **bf16 batched products** (``torch.bmm``, ``torch.matmul`` with a batched right operand:
   attention's q k^T and P v): bfloat16 codes with per-tensor scales (per sample when gated),
   forward and both gradients, the gradient's offset corrected through the codes' row and column sums.
@@ -173,10 +176,8 @@ def _once(why: str) -> str:
 def _device_kind(device) -> str:
     """The native backend of ``device``: "cpu", "cuda" (NVIDIA), "rocm" (a ROCm build's cuda device), or
     the device's type. Every device-dependent choice of this module goes through here."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.version.hip is not None:
-        return "rocm"
-    return device.type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return "rocm" if kind == "cuda" and torch.version.hip is not None else kind
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,6 +338,7 @@ def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
 
 
 _NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)  # "none" for the CPU kernels
+_NONE_B = torch.empty(0, dtype=torch.uint8)
 
 
 def _code_mm(a: Tensor, b: Tensor, fp8: bool = False) -> Tensor:
@@ -1018,11 +1020,12 @@ class _Bf16Conv(torch.autograd.Function):
         return _conv_backward(ctx, ctx.saved_tensors, grad) + (None,) * 7
 
 
-def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):
-    """_Bf16Conv's forward: (y, its bfloat16 product v, the tensors to save); sets ctx's attributes."""
+def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, scaled=True):
+    """_Bf16Conv's forward: (y, or None unless ``scaled``, its bfloat16 product v, the tensors to save);
+    sets ctx's attributes."""
     stride, padding, dilation, transposed, output_padding, groups = conv
     v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
-    y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)
+    y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
@@ -1049,8 +1052,9 @@ def _widened_codes(ctx, q: Tensor) -> Tensor:
     return q if ctx.code_offset is None else _ext(q).u8_to_codes(q, ctx.code_offset)
 
 
-def _conv_backward(ctx, saved, grad) -> tuple:
-    """_Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot)."""
+def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
+    """_Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot); ``grad_minmax``: dL/dy's min and max, when
+    already known (the fused BatchNorm's backward computes them with dL/dy)."""
     qa, sa, qw, sw = saved[:4]
     qa = _widened_codes(ctx, qa)
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
@@ -1059,7 +1063,7 @@ def _conv_backward(ctx, saved, grad) -> tuple:
     grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
     need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    mn, mx, levels = _grad_range(grad, ctx.gbits, gating)
+    mn, mx, levels = _grad_range(grad, ctx.gbits, gating, grad_minmax)
     dx = dw = db = None
     exact = _exact_codes(levels)
     if exact is None or not bool(exact.any()):
@@ -1128,17 +1132,17 @@ def _exact_codes(levels: Optional[Tensor]) -> Optional[Tensor]:
     return (levels >= 3) & (levels <= 2**MAX_INT8_BITS - 1)
 
 
-def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating]):
-    """(min, max, level count) the gradient quantizer rounds ``grad`` over: per tensor at ``gbits``, or
-    per sample over its option group's range at its option's levels (fracpass.gating's GatedGradQuant).
-    The level count is None where the gradient is not quantized."""
+def _grad_range(grad: Tensor, gbits: int, gating: Optional[_Gating], minmax=None):
+    """(min, max, level count) the gradient quantizer rounds ``grad`` over: per tensor at ``gbits`` (its
+    min and max ``minmax`` when known), or per sample over its option group's range at its option's
+    levels (fracpass.gating's GatedGradQuant). The level count is None where the gradient is not quantized."""
     if gating is not None and gating.grad_levels is not None:
         mn, mx = _row_range(grad)
         mn, mx, _, _ = _group_range(mn, mx, gating.choice, gating.grad_levels.numel())
         return mn, mx, gating.grad_levels[gating.choice]
     if gbits >= FULL_PRECISION:
         return None, None, None
-    mn, mx = _aminmax(grad)
+    mn, mx = _aminmax(grad) if minmax is None else minmax
     return mn, mx, torch.tensor(float(2**gbits - 1), device=grad.device)
 
 
@@ -1463,50 +1467,147 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
 # -- a bf16 convolution's BatchNorm, residual add and ReLU in one op: what backward keeps ----------------
 class _Bf16ConvBN(torch.autograd.Function):
     """_Bf16Conv followed by BatchNorm (training or eval), optionally a residual add and a ReLU, as one
-    op that computes what the unfused ops compute, bit for bit (the same aten kernels on the same
-    values), but keeps less for backward: BatchNorm's input y = s v is recomputed from the convolution's
-    bfloat16 product v by the same call that made it, and the ReLU keeps a mask of where its output is
-    <= 0 (what threshold_backward reads; a bit per element from the kernels, else a bool) instead of its
-    float32 output. Per element of the convolution's output, 2 bytes and a bit instead of 8 (BatchNorm's
-    input and the ReLU's output)."""
+    op that keeps less for backward: the convolution's bfloat16 product v instead of BatchNorm's float32
+    input y = s v + bias, and a mask of where the ReLU's output is <= 0 (what threshold_backward reads;
+    a bit per element from the kernels, else a bool) instead of its float32 output. Per element of the
+    convolution's output, 2 bytes and a bit instead of 8.
+
+    Two routes for the BatchNorm: on a channels-last v with one input scale for the batch, the CPU
+    kernels (``FAST_BN``; _fast_bn_forward / _fast_bn_backward): v is read instead of a float32 y
+    written and read again, and the ReLU, the residual and the gradient's range ride in the same
+    passes; equal to aten's BatchNorm to float32 rounding (tests/test_native_fastbn.py). Otherwise aten's
+    kernels on y, which the backward recomputes from v by the call that made it: bit for bit the unfused
+    ops (tests/test_native_fuse.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
                 post):  # type: ignore[override]
-        y, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating)
+        _, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, scaled=False)
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
-        out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
-                                                             momentum, eps)
-        del y
-        if residual is not None:
-            out = out.add_(residual)
-        dead = None
-        if relu:
-            dead = _relu_mask_(out)
+        _, _, _, transposed, _, groups = ctx.conv
+        scale = _out_channel_scale(sw, transposed, groups)
+        ext = _ext(v) if FAST_BN else None
+        ctx.fast = ext is not None and _fast_bn_layout(v, sa, residual)
+        if ctx.fast:
+            out, dead, ref, mean, invstd = _fast_bn_forward(ext, v, scale * sa, bias, bn_w, bn_b, residual, post)
+            keep = (ref, mean, invstd)
+        else:
+            y = _scale_out(v, scale, bias, sa)
+            out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
+                                                                 momentum, eps)
+            del y
+            if residual is not None:
+                out = out.add_(residual)
+            dead = _relu_mask_(out) if relu else None
+            keep = (mean, invstd)
         ctx.n_conv, ctx.post, ctx.has_residual, ctx.out_stride = len(saved), post, residual is not None, out.stride()
-        ctx.save_for_backward(*saved, v, bias, bn_w, mean, invstd, dead)
+        ctx.save_for_backward(*saved, v, bias, bn_w, dead, *keep)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         saved = ctx.saved_tensors
         n = ctx.n_conv
-        v, bias, bn_w, mean, invstd, dead = saved[n:]
+        v, bias, bn_w, dead = saved[n:n + 4]
         running_mean, running_var, training, _, eps, _ = ctx.post
-        if dead is not None:
-            grad = _relu_grad(grad, dead, ctx.out_stride)
         qa, sa, qw, sw = saved[:4]
         _, _, _, transposed, _, groups = ctx.conv
-        y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)  # forward's call: the same y
-        dy, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
-            grad, y, bn_w, running_mean, running_var, mean, invstd, training, eps,
-            [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]])
-        del y
-        dx, dw, db, d_onehot = _conv_backward(ctx, saved[:n], dy)
+        minmax = None
+        if ctx.fast:
+            ref, mean, invstd = saved[n + 4:]
+            if grad.stride() != v.stride():
+                grad = torch.empty_like(v, dtype=torch.float32).copy_(grad)
+            scale = _out_channel_scale(sw, transposed, groups) * sa
+            dy, minmax, grad, d_bn_w, d_bn_b = _fast_bn_backward(_ext(v), grad, dead, v, ref, scale, bias, bn_w, mean,
+                                                                 invstd, training, ctx.has_residual)
+        else:
+            mean, invstd = saved[n + 4:]
+            if dead is not None:
+                grad = _relu_grad(grad, dead, ctx.out_stride)
+            y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa)  # forward's call: the same y
+            dy, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
+                grad, y, bn_w, running_mean, running_var, mean, invstd, training, eps,
+                [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]])
+            del y
+        dx, dw, db, d_onehot = _conv_backward(ctx, saved[:n], dy, minmax)
         d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
+        d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
+        d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
         return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None)
+
+
+# The fused op's BatchNorm on the CPU kernels (bn_*_bf16) where they apply; False: aten's BatchNorm on the
+# float32 y = s v + bias, bit for bit the unfused ops (tests/test_native_fuse.py checks that route).
+FAST_BN = True
+
+
+def _fast_bn_layout(v: Tensor, sa: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether the BatchNorm kernels take this product: channels innermost (channels_last), one input
+    scale for the batch (a gated op's per-sample scales are not folded into the statistics), a float32
+    residual in the same layout."""
+    return (v.dim() >= 3 and v.shape[1] > 1 and v.stride(1) == 1 and _rows_outer_dense(v)
+            and sa.numel() == 1 and (residual is None or (residual.dtype == torch.float32
+                                                          and residual.stride() == v.stride()
+                                                          and residual.shape == v.shape)))
+
+
+def _fast_bn_forward(ext, v: Tensor, scale: Tensor, bias: Optional[Tensor], bn_w: Optional[Tensor],
+                     bn_b: Optional[Tensor], residual: Optional[Tensor], post: tuple):
+    """BatchNorm (training or eval; then the residual, then the ReLU) of y = s v + bias from the bf16
+    product v: the statistics from per-channel sums of d = v - ref (ref: the first pixel's values, so the
+    variance does not come from a difference of large sums) in float64, the running statistics updated as
+    aten does (momentum; the unbiased variance), the output one affine map per channel of d. Returns (out,
+    the ReLU's mask bits or None, ref, mean, invstd) with the three per-channel vectors in float64."""
+    running_mean, running_var, training, momentum, eps, relu = post
+    c = v.shape[1]
+    n = v.numel() // c
+    f64 = lambda t, fill: torch.full((c,), fill, dtype=torch.float64) if t is None else t.detach().double().expand(c)
+    s, shift = f64(scale, 1.0), f64(bias, 0.0)
+    ref = _memory_order(v)[:c].float()  # channels innermost: the first pixel's values
+    if training:
+        sum_d, sum_dd = ext.bn_stats_bf16(v, ref)
+        mean_d = sum_d / n
+        var = (sum_dd / n - mean_d * mean_d).clamp_(min=0.0) * s * s  # of y
+        mean = s * (ref.double() + mean_d) + shift
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+    invstd = (var + eps).rsqrt()
+    a = s * invstd * f64(bn_w, 1.0)
+    b = (s * ref.double() + shift - mean) * invstd * f64(bn_w, 1.0) + f64(bn_b, 0.0)
+    out, bits = ext.bn_apply_bf16(v, ref, a.float(), b.float(), _NONE_F if residual is None else residual.detach(),
+                                  relu)
+    return out, bits if relu else None, ref, mean, invstd
+
+
+def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref: Tensor, scale: Tensor,
+                      bias: Optional[Tensor], bn_w: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool,
+                      keep_grad: bool):
+    """_fast_bn_forward's backward: (dL/dy, its min and max, the gradient after the ReLU (the residual's),
+    dL/d weight, dL/d bias). With g the gradient after the ReLU and xh = (y - mean) invstd:
+    dy = w invstd (g - mean(g) - xh mean(g xh)) in training, w invstd g in eval, an affine map per
+    channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64)."""
+    c = v.shape[1]
+    n = v.numel() // c
+    f64 = lambda t, fill: torch.full((c,), fill, dtype=torch.float64) if t is None else t.detach().double().expand(c)
+    s, shift, w = f64(scale, 1.0), f64(bias, 0.0), f64(bn_w, 1.0)
+    bits = _NONE_B if dead is None else dead
+    sum_g, sum_gd, g = ext.bn_grad_sums_bf16(grad, bits, v, ref, keep_grad)
+    offset = s * ref.double() + shift - mean  # y - mean = s d + offset
+    sum_gxh = invstd * (s * sum_gd + offset * sum_g)
+    k1 = w * invstd
+    if training:
+        k2 = -w * invstd * invstd * s * sum_gxh / n
+        k3 = -w * invstd * sum_g / n - w * invstd * invstd * offset * sum_gxh / n
+    else:
+        k2 = k3 = torch.zeros_like(k1)
+    dy, mn, mx = ext.bn_grad_apply_bf16(grad, bits, v, ref, k1.float(), k2.float(), k3.float())
+    return dy, (mn, mx), g, sum_gxh.float(), sum_g.float()
 
 
 def _relu_mask_(out: Tensor) -> Tensor:

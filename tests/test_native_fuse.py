@@ -1,7 +1,9 @@
 """fuse-native-bn (fracpass.native.FuseNativeBNPass): a bf16 convolution with the BatchNorm it feeds, and
 the residual add and ReLU after it, as one op (_Bf16ConvBN) that keeps less for backward.
 
-Contract: the fused model computes what the unfused native model computes, bit for bit — outputs,
+Contract (with the fused op's BatchNorm on aten's kernels, ``native.FAST_BN = False``; its own CPU
+kernels are checked in tests/test_native_fastbn.py): the fused model computes what the unfused native
+model computes, bit for bit — outputs,
 every gradient, BatchNorm's running statistics and batch count — in training and eval, NCHW and
 channels_last, gated or not, at gradient bits that draw stochastic-rounding noise (the fused op
 takes the unfused nodes' place in the backward order, so the noise is drawn in the same order). What
@@ -29,6 +31,9 @@ def bf16_every_size(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
     monkeypatch.setattr(native, "MIN_CONV_MACS", 0)  # small convolutions: the bf16 path at every size
+    # the fused op's BatchNorm on aten's kernels, bit for bit the unfused ops (what these tests check);
+    # its own kernels (native.FAST_BN) are checked in tests/test_native_fastbn.py
+    monkeypatch.setattr(native, "FAST_BN", False)
 
 
 class Block(nn.Module):

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -570,6 +571,292 @@ torch::Tensor u8_to_codes(const torch::Tensor& u, double offset) {
   return out;
 }
 
+// ---- BatchNorm over a bf16 convolution product, channels innermost (channels_last) -----------------------
+// The fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the convolution's bfloat16 product v, whose
+// float32 output is y = s_c v + bias_c: the statistics as sums of d = v - ref_c (ref_c: one value of the
+// channel, so that the variance does not come from the difference of two large sums), the output as one
+// affine map per channel a_c d + b_c (+ residual) (ReLU, with its mask as bits), the backward as the two
+// sums of the masked gradient g it needs (of g and of g d) and then dy = k1_c g + k2_c d + k3_c with dy's
+// range. Every loop runs over the
+// tensor in memory order, over spans of L elements (a multiple of C and of 16) with the per-channel
+// constants and accumulators tiled to the span, so that it vectorizes for any C (a loop over C channels
+// per pixel does not for small C).
+namespace {
+
+inline int64_t span_of(int64_t C) {  // a multiple of C and 16 near 1024
+  const int64_t base = std::lcm<int64_t>(C, 16);
+  return base * std::max<int64_t>(1, 1024 / base);
+}
+
+void check_channels_last(const torch::Tensor& x, int64_t C, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 3 && x.size(1) == C && x.stride(1) == 1 &&
+                  x.is_non_overlapping_and_dense(), what, ": expected a dense channels-last CPU tensor with ", C,
+              " channels");
+}
+
+std::vector<float> tiled(const torch::Tensor& per_channel, int64_t C, int64_t L) {
+  TORCH_CHECK(per_channel.scalar_type() == torch::kFloat && per_channel.is_contiguous() && per_channel.numel() == C,
+              "expected ", C, " float32 values per channel");
+  const float* p = per_channel.data_ptr<float>();
+  std::vector<float> t(L);
+  for (int64_t j = 0; j < L; ++j) t[j] = p[j % C];
+  return t;
+}
+
+// Per-thread float accumulators over a span's lanes, added into double every kFlush spans (float sums of
+// at most kFlush terms per lane, then exact-enough double sums), folded per channel at the end.
+constexpr int64_t kFlush = 32;
+
+template <int K, typename Body>
+std::vector<torch::Tensor> channel_sums(int64_t n, int64_t C, const torch::TensorOptions& opt, Body body) {
+  const int64_t L = span_of(C), spans = (n + L - 1) / L;
+  const int threads = at::get_num_threads();
+  std::vector<double> total(static_cast<size_t>(threads) * K * L, 0.0);
+  std::vector<char> used(threads, 0);
+  at::parallel_for(0, spans, 8, [&](int64_t b, int64_t e) {
+    const int t = at::get_thread_num();
+    used[t] = 1;
+    double* mine = total.data() + static_cast<size_t>(t) * K * L;
+    std::vector<float> acc(K * L, 0.0f);
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t first = u * L, len = std::min(L, n - first);
+      body(first, len, acc.data(), L);
+      if ((u - b + 1) % kFlush == 0 || u + 1 == e) {
+        for (int64_t j = 0; j < K * L; ++j) mine[j] += acc[j], acc[j] = 0.0f;
+      }
+    }
+  });
+  std::vector<torch::Tensor> out;
+  for (int k = 0; k < K; ++k) {
+    auto s = torch::zeros({C}, opt.dtype(torch::kDouble));
+    double* ps = s.data_ptr<double>();
+    for (int t = 0; t < threads; ++t) {
+      if (!used[t]) continue;
+      const double* mine = total.data() + (static_cast<size_t>(t) * K + k) * L;
+      for (int64_t j = 0; j < L; ++j) ps[j % C] += mine[j];
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+inline uint16_t mask16(const uint8_t* bits, int64_t i) {  // the 16 mask bits of elements i..i+15 (i % 8 == 0)
+  return static_cast<uint16_t>(bits[i >> 3] | (bits[(i >> 3) + 1] << 8));
+}
+
+}  // namespace
+
+// sum_c d and sum_c d^2, d = v - ref_c, over a channels-last bf16 tensor (double).
+std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const torch::Tensor& ref) {
+  TORCH_CHECK(v.scalar_type() == torch::kBFloat16, "bn_stats_bf16: expected bfloat16");
+  const int64_t C = v.size(1), L = span_of(C);
+  check_channels_last(v, C, "bn_stats_bf16");
+  const auto rt = tiled(ref, C, L);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  return channel_sums<2>(v.numel(), C, v.options(), [&](int64_t first, int64_t len, float* acc, int64_t) {
+    const uint16_t* __restrict in = src + first;
+    const float* __restrict r = rt.data();
+    float* __restrict s1 = acc;
+    float* __restrict s2 = acc + L;
+    for (int64_t j = 0; j < len; ++j) {
+      const float x = bf16_value(in[j]) - r[j];
+      s1[j] += x;
+      s2[j] += x * x;
+    }
+  });
+}
+
+// out = a_c (v - ref_c) + b_c (+ residual), then ReLU in place with the mask out <= 0 as bits (relu_bits_'s),
+// in v's channels-last layout.
+std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const torch::Tensor& ref, const torch::Tensor& a,
+                                         const torch::Tensor& b, const torch::Tensor& residual, bool relu) {
+  TORCH_CHECK(v.scalar_type() == torch::kBFloat16, "bn_apply_bf16: expected bfloat16");
+  const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
+  check_channels_last(v, C, "bn_apply_bf16");
+  const bool has_res = residual.numel() > 0;
+  if (has_res) {
+    TORCH_CHECK(residual.scalar_type() == torch::kFloat && residual.strides() == v.strides() &&
+                residual.sizes() == v.sizes(), "bn_apply_bf16: the residual must be float32 in v's layout");
+  }
+  auto out = torch::empty_strided(v.sizes(), v.strides(), v.options().dtype(torch::kFloat));
+  auto bits = torch::empty({relu ? (n + 7) / 8 : 0}, v.options().dtype(torch::kByte));
+  const auto at_ = tiled(a, C, L), bt_ = tiled(b, C, L), rt = tiled(ref, C, L);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  const float* res = has_res ? residual.data_ptr<float>() : nullptr;
+  float* dst = out.data_ptr<float>();
+  uint8_t* packed = relu ? bits.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
+    const float* __restrict ta = at_.data();
+    const float* __restrict tb = bt_.data();
+    const float* __restrict tr = rt.data();
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t first = u * L, len = std::min(L, n - first);
+      const uint16_t* __restrict in = src + first;
+      const float* __restrict r = res != nullptr ? res + first : nullptr;
+      float* __restrict o = dst + first;
+      uint8_t* __restrict d = relu ? packed + first / 8 : nullptr;  // first % 16 == 0
+      int64_t j = 0;
+#ifdef __AVX512F__
+      const __m512 zero = _mm512_setzero_ps();
+      for (; j + 16 <= len; j += 16) {  // 16 elements, two mask bytes (a scalar bit loop took 10x the pass)
+        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
+            _mm512_loadu_ps(tr + j));
+        __m512 x = _mm512_fmadd_ps(vv, _mm512_loadu_ps(ta + j), _mm512_loadu_ps(tb + j));
+        if (r != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(r + j));
+        if (relu) {
+          x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), zero);  // NaN, -0.0 pass
+          const __mmask16 dead = _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ);
+          d[j / 8] = static_cast<uint8_t>(dead);
+          d[j / 8 + 1] = static_cast<uint8_t>(dead >> 8);
+        }
+        _mm512_storeu_ps(o + j, x);
+      }
+#endif
+      for (; j < len; ++j) {
+        float x = std::fma(bf16_value(in[j]) - tr[j], ta[j], tb[j]);
+        if (r != nullptr) x += r[j];
+        if (relu) {
+          x = x < 0.0f ? 0.0f : x;  // NaN and -0.0 pass, as torch.relu_
+          if (j % 8 == 0) d[j / 8] = 0;
+          d[j / 8] |= static_cast<uint8_t>(x <= 0.0f) << (j % 8);
+        }
+        o[j] = x;
+      }
+    }
+  });
+  return {out, bits};
+}
+
+// sum_c g and sum_c g d (d = v - ref_c) of the gradient g masked by the ReLU's bits (if any), and g itself
+// if asked for (else the gradient as given).
+std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const torch::Tensor& bits,
+                                             const torch::Tensor& v, const torch::Tensor& ref, bool keep_masked) {
+  const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
+  check_channels_last(v, C, "bn_grad_sums_bf16 v");
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
+              "bn_grad_sums_bf16: the gradient must be float32 in v's layout");
+  const bool masked = bits.numel() > 0;
+  TORCH_CHECK(!masked || bits.numel() == (n + 7) / 8, "bn_grad_sums_bf16: expected ", (n + 7) / 8, " mask bytes");
+  auto kept = keep_masked && masked ? torch::empty_strided(grad.sizes(), grad.strides(), grad.options()) : torch::Tensor();
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* m = masked ? bits.data_ptr<uint8_t>() : nullptr;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  float* kp = kept.defined() ? kept.data_ptr<float>() : nullptr;
+  const auto rt = tiled(ref, C, L);
+  auto sums = channel_sums<2>(n, C, v.options(), [&](int64_t first, int64_t len, float* acc, int64_t) {
+    const float* __restrict gi = g + first;
+    const uint16_t* __restrict in = src + first;
+    const float* __restrict r = rt.data();
+    float* __restrict s1 = acc;
+    float* __restrict s2 = acc + L;
+    int64_t j = 0;
+    if (m != nullptr) {
+#ifdef __AVX512F__
+      for (; j + 16 <= len; j += 16) {
+        const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j);
+        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
+            _mm512_loadu_ps(r + j));
+        _mm512_storeu_ps(s1 + j, _mm512_add_ps(_mm512_loadu_ps(s1 + j), x));
+        _mm512_storeu_ps(s2 + j, _mm512_fmadd_ps(x, vv, _mm512_loadu_ps(s2 + j)));
+        if (kp != nullptr) _mm512_storeu_ps(kp + first + j, x);
+      }
+#endif
+      for (; j < len; ++j) {
+        const int64_t i = first + j;
+        const float x = (m[i >> 3] >> (i & 7)) & 1 ? 0.0f : gi[j];
+        s1[j] += x;
+        s2[j] += x * (bf16_value(in[j]) - r[j]);
+        if (kp != nullptr) kp[i] = x;
+      }
+    } else {
+      for (; j < len; ++j) {
+        const float x = gi[j];
+        s1[j] += x;
+        s2[j] += x * (bf16_value(in[j]) - r[j]);
+      }
+    }
+  });
+  sums.push_back(kp != nullptr ? kept : grad);
+  return sums;
+}
+
+// dy = k1_c g + k2_c (v - ref_c) + k3_c with g masked by the ReLU's bits (if any), in v's layout, and dy's
+// min and max (NaN if dy holds one, as torch.aminmax).
+std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const torch::Tensor& bits,
+                                              const torch::Tensor& v, const torch::Tensor& ref, const torch::Tensor& k1,
+                                              const torch::Tensor& k2, const torch::Tensor& k3) {
+  const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
+  check_channels_last(v, C, "bn_grad_apply_bf16 v");
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
+              "bn_grad_apply_bf16: the gradient must be float32 in v's layout");
+  const bool masked = bits.numel() > 0;
+  TORCH_CHECK(!masked || bits.numel() == (n + 7) / 8, "bn_grad_apply_bf16: expected ", (n + 7) / 8, " mask bytes");
+  auto dy = torch::empty_strided(grad.sizes(), grad.strides(), grad.options());
+  const auto t1 = tiled(k1, C, L), t2 = tiled(k2, C, L), t3 = tiled(k3, C, L), rt = tiled(ref, C, L);
+  const float* g = grad.data_ptr<float>();
+  const uint8_t* m = masked ? bits.data_ptr<uint8_t>() : nullptr;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  float* dst = dy.data_ptr<float>();
+  const int threads = at::get_num_threads();
+  std::vector<float> lo(threads, INFINITY), hi(threads, -INFINITY);
+  std::vector<char> nan(threads, 0);
+  at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
+    const int t = at::get_thread_num();
+    const float* __restrict a1 = t1.data();
+    const float* __restrict a2 = t2.data();
+    const float* __restrict a3 = t3.data();
+    const float* __restrict tr = rt.data();
+    float mn = lo[t], mx = hi[t];
+    bool any_nan = false;
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t first = u * L, len = std::min(L, n - first);
+      const float* __restrict gi = g + first;
+      const uint16_t* __restrict in = src + first;
+      float* __restrict o = dst + first;
+      int64_t j = 0;
+#ifdef __AVX512F__
+      __m512 vmn = _mm512_set1_ps(INFINITY), vmx = _mm512_set1_ps(-INFINITY);
+      __mmask16 bad = 0;
+      for (; j + 16 <= len; j += 16) {
+        const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
+                                      : _mm512_loadu_ps(gi + j);
+        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
+            _mm512_loadu_ps(tr + j));
+        const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
+                                       _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
+        _mm512_storeu_ps(o + j, r);
+        bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+        vmn = _mm512_min_ps(vmn, r);
+        vmx = _mm512_max_ps(vmx, r);
+      }
+      mn = std::min(mn, _mm512_reduce_min_ps(vmn));
+      mx = std::max(mx, _mm512_reduce_max_ps(vmx));
+      any_nan |= bad != 0;
+#endif
+      for (; j < len; ++j) {
+        const int64_t i = first + j;
+        const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : gi[j];
+        const float r = std::fma(a2[j], bf16_value(in[j]) - tr[j], a3[j]) + a1[j] * x;
+        o[j] = r;
+        any_nan |= r != r;
+        mn = std::min(mn, r);
+        mx = std::max(mx, r);
+      }
+    }
+    lo[t] = mn, hi[t] = mx;
+    nan[t] |= any_nan;
+  });
+  float mn = INFINITY, mx = -INFINITY;
+  bool any_nan = false;
+  for (int t = 0; t < threads; ++t) mn = std::min(mn, lo[t]), mx = std::max(mx, hi[t]), any_nan |= nan[t];
+  if (any_nan) mn = mx = NAN;
+  auto opt = grad.options();
+  return {dy, torch::full({}, mn, opt), torch::full({}, mx, opt)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codes_to_u8", &codes_to_u8, "bytes q - offset of bfloat16 codes spanning <= 256 values, layout kept");
   m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept");
@@ -583,5 +870,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) of a bf16 product, layout kept");
+  m.def("bn_stats_bf16", &bn_stats_bf16, "per-channel sums of v and v^2 of a channels-last bf16 tensor (double)");
+  m.def("bn_apply_bf16", &bn_apply_bf16, "a_c v + b_c (+ residual) (ReLU with its mask as bits) of a channels-last bf16 v");
+  m.def("bn_grad_sums_bf16", &bn_grad_sums_bf16, "per-channel sums of the masked gradient and of it times v");
+  m.def("bn_grad_apply_bf16", &bn_grad_apply_bf16, "k1_c g + k2_c v + k3_c of the masked gradient, with its min and max");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }
