@@ -1561,27 +1561,10 @@ def _fast_bn_forward(ext, v: Tensor, scale: Tensor, bias: Optional[Tensor], bn_w
     aten does (momentum; the unbiased variance), the output one affine map per channel of d. Returns (out,
     the ReLU's mask bits or None, ref, mean, invstd) with the three per-channel vectors in float64."""
     running_mean, running_var, training, momentum, eps, relu = post
-    c = v.shape[1]
-    n = v.numel() // c
-    f64 = lambda t, fill: torch.full((c,), fill, dtype=torch.float64) if t is None else t.detach().double().expand(c)
-    s, shift = f64(scale, 1.0), f64(bias, 0.0)
-    ref = _memory_order(v)[:c].float()  # channels innermost: the first pixel's values
-    if training:
-        sum_d, sum_dd = ext.bn_stats_bf16(v, ref)
-        mean_d = sum_d / n
-        var = (sum_dd / n - mean_d * mean_d).clamp_(min=0.0) * s * s  # of y
-        mean = s * (ref.double() + mean_d) + shift
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1.0 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
-    else:
-        mean, var = running_mean.double(), running_var.double()
-    invstd = (var + eps).rsqrt()
-    a = s * invstd * f64(bn_w, 1.0)
-    b = (s * ref.double() + shift - mean) * invstd * f64(bn_w, 1.0) + f64(bn_b, 0.0)
-    out, bits = ext.bn_apply_bf16(v, ref, a.float(), b.float(), _NONE_F if residual is None else residual.detach(),
-                                  relu)
+    none = lambda t: _NONE_F if t is None else t.detach()
+    out, bits, ref, mean, invstd = ext.bn_forward_bf16(v, none(scale), none(bias), none(bn_w), none(bn_b),
+                                                       none(running_mean), none(running_var), training, momentum, eps,
+                                                       none(residual), relu)
     return out, bits if relu else None, ref, mean, invstd
 
 
@@ -1592,22 +1575,10 @@ def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref:
     dL/d weight, dL/d bias). With g the gradient after the ReLU and xh = (y - mean) invstd:
     dy = w invstd (g - mean(g) - xh mean(g xh)) in training, w invstd g in eval, an affine map per
     channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64)."""
-    c = v.shape[1]
-    n = v.numel() // c
-    f64 = lambda t, fill: torch.full((c,), fill, dtype=torch.float64) if t is None else t.detach().double().expand(c)
-    s, shift, w = f64(scale, 1.0), f64(bias, 0.0), f64(bn_w, 1.0)
-    bits = _NONE_B if dead is None else dead
-    sum_g, sum_gd, g = ext.bn_grad_sums_bf16(grad, bits, v, ref, keep_grad)
-    offset = s * ref.double() + shift - mean  # y - mean = s d + offset
-    sum_gxh = invstd * (s * sum_gd + offset * sum_g)
-    k1 = w * invstd
-    if training:
-        k2 = -w * invstd * invstd * s * sum_gxh / n
-        k3 = -w * invstd * sum_g / n - w * invstd * invstd * offset * sum_gxh / n
-    else:
-        k2 = k3 = torch.zeros_like(k1)
-    dy, mn, mx = ext.bn_grad_apply_bf16(grad, bits, v, ref, k1.float(), k2.float(), k3.float())
-    return dy, (mn, mx), g, sum_gxh.float(), sum_g.float()
+    none = lambda t: _NONE_F if t is None else t.detach()
+    dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, _NONE_B if dead is None else dead, v, ref, none(scale),
+                                                   none(bias), none(bn_w), mean, invstd, training, keep_grad)
+    return dy, (mn, mx), g, d_w, d_b
 
 
 def _relu_mask_(out: Tensor) -> Tensor:

@@ -857,6 +857,106 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const t
   return {dy, torch::full({}, mn, opt), torch::full({}, mx, opt)};
 }
 
+// The fused op's whole BatchNorm forward and backward around the kernels above, the per-channel
+// coefficients in double (one call from Python each: the ~15 small tensor ops they took cost ~0.2 ms a
+// call). scale, bias, w, b: per channel (scale may hold one value; the others none, for 1 and 0).
+namespace {
+std::vector<double> per_channel(const torch::Tensor& t, int64_t C, double fill, const char* what) {
+  std::vector<double> out(C, fill);
+  if (t.numel() == 0) return out;
+  TORCH_CHECK(t.numel() == 1 || t.numel() == C, what, ": expected 1 or ", C, " values, got ", t.numel());
+  auto d = t.detach().to(torch::kDouble).contiguous();
+  const double* p = d.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) out[c] = p[t.numel() == 1 ? 0 : c];
+  return out;
+}
+
+torch::Tensor as_tensor(const std::vector<double>& v, torch::ScalarType type) {
+  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::TensorOptions().dtype(torch::kDouble));
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t.to(type);
+}
+}  // namespace
+
+std::vector<torch::Tensor> bn_forward_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias,
+                                           const torch::Tensor& w, const torch::Tensor& b, torch::Tensor running_mean,
+                                           torch::Tensor running_var, bool training, double momentum, double eps,
+                                           const torch::Tensor& residual, bool relu) {
+  const int64_t C = v.size(1), n = v.numel() / C;
+  check_channels_last(v, C, "bn_forward_bf16");
+  const auto s = per_channel(scale, C, 1.0, "bn_forward_bf16 scale"), shift = per_channel(bias, C, 0.0, "bias");
+  const auto wd = per_channel(w, C, 1.0, "weight"), bd = per_channel(b, C, 0.0, "bias");
+  // the first pixel's values (channels innermost): the reference the sums are taken from
+  auto ref = torch::empty({C}, v.options().dtype(torch::kFloat));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  for (int64_t c = 0; c < C; ++c) ref.data_ptr<float>()[c] = bf16_value(src[c]);
+  const float* r = ref.data_ptr<float>();
+  std::vector<double> mean(C), var(C);
+  if (training) {
+    auto sums = bn_stats_bf16(v, ref);
+    const double* s1 = sums[0].data_ptr<double>();
+    const double* s2 = sums[1].data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double m = s1[c] / n;
+      var[c] = std::max(s2[c] / n - m * m, 0.0) * s[c] * s[c];
+      mean[c] = s[c] * (r[c] + m) + shift[c];
+    }
+    if (running_mean.numel() > 0) {
+      TORCH_CHECK(running_mean.scalar_type() == torch::kFloat && running_var.scalar_type() == torch::kFloat &&
+                      running_mean.numel() == C && running_var.numel() == C,
+                  "bn_forward_bf16: expected float32 running statistics of ", C, " values");
+      float* rm = running_mean.data_ptr<float>();
+      float* rv = running_var.data_ptr<float>();
+      const double unbiased = static_cast<double>(n) / (n - 1);
+      for (int64_t c = 0; c < C; ++c) {  // aten's update: (1 - momentum) * running + momentum * batch
+        rm[c] = static_cast<float>((1.0 - momentum) * rm[c] + momentum * mean[c]);
+        rv[c] = static_cast<float>((1.0 - momentum) * rv[c] + momentum * var[c] * unbiased);
+      }
+    }
+  } else {
+    const auto rm = per_channel(running_mean, C, 0.0, "running_mean"), rv = per_channel(running_var, C, 1.0, "running_var");
+    mean = rm, var = rv;
+  }
+  std::vector<double> invstd(C), a(C), c0(C);
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    a[c] = s[c] * invstd[c] * wd[c];
+    c0[c] = (s[c] * r[c] + shift[c] - mean[c]) * invstd[c] * wd[c] + bd[c];
+  }
+  auto applied = bn_apply_bf16(v, ref, as_tensor(a, torch::kFloat), as_tensor(c0, torch::kFloat), residual, relu);
+  return {applied[0], applied[1], ref, as_tensor(mean, torch::kDouble), as_tensor(invstd, torch::kDouble)};
+}
+
+std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const torch::Tensor& bits, const torch::Tensor& v,
+                                            const torch::Tensor& ref, const torch::Tensor& scale,
+                                            const torch::Tensor& bias, const torch::Tensor& w,
+                                            const torch::Tensor& mean_t, const torch::Tensor& invstd_t, bool training,
+                                            bool keep_grad) {
+  const int64_t C = v.size(1), n = v.numel() / C;
+  const auto s = per_channel(scale, C, 1.0, "bn_backward_bf16 scale"), shift = per_channel(bias, C, 0.0, "bias");
+  const auto wd = per_channel(w, C, 1.0, "weight"), mean = per_channel(mean_t, C, 0.0, "mean");
+  const auto invstd = per_channel(invstd_t, C, 1.0, "invstd");
+  const float* r = ref.data_ptr<float>();
+  auto sums = bn_grad_sums_bf16(grad, bits, v, ref, keep_grad);
+  const double* sum_g = sums[0].data_ptr<double>();
+  const double* sum_gd = sums[1].data_ptr<double>();
+  std::vector<double> k1(C), k2(C, 0.0), k3(C, 0.0), d_w(C), d_b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double offset = s[c] * r[c] + shift[c] - mean[c];  // y - mean = s d + offset
+    const double sum_gxh = invstd[c] * (s[c] * sum_gd[c] + offset * sum_g[c]);
+    k1[c] = wd[c] * invstd[c];
+    if (training) {
+      k2[c] = -wd[c] * invstd[c] * invstd[c] * s[c] * sum_gxh / n;
+      k3[c] = -wd[c] * invstd[c] * sum_g[c] / n - wd[c] * invstd[c] * invstd[c] * offset * sum_gxh / n;
+    }
+    d_w[c] = sum_gxh;
+    d_b[c] = sum_g[c];
+  }
+  auto applied = bn_grad_apply_bf16(grad, bits, v, ref, as_tensor(k1, torch::kFloat), as_tensor(k2, torch::kFloat),
+                                    as_tensor(k3, torch::kFloat));
+  return {applied[0], applied[1], applied[2], sums[2], as_tensor(d_w, torch::kFloat), as_tensor(d_b, torch::kFloat)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codes_to_u8", &codes_to_u8, "bytes q - offset of bfloat16 codes spanning <= 256 values, layout kept");
   m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept");
@@ -870,6 +970,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) of a bf16 product, layout kept");
+  m.def("bn_forward_bf16", &bn_forward_bf16, "the fused op's BatchNorm forward from a channels-last bf16 product");
+  m.def("bn_backward_bf16", &bn_backward_bf16, "the fused op's BatchNorm backward: dL/dy with its range, the parameters' gradients");
   m.def("bn_stats_bf16", &bn_stats_bf16, "per-channel sums of v and v^2 of a channels-last bf16 tensor (double)");
   m.def("bn_apply_bf16", &bn_apply_bf16, "a_c v + b_c (+ residual) (ReLU with its mask as bits) of a channels-last bf16 v");
   m.def("bn_grad_sums_bf16", &bn_grad_sums_bf16, "per-channel sums of the masked gradient and of it times v");
