@@ -1456,12 +1456,37 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), float(2**aq.bits - 1))
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
     onehot = gate if gating is not None and gating.act_levels is not None else None
-    if fused is None or _fused_reason(x, *fused):  # a BatchNorm the fused op does not take: run it unfused
+    unfused = None if fused is None else _fused_reason(x, *fused)
+    if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
+        if unfused:
+            _remember_bn(aq, f"its BatchNorm runs unfused: {unfused}")
         y = _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating)
         return y if fused is None else _unfused(y, *fused)
     bn, act, residual, _ = fused
-    return _Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, bn.weight,
-                             bn.bias, residual, _bn_state(bn) + (act is not None,))
+    out = _Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, bn.weight,
+                            bn.bias, residual, _bn_state(bn) + (act is not None,))
+    _remember_bn(aq, _bn_route(out, sa, residual))
+    return out
+
+
+def _remember_bn(q, note: str) -> None:
+    """Keep how the last call ran a fused convolution's BatchNorm on its first quantizer (for op_paths)."""
+    if q.__dict__.get("_native_bn") != note:
+        q.__dict__["_native_bn"] = note
+
+
+def _bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor]) -> str:
+    """Which kernels the fused op ran its BatchNorm on (``out`` has the convolution product's layout)."""
+    if not FAST_BN:
+        return "BatchNorm fused, on aten's kernels (fracpass.native.FAST_BN is False)"
+    if _ext(out) is None:
+        return "BatchNorm fused, on aten's kernels (no CPU kernels for this tensor)"
+    if not _fast_bn_layout(out, sa, residual):
+        why = ("per-sample input scales (gated)" if sa.numel() > 1 else
+               "a residual in another layout" if out.stride(1) == 1 and residual is not None else
+               "an NCHW product: a channels_last model and input put it on the CPU kernels")
+        return f"BatchNorm fused, on aten's kernels ({why})"
+    return "BatchNorm fused, on the CPU kernels"
 
 
 # -- a bf16 convolution's BatchNorm, residual add and ReLU in one op: what backward keeps ----------------
@@ -2107,6 +2132,9 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
                                                   "the second's"), fp8) if f]
                 if names:
                     note = "; ".join(filter(None, [note, f"{', '.join(names)} on FP8 e4m3 (<= 4-bit codes: exact)"]))
+            bn_note = mods[0].__dict__.get("_native_bn") if node.target in _FUSED.values() and path == "bf16" else None
+            if bn_note:  # how the last call ran the fused BatchNorm
+                note = "; ".join(filter(None, [note, bn_note]))
             last = mods[0].__dict__.get("_native_last") if mods[0] is not None else None
             if path != "simulated" and last:  # the bits allow it, the operands of the last call did not
                 path, note = "simulated", f"at the last call: {last}"

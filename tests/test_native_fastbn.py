@@ -215,3 +215,29 @@ def test_one_value_per_channel_in_training_still_raises():
                                 execution="native")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         qmodel(x)
+
+
+def test_op_paths_say_how_each_fused_batchnorm_ran(monkeypatch):
+    """op_paths tells a user which kernels a fused convolution's BatchNorm took at the last call, and how
+    to get the fast ones, or why it ran unfused."""
+    from test_native_fuse import FrozenStatsBN
+
+    torch.manual_seed(0)
+    plan = fracpass.Plan.static(8, 8, 8)
+    x = torch.randn(4, 16, 8, 8)
+    cl = fracpass.transform(Block().to(memory_format=torch.channels_last), plan, execution="native",
+                            example_inputs=(x.contiguous(memory_format=torch.channels_last),))
+    cl(x.contiguous(memory_format=torch.channels_last))
+    assert native.op_paths(cl)["conv1"][1].endswith("BatchNorm fused, on the CPU kernels")
+    nchw = fracpass.transform(Block(), plan, example_inputs=(x,), execution="native")
+    nchw(x)
+    assert "on aten's kernels (an NCHW product: a channels_last model and input put it on the CPU kernels)" in \
+        native.op_paths(nchw)["conv1"][1]
+    monkeypatch.setattr(native, "FAST_BN", False)
+    cl(x.contiguous(memory_format=torch.channels_last))
+    assert "FAST_BN is False" in native.op_paths(cl)["conv2"][1]
+    model = Block()
+    model.bn1 = FrozenStatsBN(16)  # a subclass with its own forward: the fused op leaves it to itself
+    sub = fracpass.transform(model, plan, example_inputs=(x,), execution="native", leaf_modules=[FrozenStatsBN])
+    sub(x)
+    assert "its BatchNorm runs unfused: its BatchNorm is a FrozenStatsBN" in native.op_paths(sub)["conv1"][1]
