@@ -56,7 +56,7 @@ def load(seed: int = 0):
 
 
 def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed: int = 0, log=print,
-        execution: str = "simulate", int8_convs: bool = False):
+        execution: str = "simulate", int8_convs: bool = False, channels_last: bool = False):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
@@ -73,6 +73,10 @@ def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed:
         from fracpass.native import NATIVE_KINDS, LowerNativePass
 
         LowerNativePass(NATIVE_KINDS)(qmodel)  # conv2d's forward on int8 instead of bf16 (opt-in)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:  # native: the fused convolutions' BatchNorm then runs on fracpass's CPU kernels
+        qmodel = qmodel.to(memory_format=layout)
+        x_test = x_test.contiguous(memory_format=layout)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     steps_in_stage = [0] * plan.num_stages
@@ -80,7 +84,7 @@ def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed:
         order = torch.randperm(len(y_train))
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(qmodel(x_train[idx]), y_train[idx])
+            loss = F.cross_entropy(qmodel(x_train[idx].contiguous(memory_format=layout)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -108,10 +112,12 @@ def main(argv=None) -> int:
     parser.add_argument("--execution", choices=("simulate", "native"), default="simulate")
     parser.add_argument("--int8-convs", action="store_true",
                         help="with --execution native: the convolutions' forward on int8 instead of bf16")
+    parser.add_argument("--channels-last", action="store_true", help="the model and its inputs in channels_last")
     args = parser.parse_args(argv)
     if args.int8_convs and args.execution != "native":
         parser.error("--int8-convs needs --execution native")
-    run(args.epochs, target=args.target, seed=args.seed, execution=args.execution, int8_convs=args.int8_convs)
+    run(args.epochs, target=args.target, seed=args.seed, execution=args.execution, int8_convs=args.int8_convs,
+        channels_last=args.channels_last)
     return 0
 
 
