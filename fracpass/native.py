@@ -341,6 +341,11 @@ _NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)  # "none" f
 _NONE_B = torch.empty(0, dtype=torch.uint8)
 
 
+def _given(t: Optional[Tensor]) -> Tensor:
+    """An optional float32 argument of the CPU kernels: the tensor (detached), or none."""
+    return _NONE_F if t is None else t.detach()
+
+
 def _code_mm(a: Tensor, b: Tensor, fp8: bool = False) -> Tensor:
     """a @ b of int8 codes, exactly: int32 from torch._int_mm, or, with ``fp8`` (every code of magnitude
     <= 16, contraction <= MAX_FP8_CONTRACTION), float32 from torch._scaled_mm over the same codes in
@@ -579,19 +584,35 @@ def _cuda_mm_reason(device, m: int, k: int, n: int) -> Optional[str]:
             "(for the forward product and both gradient products)")
 
 
-def _fp8_products(q, device, abits: int, bbits: int, gbits: int, m: int, k: int, n: int) -> Tuple[bool, bool, bool]:
+def _fp8_products(device, abits: int, bbits: int, gbits: int, m: int, k: int, n: int) -> Tuple[bool, bool, bool]:
     """Which of an int8 op's products run on FP8 e4m3 instead (the forward a x b, then the gradient
     products g x b^T and a^T x g): those whose two operands' codes are exact in e4m3, which holds every
     integer of magnitude <= 16 (activation and weight codes up to 4 bits lie in [-15, 15], gradient
     codes up to 5 bits in [-16, 15]), on a device with FP8 units (fp8_support), with the dimensions
     torch._scaled_mm takes on CUDA (multiples of 16) and a contraction whose float32 accumulation of
-    products <= 16^2 stays exact (< 2^24). Kept on ``q`` (the op's first quantizer) for the reports."""
-    q.__dict__["_native_mm"] = (device, m, k, n)
+    products <= 16^2 stays exact (< 2^24)."""
     if fp8_support(device) is not None or m % 16 or k % 16 or n % 16:
         return False, False, False
     a4, b4, g5 = abits <= 4, bbits <= 4, 2 <= gbits <= 5
     fits = lambda contraction: contraction <= MAX_FP8_CONTRACTION
     return a4 and b4 and fits(k), g5 and b4 and fits(n), a4 and g5 and fits(m)
+
+
+def _int8_call_fp8(qa, qb, gq, device, m: int, k: int, n: int) -> Tuple[bool, bool, bool]:
+    """_fp8_products for an int8 call, its device and (M, K, N) kept on its first quantizer for the
+    reports (_last_call_fp8)."""
+    qa.__dict__["_native_mm"] = (device, m, k, n)
+    return _fp8_products(device, qa.bits, qb.bits, _grad_bits(gq), m, k, n)
+
+
+def _last_call_fp8(qa, qb, gq) -> Tuple[bool, bool, bool]:
+    """_fp8_products at the quantizers' current bits for the device and shape of the op's last int8 call
+    (none before one)."""
+    last = qa.__dict__.get("_native_mm")
+    if last is None:
+        return False, False, False
+    device, m, k, n = last
+    return _fp8_products(device, qa.bits, qb.bits, _grad_bits(gq), m, k, n)
 
 
 def _size_reason(k: int) -> Optional[str]:
@@ -642,7 +663,7 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     with torch.no_grad():
         ca = _encode(x2.detach(), *aq.qrange(x), aq.bits)
         cw = _encode(weight.detach(), *wq.qrange(weight), wq.bits)
-    fp8 = _fp8_products(aq, x.device, aq.bits, wq.bits, _grad_bits(gq), *x2.shape, weight.shape[0])
+    fp8 = _int8_call_fp8(aq, wq, gq, x.device, *x2.shape, weight.shape[0])
     y = _Int8Product.apply(x2, weight.t(), bias, ca, cw.T, _grad_bits(gq), fp8)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -672,7 +693,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     with torch.no_grad():
         ca = _encode(a2.detach(), *qa.qrange(a), qa.bits)
         cb = _encode(b.detach(), *qb.qrange(b), qb.bits)
-    fp8 = _fp8_products(qa, a.device, qa.bits, qb.bits, _grad_bits(gq), *a2.shape, b.shape[1])
+    fp8 = _int8_call_fp8(qa, qb, gq, a.device, *a2.shape, b.shape[1])
     y = _Int8Product.apply(a2, b, None, ca, cb, _grad_bits(gq), fp8)
     return y.view(*a.shape[:-1], b.shape[1])
 
@@ -1477,16 +1498,8 @@ def _remember_bn(q, note: str) -> None:
 
 def _bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor]) -> str:
     """Which kernels the fused op ran its BatchNorm on (``out`` has the convolution product's layout)."""
-    if not FAST_BN:
-        return "BatchNorm fused, on aten's kernels (fracpass.native.FAST_BN is False)"
-    if _ext(out) is None:
-        return "BatchNorm fused, on aten's kernels (no CPU kernels for this tensor)"
-    if not _fast_bn_layout(out, sa, residual):
-        why = ("per-sample input scales (gated)" if sa.numel() > 1 else
-               "a residual in another layout" if out.stride(1) == 1 and residual is not None else
-               "an NCHW product: a channels_last model and input put it on the CPU kernels")
-        return f"BatchNorm fused, on aten's kernels ({why})"
-    return "BatchNorm fused, on the CPU kernels"
+    why = _fast_bn_reason(out, sa, residual)
+    return "BatchNorm fused, on the CPU kernels" if why is None else f"BatchNorm fused, on aten's kernels ({why})"
 
 
 # -- a bf16 convolution's BatchNorm, residual add and ReLU in one op: what backward keeps ----------------
@@ -1513,10 +1526,10 @@ class _Bf16ConvBN(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
         _, _, _, transposed, _, groups = ctx.conv
         scale = _out_channel_scale(sw, transposed, groups)
-        ext = _ext(v) if FAST_BN else None
-        ctx.fast = ext is not None and _fast_bn_layout(v, sa, residual)
+        ctx.fast = _fast_bn_reason(v, sa, residual) is None
         if ctx.fast:
-            out, dead, ref, mean, invstd = _fast_bn_forward(ext, v, scale * sa, bias, bn_w, bn_b, residual, post)
+            out, dead, ref, mean, invstd = _fast_bn_forward(_ext(v), v, scale * sa, bias, bn_w, bn_b, residual,
+                                                            post)
             keep = (ref, mean, invstd)
         else:
             y = _scale_out(v, scale, bias, sa)
@@ -1568,6 +1581,22 @@ class _Bf16ConvBN(torch.autograd.Function):
 FAST_BN = True
 
 
+def _fast_bn_reason(v: Tensor, sa: Tensor, residual: Optional[Tensor]) -> Optional[str]:
+    """None if the fused op's BatchNorm runs on the CPU kernels for the product ``v`` (or a tensor in its
+    layout), else why it runs on aten's."""
+    if not FAST_BN:
+        return "fracpass.native.FAST_BN is False"
+    if _ext(v) is None:
+        return "no CPU kernels for this tensor"
+    if _fast_bn_layout(v, sa, residual):
+        return None
+    if sa.numel() > 1:
+        return "per-sample input scales (gated)"
+    if v.stride(1) == 1 and residual is not None:
+        return "a residual in another layout"
+    return "an NCHW product: a channels_last model and input put it on the CPU kernels"
+
+
 def _fast_bn_layout(v: Tensor, sa: Tensor, residual: Optional[Tensor]) -> bool:
     """Whether the BatchNorm kernels take this product: channels innermost (channels_last), one input
     scale for the batch (a gated op's per-sample scales are not folded into the statistics), a float32
@@ -1586,10 +1615,9 @@ def _fast_bn_forward(ext, v: Tensor, scale: Tensor, bias: Optional[Tensor], bn_w
     aten does (momentum; the unbiased variance), the output one affine map per channel of d. Returns (out,
     the ReLU's mask bits or None, ref, mean, invstd) with the three per-channel vectors in float64."""
     running_mean, running_var, training, momentum, eps, relu = post
-    none = lambda t: _NONE_F if t is None else t.detach()
-    out, bits, ref, mean, invstd = ext.bn_forward_bf16(v, none(scale), none(bias), none(bn_w), none(bn_b),
-                                                       none(running_mean), none(running_var), training, momentum, eps,
-                                                       none(residual), relu)
+    out, bits, ref, mean, invstd = ext.bn_forward_bf16(v, _given(scale), _given(bias), _given(bn_w), _given(bn_b),
+                                                       _given(running_mean), _given(running_var), training, momentum,
+                                                       eps, _given(residual), relu)
     return out, bits if relu else None, ref, mean, invstd
 
 
@@ -1600,9 +1628,8 @@ def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref:
     dL/d weight, dL/d bias). With g the gradient after the ReLU and xh = (y - mean) invstd:
     dy = w invstd (g - mean(g) - xh mean(g xh)) in training, w invstd g in eval, an affine map per
     channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64)."""
-    none = lambda t: _NONE_F if t is None else t.detach()
-    dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, _NONE_B if dead is None else dead, v, ref, none(scale),
-                                                   none(bias), none(bn_w), mean, invstd, training, keep_grad)
+    dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, _NONE_B if dead is None else dead, v, ref, _given(scale),
+                                                   _given(bias), _given(bn_w), mean, invstd, training, keep_grad)
     return dy, (mn, mx), g, d_w, d_b
 
 
@@ -2083,10 +2110,8 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
             if isinstance(gq, GatedGradQuant) and min(gq.options.tolist()) <= MAX_INT8_BITS:
                 gbits = min(gbits, MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
             runs = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
-            last = qa.__dict__.get("_native_mm") if path == "int8" else None  # the last call's device and shape
-            if last is not None:
-                fp8 = _fp8_products(qa, *last[:1], qa.bits, qb.bits, gbits, *last[1:])
-                runs = tuple("fp8" if how == "int8" and f else how for how, f in zip(runs, fp8))
+            if path == "int8":  # int8 ops are never gated: gbits is _grad_bits(gq)
+                runs = tuple("fp8" if how == "int8" and f else how for how, f in zip(runs, _last_call_fp8(qa, qb, gq)))
             out[node.name] = runs
     return out
 
@@ -2125,11 +2150,9 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
             if path == "int8" and node.target is native_conv2d:
                 note = ("forward only: both backward products in fp32 (oneDNN has no int8 weight-gradient or "
                         "transposed convolution here)")
-            mm = mods[0].__dict__.get("_native_mm") if path == "int8" and node.target is not native_conv2d else None
-            if mm is not None:  # products on FP8 at the last call's device and shape, at the current bits
-                fp8 = _fp8_products(mods[0], mm[0], mods[0].bits, mods[1].bits, _grad_bits(mods[2]), *mm[1:])
-                names = [what for what, f in zip(("the forward", "the first operand's gradient",
-                                                  "the second's"), fp8) if f]
+            if path == "int8" and node.target is not native_conv2d:  # products on FP8 at the last call
+                names = [what for what, f in zip(("the forward", "the first operand's gradient", "the second's"),
+                                                 _last_call_fp8(*mods)) if f]
                 if names:
                     note = "; ".join(filter(None, [note, f"{', '.join(names)} on FP8 e4m3 (<= 4-bit codes: exact)"]))
             bn_note = mods[0].__dict__.get("_native_bn") if node.target in _FUSED.values() and path == "bf16" else None

@@ -17,7 +17,7 @@ from torch import nn
 
 import fracpass
 from fracpass import native
-from test_native import Lin, _assert_close, _run
+from test_native import Lin, _assert_close, _pair, _run
 from test_native_conv import Conv, _assert_within_bf16
 
 CUDA = torch.device("cuda")
@@ -70,8 +70,7 @@ def test_int_mm_limits_apply_on_cuda_only():
 
 def test_fp8_takes_codes_of_at_most_4_bits_and_gradients_of_at_most_5(monkeypatch):
     monkeypatch.setattr(native, "fp8_support", lambda d: None)
-    q = nn.Module()
-    pick = lambda a, w, g, m=32, k=48, n=32: native._fp8_products(q, CUDA, a, w, g, m, k, n)
+    pick = lambda a, w, g, m=32, k=48, n=32: native._fp8_products(CUDA, a, w, g, m, k, n)
     assert pick(4, 4, 5) == (True, True, True)
     assert pick(3, 4, 6) == (True, False, False)  # FracTrain's first stage: the forward on FP8
     assert pick(5, 4, 5) == (False, True, False)
@@ -138,11 +137,6 @@ def _emulate(monkeypatch) -> dict:
 @pytest.fixture
 def emulated_cuda(monkeypatch):
     return _emulate(monkeypatch)
-
-
-def _pair(model, plan, inputs):
-    return (fracpass.transform(model, plan, example_inputs=inputs),
-            fracpass.transform(model, plan, example_inputs=inputs, execution="native"))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

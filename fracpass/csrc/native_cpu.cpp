@@ -31,6 +31,8 @@
 //   relu_grad_bits: threshold_backward(grad, out, 0) from those bits, grad in out's layout: 0 where dead,
 //                grad elsewhere (torch.where and masked_fill over a bool mask took 4-5 ms for 2M elements
 //                here, 30x a copy).
+//   bn_forward_bf16 / bn_backward_bf16: the fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the
+//                convolution's channels-last bf16 product (the section before them says how).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef __AVX512F__
@@ -272,6 +274,13 @@ inline float bf16_value(uint16_t b) {
   std::memcpy(&v, &u, sizeof v);
   return v;
 }
+
+#ifdef __AVX512F__
+inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bfloat16 values as float32 (the high half of each)
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
 
 // The channel (dim 1) of each memory index of a dense tensor that keeps dim 0 outermost: contiguous
 // (channels at stride inner) or channels-last (channels at stride 1).
@@ -546,9 +555,7 @@ torch::Tensor codes_to_u8(const torch::Tensor& q, double offset) {
 #ifdef __AVX512F__
     const __m512 vo = _mm512_set1_ps(off);
     for (; i + 16 <= e; i += 16) {  // GCC left the scalar loop unvectorized (10x a copy)
-      const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(in + i))), 16);
-      const __m512i k = _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_castsi512_ps(wide), vo));
+      const __m512i k = _mm512_cvttps_epi32(_mm512_sub_ps(load_bf16x16(in + i), vo));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(k));
     }
 #endif
@@ -594,12 +601,11 @@ void check_channels_last(const torch::Tensor& x, int64_t C, const char* what) {
               " channels");
 }
 
-std::vector<float> tiled(const torch::Tensor& per_channel, int64_t C, int64_t L) {
-  TORCH_CHECK(per_channel.scalar_type() == torch::kFloat && per_channel.is_contiguous() && per_channel.numel() == C,
-              "expected ", C, " float32 values per channel");
-  const float* p = per_channel.data_ptr<float>();
+template <typename T>
+std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // channel j % C at lane j
+  const int64_t C = static_cast<int64_t>(per_channel.size());
   std::vector<float> t(L);
-  for (int64_t j = 0; j < L; ++j) t[j] = p[j % C];
+  for (int64_t j = 0; j < L; ++j) t[j] = static_cast<float>(per_channel[j % C]);
   return t;
 }
 
@@ -644,14 +650,23 @@ inline uint16_t mask16(const uint8_t* bits, int64_t i) {  // the 16 mask bits of
   return static_cast<uint16_t>(bits[i >> 3] | (bits[(i >> 3) + 1] << 8));
 }
 
-}  // namespace
+// The checks the backward kernels share: a float32 gradient in v's layout and, if given, the ReLU's mask
+// with a bit per element; returns the mask's bytes, or nullptr without one.
+const uint8_t* check_grad_and_mask(const torch::Tensor& grad, const torch::Tensor& bits, const torch::Tensor& v,
+                                   const char* what) {
+  check_channels_last(v, v.size(1), what);
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
+              what, ": the gradient must be float32 in v's layout");
+  if (bits.numel() == 0) return nullptr;
+  const int64_t bytes = (v.numel() + 7) / 8;
+  TORCH_CHECK(bits.numel() == bytes, what, ": expected ", bytes, " mask bytes");
+  return bits.data_ptr<uint8_t>();
+}
 
 // sum_c d and sum_c d^2, d = v - ref_c, over a channels-last bf16 tensor (double).
-std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const torch::Tensor& ref) {
-  TORCH_CHECK(v.scalar_type() == torch::kBFloat16, "bn_stats_bf16: expected bfloat16");
+std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const std::vector<float>& ref) {
   const int64_t C = v.size(1), L = span_of(C);
-  check_channels_last(v, C, "bn_stats_bf16");
-  const auto rt = tiled(ref, C, L);
+  const auto rt = tiled(ref, L);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   return channel_sums<2>(v.numel(), C, v.options(), [&](int64_t first, int64_t len, float* acc, int64_t) {
     const uint16_t* __restrict in = src + first;
@@ -668,19 +683,18 @@ std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const torch::Te
 
 // out = a_c (v - ref_c) + b_c (+ residual), then ReLU in place with the mask out <= 0 as bits (relu_bits_'s),
 // in v's channels-last layout.
-std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const torch::Tensor& ref, const torch::Tensor& a,
-                                         const torch::Tensor& b, const torch::Tensor& residual, bool relu) {
-  TORCH_CHECK(v.scalar_type() == torch::kBFloat16, "bn_apply_bf16: expected bfloat16");
-  const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
-  check_channels_last(v, C, "bn_apply_bf16");
+std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vector<float>& ref,
+                                         const std::vector<double>& a, const std::vector<double>& b,
+                                         const torch::Tensor& residual, bool relu) {
+  const int64_t n = v.numel(), L = span_of(v.size(1));
   const bool has_res = residual.numel() > 0;
   if (has_res) {
     TORCH_CHECK(residual.scalar_type() == torch::kFloat && residual.strides() == v.strides() &&
-                residual.sizes() == v.sizes(), "bn_apply_bf16: the residual must be float32 in v's layout");
+                residual.sizes() == v.sizes(), "bn_forward_bf16: the residual must be float32 in v's layout");
   }
   auto out = torch::empty_strided(v.sizes(), v.strides(), v.options().dtype(torch::kFloat));
   auto bits = torch::empty({relu ? (n + 7) / 8 : 0}, v.options().dtype(torch::kByte));
-  const auto at_ = tiled(a, C, L), bt_ = tiled(b, C, L), rt = tiled(ref, C, L);
+  const auto at_ = tiled(a, L), bt_ = tiled(b, L), rt = tiled(ref, L);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   const float* res = has_res ? residual.data_ptr<float>() : nullptr;
   float* dst = out.data_ptr<float>();
@@ -699,9 +713,7 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const torch::Te
 #ifdef __AVX512F__
       const __m512 zero = _mm512_setzero_ps();
       for (; j + 16 <= len; j += 16) {  // 16 elements, two mask bytes (a scalar bit loop took 10x the pass)
-        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
-            _mm512_loadu_ps(tr + j));
+        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
         __m512 x = _mm512_fmadd_ps(vv, _mm512_loadu_ps(ta + j), _mm512_loadu_ps(tb + j));
         if (r != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(r + j));
         if (relu) {
@@ -728,22 +740,17 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const torch::Te
   return {out, bits};
 }
 
-// sum_c g and sum_c g d (d = v - ref_c) of the gradient g masked by the ReLU's bits (if any), and g itself
-// if asked for (else the gradient as given).
-std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const torch::Tensor& bits,
-                                             const torch::Tensor& v, const torch::Tensor& ref, bool keep_masked) {
+// sum_c g and sum_c g d (d = v - ref_c) of the gradient g masked by the ReLU's bits (m, if any), and g
+// itself if asked for (else the gradient as given).
+std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const uint8_t* m, const torch::Tensor& v,
+                                             const std::vector<float>& ref, bool keep_masked) {
   const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
-  check_channels_last(v, C, "bn_grad_sums_bf16 v");
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
-              "bn_grad_sums_bf16: the gradient must be float32 in v's layout");
-  const bool masked = bits.numel() > 0;
-  TORCH_CHECK(!masked || bits.numel() == (n + 7) / 8, "bn_grad_sums_bf16: expected ", (n + 7) / 8, " mask bytes");
-  auto kept = keep_masked && masked ? torch::empty_strided(grad.sizes(), grad.strides(), grad.options()) : torch::Tensor();
+  auto kept = keep_masked && m != nullptr ? torch::empty_strided(grad.sizes(), grad.strides(), grad.options())
+                                          : torch::Tensor();
   const float* g = grad.data_ptr<float>();
-  const uint8_t* m = masked ? bits.data_ptr<uint8_t>() : nullptr;
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* kp = kept.defined() ? kept.data_ptr<float>() : nullptr;
-  const auto rt = tiled(ref, C, L);
+  const auto rt = tiled(ref, L);
   auto sums = channel_sums<2>(n, C, v.options(), [&](int64_t first, int64_t len, float* acc, int64_t) {
     const float* __restrict gi = g + first;
     const uint16_t* __restrict in = src + first;
@@ -755,9 +762,7 @@ std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const to
 #ifdef __AVX512F__
       for (; j + 16 <= len; j += 16) {
         const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j);
-        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
-            _mm512_loadu_ps(r + j));
+        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(r + j));
         _mm512_storeu_ps(s1 + j, _mm512_add_ps(_mm512_loadu_ps(s1 + j), x));
         _mm512_storeu_ps(s2 + j, _mm512_fmadd_ps(x, vv, _mm512_loadu_ps(s2 + j)));
         if (kp != nullptr) _mm512_storeu_ps(kp + first + j, x);
@@ -782,21 +787,15 @@ std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const to
   return sums;
 }
 
-// dy = k1_c g + k2_c (v - ref_c) + k3_c with g masked by the ReLU's bits (if any), in v's layout, and dy's
+// dy = k1_c g + k2_c (v - ref_c) + k3_c with g masked by the ReLU's bits (m, if any), in v's layout, and dy's
 // min and max (NaN if dy holds one, as torch.aminmax).
-std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const torch::Tensor& bits,
-                                              const torch::Tensor& v, const torch::Tensor& ref, const torch::Tensor& k1,
-                                              const torch::Tensor& k2, const torch::Tensor& k3) {
-  const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
-  check_channels_last(v, C, "bn_grad_apply_bf16 v");
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
-              "bn_grad_apply_bf16: the gradient must be float32 in v's layout");
-  const bool masked = bits.numel() > 0;
-  TORCH_CHECK(!masked || bits.numel() == (n + 7) / 8, "bn_grad_apply_bf16: expected ", (n + 7) / 8, " mask bytes");
+std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const uint8_t* m, const torch::Tensor& v,
+                                              const std::vector<float>& ref, const std::vector<double>& k1,
+                                              const std::vector<double>& k2, const std::vector<double>& k3) {
+  const int64_t n = v.numel(), L = span_of(v.size(1));
   auto dy = torch::empty_strided(grad.sizes(), grad.strides(), grad.options());
-  const auto t1 = tiled(k1, C, L), t2 = tiled(k2, C, L), t3 = tiled(k3, C, L), rt = tiled(ref, C, L);
+  const auto t1 = tiled(k1, L), t2 = tiled(k2, L), t3 = tiled(k3, L), rt = tiled(ref, L);
   const float* g = grad.data_ptr<float>();
-  const uint8_t* m = masked ? bits.data_ptr<uint8_t>() : nullptr;
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* dst = dy.data_ptr<float>();
   const int threads = at::get_num_threads();
@@ -822,9 +821,7 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const t
       for (; j + 16 <= len; j += 16) {
         const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
                                       : _mm512_loadu_ps(gi + j);
-        const __m512 vv = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))), 16)),
-            _mm512_loadu_ps(tr + j));
+        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
         const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
                                        _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
         _mm512_storeu_ps(o + j, r);
@@ -857,10 +854,8 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const t
   return {dy, torch::full({}, mn, opt), torch::full({}, mx, opt)};
 }
 
-// The fused op's whole BatchNorm forward and backward around the kernels above, the per-channel
-// coefficients in double (one call from Python each: the ~15 small tensor ops they took cost ~0.2 ms a
-// call). scale, bias, w, b: per channel (scale may hold one value; the others none, for 1 and 0).
-namespace {
+// The per-channel parameters of the two entry points below: one value for every channel, or one per
+// channel; none at all stands for ``fill``.
 std::vector<double> per_channel(const torch::Tensor& t, int64_t C, double fill, const char* what) {
   std::vector<double> out(C, fill);
   if (t.numel() == 0) return out;
@@ -876,24 +871,28 @@ torch::Tensor as_tensor(const std::vector<double>& v, torch::ScalarType type) {
   std::copy(v.begin(), v.end(), t.data_ptr<double>());
   return t.to(type);
 }
+
 }  // namespace
 
+// The fused op's whole BatchNorm forward and backward around the kernels above, the per-channel
+// coefficients in double (one call from Python each: the ~15 small tensor ops they took cost ~0.2 ms a
+// call). scale, bias, w, b: per channel (scale may hold one value; the others none, for 1 and 0).
 std::vector<torch::Tensor> bn_forward_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias,
                                            const torch::Tensor& w, const torch::Tensor& b, torch::Tensor running_mean,
                                            torch::Tensor running_var, bool training, double momentum, double eps,
                                            const torch::Tensor& residual, bool relu) {
+  TORCH_CHECK(v.scalar_type() == torch::kBFloat16, "bn_forward_bf16: expected a bfloat16 product");
   const int64_t C = v.size(1), n = v.numel() / C;
   check_channels_last(v, C, "bn_forward_bf16");
   const auto s = per_channel(scale, C, 1.0, "bn_forward_bf16 scale"), shift = per_channel(bias, C, 0.0, "bias");
   const auto wd = per_channel(w, C, 1.0, "weight"), bd = per_channel(b, C, 0.0, "bias");
   // the first pixel's values (channels innermost): the reference the sums are taken from
-  auto ref = torch::empty({C}, v.options().dtype(torch::kFloat));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  for (int64_t c = 0; c < C; ++c) ref.data_ptr<float>()[c] = bf16_value(src[c]);
-  const float* r = ref.data_ptr<float>();
+  std::vector<float> r(C);
+  for (int64_t c = 0; c < C; ++c) r[c] = bf16_value(src[c]);
   std::vector<double> mean(C), var(C);
   if (training) {
-    auto sums = bn_stats_bf16(v, ref);
+    auto sums = bn_stats_bf16(v, r);
     const double* s1 = sums[0].data_ptr<double>();
     const double* s2 = sums[1].data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) {
@@ -914,8 +913,7 @@ std::vector<torch::Tensor> bn_forward_bf16(const torch::Tensor& v, const torch::
       }
     }
   } else {
-    const auto rm = per_channel(running_mean, C, 0.0, "running_mean"), rv = per_channel(running_var, C, 1.0, "running_var");
-    mean = rm, var = rv;
+    mean = per_channel(running_mean, C, 0.0, "running_mean"), var = per_channel(running_var, C, 1.0, "running_var");
   }
   std::vector<double> invstd(C), a(C), c0(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -923,7 +921,9 @@ std::vector<torch::Tensor> bn_forward_bf16(const torch::Tensor& v, const torch::
     a[c] = s[c] * invstd[c] * wd[c];
     c0[c] = (s[c] * r[c] + shift[c] - mean[c]) * invstd[c] * wd[c] + bd[c];
   }
-  auto applied = bn_apply_bf16(v, ref, as_tensor(a, torch::kFloat), as_tensor(c0, torch::kFloat), residual, relu);
+  auto applied = bn_apply_bf16(v, r, a, c0, residual, relu);
+  auto ref = torch::empty({C}, v.options().dtype(torch::kFloat));
+  std::copy(r.begin(), r.end(), ref.data_ptr<float>());
   return {applied[0], applied[1], ref, as_tensor(mean, torch::kDouble), as_tensor(invstd, torch::kDouble)};
 }
 
@@ -932,12 +932,15 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
                                             const torch::Tensor& bias, const torch::Tensor& w,
                                             const torch::Tensor& mean_t, const torch::Tensor& invstd_t, bool training,
                                             bool keep_grad) {
+  const uint8_t* m = check_grad_and_mask(grad, bits, v, "bn_backward_bf16");
   const int64_t C = v.size(1), n = v.numel() / C;
   const auto s = per_channel(scale, C, 1.0, "bn_backward_bf16 scale"), shift = per_channel(bias, C, 0.0, "bias");
   const auto wd = per_channel(w, C, 1.0, "weight"), mean = per_channel(mean_t, C, 0.0, "mean");
   const auto invstd = per_channel(invstd_t, C, 1.0, "invstd");
-  const float* r = ref.data_ptr<float>();
-  auto sums = bn_grad_sums_bf16(grad, bits, v, ref, keep_grad);
+  TORCH_CHECK(ref.scalar_type() == torch::kFloat && ref.is_contiguous() && ref.numel() == C,
+              "bn_backward_bf16: expected ", C, " float32 reference values");
+  const std::vector<float> r(ref.data_ptr<float>(), ref.data_ptr<float>() + C);
+  auto sums = bn_grad_sums_bf16(grad, m, v, r, keep_grad);
   const double* sum_g = sums[0].data_ptr<double>();
   const double* sum_gd = sums[1].data_ptr<double>();
   std::vector<double> k1(C), k2(C, 0.0), k3(C, 0.0), d_w(C), d_b(C);
@@ -952,8 +955,7 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
     d_w[c] = sum_gxh;
     d_b[c] = sum_g[c];
   }
-  auto applied = bn_grad_apply_bf16(grad, bits, v, ref, as_tensor(k1, torch::kFloat), as_tensor(k2, torch::kFloat),
-                                    as_tensor(k3, torch::kFloat));
+  auto applied = bn_grad_apply_bf16(grad, m, v, r, k1, k2, k3);
   return {applied[0], applied[1], applied[2], sums[2], as_tensor(d_w, torch::kFloat), as_tensor(d_b, torch::kFloat)};
 }
 
@@ -972,9 +974,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) of a bf16 product, layout kept");
   m.def("bn_forward_bf16", &bn_forward_bf16, "the fused op's BatchNorm forward from a channels-last bf16 product");
   m.def("bn_backward_bf16", &bn_backward_bf16, "the fused op's BatchNorm backward: dL/dy with its range, the parameters' gradients");
-  m.def("bn_stats_bf16", &bn_stats_bf16, "per-channel sums of v and v^2 of a channels-last bf16 tensor (double)");
-  m.def("bn_apply_bf16", &bn_apply_bf16, "a_c v + b_c (+ residual) (ReLU with its mask as bits) of a channels-last bf16 v");
-  m.def("bn_grad_sums_bf16", &bn_grad_sums_bf16, "per-channel sums of the masked gradient and of it times v");
-  m.def("bn_grad_apply_bf16", &bn_grad_apply_bf16, "k1_c g + k2_c v + k3_c of the masked gradient, with its min and max");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }
