@@ -94,7 +94,7 @@ from fracpass.errors import FracpassError
 from fracpass.gating import GatedActQuant, GatedGradQuant, _group_range, _row_range, onehot_grad, quantize_grad_rows
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.quant import (FULL_PRECISION, ActQuant, GradQuant, WeightQuant, _affine_params, _aminmax, _dense,
-                            _fused_kernels, _memory_order, _memory_rows, _rows_outer_dense, _torch_seed,
+                            _fused_kernels, _memory_order, _memory_rows, _rows_outer_dense, _torch_seed, hand_range,
                             quantize_grad_stochastic)
 
 __all__ = ["EXECUTIONS", "check_execution", "native_linear", "native_matmul", "LowerNativePass", "op_paths",
@@ -934,13 +934,25 @@ def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tens
     along_rows = scale.numel() == 1 or (x.dim() > 0 and scale.dim() > 0 and scale.numel() == scale.shape[0] == x.shape[0]
                                       and _rows_outer_dense(x))
     if ext is not None and along_rows:  # per tensor, per sample, or per output channel of a weight (dim 0)
-        return ext.encode_bf16(_dense(x), scale.reshape(-1), lo.reshape(-1), hi.reshape(-1)), scale.reshape(-1)
+        return ext.encode_bf16(_dense(x), scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), False)[0], scale.reshape(-1)
     if rows:
         scale, lo, hi = (_per_row_view(v, x) for v in (scale, lo, hi))
     q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
     q = torch.maximum(q, lo)
     q = torch.minimum(q, hi)
     return q.to(torch.bfloat16), scale.reshape(-1)
+
+
+def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tuple[Tensor, Tensor, Optional[tuple]]:
+    """_bf16_codes of a convolution's input at ``bits`` with one range (per tensor), and ``kept``: the same
+    codes as bytes q - lo with lo (what _narrow_codes keeps for backward), written by the kernel in the
+    same pass, or None where the kernels do not run (_narrow_codes then narrows q itself)."""
+    ext = _ext(x)
+    if ext is None or not _rows_outer_dense(x) or x.numel() == 0 or bits > MAX_INT8_BITS:
+        return _bf16_codes(x, mn, mx, float(2**bits - 1)) + (None,)
+    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    q, u = ext.encode_bf16(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), True)
+    return q, scale.reshape(-1), (u, float(lo))
 
 
 def _per_row_view(v: Tensor, like: Tensor) -> Tensor:
@@ -982,21 +994,33 @@ def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits
     return ghat, t, scale.reshape(-1), (mn + scale * zero).reshape(-1)
 
 
-def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
-    """float32 v * scale (* rows) (+ bias), scale and bias per channel (dim 1) or per tensor, ``rows`` a
-    factor per sample (dim 0) or per tensor, in v's layout."""
+def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[Tensor] = None,
+               addend: Optional[Tensor] = None) -> Tensor:
+    """float32 v * scale (* rows) (+ bias) (+ addend), scale and bias per channel (dim 1) or per tensor,
+    ``rows`` a factor per sample (dim 0) or per tensor, ``addend`` (float32, one sample's shape (1, ...))
+    the same for every sample, in v's layout; v * scale + addend rounds twice, as the separate ops do."""
     if rows is not None and rows.numel() == 1:  # one factor for every sample: into the scale (the flat loop)
         scale, rows = scale * rows.reshape(()), None
     ext = _ext(v)
-    if ext is not None and _rows_outer_dense(v):
+    if ext is not None and _rows_outer_dense(v) and (addend is None or _same_sample_layout(addend, v)):
         return ext.scale_bf16(v, scale.reshape(-1).float(), _NONE_F if bias is None else bias.detach().reshape(-1),
-                              _NONE_F if rows is None else rows.reshape(-1).float())
+                              _NONE_F if rows is None else rows.reshape(-1).float(),
+                              _NONE_F if addend is None else _memory_order(addend))
     shape = (1, -1) + (1,) * (v.dim() - 2)
     s = scale.view(shape) if scale.numel() > 1 else scale
     if rows is not None:
         s = s * _per_row_view(rows, v)
     y = torch.mul(v, s.reshape(1) if s.dim() == 0 else s)  # bf16 x fp32 -> fp32 (a 0-dim fp32 would give bf16)
-    return y if bias is None else y.add_(bias.view(shape))
+    y = y if bias is None else y.add_(bias.view(shape))
+    return y if addend is None else y.add_(addend)
+
+
+def _same_sample_layout(addend: Tensor, v: Tensor) -> bool:
+    """Whether ``addend`` (1, ...) is one float32 sample of ``v`` laid out as v's samples are, densely,
+    so that its memory order is each of v's rows' (scale_bf16 adds it row by row)."""
+    return (addend.dtype == torch.float32 and addend.dim() == v.dim() and addend.shape[0] == 1
+            and addend.shape[1:] == v.shape[1:] and _rows_outer_dense(addend)
+            and all(a == b for a, b, n in zip(addend.stride()[1:], v.stride()[1:], v.shape[1:]) if n > 1))
 
 
 class _Gating(NamedTuple):
@@ -1031,32 +1055,36 @@ class _Bf16Conv(torch.autograd.Function):
     (whose samples share their scales). The gate's gradient needs the float input: it is saved then."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating):  # type: ignore[override]
-        y, _, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating)
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept=None):  # type: ignore[override]
+        y, _, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept)
         ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _conv_backward(ctx, ctx.saved_tensors, grad) + (None,) * 7
+        return _conv_backward(ctx, ctx.saved_tensors, grad) + (None,) * 8
 
 
-def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, scaled=True):
+def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=True):
     """_Bf16Conv's forward: (y, or None unless ``scaled``, its bfloat16 product v, the tensors to save);
-    sets ctx's attributes."""
+    sets ctx's attributes. ``kept``: qa as bytes and their offset (_bf16_input_codes), or None."""
     stride, padding, dilation, transposed, output_padding, groups = conv
     v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
     y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
-    return y, v, [_narrow_codes(ctx, qa), sa, qw, sw, *keep]
+    return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]
 
 
-def _narrow_codes(ctx, q: Tensor) -> Tensor:
+def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
     """The input codes to keep for backward: as bytes q - offset (ctx.code_offset) when they span at most
     256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not), in one byte per
-    element instead of bfloat16's two; else q itself (ctx.code_offset None)."""
+    element instead of bfloat16's two; else q itself (ctx.code_offset None). ``kept``: those bytes and
+    their offset, already made by the encoding kernel (no pass over q here)."""
+    if kept is not None:
+        ctx.code_offset = kept[1]
+        return kept[0]
     ctx.code_offset = None
     ext = _ext(q)
     if ext is None or q.numel() == 0 or not _rows_outer_dense(q):
@@ -1068,22 +1096,27 @@ def _narrow_codes(ctx, q: Tensor) -> Tensor:
     return ext.codes_to_u8(q, lo)
 
 
-def _widened_codes(ctx, q: Tensor) -> Tensor:
-    """_narrow_codes's input back: the bfloat16 codes, exactly."""
-    return q if ctx.code_offset is None else _ext(q).u8_to_codes(q, ctx.code_offset)
+def _widened_codes(ctx, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """_narrow_codes's input back: (the bfloat16 codes, exactly; if ``batch_sum``, their _batch_sum from
+    the same pass where the codes were narrowed, else None)."""
+    if ctx.code_offset is None:
+        return q, None
+    q, total = _ext(q).u8_to_codes(q, ctx.code_offset, batch_sum)
+    return q, total.as_strided((1,) + tuple(q.shape[1:]), q.stride()) if batch_sum else None
 
 
 def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
     """_Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot); ``grad_minmax``: dL/dy's min and max, when
     already known (the fused BatchNorm's backward computes them with dL/dy)."""
     qa, sa, qw, sw = saved[:4]
-    qa = _widened_codes(ctx, qa)
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
     gating: Optional[_Gating] = ctx.gating
     grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
     need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    # the input codes' batch sum, for dw's offset correction (_ones_weight_grad) on the bf16 path
+    qa, total = _widened_codes(ctx, qa, batch_sum=need_w and gating is None and ctx.gbits <= MAX_INT8_BITS)
     mn, mx, levels = _grad_range(grad, ctx.gbits, gating, grad_minmax)
     dx = dw = db = None
     exact = _exact_codes(levels)
@@ -1114,7 +1147,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             if sg.numel() > 1:
                 dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
             else:
-                dx = _scale_out(vx, sg * sw, None).add_(corr.float().mul_(c * sw))
+                dx = _scale_out(vx, sg * sw, None, addend=corr.float().mul_(c * sw))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
                 w_hat = _weight_values(qw, sw, transposed)
                 rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
@@ -1122,7 +1155,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
                 dx.index_copy_(0, wide, rows)
         if need_w and not per_sample:
             # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
-            dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa))
+            dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa, total))
         elif need_w:
             dw = _grouped_weight_grad(t, qa, qw, args, sa, sg, c, gating.choice, ghat, exact)
         if need_b:
@@ -1227,13 +1260,15 @@ def _out_channel_scale(sw: Tensor, transposed: bool, groups: int) -> Tensor:
     return sw.repeat(groups) if transposed and groups > 1 and sw.numel() > 1 else sw
 
 
-def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor) -> Tensor:
+def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor,
+                      total: Optional[Tensor] = None) -> Tensor:
     """factor * conv_w(1, q_a) as float32 in the weight's shape: the window sums of the input codes.
     They are the same for every sample's ones, so q_a is summed over the batch first (exact in float32:
-    |q_a| <= 255) and the sums are taken once per group, on one sample, then expanded to the group's
-    output channels (a one-channel convolution over the whole batch cost 60 % of the main product)."""
+    |q_a| <= 255; ``total``: that sum, when already made) and the sums are taken once per group, on one
+    sample, then expanded to the group's output channels (a one-channel convolution over the whole batch
+    cost 60 % of the main product)."""
     stride, padding, dilation, transposed, output_padding, groups = args
-    total = _batch_sum(qa)
+    total = _batch_sum(qa) if total is None else total
     ones = t.new_ones((1, groups) + tuple(t.shape[2:]), dtype=torch.float32)
     if transposed:  # weight (C_in, C_out / groups, k...)
         probe = total.new_empty((qw.shape[0], 1) + tuple(qw.shape[2:]))
@@ -1459,7 +1494,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     n = weight.dim() - 2
     conv = (_tuple_arg(stride, n), _tuple_arg(padding, n), _tuple_arg(dilation, n), transposed,
             _tuple_arg(output_padding, n), groups)
-    gating = None
+    gating, kept = None, None
     with torch.no_grad():
         if isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant):
             choice = gate.detach().argmax(1)
@@ -1474,18 +1509,18 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
                              one_group)
             sa = sa[:1] if one_group else sa
         else:
-            qa, sa = _bf16_codes(x.detach(), *aq.qrange(x), float(2**aq.bits - 1))
+            qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits)
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
         if unfused:
             _remember_bn(aq, f"its BatchNorm runs unfused: {unfused}")
-        y = _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating)
+        y = _Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, kept)
         return y if fused is None else _unfused(y, *fused)
     bn, act, residual, _ = fused
     out = _Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, bn.weight,
-                            bn.bias, residual, _bn_state(bn) + (act is not None,))
+                            bn.bias, residual, _bn_state(bn) + (act is not None,), kept)
     _remember_bn(aq, _bn_route(out, sa, residual))
     return out
 
@@ -1519,8 +1554,8 @@ class _Bf16ConvBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
-                post):  # type: ignore[override]
-        _, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, scaled=False)
+                post, kept=None):  # type: ignore[override]
+        _, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=False)
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
@@ -1528,8 +1563,9 @@ class _Bf16ConvBN(torch.autograd.Function):
         scale = _out_channel_scale(sw, transposed, groups)
         ctx.fast = _fast_bn_reason(v, sa, residual) is None
         if ctx.fast:
-            out, dead, ref, mean, invstd = _fast_bn_forward(_ext(v), v, scale * sa, bias, bn_w, bn_b, residual,
-                                                            post)
+            out, dead, ref, mean, invstd, (mn, mx) = _fast_bn_forward(_ext(v), v, scale * sa, bias, bn_w, bn_b,
+                                                                      residual, post)
+            hand_range(out, mn, mx)  # the next op's activation quantizer reads it instead of scanning out
             keep = (ref, mean, invstd)
         else:
             y = _scale_out(v, scale, bias, sa)
@@ -1573,7 +1609,7 @@ class _Bf16ConvBN(torch.autograd.Function):
         d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
         d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
         d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
-        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None)
+        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None)
 
 
 # The fused op's BatchNorm on the CPU kernels (bn_*_bf16) where they apply; False: aten's BatchNorm on the
@@ -1613,12 +1649,13 @@ def _fast_bn_forward(ext, v: Tensor, scale: Tensor, bias: Optional[Tensor], bn_w
     product v: the statistics from per-channel sums of d = v - ref (ref: the first pixel's values, so the
     variance does not come from a difference of large sums) in float64, the running statistics updated as
     aten does (momentum; the unbiased variance), the output one affine map per channel of d. Returns (out,
-    the ReLU's mask bits or None, ref, mean, invstd) with the three per-channel vectors in float64."""
+    the ReLU's mask bits or None, ref, mean, invstd, (out's min, out's max)) with the three per-channel
+    vectors in float64 and out's range as torch.aminmax gives it, from the pass that wrote out."""
     running_mean, running_var, training, momentum, eps, relu = post
-    out, bits, ref, mean, invstd = ext.bn_forward_bf16(v, _given(scale), _given(bias), _given(bn_w), _given(bn_b),
+    out, bits, ref, mean, invstd, mn, mx = ext.bn_forward_bf16(v, _given(scale), _given(bias), _given(bn_w), _given(bn_b),
                                                        _given(running_mean), _given(running_var), training, momentum,
                                                        eps, _given(residual), relu)
-    return out, bits if relu else None, ref, mean, invstd
+    return out, bits if relu else None, ref, mean, invstd, (mn, mx)
 
 
 def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref: Tensor, scale: Tensor,

@@ -214,11 +214,62 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout):
     q, ctx = codes.to(torch.bfloat16), type("Ctx", (), {})()
     u = native._narrow_codes(ctx, q)
     assert (u.dtype, u.stride(), ctx.code_offset) == (torch.uint8, q.stride(), -255.0)
-    back = native._widened_codes(ctx, u)
-    assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q)
+    back, none = native._widened_codes(ctx, u)
+    assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q) and none is None
+    back, total = native._widened_codes(ctx, u, batch_sum=True)  # with the batch sum, from the same pass
+    want = native._batch_sum(q)
+    assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
     wider = torch.cat([q, q[:1] + 1])  # 257 values: kept as bfloat16
     assert native._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
-    assert native._widened_codes(ctx, wider) is wider
+    assert native._widened_codes(ctx, wider, batch_sum=True) == (wider, None)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+@pytest.mark.parametrize("shape, layout", [((4, 6, 7, 9), "NCHW"), ((4, 6, 7, 9), "channels_last"),
+                                           ((128, 16, 8, 8), "channels_last"), ((3, 37), "rows")])
+def test_input_codes_come_with_their_bytes_from_one_pass(shape, layout, bits):
+    """_bf16_input_codes: the codes _bf16_codes gives, bit for bit (signed zeros too), and the same codes
+    as bytes q - lo (what the convolution keeps for backward), from the same kernel call."""
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    torch.manual_seed(bits)
+    x = torch.randn(shape) * 3
+    x.view(-1)[:6] = torch.tensor([-0.0, 0.0, 1e-9, -1e-9, float(2**bits), -float(2**bits)])  # ties and zeros
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mn, mx = torch.aminmax(x)
+    q, s, (u, lo) = native._bf16_input_codes(x, mn, mx, bits)
+    want_q, want_s = native._bf16_codes(x, mn, mx, float(2**bits - 1))
+    assert torch.equal(q.view(torch.int16), want_q.view(torch.int16)) and torch.equal(s, want_s)
+    assert u.dtype == torch.uint8 and u.stride() == x.stride()
+    assert torch.equal(u.float() + lo, want_q.float())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("shape, layout", [((3, 5, 7, 9), "NCHW"), ((3, 5, 7, 9), "channels_last"),
+                                           ((4, 16, 130, 130), "channels_last"), ((2, 33), "rows")])
+def test_output_scaling_adds_the_per_sample_correction_as_the_torch_ops_do(shape, layout, per_channel, monkeypatch):
+    """_scale_out's addend (dx's offset correction, one sample's worth added to every sample): the kernel
+    (scale_bf16) gives torch's v * s + a bit for bit (rounded twice, no FMA), across rows and spans; an
+    addend in another layout than the samples' takes the torch ops."""
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    torch.manual_seed(0)
+    cl = (lambda t: t.contiguous(memory_format=torch.channels_last)) if layout == "channels_last" else (lambda t: t)
+    v = cl(torch.randint(-255, 256, shape).to(torch.bfloat16))
+    scale = torch.rand(shape[1] if per_channel else 1) + 0.1
+    addend = cl(torch.randn((1,) + shape[1:]))
+    calls = []
+    real = native._ext()
+    counted = staticmethod(lambda *a: calls.append(1) or real.scale_bf16(*a))
+    monkeypatch.setattr(native, "_ext", lambda t=None: type("Ext", (), {"scale_bf16": counted})())
+    got = native._scale_out(v, scale, None, addend=addend)
+    assert calls == [1] and got.stride() == v.stride()
+    monkeypatch.setattr(native, "_ext", lambda t=None: None)
+    want = native._scale_out(v, scale, None, addend=addend)
+    assert torch.equal(got, want) and want.stride() == v.stride()
+    if layout == "channels_last":  # an NCHW addend beside channels-last samples: the torch ops add it
+        assert not native._same_sample_layout(addend.contiguous(), v)
 
 
 def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
@@ -228,7 +279,7 @@ def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (4, 6, 8, 8))
     _, nat = _pair(model, fracpass.Plan.static(6, 6, 8), inputs)
     got = _run(nat, inputs)
-    monkeypatch.setattr(native, "_narrow_codes", lambda ctx, q: setattr(ctx, "code_offset", None) or q)
+    monkeypatch.setattr(native, "_narrow_codes", lambda ctx, q, kept=None: setattr(ctx, "code_offset", None) or q)
     want = _run(nat, inputs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 

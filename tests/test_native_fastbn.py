@@ -87,9 +87,10 @@ def test_fast_batchnorm_matches_a_float64_reference(channels, residual, relu, tr
     rm_got, rv_got = rm.clone(), rv.clone()
     ext = native._ext(v)
     post = (rm_got, rv_got, training, 0.1, 1e-5, relu)
-    out, bits, ref, mean, invstd = native._fast_bn_forward(ext, v, scale, bias, w, b, res, post)
+    out, bits, ref, mean, invstd, (lo, hi) = native._fast_bn_forward(ext, v, scale, bias, w, b, res, post)
     assert out.stride() == v.stride() and out.dtype == torch.float32
     _close(out, want[0], "output")
+    assert (float(lo), float(hi)) == tuple(float(m) for m in torch.aminmax(out))  # the range handed on: exact
     _close(rm_got, want[1], "running mean")
     _close(rv_got, want[2], "running variance")
     if relu:  # the mask: out <= 0, a bit per element in memory order
@@ -113,13 +114,30 @@ def test_a_nan_in_the_gradient_gives_a_nan_range_as_aminmax_does():
     v = _product(shape, 0.0, g)
     one, zero = torch.ones(16), torch.zeros(16)
     ext = native._ext(v)
-    out, bits, ref, mean, invstd = native._fast_bn_forward(ext, v, one, zero, one, zero, None,
-                                                           (None, None, True, 0.1, 1e-5, False))
+    out, bits, ref, mean, invstd, (lo, hi) = native._fast_bn_forward(ext, v, one, zero, one, zero, None,
+                                                                     (None, None, True, 0.1, 1e-5, False))
+    assert not lo.isnan() and not hi.isnan()
     grad = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     grad[1, 3, 2, 2] = float("nan")
     dy, (mn, mx), *_ = native._fast_bn_backward(ext, grad, bits, v, ref, one, zero, one, mean, invstd, True, False)
     want = torch.aminmax(dy)
     assert mn.isnan() and mx.isnan() and want.min.isnan()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_nan_in_the_output_gives_a_nan_range_as_aminmax_does(relu):
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 6, 3, 5)  # 180 elements: 11 vectors of 16 and a scalar tail of 4 (the last pixel's last channels)
+    v = _product(shape, 0.0, g)
+    one, zero = torch.ones(6), torch.zeros(6)
+    ext = native._ext(v)
+    for where in ((0, 3, 1, 1), (1, 5, 2, 4)):  # in a vector, in the tail
+        res = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        res[where] = float("nan")
+        out, *_, (lo, hi) = native._fast_bn_forward(ext, v, one, zero, one, zero, res,
+                                                    (None, None, True, 0.1, 1e-5, relu))
+        want = torch.aminmax(out)
+        assert want.min.isnan() and lo.isnan() and hi.isnan()
 
 
 class Block(nn.Module):
@@ -241,3 +259,51 @@ def test_op_paths_say_how_each_fused_batchnorm_ran(monkeypatch):
     sub = fracpass.transform(model, plan, example_inputs=(x,), execution="native", leaf_modules=[FrozenStatsBN])
     sub(x)
     assert "its BatchNorm runs unfused: its BatchNorm is a FrozenStatsBN" in native.op_paths(sub)["conv1"][1]
+
+
+def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeypatch):
+    """The fused op hands its output's min and max (from the pass that wrote it) to the next activation
+    quantizer: the same model without the hand-over computes the same outputs, gradients and quantizer
+    ranges bit for bit, with one scan per handed-over tensor more."""
+    import copy
+    from fracpass import quant
+
+    torch.manual_seed(0)
+    model = Block().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    qmodel = fracpass.transform(model, fracpass.Plan.static(6, 6, 8), example_inputs=(x,), execution="native")
+    twin = copy.deepcopy(qmodel)
+    real_aminmax = torch.aminmax
+
+    def run(m, hand):
+        scans = []
+        monkeypatch.setattr(native, "hand_range", quant.hand_range if hand else lambda *a: None)
+        monkeypatch.setattr(quant.torch, "aminmax", lambda t, **k: scans.append(t.numel()) or real_aminmax(t, **k))
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out = m(xx)
+        out.sum().backward()
+        monkeypatch.setattr(quant.torch, "aminmax", real_aminmax)
+        state = [b for n, b in m.named_buffers() if "running_m" in n]
+        return [out.detach(), xx.grad] + [p.grad for p in m.parameters()] + state, scans
+
+    got, handed = run(qmodel, True)
+    want, scanned = run(twin, False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # conv2's input is bn1-relu's output (8 x 16 x 12 x 12): scanned without the hand-over only
+    assert sorted(scanned) == sorted(handed + [x.numel()])
+
+
+def test_a_handed_range_holds_until_the_tensor_changes():
+    from fracpass import quant
+
+    x = torch.tensor([1.0, -2.0, 3.0])
+    quant.hand_range(x, torch.tensor(-5.0), torch.tensor(7.0))  # not x's: shows which one _aminmax returns
+    assert [float(m) for m in quant._aminmax(x)] == [-5.0, 7.0]
+    assert [float(m) for m in quant._aminmax(x.view(3))] == [-2.0, 3.0]  # another tensor object: scanned
+    x.add_(1)  # in place: the handed range no longer holds
+    assert [float(m) for m in quant._aminmax(x)] == [-1.0, 4.0]
+    y = torch.tensor([1.0, 2.0])
+    quant.hand_range(y, torch.tensor(1.0), torch.tensor(2.0))
+    y[0] = 5.0  # through indexing, too
+    assert [float(m) for m in quant._aminmax(y)] == [2.0, 5.0]

@@ -13,17 +13,20 @@
 //   decode_u8:   the same for uint8 activation codes with a per-tensor zero point (the conv path), any dense layout.
 //   encode_bf16: q = clamp(nearbyint(x / s), lo, hi) per tensor or per row of dim 0 (a gated op's samples),
 //                as bfloat16 (exact: |q| <= 255), in x's memory layout (contiguous or channels_last): the
-//                operands of the bf16 convolution path.
+//                operands of the bf16 convolution path; with one range, also as bytes q - lo if asked (what
+//                codes_to_u8 makes, in the same pass: the codes a convolution keeps for backward).
 //   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither), per
 //                tensor or with one range and level count per row of dim 0 (grad_sr_rows, gated ops),
 //                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for.
 //   scale_bf16:  y = v * s (+ bias) from a bf16 product v, with s and bias per channel (dim 1), and s
-//                times a per-row (per-sample, dim 0) factor if given, float32 out in v's layout: the bf16
-//                path's epilogue.
+//                times a per-row (per-sample, dim 0) factor if given, plus an addend repeated in every row
+//                if given (an input gradient's offset correction, the same for each sample), float32 out
+//                in v's layout: the bf16 path's epilogue.
 //   batch_sum_bf16: the sum over dim 0 of bf16 codes into float32 (the window sums of the weight
 //                gradient's offset correction).
 //   codes_to_u8 / u8_to_codes: bfloat16 codes spanning at most 256 values as bytes q - offset and back,
-//                layout kept (a convolution's input codes, saved for backward in 1 byte instead of 2).
+//                layout kept (a convolution's input codes, saved for backward in 1 byte instead of 2); back
+//                with their batch sum if asked (what batch_sum_bf16 would compute from them).
 //   relu_bits_:  ReLU in place over a dense float32 tensor (torch.relu_'s values: NaN and -0.0 kept) with
 //                the mask out <= 0 packed 8 elements to a byte in memory order, in one pass (the fused
 //                conv-BN-ReLU keeps it for backward: 1 bit per element instead of relu's 32; relu_ then
@@ -280,7 +283,26 @@ inline __m512 load_bf16x16(const uint16_t* p) {  // 16 bfloat16 values as float3
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+
+// x itself, hidden from the compiler's contraction of a * b + c into an FMA (one rounding instead of two).
+inline __m512 rounded(__m512 x) {
+  asm("" : "+v"(x));
+  return x;
+}
 #endif
+
+// Elements b..e of bfloat16 codes as bytes q - off (the codes span at most 256 values from off).
+inline void codes_to_bytes(const uint16_t* __restrict in, uint8_t* __restrict o, int64_t b, int64_t e, float off) {
+  int64_t i = b;
+#ifdef __AVX512F__
+  const __m512 vo = _mm512_set1_ps(off);
+  for (; i + 16 <= e; i += 16) {  // GCC left the scalar loop unvectorized (10x a copy)
+    const __m512i k = _mm512_cvttps_epi32(_mm512_sub_ps(load_bf16x16(in + i), vo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(k));
+  }
+#endif
+  for (; i < e; ++i) o[i] = static_cast<uint8_t>(static_cast<int32_t>(bf16_value(in[i]) - off));
+}
 
 // The channel (dim 1) of each memory index of a dense tensor that keeps dim 0 outermost: contiguous
 // (channels at stride inner) or channels-last (channels at stride 1).
@@ -306,8 +328,8 @@ void check_row_params(const torch::Tensor& x, std::initializer_list<const torch:
               what, ": per-row parameters need dim 0 outermost in memory");
 }
 
-torch::Tensor encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
-                          const torch::Tensor& hi) {
+std::vector<torch::Tensor> encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
+                                       const torch::Tensor& hi, bool bytes) {
   check_dense(x, torch::kFloat, "encode_bf16");
   check_row_params(x, {&scale, &lo, &hi}, "encode_bf16");
   auto t = torch::empty_strided(x.sizes(), x.strides(), x.options().dtype(torch::kBFloat16));
@@ -316,21 +338,45 @@ torch::Tensor encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, co
   const float *ps = scale.data_ptr<float>(), *pl = lo.data_ptr<float>(), *ph = hi.data_ptr<float>();
   const int64_t n = x.numel(), rows = x.dim() > 0 && x.size(0) > 0 ? x.size(0) : 1, per = n / rows;
   const int64_t ns = scale.numel(), nl = lo.numel(), nh = hi.numel();
+  TORCH_CHECK(!bytes || (ns == 1 && nl == 1 && nh == 1 && ph[0] - pl[0] <= 255.0f),
+              "encode_bf16: bytes q - lo need one range for the tensor spanning at most 256 codes");
+  auto u = torch::empty_strided(bytes ? x.sizes() : at::IntArrayRef{0}, bytes ? x.strides() : at::IntArrayRef{1},
+                                x.options().dtype(torch::kByte));
+  uint8_t* bdst = bytes ? u.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
     int64_t i = b;
     while (i < e) {  // spans inside one row
       const int64_t r = per > 0 ? i / per : 0, stop = std::min(e, (r + 1) * per);
       const float ks = row_value(ps, ns, r), kl = row_value(pl, nl, r), kh = row_value(ph, nh, r);
-      for (int64_t j = i; j < stop; ++j) {
-        float q = std::nearbyint(src[j] / ks);
+      const float* __restrict in = src;
+      uint16_t* __restrict out = dst;
+      int64_t j = i;
+#ifdef __AVX512F__
+      if (bdst != nullptr) {  // the codes and their bytes in one loop
+        const __m512 vs = _mm512_set1_ps(ks), vl = _mm512_set1_ps(kl), vh = _mm512_set1_ps(kh);
+        for (; j + 16 <= stop; j += 16) {
+          __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(in + j), vs),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q = _mm512_min_ps(vh, _mm512_max_ps(vl, q));  // (a, q): q where equal or NaN, as the scalar loop
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(q), 16)));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(bdst + j),
+                           _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(q, vl))));
+        }
+      }
+#endif
+      const int64_t tail = j;
+      for (; j < stop; ++j) {
+        float q = std::nearbyint(in[j] / ks);
         q = q < kl ? kl : q;
         q = q > kh ? kh : q;
-        dst[j] = bf16_top(q);
+        out[j] = bf16_top(q);
       }
+      if (bdst != nullptr) codes_to_bytes(dst, bdst, tail, stop, kl);
       i = stop;
     }
   });
-  return t;
+  return {t, u};
 }
 
 // grad_sr (or grad_sr_rows, one range and level count per row of dim 0) as bfloat16 codes t = q - zero.
@@ -385,7 +431,7 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
 }
 
 torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias,
-                         const torch::Tensor& row_scale) {
+                         const torch::Tensor& row_scale, const torch::Tensor& addend) {
   check_dense(v, torch::kBFloat16, "scale_bf16");
   TORCH_CHECK(v.dim() < 2 || v.stride(1) == 1 || v.is_contiguous(), "scale_bf16: expected a contiguous or channels-last tensor");
   auto y = torch::empty_strided(v.sizes(), v.strides(), v.options().dtype(torch::kFloat));
@@ -398,11 +444,33 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
   const int64_t N = v.dim() > 0 && v.size(0) > 0 ? v.size(0) : 1, per_row = n / N;
   const float* pr = values<float>(row_scale, N, "scale_bf16 row_scale");
   TORCH_CHECK(pr == nullptr || N <= 1 || v.stride(0) * N == n, "scale_bf16: a per-row scale needs dim 0 outermost");
+  const float* pa = values<float>(addend, per_row, "scale_bf16 addend");  // one row's worth, in memory order
+  TORCH_CHECK(pa == nullptr || (addend.numel() == per_row && (N <= 1 || v.stride(0) * N == n)),
+              "scale_bf16: an addend holds one row of dim 0 (", per_row, " values), with dim 0 outermost");
   if (n == 0) return y;
   if (scale.numel() == 1 && pb == nullptr && pr == nullptr) {  // one scale: a flat loop
     const float sc = ps[0];
     at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dst[i] = bf16_value(src[i]) * sc;
+      if (pa == nullptr) {
+        for (int64_t i = b; i < e; ++i) dst[i] = bf16_value(src[i]) * sc;
+        return;
+      }
+      for (int64_t i = b; i < e;) {  // spans inside one row: the addend's elements in step
+        const int64_t at_ = i % per_row, len = std::min(e - i, per_row - at_);
+        const uint16_t* __restrict in = src + i;
+        const float* __restrict a = pa + at_;
+        float* __restrict out = dst + i;
+        // rounded twice, as v * s then + a (GCC contracts a plain loop, and the intrinsics, into an FMA)
+        int64_t j = 0;
+#ifdef __AVX512F__
+        const __m512 vs = _mm512_set1_ps(sc);
+        for (; j + 16 <= len; j += 16)
+          _mm512_storeu_ps(out + j, _mm512_add_ps(rounded(_mm512_mul_ps(load_bf16x16(in + j), vs)), _mm512_loadu_ps(a + j)));
+#endif
+        for (int64_t k = j; k < len; ++k) out[k] = bf16_value(in[k]) * sc;
+        for (; j < len; ++j) out[j] += a[j];
+        i += len;
+      }
     });
     return y;
   }
@@ -438,6 +506,10 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
         const uint16_t* __restrict in = src + first;
         float* __restrict out = dst + first;
         for (int64_t j = 0; j < len; ++j) out[j] = bf16_value(in[j]) * sc[j] + b_t[j];
+        if (pa != nullptr) {
+          const float* __restrict a = pa + (first - row * per_row);
+          for (int64_t j = 0; j < len; ++j) out[j] += a[j];
+        }
       }
     });
   } else {  // contiguous: runs of `stride` elements share a channel
@@ -450,6 +522,10 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
         const uint16_t* __restrict in = src + run * S;
         float* __restrict out = dst + run * S;
         for (int64_t j = 0; j < S; ++j) out[j] = bf16_value(in[j]) * sc + bi;
+        if (pa != nullptr) {
+          const float* __restrict a = pa + (run * S) % per_row;
+          for (int64_t j = 0; j < S; ++j) out[j] += a[j];
+        }
       }
     });
   }
@@ -548,34 +624,55 @@ torch::Tensor codes_to_u8(const torch::Tensor& q, double offset) {
   const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float off = static_cast<float>(offset);
-  at::parallel_for(0, q.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    const uint16_t* __restrict in = src;
-    uint8_t* __restrict o = dst;
-    int64_t i = b;
-#ifdef __AVX512F__
-    const __m512 vo = _mm512_set1_ps(off);
-    for (; i + 16 <= e; i += 16) {  // GCC left the scalar loop unvectorized (10x a copy)
-      const __m512i k = _mm512_cvttps_epi32(_mm512_sub_ps(load_bf16x16(in + i), vo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), _mm512_cvtepi32_epi8(k));
-    }
-#endif
-    for (; i < e; ++i) o[i] = static_cast<uint8_t>(static_cast<int32_t>(bf16_value(in[i]) - off));
-  });
+  at::parallel_for(0, q.numel(), 1 << 14, [&](int64_t b, int64_t e) { codes_to_bytes(src, dst, b, e, off); });
   return out;
 }
 
-torch::Tensor u8_to_codes(const torch::Tensor& u, double offset) {
+// With batch_sum, also the codes' sum over dim 0 as batch_sum_bf16 gives it (exact: integer sums under
+// 2^24), from the same pass: the columns split across threads, rows added in order.
+std::vector<torch::Tensor> u8_to_codes(const torch::Tensor& u, double offset, bool batch_sum) {
   check_dense(u, torch::kByte, "u8_to_codes");
   auto out = torch::empty_strided(u.sizes(), u.strides(), u.options().dtype(torch::kBFloat16));
   const uint8_t* src = u.data_ptr<uint8_t>();
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const float off = static_cast<float>(offset);
-  at::parallel_for(0, u.numel(), 1 << 14, [&](int64_t b, int64_t e) {
-    const uint8_t* __restrict in = src;
-    uint16_t* __restrict o = dst;
-    for (int64_t i = b; i < e; ++i) o[i] = bf16_top(static_cast<float>(in[i]) + off);
+  if (!batch_sum) {
+    at::parallel_for(0, u.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+      const uint8_t* __restrict in = src;
+      uint16_t* __restrict o = dst;
+      for (int64_t i = b; i < e; ++i) o[i] = bf16_top(static_cast<float>(in[i]) + off);
+    });
+    return {out, torch::Tensor()};
+  }
+  TORCH_CHECK(u.dim() >= 1 && (u.dim() == 1 || u.stride(0) * u.size(0) == u.numel()),
+              "u8_to_codes: a batch sum needs dim 0 outermost in memory");
+  const int64_t rows = u.size(0), rest = rows ? u.numel() / rows : 0;
+  auto sum = torch::zeros({rest}, u.options().dtype(torch::kFloat));
+  float* acc_all = sum.data_ptr<float>();
+  at::parallel_for(0, rest, 1 << 12, [&](int64_t b, int64_t e) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* __restrict in = src + r * rest;
+      uint16_t* __restrict o = dst + r * rest;
+      float* __restrict acc = acc_all;
+      int64_t c = b;
+#ifdef __AVX512F__
+      const __m512 vo = _mm512_set1_ps(off);
+      for (; c + 16 <= e; c += 16) {  // GCC's vectorization of the scalar loop ran at a third of this speed
+        const __m512 q = _mm512_add_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c)))), vo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(q), 16)));
+        _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_loadu_ps(acc + c), q));
+      }
+#endif
+      for (; c < e; ++c) {
+        const float q = static_cast<float>(in[c]) + off;
+        o[c] = bf16_top(q);
+        acc[c] += q;
+      }
+    }
   });
-  return out;
+  return {out, sum};
 }
 
 // ---- BatchNorm over a bf16 convolution product, channels innermost (channels_last) -----------------------
@@ -663,6 +760,42 @@ const uint8_t* check_grad_and_mask(const torch::Tensor& grad, const torch::Tenso
   return bits.data_ptr<uint8_t>();
 }
 
+// The min and max of float32 values written by several threads, as torch.aminmax gives them: NaN for
+// both if any value is NaN. Each thread folds its spans' lanes in with add(); tensors() folds the threads.
+struct Extremes {
+  std::vector<float> lo, hi;
+  std::vector<char> nan;
+  Extremes() : lo(at::get_num_threads(), INFINITY), hi(at::get_num_threads(), -INFINITY), nan(at::get_num_threads(), 0) {}
+#ifdef __AVX512F__
+  struct Lanes {  // one span's running min and max over 16 lanes, and whether a NaN passed
+    __m512 mn = _mm512_set1_ps(INFINITY), mx = _mm512_set1_ps(-INFINITY);
+    __mmask16 bad = 0;
+    inline void see(__m512 r) {
+      bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+      mn = _mm512_min_ps(mn, r);
+      mx = _mm512_max_ps(mx, r);
+    }
+  };
+  inline void add(int t, const Lanes& l) {
+    lo[t] = std::min(lo[t], _mm512_reduce_min_ps(l.mn));
+    hi[t] = std::max(hi[t], _mm512_reduce_max_ps(l.mx));
+    nan[t] |= l.bad != 0;
+  }
+#endif
+  inline void add(int t, float r) {
+    nan[t] |= r != r;
+    lo[t] = std::min(lo[t], r);
+    hi[t] = std::max(hi[t], r);
+  }
+  std::vector<torch::Tensor> tensors(const torch::TensorOptions& opt) const {
+    float mn = INFINITY, mx = -INFINITY;
+    bool any_nan = false;
+    for (size_t t = 0; t < lo.size(); ++t) mn = std::min(mn, lo[t]), mx = std::max(mx, hi[t]), any_nan |= nan[t];
+    if (any_nan) mn = mx = NAN;
+    return {torch::full({}, mn, opt.dtype(torch::kFloat)), torch::full({}, mx, opt.dtype(torch::kFloat))};
+  }
+};
+
 // sum_c d and sum_c d^2, d = v - ref_c, over a channels-last bf16 tensor (double).
 std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const std::vector<float>& ref) {
   const int64_t C = v.size(1), L = span_of(C);
@@ -682,7 +815,7 @@ std::vector<torch::Tensor> bn_stats_bf16(const torch::Tensor& v, const std::vect
 }
 
 // out = a_c (v - ref_c) + b_c (+ residual), then ReLU in place with the mask out <= 0 as bits (relu_bits_'s),
-// in v's channels-last layout.
+// in v's channels-last layout; with out's min and max (the next quantizer's range, without a pass of its own).
 std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vector<float>& ref,
                                          const std::vector<double>& a, const std::vector<double>& b,
                                          const torch::Tensor& residual, bool relu) {
@@ -699,7 +832,9 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
   const float* res = has_res ? residual.data_ptr<float>() : nullptr;
   float* dst = out.data_ptr<float>();
   uint8_t* packed = relu ? bits.data_ptr<uint8_t>() : nullptr;
+  Extremes range;
   at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
+    const int t = at::get_thread_num();
     const float* __restrict ta = at_.data();
     const float* __restrict tb = bt_.data();
     const float* __restrict tr = rt.data();
@@ -712,6 +847,7 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
       int64_t j = 0;
 #ifdef __AVX512F__
       const __m512 zero = _mm512_setzero_ps();
+      Extremes::Lanes lanes;
       for (; j + 16 <= len; j += 16) {  // 16 elements, two mask bytes (a scalar bit loop took 10x the pass)
         const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
         __m512 x = _mm512_fmadd_ps(vv, _mm512_loadu_ps(ta + j), _mm512_loadu_ps(tb + j));
@@ -723,7 +859,9 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
           d[j / 8 + 1] = static_cast<uint8_t>(dead >> 8);
         }
         _mm512_storeu_ps(o + j, x);
+        lanes.see(x);
       }
+      range.add(t, lanes);
 #endif
       for (; j < len; ++j) {
         float x = std::fma(bf16_value(in[j]) - tr[j], ta[j], tb[j]);
@@ -734,10 +872,12 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
           d[j / 8] |= static_cast<uint8_t>(x <= 0.0f) << (j % 8);
         }
         o[j] = x;
+        range.add(t, x);
       }
     }
   });
-  return {out, bits};
+  auto extremes = range.tensors(v.options());
+  return {out, bits, extremes[0], extremes[1]};
 }
 
 // sum_c g and sum_c g d (d = v - ref_c) of the gradient g masked by the ReLU's bits (m, if any), and g
@@ -798,17 +938,13 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
   const float* g = grad.data_ptr<float>();
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* dst = dy.data_ptr<float>();
-  const int threads = at::get_num_threads();
-  std::vector<float> lo(threads, INFINITY), hi(threads, -INFINITY);
-  std::vector<char> nan(threads, 0);
+  Extremes range;
   at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
     const int t = at::get_thread_num();
     const float* __restrict a1 = t1.data();
     const float* __restrict a2 = t2.data();
     const float* __restrict a3 = t3.data();
     const float* __restrict tr = rt.data();
-    float mn = lo[t], mx = hi[t];
-    bool any_nan = false;
     for (int64_t u = ub; u < ue; ++u) {
       const int64_t first = u * L, len = std::min(L, n - first);
       const float* __restrict gi = g + first;
@@ -816,8 +952,7 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
       float* __restrict o = dst + first;
       int64_t j = 0;
 #ifdef __AVX512F__
-      __m512 vmn = _mm512_set1_ps(INFINITY), vmx = _mm512_set1_ps(-INFINITY);
-      __mmask16 bad = 0;
+      Extremes::Lanes lanes;
       for (; j + 16 <= len; j += 16) {
         const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
                                       : _mm512_loadu_ps(gi + j);
@@ -825,33 +960,21 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
         const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
                                        _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
         _mm512_storeu_ps(o + j, r);
-        bad |= _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-        vmn = _mm512_min_ps(vmn, r);
-        vmx = _mm512_max_ps(vmx, r);
+        lanes.see(r);
       }
-      mn = std::min(mn, _mm512_reduce_min_ps(vmn));
-      mx = std::max(mx, _mm512_reduce_max_ps(vmx));
-      any_nan |= bad != 0;
+      range.add(t, lanes);
 #endif
       for (; j < len; ++j) {
         const int64_t i = first + j;
         const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : gi[j];
         const float r = std::fma(a2[j], bf16_value(in[j]) - tr[j], a3[j]) + a1[j] * x;
         o[j] = r;
-        any_nan |= r != r;
-        mn = std::min(mn, r);
-        mx = std::max(mx, r);
+        range.add(t, r);
       }
     }
-    lo[t] = mn, hi[t] = mx;
-    nan[t] |= any_nan;
   });
-  float mn = INFINITY, mx = -INFINITY;
-  bool any_nan = false;
-  for (int t = 0; t < threads; ++t) mn = std::min(mn, lo[t]), mx = std::max(mx, hi[t]), any_nan |= nan[t];
-  if (any_nan) mn = mx = NAN;
-  auto opt = grad.options();
-  return {dy, torch::full({}, mn, opt), torch::full({}, mx, opt)};
+  auto extremes = range.tensors(grad.options());
+  return {dy, extremes[0], extremes[1]};
 }
 
 // The per-channel parameters of the two entry points below: one value for every channel, or one per
@@ -924,7 +1047,8 @@ std::vector<torch::Tensor> bn_forward_bf16(const torch::Tensor& v, const torch::
   auto applied = bn_apply_bf16(v, r, a, c0, residual, relu);
   auto ref = torch::empty({C}, v.options().dtype(torch::kFloat));
   std::copy(r.begin(), r.end(), ref.data_ptr<float>());
-  return {applied[0], applied[1], ref, as_tensor(mean, torch::kDouble), as_tensor(invstd, torch::kDouble)};
+  return {applied[0], applied[1], ref, as_tensor(mean, torch::kDouble), as_tensor(invstd, torch::kDouble), applied[2],
+          applied[3]};
 }
 
 std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const torch::Tensor& bits, const torch::Tensor& v,
@@ -961,17 +1085,17 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codes_to_u8", &codes_to_u8, "bytes q - offset of bfloat16 codes spanning <= 256 values, layout kept");
-  m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept");
+  m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept, and their sum over dim 0 if asked");
   m.def("relu_bits_", &relu_bits_, "ReLU in place over a dense float32 tensor, returning out <= 0 as bits in memory order");
   m.def("relu_grad_bits", &relu_grad_bits, "threshold_backward(grad, out, 0) from relu_bits_'s bits, grad in out's layout");
   m.def("decode_u8", &decode_u8, "float32 values s * (u - zp) of uint8 codes, per tensor, layout kept");
   m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
   m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
-  m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept");
+  m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, and if asked the same codes as bytes q - lo");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
-  m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) of a bf16 product, layout kept");
+  m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) (+ an addend per row) of a bf16 product, layout kept");
   m.def("bn_forward_bf16", &bn_forward_bf16, "the fused op's BatchNorm forward from a channels-last bf16 product");
   m.def("bn_backward_bf16", &bn_backward_bf16, "the fused op's BatchNorm backward: dL/dy with its range, the parameters' gradients");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
