@@ -1276,6 +1276,8 @@ def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor,
         return sums.mul_(factor).expand(qw.shape)
     probe = total.new_empty((groups,) + tuple(qw.shape[1:]))  # weight (C_out, C_in / groups, k...)
     sums = torch.ops.aten.convolution_backward(ones, total, probe, None, *args, [False, True, False])[1]
+    if groups == 1:  # one row for every output channel: a broadcast view (the caller adds it)
+        return sums.mul_(factor).expand(qw.shape)
     return sums.mul_(factor).repeat_interleave(qw.shape[0] // groups, 0)
 
 

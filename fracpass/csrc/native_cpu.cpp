@@ -983,16 +983,31 @@ std::vector<double> per_channel(const torch::Tensor& t, int64_t C, double fill, 
   std::vector<double> out(C, fill);
   if (t.numel() == 0) return out;
   TORCH_CHECK(t.numel() == 1 || t.numel() == C, what, ": expected 1 or ", C, " values, got ", t.numel());
-  auto d = t.detach().to(torch::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) out[c] = p[t.numel() == 1 ? 0 : c];
+  const int64_t step = t.numel() == 1 ? 0 : 1;
+  if (t.is_contiguous() && t.scalar_type() == torch::kFloat) {  // read in place: a conversion is ~4 aten ops
+    const float* p = t.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) out[c] = p[c * step];
+  } else if (t.is_contiguous() && t.scalar_type() == torch::kDouble) {
+    const double* p = t.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) out[c] = p[c * step];
+  } else {
+    auto d = t.detach().to(torch::kDouble).contiguous();
+    const double* p = d.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) out[c] = p[c * step];
+  }
   return out;
 }
 
 torch::Tensor as_tensor(const std::vector<double>& v, torch::ScalarType type) {
-  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::TensorOptions().dtype(torch::kDouble));
-  std::copy(v.begin(), v.end(), t.data_ptr<double>());
-  return t.to(type);
+  TORCH_CHECK(type == torch::kFloat || type == torch::kDouble, "as_tensor: float32 or float64");
+  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::TensorOptions().dtype(type));
+  if (type == torch::kDouble) {
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  } else {
+    float* p = t.data_ptr<float>();
+    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<float>(v[c]);
+  }
+  return t;
 }
 
 }  // namespace
