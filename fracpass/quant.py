@@ -98,15 +98,16 @@ def _memory_order(x: Tensor) -> Tensor:
     return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
 
-_KNOWN_RANGE = "_fracpass_range"  # a tensor's attribute: (its version, min, max), set by hand_range
+_KNOWN_RANGE = "_fracpass_range"  # a tensor's attribute: (its memory, its version, min, max), set by hand_range
 
 
 def hand_range(x: Tensor, mn: Tensor, mx: Tensor) -> None:
     """Give the next quantizer that reads ``x`` its min and max, computed by the op that wrote x in the
     same pass (fracpass.native's fused BatchNorm): ``_aminmax(x)`` returns them instead of reading x
     again. They must be torch.aminmax's values (NaN for both if x holds a NaN). They hold while x is
-    unchanged: an in-place op on x (or on a view of it) moves its version counter and drops them."""
-    x.__dict__[_KNOWN_RANGE] = (x._version, mn, mx)
+    unchanged: an in-place op on x (or on a view of it) moves its version counter and drops them, and a
+    copy that carries the attribute along (deepcopy, pickle) lies elsewhere in memory and drops them."""
+    x.__dict__[_KNOWN_RANGE] = (x.data_ptr(), x._version, mn, mx)
 
 
 def _aminmax(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -114,8 +115,8 @@ def _aminmax(x: Tensor) -> Tuple[Tensor, Tensor]:
     memory order as it lies (aten's aminmax would first copy it to contiguous: 0.9 ms per 4 MB here);
     a range handed over with ``hand_range`` is returned without a pass."""
     known = x.__dict__.get(_KNOWN_RANGE)
-    if known is not None and known[0] == x._version:
-        return known[1], known[2]
+    if known is not None and known[1] == x._version and known[0] == x.data_ptr():
+        return known[2], known[3]
     x = x.detach()
     if not x.is_contiguous() and _rows_outer_dense(x):
         x = _memory_order(x)

@@ -295,6 +295,9 @@ def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeyp
 
 
 def test_a_handed_range_holds_until_the_tensor_changes():
+    import copy
+    import pickle
+
     from fracpass import quant
 
     x = torch.tensor([1.0, -2.0, 3.0])
@@ -307,3 +310,8 @@ def test_a_handed_range_holds_until_the_tensor_changes():
     quant.hand_range(y, torch.tensor(1.0), torch.tensor(2.0))
     y[0] = 5.0  # through indexing, too
     assert [float(m) for m in quant._aminmax(y)] == [2.0, 5.0]
+    z = torch.tensor([1.0, 2.0])
+    quant.hand_range(z, torch.tensor(1.0), torch.tensor(2.0))
+    z.add_(1)
+    for copied in (copy.deepcopy(z), pickle.loads(pickle.dumps(z))):  # the attribute travels; its version restarts
+        assert [float(m) for m in quant._aminmax(copied)] == [2.0, 3.0]
