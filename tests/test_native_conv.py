@@ -204,11 +204,14 @@ def test_saved_conv_operands_are_low_precision_codes(kernels):
     assert big and all(d == want for d in big), big
 
 
+@pytest.mark.parametrize("shape", [(8, 4, 8, 8), (11, 3, 5, 7)])  # the second: rows and columns off the kernel's blocks
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
-def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout):
+def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
     if native._ext() is None:
         pytest.skip("the fused native kernels could not be built here")
-    codes = torch.arange(-255, 1, dtype=torch.float32).repeat(8).view(8, 4, 8, 8)  # 256 values: the widest
+    n = torch.Size(shape).numel()
+    codes = torch.arange(-255, 1, dtype=torch.float32).repeat(n // 256 + 1)[:n].view(shape)  # 256 values: the widest
+    codes = codes[torch.randperm(shape[0], generator=torch.Generator().manual_seed(0))]  # rows apart
     if layout == "channels_last":
         codes = codes.contiguous(memory_format=torch.channels_last)
     q, ctx = codes.to(torch.bfloat16), type("Ctx", (), {})()
@@ -219,7 +222,7 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout):
     back, total = native._widened_codes(ctx, u, batch_sum=True)  # with the batch sum, from the same pass
     want = native._batch_sum(q)
     assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
-    wider = torch.cat([q, q[:1] + 1])  # 257 values: kept as bfloat16
+    wider = torch.cat([q, torch.ones_like(q[:1])])  # -255..1, 257 values: kept as bfloat16
     assert native._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
     assert native._widened_codes(ctx, wider, batch_sum=True) == (wider, None)
 
