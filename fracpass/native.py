@@ -79,6 +79,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import operator
 import pathlib
 from dataclasses import dataclass
@@ -1119,8 +1120,11 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
     qa, total = _widened_codes(ctx, qa, batch_sum=need_w and gating is None and ctx.gbits <= MAX_INT8_BITS)
     mn, mx, levels = _grad_range(grad, ctx.gbits, gating, grad_minmax)
     dx = dw = db = None
-    exact = _exact_codes(levels)
-    if exact is None or not bool(exact.any()):
+    if gating is None:  # one level count, 2^gbits - 1: exact in bfloat16 at 2..8 bits (no tensor ops, no syncs)
+        exact = None if levels is None or not 2 <= ctx.gbits <= MAX_INT8_BITS else True
+    else:
+        exact = _exact_codes(levels)
+    if exact is None or (exact is not True and not bool(exact.any())):
         # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
         ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
         x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
@@ -1130,7 +1134,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
     else:
         # gated, some samples' gradient options above 8 bits ("wide"): their codes are not exact in
         # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
-        wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+        wide = None if exact is True or bool(exact.all()) else (~exact).nonzero().view(-1)
         fp32_dx = need_x and sw.numel() > 1
         ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
         if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
@@ -1460,7 +1464,7 @@ def _conv_macs(x: Tensor, weight: Tensor, stride, padding, dilation, transposed:
     """Forward multiply-adds of a batched convolution: every output element's window (a transposed one:
     every input element's scatter)."""
     n = weight.dim() - 2
-    taps = weight[0].numel()  # C_in / groups x kernel (a transposed weight: C_out / groups x kernel)
+    taps = math.prod(weight.shape[1:])  # C_in / groups x kernel (a transposed weight: C_out / groups x kernel)
     if transposed:
         return x.numel() * taps
     out = 1
