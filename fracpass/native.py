@@ -1146,12 +1146,11 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
                                                      None, *args, [True, False, False])[0]
         elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second the same for every sample
-            ones = t.new_ones((1,) + tuple(t.shape[1:]))
-            corr = torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0]
+            corr = _ones_input_grad(t, qa, qw, args)
             if sg.numel() > 1:
-                dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.float().mul_(sw))
+                dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.mul_(sw))
             else:
-                dx = _scale_out(vx, sg * sw, None, addend=corr.float().mul_(c * sw))
+                dx = _scale_out(vx, sg * sw, None, addend=corr.mul_(c * sw))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
                 w_hat = _weight_values(qw, sw, transposed)
                 rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
@@ -1264,6 +1263,30 @@ def _out_channel_scale(sw: Tensor, transposed: bool, groups: int) -> Tensor:
     return sw.repeat(groups) if transposed and groups > 1 and sw.numel() > 1 else sw
 
 
+def _window_kernels(t: Tensor, qa: Tensor, qw: Tensor, args):
+    """The CPU kernels for the offset corrections' window sums (ones_input_grad / window_sums), with the
+    output's height and width (t's) and the geometry as they take it, where they apply: a 2-D
+    convolution, ungrouped, not transposed; else None (a convolution of ones runs instead)."""
+    stride, padding, dilation, transposed, _, groups = args
+    ext = _ext(qa)
+    if ext is None or transposed or groups != 1 or qw.dim() != 4 or qa.dim() != 4:
+        return None
+    return ext, (t.shape[2], t.shape[3]), (list(stride), list(padding), list(dilation))
+
+
+def _ones_input_grad(t: Tensor, qa: Tensor, qw: Tensor, args) -> Tensor:
+    """conv^T(1, q_w) over one sample, float32 in q_a's layout: the input gradient of a gradient of ones
+    (dx's offset correction), exact (integer sums under 2^24) from the kernels, else a bf16 convolution
+    of ones rounded to bfloat16."""
+    window = _window_kernels(t, qa, qw, args)
+    if window is not None:
+        ext, (ho, wo), geometry = window
+        corr = ext.ones_input_grad(qw, qa.shape[2], qa.shape[3], ho, wo, *geometry)  # channels_last
+        return corr if qa.stride(1) == 1 else corr.contiguous()
+    ones = t.new_ones((1,) + tuple(t.shape[1:]))
+    return torch.ops.aten.convolution_backward(ones, qa[:1], qw, None, *args, [True, False, False])[0].float()
+
+
 def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor,
                       total: Optional[Tensor] = None) -> Tensor:
     """factor * conv_w(1, q_a) as float32 in the weight's shape: the window sums of the input codes.
@@ -1273,6 +1296,10 @@ def _ones_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, factor: Tensor,
     cost 60 % of the main product)."""
     stride, padding, dilation, transposed, output_padding, groups = args
     total = _batch_sum(qa) if total is None else total
+    window = _window_kernels(t, qa, qw, args)
+    if window is not None:  # the window sums from the kernel (float64 sums, rounded once)
+        ext, (ho, wo), geometry = window
+        return ext.window_sums(total, qw.shape[2], qw.shape[3], ho, wo, *geometry).mul_(factor).expand(qw.shape)
     ones = t.new_ones((1, groups) + tuple(t.shape[2:]), dtype=torch.float32)
     if transposed:  # weight (C_in, C_out / groups, k...)
         probe = total.new_empty((qw.shape[0], 1) + tuple(qw.shape[2:]))

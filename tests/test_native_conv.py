@@ -13,6 +13,7 @@ the range for float32 summation order. Fallbacks must give the simulated result 
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 
 import pytest
@@ -273,6 +274,47 @@ def test_output_scaling_adds_the_per_sample_correction_as_the_torch_ops_do(shape
     assert torch.equal(got, want) and want.stride() == v.stride()
     if layout == "channels_last":  # an NCHW addend beside channels-last samples: the torch ops add it
         assert not native._same_sample_layout(addend.contiguous(), v)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_offset_corrections_window_sums_match_a_float64_convolution_of_ones(layout):
+    """dx's correction conv^T(1, q_w) and dw's conv_w(1, sum_n q_a) from the kernels' taps (2-D, groups 1):
+    exactly a float64 convolution of ones (dx's: integer sums; dw's: rounded once to float32), over
+    kernel sizes, strides, paddings, dilations and odd sizes, in q_a's layout."""
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    torch.manual_seed(0)
+    cases = 0
+    for (kh, kw), s, p, d, (h, w) in itertools.product([(1, 1), (3, 3), (5, 3)], [1, 2], [0, 1, 2], [1, 2],
+                                                       [(7, 9), (8, 8)]):
+        ho, wo = (h + 2 * p - d * (kh - 1) - 1) // s + 1, (w + 2 * p - d * (kw - 1) - 1) // s + 1
+        if ho < 1 or wo < 1:
+            continue
+        qa = torch.randint(-255, 256, (4, 3, h, w)).to(torch.bfloat16)
+        qw = torch.randint(-255, 256, (5, 3, kh, kw)).to(torch.bfloat16)
+        if layout == "channels_last":
+            qa, qw = (z.contiguous(memory_format=torch.channels_last) for z in (qa, qw))
+        args = ([s, s], [p, p], [d, d], False, [0, 0], 1)
+        t = torch.zeros(4, 5, ho, wo, dtype=torch.bfloat16)
+        assert native._window_kernels(t, qa, qw, args) is not None
+        got = native._ones_input_grad(t, qa, qw, args)
+        want = torch.ops.aten.convolution_backward(torch.ones(1, 5, ho, wo, dtype=torch.float64), qa[:1].double(),
+                                                   qw.double(), None, *args, [True, False, False])[0]
+        assert torch.equal(got, want.float()) and got.stride(1) == (1 if layout == "channels_last" else h * w)
+        total = native._batch_sum(qa)
+        sums = native._ones_weight_grad(t, qa, qw, args, torch.tensor(0.5), total)
+        want = torch.ops.aten.convolution_backward(torch.ones(1, 1, ho, wo, dtype=torch.float64), total.double(),
+                                                   torch.zeros(1, 3, kh, kw, dtype=torch.float64), None, *args,
+                                                   [False, True, False])[1]
+        assert sums.shape == qw.shape and torch.equal(sums, (want.float() * 0.5).expand(qw.shape))
+        cases += 1
+    assert cases == 68
+    # what the kernels do not take runs the convolution of ones: grouped, transposed, 1-D
+    grouped = (torch.zeros(2, 4, 6, 6, dtype=torch.bfloat16), torch.zeros(4, 2, 3, 3, dtype=torch.bfloat16))
+    assert native._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], False, [0, 0], 2)) is None
+    assert native._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], True, [0, 0], 1)) is None
+    line = (torch.zeros(2, 4, 6, dtype=torch.bfloat16), torch.zeros(4, 4, 3, dtype=torch.bfloat16))
+    assert native._window_kernels(line[0], *line, ([1], [1], [1], False, [0], 1)) is None
 
 
 def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):

@@ -34,6 +34,10 @@
 //   relu_grad_bits: threshold_backward(grad, out, 0) from those bits, grad in out's layout: 0 where dead,
 //                grad elsewhere (torch.where and masked_fill over a bool mask took 4-5 ms for 2M elements
 //                here, 30x a copy).
+//   ones_input_grad / window_sums: the offset corrections' window sums of a 2-D convolution (groups 1, not
+//                transposed): conv^T(ones, q_w) over one sample and conv_w(ones, batch sum of q_a) for one
+//                output channel, from the taps each input position feeds (oneDNN's calls for these took
+//                ~100 us each, for a few thousand additions).
 //   bn_forward_bf16 / bn_backward_bf16: the fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the
 //                convolution's channels-last bf16 product (the section before them says how).
 #include <torch/extension.h>
@@ -684,6 +688,82 @@ std::vector<torch::Tensor> u8_to_codes(const torch::Tensor& u, double offset, bo
   return {out, sum};
 }
 
+// ---- the offset corrections' window sums of a 2-D convolution (groups 1, not transposed) -----------------
+// Which input index i each kernel tap k reads for some output index o: i = o * stride - pad + k * dilation,
+// 0 <= o < out. taps[i] lists those k (at most one o per (i, k)).
+namespace {
+
+std::vector<std::vector<int64_t>> taps_of(int64_t in, int64_t out, int64_t K, int64_t stride, int64_t pad,
+                                          int64_t dilation) {
+  std::vector<std::vector<int64_t>> taps(in);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = o * stride - pad + k * dilation;
+      if (i >= 0 && i < in) taps[i].push_back(k);
+    }
+  return taps;
+}
+
+}  // namespace
+
+// conv^T(ones, q_w) over one sample: corr[c, h, w] = sum over output channels and the taps (kh, kw) that
+// read (h, w) of q_w[o, c, kh, kw], float32 (exact: integer sums under 2^24), channels-last (1, C_in, H, W).
+torch::Tensor ones_input_grad(const torch::Tensor& qw, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                              std::vector<int64_t> stride, std::vector<int64_t> pad, std::vector<int64_t> dilation) {
+  TORCH_CHECK(qw.dim() == 4 && stride.size() == 2 && pad.size() == 2 && dilation.size() == 2,
+              "ones_input_grad: a 2-D convolution's weight and geometry");
+  const int64_t Co = qw.size(0), C = qw.size(1), KH = qw.size(2), KW = qw.size(3);
+  auto w = qw.to(torch::kFloat).contiguous();  // small: C_out x C_in x KH x KW
+  const float* pw = w.data_ptr<float>();
+  std::vector<float> S(KH * KW * C, 0.0f);  // [kh][kw][c]: summed over output channels
+  for (int64_t o = 0; o < Co; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < KH * KW; ++k) S[k * C + c] += pw[(o * C + c) * KH * KW + k];
+  const auto th = taps_of(H, Ho, KH, stride[0], pad[0], dilation[0]);
+  const auto tw = taps_of(W, Wo, KW, stride[1], pad[1], dilation[1]);
+  auto out = torch::zeros({1, H, W, C}, qw.options().dtype(torch::kFloat));  // memory (h, w, c)
+  float* po = out.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t x = 0; x < W; ++x) {
+      float* __restrict dst = po + (h * W + x) * C;
+      for (int64_t kh : th[h])
+        for (int64_t kw : tw[x]) {
+          const float* __restrict src = S.data() + (kh * KW + kw) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+        }
+    }
+  return out.permute({0, 3, 1, 2});  // (1, C, H, W), channels-last strides
+}
+
+// conv_w(ones, total) for one output channel: sums[c, kh, kw] = sum over the (h, w) that tap (kh, kw) reads
+// of total[c, h, w] (the input codes' batch sum), in float64 rounded once to float32; (1, C_in, KH, KW).
+torch::Tensor window_sums(const torch::Tensor& total, int64_t KH, int64_t KW, int64_t Ho, int64_t Wo,
+                          std::vector<int64_t> stride, std::vector<int64_t> pad, std::vector<int64_t> dilation) {
+  TORCH_CHECK(total.dim() == 4 && total.size(0) == 1 && total.scalar_type() == torch::kFloat &&
+                  stride.size() == 2 && pad.size() == 2 && dilation.size() == 2,
+              "window_sums: one float32 sample of a 2-D convolution's input and its geometry");
+  const int64_t C = total.size(1), H = total.size(2), W = total.size(3);
+  auto t = total.contiguous(at::MemoryFormat::ChannelsLast);  // memory (h, w, c); a view when it already is
+  const float* pt = t.data_ptr<float>();
+  const auto th = taps_of(H, Ho, KH, stride[0], pad[0], dilation[0]);
+  const auto tw = taps_of(W, Wo, KW, stride[1], pad[1], dilation[1]);
+  std::vector<double> acc(KH * KW * C, 0.0);  // [kh][kw][c]
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t x = 0; x < W; ++x) {
+      const float* __restrict src = pt + (h * W + x) * C;
+      for (int64_t kh : th[h])
+        for (int64_t kw : tw[x]) {
+          double* __restrict dst = acc.data() + (kh * KW + kw) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+        }
+    }
+  auto out = torch::empty({1, C, KH, KW}, total.options());
+  float* po = out.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < KH * KW; ++k) po[c * KH * KW + k] = static_cast<float>(acc[k * C + c]);
+  return out;
+}
+
 // ---- BatchNorm over a bf16 convolution product, channels innermost (channels_last) -----------------------
 // The fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the convolution's bfloat16 product v, whose
 // float32 output is y = s_c v + bias_c: the statistics as sums of d = v - ref_c (ref_c: one value of the
@@ -1122,5 +1202,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) (+ an addend per row) of a bf16 product, layout kept");
   m.def("bn_forward_bf16", &bn_forward_bf16, "the fused op's BatchNorm forward from a channels-last bf16 product");
   m.def("bn_backward_bf16", &bn_backward_bf16, "the fused op's BatchNorm backward: dL/dy with its range, the parameters' gradients");
+  m.def("ones_input_grad", &ones_input_grad, "conv^T(ones, q_w) over one sample of a 2-D convolution (groups 1): dx's offset correction");
+  m.def("window_sums", &window_sums, "conv_w(ones, total) for one output channel of a 2-D convolution (groups 1): dw's offset correction");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }
