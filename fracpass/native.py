@@ -1047,7 +1047,8 @@ class _Bf16Conv(torch.autograd.Function):
     The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
     each product's output to bfloat16 (unit roundoff 2^-8), before the scales are applied in float32.
     The gradient's offset c multiplies a float32 convolution of ones: over one sample for dx, over the
-    batch sum of the input codes and one channel per group for dw. dx runs in float32 on the decoded
+    batch sum of the input codes and one channel per group for dw (for a 2-D ungrouped convolution, the
+    kernels' window sums: _ones_input_grad, _ones_weight_grad). dx runs in float32 on the decoded
     codes when the weight's scale is per output channel (it lies on that product's contracted axis) or
     the gradient has more than 8 bits. Saved for backward: the bfloat16 codes, never the float operands.
 
