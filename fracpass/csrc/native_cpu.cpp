@@ -712,25 +712,37 @@ torch::Tensor ones_input_grad(const torch::Tensor& qw, int64_t H, int64_t W, int
                               std::vector<int64_t> stride, std::vector<int64_t> pad, std::vector<int64_t> dilation) {
   TORCH_CHECK(qw.dim() == 4 && stride.size() == 2 && pad.size() == 2 && dilation.size() == 2,
               "ones_input_grad: a 2-D convolution's weight and geometry");
+  TORCH_CHECK(qw.scalar_type() == torch::kBFloat16 && qw.device().is_cpu(), "ones_input_grad: bfloat16 weight codes");
   const int64_t Co = qw.size(0), C = qw.size(1), KH = qw.size(2), KW = qw.size(3);
-  auto w = qw.to(torch::kFloat).contiguous();  // small: C_out x C_in x KH x KW
-  const float* pw = w.data_ptr<float>();
+  const int64_t s0 = qw.stride(0), s1 = qw.stride(1), s2 = qw.stride(2), s3 = qw.stride(3);
+  const uint16_t* pw = reinterpret_cast<const uint16_t*>(qw.data_ptr<at::BFloat16>());  // read where it lies
   std::vector<float> S(KH * KW * C, 0.0f);  // [kh][kw][c]: summed over output channels
   for (int64_t o = 0; o < Co; ++o)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t k = 0; k < KH * KW; ++k) S[k * C + c] += pw[(o * C + c) * KH * KW + k];
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        float* __restrict dst = S.data() + (kh * KW + kw) * C;
+        const uint16_t* src = pw + o * s0 + kh * s2 + kw * s3;
+        for (int64_t c = 0; c < C; ++c) dst[c] += bf16_value(src[c * s1]);
+      }
   const auto th = taps_of(H, Ho, KH, stride[0], pad[0], dilation[0]);
   const auto tw = taps_of(W, Wo, KW, stride[1], pad[1], dilation[1]);
+  // separably: T[kh][x][c] = sum over the kw that read column x of S[kh][kw][c], then over the kh of row h
+  std::vector<float> T(KH * W * C, 0.0f);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t x = 0; x < W; ++x) {
+      float* __restrict dst = T.data() + (kh * W + x) * C;
+      for (int64_t kw : tw[x]) {
+        const float* __restrict src = S.data() + (kh * KW + kw) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+      }
+    }
   auto out = torch::zeros({1, H, W, C}, qw.options().dtype(torch::kFloat));  // memory (h, w, c)
   float* po = out.data_ptr<float>();
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t x = 0; x < W; ++x) {
-      float* __restrict dst = po + (h * W + x) * C;
-      for (int64_t kh : th[h])
-        for (int64_t kw : tw[x]) {
-          const float* __restrict src = S.data() + (kh * KW + kw) * C;
-          for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
-        }
+    for (int64_t kh : th[h]) {
+      float* __restrict dst = po + h * W * C;
+      const float* __restrict src = T.data() + kh * W * C;
+      for (int64_t j = 0; j < W * C; ++j) dst[j] += src[j];
     }
   return out.permute({0, 3, 1, 2});  // (1, C, H, W), channels-last strides
 }
@@ -747,15 +759,21 @@ torch::Tensor window_sums(const torch::Tensor& total, int64_t KH, int64_t KW, in
   const float* pt = t.data_ptr<float>();
   const auto th = taps_of(H, Ho, KH, stride[0], pad[0], dilation[0]);
   const auto tw = taps_of(W, Wo, KW, stride[1], pad[1], dilation[1]);
-  std::vector<double> acc(KH * KW * C, 0.0);  // [kh][kw][c]
+  // separably: R[h][kw][c] = sum over the columns kw reads of row h, then over the rows kh reads
+  std::vector<double> R(H * KW * C, 0.0), acc(KH * KW * C, 0.0);  // acc: [kh][kw][c]
   for (int64_t h = 0; h < H; ++h)
     for (int64_t x = 0; x < W; ++x) {
       const float* __restrict src = pt + (h * W + x) * C;
-      for (int64_t kh : th[h])
-        for (int64_t kw : tw[x]) {
-          double* __restrict dst = acc.data() + (kh * KW + kw) * C;
-          for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
-        }
+      for (int64_t kw : tw[x]) {
+        double* __restrict dst = R.data() + (h * KW + kw) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+      }
+    }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t kh : th[h]) {
+      double* __restrict dst = acc.data() + kh * KW * C;
+      const double* __restrict src = R.data() + h * KW * C;
+      for (int64_t j = 0; j < KW * C; ++j) dst[j] += src[j];
     }
   auto out = torch::empty({1, C, KH, KW}, total.options());
   float* po = out.data_ptr<float>();
