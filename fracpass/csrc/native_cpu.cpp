@@ -813,6 +813,15 @@ std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // cha
   return t;
 }
 
+// body(thread, first, len) for each span of L elements (the last one shorter), the spans split across threads.
+template <typename Body>
+void over_spans(int64_t n, int64_t L, Body body) {
+  at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
+    const int t = at::get_thread_num();
+    for (int64_t u = ub; u < ue; ++u) body(t, u * L, std::min(L, n - u * L));
+  });
+}
+
 // Per-thread float accumulators over a span's lanes, added into double every kFlush spans (float sums of
 // at most kFlush terms per lane, then exact-enough double sums), folded per channel at the end.
 constexpr int64_t kFlush = 32;
@@ -940,47 +949,43 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
   float* dst = out.data_ptr<float>();
   uint8_t* packed = relu ? bits.data_ptr<uint8_t>() : nullptr;
   Extremes range;
-  at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
-    const int t = at::get_thread_num();
+  over_spans(n, L, [&](int t, int64_t first, int64_t len) {
     const float* __restrict ta = at_.data();
     const float* __restrict tb = bt_.data();
     const float* __restrict tr = rt.data();
-    for (int64_t u = ub; u < ue; ++u) {
-      const int64_t first = u * L, len = std::min(L, n - first);
-      const uint16_t* __restrict in = src + first;
-      const float* __restrict r = res != nullptr ? res + first : nullptr;
-      float* __restrict o = dst + first;
-      uint8_t* __restrict d = relu ? packed + first / 8 : nullptr;  // first % 16 == 0
-      int64_t j = 0;
+    const uint16_t* __restrict in = src + first;
+    const float* __restrict r = res != nullptr ? res + first : nullptr;
+    float* __restrict o = dst + first;
+    uint8_t* __restrict d = relu ? packed + first / 8 : nullptr;  // first % 16 == 0
+    int64_t j = 0;
 #ifdef __AVX512F__
-      const __m512 zero = _mm512_setzero_ps();
-      Extremes::Lanes lanes;
-      for (; j + 16 <= len; j += 16) {  // 16 elements, two mask bytes (a scalar bit loop took 10x the pass)
-        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
-        __m512 x = _mm512_fmadd_ps(vv, _mm512_loadu_ps(ta + j), _mm512_loadu_ps(tb + j));
-        if (r != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(r + j));
-        if (relu) {
-          x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), zero);  // NaN, -0.0 pass
-          const __mmask16 dead = _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ);
-          d[j / 8] = static_cast<uint8_t>(dead);
-          d[j / 8 + 1] = static_cast<uint8_t>(dead >> 8);
-        }
-        _mm512_storeu_ps(o + j, x);
-        lanes.see(x);
+    const __m512 zero = _mm512_setzero_ps();
+    Extremes::Lanes lanes;
+    for (; j + 16 <= len; j += 16) {  // 16 elements, two mask bytes (a scalar bit loop took 10x the pass)
+      const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
+      __m512 x = _mm512_fmadd_ps(vv, _mm512_loadu_ps(ta + j), _mm512_loadu_ps(tb + j));
+      if (r != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(r + j));
+      if (relu) {
+        x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), zero);  // NaN, -0.0 pass
+        const __mmask16 dead = _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ);
+        d[j / 8] = static_cast<uint8_t>(dead);
+        d[j / 8 + 1] = static_cast<uint8_t>(dead >> 8);
       }
-      range.add(t, lanes);
+      _mm512_storeu_ps(o + j, x);
+      lanes.see(x);
+    }
+    range.add(t, lanes);
 #endif
-      for (; j < len; ++j) {
-        float x = std::fma(bf16_value(in[j]) - tr[j], ta[j], tb[j]);
-        if (r != nullptr) x += r[j];
-        if (relu) {
-          x = x < 0.0f ? 0.0f : x;  // NaN and -0.0 pass, as torch.relu_
-          if (j % 8 == 0) d[j / 8] = 0;
-          d[j / 8] |= static_cast<uint8_t>(x <= 0.0f) << (j % 8);
-        }
-        o[j] = x;
-        range.add(t, x);
+    for (; j < len; ++j) {
+      float x = std::fma(bf16_value(in[j]) - tr[j], ta[j], tb[j]);
+      if (r != nullptr) x += r[j];
+      if (relu) {
+        x = x < 0.0f ? 0.0f : x;  // NaN and -0.0 pass, as torch.relu_
+        if (j % 8 == 0) d[j / 8] = 0;
+        d[j / 8] |= static_cast<uint8_t>(x <= 0.0f) << (j % 8);
       }
+      o[j] = x;
+      range.add(t, x);
     }
   });
   auto extremes = range.tensors(v.options());
@@ -1046,38 +1051,34 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* dst = dy.data_ptr<float>();
   Extremes range;
-  at::parallel_for(0, (n + L - 1) / L, 8, [&](int64_t ub, int64_t ue) {
-    const int t = at::get_thread_num();
+  over_spans(n, L, [&](int t, int64_t first, int64_t len) {
     const float* __restrict a1 = t1.data();
     const float* __restrict a2 = t2.data();
     const float* __restrict a3 = t3.data();
     const float* __restrict tr = rt.data();
-    for (int64_t u = ub; u < ue; ++u) {
-      const int64_t first = u * L, len = std::min(L, n - first);
-      const float* __restrict gi = g + first;
-      const uint16_t* __restrict in = src + first;
-      float* __restrict o = dst + first;
-      int64_t j = 0;
+    const float* __restrict gi = g + first;
+    const uint16_t* __restrict in = src + first;
+    float* __restrict o = dst + first;
+    int64_t j = 0;
 #ifdef __AVX512F__
-      Extremes::Lanes lanes;
-      for (; j + 16 <= len; j += 16) {
-        const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
-                                      : _mm512_loadu_ps(gi + j);
-        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
-        const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
-                                       _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
-        _mm512_storeu_ps(o + j, r);
-        lanes.see(r);
-      }
-      range.add(t, lanes);
+    Extremes::Lanes lanes;
+    for (; j + 16 <= len; j += 16) {
+      const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
+                                    : _mm512_loadu_ps(gi + j);
+      const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
+      const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
+                                     _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
+      _mm512_storeu_ps(o + j, r);
+      lanes.see(r);
+    }
+    range.add(t, lanes);
 #endif
-      for (; j < len; ++j) {
-        const int64_t i = first + j;
-        const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : gi[j];
-        const float r = std::fma(a2[j], bf16_value(in[j]) - tr[j], a3[j]) + a1[j] * x;
-        o[j] = r;
-        range.add(t, r);
-      }
+    for (; j < len; ++j) {
+      const int64_t i = first + j;
+      const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : gi[j];
+      const float r = std::fma(a2[j], bf16_value(in[j]) - tr[j], a3[j]) + a1[j] * x;
+      o[j] = r;
+      range.add(t, r);
     }
   });
   auto extremes = range.tensors(grad.options());
