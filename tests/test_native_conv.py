@@ -129,9 +129,12 @@ def test_bf16_convolution_matches_simulation(case, bits, weight_scale, kernels, 
         memory_format=torch.channels_last)
     path, note = native.op_paths(nat)["conv"]
     assert path == "bf16"
-    # per-channel weights: their scale lies on g x w's contracted axis, so that product runs in fp32
-    expect = ("bf16", "fp32", "bf16") if weight_scale == "channel" else ("bf16",) * 3
+    # per-channel weights: their scale lies on g x w's contracted axis, so that product runs in fp32; a
+    # channels-last 2-D convolution's forward runs on oneDNN's int8 convolution where the CPU kernels run
+    fwd = "int8" if case == "conv2d channels_last" and kernels == "fused" else "bf16"
+    expect = (fwd, "fp32", "bf16") if weight_scale == "channel" else (fwd, "bf16", "bf16")
     assert native.product_paths(nat)["conv"] == expect
+    assert ("the forward product on int8" in note) == (fwd == "int8")
     assert ("g x w in fp32" in note) == (weight_scale == "channel")
 
 

@@ -14,7 +14,8 @@
 //   encode_bf16: q = clamp(nearbyint(x / s), lo, hi) per tensor or per row of dim 0 (a gated op's samples),
 //                as bfloat16 (exact: |q| <= 255), in x's memory layout (contiguous or channels_last): the
 //                operands of the bf16 convolution path; with one range, also as bytes q - lo if asked (what
-//                codes_to_u8 makes, in the same pass: the codes a convolution keeps for backward).
+//                codes_to_u8 makes, in the same pass: the codes a convolution keeps for backward, and the
+//                int8 forward's input), or only those bytes.
 //   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither), per
 //                tensor or with one range and level count per row of dim 0 (grad_sr_rows, gated ops),
 //                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for.
@@ -38,6 +39,10 @@
 //                transposed): conv^T(ones, q_w) over one sample and conv_w(ones, batch sum of q_a) for one
 //                output channel, from the taps each input position feeds (oneDNN's calls for these took
 //                ~100 us each, for a few thousand additions).
+//   int8_weight_codes / shifted_product_bf16: the bf16 path's forward product on oneDNN's int8 convolution:
+//                the weight's bfloat16 codes as int8 (shifted per output channel where 8-bit codes do not
+//                fit), and the shifted channels' product corrected with the input codes' window sums and
+//                rounded once to bfloat16 (the product the bf16 convolution computes).
 //   bn_forward_bf16 / bn_backward_bf16: the fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the
 //                convolution's channels-last bf16 product (the section before them says how).
 #include <torch/extension.h>
@@ -333,12 +338,14 @@ void check_row_params(const torch::Tensor& x, std::initializer_list<const torch:
 }
 
 std::vector<torch::Tensor> encode_bf16(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& lo,
-                                       const torch::Tensor& hi, bool bytes) {
+                                       const torch::Tensor& hi, bool bytes, bool codes) {
   check_dense(x, torch::kFloat, "encode_bf16");
   check_row_params(x, {&scale, &lo, &hi}, "encode_bf16");
-  auto t = torch::empty_strided(x.sizes(), x.strides(), x.options().dtype(torch::kBFloat16));
+  TORCH_CHECK(codes || bytes, "encode_bf16: nothing asked for (neither codes nor bytes)");
+  auto t = torch::empty_strided(codes ? x.sizes() : at::IntArrayRef{0}, codes ? x.strides() : at::IntArrayRef{1},
+                                x.options().dtype(torch::kBFloat16));
   const float* src = x.data_ptr<float>();
-  uint16_t* dst = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+  uint16_t* dst = codes ? reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()) : nullptr;
   const float *ps = scale.data_ptr<float>(), *pl = lo.data_ptr<float>(), *ph = hi.data_ptr<float>();
   const int64_t n = x.numel(), rows = x.dim() > 0 && x.size(0) > 0 ? x.size(0) : 1, per = n / rows;
   const int64_t ns = scale.numel(), nl = lo.numel(), nh = hi.numel();
@@ -362,21 +369,21 @@ std::vector<torch::Tensor> encode_bf16(const torch::Tensor& x, const torch::Tens
           __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(in + j), vs),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           q = _mm512_min_ps(vh, _mm512_max_ps(vl, q));  // (a, q): q where equal or NaN, as the scalar loop
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(q), 16)));
+          if (out != nullptr)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(q), 16)));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(bdst + j),
                            _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(q, vl))));
         }
       }
 #endif
-      const int64_t tail = j;
       for (; j < stop; ++j) {
         float q = std::nearbyint(in[j] / ks);
         q = q < kl ? kl : q;
         q = q > kh ? kh : q;
-        out[j] = bf16_top(q);
+        if (out != nullptr) out[j] = bf16_top(q);
+        if (bdst != nullptr) bdst[j] = static_cast<uint8_t>(static_cast<int32_t>(q - kl));  // codes_to_bytes's
       }
-      if (bdst != nullptr) codes_to_bytes(dst, bdst, tail, stop, kl);
       i = stop;
     }
   });
@@ -1206,6 +1213,152 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
   return {applied[0], applied[1], applied[2], sums[2], as_tensor(d_w, torch::kFloat), as_tensor(d_b, torch::kFloat)};
 }
 
+// ---- the int8 forward product of a 2-D convolution (oneDNN's int8 convolution; fracpass/native.py) ------
+// int8_weight_codes: bfloat16 weight codes (C_out, ...) as int8 t = q - k_c, k_c = 0 where output channel
+// c's codes fit int8 and min_c + 128 where they do not (8-bit codes span up to 256 values: then t is in
+// [-128, 127]); returns t (contiguous, q's shape), k (float32, C_out) and whether any k_c is not 0.
+std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw) {
+  TORCH_CHECK(qw.scalar_type() == torch::kBFloat16 && qw.device().is_cpu() && qw.dim() >= 2,
+              "int8_weight_codes: bfloat16 weight codes (C_out, ...) on the CPU");
+  const auto q = qw.contiguous();
+  const int64_t Co = q.size(0), per = Co ? q.numel() / Co : 0;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  auto t = torch::empty(q.sizes(), q.options().dtype(torch::kChar));
+  auto k = torch::zeros({Co}, q.options().dtype(torch::kFloat));
+  int8_t* pt = t.data_ptr<int8_t>();
+  float* pk = k.data_ptr<float>();
+  bool shifted = false;
+  for (int64_t o = 0; o < Co; ++o) {
+    const uint16_t* row = src + o * per;
+    float mn = INFINITY, mx = -INFINITY;
+    for (int64_t j = 0; j < per; ++j) mn = std::min(mn, bf16_value(row[j])), mx = std::max(mx, bf16_value(row[j]));
+    TORCH_CHECK(per == 0 || mx - mn <= 255.0f, "int8_weight_codes: output channel ", o, "'s codes span ", mx - mn + 1,
+                " values (at most 256 fit a byte)");
+    const float shift = (per == 0 || (mn >= -128.0f && mx <= 127.0f)) ? 0.0f : mn + 128.0f;
+    pk[o] = shift;
+    shifted |= shift != 0.0f;
+    for (int64_t j = 0; j < per; ++j) pt[o * per + j] = static_cast<int8_t>(static_cast<int32_t>(bf16_value(row[j]) - shift));
+  }
+  return {t, k, torch::full({}, shifted, q.options().dtype(torch::kBool))};
+}
+
+namespace {
+
+inline uint16_t bf16_nearest(float f) {  // round to nearest even (f finite)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace
+
+// The product of the codes when int8_weight_codes shifted some channels: v = bfloat16(y + k_c S), y the
+// int8 convolution of the input codes with t (float32), S[n, oh, ow] the window sum over every input
+// channel and tap of the input codes u + offset (code 0 in the padding: the real zero). One rounding to
+// nearest even, from a float32 value that is exact while under 2^24, as the bf16 convolution's float32
+// accumulation is: then v equals the bf16 convolution's product bit for bit. y and u channels-last.
+torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& u, double offset, const torch::Tensor& k,
+                                   int64_t KH, int64_t KW, std::vector<int64_t> stride, std::vector<int64_t> pad,
+                                   std::vector<int64_t> dilation) {
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.dim() == 4 && u.scalar_type() == torch::kByte && u.dim() == 4 &&
+                  stride.size() == 2 && pad.size() == 2 && dilation.size() == 2 && u.size(0) == y.size(0),
+              "shifted_product_bf16: a 2-D convolution's float32 output, its uint8 input codes and its geometry");
+  const int64_t N = y.size(0), Co = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  const int64_t C = u.size(1), H = u.size(2), W = u.size(3);
+  check_channels_last(y, Co, "shifted_product_bf16 (output)");
+  check_channels_last(u, C, "shifted_product_bf16 (input codes)");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat && k.is_contiguous() && k.numel() == Co,
+              "shifted_product_bf16: one float32 shift per output channel");
+  // P: each input pixel's sum over channels of u + offset, in a zero border of the padding (code 0)
+  const int64_t pt = pad[0], pl = pad[1], Hp = H + 2 * pt, Wp = W + 2 * pl;
+  std::vector<float> P(N * Hp * Wp, 0.0f);
+  const uint8_t* pu = u.data_ptr<uint8_t>();
+  const float base = static_cast<float>(C * offset);
+  at::parallel_for(0, N * H, 8, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> group;  // sums of 8 consecutive bytes (a row of pixels, C % 8 == 0)
+    for (int64_t nh = b; nh < e; ++nh) {
+      const uint8_t* row = pu + nh * W * C;
+      float* dst = P.data() + ((nh / H) * Hp + nh % H + pt) * Wp + pl;
+      int64_t x = 0;
+#ifdef __AVX512F__
+      if (C % 8 == 0) {
+        const int64_t G = W * C / 8, per = C / 8;
+        group.resize(G);
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8) {  // psadbw: 8 sums of 8 bytes from 64 bytes
+          const __m512i sums = _mm512_sad_epu8(_mm512_loadu_si512(row + g * 8), _mm512_setzero_si512());
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(group.data() + g), _mm512_cvtepi64_epi32(sums));
+        }
+        for (; g < G; ++g) {
+          int32_t t = 0;
+          for (int64_t j = 0; j < 8; ++j) t += row[g * 8 + j];
+          group[g] = t;
+        }
+        for (; x < W; ++x) {
+          int32_t t = 0;
+          for (int64_t j = 0; j < per; ++j) t += group[x * per + j];
+          dst[x] = static_cast<float>(t) + base;
+        }
+      }
+#endif
+      for (; x < W; ++x) {
+        int32_t t = 0;
+        for (int64_t c = 0; c < C; ++c) t += row[x * C + c];
+        dst[x] = static_cast<float>(t) + base;
+      }
+    }
+  });
+  // S: the window sums of P, separably (along columns, then rows), per sample
+  const int64_t s0 = stride[0], s1 = stride[1], d0 = dilation[0], d1 = dilation[1];
+  TORCH_CHECK((Ho - 1) * s0 + (KH - 1) * d0 < Hp && (Wo - 1) * s1 + (KW - 1) * d1 < Wp,
+              "shifted_product_bf16: the output's size does not match the input's and the geometry");
+  std::vector<float> S(N * Ho * Wo);
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> R(Hp * Wo);
+    for (int64_t n = b; n < e; ++n) {
+      const float* pn = P.data() + n * Hp * Wp;
+      std::fill(R.begin(), R.end(), 0.0f);
+      for (int64_t h = 0; h < Hp; ++h)
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const float* __restrict src = pn + h * Wp + kw * d1;
+          float* __restrict dst = R.data() + h * Wo;
+          for (int64_t ow = 0; ow < Wo; ++ow) dst[ow] += src[ow * s1];
+        }
+      float* sn = S.data() + n * Ho * Wo;
+      std::fill(sn, sn + Ho * Wo, 0.0f);
+      for (int64_t oh = 0; oh < Ho; ++oh)
+        for (int64_t kh = 0; kh < KH; ++kh) {
+          const float* __restrict src = R.data() + (oh * s0 + kh * d0) * Wo;
+          float* __restrict dst = sn + oh * Wo;
+          for (int64_t ow = 0; ow < Wo; ++ow) dst[ow] += src[ow];
+        }
+    }
+  });
+  auto v = torch::empty_strided(y.sizes(), y.strides(), y.options().dtype(torch::kBFloat16));
+  const float* py = y.data_ptr<float>();
+  const float* pk = k.data_ptr<float>();
+  uint16_t* pv = reinterpret_cast<uint16_t*>(v.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N * Ho * Wo, 1 << 8, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const float* __restrict in = py + p * Co;
+      uint16_t* __restrict out = pv + p * Co;
+      const float s = S[p];
+      int64_t c = 0;
+#ifdef __AVX512F__
+      const __m512 vs = _mm512_set1_ps(s);
+      const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+      for (; c + 16 <= Co; c += 16) {
+        const __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
+        const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
+      }
+#endif
+      for (; c < Co; ++c) out[c] = bf16_nearest(std::fma(pk[c], s, in[c]));
+    }
+  });
+  return v;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codes_to_u8", &codes_to_u8, "bytes q - offset of bfloat16 codes spanning <= 256 values, layout kept");
   m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept, and their sum over dim 0 if asked");
@@ -1215,7 +1368,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
   m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
-  m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, and if asked the same codes as bytes q - lo");
+  m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, if asked, and if asked the same codes as bytes q - lo");
+  m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes t = q - k_c of bfloat16 codes, k_c per output channel (0 where they fit)");
+  m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) (+ an addend per row) of a bf16 product, layout kept");

@@ -1,0 +1,226 @@
+"""The bf16 path's forward product on oneDNN's int8 convolution (fracpass.native.INT8_FORWARD).
+
+A per-tensor-input, channels-last 2-D convolution multiplies the input codes' bytes u = q_a - lo (zero
+point -lo, so the padding is code 0, the real zero) by the weight codes as int8, accumulating in int32:
+the exact product, rounded once to bfloat16. The bf16 convolution rounds its float32 sum once too, and
+that sum is exact while it stays under 2^24, so the two products are equal bit for bit there, and so is
+everything computed from them. 8-bit weight codes span 256 values that need not fit int8: those output
+channels run as t = q_w - k_c, and the product is bfloat16(y + k_c S) with S the input codes' window sums
+(csrc/native_cpu.cpp, shifted_product_bf16). The tests compare with a float64 convolution of the codes and
+with the bf16 convolution, over geometries, channel counts on and off the kernels' vector widths, code
+offsets and weights that fit and that do not; then whole models with the int8 forward on and off.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+from fracpass import native
+from test_native import _saved_dtypes
+from test_native_fastbn import Block
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def int8_forward(monkeypatch):
+    if native.bf16_support() is not None or native._ext() is None or native.int8_support() is not None:
+        pytest.skip("no bf16 convolutions, CPU kernels or int8 units here: the int8 forward does not run")
+    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
+    monkeypatch.setattr(native, "INT8_FORWARD", True)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def test_weight_codes_shift_only_the_channels_that_do_not_fit_int8():
+    g = torch.Generator().manual_seed(0)
+    spans = [(-128, 127), (-200, 55), (0, 255), (-255, 0), (-3, 3)]  # k_c: 0, -72, 128, -127, 0
+    rows = [torch.randint(lo, hi + 1, (6, 3, 3), generator=g).float() for lo, hi in spans]
+    for r, (lo, hi) in zip(rows, spans):  # each channel's codes reach both ends of its span
+        r.view(-1)[:2] = torch.tensor([lo, hi], dtype=torch.float32)
+    q = torch.stack(rows).to(torch.bfloat16).contiguous(memory_format=CL)  # a channels-last model's weight
+    t, k, shifted = native._ext().int8_weight_codes(q)
+    assert t.dtype == torch.int8 and t.is_contiguous() and t.shape == q.shape and bool(shifted)
+    assert k.tolist() == [0.0, -72.0, 128.0, -127.0, 0.0]
+    assert torch.equal(t.float() + k.view(-1, 1, 1, 1), q.float())
+    fits = q[[0, 4]]
+    t, k, shifted = native._ext().int8_weight_codes(fits)
+    assert not bool(shifted) and not k.any() and torch.equal(t.float(), fits.float())
+    wide = q.float().contiguous()
+    wide[1].view(-1)[:2] = torch.tensor([-200.0, 56.0])  # -200..56: 257 values
+    with pytest.raises(RuntimeError, match="output channel 1's codes span 257 values"):
+        native._ext().int8_weight_codes(wide.to(torch.bfloat16))
+
+
+GEOMETRIES = [g for g in itertools.product([(1, 1), (3, 3), (5, 3)], [1, 2], [0, 1, 2], [1, 2], [(7, 9), (8, 8)])
+              if (g[4][0] + 2 * g[2] - g[3] * (g[0][0] - 1) - 1) >= 0 and (g[4][1] + 2 * g[2] - g[3] * (g[0][1] - 1) - 1) >= 0]
+# (input channels, output channels, the input codes' lo, the weight codes' span): 3 and 24 input channels
+# take the byte sums' scalar and vector loops (24: a row's 8-byte groups do not fill 64-byte vectors);
+# 20 output channels leave a 4-channel tail after the 16-lane loop
+VARIANTS = [(3, 16, 0, (-128, 127)), (24, 20, -37, (-60, 195)), (24, 16, -255, (0, 255)), (3, 20, -100, (-255, 0))]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_product_is_the_bf16_convolutions_product_bit_for_bit(variant):
+    """_int8_product against a float64 convolution of the codes rounded once to bfloat16 and against the
+    bf16 convolution, over kernel sizes, strides, paddings, dilations and odd sizes (sums under 2^24)."""
+    cin, cout, lo, (wlo, whi) = variant
+    g = torch.Generator().manual_seed(cin + cout - lo)
+    cases = 0
+    for (kh, kw), s, p, d, (h, w) in GEOMETRIES:
+        qa = torch.randint(lo, lo + 256, (4, cin, h, w), generator=g).float().contiguous(memory_format=CL)
+        qw = torch.randint(wlo, whi + 1, (cout, cin, kh, kw), generator=g).float()
+        conv = ([s, s], [p, p], [d, d], False, [0, 0], 1)
+        u = (qa - lo).to(torch.uint8).contiguous(memory_format=CL)
+        got = native._int8_product((u, float(lo)), qw.to(torch.bfloat16), conv)
+        exact = torch.ops.aten.convolution(qa.double(), qw.double(), None, *conv)
+        assert float(exact.abs().max()) < 2**24
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=CL)
+        assert torch.equal(_bits(got), _bits(exact.float().to(torch.bfloat16))), ((kh, kw), s, p, d, (h, w))
+        bf16 = torch.ops.aten.convolution(qa.to(torch.bfloat16), qw.to(torch.bfloat16).contiguous(memory_format=CL),
+                                          None, *conv)
+        assert torch.equal(_bits(got), _bits(bf16))
+        cases += 1
+    assert cases == len(GEOMETRIES) == 68
+
+
+def test_shifted_product_rejects_a_geometry_that_does_not_match():
+    y = torch.zeros(2, 16, 5, 5).contiguous(memory_format=CL)
+    u = torch.zeros(2, 8, 5, 5, dtype=torch.uint8).contiguous(memory_format=CL)
+    with pytest.raises(RuntimeError, match="does not match"):  # 5x5 outputs of a 5x5 input need padding 1
+        native._ext().shifted_product_bf16(y, u, 0.0, torch.zeros(16), 3, 3, [1, 1], [0, 0], [1, 1])
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+@pytest.mark.parametrize("shape", [(4, 6, 7, 9), (128, 16, 8, 8)])
+def test_input_bytes_without_codes_are_the_same_bytes(shape, bits):
+    """_bf16_input_codes(codes=False): the bytes the call with codes writes, bit for bit, and no codes."""
+    torch.manual_seed(bits)
+    x = torch.randn(shape) * 3
+    x.view(-1)[:4] = torch.tensor([-0.0, 0.0, float(2**bits), -float(2**bits)])  # zeros and ties
+    x = x.contiguous(memory_format=CL)
+    mn, mx = torch.aminmax(x)
+    q, s, (u, lo) = native._bf16_input_codes(x, mn, mx, bits)
+    none, s2, (u2, lo2) = native._bf16_input_codes(x, mn, mx, bits, codes=False)
+    assert none is None and torch.equal(s, s2) and lo == lo2
+    assert u2.dtype == torch.uint8 and u2.stride() == x.stride() and torch.equal(u2, u)
+
+
+class Conv(nn.Module):
+    def __init__(self, cin=16, cout=16):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _step(qmodel, x):
+    """Output, input gradient, parameter gradients and BatchNorm buffers of one forward and backward."""
+    xx = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    out = qmodel(xx)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+    return [out.detach(), xx.grad] + [p.grad for p in qmodel.parameters()] + [
+        b.clone() for n, b in qmodel.named_buffers() if "running" in n]
+
+
+@pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("make", [Conv, Block], ids=["conv", "fused block"])
+def test_int8_forward_trains_as_the_bf16_forward_bit_for_bit(make, bits, weight_scale, monkeypatch):
+    """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the int8 forward on
+    and off give the same output, gradients and running statistics bit for bit, and the same losses over
+    SGD steps; at 8 bits the weights are made positive, so their codes (0..255) need the shift."""
+    torch.manual_seed(bits)
+    model = make().to(memory_format=CL)
+    if bits == 8:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.abs_().add_(1e-3)
+    x = torch.randn(8, 16, 12, 12).contiguous(memory_format=CL)
+    plan = fracpass.Plan.static(bits, bits, 8, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    qmodel = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    calls, shifted = [], []
+    real = native._int8_product
+
+    def spy(kept, qw, conv):
+        calls.append(1)
+        shifted.append(bool(native._ext().int8_weight_codes(qw)[2]))
+        return real(kept, qw, conv)
+
+    monkeypatch.setattr(native, "_int8_product", spy)
+    runs, forward = {}, {}
+    for on in (True, False):
+        monkeypatch.setattr(native, "INT8_FORWARD", on)
+        ran = copy.deepcopy(qmodel)
+        runs[on] = _step(ran, x)
+        forward[on] = {p[0] for name, p in native.product_paths(ran).items() if "conv" in name}
+    convs = 1 if make is Conv else 2
+    assert len(calls) == convs and all(shifted) == (bits == 8) and any(shifted) == (bits == 8)
+    assert forward == {True: {"int8"}, False: {"bf16"}}
+    for i, (a, b) in enumerate(zip(runs[True], runs[False])):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"tensor {i} differs"
+    losses = {}
+    for on in (True, False):
+        monkeypatch.setattr(native, "INT8_FORWARD", on)
+        trained = copy.deepcopy(qmodel)
+        opt = torch.optim.SGD(trained.parameters(), lr=0.05)
+        losses[on] = []
+        for k in range(3):
+            torch.manual_seed(k)
+            loss = nn.functional.cross_entropy(trained(x).flatten(1)[:, :3], torch.arange(8) % 3)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[on].append(float(loss.detach()))
+    assert losses[True] == losses[False]
+
+
+def test_saved_input_codes_stay_bytes_on_the_int8_forward():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    nat = fracpass.transform(Conv().to(memory_format=CL), fracpass.Plan.static(8, 8, 8), example_inputs=(x.detach(),),
+                             execution="native")
+    big = _saved_dtypes(nat, x)
+    assert big and all(d == torch.uint8 for d in big), big
+    assert native.product_paths(nat)["conv"][0] == "int8"
+
+
+@pytest.mark.parametrize("what", ["NCHW", "grouped", "transposed", "switched off", "no int8 units"])
+def test_convolutions_the_int8_forward_does_not_take_keep_the_bf16_product_and_say_why(what, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8)
+    conv = Conv()
+    if what == "grouped":
+        conv.conv = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+    elif what == "transposed":
+        conv.conv = nn.ConvTranspose2d(16, 16, 3, padding=1)
+    if what != "NCHW":
+        conv, x = conv.to(memory_format=CL), x.contiguous(memory_format=CL)
+    if what == "switched off":
+        monkeypatch.setattr(native, "INT8_FORWARD", False)
+    if what == "no int8 units":
+        monkeypatch.setattr(native, "int8_support", lambda device=None: "this CPU has no int8 dot-product units")
+    nat = fracpass.transform(conv, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native")
+    transposed = what == "transposed"
+    geometry = ([1, 1], [1, 1], [1, 1], transposed, [0, 0], 2 if what == "grouped" else 1)
+    why = native._int8_forward_reason(x, nat.conv.weight if hasattr(nat, "conv") else None, geometry)
+    expect = {"NCHW": "an NCHW input", "grouped": "not a 2-D ungrouped convolution",
+              "transposed": "not a 2-D ungrouped convolution", "switched off": "INT8_FORWARD is False",
+              "no int8 units": "no int8 dot-product units"}[what]
+    assert why is not None and expect in why
+    calls = []
+    monkeypatch.setattr(native, "_int8_product", lambda *a: calls.append(1))
+    nat(x).sum().backward()
+    assert not calls
+    (name,) = native.product_paths(nat)
+    assert native.product_paths(nat)[name][0] == "bf16" and "forward product on int8" not in native.op_paths(nat)[name][1]
