@@ -747,7 +747,7 @@ class _Bf16Matmul(torch.autograd.Function):
                 db = a_hat().transpose(-2, -1) @ ghat
         else:
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
-            ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None)
+            ghat, t, sg, c, _ = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None)
             if gating is not None and gating.one_group:  # one option group: one s_g and c
                 sg, c = sg[:1], c[:1]
             if need_a:
@@ -951,6 +951,15 @@ def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tens
     return q.to(torch.bfloat16), scale.reshape(-1)
 
 
+class _Kept(NamedTuple):
+    """A per-tensor-input convolution's input codes as bytes u = q - lo (what backward keeps; the int8
+    forward's operand) and whether its input gradient's product runs on int8 (_int8_input_grad_reason)."""
+
+    u: Tensor
+    lo: float
+    int8_dx: bool = False
+
+
 def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
                       codes: bool = True) -> Tuple[Optional[Tensor], Tensor, Optional[tuple]]:
     """_bf16_codes of a convolution's input at ``bits`` with one range (per tensor), and ``kept``: the same
@@ -962,7 +971,7 @@ def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
         return _bf16_codes(x, mn, mx, float(2**bits - 1)) + (None,)
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
     q, u = ext.encode_bf16(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), True, codes)
-    return q if codes else None, scale.reshape(-1), (u, float(lo))
+    return q if codes else None, scale.reshape(-1), _Kept(u, float(lo))
 
 
 def _per_row_view(v: Tensor, like: Tensor) -> Tensor:
@@ -982,26 +991,31 @@ def _simulated_grad(grad: Tensor, mn: Optional[Tensor], mx: Optional[Tensor], le
 
 
 def _bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits: int,
-                     values: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+                     values: bool, bytes: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[tuple]]:
     """The simulation's stochastic rounding of ``grad`` over [mn, mx] at ``levels`` (per tensor:
     fracpass.quant.quantize_grad_stochastic; one of each per sample: fracpass.gating.quantize_grad_rows;
     same noise for the same seed) as codes t in bfloat16 with ghat = s * t + c (s, c per tensor or per
     sample); ghat itself only if ``values``. t = q - k with k = round(-min / s) (|t| <= 2^b - 1:
     exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's correction stays small
-    beside the product and bfloat16's rounding of the two cannot cancel."""
+    beside the product and bfloat16's rounding of the two cannot cancel. Last: with ``bytes`` (one
+    range, where the kernels run), q as bytes with -k, t's offset (the int8 input gradient's operand,
+    as _bf16_input_codes's ``kept``), else None."""
     grad = _dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     zero = torch.minimum(torch.round(-mn / scale).clamp_(min=0.0), levels)
     ext = _ext(grad)
     if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
-        ghat, t = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
-                                      _torch_seed(), values)
+        bytes = bytes and levels.numel() == 1
+        ghat, t, u = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
+                                         _torch_seed(), values, bytes)
         ghat = ghat if values else None
+        kept = (u, -float(zero)) if bytes else None
     else:
         ghat = _simulated_grad(grad, mn, mx, levels, gbits)
         v = lambda a: _per_row_view(a, grad)
         t = torch.sub(ghat, v(mn)).div_(v(scale)).round_().sub_(v(zero)).to(torch.bfloat16)
-    return ghat, t, scale.reshape(-1), (mn + scale * zero).reshape(-1)
+        kept = None
+    return ghat, t, scale.reshape(-1), (mn + scale * zero).reshape(-1), kept
 
 
 def _scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[Tensor] = None,
@@ -1087,6 +1101,7 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
         v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
     y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
+    ctx.int8_dx = kept is not None and kept.int8_dx
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
     return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]
@@ -1097,13 +1112,35 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
 INT8_FORWARD = True
 
 
+# The same for the input gradient's product of a stride-1 one (_int8_input_grad_reason).
+INT8_INPUT_GRAD = True
+
+
 def _int8_forward_reason(x: Tensor, weight: Tensor, conv) -> Optional[str]:
     """None if a per-tensor-input convolution's forward product runs on oneDNN's int8 convolution: the
     input codes' bytes (0..255, the zero point -lo) times the weight's codes as int8, int32 accumulation,
     the same bfloat16 product v as the bf16 convolution computes (_int8_product). Else why not."""
+    return "fracpass.native.INT8_FORWARD is False" if not INT8_FORWARD else _int8_conv_reason(x, conv)
+
+
+def _int8_input_grad_reason(x: Tensor, weight: Tensor, conv, sw: Tensor, gbits: int) -> Optional[str]:
+    """None if the input gradient's product conv^T(t, q_w) runs on oneDNN's int8 convolution
+    (_int8_input_grad): a stride-1 convolution's is the convolution of the gradient's codes with the
+    weight's flipped and transposed, so the same arithmetic as the forward's. Else why not."""
+    stride, padding, dilation = conv[:3]
+    if not INT8_INPUT_GRAD:
+        return "fracpass.native.INT8_INPUT_GRAD is False"
+    if sw.numel() > 1 or not 2 <= gbits <= MAX_INT8_BITS:
+        return "the weight's scale is per output channel or the gradient is not quantized to 2..8 bits"
+    if any(s != 1 for s in stride) or any(p > d * (k - 1) for p, d, k in zip(padding, dilation, weight.shape[2:])):
+        return "a strided convolution, or padding beyond the kernel's reach (its input gradient is no convolution)"
+    return _int8_conv_reason(x, conv)
+
+
+def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
+    """What both int8 products need: a 2-D ungrouped convolution over a channels-last tensor on the CPU
+    kernels and oneDNN's int8 convolution, on a CPU with int8 units."""
     stride, padding, dilation, transposed, output_padding, groups = conv
-    if not INT8_FORWARD:
-        return "fracpass.native.INT8_FORWARD is False"
     if transposed or groups != 1 or x.dim() != 4:
         return "not a 2-D ungrouped convolution"
     if not x.is_contiguous(memory_format=torch.channels_last) or x.shape[1] == 1:
@@ -1120,18 +1157,29 @@ def _int8_product(kept: tuple, qw: Tensor, conv) -> Tensor:
     as t = q_w - k_c, and v = bfloat16(y + k_c S) with S the input codes' window sums over every channel
     and tap (ext.shifted_product_bf16)."""
     stride, padding, dilation, _, _, groups = conv
-    u, lo = kept
+    u, lo = kept[0], kept[1]
     ext = _ext(u)
     t, k, shifted = ext.int8_weight_codes(qw)
-    co, zp, shifted = t.shape[0], int(-lo), bool(shifted)
-    ones = torch.ones(co)
-    packed = torch.ops.onednn.qconv_prepack(t, ones, 1.0, zp, stride, padding, dilation, groups, list(u.shape))
-    y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, ones, torch.zeros(co, dtype=torch.int64), None, stride,
+    zp, shifted = int(-lo), bool(shifted)
+    one = torch.ones(1)  # one weight scale for the tensor: prepack reads a per-channel one value by value
+    packed = torch.ops.onednn.qconv_prepack(t, one, 1.0, zp, stride, padding, dilation, groups, list(u.shape))
+    y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, one, torch.zeros(1, dtype=torch.int64), None, stride,
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
     if shifted:
         return ext.shifted_product_bf16(y, u, lo, k, t.shape[2], t.shape[3], stride, padding, dilation)
     return y
+
+
+def _int8_input_grad(kept_g: tuple, qw: Tensor, conv) -> Tensor:
+    """conv^T(t, q_w) of a stride-1 convolution as bfloat16: the convolution of the gradient's codes (bytes
+    q, zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes swapped,
+    dilated as the forward, padded d (K - 1) - p (_int8_product's arithmetic)."""
+    _, padding, dilation, _, _, _ = conv
+    pad = [d * (k - 1) - p for p, d, k in zip(padding, dilation, qw.shape[2:])]
+    flipped = qw.flip(2, 3).transpose(0, 1)
+    u = kept_g[0].contiguous(memory_format=torch.channels_last)  # the codes keep the gradient's layout
+    return _int8_product((u, kept_g[1]), flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1))
 
 
 def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
@@ -1192,12 +1240,18 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
         wide = None if exact is True or bool(exact.all()) else (~exact).nonzero().view(-1)
         fp32_dx = need_x and sw.numel() > 1
-        ghat, t, sg, c = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
+        # dx's product on oneDNN's int8 convolution (decided in the forward: _int8_input_grad_reason)
+        int8_dx = need_x and ctx.int8_dx and wide is None
+        ghat, t, sg, c, kept_g = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None,
+                                                  bytes=int8_dx)
+        int8_dx = int8_dx and kept_g is not None
         if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
             sg, c = sg[:1], c[:1]
         per_sample = sa.numel() > 1 or sg.numel() > 1
-        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args,
-                                                        [need_x and not fp32_dx, need_w and not per_sample, False])
+        vx, vw, _ = torch.ops.aten.convolution_backward(
+            t, qa, qw, None, *args, [need_x and not fp32_dx and not int8_dx, need_w and not per_sample, False])
+        if int8_dx:
+            vx = _int8_input_grad(kept_g, qw, ctx.conv)
         if need_x and fp32_dx:
             dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
                                                      None, *args, [True, False, False])[0]
@@ -1472,7 +1526,7 @@ class _Bf16Linear(torch.autograd.Function):
         else:
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
             fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c = _bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
+            ghat, t, sg, c, _ = _bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
             if gating.one_group:
                 sg, c = sg[:1], c[:1]
             t = t.view(-1, qw.shape[0])
@@ -1601,7 +1655,9 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             int8 = _int8_forward_reason(x, weight, conv) is None
             qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=not int8)
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
-    _remember_forward(aq, "bf16" if qa is not None else "int8")
+    if kept is not None and x.requires_grad and _int8_input_grad_reason(x, weight, conv, sw, _grad_bits(gq)) is None:
+        kept = kept._replace(int8_dx=True)
+    _remember_int8(aq, qa is None, kept is not None and kept.int8_dx)
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
@@ -1616,10 +1672,10 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     return out
 
 
-def _remember_forward(q, path: str) -> None:
-    """Keep which units the last call's forward product ran on (for product_paths and op_paths)."""
-    if q.__dict__.get("_native_fwd") != path:
-        q.__dict__["_native_fwd"] = path
+def _remember_int8(q, forward: bool, input_grad: bool) -> None:
+    """Keep whether the last call ran its forward and input-gradient products on int8 (product_paths)."""
+    if q.__dict__.get("_native_int8") != (forward, input_grad):
+        q.__dict__["_native_int8"] = (forward, input_grad)
 
 
 def _remember_bn(q, note: str) -> None:
@@ -2244,8 +2300,9 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
             if isinstance(gq, GatedGradQuant) and min(gq.options.tolist()) <= MAX_INT8_BITS:
                 gbits = min(gbits, MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
             runs = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
-            if path == "bf16" and node.target in _BF16_FIRST_Q and qa.__dict__.get("_native_fwd") == "int8":
-                runs = ("int8",) + runs[1:]  # the last call's forward product on oneDNN's int8 convolution
+            if path == "bf16" and node.target in _BF16_FIRST_Q:  # products on oneDNN's int8 convolution
+                fwd, dx = qa.__dict__.get("_native_int8", (False, False))
+                runs = ("int8" if fwd else runs[0], "int8" if dx and runs[1] == "bf16" else runs[1]) + runs[2:]
             if path == "int8":  # int8 ops are never gated: gbits is _grad_bits(gq)
                 runs = tuple("fp8" if how == "int8" and f else how for how, f in zip(runs, _last_call_fp8(qa, qb, gq)))
             out[node.name] = runs
@@ -2291,8 +2348,10 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
                                                  _last_call_fp8(*mods)) if f]
                 if names:
                     note = "; ".join(filter(None, [note, f"{', '.join(names)} on FP8 e4m3 (<= 4-bit codes: exact)"]))
-            if path == "bf16" and node.target in _BF16_FIRST_Q and mods[0].__dict__.get("_native_fwd") == "int8":
-                note = "; ".join(filter(None, [note, "the forward product on int8 at the last call (oneDNN's int8 "
+            int8 = mods[0].__dict__.get("_native_int8", (False, False)) if path == "bf16" else (False, False)
+            if node.target in _BF16_FIRST_Q and any(int8):
+                which = " and ".join(w for w, f in zip(("the forward product", "the input gradient's"), int8) if f)
+                note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (oneDNN's int8 "
                                                      "convolution, exact)"]))
             bn_note = mods[0].__dict__.get("_native_bn") if node.target in _FUSED.values() and path == "bf16" else None
             if bn_note:  # how the last call ran the fused BatchNorm

@@ -1,4 +1,5 @@
-"""The bf16 path's forward product on oneDNN's int8 convolution (fracpass.native.INT8_FORWARD).
+"""The bf16 path's forward and input-gradient products on oneDNN's int8 convolution
+(fracpass.native.INT8_FORWARD, INT8_INPUT_GRAD).
 
 A per-tensor-input, channels-last 2-D convolution multiplies the input codes' bytes u = q_a - lo (zero
 point -lo, so the padding is code 0, the real zero) by the weight codes as int8, accumulating in int32:
@@ -6,9 +7,13 @@ the exact product, rounded once to bfloat16. The bf16 convolution rounds its flo
 that sum is exact while it stays under 2^24, so the two products are equal bit for bit there, and so is
 everything computed from them. 8-bit weight codes span 256 values that need not fit int8: those output
 channels run as t = q_w - k_c, and the product is bfloat16(y + k_c S) with S the input codes' window sums
-(csrc/native_cpu.cpp, shifted_product_bf16). The tests compare with a float64 convolution of the codes and
-with the bf16 convolution, over geometries, channel counts on and off the kernels' vector widths, code
-offsets and weights that fit and that do not; then whole models with the int8 forward on and off.
+(csrc/native_cpu.cpp, shifted_product_bf16). A stride-1 convolution's input gradient conv^T(t, q_w) is the
+convolution of the gradient's codes (bytes q, zero point k) with q_w flipped and its channel axes
+swapped, padded d (K - 1) - p: the same arithmetic (per-tensor weight scales; per-channel ones put the
+scale on that product's contracted axis, and it runs in float32). The tests compare with a float64
+convolution of the codes and with the bf16 convolution, over geometries, channel counts on and off the
+kernels' vector widths, code offsets and weights that fit and that do not; then whole models with the
+int8 products on and off.
 """
 from __future__ import annotations
 
@@ -28,11 +33,17 @@ CL = torch.channels_last
 
 
 @pytest.fixture(autouse=True)
-def int8_forward(monkeypatch):
+def int8_products(monkeypatch):
     if native.bf16_support() is not None or native._ext() is None or native.int8_support() is not None:
-        pytest.skip("no bf16 convolutions, CPU kernels or int8 units here: the int8 forward does not run")
+        pytest.skip("no bf16 convolutions, CPU kernels or int8 units here: the int8 products do not run")
     monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
     monkeypatch.setattr(native, "INT8_FORWARD", True)
+    monkeypatch.setattr(native, "INT8_INPUT_GRAD", True)
+
+
+def _int8(monkeypatch, on: bool) -> None:
+    monkeypatch.setattr(native, "INT8_FORWARD", on)
+    monkeypatch.setattr(native, "INT8_INPUT_GRAD", on)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,52 @@ def test_shifted_product_rejects_a_geometry_that_does_not_match():
         native._ext().shifted_product_bf16(y, u, 0.0, torch.zeros(16), 3, 3, [1, 1], [0, 0], [1, 1])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_input_gradient_is_the_bf16_one_bit_for_bit(variant):
+    """_int8_input_grad against aten's bf16 convolution_backward (dx) and a float64 one over the stride-1
+    geometries whose padding the flipped kernel reaches (p <= d (K - 1)); the gradient codes' bytes with
+    zero points 0, in between and at the top."""
+    cin, cout, lo, (wlo, whi) = variant
+    g = torch.Generator().manual_seed(cin * cout - lo)
+    cases = 0
+    for (kh, kw), s, p, d, (h, w) in GEOMETRIES:
+        if s != 1 or p > d * (min(kh, kw) - 1):
+            continue
+        conv = ([1, 1], [p, p], [d, d], False, [0, 0], 1)
+        ho, wo = h + 2 * p - d * (kh - 1), w + 2 * p - d * (kw - 1)
+        zero = [0, 77, 255][cases % 3]
+        q = torch.randint(0, 256, (4, cout, ho, wo), generator=g).contiguous(memory_format=CL)
+        t = (q - zero).float()
+        qw = torch.randint(wlo, whi + 1, (cout, cin, kh, kw), generator=g).float()
+        got = native._int8_input_grad((q.to(torch.uint8), float(-zero)), qw.to(torch.bfloat16), conv)
+        x_like = torch.zeros(4, cin, h, w, dtype=torch.float64).contiguous(memory_format=CL)
+        exact = torch.ops.aten.convolution_backward(t.double(), x_like, qw.double(), None, *conv, [True, False, False])[0]
+        assert got.shape == x_like.shape and got.is_contiguous(memory_format=CL) and float(exact.abs().max()) < 2**24
+        assert torch.equal(_bits(got), _bits(exact.float().to(torch.bfloat16))), ((kh, kw), p, d, (h, w))
+        bf16 = torch.ops.aten.convolution_backward(t.to(torch.bfloat16), x_like.to(torch.bfloat16),
+                                                   qw.to(torch.bfloat16).contiguous(memory_format=CL), None, *conv,
+                                                   [True, False, False])[0]
+        assert torch.equal(_bits(got), _bits(bf16))
+        cases += 1
+    assert cases == 26
+
+
+@pytest.mark.parametrize("bits", [2, 6, 8])
+def test_gradient_codes_come_with_their_bytes_from_one_pass(bits):
+    """_bf16_grad_codes(bytes=True): the same codes t (same dither), and q = t + k as bytes with -k."""
+    torch.manual_seed(bits)
+    grad = (torch.randn(6, 16, 5, 7) * 1e-3 + 2e-4).contiguous(memory_format=CL)  # an off-centre range
+    mn, mx = torch.aminmax(grad)
+    levels = torch.tensor(float(2**bits - 1))
+    torch.manual_seed(1)
+    _, t, s, c, none = native._bf16_grad_codes(grad, mn, mx, levels, bits, values=False)
+    torch.manual_seed(1)
+    _, t2, s2, c2, (u, lo) = native._bf16_grad_codes(grad, mn, mx, levels, bits, values=False, bytes=True)
+    assert none is None and torch.equal(_bits(t), _bits(t2)) and torch.equal(s, s2) and torch.equal(c, c2)
+    assert u.dtype == torch.uint8 and u.stride() == grad.stride() and lo <= 0
+    assert torch.equal(u.float() + lo, t.float()) and int(u.max()) <= 2**bits - 1
+
+
 @pytest.mark.parametrize("bits", [2, 5, 8])
 @pytest.mark.parametrize("shape", [(4, 6, 7, 9), (128, 16, 8, 8)])
 def test_input_bytes_without_codes_are_the_same_bytes(shape, bits):
@@ -107,8 +164,8 @@ def test_input_bytes_without_codes_are_the_same_bytes(shape, bits):
     x.view(-1)[:4] = torch.tensor([-0.0, 0.0, float(2**bits), -float(2**bits)])  # zeros and ties
     x = x.contiguous(memory_format=CL)
     mn, mx = torch.aminmax(x)
-    q, s, (u, lo) = native._bf16_input_codes(x, mn, mx, bits)
-    none, s2, (u2, lo2) = native._bf16_input_codes(x, mn, mx, bits, codes=False)
+    q, s, (u, lo, _) = native._bf16_input_codes(x, mn, mx, bits)
+    none, s2, (u2, lo2, _) = native._bf16_input_codes(x, mn, mx, bits, codes=False)
     assert none is None and torch.equal(s, s2) and lo == lo2
     assert u2.dtype == torch.uint8 and u2.stride() == x.stride() and torch.equal(u2, u)
 
@@ -135,8 +192,8 @@ def _step(qmodel, x):
 @pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 @pytest.mark.parametrize("make", [Conv, Block], ids=["conv", "fused block"])
-def test_int8_forward_trains_as_the_bf16_forward_bit_for_bit(make, bits, weight_scale, monkeypatch):
-    """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the int8 forward on
+def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_scale, monkeypatch):
+    """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the int8 products on
     and off give the same output, gradients and running statistics bit for bit, and the same losses over
     SGD steps; at 8 bits the weights are made positive, so their codes (0..255) need the shift."""
     torch.manual_seed(bits)
@@ -158,20 +215,22 @@ def test_int8_forward_trains_as_the_bf16_forward_bit_for_bit(make, bits, weight_
         return real(kept, qw, conv)
 
     monkeypatch.setattr(native, "_int8_product", spy)
-    runs, forward = {}, {}
+    runs, products = {}, {}
     for on in (True, False):
-        monkeypatch.setattr(native, "INT8_FORWARD", on)
+        _int8(monkeypatch, on)
         ran = copy.deepcopy(qmodel)
         runs[on] = _step(ran, x)
-        forward[on] = {p[0] for name, p in native.product_paths(ran).items() if "conv" in name}
-    convs = 1 if make is Conv else 2
+        products[on] = {p[:2] for name, p in native.product_paths(ran).items() if "conv" in name}
+    # the forward of each convolution, and with a per-tensor weight scale its input gradient
+    convs = (1 if make is Conv else 2) * (2 if weight_scale == "tensor" else 1)
     assert len(calls) == convs and all(shifted) == (bits == 8) and any(shifted) == (bits == 8)
-    assert forward == {True: {"int8"}, False: {"bf16"}}
+    dx = {True: "int8", False: "bf16"} if weight_scale == "tensor" else {True: "fp32", False: "fp32"}
+    assert products == {True: {("int8", dx[True])}, False: {("bf16", dx[False])}}
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
         assert a.dtype == b.dtype and torch.equal(a, b), f"tensor {i} differs"
     losses = {}
     for on in (True, False):
-        monkeypatch.setattr(native, "INT8_FORWARD", on)
+        _int8(monkeypatch, on)
         trained = copy.deepcopy(qmodel)
         opt = torch.optim.SGD(trained.parameters(), lr=0.05)
         losses[on] = []
@@ -223,4 +282,39 @@ def test_convolutions_the_int8_forward_does_not_take_keep_the_bf16_product_and_s
     nat(x).sum().backward()
     assert not calls
     (name,) = native.product_paths(nat)
-    assert native.product_paths(nat)[name][0] == "bf16" and "forward product on int8" not in native.op_paths(nat)[name][1]
+    assert native.product_paths(nat)[name][0] == "bf16" and "on int8 at the last call" not in native.op_paths(nat)[name][1]
+
+
+@pytest.mark.parametrize("what", ["strided", "padding beyond the kernel", "per-channel weights", "switched off"])
+def test_input_gradients_the_int8_product_does_not_take_keep_the_bf16_one_and_say_why(what, monkeypatch):
+    """The forward still runs on int8; the input gradient's product stays on bfloat16 (or float32, for a
+    per-channel weight scale) with the same values as with INT8_INPUT_GRAD off."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=CL)
+    conv = Conv()
+    if what == "strided":
+        conv.conv = nn.Conv2d(16, 16, 3, padding=1, stride=2)
+    elif what == "padding beyond the kernel":
+        conv.conv = nn.Conv2d(16, 16, 1, padding=1)
+    rules = [fracpass.Rule(weight_scale="channel" if what == "per-channel weights" else "tensor")]
+    nat = fracpass.transform(conv.to(memory_format=CL), fracpass.Plan.static(8, 8, 8, rules=rules),
+                             example_inputs=(x,), execution="native")
+    if what == "switched off":
+        monkeypatch.setattr(native, "INT8_INPUT_GRAD", False)
+    c = nat.conv if hasattr(nat, "conv") else conv.conv
+    sw = torch.ones(16 if what == "per-channel weights" else 1)
+    why = native._int8_input_grad_reason(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False,
+                                                       [0, 0], 1), sw, 8)
+    expect = {"strided": "a strided convolution", "padding beyond the kernel": "padding beyond the kernel's reach",
+              "per-channel weights": "per output channel", "switched off": "INT8_INPUT_GRAD is False"}[what]
+    assert why is not None and expect in why
+    grads = {}
+    for on in (True, False):
+        monkeypatch.setattr(native, "INT8_INPUT_GRAD", on and what != "switched off")
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        nat(xx).square().sum().backward()
+        grads[on] = xx.grad
+        assert native.product_paths(nat)["conv"][:2] == ("int8", "fp32" if what == "per-channel weights" else "bf16")
+        assert "the input gradient's on int8" not in native.op_paths(nat)["conv"][1]
+    assert torch.equal(grads[True], grads[False])

@@ -18,7 +18,8 @@
 //                int8 forward's input), or only those bytes.
 //   grad_codes_bf16: grad_codes over a dense tensor in memory order (the simulation's order, same dither), per
 //                tensor or with one range and level count per row of dim 0 (grad_sr_rows, gated ops),
-//                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for.
+//                codes t = q - shift as bfloat16 in the same layout (|t| <= 255: exact), ghat only if asked for,
+//                and q itself as bytes if asked (the int8 input gradient's operand, zero point the shift).
 //   scale_bf16:  y = v * s (+ bias) from a bf16 product v, with s and bias per channel (dim 1), and s
 //                times a per-row (per-sample, dim 0) factor if given, plus an addend repeated in every row
 //                if given (an input gradient's offset correction, the same for each sample), float32 out
@@ -393,11 +394,16 @@ std::vector<torch::Tensor> encode_bf16(const torch::Tensor& x, const torch::Tens
 // grad_sr (or grad_sr_rows, one range and level count per row of dim 0) as bfloat16 codes t = q - zero.
 std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
                                            const torch::Tensor& levels_t, const torch::Tensor& zero_t, int64_t seed,
-                                           bool values) {
+                                           bool values, bool bytes) {
   check_dense(g, torch::kFloat, "grad_codes_bf16");
   check_row_params(g, {&mn_t, &mx_t, &levels_t, &zero_t}, "grad_codes_bf16");
+  TORCH_CHECK(!bytes || (levels_t.numel() == 1 && levels_t.data_ptr<float>()[0] <= 255.0f),
+              "grad_codes_bf16: bytes q need one level count for the tensor, at most 255");
   const int64_t n = g.numel(), rows = g.dim() > 0 && g.size(0) > 0 ? g.size(0) : 1, per = n / rows;
   auto t = torch::empty_strided(g.sizes(), g.strides(), g.options().dtype(torch::kBFloat16));
+  auto u = torch::empty_strided(bytes ? g.sizes() : at::IntArrayRef{0}, bytes ? g.strides() : at::IntArrayRef{1},
+                                g.options().dtype(torch::kByte));
+  uint8_t* qbytes = bytes ? u.data_ptr<uint8_t>() : nullptr;
   auto ghat = values ? torch::empty_strided(g.sizes(), g.strides(), g.options()) : torch::empty({0}, g.options());
   const float* src = g.data_ptr<float>();
   float* out = values ? ghat.data_ptr<float>() : nullptr;
@@ -427,18 +433,25 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
           codes[j] = bf16_top(q - k_hl);
         }
       } else {
-        for (int64_t j = j0; j < j1; ++j) {
-          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-          float q = std::floor((src[j] - k_mn) / k_s + u);
-          q = q > k_lv ? k_lv : q;
-          codes[j] = bf16_top(q - k_hl);
+        // in blocks, each block's codes read back as the bytes q = t + shift while in cache (a byte store
+        // in this loop stopped GCC vectorizing it: 8x slower)
+        constexpr int64_t kBlock = 4096;
+        for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+          const int64_t b1 = std::min(j1, b0 + kBlock);
+          for (int64_t j = b0; j < b1; ++j) {
+            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+            float q = std::floor((src[j] - k_mn) / k_s + u);
+            q = q > k_lv ? k_lv : q;
+            codes[j] = bf16_top(q - k_hl);
+          }
+          if (qbytes != nullptr) codes_to_bytes(codes, qbytes, b0, b1, -k_hl);
         }
       }
       i = stop;
     }
   });
-  return {ghat, t};
+  return {ghat, t, u};
 }
 
 torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, const torch::Tensor& bias,
@@ -1371,7 +1384,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, if asked, and if asked the same codes as bytes q - lo");
   m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes t = q - k_c of bfloat16 codes, k_c per output channel (0 where they fit)");
   m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights");
-  m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked");
+  m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked, q as bytes if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) (+ an addend per row) of a bf16 product, layout kept");
   m.def("bn_forward_bf16", &bn_forward_bf16, "the fused op's BatchNorm forward from a channels-last bf16 product");
