@@ -45,7 +45,13 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   int32 accumulation, rounded once to bfloat16: the bf16 convolution's product bit for bit while its
   float32 sums stay under 2^24 (30-40% faster than it on Zen 5; the encoding pass then writes only
   the bytes). 8-bit weight codes that do not fit int8 run shifted per output channel, the shift
-  corrected with the input codes' window sums before the one rounding.
+  corrected with the input codes' window sums before the one rounding. With a per-tensor weight scale
+  a stride-1 convolution's input gradient runs the same way (``INT8_INPUT_GRAD``: the convolution of
+  the gradient codes' bytes with the weight flipped and transposed), and its weight gradient on the
+  CPU kernels' AVX512-VNNI loop (``INT8_WEIGHT_GRAD``, any weight scale; C_out a multiple of 16, C_in
+  of 8, kernels at most 3 wide): exact int32 sums into int64, scaled in float64 and rounded once
+  (closer to the simulation than the bf16 product), and without the pass that widens the saved
+  bytes back to bfloat16.
   ``fuse-native-bn`` (FuseNativeBNPass, after ``lower-native``) folds a bf16 convolution's only-user
   chain BatchNorm (-> residual add) (-> ReLU) into one op (``bf16_conv*_bn``, _Bf16ConvBN) that keeps
   the convolution's bfloat16 product and the ReLU's mask as bits instead of two float32 tensors. On a
@@ -953,11 +959,12 @@ def _bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tens
 
 class _Kept(NamedTuple):
     """A per-tensor-input convolution's input codes as bytes u = q - lo (what backward keeps; the int8
-    forward's operand) and whether its input gradient's product runs on int8 (_int8_input_grad_reason)."""
+    forward's operand) and whether its input and weight gradients' products run on int8."""
 
     u: Tensor
     lo: float
     int8_dx: bool = False
+    int8_dw: bool = False  # the weight gradient's on the VNNI kernel (_int8_weight_grad_reason)
 
 
 def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
@@ -1101,7 +1108,7 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
         v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
     y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
-    ctx.int8_dx = kept is not None and kept.int8_dx
+    ctx.int8 = (kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
     return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]
@@ -1112,8 +1119,10 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
 INT8_FORWARD = True
 
 
-# The same for the input gradient's product of a stride-1 one (_int8_input_grad_reason).
+# The same for the input gradient's product of a stride-1 one (_int8_input_grad_reason), and the weight
+# gradient's on the AVX512-VNNI kernel (_int8_weight_grad_reason).
 INT8_INPUT_GRAD = True
+INT8_WEIGHT_GRAD = True
 
 
 def _int8_forward_reason(x: Tensor, weight: Tensor, conv) -> Optional[str]:
@@ -1135,6 +1144,29 @@ def _int8_input_grad_reason(x: Tensor, weight: Tensor, conv, sw: Tensor, gbits: 
     if any(s != 1 for s in stride) or any(p > d * (k - 1) for p, d, k in zip(padding, dilation, weight.shape[2:])):
         return "a strided convolution, or padding beyond the kernel's reach (its input gradient is no convolution)"
     return _int8_conv_reason(x, conv)
+
+
+def _int8_weight_grad_reason(x: Tensor, weight: Tensor, conv, gbits: int) -> Optional[str]:
+    """None if the weight gradient's product conv_w(t, q_a) runs on the CPU kernels' AVX512-VNNI loop
+    (_int8_weight_grad: the gradient's and the input's bytes, int32 sums into int64, exact). Else why not."""
+    stride, padding, dilation = conv[:3]
+    if not INT8_WEIGHT_GRAD:
+        return "fracpass.native.INT8_WEIGHT_GRAD is False"
+    if not 2 <= gbits <= MAX_INT8_BITS:
+        return "the gradient is not quantized to 2..8 bits"
+    why = _int8_conv_reason(x, conv)
+    if why:
+        return why
+    if any(s != 1 for s in stride):
+        return "a strided convolution"
+    co, ci, _, kw = weight.shape
+    wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
+    if co % 16 or ci % 8 or kw > 3 or wo < 4 or wo % 4:
+        return (f"{co} output channels, {ci} input channels, a kernel {kw} wide and an output {wo} wide: the VNNI "
+                "kernel takes multiples of 16, of 8, at most 3 and multiples of 4")
+    if not _ext(x).vnni_weight_grad():
+        return "the CPU kernels were built without AVX512-VNNI"
+    return None
 
 
 def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
@@ -1169,6 +1201,20 @@ def _int8_product(kept: tuple, qw: Tensor, conv) -> Tensor:
     if shifted:
         return ext.shifted_product_bf16(y, u, lo, k, t.shape[2], t.shape[3], stride, padding, dilation)
     return y
+
+
+def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, factor: Tensor,
+                      offset_factor: Tensor) -> Tensor:
+    """dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a) from the gradient's bytes (q, zero point k: t = q - k)
+    and the input's (u_a = q_a - lo): both window products exact in int64 (ext.weight_grad_u8), the scales
+    applied in float64, rounded once to float32, in the weight's layout. ``factor`` = s_a s_g,
+    ``offset_factor`` = c s_a."""
+    _, padding, dilation = conv[:3]
+    u_g = kept_g[0].contiguous(memory_format=torch.channels_last)  # the codes keep the gradient's layout
+    prod, sums = _ext(u_g).weight_grad_u8(u_g, -kept_g[1], u_a, lo, qw.shape[2], qw.shape[3], list(padding),
+                                          list(dilation))
+    dw = prod.mul_(factor.double()).add_(sums.mul_(offset_factor.double()))
+    return torch.empty_strided(qw.shape, qw.stride()).copy_(dw)
 
 
 def _int8_input_grad(kept_g: tuple, qw: Tensor, conv) -> Tensor:
@@ -1220,8 +1266,6 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
     grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
     need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    # the input codes' batch sum, for dw's offset correction (_ones_weight_grad) on the bf16 path
-    qa, total = _widened_codes(ctx, qa, batch_sum=need_w and gating is None and ctx.gbits <= MAX_INT8_BITS)
     mn, mx, levels = _grad_range(grad, ctx.gbits, gating, grad_minmax)
     dx = dw = db = None
     if gating is None:  # one level count, 2^gbits - 1: exact in bfloat16 at 2..8 bits (no tensor ops, no syncs)
@@ -1230,6 +1274,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         exact = _exact_codes(levels)
     if exact is None or (exact is not True and not bool(exact.any())):
         # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
+        qa, _ = _widened_codes(ctx, qa)
         ghat = _simulated_grad(grad, mn, mx, levels, ctx.gbits)
         x_hat = qa.float().mul_(_per_row_view(sa, qa)) if need_w else _shape_only(qa)
         w_hat = _weight_values(qw, sw, transposed)
@@ -1240,16 +1285,22 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
         wide = None if exact is True or bool(exact.all()) else (~exact).nonzero().view(-1)
         fp32_dx = need_x and sw.numel() > 1
-        # dx's product on oneDNN's int8 convolution (decided in the forward: _int8_input_grad_reason)
-        int8_dx = need_x and ctx.int8_dx and wide is None
+        # dx's product on oneDNN's int8 convolution, dw's on the VNNI kernel (decided in the forward:
+        # _int8_input_grad_reason, _int8_weight_grad_reason), both from the gradient codes' bytes
+        int8_dx, int8_dw = need_x and ctx.int8[0] and wide is None, need_w and ctx.int8[1] and wide is None
         ghat, t, sg, c, kept_g = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None,
-                                                  bytes=int8_dx)
-        int8_dx = int8_dx and kept_g is not None
+                                                  bytes=int8_dx or int8_dw)
+        int8_dx, int8_dw = int8_dx and kept_g is not None, int8_dw and kept_g is not None
+        u_a = qa
+        if int8_dw:  # the bfloat16 input codes are not needed: no widening pass
+            qa, total = _shape_only(qa, torch.bfloat16), None
+        else:  # with the batch sum dw's offset correction needs (_ones_weight_grad)
+            qa, total = _widened_codes(ctx, qa, batch_sum=need_w and gating is None)
         if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
             sg, c = sg[:1], c[:1]
         per_sample = sa.numel() > 1 or sg.numel() > 1
-        vx, vw, _ = torch.ops.aten.convolution_backward(
-            t, qa, qw, None, *args, [need_x and not fp32_dx and not int8_dx, need_w and not per_sample, False])
+        mask = [need_x and not fp32_dx and not int8_dx, need_w and not per_sample and not int8_dw, False]
+        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args, mask) if any(mask) else (None,) * 3
         if int8_dx:
             vx = _int8_input_grad(kept_g, qw, ctx.conv)
         if need_x and fp32_dx:
@@ -1266,7 +1317,9 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
                 rows = torch.ops.aten.convolution_backward(_take(ghat, wide), _shape_only(qa[:wide.numel()]), w_hat,
                                                            None, *args, [True, False, False])[0]
                 dx.index_copy_(0, wide, rows)
-        if need_w and not per_sample:
+        if int8_dw:
+            dw = _int8_weight_grad(kept_g, u_a, ctx.code_offset, qw, ctx.conv, sa * sg, c * sa)
+        elif need_w and not per_sample:
             # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
             dw = _scale_out(vw, sa * sg, None).add_(_ones_weight_grad(t, qa, qw, args, c * sa, total))
         elif need_w:
@@ -1355,10 +1408,10 @@ def _take(v: Tensor, idx: Tensor) -> Tensor:
     return torch.index_select(v, 0, idx, out=out)
 
 
-def _shape_only(like: Tensor) -> Tensor:
-    """A float32 stand-in with ``like``'s shape and layout for a convolution_backward operand whose gradient
-    is not asked for: never written or read (an expanded scalar took oneDNN off its fast path: 1.6x slower)."""
-    return torch.empty_like(like, dtype=torch.float32)
+def _shape_only(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A stand-in with ``like``'s shape and layout for a convolution_backward operand whose gradient is not
+    asked for: never written or read (an expanded scalar took oneDNN off its fast path: 1.6x slower)."""
+    return torch.empty_like(like, dtype=dtype)
 
 
 def _weight_values(qw: Tensor, sw: Tensor, transposed: bool) -> Tensor:
@@ -1655,9 +1708,12 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             int8 = _int8_forward_reason(x, weight, conv) is None
             qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=not int8)
         qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
-    if kept is not None and x.requires_grad and _int8_input_grad_reason(x, weight, conv, sw, _grad_bits(gq)) is None:
-        kept = kept._replace(int8_dx=True)
-    _remember_int8(aq, qa is None, kept is not None and kept.int8_dx)
+    if kept is not None:
+        gbits = _grad_bits(gq)
+        kept = kept._replace(
+            int8_dx=x.requires_grad and _int8_input_grad_reason(x, weight, conv, sw, gbits) is None,
+            int8_dw=weight.requires_grad and _int8_weight_grad_reason(x, weight, conv, gbits) is None)
+    _remember_int8(aq, (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
@@ -1672,10 +1728,11 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     return out
 
 
-def _remember_int8(q, forward: bool, input_grad: bool) -> None:
-    """Keep whether the last call ran its forward and input-gradient products on int8 (product_paths)."""
-    if q.__dict__.get("_native_int8") != (forward, input_grad):
-        q.__dict__["_native_int8"] = (forward, input_grad)
+def _remember_int8(q, products: Tuple[bool, bool, bool]) -> None:
+    """Keep which of the last call's products (forward, input gradient, weight gradient) ran on int8
+    (product_paths, op_paths)."""
+    if q.__dict__.get("_native_int8") != products:
+        q.__dict__["_native_int8"] = products
 
 
 def _remember_bn(q, note: str) -> None:
@@ -2301,8 +2358,8 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
                 gbits = min(gbits, MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
             runs = (path,) + tuple("fp32" if f else path for f in _fp32_backward(qa, qb, gbits))
             if path == "bf16" and node.target in _BF16_FIRST_Q:  # products on oneDNN's int8 convolution
-                fwd, dx = qa.__dict__.get("_native_int8", (False, False))
-                runs = ("int8" if fwd else runs[0], "int8" if dx and runs[1] == "bf16" else runs[1]) + runs[2:]
+                int8 = qa.__dict__.get("_native_int8", (False, False, False))
+                runs = tuple("int8" if f and how == "bf16" else how for how, f in zip(runs, int8)) + runs[3:]
             if path == "int8":  # int8 ops are never gated: gbits is _grad_bits(gq)
                 runs = tuple("fp8" if how == "int8" and f else how for how, f in zip(runs, _last_call_fp8(qa, qb, gq)))
             out[node.name] = runs
@@ -2348,11 +2405,11 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
                                                  _last_call_fp8(*mods)) if f]
                 if names:
                     note = "; ".join(filter(None, [note, f"{', '.join(names)} on FP8 e4m3 (<= 4-bit codes: exact)"]))
-            int8 = mods[0].__dict__.get("_native_int8", (False, False)) if path == "bf16" else (False, False)
+            int8 = mods[0].__dict__.get("_native_int8", (False,) * 3) if path == "bf16" else (False,) * 3
             if node.target in _BF16_FIRST_Q and any(int8):
-                which = " and ".join(w for w, f in zip(("the forward product", "the input gradient's"), int8) if f)
-                note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (oneDNN's int8 "
-                                                     "convolution, exact)"]))
+                which = ", ".join(w for w, f in zip(("the forward product", "the input gradient's",
+                                                     "the weight gradient's"), int8) if f)
+                note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (exact)"]))
             bn_note = mods[0].__dict__.get("_native_bn") if node.target in _FUSED.values() and path == "bf16" else None
             if bn_note:  # how the last call ran the fused BatchNorm
                 note = "; ".join(filter(None, [note, bn_note]))

@@ -246,7 +246,7 @@ def test_input_codes_come_with_their_bytes_from_one_pass(shape, layout, bits):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     mn, mx = torch.aminmax(x)
-    q, s, (u, lo, _) = native._bf16_input_codes(x, mn, mx, bits)
+    q, s, (u, lo, *_) = native._bf16_input_codes(x, mn, mx, bits)
     want_q, want_s = native._bf16_codes(x, mn, mx, float(2**bits - 1))
     assert torch.equal(q.view(torch.int16), want_q.view(torch.int16)) and torch.equal(s, want_s)
     assert u.dtype == torch.uint8 and u.stride() == x.stride()

@@ -164,8 +164,8 @@ def test_input_bytes_without_codes_are_the_same_bytes(shape, bits):
     x.view(-1)[:4] = torch.tensor([-0.0, 0.0, float(2**bits), -float(2**bits)])  # zeros and ties
     x = x.contiguous(memory_format=CL)
     mn, mx = torch.aminmax(x)
-    q, s, (u, lo, _) = native._bf16_input_codes(x, mn, mx, bits)
-    none, s2, (u2, lo2, _) = native._bf16_input_codes(x, mn, mx, bits, codes=False)
+    q, s, (u, lo, *_) = native._bf16_input_codes(x, mn, mx, bits)
+    none, s2, (u2, lo2, *_) = native._bf16_input_codes(x, mn, mx, bits, codes=False)
     assert none is None and torch.equal(s, s2) and lo == lo2
     assert u2.dtype == torch.uint8 and u2.stride() == x.stride() and torch.equal(u2, u)
 
@@ -193,9 +193,12 @@ def _step(qmodel, x):
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 @pytest.mark.parametrize("make", [Conv, Block], ids=["conv", "fused block"])
 def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_scale, monkeypatch):
-    """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the int8 products on
-    and off give the same output, gradients and running statistics bit for bit, and the same losses over
-    SGD steps; at 8 bits the weights are made positive, so their codes (0..255) need the shift."""
+    """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the forward and input
+    gradient's int8 products on and off give the same output, gradients and running statistics bit for
+    bit, and the same losses over SGD steps; at 8 bits the weights are made positive, so their codes
+    (0..255) need the shift. (The weight gradient's int8 product is exact, which bf16's is not: the next
+    tests.)"""
+    monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
     torch.manual_seed(bits)
     model = make().to(memory_format=CL)
     if bits == 8:
@@ -282,7 +285,8 @@ def test_convolutions_the_int8_forward_does_not_take_keep_the_bf16_product_and_s
     nat(x).sum().backward()
     assert not calls
     (name,) = native.product_paths(nat)
-    assert native.product_paths(nat)[name][0] == "bf16" and "on int8 at the last call" not in native.op_paths(nat)[name][1]
+    note = native.op_paths(nat)[name][1]
+    assert native.product_paths(nat)[name][0] == "bf16" and "the forward product" not in note
 
 
 @pytest.mark.parametrize("what", ["strided", "padding beyond the kernel", "per-channel weights", "switched off"])
@@ -316,5 +320,151 @@ def test_input_gradients_the_int8_product_does_not_take_keep_the_bf16_one_and_sa
         nat(xx).square().sum().backward()
         grads[on] = xx.grad
         assert native.product_paths(nat)["conv"][:2] == ("int8", "fp32" if what == "per-channel weights" else "bf16")
-        assert "the input gradient's on int8" not in native.op_paths(nat)["conv"][1]
+        assert "the input gradient's" not in native.op_paths(nat)["conv"][1]
     assert torch.equal(grads[True], grads[False])
+
+
+WG_VARIANTS = [(8, 16), (24, 32), (16, 16), (32, 16)]  # input channels 8 and 24 take the scalar repacking
+
+
+@pytest.mark.parametrize("cin, cout", WG_VARIANTS)
+def test_weight_gradient_kernel_is_exact(cin, cout):
+    """weight_grad_u8: the window products of the gradient's and input's codes and the windows' sums of
+    the input codes equal a float64 convolution_backward's over kernel sizes, paddings, dilations, widths
+    whose rows do and do not fill the 16-pixel repacking blocks, code offsets and zero points."""
+    ext = native._ext()
+    if not ext.vnni_weight_grad():
+        pytest.skip("the CPU kernels were built without AVX512-VNNI")
+    g = torch.Generator().manual_seed(cin + cout)
+    cases = 0
+    for (kh, kw), p, d, (h, w), lo, kg in itertools.product([(1, 1), (3, 3), (5, 3), (3, 1)], [0, 1, 2], [1, 2],
+                                                           [(7, 9), (8, 8), (12, 12), (5, 20)], [0, -37], [0, 100]):
+        ho, wo = h + 2 * p - d * (kh - 1), w + 2 * p - d * (kw - 1)
+        if ho < 1 or wo < 4 or wo % 4:
+            continue
+        ua = torch.randint(0, 256, (3, cin, h, w), generator=g, dtype=torch.uint8).contiguous(memory_format=CL)
+        ug = torch.randint(0, 256, (3, cout, ho, wo), generator=g, dtype=torch.uint8).contiguous(memory_format=CL)
+        prod, sums = ext.weight_grad_u8(ug, float(kg), ua, float(lo), kh, kw, [p, p], [d, d])
+        qa, t = ua.double() + lo, ug.double() - kg
+        geometry = ([1, 1], [p, p], [d, d], False, [0, 0], 1)
+        want = torch.ops.aten.convolution_backward(t, qa, torch.zeros(cout, cin, kh, kw, dtype=torch.float64), None,
+                                                   *geometry, [False, True, False])[1]
+        ones = torch.ones(1, 1, ho, wo, dtype=torch.float64)
+        want_sums = torch.ops.aten.convolution_backward(ones, qa.sum(0, keepdim=True),
+                                                        torch.zeros(1, cin, kh, kw, dtype=torch.float64), None,
+                                                        *geometry, [False, True, False])[1]
+        assert torch.equal(prod, want) and torch.equal(sums, want_sums), ((kh, kw), p, d, (h, w), lo, kg)
+        cases += 1
+    assert cases == 160
+
+
+def _conv_grads(qmodel, x):
+    xx = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    out = qmodel(xx)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+    return {n: p.grad for n, p in qmodel.named_parameters() if n.endswith("weight") and p.dim() == 4}
+
+
+@pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_int8_weight_gradient_is_the_simulations_to_float32_rounding(bits, weight_scale, monkeypatch):
+    """A channels-last convolution's weight gradient on the VNNI kernel: within float32 rounding of the
+    simulation (1e-5 of its largest magnitude), where the bf16 product is off by its output rounding."""
+    torch.manual_seed(bits)
+    model = Conv().to(memory_format=CL)
+    x = torch.randn(8, 16, 12, 12).contiguous(memory_format=CL)
+    plan = fracpass.Plan.static(bits, bits, bits, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    sim = fracpass.transform(model, plan, example_inputs=(x,))
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    want = _conv_grads(sim, x)["conv.weight"]
+    ran = copy.deepcopy(nat)
+    got = _conv_grads(ran, x)["conv.weight"]
+    assert native.product_paths(ran)["conv"][2] == "int8" and "the weight gradient's" in native.op_paths(ran)["conv"][1]
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * scale and got.stride() == model.conv.weight.stride()
+    monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
+    ran = copy.deepcopy(nat)
+    bf16 = _conv_grads(ran, x)["conv.weight"]
+    assert native.product_paths(ran)["conv"][2] == "bf16"
+    assert float((bf16 - want).abs().max()) <= 2.0**-8 * 4 * scale  # the bf16 route: its output rounding
+
+
+@pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
+def test_a_fused_block_trains_with_the_int8_weight_gradient_as_with_bf16s(weight_scale, monkeypatch):
+    """The fused conv-BN blocks' weight gradients on the VNNI kernel and on bf16: the same within bf16's
+    output rounding, and SGD's losses stay together."""
+    torch.manual_seed(0)
+    model = Block().to(memory_format=CL)
+    x = torch.randn(8, 16, 12, 12).contiguous(memory_format=CL)
+    plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    ran = copy.deepcopy(nat)
+    got = _conv_grads(ran, x)
+    assert all(p[2] == "int8" for n, p in native.product_paths(ran).items() if "conv" in n)
+    monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
+    want = _conv_grads(copy.deepcopy(nat), x)
+    assert got.keys() == want.keys() and len(got) == 2
+    for name in got:
+        assert float((got[name] - want[name]).abs().max()) <= 2.0**-8 * 4 * float(want[name].abs().max()), name
+    losses = {}
+    for on in (True, False):
+        monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", on)
+        trained = copy.deepcopy(nat)
+        opt = torch.optim.SGD(trained.parameters(), lr=0.05)
+        losses[on] = []
+        for k in range(3):
+            torch.manual_seed(k)
+            loss = nn.functional.cross_entropy(trained(x), torch.arange(8) % 3)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[on].append(float(loss.detach()))
+    assert max(abs(a - b) for a, b in zip(losses[True], losses[False])) <= 1e-3 * max(losses[False])
+
+
+@pytest.mark.parametrize("what", ["strided", "8 output channels", "a 5-wide kernel", "output 6 wide", "switched off"])
+def test_weight_gradients_the_vnni_kernel_does_not_take_keep_bf16_and_say_why(what, monkeypatch):
+    torch.manual_seed(0)
+    cin, cout, k, stride, width = 16, 16, 3, 1, 8
+    if what == "strided":
+        stride = 2
+    elif what == "8 output channels":
+        cout = 8
+    elif what == "a 5-wide kernel":
+        k = 5
+    elif what == "output 6 wide":
+        width = 6
+    x = torch.randn(4, cin, 8, width).contiguous(memory_format=CL)
+    model = Conv()
+    model.conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+    nat = fracpass.transform(model.to(memory_format=CL), fracpass.Plan.static(8, 8, 8), example_inputs=(x,),
+                             execution="native")
+    if what == "switched off":
+        monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
+    c = model.conv
+    why = native._int8_weight_grad_reason(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False,
+                                                        [0, 0], 1), 8)
+    expect = {"strided": "a strided convolution", "8 output channels": "8 output channels",
+              "a 5-wide kernel": "a kernel 5 wide", "output 6 wide": "an output 6 wide",
+              "switched off": "INT8_WEIGHT_GRAD is False"}[what]
+    assert why is not None and expect in why, why
+    calls = []
+    monkeypatch.setattr(native, "_int8_weight_grad", lambda *a: calls.append(1))
+    nat(x).square().sum().backward()
+    assert not calls and native.product_paths(nat)["conv"][2] == "bf16"
+    assert "the weight gradient's" not in native.op_paths(nat)["conv"][1]
+
+
+def test_weight_gradient_kernel_sums_past_int32():
+    """71,680 pixels of |t q_a| = 128 x 255: each int32 lane would pass 2^31; the kernel flushes into int64."""
+    ext = native._ext()
+    if not ext.vnni_weight_grad():
+        pytest.skip("the CPU kernels were built without AVX512-VNNI")
+    ua = torch.full((70, 8, 32, 32), 255, dtype=torch.uint8).contiguous(memory_format=CL)
+    ug = torch.zeros(70, 16, 32, 32, dtype=torch.uint8).contiguous(memory_format=CL)
+    prod, sums = ext.weight_grad_u8(ug, 128.0, ua, 0.0, 1, 1, [0, 0], [1, 1])
+    pixels = 70 * 32 * 32
+    assert -128 * 255 * pixels < -2**31
+    assert torch.equal(prod, torch.full((16, 8, 1, 1), -128.0 * 255 * pixels, dtype=torch.float64))
+    assert torch.equal(sums, torch.full((1, 8, 1, 1), 255.0 * pixels, dtype=torch.float64))

@@ -44,6 +44,8 @@
 //                the weight's bfloat16 codes as int8 (shifted per output channel where 8-bit codes do not
 //                fit), and the shifted channels' product corrected with the input codes' window sums and
 //                rounded once to bfloat16 (the product the bf16 convolution computes).
+//   weight_grad_u8: dw's window products of a stride-1 2-D convolution from the gradient's and the input's
+//                bytes on AVX512-VNNI (vpdpbusd), exact in int64, with the windows' sums of the input codes.
 //   bn_forward_bf16 / bn_backward_bf16: the fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the
 //                convolution's channels-last bf16 product (the section before them says how).
 #include <torch/extension.h>
@@ -423,19 +425,23 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
       if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
       const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = row_value(pz, nz, r);
       const int64_t j0 = i, j1 = stop;
+      // in blocks, each block's codes read back as the bytes q = t + shift while in cache (a byte store in
+      // these loops stopped GCC vectorizing them: 8x slower)
+      constexpr int64_t kBlock = 4096;
       if (out != nullptr) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-          float q = std::floor((src[j] - k_mn) / k_s + u);
-          q = q > k_lv ? k_lv : q;
-          out[j] = q * k_s + k_mn;
-          codes[j] = bf16_top(q - k_hl);
+        for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+          const int64_t b1 = std::min(j1, b0 + kBlock);
+          for (int64_t j = b0; j < b1; ++j) {
+            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+            float q = std::floor((src[j] - k_mn) / k_s + u);
+            q = q > k_lv ? k_lv : q;
+            out[j] = q * k_s + k_mn;
+            codes[j] = bf16_top(q - k_hl);
+          }
+          if (qbytes != nullptr) codes_to_bytes(codes, qbytes, b0, b1, -k_hl);
         }
       } else {
-        // in blocks, each block's codes read back as the bytes q = t + shift while in cache (a byte store
-        // in this loop stopped GCC vectorizing it: 8x slower)
-        constexpr int64_t kBlock = 4096;
         for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
           const int64_t b1 = std::min(j1, b0 + kBlock);
           for (int64_t j = b0; j < b1; ++j) {
@@ -1372,6 +1378,244 @@ torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& 
   return v;
 }
 
+// ---- dw's product of a stride-1 2-D convolution (groups 1) on AVX512-VNNI ---------------------------------
+// I[co, ci, kh, kw] = sum over n, oh, ow of t[n, co, oh, ow] q_a[n, ci, oh - p_h + kh d_h, ow - p_w + kw d_w]
+// with t = u_g - k_g (the gradient's bytes less its zero point) and q_a = u_a + lo (code 0 in the padding),
+// exact (int32 products summed into int64), and Q[ci, kh, kw], the same windows' sums of q_a (the
+// gradient offset's correction). vpdpbusd multiplies 4 unsigned bytes by 4 signed ones: the input's
+// bytes, laid out [n][h'][ci][w'] with the padding filled (4 neighbouring pixels of a channel in 4
+// bytes, broadcast), by the gradient's, less 128, laid out per block of 16 output channels as
+// [4 pixels][16 channels][4 bytes] (one 64-byte vector a 4-pixel group); the 128 and k_g come back
+// through the window sums: sum t q_a = I' + (128 - k_g) sum u_a + lo sum t, I' the VNNI sums.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+namespace {
+
+// 4 pixels' 16 channel bytes as [channel][pixel] bytes less 128 (int8): vpdpbusd's signed operand.
+inline __m512i channels_by_pixels(__m128i p0, __m128i p1, __m128i p2, __m128i p3) {
+  const __m128i a = _mm_unpacklo_epi8(p0, p1), b = _mm_unpacklo_epi8(p2, p3);  // channels 0..7
+  const __m128i c = _mm_unpackhi_epi8(p0, p1), d = _mm_unpackhi_epi8(p2, p3);  // channels 8..15
+  __m512i r = _mm512_castsi128_si512(_mm_unpacklo_epi16(a, b));
+  r = _mm512_inserti32x4(r, _mm_unpackhi_epi16(a, b), 1);
+  r = _mm512_inserti32x4(r, _mm_unpacklo_epi16(c, d), 2);
+  r = _mm512_inserti32x4(r, _mm_unpackhi_epi16(c, d), 3);
+  return _mm512_xor_si512(r, _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// r[j] (16 bytes each) -> r[c][j] = old r[j][c]: a 16x16 byte transpose in four interleaving stages.
+inline void transpose_16x16_u8(__m128i* r) {
+  __m128i a[16], b[16], c[16];
+  for (int i = 0; i < 8; ++i) a[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]), a[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  for (int q = 0; q < 4; ++q) {  // rows 4q..4q+3: channels 0-3, 4-7, 8-11, 12-15
+    b[4 * q] = _mm_unpacklo_epi16(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 1] = _mm_unpackhi_epi16(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 2] = _mm_unpacklo_epi16(a[4 * q + 1], a[4 * q + 3]);
+    b[4 * q + 3] = _mm_unpackhi_epi16(a[4 * q + 1], a[4 * q + 3]);
+  }
+  for (int h = 0; h < 2; ++h)  // rows 8h..8h+7: channel pairs
+    for (int k = 0; k < 4; ++k) {
+      c[8 * h + 2 * k] = _mm_unpacklo_epi32(b[8 * h + k], b[8 * h + 4 + k]);
+      c[8 * h + 2 * k + 1] = _mm_unpackhi_epi32(b[8 * h + k], b[8 * h + 4 + k]);
+    }
+  for (int k = 0; k < 8; ++k) r[2 * k] = _mm_unpacklo_epi64(c[k], c[8 + k]), r[2 * k + 1] = _mm_unpackhi_epi64(c[k], c[8 + k]);
+}
+
+// One task: 16 output channels (block cb) x 8 input channels (from c0) x one kernel row kh, every kw.
+template <int KW>
+void weight_grad_task(const int8_t* gb, const uint8_t* ap, int64_t N, int64_t Ho, int64_t Wo, int64_t Hp, int64_t Wp,
+                      int64_t Ci, int64_t c0, int64_t kh, int64_t dh, int64_t dw, int64_t groups_per_block,
+                      int64_t* total /* [KW][8][16] */) {
+  const int64_t gpr = Wo / 4;  // 4-pixel groups per output row
+  // rows per flush: each lane gains at most 4 * 255 * 128 a group, so int32 holds 16384 groups
+  const int64_t rows_per_flush = std::max<int64_t>(1, 16000 / gpr), rows = N * Ho;
+  alignas(64) int32_t lanes[16];
+  for (int64_t r0 = 0; r0 < rows; r0 += rows_per_flush) {
+    __m512i acc[KW][8];
+#pragma GCC unroll 8
+    for (int kw = 0; kw < KW; ++kw)
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) acc[kw][c] = _mm512_setzero_si512();
+    for (int64_t r = r0; r < std::min(rows, r0 + rows_per_flush); ++r) {
+      const int64_t n = r / Ho, oh = r % Ho;
+      const uint8_t* arow = ap + ((n * Hp + oh + kh * dh) * Ci + c0) * Wp;
+      const int8_t* grow = gb + r * gpr * 64;
+      for (int64_t g = 0; g < gpr; ++g) {
+        const __m512i gv = _mm512_loadu_si512(grow + g * 64);
+        const uint8_t* a = arow + g * 4;
+#pragma GCC unroll 8
+        for (int kw = 0; kw < KW; ++kw)
+#pragma GCC unroll 8
+          for (int c = 0; c < 8; ++c) {
+            int32_t a4;
+            std::memcpy(&a4, a + c * Wp + kw * dw, sizeof a4);
+            acc[kw][c] = _mm512_dpbusd_epi32(acc[kw][c], _mm512_set1_epi32(a4), gv);
+          }
+      }
+    }
+#pragma GCC unroll 8
+    for (int kw = 0; kw < KW; ++kw)
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        _mm512_store_si512(lanes, acc[kw][c]);
+        int64_t* dst = total + (kw * 8 + c) * 16;
+        for (int l = 0; l < 16; ++l) dst[l] += lanes[l];
+      }
+  }
+  (void)groups_per_block;
+}
+
+}  // namespace
+
+bool vnni_weight_grad() { return true; }
+
+std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, const torch::Tensor& ua, double lo,
+                                          int64_t KH, int64_t KW, std::vector<int64_t> pad,
+                                          std::vector<int64_t> dilation) {
+  TORCH_CHECK(ug.scalar_type() == torch::kByte && ua.scalar_type() == torch::kByte && ug.dim() == 4 && ua.dim() == 4 &&
+                  pad.size() == 2 && dilation.size() == 2 && ug.size(0) == ua.size(0),
+              "weight_grad_u8: a 2-D convolution's gradient and input bytes and its geometry");
+  const int64_t N = ug.size(0), Co = ug.size(1), Ho = ug.size(2), Wo = ug.size(3);
+  const int64_t Ci = ua.size(1), H = ua.size(2), W = ua.size(3);
+  check_channels_last(ug, Co, "weight_grad_u8 (gradient bytes)");
+  check_channels_last(ua, Ci, "weight_grad_u8 (input bytes)");
+  const int64_t ph = pad[0], pw = pad[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK(Co % 16 == 0 && Ci % 8 == 0 && Wo % 4 == 0 && KW >= 1 && KW <= 3 && KH >= 1 && Wo / 4 <= 16000,
+              "weight_grad_u8: needs C_out % 16 == 0, C_in % 8 == 0, W_out % 4 == 0 and a kernel 1..3 wide");
+  TORCH_CHECK(Ho == H + 2 * ph - dh * (KH - 1) && Wo == W + 2 * pw - dw * (KW - 1),
+              "weight_grad_u8: the output's size is not a stride-1 convolution's of the input");
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, gpr = Wo / 4, groups = N * Ho * gpr, CB = Co / 16;
+  const uint8_t* pg = ug.data_ptr<uint8_t>();
+  const uint8_t* pa = ua.data_ptr<uint8_t>();
+  // the gradient: [cb][group][16 channels][4 pixels] int8 (u - 128), and each channel's sum of u
+  std::vector<int8_t> gb(CB * groups * 64);
+  const int threads = at::get_num_threads();
+  std::vector<int64_t> gsum(static_cast<size_t>(threads) * Co, 0);
+  at::parallel_for(0, N * Ho, 4, [&](int64_t b, int64_t e) {
+    int64_t* mine = gsum.data() + static_cast<size_t>(at::get_thread_num()) * Co;
+    alignas(64) int32_t lanes[16];
+    for (int64_t r = b; r < e; ++r) {
+      const uint8_t* src = pg + r * Wo * Co;
+      for (int64_t cb = 0; cb < CB; ++cb) {
+        __m512i sum = _mm512_setzero_si512();  // the row's sums of 16 channels (at most 255 W_out each)
+        int8_t* dst = gb.data() + (cb * N * Ho + r) * gpr * 64;
+        for (int64_t g = 0; g < gpr; ++g) {
+          __m128i p[4];
+          for (int j = 0; j < 4; ++j) {
+            p[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (g * 4 + j) * Co + cb * 16));
+            sum = _mm512_add_epi32(sum, _mm512_cvtepu8_epi32(p[j]));
+          }
+          _mm512_storeu_si512(dst + g * 64, channels_by_pixels(p[0], p[1], p[2], p[3]));
+        }
+        _mm512_store_si512(lanes, sum);
+        for (int l = 0; l < 16; ++l) mine[cb * 16 + l] += lanes[l];
+      }
+    }
+  });
+  // the input: [n][h'][ci][w'] bytes, the padding filled with -lo (code 0)
+  const uint8_t fill = static_cast<uint8_t>(static_cast<int32_t>(-lo));
+  std::vector<uint8_t> ap(N * Hp * Ci * Wp);
+  at::parallel_for(0, N * Hp, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      uint8_t* dst = ap.data() + r * Ci * Wp;
+      const int64_t h = r % Hp - ph;
+      if (h < 0 || h >= H) {
+        std::memset(dst, fill, Ci * Wp);
+        continue;
+      }
+      const uint8_t* src = pa + ((r / Hp) * H + h) * W * Ci;
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        uint8_t* d = dst + ci * Wp;
+        std::memset(d, fill, pw);
+        std::memset(d + pw + W, fill, Wp - pw - W);
+      }
+      int64_t x = 0;
+      if (Ci % 16 == 0)  // 16 (or 8) pixels x 16 channels at a time
+        for (; x + 8 <= W; x += (x + 16 <= W ? 16 : 8)) {
+          const int64_t px = x + 16 <= W ? 16 : 8;
+          for (int64_t cb = 0; cb < Ci; cb += 16) {
+            __m128i rw[16];
+            for (int j = 0; j < 16; ++j)
+              rw[j] = j < px ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (x + j) * Ci + cb)) : _mm_setzero_si128();
+            transpose_16x16_u8(rw);
+            for (int c = 0; c < 16; ++c) {
+              uint8_t* d = dst + (cb + c) * Wp + pw + x;
+              if (px == 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(d), rw[c]);
+              else _mm_storel_epi64(reinterpret_cast<__m128i*>(d), rw[c]);
+            }
+          }
+        }
+      for (; x < W; ++x)
+        for (int64_t ci = 0; ci < Ci; ++ci) dst[ci * Wp + pw + x] = src[x * Ci + ci];
+    }
+  });
+  // the VNNI sums, one task per (16 output channels, 8 input channels, kernel row)
+  std::vector<int64_t> total(CB * (Ci / 8) * KH * KW * 8 * 16, 0);
+  at::parallel_for(0, CB * (Ci / 8) * KH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t cb = task / ((Ci / 8) * KH), c8 = (task / KH) % (Ci / 8), kh = task % KH;
+      int64_t* out = total.data() + task * KW * 8 * 16;
+      const int8_t* g = gb.data() + cb * groups * 64;
+      if (KW == 1) weight_grad_task<1>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
+      else if (KW == 2) weight_grad_task<2>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
+      else weight_grad_task<3>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
+    }
+  });
+  // Q: the windows' sums of q_a = u_a + lo, from the input bytes summed over the batch (the padding: fill)
+  const int64_t hwc = H * W * Ci;
+  std::vector<int32_t> bsum(hwc, 0);  // [h][w][ci], at most N * 255 each
+  at::parallel_for(0, hwc, 1 << 12, [&](int64_t b, int64_t e) {
+    int32_t* __restrict dst = bsum.data();
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* __restrict src = pa + n * hwc;
+      for (int64_t j = b; j < e; ++j) dst[j] += src[j];
+    }
+  });
+  auto I = torch::empty({Co, Ci, KH, KW}, ug.options().dtype(torch::kDouble));
+  auto Q = torch::empty({1, Ci, KH, KW}, ug.options().dtype(torch::kDouble));
+  double* pi = I.data_ptr<double>();
+  double* pq = Q.data_ptr<double>();
+  const double count = static_cast<double>(N * Ho * Wo);
+  std::vector<double> usum(Ci * KH * KW);  // sum of u_a over each window (padding: the fill)
+  for (int64_t ci = 0; ci < Ci; ++ci)
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        int64_t s = 0;
+        for (int64_t oh = 0; oh < Ho; ++oh) {
+          const int64_t h = oh + kh * dh - ph;
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            const int64_t w = ow + kw * dw - pw;
+            s += (h >= 0 && h < H && w >= 0 && w < W) ? bsum[(h * W + w) * Ci + ci] : N * static_cast<int64_t>(fill);
+          }
+        }
+        usum[(ci * KH + kh) * KW + kw] = static_cast<double>(s);
+        pq[(ci * KH + kh) * KW + kw] = static_cast<double>(s) + lo * count;
+      }
+  std::vector<double> tsum(Co, 0.0);  // sum of t = u_g - k_g per output channel
+  for (int t = 0; t < threads; ++t)
+    for (int64_t co = 0; co < Co; ++co) tsum[co] += static_cast<double>(gsum[static_cast<size_t>(t) * Co + co]);
+  for (int64_t co = 0; co < Co; ++co) tsum[co] -= kg * count;
+  for (int64_t cb = 0; cb < CB; ++cb)
+    for (int64_t c8 = 0; c8 < Ci / 8; ++c8)
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const int64_t* t = total.data() + ((cb * (Ci / 8) + c8) * KH + kh) * KW * 8 * 16;
+        for (int64_t kw = 0; kw < KW; ++kw)
+          for (int64_t c = 0; c < 8; ++c)
+            for (int64_t l = 0; l < 16; ++l) {
+              const int64_t co = cb * 16 + l, ci = c8 * 8 + c, k = (ci * KH + kh) * KW + kw;
+              pi[co * Ci * KH * KW + k] = static_cast<double>(t[(kw * 8 + c) * 16 + l]) + (128.0 - kg) * usum[k] +
+                                          lo * tsum[co];
+            }
+      }
+  return {I, Q};
+}
+#else
+bool vnni_weight_grad() { return false; }
+
+std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor&, double, const torch::Tensor&, double, int64_t, int64_t,
+                                          std::vector<int64_t>, std::vector<int64_t>) {
+  TORCH_CHECK(false, "weight_grad_u8: built without AVX512-VNNI");
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codes_to_u8", &codes_to_u8, "bytes q - offset of bfloat16 codes spanning <= 256 values, layout kept");
   m.def("u8_to_codes", &u8_to_codes, "bfloat16 codes u + offset of codes_to_u8's bytes, layout kept, and their sum over dim 0 if asked");
@@ -1382,6 +1626,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
   m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
   m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, if asked, and if asked the same codes as bytes q - lo");
+  m.def("vnni_weight_grad", &vnni_weight_grad, "whether weight_grad_u8 was built (AVX512-VNNI)");
+  m.def("weight_grad_u8", &weight_grad_u8, "dw's exact integer product of a stride-1 2-D convolution from the gradient's and input's bytes, and the windows' sums of the input codes");
   m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes t = q - k_c of bfloat16 codes, k_c per output channel (0 where they fit)");
   m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked, q as bytes if asked");
