@@ -1182,12 +1182,13 @@ def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
     return int8_support()
 
 
-def _int8_product(kept: tuple, qw: Tensor, conv) -> Tensor:
+def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
     """conv(q_a, q_w) as bfloat16 from the input's bytes u = q_a - lo (zero point -lo: the padding is code
     0, the real zero) and the weight's codes: exact in int32, rounded once to bfloat16, as the bf16
     convolution's float32 sum is while it stays under 2^24. 8-bit weight codes that do not fit int8 run
     as t = q_w - k_c, and v = bfloat16(y + k_c S) with S the input codes' window sums over every channel
-    and tap (ext.shifted_product_bf16)."""
+    and tap (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
+    (_scale_out's), in the shift's pass where there is one."""
     stride, padding, dilation, _, _, groups = conv
     u, lo = kept[0], kept[1]
     ext = _ext(u)
@@ -1198,9 +1199,14 @@ def _int8_product(kept: tuple, qw: Tensor, conv) -> Tensor:
     y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, one, torch.zeros(1, dtype=torch.int64), None, stride,
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
-    if shifted:
-        return ext.shifted_product_bf16(y, u, lo, k, t.shape[2], t.shape[3], stride, padding, dilation)
-    return y
+    geometry = (t.shape[2], t.shape[3], stride, padding, dilation)
+    if epilogue is None:
+        return ext.shifted_product_bf16(y, u, lo, k, *geometry, _NONE_F, _NONE_F) if shifted else y
+    scale, addend = epilogue
+    if shifted and scale.numel() == 1 and _same_sample_layout(addend, y):
+        return ext.shifted_product_bf16(y, u, lo, k, *geometry, scale.reshape(1).float(), addend)
+    v = ext.shifted_product_bf16(y, u, lo, k, *geometry, _NONE_F, _NONE_F) if shifted else y
+    return _scale_out(v, scale, None, addend=addend)
 
 
 def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, factor: Tensor,
@@ -1217,15 +1223,15 @@ def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, f
     return torch.empty_strided(qw.shape, qw.stride()).copy_(dw)
 
 
-def _int8_input_grad(kept_g: tuple, qw: Tensor, conv) -> Tensor:
-    """conv^T(t, q_w) of a stride-1 convolution as bfloat16: the convolution of the gradient's codes (bytes
-    q, zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes swapped,
-    dilated as the forward, padded d (K - 1) - p (_int8_product's arithmetic)."""
+def _int8_input_grad(kept_g: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
+    """dx from conv^T(t, q_w) of a stride-1 convolution: the convolution of the gradient's codes (bytes q,
+    zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes swapped, dilated
+    as the forward, padded d (K - 1) - p (_int8_product's arithmetic, with its ``epilogue``)."""
     _, padding, dilation, _, _, _ = conv
     pad = [d * (k - 1) - p for p, d, k in zip(padding, dilation, qw.shape[2:])]
     flipped = qw.flip(2, 3).transpose(0, 1)
     u = kept_g[0].contiguous(memory_format=torch.channels_last)  # the codes keep the gradient's layout
-    return _int8_product((u, kept_g[1]), flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1))
+    return _int8_product((u, kept_g[1]), flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), epilogue)
 
 
 def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
@@ -1301,8 +1307,6 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         per_sample = sa.numel() > 1 or sg.numel() > 1
         mask = [need_x and not fp32_dx and not int8_dx, need_w and not per_sample and not int8_dw, False]
         vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args, mask) if any(mask) else (None,) * 3
-        if int8_dx:
-            vx = _int8_input_grad(kept_g, qw, ctx.conv)
         if need_x and fp32_dx:
             dx = torch.ops.aten.convolution_backward(ghat, _shape_only(qa), _weight_values(qw, sw, transposed),
                                                      None, *args, [True, False, False])[0]
@@ -1310,6 +1314,8 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             corr = _ones_input_grad(t, qa, qw, args)
             if sg.numel() > 1:
                 dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.mul_(sw))
+            elif int8_dx:  # (never gated)
+                dx = _int8_input_grad(kept_g, qw, ctx.conv, (sg * sw, corr.mul_(c * sw)))
             else:
                 dx = _scale_out(vx, sg * sw, None, addend=corr.mul_(c * sw))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32

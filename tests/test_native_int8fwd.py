@@ -106,7 +106,8 @@ def test_shifted_product_rejects_a_geometry_that_does_not_match():
     y = torch.zeros(2, 16, 5, 5).contiguous(memory_format=CL)
     u = torch.zeros(2, 8, 5, 5, dtype=torch.uint8).contiguous(memory_format=CL)
     with pytest.raises(RuntimeError, match="does not match"):  # 5x5 outputs of a 5x5 input need padding 1
-        native._ext().shifted_product_bf16(y, u, 0.0, torch.zeros(16), 3, 3, [1, 1], [0, 0], [1, 1])
+        native._ext().shifted_product_bf16(y, u, 0.0, torch.zeros(16), 3, 3, [1, 1], [0, 0], [1, 1], native._NONE_F,
+                                           native._NONE_F)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -135,6 +136,12 @@ def test_int8_input_gradient_is_the_bf16_one_bit_for_bit(variant):
                                                    qw.to(torch.bfloat16).contiguous(memory_format=CL), None, *conv,
                                                    [True, False, False])[0]
         assert torch.equal(_bits(got), _bits(bf16))
+        # with the epilogue (the scaled dx plus its per-sample correction, in the shift's pass where the
+        # weights are shifted): _scale_out's float32 values on that product, bit for bit
+        scale, addend = torch.rand(1) + 0.5, torch.randn(1, cin, h, w).contiguous(memory_format=CL)
+        dx = native._int8_input_grad((q.to(torch.uint8), float(-zero)), qw.to(torch.bfloat16), conv, (scale, addend))
+        want = native._scale_out(got, scale, None, addend=addend)
+        assert dx.dtype == torch.float32 and dx.stride() == want.stride() and torch.equal(dx, want)
         cases += 1
     assert cases == 26
 
@@ -212,10 +219,10 @@ def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_sca
     calls, shifted = [], []
     real = native._int8_product
 
-    def spy(kept, qw, conv):
+    def spy(kept, qw, conv, epilogue=None):
         calls.append(1)
         shifted.append(bool(native._ext().int8_weight_codes(qw)[2]))
-        return real(kept, qw, conv)
+        return real(kept, qw, conv, epilogue)
 
     monkeypatch.setattr(native, "_int8_product", spy)
     runs, products = {}, {}

@@ -1275,10 +1275,12 @@ inline uint16_t bf16_nearest(float f) {  // round to nearest even (f finite)
 // int8 convolution of the input codes with t (float32), S[n, oh, ow] the window sum over every input
 // channel and tap of the input codes u + offset (code 0 in the padding: the real zero). One rounding to
 // nearest even, from a float32 value that is exact while under 2^24, as the bf16 convolution's float32
-// accumulation is: then v equals the bf16 convolution's product bit for bit. y and u channels-last.
+// accumulation is: then v equals the bf16 convolution's product bit for bit. y and u channels-last. With a
+// scale (and an addend, one channels-last sample), v * scale (+ addend) in float32 instead, as scale_bf16
+// computes it from v: the input gradient's epilogue in the same pass.
 torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& u, double offset, const torch::Tensor& k,
                                    int64_t KH, int64_t KW, std::vector<int64_t> stride, std::vector<int64_t> pad,
-                                   std::vector<int64_t> dilation) {
+                                   std::vector<int64_t> dilation, const torch::Tensor& scale, const torch::Tensor& addend) {
   TORCH_CHECK(y.scalar_type() == torch::kFloat && y.dim() == 4 && u.scalar_type() == torch::kByte && u.dim() == 4 &&
                   stride.size() == 2 && pad.size() == 2 && dilation.size() == 2 && u.size(0) == y.size(0),
               "shifted_product_bf16: a 2-D convolution's float32 output, its uint8 input codes and its geometry");
@@ -1288,6 +1290,13 @@ torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& 
   check_channels_last(u, C, "shifted_product_bf16 (input codes)");
   TORCH_CHECK(k.scalar_type() == torch::kFloat && k.is_contiguous() && k.numel() == Co,
               "shifted_product_bf16: one float32 shift per output channel");
+  const bool epilogue = scale.numel() > 0;
+  TORCH_CHECK(!epilogue || (scale.scalar_type() == torch::kFloat && scale.numel() == 1),
+              "shifted_product_bf16: one float32 scale");
+  TORCH_CHECK(addend.numel() == 0 || (epilogue && addend.scalar_type() == torch::kFloat && addend.dim() == 4 &&
+                                      addend.size(0) == 1 && addend.size(1) == Co && addend.size(2) == Ho &&
+                                      addend.size(3) == Wo && addend.stride(1) == 1 && addend.is_non_overlapping_and_dense()),
+              "shifted_product_bf16: an addend is one channels-last float32 sample of the output, with a scale");
   // P: each input pixel's sum over channels of u + offset, in a zero border of the padding (code 0)
   const int64_t pt = pad[0], pl = pad[1], Hp = H + 2 * pt, Wp = W + 2 * pl;
   std::vector<float> P(N * Hp * Wp, 0.0f);
@@ -1353,6 +1362,41 @@ torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& 
         }
     }
   });
+  if (epilogue) {  // scale_bf16's v * s + addend (rounded twice, no FMA) on v, in the same pass
+    auto o = torch::empty_strided(y.sizes(), y.strides(), y.options());
+    const float* py = y.data_ptr<float>();
+    const float* pk = k.data_ptr<float>();
+    const float* pa = addend.numel() > 0 ? addend.data_ptr<float>() : nullptr;
+    const float sc = scale.data_ptr<float>()[0];
+    float* po = o.data_ptr<float>();
+    const int64_t per = Ho * Wo;
+    at::parallel_for(0, N * per, 1 << 8, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const float* __restrict in = py + p * Co;
+        const float* __restrict add = pa != nullptr ? pa + (p % per) * Co : nullptr;
+        float* __restrict out = po + p * Co;
+        const float s = S[p];
+        int64_t c = 0;
+#ifdef __AVX512F__
+        const __m512 vs = _mm512_set1_ps(s), vsc = _mm512_set1_ps(sc);
+        const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+        const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+        for (; c + 16 <= Co; c += 16) {
+          const __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
+          const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+          __m512 r = rounded(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(up, top)), vsc));
+          if (add != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(add + c));
+          _mm512_storeu_ps(out + c, r);
+        }
+#endif
+        for (; c < Co; ++c) {
+          volatile float r = bf16_value(bf16_nearest(std::fma(pk[c], s, in[c]))) * sc;  // rounded before the add
+          out[c] = add != nullptr ? r + add[c] : r;
+        }
+      }
+    });
+    return o;
+  }
   auto v = torch::empty_strided(y.sizes(), y.strides(), y.options().dtype(torch::kBFloat16));
   const float* py = y.data_ptr<float>();
   const float* pk = k.data_ptr<float>();
@@ -1629,7 +1673,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_weight_grad", &vnni_weight_grad, "whether weight_grad_u8 was built (AVX512-VNNI)");
   m.def("weight_grad_u8", &weight_grad_u8, "dw's exact integer product of a stride-1 2-D convolution from the gradient's and input's bytes, and the windows' sums of the input codes");
   m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes t = q - k_c of bfloat16 codes, k_c per output channel (0 where they fit)");
-  m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights");
+  m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights; with a scale, float32 v * scale (+ an addend per sample) instead");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked, q as bytes if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
   m.def("scale_bf16", &scale_bf16, "float32 v * s (* row_scale) + bias per channel (dim 1) (+ an addend per row) of a bf16 product, layout kept");
