@@ -2415,7 +2415,7 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
             if node.target in _BF16_FIRST_Q and any(int8):
                 which = ", ".join(w for w, f in zip(("the forward product", "the input gradient's",
                                                      "the weight gradient's"), int8) if f)
-                note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (exact)"]))
+                note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (exact integer sums)"]))
             bn_note = mods[0].__dict__.get("_native_bn") if node.target in _FUSED.values() and path == "bf16" else None
             if bn_note:  # how the last call ran the fused BatchNorm
                 note = "; ".join(filter(None, [note, bn_note]))
