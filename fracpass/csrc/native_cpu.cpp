@@ -1466,8 +1466,7 @@ inline void transpose_16x16_u8(__m128i* r) {
 // One task: 16 output channels (block cb) x 8 input channels (from c0) x one kernel row kh, every kw.
 template <int KW>
 void weight_grad_task(const int8_t* gb, const uint8_t* ap, int64_t N, int64_t Ho, int64_t Wo, int64_t Hp, int64_t Wp,
-                      int64_t Ci, int64_t c0, int64_t kh, int64_t dh, int64_t dw, int64_t groups_per_block,
-                      int64_t* total /* [KW][8][16] */) {
+                      int64_t Ci, int64_t c0, int64_t kh, int64_t dh, int64_t dw, int64_t* total /* [KW][8][16] */) {
   const int64_t gpr = Wo / 4;  // 4-pixel groups per output row
   // rows per flush: each lane gains at most 4 * 255 * 128 a group, so int32 holds 16384 groups
   const int64_t rows_per_flush = std::max<int64_t>(1, 16000 / gpr), rows = N * Ho;
@@ -1504,7 +1503,6 @@ void weight_grad_task(const int8_t* gb, const uint8_t* ap, int64_t N, int64_t Ho
         for (int l = 0; l < 16; ++l) dst[l] += lanes[l];
       }
   }
-  (void)groups_per_block;
 }
 
 }  // namespace
@@ -1598,9 +1596,9 @@ std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, co
       const int64_t cb = task / ((Ci / 8) * KH), c8 = (task / KH) % (Ci / 8), kh = task % KH;
       int64_t* out = total.data() + task * KW * 8 * 16;
       const int8_t* g = gb.data() + cb * groups * 64;
-      if (KW == 1) weight_grad_task<1>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
-      else if (KW == 2) weight_grad_task<2>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
-      else weight_grad_task<3>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, groups, out);
+      if (KW == 1) weight_grad_task<1>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
+      else if (KW == 2) weight_grad_task<2>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
+      else weight_grad_task<3>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
     }
   });
   // Q: the windows' sums of q_a = u_a + lo, from the input bytes summed over the batch (the padding: fill)
