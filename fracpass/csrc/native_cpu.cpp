@@ -60,6 +60,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -426,9 +427,9 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
       const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = row_value(pz, nz, r);
       const int64_t j0 = i, j1 = stop;
       // in blocks, each block's codes read back as the bytes q = t + shift while in cache (a byte store in
-      // these loops stopped GCC vectorizing them: 8x slower)
+      // this loop stopped GCC vectorizing it: 8x slower); one loop, compiled with and without the values
       constexpr int64_t kBlock = 4096;
-      if (out != nullptr) {
+      auto blocks = [&](auto with_values) {
         for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
           const int64_t b1 = std::min(j1, b0 + kBlock);
           for (int64_t j = b0; j < b1; ++j) {
@@ -436,24 +437,14 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
             const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
             float q = std::floor((src[j] - k_mn) / k_s + u);
             q = q > k_lv ? k_lv : q;
-            out[j] = q * k_s + k_mn;
+            if constexpr (decltype(with_values)::value) out[j] = q * k_s + k_mn;
             codes[j] = bf16_top(q - k_hl);
           }
           if (qbytes != nullptr) codes_to_bytes(codes, qbytes, b0, b1, -k_hl);
         }
-      } else {
-        for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
-          const int64_t b1 = std::min(j1, b0 + kBlock);
-          for (int64_t j = b0; j < b1; ++j) {
-            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-            float q = std::floor((src[j] - k_mn) / k_s + u);
-            q = q > k_lv ? k_lv : q;
-            codes[j] = bf16_top(q - k_hl);
-          }
-          if (qbytes != nullptr) codes_to_bytes(codes, qbytes, b0, b1, -k_hl);
-        }
-      }
+      };
+      if (out != nullptr) blocks(std::true_type{});
+      else blocks(std::false_type{});
       i = stop;
     }
   });
