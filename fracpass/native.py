@@ -44,8 +44,10 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   input's bytes (zero point -lo, so the padding is the real zero) times the weight codes as int8,
   int32 accumulation, rounded once to bfloat16: the bf16 convolution's product bit for bit while its
   float32 sums stay under 2^24 (30-40% faster than it on Zen 5; the encoding pass then writes only
-  the bytes). 8-bit weight codes that do not fit int8 run shifted per output channel, the shift
-  corrected with the input codes' window sums before the one rounding. With a per-tensor weight scale
+  the bytes). 8-bit weight codes span 256 values that need not fit int8: the few outside it (the
+  range's ends) split onto copies of their input channels (``SPLIT_CHANNELS``), or where too many
+  input channels hold them run shifted per output channel, the shift corrected with the input codes'
+  window sums before the one rounding. With a per-tensor weight scale
   a stride-1 convolution's input gradient runs the same way (``INT8_INPUT_GRAD``: the convolution of
   the gradient codes' bytes with the weight flipped and transposed), and its weight gradient on the
   CPU kernels' AVX512-VNNI loop (``INT8_WEIGHT_GRAD``, any weight scale; C_out a multiple of 16, C_in
@@ -1124,6 +1126,17 @@ INT8_FORWARD = True
 INT8_INPUT_GRAD = True
 INT8_WEIGHT_GRAD = True
 
+# 8-bit weight codes outside int8 split onto copies of their input channels (_int8_product) while those are
+# at most this fraction of the input channels (at least 4), else the shift: ResNet-74's per-tensor 8-bit
+# weights put 1-3 of 16-64 input channels there; 4 extra cost oneDNN's convolution 0-7 % here, the shift's
+# float32 output and correction pass 25-50 %. 0: always the shift.
+SPLIT_CHANNELS = 0.25
+
+
+def _split_limit(in_channels: int) -> int:
+    """How many extra input channels a convolution's split weight codes may take (SPLIT_CHANNELS)."""
+    return max(4, int(SPLIT_CHANNELS * in_channels)) if SPLIT_CHANNELS > 0 else 0
+
 
 def _int8_forward_reason(x: Tensor, weight: Tensor, conv) -> Optional[str]:
     """None if a per-tensor-input convolution's forward product runs on oneDNN's int8 convolution: the
@@ -1185,21 +1198,26 @@ def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
 def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
     """conv(q_a, q_w) as bfloat16 from the input's bytes u = q_a - lo (zero point -lo: the padding is code
     0, the real zero) and the weight's codes: exact in int32, rounded once to bfloat16, as the bf16
-    convolution's float32 sum is while it stays under 2^24. 8-bit weight codes that do not fit int8 run
-    as t = q_w - k_c, and v = bfloat16(y + k_c S) with S the input codes' window sums over every channel
-    and tap (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
+    convolution's float32 sum is while it stays under 2^24. 8-bit weight codes span 256 values that need
+    not fit int8: the few outside it (the range's ends) split onto copies of their input channels
+    (ext.int8_weight_codes, ext.append_channels: the same exact product, at most SPLIT_CHANNELS extra
+    channels); where more input channels hold them, the channels run as t = q_w - k_c, and v =
+    bfloat16(y + k_c S) with S the input codes' window sums over every channel and tap
+    (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
     (_scale_out's), in the shift's pass where there is one."""
     stride, padding, dilation, _, _, groups = conv
     u, lo = kept[0], kept[1]
     ext = _ext(u)
-    t, k, shifted = ext.int8_weight_codes(qw)
+    t, k, shifted, dup = ext.int8_weight_codes(qw, _split_limit(qw.shape[1]))
     zp, shifted = int(-lo), bool(shifted)
+    if dup.numel():
+        u = ext.append_channels(u, dup)
     one = torch.ones(1)  # one weight scale for the tensor: prepack reads a per-channel one value by value
     packed = torch.ops.onednn.qconv_prepack(t, one, 1.0, zp, stride, padding, dilation, groups, list(u.shape))
     y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, one, torch.zeros(1, dtype=torch.int64), None, stride,
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
-    geometry = (t.shape[2], t.shape[3], stride, padding, dilation)
+    geometry = (t.shape[2], t.shape[3], stride, padding, dilation)  # (the shift's u has no extra channels)
     if epilogue is None:
         return ext.shifted_product_bf16(y, u, lo, k, *geometry, _NONE_F, _NONE_F) if shifted else y
     scale, addend = epilogue

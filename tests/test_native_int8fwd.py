@@ -5,9 +5,10 @@ A per-tensor-input, channels-last 2-D convolution multiplies the input codes' by
 point -lo, so the padding is code 0, the real zero) by the weight codes as int8, accumulating in int32:
 the exact product, rounded once to bfloat16. The bf16 convolution rounds its float32 sum once too, and
 that sum is exact while it stays under 2^24, so the two products are equal bit for bit there, and so is
-everything computed from them. 8-bit weight codes span 256 values that need not fit int8: those output
-channels run as t = q_w - k_c, and the product is bfloat16(y + k_c S) with S the input codes' window sums
-(csrc/native_cpu.cpp, shifted_product_bf16). A stride-1 convolution's input gradient conv^T(t, q_w) is the
+everything computed from them. 8-bit weight codes span 256 values that need not fit int8: the few outside
+it split onto copies of their input channels (csrc/native_cpu.cpp, int8_weight_codes, append_channels),
+or, where too many input channels hold them, those output channels run as t = q_w - k_c, and the product
+is bfloat16(y + k_c S) with S the input codes' window sums (shifted_product_bf16). A stride-1 convolution's input gradient conv^T(t, q_w) is the
 convolution of the gradient's codes (bytes q, zero point k) with q_w flipped and its channel axes
 swapped, padded d (K - 1) - p: the same arithmetic (per-tensor weight scales; per-channel ones put the
 scale on that product's contracted axis, and it runs in float32). The tests compare with a float64
@@ -57,37 +58,120 @@ def test_weight_codes_shift_only_the_channels_that_do_not_fit_int8():
     for r, (lo, hi) in zip(rows, spans):  # each channel's codes reach both ends of its span
         r.view(-1)[:2] = torch.tensor([lo, hi], dtype=torch.float32)
     q = torch.stack(rows).to(torch.bfloat16).contiguous(memory_format=CL)  # a channels-last model's weight
-    t, k, shifted = native._ext().int8_weight_codes(q)
-    assert t.dtype == torch.int8 and t.is_contiguous() and t.shape == q.shape and bool(shifted)
-    assert k.tolist() == [0.0, -72.0, 128.0, -127.0, 0.0]
-    assert torch.equal(t.float() + k.view(-1, 1, 1, 1), q.float())
+    for limit in (0, 4):  # every input channel holds codes outside int8: more than 4 extra channels
+        t, k, shifted, dup = native._ext().int8_weight_codes(q, limit)
+        assert t.dtype == torch.int8 and t.is_contiguous() and t.shape == q.shape and bool(shifted)
+        assert k.tolist() == [0.0, -72.0, 128.0, -127.0, 0.0] and dup.numel() == 0
+        assert torch.equal(t.float() + k.view(-1, 1, 1, 1), q.float())
     fits = q[[0, 4]]
-    t, k, shifted = native._ext().int8_weight_codes(fits)
-    assert not bool(shifted) and not k.any() and torch.equal(t.float(), fits.float())
+    t, k, shifted, dup = native._ext().int8_weight_codes(fits, 0)
+    assert not bool(shifted) and not k.any() and dup.numel() == 0 and torch.equal(t.float(), fits.float())
     wide = q.float().contiguous()
     wide[1].view(-1)[:2] = torch.tensor([-200.0, 56.0])  # -200..56: 257 values
     with pytest.raises(RuntimeError, match="output channel 1's codes span 257 values"):
-        native._ext().int8_weight_codes(wide.to(torch.bfloat16))
+        native._ext().int8_weight_codes(wide.to(torch.bfloat16), 0)
+
+
+def _split_back(t: torch.Tensor, dup: torch.Tensor, cin: int) -> torch.Tensor:
+    """The codes a split weight stands for: each extra input channel added to the channel it copies."""
+    q = t[:, :cin].float().clone()
+    for j, c in enumerate(dup.tolist()):
+        q[:, c] += t[:, cin + j].float()
+    return q
+
+
+def test_weight_codes_outside_int8_split_onto_copies_of_their_input_channels():
+    """Codes 0..127 with 128 and 129 on input channel 2, 200 on 5 and 255 (two parts: 127 + 127 + 1) on 7 of
+    12: split q = a + r1 (+ r2) onto 4 copies (2, 5, 7, 7), none padded; with one part fewer, 3 padded to 4
+    with zero weights; more than the limit, or none allowed: the shift; codes down to -255: one part."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 128, (8, 12, 3, 3), generator=g).float()
+    q[3, 2, 0, 1], q[0, 5, 2, 2], q[6, 7, 1, 1], q[1, 2, 2, 0] = 128, 200, 255, 129
+    t, k, shifted, dup = native._ext().int8_weight_codes(q.to(torch.bfloat16), 4)
+    assert t.dtype == torch.int8 and t.is_contiguous() and t.shape == (8, 16, 3, 3)
+    assert not bool(shifted) and not k.any() and dup.tolist() == [2, 5, 7, 7]
+    assert torch.equal(_split_back(t, dup, 12), q)
+    assert torch.equal(t[:, :12].float(), q.clamp(-128, 127))  # the codes that fit stay where they are
+    assert t[6, 14, 1, 1] == 127 and t[6, 15, 1, 1] == 1 and t[0, 13, 2, 2] == 73 and t[1, 12, 2, 0] == 2
+    q[6, 7, 1, 1] = 250  # 127 + 123: one part
+    t, k, shifted, dup = native._ext().int8_weight_codes(q.to(torch.bfloat16), 4)
+    assert t.shape == (8, 16, 3, 3) and dup.tolist() == [2, 5, 7, 0] and not t[:, 15].any()
+    assert torch.equal(_split_back(t, dup, 12), q)
+    q[0, 9, 0, 0] = 140  # a fourth channel: 4 parts fit 4; a fifth makes 8
+    assert native._ext().int8_weight_codes(q.to(torch.bfloat16), 4)[3].tolist() == [2, 5, 7, 9]
+    q[0, 10, 0, 0] = 130
+    for limit in (4, 7, 0):
+        t, k, shifted, dup = native._ext().int8_weight_codes(q.to(torch.bfloat16), limit)
+        assert bool(shifted) and dup.numel() == 0 and t.shape == q.shape
+        assert torch.equal(t.float() + k.view(-1, 1, 1, 1), q)
+    t, k, shifted, dup = native._ext().int8_weight_codes(q.to(torch.bfloat16), 8)
+    assert not bool(shifted) and dup.tolist() == [2, 5, 7, 9, 10, 0, 0, 0] and torch.equal(_split_back(t, dup, 12), q)
+    low = -torch.randint(0, 129, (4, 6, 1, 1), generator=g).float()
+    low[2, 4, 0, 0] = -255  # -128 - 127
+    t, k, shifted, dup = native._ext().int8_weight_codes(low.to(torch.bfloat16), 4)
+    assert dup.tolist() == [4, 0, 0, 0] and t[2, 6, 0, 0] == -127 and torch.equal(_split_back(t, dup, 6), low)
+
+
+@pytest.mark.parametrize("channels", [3, 16, 60, 64, 80])
+def test_appended_channels_are_copies_of_the_named_ones(channels):
+    """append_channels: the bytes with the named channels copied after them, channels-last, on the one-vector
+    route (C + D <= 64) and the other."""
+    u = torch.randint(0, 256, (5, channels, 7, 9), dtype=torch.uint8).contiguous(memory_format=CL)
+    for dup in ([channels - 1], [0, channels - 1, 1 % channels, 0], list(range(min(channels, 8)))):
+        got = native._ext().append_channels(u, torch.tensor(dup))
+        assert got.is_contiguous(memory_format=CL) and torch.equal(got, torch.cat([u, u[:, dup]], 1))
+    with pytest.raises(RuntimeError, match=f"channel {channels} of {channels}"):
+        native._ext().append_channels(u, torch.tensor([channels]))
+    with pytest.raises(RuntimeError, match="channels-last"):
+        native._ext().append_channels(u.contiguous(), torch.tensor([0]))
 
 
 GEOMETRIES = [g for g in itertools.product([(1, 1), (3, 3), (5, 3)], [1, 2], [0, 1, 2], [1, 2], [(7, 9), (8, 8)])
               if (g[4][0] + 2 * g[2] - g[3] * (g[0][0] - 1) - 1) >= 0 and (g[4][1] + 2 * g[2] - g[3] * (g[0][1] - 1) - 1) >= 0]
 # (input channels, output channels, the input codes' lo, the weight codes' span): 3 and 24 input channels
 # take the byte sums' scalar and vector loops (24: a row's 8-byte groups do not fill 64-byte vectors);
-# 20 output channels leave a 4-channel tail after the 16-lane loop
-VARIANTS = [(3, 16, 0, (-128, 127)), (24, 20, -37, (-60, 195)), (24, 16, -255, (0, 255)), (3, 20, -100, (-255, 0))]
+# 20 output channels leave a 4-channel tail after the 16-lane loop. Spans with codes outside int8 all over
+# run shifted; "split": codes in -127..128 reaching 128 on three input and output channels; "split 255":
+# codes 0..127 with 255 (two parts) and 200 on two input and output channels (_weight_codes)
+VARIANTS = [(3, 16, 0, (-128, 127), 0.25, "fits", "fits"), (24, 20, -37, (-60, 195), 0.25, "shift", "shift"),
+            (24, 16, -255, (0, 255), 0.25, "shift", "shift"), (3, 20, -100, (-255, 0), 0.25, "split", "shift"),
+            (3, 20, -100, (-255, 0), 0, "shift", "shift"), (24, 16, -37, "split", 0.25, "split", "split"),
+            (3, 20, -100, "split 255", 0.25, "split", "split")]
+# ... and fracpass.native.SPLIT_CHANNELS, the routes the forward and input-gradient products take: 3 input
+# channels' codes in -255..0 split (3 extra channels), or with no split allowed shift (the window sums'
+# scalar loop)
+
+
+def _weight_codes(span, shape, g: torch.Generator) -> torch.Tensor:
+    if span == "split":
+        q = torch.randint(-127, 128, shape, generator=g).float()
+        q[0, 0, 0, 0] = q[1, 1, -1, -1] = q[-1, 1, 0, -1] = 128
+        return q
+    if span == "split 255":
+        q = torch.randint(0, 128, shape, generator=g).float()
+        q[0, -1, 0, 0], q[1, 0, -1, -1] = 255, 200
+        return q
+    return torch.randint(span[0], span[1] + 1, shape, generator=g).float()
+
+
+def _route(qw: torch.Tensor) -> str:
+    """How _int8_product runs these weight codes: "fits", "split" or "shift"."""
+    _, _, shifted, dup = native._ext().int8_weight_codes(qw.to(torch.bfloat16), native._split_limit(qw.shape[1]))
+    return "shift" if bool(shifted) else "split" if dup.numel() else "fits"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_int8_product_is_the_bf16_convolutions_product_bit_for_bit(variant):
+def test_int8_product_is_the_bf16_convolutions_product_bit_for_bit(variant, monkeypatch):
     """_int8_product against a float64 convolution of the codes rounded once to bfloat16 and against the
     bf16 convolution, over kernel sizes, strides, paddings, dilations and odd sizes (sums under 2^24)."""
-    cin, cout, lo, (wlo, whi) = variant
+    cin, cout, lo, span, split, forward_route, dx_route = variant
+    monkeypatch.setattr(native, "SPLIT_CHANNELS", split)
     g = torch.Generator().manual_seed(cin + cout - lo)
     cases = 0
     for (kh, kw), s, p, d, (h, w) in GEOMETRIES:
         qa = torch.randint(lo, lo + 256, (4, cin, h, w), generator=g).float().contiguous(memory_format=CL)
-        qw = torch.randint(wlo, whi + 1, (cout, cin, kh, kw), generator=g).float()
+        qw = _weight_codes(span, (cout, cin, kh, kw), g)
+        assert _route(qw) == forward_route
         conv = ([s, s], [p, p], [d, d], False, [0, 0], 1)
         u = (qa - lo).to(torch.uint8).contiguous(memory_format=CL)
         got = native._int8_product((u, float(lo)), qw.to(torch.bfloat16), conv)
@@ -111,11 +195,12 @@ def test_shifted_product_rejects_a_geometry_that_does_not_match():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_int8_input_gradient_is_the_bf16_one_bit_for_bit(variant):
+def test_int8_input_gradient_is_the_bf16_one_bit_for_bit(variant, monkeypatch):
     """_int8_input_grad against aten's bf16 convolution_backward (dx) and a float64 one over the stride-1
     geometries whose padding the flipped kernel reaches (p <= d (K - 1)); the gradient codes' bytes with
     zero points 0, in between and at the top."""
-    cin, cout, lo, (wlo, whi) = variant
+    cin, cout, lo, span, split, forward_route, dx_route = variant
+    monkeypatch.setattr(native, "SPLIT_CHANNELS", split)
     g = torch.Generator().manual_seed(cin * cout - lo)
     cases = 0
     for (kh, kw), s, p, d, (h, w) in GEOMETRIES:
@@ -126,7 +211,8 @@ def test_int8_input_gradient_is_the_bf16_one_bit_for_bit(variant):
         zero = [0, 77, 255][cases % 3]
         q = torch.randint(0, 256, (4, cout, ho, wo), generator=g).contiguous(memory_format=CL)
         t = (q - zero).float()
-        qw = torch.randint(wlo, whi + 1, (cout, cin, kh, kw), generator=g).float()
+        qw = _weight_codes(span, (cout, cin, kh, kw), g)
+        assert _route(qw.flip(2, 3).transpose(0, 1)) == dx_route
         got = native._int8_input_grad((q.to(torch.uint8), float(-zero)), qw.to(torch.bfloat16), conv)
         x_like = torch.zeros(4, cin, h, w, dtype=torch.float64).contiguous(memory_format=CL)
         exact = torch.ops.aten.convolution_backward(t.double(), x_like, qw.double(), None, *conv, [True, False, False])[0]
@@ -196,32 +282,47 @@ def _step(qmodel, x):
         b.clone() for n, b in qmodel.named_buffers() if "running" in n]
 
 
+def _codes_reach_128(conv: nn.Conv2d) -> None:
+    """Weights whose 8-bit codes, per output channel, span -127..128 with 128 once, on input channel 0
+    (bottom -127.3 scales, top 127.7; the rest within 0.99 of the top); output channels after the first
+    shrunk by 0.9, so that per tensor only the first reaches 128."""
+    with torch.no_grad():
+        for w in conv.weight:
+            top = w.abs().max()
+            w.clamp_(-0.99 * top, 0.99 * top)
+            w[0, 0, 0], w[0, -1, -1] = top, -top * 127.3 / 127.7
+        conv.weight[1:] *= 0.9
+
+
 @pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
-@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("bits", [2, 4, 6, "8 shift", "8 split"])
 @pytest.mark.parametrize("make", [Conv, Block], ids=["conv", "fused block"])
 def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_scale, monkeypatch):
     """A plain convolution and a fused conv-BN-ReLU(+residual) block, channels_last: the forward and input
     gradient's int8 products on and off give the same output, gradients and running statistics bit for
-    bit, and the same losses over SGD steps; at 8 bits the weights are made positive, so their codes
-    (0..255) need the shift. (The weight gradient's int8 product is exact, which bf16's is not: the next
-    tests.)"""
+    bit, and the same losses over SGD steps. At 8 bits, weights made positive, whose codes (0..255) are
+    outside int8 on every input channel, take the shift; weights whose codes reach 128 on one input channel
+    split it. (The weight gradient's int8 product is exact, which bf16's is not: the next tests.)"""
     monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
+    route = {"8 shift": "shift", "8 split": "split"}.get(bits, "fits")
+    bits = int(str(bits)[0])
     torch.manual_seed(bits)
     model = make().to(memory_format=CL)
-    if bits == 8:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d):
-                    m.weight.abs_().add_(1e-3)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and route == "shift":
+            with torch.no_grad():
+                m.weight.abs_().add_(1e-3)
+        elif isinstance(m, nn.Conv2d) and route == "split":
+            _codes_reach_128(m)
     x = torch.randn(8, 16, 12, 12).contiguous(memory_format=CL)
     plan = fracpass.Plan.static(bits, bits, 8, rules=[fracpass.Rule(weight_scale=weight_scale)])
     qmodel = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
-    calls, shifted = [], []
+    calls, routes = [], []
     real = native._int8_product
 
     def spy(kept, qw, conv, epilogue=None):
         calls.append(1)
-        shifted.append(bool(native._ext().int8_weight_codes(qw)[2]))
+        routes.append(_route(qw))
         return real(kept, qw, conv, epilogue)
 
     monkeypatch.setattr(native, "_int8_product", spy)
@@ -233,7 +334,7 @@ def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_sca
         products[on] = {p[:2] for name, p in native.product_paths(ran).items() if "conv" in name}
     # the forward of each convolution, and with a per-tensor weight scale its input gradient
     convs = (1 if make is Conv else 2) * (2 if weight_scale == "tensor" else 1)
-    assert len(calls) == convs and all(shifted) == (bits == 8) and any(shifted) == (bits == 8)
+    assert len(calls) == convs and set(routes) == {route}
     dx = {True: "int8", False: "bf16"} if weight_scale == "tensor" else {True: "fp32", False: "fp32"}
     assert products == {True: {("int8", dx[True])}, False: {("bf16", dx[False])}}
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):

@@ -40,10 +40,11 @@
 //                transposed): conv^T(ones, q_w) over one sample and conv_w(ones, batch sum of q_a) for one
 //                output channel, from the taps each input position feeds (oneDNN's calls for these took
 //                ~100 us each, for a few thousand additions).
-//   int8_weight_codes / shifted_product_bf16: the bf16 path's forward product on oneDNN's int8 convolution:
-//                the weight's bfloat16 codes as int8 (shifted per output channel where 8-bit codes do not
-//                fit), and the shifted channels' product corrected with the input codes' window sums and
-//                rounded once to bfloat16 (the product the bf16 convolution computes).
+//   int8_weight_codes / append_channels / shifted_product_bf16: the bf16 path's forward product on oneDNN's
+//                int8 convolution: the weight's bfloat16 codes as int8 (8-bit codes outside int8 split onto
+//                copies of their input channels, or else shifted per output channel), and the shifted
+//                channels' product corrected with the input codes' window sums and rounded once to
+//                bfloat16 (the product the bf16 convolution computes).
 //   weight_grad_u8: dw's window products of a stride-1 2-D convolution from the gradient's and the input's
 //                bytes on AVX512-VNNI (vpdpbusd), exact in int64, with the windows' sums of the input codes.
 //   bn_forward_bf16 / bn_backward_bf16: the fused conv-BN(-add)(-ReLU) op's BatchNorm straight from the
@@ -1224,17 +1225,64 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
 }
 
 // ---- the int8 forward product of a 2-D convolution (oneDNN's int8 convolution; fracpass/native.py) ------
-// int8_weight_codes: bfloat16 weight codes (C_out, ...) as int8 t = q - k_c, k_c = 0 where output channel
-// c's codes fit int8 and min_c + 128 where they do not (8-bit codes span up to 256 values: then t is in
-// [-128, 127]); returns t (contiguous, q's shape), k (float32, C_out) and whether any k_c is not 0.
-std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw) {
+// int8_weight_codes: bfloat16 weight codes q (C_out, C_in, ...) as int8 for the int8 convolution. Codes that
+// fit int8 stay as they are. 8-bit codes span up to 256 values, [lo, lo + 255]: the few outside int8 (the
+// tensor's or channel's extremes) split, where the input channels they lie on are at most max_extra once
+// rounded up to 4, as q = a + r1 + r2: a = clamp(q, -128, 127) in place, r1 = clamp(q - a, -128, 127) and
+// r2 = q - a - r1 (not 0 only at q = 255) on extra input channels, each a copy of the input channel it
+// belongs to (``dup`` names them; append_channels makes the copies), padded with zero weights to a multiple
+// of 4 channels (oneDNN's int8 convolution took 20 % longer at odd counts here). The product is then the
+// exact one in int32, as for codes that fit. Else the shift: t = q - k_c per output channel, k_c = 0 where
+// channel c's codes fit and min_c + 128 where they do not (shifted_product_bf16 corrects the product).
+// Returns t (contiguous, q's shape with C_in + extra input channels), k (float32, C_out), whether any k_c
+// is not 0, and dup (int64, the extra channels' sources).
+std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw, int64_t max_extra) {
   TORCH_CHECK(qw.scalar_type() == torch::kBFloat16 && qw.device().is_cpu() && qw.dim() >= 2,
-              "int8_weight_codes: bfloat16 weight codes (C_out, ...) on the CPU");
+              "int8_weight_codes: bfloat16 weight codes (C_out, C_in, ...) on the CPU");
   const auto q = qw.contiguous();
-  const int64_t Co = q.size(0), per = Co ? q.numel() / Co : 0;
+  const int64_t Co = q.size(0), C = q.size(1), per = Co ? q.numel() / Co : 0, taps = C ? per / C : 0;
   const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-  auto t = torch::empty(q.sizes(), q.options().dtype(torch::kChar));
+  const auto int8_part = [](float v) { return std::min(std::max(v, -128.0f), 127.0f); };
+  // the parts beyond a that each input channel's weights need: 0, 1 or 2 (3: more than a split takes)
+  std::vector<int> parts(C, 0);
+  for (int64_t o = 0; o < Co; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < taps; ++j) {
+        const float v = bf16_value(src[(o * C + c) * taps + j]), r = v - int8_part(v);
+        const int need = r == 0.0f ? 0 : (r - int8_part(r) == 0.0f ? 1 : (std::abs(v) <= 255.0f ? 2 : 3));
+        parts[c] = std::max(parts[c], need);
+      }
+  int64_t extra = 0;
+  bool splits = true;
+  for (int64_t c = 0; c < C; ++c) extra += parts[c], splits &= parts[c] < 3;
+  extra = (extra + 3) / 4 * 4;
   auto k = torch::zeros({Co}, q.options().dtype(torch::kFloat));
+  std::vector<int64_t> sizes = q.sizes().vec();
+  if (extra == 0 || (splits && extra <= max_extra)) {
+    std::vector<int64_t> first(C, -1), dup(extra, 0);  // an input channel's first extra channel; the sources
+    int64_t slot = C;
+    for (int64_t c = 0; c < C; ++c)
+      if (parts[c] > 0) {
+        first[c] = slot;
+        for (int p = 0; p < parts[c]; ++p) dup[slot++ - C] = c;
+      }
+    sizes[1] = C + extra;
+    auto t = torch::zeros(sizes, q.options().dtype(torch::kChar));
+    int8_t* pt = t.data_ptr<int8_t>();
+    for (int64_t o = 0; o < Co; ++o)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t j = 0; j < taps; ++j) {
+          const float v = bf16_value(src[(o * C + c) * taps + j]), a = int8_part(v), r1 = int8_part(v - a);
+          int8_t* row = pt + o * (C + extra) * taps + j;
+          row[c * taps] = static_cast<int8_t>(a);
+          if (parts[c] > 0) row[first[c] * taps] = static_cast<int8_t>(r1);
+          if (parts[c] > 1) row[(first[c] + 1) * taps] = static_cast<int8_t>(v - a - r1);
+        }
+    auto d = torch::empty({extra}, q.options().dtype(torch::kLong));
+    std::copy(dup.begin(), dup.end(), d.data_ptr<int64_t>());
+    return {t, k, torch::full({}, false, q.options().dtype(torch::kBool)), d};
+  }
+  auto t = torch::empty(sizes, q.options().dtype(torch::kChar));
   int8_t* pt = t.data_ptr<int8_t>();
   float* pk = k.data_ptr<float>();
   bool shifted = false;
@@ -1249,7 +1297,46 @@ std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw) {
     shifted |= shift != 0.0f;
     for (int64_t j = 0; j < per; ++j) pt[o * per + j] = static_cast<int8_t>(static_cast<int32_t>(bf16_value(row[j]) - shift));
   }
-  return {t, k, torch::full({}, shifted, q.options().dtype(torch::kBool))};
+  return {t, k, torch::full({}, shifted, q.options().dtype(torch::kBool)), torch::empty({0}, q.options().dtype(torch::kLong))};
+}
+
+// append_channels: a channels-last uint8 tensor (N, C, H, W) with the channels ``dup`` names copied after
+// its own (N, C + len(dup), H, W): the input of int8_weight_codes's split weights.
+torch::Tensor append_channels(const torch::Tensor& u, const torch::Tensor& dup) {
+  TORCH_CHECK(u.scalar_type() == torch::kByte && u.dim() == 4, "append_channels: uint8 codes (N, C, H, W)");
+  const int64_t C = u.size(1), D = dup.numel();
+  check_channels_last(u, C, "append_channels");
+  TORCH_CHECK(dup.scalar_type() == torch::kLong && dup.dim() == 1 && dup.is_contiguous(),
+              "append_channels: the channels to copy as a 1-D int64 tensor");
+  const int64_t* idx = dup.data_ptr<int64_t>();
+  for (int64_t j = 0; j < D; ++j)
+    TORCH_CHECK(idx[j] >= 0 && idx[j] < C, "append_channels: channel ", idx[j], " of ", C);
+  std::vector<int64_t> sizes = u.sizes().vec();
+  sizes[1] = C + D;
+  auto out = torch::empty(sizes, u.options().memory_format(torch::MemoryFormat::ChannelsLast));
+  const int64_t P = C ? u.numel() / C : 0;
+  const uint8_t* src = u.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, P, 4096, [&](int64_t b, int64_t e) {
+    int64_t p = b;
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__)
+    if (C + D <= 64) {  // a pixel's bytes in one vector: one masked load, one byte permutation, one masked store
+      alignas(64) uint8_t order[64] = {};
+      for (int64_t c = 0; c < C; ++c) order[c] = static_cast<uint8_t>(c);
+      for (int64_t j = 0; j < D; ++j) order[C + j] = static_cast<uint8_t>(idx[j]);
+      const __m512i perm = _mm512_load_si512(order);
+      const __mmask64 in = C == 64 ? ~0ULL : (1ULL << C) - 1, all = C + D == 64 ? ~0ULL : (1ULL << (C + D)) - 1;
+      for (; p < e; ++p)
+        _mm512_mask_storeu_epi8(dst + p * (C + D), all,
+                                _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(in, src + p * C)));
+    }
+#endif
+    for (; p < e; ++p) {
+      std::memcpy(dst + p * (C + D), src + p * C, C);
+      for (int64_t j = 0; j < D; ++j) dst[p * (C + D) + C + j] = src[p * C + idx[j]];
+    }
+  });
+  return out;
 }
 
 namespace {
@@ -1661,7 +1748,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, if asked, and if asked the same codes as bytes q - lo");
   m.def("vnni_weight_grad", &vnni_weight_grad, "whether weight_grad_u8 was built (AVX512-VNNI)");
   m.def("weight_grad_u8", &weight_grad_u8, "dw's exact integer product of a stride-1 2-D convolution from the gradient's and input's bytes, and the windows' sums of the input codes");
-  m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes t = q - k_c of bfloat16 codes, k_c per output channel (0 where they fit)");
+  m.def("int8_weight_codes", &int8_weight_codes, "int8 weight codes of bfloat16 codes: as they are where they fit, else split onto copies of their input channels, else t = q - k_c per output channel");
+  m.def("append_channels", &append_channels, "a channels-last uint8 tensor with some of its channels copied after its own");
   m.def("shifted_product_bf16", &shifted_product_bf16, "bfloat16(y + k_c * window sums of the input codes): the codes' product from an int8 convolution with shifted weights; with a scale, float32 v * scale (+ an addend per sample) instead");
   m.def("grad_codes_bf16", &grad_codes_bf16, "grad_sr's stochastic rounding over a dense tensor: codes as bfloat16, values if asked, q as bytes if asked");
   m.def("batch_sum_bf16", &batch_sum_bf16, "float32 sum over dim 0 of bf16 codes, dim 0 outermost in memory");
