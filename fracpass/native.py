@@ -966,7 +966,7 @@ class _Kept(NamedTuple):
     u: Tensor
     lo: float
     int8_dx: bool = False
-    int8_dw: bool = False  # the weight gradient's on the VNNI kernel (_int8_weight_grad_reason)
+    int8_dw: bool = False  # the weight gradient's on the VNNI kernel (_int8_reasons)
 
 
 def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
@@ -1117,12 +1117,12 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
 
 
 # The bf16 path's forward product of a 2-D convolution on oneDNN's int8 convolution where it applies
-# (_int8_forward_reason); False: always the bf16 convolution (the same product: tests/test_native_int8fwd.py).
+# (_int8_reasons); False: always the bf16 convolution (the same product: tests/test_native_int8fwd.py).
 INT8_FORWARD = True
 
 
-# The same for the input gradient's product of a stride-1 one (_int8_input_grad_reason), and the weight
-# gradient's on the AVX512-VNNI kernel (_int8_weight_grad_reason).
+# The same for the input gradient's product of a stride-1 one, and the weight gradient's on the
+# AVX512-VNNI kernel (_int8_reasons).
 INT8_INPUT_GRAD = True
 INT8_WEIGHT_GRAD = True
 
@@ -1138,48 +1138,43 @@ def _split_limit(in_channels: int) -> int:
     return max(4, int(SPLIT_CHANNELS * in_channels)) if SPLIT_CHANNELS > 0 else 0
 
 
-def _int8_forward_reason(x: Tensor, weight: Tensor, conv) -> Optional[str]:
-    """None if a per-tensor-input convolution's forward product runs on oneDNN's int8 convolution: the
-    input codes' bytes (0..255, the zero point -lo) times the weight's codes as int8, int32 accumulation,
-    the same bfloat16 product v as the bf16 convolution computes (_int8_product). Else why not."""
-    return "fracpass.native.INT8_FORWARD is False" if not INT8_FORWARD else _int8_conv_reason(x, conv)
-
-
-def _int8_input_grad_reason(x: Tensor, weight: Tensor, conv, sw: Tensor, gbits: int) -> Optional[str]:
-    """None if the input gradient's product conv^T(t, q_w) runs on oneDNN's int8 convolution
-    (_int8_input_grad): a stride-1 convolution's is the convolution of the gradient's codes with the
-    weight's flipped and transposed, so the same arithmetic as the forward's. Else why not."""
+def _int8_reasons(x: Tensor, weight: Tensor, conv, sw: Tensor, gbits: int) -> Tuple[Optional[str], ...]:
+    """Why each of a per-tensor-input convolution's products does not run on int8 (None where it does):
+    (the forward, on oneDNN's int8 convolution: the input codes' bytes (0..255, the zero point -lo) times
+    the weight's codes as int8, int32 accumulation, the same bfloat16 product v as the bf16 convolution
+    computes (_int8_product); the input gradient, a stride-1 convolution's conv^T(t, q_w) being the
+    convolution of the gradient's codes with the weight's flipped and transposed, so the same arithmetic
+    (_int8_input_grad); the weight gradient, conv_w(t, q_a) on the CPU kernels' AVX512-VNNI loop from the
+    gradient's and the input's bytes, int32 sums into int64, exact (_int8_weight_grad))."""
     stride, padding, dilation = conv[:3]
+    common = _int8_conv_reason(x, conv)
+    forward = "fracpass.native.INT8_FORWARD is False" if not INT8_FORWARD else common
     if not INT8_INPUT_GRAD:
-        return "fracpass.native.INT8_INPUT_GRAD is False"
-    if sw.numel() > 1 or not 2 <= gbits <= MAX_INT8_BITS:
-        return "the weight's scale is per output channel or the gradient is not quantized to 2..8 bits"
-    if any(s != 1 for s in stride) or any(p > d * (k - 1) for p, d, k in zip(padding, dilation, weight.shape[2:])):
-        return "a strided convolution, or padding beyond the kernel's reach (its input gradient is no convolution)"
-    return _int8_conv_reason(x, conv)
-
-
-def _int8_weight_grad_reason(x: Tensor, weight: Tensor, conv, gbits: int) -> Optional[str]:
-    """None if the weight gradient's product conv_w(t, q_a) runs on the CPU kernels' AVX512-VNNI loop
-    (_int8_weight_grad: the gradient's and the input's bytes, int32 sums into int64, exact). Else why not."""
-    stride, padding, dilation = conv[:3]
+        dx = "fracpass.native.INT8_INPUT_GRAD is False"
+    elif sw.numel() > 1 or not 2 <= gbits <= MAX_INT8_BITS:
+        dx = "the weight's scale is per output channel or the gradient is not quantized to 2..8 bits"
+    elif any(s != 1 for s in stride) or any(p > d * (k - 1) for p, d, k in zip(padding, dilation, weight.shape[2:])):
+        dx = "a strided convolution, or padding beyond the kernel's reach (its input gradient is no convolution)"
+    else:
+        dx = common
+    co, ci, _, kw = weight.shape if weight.dim() == 4 else (0, 0, 0, 0)
+    wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) if x.dim() == 4 else 0
     if not INT8_WEIGHT_GRAD:
-        return "fracpass.native.INT8_WEIGHT_GRAD is False"
-    if not 2 <= gbits <= MAX_INT8_BITS:
-        return "the gradient is not quantized to 2..8 bits"
-    why = _int8_conv_reason(x, conv)
-    if why:
-        return why
-    if any(s != 1 for s in stride):
-        return "a strided convolution"
-    co, ci, _, kw = weight.shape
-    wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
-    if co % 16 or ci % 8 or kw > 3 or wo < 4 or wo % 4:
-        return (f"{co} output channels, {ci} input channels, a kernel {kw} wide and an output {wo} wide: the VNNI "
-                "kernel takes multiples of 16, of 8, at most 3 and multiples of 4")
-    if not _ext(x).vnni_weight_grad():
-        return "the CPU kernels were built without AVX512-VNNI"
-    return None
+        dw = "fracpass.native.INT8_WEIGHT_GRAD is False"
+    elif not 2 <= gbits <= MAX_INT8_BITS:
+        dw = "the gradient is not quantized to 2..8 bits"
+    elif common:
+        dw = common
+    elif any(s != 1 for s in stride):
+        dw = "a strided convolution"
+    elif co % 16 or ci % 8 or kw > 3 or wo < 4 or wo % 4:
+        dw = (f"{co} output channels, {ci} input channels, a kernel {kw} wide and an output {wo} wide: the VNNI "
+              "kernel takes multiples of 16, of 8, at most 3 and multiples of 4")
+    elif not _ext(x).vnni_weight_grad():
+        dw = "the CPU kernels were built without AVX512-VNNI"
+    else:
+        dw = None
+    return forward, dx, dw
 
 
 def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
@@ -1310,7 +1305,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         wide = None if exact is True or bool(exact.all()) else (~exact).nonzero().view(-1)
         fp32_dx = need_x and sw.numel() > 1
         # dx's product on oneDNN's int8 convolution, dw's on the VNNI kernel (decided in the forward:
-        # _int8_input_grad_reason, _int8_weight_grad_reason), both from the gradient codes' bytes
+        # _int8_reasons), both from the gradient codes' bytes
         int8_dx, int8_dw = need_x and ctx.int8[0] and wide is None, need_w and ctx.int8[1] and wide is None
         ghat, t, sg, c, kept_g = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None,
                                                   bytes=int8_dx or int8_dw)
@@ -1716,6 +1711,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             _tuple_arg(output_padding, n), groups)
     gating, kept = None, None
     with torch.no_grad():
+        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
         if isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant):
             choice = gate.detach().argmax(1)
             act = isinstance(aq, GatedActQuant)
@@ -1729,14 +1725,10 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
                              one_group)
             sa = sa[:1] if one_group else sa
         else:
-            int8 = _int8_forward_reason(x, weight, conv) is None
-            qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=not int8)
-        qw, sw = _bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
-    if kept is not None:
-        gbits = _grad_bits(gq)
-        kept = kept._replace(
-            int8_dx=x.requires_grad and _int8_input_grad_reason(x, weight, conv, sw, gbits) is None,
-            int8_dw=weight.requires_grad and _int8_weight_grad_reason(x, weight, conv, gbits) is None)
+            forward, dx, dw = _int8_reasons(x, weight, conv, sw, _grad_bits(gq))
+            qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=forward is not None)
+            if kept is not None:
+                kept = kept._replace(int8_dx=x.requires_grad and dx is None, int8_dw=weight.requires_grad and dw is None)
     _remember_int8(aq, (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)

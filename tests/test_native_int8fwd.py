@@ -383,7 +383,7 @@ def test_convolutions_the_int8_forward_does_not_take_keep_the_bf16_product_and_s
     nat = fracpass.transform(conv, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native")
     transposed = what == "transposed"
     geometry = ([1, 1], [1, 1], [1, 1], transposed, [0, 0], 2 if what == "grouped" else 1)
-    why = native._int8_forward_reason(x, nat.conv.weight if hasattr(nat, "conv") else None, geometry)
+    why = native._int8_reasons(x, conv.conv.weight, geometry, torch.ones(1), 8)[0]
     expect = {"NCHW": "an NCHW input", "grouped": "not a 2-D ungrouped convolution",
               "transposed": "not a 2-D ungrouped convolution", "switched off": "INT8_FORWARD is False",
               "no int8 units": "no int8 dot-product units"}[what]
@@ -415,8 +415,8 @@ def test_input_gradients_the_int8_product_does_not_take_keep_the_bf16_one_and_sa
         monkeypatch.setattr(native, "INT8_INPUT_GRAD", False)
     c = nat.conv if hasattr(nat, "conv") else conv.conv
     sw = torch.ones(16 if what == "per-channel weights" else 1)
-    why = native._int8_input_grad_reason(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False,
-                                                       [0, 0], 1), sw, 8)
+    why = native._int8_reasons(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False, [0, 0], 1),
+                               sw, 8)[1]
     expect = {"strided": "a strided convolution", "padding beyond the kernel": "padding beyond the kernel's reach",
               "per-channel weights": "per output channel", "switched off": "INT8_INPUT_GRAD is False"}[what]
     assert why is not None and expect in why
@@ -551,8 +551,8 @@ def test_weight_gradients_the_vnni_kernel_does_not_take_keep_bf16_and_say_why(wh
     if what == "switched off":
         monkeypatch.setattr(native, "INT8_WEIGHT_GRAD", False)
     c = model.conv
-    why = native._int8_weight_grad_reason(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False,
-                                                        [0, 0], 1), 8)
+    why = native._int8_reasons(x, c.weight, (list(c.stride), list(c.padding), list(c.dilation), False, [0, 0], 1),
+                               torch.ones(1), 8)[2]
     expect = {"strided": "a strided convolution", "8 output channels": "8 output channels",
               "a 5-wide kernel": "a kernel 5 wide", "output 6 wide": "an output 6 wide",
               "switched off": "INT8_WEIGHT_GRAD is False"}[what]

@@ -1243,15 +1243,18 @@ std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw, int64_t ma
   const int64_t Co = q.size(0), C = q.size(1), per = Co ? q.numel() / Co : 0, taps = C ? per / C : 0;
   const uint16_t* src = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto int8_part = [](float v) { return std::min(std::max(v, -128.0f), 127.0f); };
-  // the parts beyond a that each input channel's weights need: 0, 1 or 2 (3: more than a split takes)
+  // the parts beyond a that each input channel's weights need: 0, 1 or 2 (3: more than a split takes),
+  // per element in one loop the compiler vectorizes, then per input channel
+  const int64_t n = q.numel();
+  std::vector<uint8_t> need(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = bf16_value(src[i]);
+    need[i] = static_cast<uint8_t>((v > 127.0f) + (v > 254.0f) + (v > 255.0f) + (v < -128.0f) + 2 * (v < -256.0f));
+  }
   std::vector<int> parts(C, 0);
   for (int64_t o = 0; o < Co; ++o)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t j = 0; j < taps; ++j) {
-        const float v = bf16_value(src[(o * C + c) * taps + j]), r = v - int8_part(v);
-        const int need = r == 0.0f ? 0 : (r - int8_part(r) == 0.0f ? 1 : (std::abs(v) <= 255.0f ? 2 : 3));
-        parts[c] = std::max(parts[c], need);
-      }
+      for (int64_t j = 0; j < taps; ++j) parts[c] = std::max<int>(parts[c], need[(o * C + c) * taps + j]);
   int64_t extra = 0;
   bool splits = true;
   for (int64_t c = 0; c < C; ++c) extra += parts[c], splits &= parts[c] < 3;
@@ -1269,15 +1272,17 @@ std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw, int64_t ma
     sizes[1] = C + extra;
     auto t = torch::zeros(sizes, q.options().dtype(torch::kChar));
     int8_t* pt = t.data_ptr<int8_t>();
-    for (int64_t o = 0; o < Co; ++o)
+    for (int64_t o = 0; o < Co; ++o) {  // a = clamp(q, -128, 127) over the row (vectorized), then the parts
+      const uint16_t* __restrict in = src + o * per;
+      int8_t* __restrict row = pt + o * (C + extra) * taps;
+      for (int64_t i = 0; i < per; ++i) row[i] = static_cast<int8_t>(static_cast<int32_t>(int8_part(bf16_value(in[i]))));
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t j = 0; j < taps; ++j) {
-          const float v = bf16_value(src[(o * C + c) * taps + j]), a = int8_part(v), r1 = int8_part(v - a);
-          int8_t* row = pt + o * (C + extra) * taps + j;
-          row[c * taps] = static_cast<int8_t>(a);
-          if (parts[c] > 0) row[first[c] * taps] = static_cast<int8_t>(r1);
-          if (parts[c] > 1) row[(first[c] + 1) * taps] = static_cast<int8_t>(v - a - r1);
+        for (int64_t j = 0; parts[c] > 0 && j < taps; ++j) {
+          const float v = bf16_value(in[c * taps + j]), a = int8_part(v), r1 = int8_part(v - a);
+          row[first[c] * taps + j] = static_cast<int8_t>(r1);
+          if (parts[c] > 1) row[(first[c] + 1) * taps + j] = static_cast<int8_t>(v - a - r1);
         }
+    }
     auto d = torch::empty({extra}, q.options().dtype(torch::kLong));
     std::copy(dup.begin(), dup.end(), d.data_ptr<int64_t>());
     return {t, k, torch::full({}, false, q.options().dtype(torch::kBool)), d};
