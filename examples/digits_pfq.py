@@ -1,6 +1,7 @@
 """FracTrain's PFQ on real images: scikit-learn's 8x8 handwritten digits (shipped with the package).
 
     python examples/digits_pfq.py [--epochs 12] [--target bitfusion] [--seed 0] [--execution native [--int8-convs]]
+                                  [--channels-last] [--weight-scale channel|tensor]
 
 A small CNN is transformed with the 3/4/6/8-bit ladder (gradients 6/6/8/8), trained with SGD while
 ``fracpass.Scheduler`` advances the stage on a training-loss plateau, then evaluated on a held-out
@@ -8,11 +9,14 @@ split. It prints the stage switches, the test accuracy, and the run's BitOPs and
 target against training the whole run at the last (static 8-bit) stage. ``--execution native`` runs
 the quantized linear layer's products on int8 codes and the quantized convolutions on bfloat16 codes
 (``fracpass.native``); ``--int8-convs`` puts the convolutions' forward on oneDNN's int8 convolution
-instead (opt-in).
+instead (opt-in). ``--weight-scale tensor`` quantizes each weight with one scale instead of one per
+output channel; native, with ``--channels-last``, the stride-1 convolution's three products then all
+run on int8.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -56,7 +60,8 @@ def load(seed: int = 0):
 
 
 def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed: int = 0, log=print,
-        execution: str = "simulate", int8_convs: bool = False, channels_last: bool = False):
+        execution: str = "simulate", int8_convs: bool = False, channels_last: bool = False,
+        weight_scale: str = "channel"):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
@@ -66,6 +71,8 @@ def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed:
         exclude=("conv1",),
         switch=fracpass.LossPlateau(threshold=0.1, decay=0.5, window=3, eval_every=steps_per_epoch // 3,
                                     scale_windows=3))
+    if weight_scale != "channel":
+        plan = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale=weight_scale),))
     qmodel = fracpass.transform(DigitsCNN(), plan, example_inputs=(x_train[:2],), execution=execution)
     if int8_convs:
         if execution != "native":
@@ -113,11 +120,13 @@ def main(argv=None) -> int:
     parser.add_argument("--int8-convs", action="store_true",
                         help="with --execution native: the convolutions' forward on int8 instead of bf16")
     parser.add_argument("--channels-last", action="store_true", help="the model and its inputs in channels_last")
+    parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel",
+                        help="one scale per weight's output channel (default) or per weight")
     args = parser.parse_args(argv)
     if args.int8_convs and args.execution != "native":
         parser.error("--int8-convs needs --execution native")
     run(args.epochs, target=args.target, seed=args.seed, execution=args.execution, int8_convs=args.int8_convs,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, weight_scale=args.weight_scale)
     return 0
 
 
