@@ -1195,7 +1195,7 @@ def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = Non
     0, the real zero) and the weight's codes: exact in int32, rounded once to bfloat16, as the bf16
     convolution's float32 sum is while it stays under 2^24. 8-bit weight codes span 256 values that need
     not fit int8: the few outside it (the range's ends) split onto copies of their input channels
-    (ext.int8_weight_codes, ext.append_channels: the same exact product, at most SPLIT_CHANNELS extra
+    (ext.int8_weight_codes, ext.append_channels: the same exact product, on at most _split_limit extra
     channels); where more input channels hold them, the channels run as t = q_w - k_c, and v =
     bfloat16(y + k_c S) with S the input codes' window sums over every channel and tap
     (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
