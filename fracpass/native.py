@@ -1213,23 +1213,21 @@ def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = Non
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
     geometry = (t.shape[2], t.shape[3], stride, padding, dilation)  # (the shift's u has no extra channels)
-    if epilogue is None:
-        return ext.shifted_product_bf16(y, u, lo, k, *geometry, _NONE_F, _NONE_F) if shifted else y
-    scale, addend = epilogue
-    if shifted and scale.numel() == 1 and _same_sample_layout(addend, y):
+    scale, addend = epilogue if epilogue is not None else (_NONE_F, _NONE_F)
+    if shifted and scale.numel() == 1 and _same_sample_layout(addend, y):  # the epilogue in the shift's pass
         return ext.shifted_product_bf16(y, u, lo, k, *geometry, scale.reshape(1).float(), addend)
     v = ext.shifted_product_bf16(y, u, lo, k, *geometry, _NONE_F, _NONE_F) if shifted else y
-    return _scale_out(v, scale, None, addend=addend)
+    return v if epilogue is None else _scale_out(v, scale, None, addend=addend)
 
 
 def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, factor: Tensor,
                       offset_factor: Tensor) -> Tensor:
-    """dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a) from the gradient's bytes (q, zero point k: t = q - k)
-    and the input's (u_a = q_a - lo): both window products exact in int64 (ext.weight_grad_u8), the scales
-    applied in float64, rounded once to float32, in the weight's layout. ``factor`` = s_a s_g,
+    """dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a) from the gradient's bytes (q, zero point k: t = q - k;
+    channels-last) and the input's (u_a = q_a - lo): both window products exact in int64 (ext.weight_grad_u8),
+    the scales applied in float64, rounded once to float32, in the weight's layout. ``factor`` = s_a s_g,
     ``offset_factor`` = c s_a."""
     _, padding, dilation = conv[:3]
-    u_g = kept_g[0].contiguous(memory_format=torch.channels_last)  # the codes keep the gradient's layout
+    u_g = kept_g[0]
     prod, sums = _ext(u_g).weight_grad_u8(u_g, -kept_g[1], u_a, lo, qw.shape[2], qw.shape[3], list(padding),
                                           list(dilation))
     dw = prod.mul_(factor.double()).add_(sums.mul_(offset_factor.double()))
@@ -1238,13 +1236,12 @@ def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, f
 
 def _int8_input_grad(kept_g: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
     """dx from conv^T(t, q_w) of a stride-1 convolution: the convolution of the gradient's codes (bytes q,
-    zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes swapped, dilated
-    as the forward, padded d (K - 1) - p (_int8_product's arithmetic, with its ``epilogue``)."""
+    channels-last, zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes
+    swapped, dilated as the forward, padded d (K - 1) - p (_int8_product's arithmetic, with its ``epilogue``)."""
     _, padding, dilation, _, _, _ = conv
     pad = [d * (k - 1) - p for p, d, k in zip(padding, dilation, qw.shape[2:])]
     flipped = qw.flip(2, 3).transpose(0, 1)
-    u = kept_g[0].contiguous(memory_format=torch.channels_last)  # the codes keep the gradient's layout
-    return _int8_product((u, kept_g[1]), flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), epilogue)
+    return _int8_product(kept_g, flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), epilogue)
 
 
 def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
@@ -1310,6 +1307,8 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         ghat, t, sg, c, kept_g = _bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None,
                                                   bytes=int8_dx or int8_dw)
         int8_dx, int8_dw = int8_dx and kept_g is not None, int8_dw and kept_g is not None
+        if kept_g is not None:  # the codes keep the gradient's layout; both int8 products read them channels-last
+            kept_g = (kept_g[0].contiguous(memory_format=torch.channels_last), kept_g[1])
         u_a = qa
         if int8_dw:  # the bfloat16 input codes are not needed: no widening pass
             qa, total = _shape_only(qa, torch.bfloat16), None
