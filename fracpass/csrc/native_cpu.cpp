@@ -1352,6 +1352,15 @@ inline uint16_t bf16_nearest(float f) {  // round to nearest even (f finite)
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+#ifdef __AVX512F__
+// bf16_nearest of 16 floats, in each lane's top 16 bits (the low 16 bits are left over)
+inline __m512i bf16_nearest_hi(__m512 f) {
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+#endif
+
 }  // namespace
 
 // The product of the codes when int8_weight_codes shifted some channels: v = bfloat16(y + k_c S), y the
@@ -1462,11 +1471,9 @@ torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& 
         int64_t c = 0;
 #ifdef __AVX512F__
         const __m512 vs = _mm512_set1_ps(s), vsc = _mm512_set1_ps(sc);
-        const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
         const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
         for (; c + 16 <= Co; c += 16) {
-          const __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
-          const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+          const __m512i up = bf16_nearest_hi(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
           __m512 r = rounded(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(up, top)), vsc));
           if (add != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(add + c));
           _mm512_storeu_ps(out + c, r);
@@ -1492,10 +1499,8 @@ torch::Tensor shifted_product_bf16(const torch::Tensor& y, const torch::Tensor& 
       int64_t c = 0;
 #ifdef __AVX512F__
       const __m512 vs = _mm512_set1_ps(s);
-      const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
       for (; c + 16 <= Co; c += 16) {
-        const __m512i bits = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
-        const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+        const __m512i up = bf16_nearest_hi(_mm512_fmadd_ps(_mm512_loadu_ps(pk + c), vs, _mm512_loadu_ps(in + c)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16)));
       }
 #endif
