@@ -1704,21 +1704,30 @@ std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, co
   double* pi = I.data_ptr<double>();
   double* pq = Q.data_ptr<double>();
   const double count = static_cast<double>(N * Ho * Wo);
-  std::vector<double> usum(Ci * KH * KW);  // sum of u_a over each window (padding: the fill)
-  for (int64_t ci = 0; ci < Ci; ++ci)
-    for (int64_t kh = 0; kh < KH; ++kh)
-      for (int64_t kw = 0; kw < KW; ++kw) {
-        int64_t s = 0;
-        for (int64_t oh = 0; oh < Ho; ++oh) {
-          const int64_t h = oh + kh * dh - ph;
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            const int64_t w = ow + kw * dw - pw;
-            s += (h >= 0 && h < H && w >= 0 && w < W) ? bsum[(h * W + w) * Ci + ci] : N * static_cast<int64_t>(fill);
-          }
-        }
+  // sum of u_a over each window (padding: the fill), from the batch sums' 2-D prefix sums [h + 1][w + 1][ci]
+  std::vector<int64_t> pre((H + 1) * (W + 1) * Ci, 0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) {
+      int64_t* __restrict o = pre.data() + ((h + 1) * (W + 1) + w + 1) * Ci;
+      const int64_t* __restrict up = pre.data() + (h * (W + 1) + w + 1) * Ci;
+      const int64_t* __restrict left = pre.data() + ((h + 1) * (W + 1) + w) * Ci;
+      const int64_t* __restrict diag = pre.data() + (h * (W + 1) + w) * Ci;
+      const int32_t* __restrict s = bsum.data() + (h * W + w) * Ci;
+      for (int64_t ci = 0; ci < Ci; ++ci) o[ci] = s[ci] + up[ci] + left[ci] - diag[ci];
+    }
+  std::vector<double> usum(Ci * KH * KW);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw) {  // the window's rows h0..h1 and columns w0..w1 inside the input
+      const int64_t h0 = std::clamp<int64_t>(kh * dh - ph, 0, H), h1 = std::clamp<int64_t>(kh * dh - ph + Ho, h0, H);
+      const int64_t w0 = std::clamp<int64_t>(kw * dw - pw, 0, W), w1 = std::clamp<int64_t>(kw * dw - pw + Wo, w0, W);
+      const int64_t outside = (Ho * Wo - (h1 - h0) * (w1 - w0)) * N * static_cast<int64_t>(fill);
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        const auto at = [&](int64_t h, int64_t w) { return pre[(h * (W + 1) + w) * Ci + ci]; };
+        const int64_t s = at(h1, w1) - at(h0, w1) - at(h1, w0) + at(h0, w0) + outside;
         usum[(ci * KH + kh) * KW + kw] = static_cast<double>(s);
         pq[(ci * KH + kh) * KW + kw] = static_cast<double>(s) + lo * count;
       }
+    }
   std::vector<double> tsum(Co, 0.0);  // sum of t = u_g - k_g per output channel
   for (int t = 0; t < threads; ++t)
     for (int64_t co = 0; co < Co; ++co) tsum[co] += static_cast<double>(gsum[static_cast<size_t>(t) * Co + co]);
