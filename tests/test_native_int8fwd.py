@@ -564,6 +564,22 @@ def test_weight_gradients_the_vnni_kernel_does_not_take_keep_bf16_and_say_why(wh
     assert "the weight gradient's" not in native.op_paths(nat)["conv"][1]
 
 
+def test_weight_gradient_kernel_is_exact_across_its_flushes():
+    """2,240 output rows of 8 four-pixel groups: the kernel's int32 sums flush into int64 after 2,000 rows
+    and its next block starts mid-sample (sample 62, row 16): random codes, equal to float64's product."""
+    ext = native._ext()
+    if not ext.vnni_weight_grad():
+        pytest.skip("the CPU kernels were built without AVX512-VNNI")
+    g = torch.Generator().manual_seed(5)
+    ua = torch.randint(0, 256, (70, 8, 32, 32), generator=g, dtype=torch.uint8).contiguous(memory_format=CL)
+    ug = torch.randint(0, 256, (70, 16, 32, 32), generator=g, dtype=torch.uint8).contiguous(memory_format=CL)
+    prod, _ = ext.weight_grad_u8(ug, 9.0, ua, -3.0, 3, 3, [1, 1], [1, 1])
+    geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    want = torch.ops.aten.convolution_backward(ug.double() - 9, ua.double() - 3, torch.zeros(16, 8, 3, 3, dtype=torch.float64),
+                                               None, *geometry, [False, True, False])[1]
+    assert torch.equal(prod, want)
+
+
 def test_weight_gradient_kernel_sums_past_int32():
     """71,680 pixels of |t q_a| = 128 x 255: each int32 lane would pass 2^31; the kernel flushes into int64."""
     ext = native._ext()

@@ -1552,10 +1552,12 @@ inline void transpose_16x16_u8(__m128i* r) {
 }
 
 // One task: 16 output channels (block cb) x 8 input channels (from c0) x one kernel row kh, every kw.
-template <int KW>
+// DW: the dilation along the width when it is 1 (the taps' offsets then constants), 0 for any (dw).
+template <int KW, int DW>
 void weight_grad_task(const int8_t* gb, const uint8_t* ap, int64_t N, int64_t Ho, int64_t Wo, int64_t Hp, int64_t Wp,
                       int64_t Ci, int64_t c0, int64_t kh, int64_t dh, int64_t dw, int64_t* total /* [KW][8][16] */) {
   const int64_t gpr = Wo / 4;  // 4-pixel groups per output row
+  const int64_t step = DW ? DW : dw;
   // rows per flush: each lane gains at most 4 * 255 * 128 a group, so int32 holds 16384 groups
   const int64_t rows_per_flush = std::max<int64_t>(1, 16000 / gpr), rows = N * Ho;
   alignas(64) int32_t lanes[16];
@@ -1565,22 +1567,25 @@ void weight_grad_task(const int8_t* gb, const uint8_t* ap, int64_t N, int64_t Ho
     for (int kw = 0; kw < KW; ++kw)
 #pragma GCC unroll 8
       for (int c = 0; c < 8; ++c) acc[kw][c] = _mm512_setzero_si512();
+    const int8_t* gv_at = gb + r0 * gpr * 64;
+    int64_t n = r0 / Ho, oh = r0 % Ho;  // then stepped, not divided, per row
     for (int64_t r = r0; r < std::min(rows, r0 + rows_per_flush); ++r) {
-      const int64_t n = r / Ho, oh = r % Ho;
-      const uint8_t* arow = ap + ((n * Hp + oh + kh * dh) * Ci + c0) * Wp;
-      const int8_t* grow = gb + r * gpr * 64;
-      for (int64_t g = 0; g < gpr; ++g) {
-        const __m512i gv = _mm512_loadu_si512(grow + g * 64);
-        const uint8_t* a = arow + g * 4;
+      const uint8_t* a = ap + ((n * Hp + oh + kh * dh) * Ci + c0) * Wp;
+      const uint8_t* at[8];  // each input channel's row: its own pointer, stepped 4 bytes a group
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) at[c] = a + c * Wp;
+      for (int64_t g = 0; g < gpr; ++g, gv_at += 64) {
+        const __m512i gv = _mm512_loadu_si512(gv_at);
 #pragma GCC unroll 8
         for (int kw = 0; kw < KW; ++kw)
 #pragma GCC unroll 8
           for (int c = 0; c < 8; ++c) {
             int32_t a4;
-            std::memcpy(&a4, a + c * Wp + kw * dw, sizeof a4);
+            std::memcpy(&a4, at[c] + g * 4 + kw * step, sizeof a4);
             acc[kw][c] = _mm512_dpbusd_epi32(acc[kw][c], _mm512_set1_epi32(a4), gv);
           }
       }
+      if (++oh == Ho) oh = 0, ++n;
     }
 #pragma GCC unroll 8
     for (int kw = 0; kw < KW; ++kw)
@@ -1616,7 +1621,9 @@ std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, co
   const uint8_t* pg = ug.data_ptr<uint8_t>();
   const uint8_t* pa = ua.data_ptr<uint8_t>();
   // the gradient: [cb][group][16 channels][4 pixels] int8 (u - 128), and each channel's sum of u
-  std::vector<int8_t> gb(CB * groups * 64);
+  // (64-byte aligned, as torch allocates: a std::vector's 16-byte alignment splits each vector load across two lines)
+  auto gb_t = torch::empty({CB * groups * 64}, ug.options().dtype(torch::kChar));
+  int8_t* const gbp = gb_t.data_ptr<int8_t>();
   const int threads = at::get_num_threads();
   std::vector<int64_t> gsum(static_cast<size_t>(threads) * Co, 0);
   at::parallel_for(0, N * Ho, 4, [&](int64_t b, int64_t e) {
@@ -1626,7 +1633,7 @@ std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, co
       const uint8_t* src = pg + r * Wo * Co;
       for (int64_t cb = 0; cb < CB; ++cb) {
         __m512i sum = _mm512_setzero_si512();  // the row's sums of 16 channels (at most 255 W_out each)
-        int8_t* dst = gb.data() + (cb * N * Ho + r) * gpr * 64;
+        int8_t* dst = gbp + (cb * N * Ho + r) * gpr * 64;
         for (int64_t g = 0; g < gpr; ++g) {
           __m128i p[4];
           for (int j = 0; j < 4; ++j) {
@@ -1683,10 +1690,15 @@ std::vector<torch::Tensor> weight_grad_u8(const torch::Tensor& ug, double kg, co
     for (int64_t task = b; task < e; ++task) {
       const int64_t cb = task / ((Ci / 8) * KH), c8 = (task / KH) % (Ci / 8), kh = task % KH;
       int64_t* out = total.data() + task * KW * 8 * 16;
-      const int8_t* g = gb.data() + cb * groups * 64;
-      if (KW == 1) weight_grad_task<1>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
-      else if (KW == 2) weight_grad_task<2>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
-      else weight_grad_task<3>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
+      const int8_t* g = gbp + cb * groups * 64;
+      const auto task_of = [&](auto kw_tag) {
+        constexpr int K = decltype(kw_tag)::value;
+        if (dw == 1) weight_grad_task<K, 1>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
+        else weight_grad_task<K, 0>(g, ap.data(), N, Ho, Wo, Hp, Wp, Ci, c8 * 8, kh, dh, dw, out);
+      };
+      if (KW == 1) task_of(std::integral_constant<int, 1>{});
+      else if (KW == 2) task_of(std::integral_constant<int, 2>{});
+      else task_of(std::integral_constant<int, 3>{});
     }
   });
   // Q: the windows' sums of q_a = u_a + lo, from the input bytes summed over the batch (the padding: fill)
