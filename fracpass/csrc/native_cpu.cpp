@@ -1245,16 +1245,20 @@ std::vector<torch::Tensor> int8_weight_codes(const torch::Tensor& qw, int64_t ma
   const auto int8_part = [](float v) { return std::min(std::max(v, -128.0f), 127.0f); };
   // the parts beyond a that each input channel's weights need: 0, 1 or 2 (3: more than a split takes),
   // per element in one loop the compiler vectorizes, then per input channel
-  const int64_t n = q.numel();
-  std::vector<uint8_t> need(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = bf16_value(src[i]);
-    need[i] = static_cast<uint8_t>((v > 127.0f) + (v > 254.0f) + (v > 255.0f) + (v < -128.0f) + 2 * (v < -256.0f));
+  std::vector<uint8_t> need(per, 0);  // the most over the output channels, per (input channel, tap)
+  for (int64_t o = 0; o < Co; ++o) {
+    const uint16_t* __restrict in = src + o * per;
+    uint8_t* __restrict most = need.data();
+    for (int64_t i = 0; i < per; ++i) {
+      const float v = bf16_value(in[i]);
+      const uint8_t n = static_cast<uint8_t>((v > 127.0f) + (v > 254.0f) + (v > 255.0f) + (v < -128.0f) +
+                                             2 * (v < -256.0f));
+      most[i] = std::max(most[i], n);
+    }
   }
   std::vector<int> parts(C, 0);
-  for (int64_t o = 0; o < Co; ++o)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t j = 0; j < taps; ++j) parts[c] = std::max<int>(parts[c], need[(o * C + c) * taps + j]);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < taps; ++j) parts[c] = std::max<int>(parts[c], need[c * taps + j]);
   int64_t extra = 0;
   bool splits = true;
   for (int64_t c = 0; c < C; ++c) extra += parts[c], splits &= parts[c] < 3;
