@@ -508,7 +508,7 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
     // vectorize for small C: 0.27 ms vs 0.09 ms for 2M elements at C = 16); spans stay inside one row
     const int64_t L = C * std::max<int64_t>(1, 1024 / C), spans = (per_row + L - 1) / L;
     std::vector<float> st(L), bt(L);
-    for (int64_t j = 0; j < L; ++j) st[j] = s_c[j % C], bt[j] = b_c[j % C];
+    for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) st[j] = s_c[c], bt[j] = b_c[c];  // (no division a lane)
     const float *s_t = st.data(), *b_t = bt.data();
     at::parallel_for(0, N * spans, std::max<int64_t>(1, (1 << 14) / L), [&](int64_t b, int64_t e) {
       std::vector<float> scaled(pr != nullptr ? L : 0);  // the row's scales: s_t times the row's factor
@@ -827,7 +827,7 @@ template <typename T>
 std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // channel j % C at lane j
   const int64_t C = static_cast<int64_t>(per_channel.size());
   std::vector<float> t(L);
-  for (int64_t j = 0; j < L; ++j) t[j] = static_cast<float>(per_channel[j % C]);
+  for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) t[j] = static_cast<float>(per_channel[c]);
   return t;
 }
 
@@ -870,7 +870,7 @@ std::vector<torch::Tensor> channel_sums(int64_t n, int64_t C, const torch::Tenso
     for (int t = 0; t < threads; ++t) {
       if (!used[t]) continue;
       const double* mine = total.data() + (static_cast<size_t>(t) * K + k) * L;
-      for (int64_t j = 0; j < L; ++j) ps[j % C] += mine[j];
+      for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) ps[c] += mine[j];  // (no division a lane)
     }
     out.push_back(s);
   }
