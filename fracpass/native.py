@@ -61,7 +61,10 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   from that product (``FAST_BN``: statistics from per-channel float64 sums, the output and dL/dy as one
   affine map per channel, dL/dy's range for the gradient quantizer in the same pass), equal to aten's
   BatchNorm to float32 rounding; otherwise (or with ``FAST_BN = False``) on aten's kernels over the
-  float32 y = s v + bias, bit for bit the unfused ops.
+  float32 y = s v + bias, bit for bit the unfused ops. Where such an output's only reader is a 2-D
+  convolution (the pass marks its call ``hand_grad=True``), that convolution's int8 input-gradient
+  product goes to the fused op's backward unscaled (``HAND_GRADIENT``, _GradSink): the BatchNorm
+  kernels form dx = v s + addend where they read it, the same values without the float32 dx pass.
 * **bf16 batched products** (``torch.bmm``, ``torch.matmul`` with a batched right operand:
   attention's q k^T and P v): bfloat16 codes with per-tensor scales (per sample when gated),
   forward and both gradients, the gradient's offset corrected through the codes' row and column sums.
@@ -967,6 +970,7 @@ class _Kept(NamedTuple):
     lo: float
     int8_dx: bool = False
     int8_dw: bool = False  # the weight gradient's on the VNNI kernel (_int8_reasons)
+    hand_to: Optional["_GradSink"] = None  # where the input gradient's product goes unscaled (_GradSink)
 
 
 def _bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
@@ -1111,6 +1115,7 @@ def _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kep
     y = _scale_out(v, _out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     ctx.int8 = (kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)
+    ctx.hand_to = kept.hand_to if kept is not None else None
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
     return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]
@@ -1190,7 +1195,8 @@ def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
     return int8_support()
 
 
-def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
+def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None,
+                  hand_to: Optional["_GradSink"] = None) -> Tensor:
     """conv(q_a, q_w) as bfloat16 from the input's bytes u = q_a - lo (zero point -lo: the padding is code
     0, the real zero) and the weight's codes: exact in int32, rounded once to bfloat16, as the bf16
     convolution's float32 sum is while it stays under 2^24. 8-bit weight codes span 256 values that need
@@ -1199,7 +1205,9 @@ def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = Non
     channels); where more input channels hold them, the channels run as t = q_w - k_c, and v =
     bfloat16(y + k_c S) with S the input codes' window sums over every channel and tap
     (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
-    (_scale_out's), in the shift's pass where there is one."""
+    (_scale_out's), in the shift's pass where there is one; or, where ``hand_to`` takes the bfloat16
+    product with its epilogue (an input gradient that a fused BatchNorm's backward alone reads), a
+    placeholder for the gradient, the product then scaled where that backward reads it."""
     stride, padding, dilation, _, _, groups = conv
     u, lo = kept[0], kept[1]
     ext = _ext(u)
@@ -1212,6 +1220,8 @@ def _int8_product(kept: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = Non
     y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, one, torch.zeros(1, dtype=torch.int64), None, stride,
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
+    if hand_to is not None and not shifted and epilogue is not None and hand_to.takes(y, *epilogue):
+        return hand_to.put(y, *epilogue)
     geometry = (t.shape[2], t.shape[3], stride, padding, dilation)  # (the shift's u has no extra channels)
     scale, addend = epilogue if epilogue is not None else (_NONE_F, _NONE_F)
     if shifted and scale.numel() == 1 and _same_sample_layout(addend, y):  # the epilogue in the shift's pass
@@ -1234,14 +1244,15 @@ def _int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, f
     return torch.empty_strided(qw.shape, qw.stride()).copy_(dw)
 
 
-def _int8_input_grad(kept_g: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None) -> Tensor:
+def _int8_input_grad(kept_g: tuple, qw: Tensor, conv, epilogue: Optional[tuple] = None,
+                     hand_to: Optional["_GradSink"] = None) -> Tensor:
     """dx from conv^T(t, q_w) of a stride-1 convolution: the convolution of the gradient's codes (bytes q,
     channels-last, zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes
     swapped, dilated as the forward, padded d (K - 1) - p (_int8_product's arithmetic, with its ``epilogue``)."""
     _, padding, dilation, _, _, _ = conv
     pad = [d * (k - 1) - p for p, d, k in zip(padding, dilation, qw.shape[2:])]
     flipped = qw.flip(2, 3).transpose(0, 1)
-    return _int8_product(kept_g, flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), epilogue)
+    return _int8_product(kept_g, flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), epilogue, hand_to)
 
 
 def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
@@ -1327,7 +1338,7 @@ def _conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             if sg.numel() > 1:
                 dx = _scale_out(vx, sw, None, sg).addcmul_(_per_row_view(c, vx), corr.mul_(sw))
             elif int8_dx:  # (never gated)
-                dx = _int8_input_grad(kept_g, qw, ctx.conv, (sg * sw, corr.mul_(c * sw)))
+                dx = _int8_input_grad(kept_g, qw, ctx.conv, (sg * sw, corr.mul_(c * sw)), ctx.hand_to)
             else:
                 dx = _scale_out(vx, sg * sw, None, addend=corr.mul_(c * sw))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
@@ -1692,10 +1703,12 @@ def _conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, tran
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
-               output_padding, groups: int, aq, wq, gq, gate, simulated, fused=None) -> Tensor:
+               output_padding, groups: int, aq, wq, gq, gate, simulated, fused=None, hand_grad: bool = False) -> Tensor:
     """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
     act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
-    same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them."""
+    same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``hand_grad``: x's
+    only reader is this op (FuseNativeBNPass proved it), so where x comes from a fused BatchNorm on the
+    CPU kernels, the input gradient's int8 product goes to that BatchNorm's backward unscaled (_GradSink)."""
     why = (decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16"
            or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
            or _conv_size_reason(x, weight, stride, padding, dilation, transposed))
@@ -1727,7 +1740,10 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             forward, dx, dw = _int8_reasons(x, weight, conv, sw, _grad_bits(gq))
             qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=forward is not None)
             if kept is not None:
-                kept = kept._replace(int8_dx=x.requires_grad and dx is None, int8_dw=weight.requires_grad and dw is None)
+                int8_dx = x.requires_grad and dx is None
+                sink = x.__dict__.get(_SINK) if hand_grad and int8_dx and HAND_GRADIENT else None
+                kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None,
+                                     hand_to=sink if sink is not None and sink.shape == x.shape else None)
     _remember_int8(aq, (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)
@@ -1792,6 +1808,8 @@ class _Bf16ConvBN(torch.autograd.Function):
                                                                       residual, post)
             hand_range(out, mn, mx)  # the next op's activation quantizer reads it instead of scanning out
             keep = (ref, mean, invstd)
+            if residual is None and HAND_GRADIENT:  # where out's gradient may come as a product (_GradSink)
+                ctx.hand_from = out.__dict__[_SINK] = _GradSink(out)
         else:
             y = _scale_out(v, scale, bias, sa)
             out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
@@ -1802,6 +1820,7 @@ class _Bf16ConvBN(torch.autograd.Function):
             dead = _relu_mask_(out) if relu else None
             keep = (mean, invstd)
         ctx.n_conv, ctx.post, ctx.has_residual, ctx.out_stride = len(saved), post, residual is not None, out.stride()
+        ctx.hand_from = getattr(ctx, "hand_from", None)
         ctx.save_for_backward(*saved, v, bias, bn_w, dead, *keep)
         return out
 
@@ -1816,11 +1835,17 @@ class _Bf16ConvBN(torch.autograd.Function):
         minmax = None
         if ctx.fast:
             ref, mean, invstd = saved[n + 4:]
-            if grad.stride() != v.stride():
-                grad = torch.empty_like(v, dtype=torch.float32).copy_(grad)
+            handed = ctx.hand_from.take() if ctx.hand_from is not None else None
+            if handed is not None:  # the next convolution's product and epilogue, not a float32 gradient
+                grad, grad_scale, grad_addend = handed
+            else:
+                grad_scale = grad_addend = _NONE_F
+                if grad.stride() != v.stride():
+                    grad = torch.empty_like(v, dtype=torch.float32).copy_(grad)
             scale = _out_channel_scale(sw, transposed, groups) * sa
             dy, minmax, grad, d_bn_w, d_bn_b = _fast_bn_backward(_ext(v), grad, dead, v, ref, scale, bias, bn_w, mean,
-                                                                 invstd, training, ctx.has_residual)
+                                                                 invstd, training, ctx.has_residual, grad_scale,
+                                                                 grad_addend)
         else:
             mean, invstd = saved[n + 4:]
             if dead is not None:
@@ -1835,6 +1860,43 @@ class _Bf16ConvBN(torch.autograd.Function):
         d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
         d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
         return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None)
+
+
+# A fused BatchNorm's output whose only reader is a convolution (FuseNativeBNPass marks it, ``hand_grad``)
+# takes that convolution's int8 input-gradient product unscaled (_GradSink); False: the product is scaled
+# into a float32 gradient first, as everywhere else (the same values: tests/test_native_fastbn.py).
+HAND_GRADIENT = True
+_SINK = "_fracpass_grad_sink"
+
+
+class _GradSink:
+    """Where a fused convolution-BatchNorm (on the CPU kernels, no residual) takes its output's gradient as
+    the next convolution's bfloat16 input-gradient product v with its epilogue (scale, addend) instead of
+    as float32 v * scale + addend: the next convolution's backward puts them here and gives autograd a
+    placeholder (zeros, one element expanded), and this op's backward takes them and forms the gradient
+    where its kernels read it, saving the pass that writes float32 dx and half the bytes they read. Set on
+    the output tensor (``_SINK``) in forward; used only where the graph proves the convolution the output's
+    only reader (``hand_grad``), so that autograd never adds the placeholder to another gradient."""
+
+    __slots__ = ("shape", "stride", "handed")
+
+    def __init__(self, out: Tensor):
+        self.shape, self.stride, self.handed = out.shape, out.stride(), None
+
+    def takes(self, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> bool:
+        """Whether the kernels read this product and epilogue: bfloat16 in the output's layout, one scale,
+        an addend that is one sample in the same layout with a multiple of 16 values (or none)."""
+        return (self.handed is None and v.dtype == torch.bfloat16 and v.shape == self.shape
+                and v.stride() == self.stride and scale.numel() == 1
+                and (addend is None or (_same_sample_layout(addend, v) and addend.numel() % 16 == 0)))
+
+    def put(self, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> Tensor:
+        self.handed = (v, scale.reshape(1).float(), _NONE_F if addend is None else _memory_order(addend))
+        return torch.zeros((), dtype=torch.float32, device=v.device).expand(self.shape)
+
+    def take(self) -> Optional[tuple]:
+        handed, self.handed = self.handed, None
+        return handed
 
 
 # The fused op's BatchNorm on the CPU kernels (bn_*_bf16) where they apply; False: aten's BatchNorm on the
@@ -1885,13 +1947,17 @@ def _fast_bn_forward(ext, v: Tensor, scale: Tensor, bias: Optional[Tensor], bn_w
 
 def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref: Tensor, scale: Tensor,
                       bias: Optional[Tensor], bn_w: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool,
-                      keep_grad: bool):
+                      keep_grad: bool, grad_scale: Tensor = _NONE_F, grad_addend: Tensor = _NONE_F):
     """_fast_bn_forward's backward: (dL/dy, its min and max, the gradient after the ReLU (the residual's),
     dL/d weight, dL/d bias). With g the gradient after the ReLU and xh = (y - mean) invstd:
     dy = w invstd (g - mean(g) - xh mean(g xh)) in training, w invstd g in eval, an affine map per
-    channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64)."""
+    channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64). ``grad`` may
+    be the next convolution's bfloat16 input-gradient product with its epilogue's ``grad_scale`` and
+    ``grad_addend`` (_GradSink): the gradient is then fl(fl(grad * grad_scale) + grad_addend), as
+    _scale_out computes it, formed where the kernels read it."""
     dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, _NONE_B if dead is None else dead, v, ref, _given(scale),
-                                                   _given(bias), _given(bn_w), mean, invstd, training, keep_grad)
+                                                   _given(bias), _given(bn_w), mean, invstd, training, keep_grad,
+                                                   grad_scale, grad_addend)
     return dy, (mn, mx), g, d_w, d_b
 
 
@@ -1958,9 +2024,10 @@ def _unfused(y: Tensor, bn: nn.Module, act, residual: Optional[Tensor], bn_first
 def _conv_call(fn):
     """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers and, for a
     gated op, its gate's one-hot choice."""
-    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None):
+    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None,
+             hand_grad=False):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
-                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups))
+                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups), hand_grad=hand_grad)
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
     return call
@@ -1971,10 +2038,10 @@ def _conv_bn_call(fn):
     the residual add (``bn(y) + residual``, or ``residual + bn(y)`` if not ``bn_first``) and a ReLU
     (``act``: an nn.ReLU, or "relu" for the functional one): see FuseNativeBNPass."""
     def call(x, weight, bias, stride, padding, dilation, groups, aq, wq, gq, gate, bn, act=None, residual=None,
-             bn_first=True):
+             bn_first=True, hand_grad=False):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
                           lambda a, w: fn(a, w, bias, stride, padding, dilation, groups),
-                          fused=(bn, act, residual, bn_first))
+                          fused=(bn, act, residual, bn_first), hand_grad=hand_grad)
 
     call.__doc__ = (f"``act(bn(gq({fn.__name__}(aq(x), wq(weight), ...))) + residual)``, the convolution on "
                     "bfloat16 codes where the bits allow, saving less for backward (_Bf16ConvBN).")
@@ -2009,6 +2076,8 @@ bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
 bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
 bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
 _FUSED = {bf16_conv1d: bf16_conv1d_bn, bf16_conv2d: bf16_conv2d_bn, bf16_conv3d: bf16_conv3d_bn}
+_FUSED_CALLS = tuple(_FUSED.values())
+_HANDS_GRAD = (bf16_conv2d, bf16_conv2d_bn)  # 2-D: the int8 input gradient's product (_int8_input_grad)
 # the F function each lowers, its kind, and where its quantizer arguments start
 _BF16_CONVS = {
     F.conv1d: (bf16_conv1d, "conv1d", 7), F.conv2d: (bf16_conv2d, "conv2d", 7), F.conv3d: (bf16_conv3d, "conv3d", 7),
@@ -2280,7 +2349,9 @@ class FuseNativeBNPass(PassBase):
     The fused call computes what the unfused ops compute, bit for bit, on every route (a convolution
     the bits or sizes leave simulated runs the BatchNorm, add and ReLU modules themselves). Each node
     between the convolution and the end of the chain must have that one user, and the add no fracpass
-    annotation (a gated block's merge add stays). Run after LowerNativePass."""
+    annotation (a gated block's merge add stays). Then each 2-D convolution call whose input is a fused
+    call's output read by nothing else gets ``hand_grad=True`` (_GradSink: its input gradient's product
+    goes to that call's backward unscaled). Run after LowerNativePass."""
 
     name = "fuse-native-bn"
 
@@ -2309,7 +2380,12 @@ class FuseNativeBNPass(PassBase):
             if relu is not None and relu.op == "call_module":
                 act.name = names[2]
             fused += 1
-        return PassResult(gm, modified=fused > 0, stats={"fused": fused})
+        handed = 0
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in _HANDS_GRAD and not node.kwargs and _sole_reader(node):
+                node.kwargs = {"hand_grad": True}
+                handed += 1
+        return PassResult(gm, modified=fused + handed > 0, stats={"fused": fused, "hand_grad": handed})
 
     @staticmethod
     def _chain(gm, conv: torch.fx.Node):
@@ -2345,6 +2421,17 @@ class FuseNativeBNPass(PassBase):
         if not _only_calls(conv, relu or add or bn, chain):
             return None
         return bn, add, residual, bn_first, relu
+
+
+def _sole_reader(node: torch.fx.Node) -> bool:
+    """``node``'s input (its first argument) is a fused convolution-BatchNorm call's output that nothing else
+    reads, ``node`` itself reading it once: autograd then hands that call exactly ``node``'s input gradient."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or x.op != "call_function" or x.target not in _FUSED_CALLS:
+        return False
+    reads = []
+    torch.fx.map_arg((node.args, node.kwargs), lambda a: reads.append(a) if a is x else None)
+    return len(x.users) == 1 and len(reads) == 1
 
 
 # -- reporting ---------------------------------------------------------------------------------------

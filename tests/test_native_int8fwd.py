@@ -320,10 +320,10 @@ def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_sca
     calls, routes = [], []
     real = native._int8_product
 
-    def spy(kept, qw, conv, epilogue=None):
+    def spy(kept, qw, conv, epilogue=None, hand_to=None):
         calls.append(1)
         routes.append(_route(qw))
-        return real(kept, qw, conv, epilogue)
+        return real(kept, qw, conv, epilogue, hand_to)
 
     monkeypatch.setattr(native, "_int8_product", spy)
     runs, products = {}, {}

@@ -881,13 +881,41 @@ inline uint16_t mask16(const uint8_t* bits, int64_t i) {  // the 16 mask bits of
   return static_cast<uint16_t>(bits[i >> 3] | (bits[(i >> 3) + 1] << 8));
 }
 
-// The checks the backward kernels share: a float32 gradient in v's layout and, if given, the ReLU's mask
-// with a bit per element; returns the mask's bytes, or nullptr without one.
+// The gradient the BatchNorm backward reads: float32 as given (g), or the next convolution's bfloat16
+// input-gradient product y with its epilogue, fl(fl(y sc) + add) with ``add`` one sample's values in memory
+// order, the same for every sample: scale_bf16's arithmetic, done where the gradient is read instead of in a
+// pass that writes it (fracpass.native hands the product over where the gradient has no other reader).
+struct GradIn {
+  const float* g = nullptr;
+  const uint16_t* y = nullptr;
+  float sc = 1.0f;
+  const float* add = nullptr;
+  int64_t per_row = 1;
+  inline float at(int64_t i) const {
+    if (g != nullptr) return g[i];
+    float p = bf16_value(y[i]) * sc;
+    asm("" : "+x"(p));  // rounded here, not contracted with the add into an FMA
+    return add != nullptr ? p + add[i % per_row] : p;
+  }
+#ifdef __AVX512F__
+  // elements i..i+15 (i % 16 == 0; per_row % 16 == 0 with an addend, so they lie in one sample)
+  inline __m512 at16(int64_t i) const {
+    if (g != nullptr) return _mm512_loadu_ps(g + i);
+    const __m512 p = rounded(_mm512_mul_ps(load_bf16x16(y + i), _mm512_set1_ps(sc)));
+    return add != nullptr ? _mm512_add_ps(p, _mm512_loadu_ps(add + i % per_row)) : p;
+  }
+#endif
+};
+
+// The checks the backward kernels share: a float32 gradient in v's layout (or a bfloat16 product there
+// with its scale and addend: GradIn) and, if given, the ReLU's mask with a bit per element; returns the
+// mask's bytes, or nullptr without one.
 const uint8_t* check_grad_and_mask(const torch::Tensor& grad, const torch::Tensor& bits, const torch::Tensor& v,
                                    const char* what) {
   check_channels_last(v, v.size(1), what);
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.sizes() == v.sizes() && grad.strides() == v.strides(),
-              what, ": the gradient must be float32 in v's layout");
+  TORCH_CHECK((grad.scalar_type() == torch::kFloat || grad.scalar_type() == torch::kBFloat16) &&
+                  grad.sizes() == v.sizes() && grad.strides() == v.strides(),
+              what, ": the gradient must be float32 (or a bfloat16 product) in v's layout");
   if (bits.numel() == 0) return nullptr;
   const int64_t bytes = (v.numel() + 7) / 8;
   TORCH_CHECK(bits.numel() == bytes, what, ": expected ", bytes, " mask bytes");
@@ -1012,23 +1040,39 @@ std::vector<torch::Tensor> bn_apply_bf16(const torch::Tensor& v, const std::vect
 
 // sum_c g and sum_c g d (d = v - ref_c) of the gradient g masked by the ReLU's bits (m, if any), and g
 // itself if asked for (else the gradient as given).
-std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const uint8_t* m, const torch::Tensor& v,
-                                             const std::vector<float>& ref, bool keep_masked) {
+std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const GradIn& g, const uint8_t* m,
+                                             const torch::Tensor& v, const std::vector<float>& ref, bool keep_masked) {
   const int64_t C = v.size(1), n = v.numel(), L = span_of(C);
+  TORCH_CHECK(!keep_masked || g.g != nullptr, "bn_backward_bf16: a handed-over product cannot be kept");
   auto kept = keep_masked && m != nullptr ? torch::empty_strided(grad.sizes(), grad.strides(), grad.options())
                                           : torch::Tensor();
-  const float* g = grad.data_ptr<float>();
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* kp = kept.defined() ? kept.data_ptr<float>() : nullptr;
   const auto rt = tiled(ref, L);
   auto sums = channel_sums<2>(n, C, v.options(), [&](int64_t first, int64_t len, float* acc, int64_t) {
-    const float* __restrict gi = g + first;
+    const float* __restrict gi = g.g != nullptr ? g.g + first : nullptr;
     const uint16_t* __restrict in = src + first;
     const float* __restrict r = rt.data();
     float* __restrict s1 = acc;
     float* __restrict s2 = acc + L;
     int64_t j = 0;
-    if (m != nullptr) {
+    if (gi == nullptr) {  // a handed-over product: the gradient computed as it is read
+#ifdef __AVX512F__
+      for (; j + 16 <= len; j += 16) {
+        const __m512 x0 = g.at16(first + j);
+        const __m512 x = m != nullptr ? _mm512_maskz_mov_ps(static_cast<__mmask16>(~mask16(m, first + j)), x0) : x0;
+        const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(r + j));
+        _mm512_storeu_ps(s1 + j, _mm512_add_ps(_mm512_loadu_ps(s1 + j), x));
+        _mm512_storeu_ps(s2 + j, _mm512_fmadd_ps(x, vv, _mm512_loadu_ps(s2 + j)));
+      }
+#endif
+      for (; j < len; ++j) {
+        const int64_t i = first + j;
+        const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : g.at(i);
+        s1[j] += x;
+        s2[j] += x * (bf16_value(in[j]) - r[j]);
+      }
+    } else if (m != nullptr) {
 #ifdef __AVX512F__
       for (; j + 16 <= len; j += 16) {
         const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j);
@@ -1059,13 +1103,13 @@ std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const ui
 
 // dy = k1_c g + k2_c (v - ref_c) + k3_c with g masked by the ReLU's bits (m, if any), in v's layout, and dy's
 // min and max (NaN if dy holds one, as torch.aminmax).
-std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const uint8_t* m, const torch::Tensor& v,
-                                              const std::vector<float>& ref, const std::vector<double>& k1,
-                                              const std::vector<double>& k2, const std::vector<double>& k3) {
+std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const GradIn& g, const uint8_t* m,
+                                              const torch::Tensor& v, const std::vector<float>& ref,
+                                              const std::vector<double>& k1, const std::vector<double>& k2,
+                                              const std::vector<double>& k3) {
   const int64_t n = v.numel(), L = span_of(v.size(1));
-  auto dy = torch::empty_strided(grad.sizes(), grad.strides(), grad.options());
+  auto dy = torch::empty_strided(grad.sizes(), grad.strides(), grad.options().dtype(torch::kFloat));
   const auto t1 = tiled(k1, L), t2 = tiled(k2, L), t3 = tiled(k3, L), rt = tiled(ref, L);
-  const float* g = grad.data_ptr<float>();
   const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   float* dst = dy.data_ptr<float>();
   Extremes range;
@@ -1074,15 +1118,14 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
     const float* __restrict a2 = t2.data();
     const float* __restrict a3 = t3.data();
     const float* __restrict tr = rt.data();
-    const float* __restrict gi = g + first;
     const uint16_t* __restrict in = src + first;
     float* __restrict o = dst + first;
     int64_t j = 0;
 #ifdef __AVX512F__
     Extremes::Lanes lanes;
     for (; j + 16 <= len; j += 16) {
-      const __m512 x = m != nullptr ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(~mask16(m, first + j)), gi + j)
-                                    : _mm512_loadu_ps(gi + j);
+      const __m512 x0 = g.at16(first + j);
+      const __m512 x = m != nullptr ? _mm512_maskz_mov_ps(static_cast<__mmask16>(~mask16(m, first + j)), x0) : x0;
       const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
       const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
                                      _mm512_mul_ps(_mm512_loadu_ps(a1 + j), x));
@@ -1093,7 +1136,7 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const u
 #endif
     for (; j < len; ++j) {
       const int64_t i = first + j;
-      const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : gi[j];
+      const float x = m != nullptr && ((m[i >> 3] >> (i & 7)) & 1) ? 0.0f : g.at(i);
       const float r = std::fma(a2[j], bf16_value(in[j]) - tr[j], a3[j]) + a1[j] * x;
       o[j] = r;
       range.add(t, r);
@@ -1196,16 +1239,34 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
                                             const torch::Tensor& ref, const torch::Tensor& scale,
                                             const torch::Tensor& bias, const torch::Tensor& w,
                                             const torch::Tensor& mean_t, const torch::Tensor& invstd_t, bool training,
-                                            bool keep_grad) {
+                                            bool keep_grad, const torch::Tensor& grad_scale,
+                                            const torch::Tensor& grad_addend) {
   const uint8_t* m = check_grad_and_mask(grad, bits, v, "bn_backward_bf16");
   const int64_t C = v.size(1), n = v.numel() / C;
+  GradIn gin;
+  if (grad.scalar_type() == torch::kFloat) {
+    gin.g = grad.data_ptr<float>();
+  } else {  // the next convolution's product: its epilogue's one scale and addend (one sample, memory order)
+    TORCH_CHECK(grad_scale.scalar_type() == torch::kFloat && grad_scale.numel() == 1,
+                "bn_backward_bf16: a bfloat16 product comes with its float32 scale");
+    gin.y = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
+    gin.sc = grad_scale.item<float>();
+    if (grad_addend.numel() > 0) {
+      gin.per_row = v.numel() / v.size(0);
+      TORCH_CHECK(grad_addend.scalar_type() == torch::kFloat && grad_addend.is_contiguous() &&
+                      grad_addend.numel() == gin.per_row && gin.per_row % 16 == 0 && v.stride(0) == gin.per_row,
+                  "bn_backward_bf16: the product's addend holds one sample (", gin.per_row,
+                  " float32 values, a multiple of 16) in memory order");
+      gin.add = grad_addend.data_ptr<float>();
+    }
+  }
   const auto s = per_channel(scale, C, 1.0, "bn_backward_bf16 scale"), shift = per_channel(bias, C, 0.0, "bias");
   const auto wd = per_channel(w, C, 1.0, "weight"), mean = per_channel(mean_t, C, 0.0, "mean");
   const auto invstd = per_channel(invstd_t, C, 1.0, "invstd");
   TORCH_CHECK(ref.scalar_type() == torch::kFloat && ref.is_contiguous() && ref.numel() == C,
               "bn_backward_bf16: expected ", C, " float32 reference values");
   const std::vector<float> r(ref.data_ptr<float>(), ref.data_ptr<float>() + C);
-  auto sums = bn_grad_sums_bf16(grad, m, v, r, keep_grad);
+  auto sums = bn_grad_sums_bf16(grad, gin, m, v, r, keep_grad);
   const double* sum_g = sums[0].data_ptr<double>();
   const double* sum_gd = sums[1].data_ptr<double>();
   std::vector<double> k1(C), k2(C, 0.0), k3(C, 0.0), d_w(C), d_b(C);
@@ -1220,7 +1281,7 @@ std::vector<torch::Tensor> bn_backward_bf16(const torch::Tensor& grad, const tor
     d_w[c] = sum_gxh;
     d_b[c] = sum_g[c];
   }
-  auto applied = bn_grad_apply_bf16(grad, m, v, r, k1, k2, k3);
+  auto applied = bn_grad_apply_bf16(grad, gin, m, v, r, k1, k2, k3);
   return {applied[0], applied[1], applied[2], sums[2], as_tensor(d_w, torch::kFloat), as_tensor(d_b, torch::kFloat)};
 }
 
