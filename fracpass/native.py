@@ -62,9 +62,10 @@ and picks a path on every call from the quantizers' current bits, so ``set_stage
   affine map per channel, dL/dy's range for the gradient quantizer in the same pass), equal to aten's
   BatchNorm to float32 rounding; otherwise (or with ``FAST_BN = False``) on aten's kernels over the
   float32 y = s v + bias, bit for bit the unfused ops. Where such an output's only reader is a 2-D
-  convolution (the pass marks its call ``hand_grad=True``), that convolution's int8 input-gradient
-  product goes to the fused op's backward unscaled (``HAND_GRADIENT``, _GradSink): the BatchNorm
-  kernels form dx = v s + addend where they read it, the same values without the float32 dx pass.
+  convolution (the pass marks the fused call ``sole_reader=True``), that convolution's int8
+  input-gradient product goes to the fused op's backward unscaled (``HAND_GRADIENT``, _GradSink): the
+  BatchNorm kernels form dx = v s + addend where they read it, the same values without the float32 dx
+  pass.
 * **bf16 batched products** (``torch.bmm``, ``torch.matmul`` with a batched right operand:
   attention's q k^T and P v): bfloat16 codes with per-tensor scales (per sample when gated),
   forward and both gradients, the gradient's offset corrected through the codes' row and column sums.
@@ -1703,12 +1704,13 @@ def _conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, tran
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
-               output_padding, groups: int, aq, wq, gq, gate, simulated, fused=None, hand_grad: bool = False) -> Tensor:
+               output_padding, groups: int, aq, wq, gq, gate, simulated, fused=None, sole_reader: bool = False) -> Tensor:
     """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
     act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
-    same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``hand_grad``: x's
-    only reader is this op (FuseNativeBNPass proved it), so where x comes from a fused BatchNorm on the
-    CPU kernels, the input gradient's int8 product goes to that BatchNorm's backward unscaled (_GradSink)."""
+    same op (_Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``sole_reader``: the
+    fused op's output has one reader, a 2-D convolution call reading it once (FuseNativeBNPass proved it):
+    it then takes that convolution's input-gradient product unscaled (_GradSink on the output, which the
+    convolution finds on its x)."""
     why = (decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16"
            or _bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
            or _conv_size_reason(x, weight, stride, padding, dilation, transposed))
@@ -1741,7 +1743,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             qa, sa, kept = _bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=forward is not None)
             if kept is not None:
                 int8_dx = x.requires_grad and dx is None
-                sink = x.__dict__.get(_SINK) if hand_grad and int8_dx and HAND_GRADIENT else None
+                sink = x.__dict__.get(_SINK) if int8_dx and HAND_GRADIENT else None
                 kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None,
                                      hand_to=sink if sink is not None and sink.shape == x.shape else None)
     _remember_int8(aq, (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)))
@@ -1754,7 +1756,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
         return y if fused is None else _unfused(y, *fused)
     bn, act, residual, _ = fused
     out = _Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, _grad_bits(gq), gating, bn.weight,
-                            bn.bias, residual, _bn_state(bn) + (act is not None,), kept)
+                            bn.bias, residual, _bn_state(bn) + (act is not None,), kept, sole_reader)
     _remember_bn(aq, _bn_route(out, sa, residual))
     return out
 
@@ -1795,7 +1797,7 @@ class _Bf16ConvBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
-                post, kept=None):  # type: ignore[override]
+                post, kept=None, sole_reader=False):  # type: ignore[override]
         _, v, saved = _conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=False)
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
@@ -1808,7 +1810,7 @@ class _Bf16ConvBN(torch.autograd.Function):
                                                                       residual, post)
             hand_range(out, mn, mx)  # the next op's activation quantizer reads it instead of scanning out
             keep = (ref, mean, invstd)
-            if residual is None and HAND_GRADIENT:  # where out's gradient may come as a product (_GradSink)
+            if sole_reader and residual is None and HAND_GRADIENT:  # out's gradient may come as a product
                 ctx.hand_from = out.__dict__[_SINK] = _GradSink(out)
         else:
             y = _scale_out(v, scale, bias, sa)
@@ -1859,10 +1861,10 @@ class _Bf16ConvBN(torch.autograd.Function):
         d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
         d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
         d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
-        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None)
+        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None, None)
 
 
-# A fused BatchNorm's output whose only reader is a convolution (FuseNativeBNPass marks it, ``hand_grad``)
+# A fused BatchNorm's output whose only reader is a convolution (FuseNativeBNPass marks it, ``sole_reader``)
 # takes that convolution's int8 input-gradient product unscaled (_GradSink); False: the product is scaled
 # into a float32 gradient first, as everywhere else (the same values: tests/test_native_fastbn.py).
 HAND_GRADIENT = True
@@ -1875,8 +1877,8 @@ class _GradSink:
     as float32 v * scale + addend: the next convolution's backward puts them here and gives autograd a
     placeholder (zeros, one element expanded), and this op's backward takes them and forms the gradient
     where its kernels read it, saving the pass that writes float32 dx and half the bytes they read. Set on
-    the output tensor (``_SINK``) in forward; used only where the graph proves the convolution the output's
-    only reader (``hand_grad``), so that autograd never adds the placeholder to another gradient."""
+    the output tensor (``_SINK``) in forward, only where the graph proves the convolution the output's
+    only reader (``sole_reader``), so that autograd never adds the placeholder to another gradient."""
 
     __slots__ = ("shape", "stride", "handed")
 
@@ -2024,10 +2026,9 @@ def _unfused(y: Tensor, bn: nn.Module, act, residual: Optional[Tensor], bn_first
 def _conv_call(fn):
     """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers and, for a
     gated op, its gate's one-hot choice."""
-    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None,
-             hand_grad=False):
+    def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
-                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups), hand_grad=hand_grad)
+                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups))
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
     return call
@@ -2038,10 +2039,10 @@ def _conv_bn_call(fn):
     the residual add (``bn(y) + residual``, or ``residual + bn(y)`` if not ``bn_first``) and a ReLU
     (``act``: an nn.ReLU, or "relu" for the functional one): see FuseNativeBNPass."""
     def call(x, weight, bias, stride, padding, dilation, groups, aq, wq, gq, gate, bn, act=None, residual=None,
-             bn_first=True, hand_grad=False):
+             bn_first=True, sole_reader=False):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
                           lambda a, w: fn(a, w, bias, stride, padding, dilation, groups),
-                          fused=(bn, act, residual, bn_first), hand_grad=hand_grad)
+                          fused=(bn, act, residual, bn_first), sole_reader=sole_reader)
 
     call.__doc__ = (f"``act(bn(gq({fn.__name__}(aq(x), wq(weight), ...))) + residual)``, the convolution on "
                     "bfloat16 codes where the bits allow, saving less for backward (_Bf16ConvBN).")
@@ -2077,7 +2078,7 @@ bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
 bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
 _FUSED = {bf16_conv1d: bf16_conv1d_bn, bf16_conv2d: bf16_conv2d_bn, bf16_conv3d: bf16_conv3d_bn}
 _FUSED_CALLS = tuple(_FUSED.values())
-_HANDS_GRAD = (bf16_conv2d, bf16_conv2d_bn)  # 2-D: the int8 input gradient's product (_int8_input_grad)
+_SOLE_READERS = (bf16_conv2d, bf16_conv2d_bn)  # 2-D: the int8 input gradient's product (_int8_input_grad)
 # the F function each lowers, its kind, and where its quantizer arguments start
 _BF16_CONVS = {
     F.conv1d: (bf16_conv1d, "conv1d", 7), F.conv2d: (bf16_conv2d, "conv2d", 7), F.conv3d: (bf16_conv3d, "conv3d", 7),
@@ -2349,9 +2350,9 @@ class FuseNativeBNPass(PassBase):
     The fused call computes what the unfused ops compute, bit for bit, on every route (a convolution
     the bits or sizes leave simulated runs the BatchNorm, add and ReLU modules themselves). Each node
     between the convolution and the end of the chain must have that one user, and the add no fracpass
-    annotation (a gated block's merge add stays). Then each 2-D convolution call whose input is a fused
-    call's output read by nothing else gets ``hand_grad=True`` (_GradSink: its input gradient's product
-    goes to that call's backward unscaled). Run after LowerNativePass."""
+    annotation (a gated block's merge add stays). Then each fused call whose output only a 2-D convolution
+    call reads, once, gets ``sole_reader=True`` (_GradSink: that convolution's input-gradient product comes
+    to the fused call's backward unscaled). Run after LowerNativePass."""
 
     name = "fuse-native-bn"
 
@@ -2380,12 +2381,12 @@ class FuseNativeBNPass(PassBase):
             if relu is not None and relu.op == "call_module":
                 act.name = names[2]
             fused += 1
-        handed = 0
+        sole = 0
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in _HANDS_GRAD and not node.kwargs and _sole_reader(node):
-                node.kwargs = {"hand_grad": True}
-                handed += 1
-        return PassResult(gm, modified=fused + handed > 0, stats={"fused": fused, "hand_grad": handed})
+            if node.op == "call_function" and node.target in _FUSED_CALLS and not node.kwargs and _read_once(node):
+                node.kwargs = {"sole_reader": True}
+                sole += 1
+        return PassResult(gm, modified=fused + sole > 0, stats={"fused": fused, "sole_reader": sole})
 
     @staticmethod
     def _chain(gm, conv: torch.fx.Node):
@@ -2423,15 +2424,16 @@ class FuseNativeBNPass(PassBase):
         return bn, add, residual, bn_first, relu
 
 
-def _sole_reader(node: torch.fx.Node) -> bool:
-    """``node``'s input (its first argument) is a fused convolution-BatchNorm call's output that nothing else
-    reads, ``node`` itself reading it once: autograd then hands that call exactly ``node``'s input gradient."""
-    x = node.args[0] if node.args else None
-    if not isinstance(x, torch.fx.Node) or x.op != "call_function" or x.target not in _FUSED_CALLS:
+def _read_once(node: torch.fx.Node) -> bool:
+    """``node``'s output has one reader, a 2-D convolution call that takes it as its input and reads it once:
+    autograd then hands ``node``'s backward exactly that call's input gradient."""
+    reader = _only_user(node)
+    if reader is None or reader.op != "call_function" or reader.target not in _SOLE_READERS or not reader.args \
+            or reader.args[0] is not node:
         return False
     reads = []
-    torch.fx.map_arg((node.args, node.kwargs), lambda a: reads.append(a) if a is x else None)
-    return len(x.users) == 1 and len(reads) == 1
+    torch.fx.map_arg((reader.args, reader.kwargs), lambda a: reads.append(a) if a is node else None)
+    return len(reads) == 1
 
 
 # -- reporting ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A fused BatchNorm's backward taking the next convolution's input-gradient product unscaled (_GradSink).
 
-Where a fused conv-BN(-ReLU) output's only reader is a 2-D convolution (FuseNativeBNPass marks that call
-``hand_grad=True``), the convolution's int8 input-gradient product goes to the fused op's backward as the
+Where a fused conv-BN(-ReLU) output's only reader is a 2-D convolution (FuseNativeBNPass marks the fused
+call ``sole_reader=True``), the convolution's int8 input-gradient product goes to the fused op's backward as the
 bfloat16 product with its epilogue (scale, addend) instead of as float32 dx, and the BatchNorm kernels form
 dx where they read it (fracpass.native.HAND_GRADIENT). The values are scale_bf16's: every gradient must be
 bit for bit the one with the hand-over off. Checked here: the kernel against scale_bf16 then the float32
@@ -86,7 +86,7 @@ def _native(model, x, stage=3, weight_scale="tensor"):
 
 
 def _marked(q):
-    return [n for n in q.graph.nodes if n.op == "call_function" and n.kwargs.get("hand_grad")]
+    return [n for n in q.graph.nodes if n.op == "call_function" and n.kwargs.get("sole_reader")]
 
 
 def _grads(q, x, y, monkeypatch, on):
@@ -109,8 +109,8 @@ def test_a_resnet_trains_bit_for_bit_with_and_without_the_hand_over(stage, monke
     y = torch.randint(0, 10, (8,))
     q = _native(fracpass.models.resnet20().train(), x, stage)
     marked = _marked(q)
-    assert len(marked) == 9 and all(n.args[0].target is native.bf16_conv2d_bn and len(n.args[0].users) == 1
-                                    for n in marked)
+    assert len(marked) == 9 and all(n.target is native.bf16_conv2d_bn and len(n.users) == 1
+                                    and next(iter(n.users)).args[0] is n for n in marked)
     on, handed = _grads(q, x, y, monkeypatch, True)
     off, none = _grads(q, x, y, monkeypatch, False)
     assert handed == 9 and none == 0
@@ -154,7 +154,7 @@ def test_only_a_sole_reader_that_reads_once_is_marked(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
     q = _native(_Shared().train(), x)
-    marked = {str(n.args[0]) for n in _marked(q)}
+    marked = {n.name for n in _marked(q)}
     # conv1 reads a (conv0's fused output, read only by it); conv2/conv3 share b; conv4 reads the add c;
     # conv5 reads d twice (input and residual)
     assert marked == {"conv0"}, marked
