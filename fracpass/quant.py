@@ -56,8 +56,23 @@ _DITHER_SCALE = 1.0 / 256  # one random byte per element: u = (k + 0.5) / 256, k
 _DITHER_OFFSET = 0.5 / 256
 
 
+def _scalar_kernels(mn: Tensor, mx: Tensor):
+    """The compiled CPU kernels for one float32 CPU range (plain tensors outside tracing and compiling,
+    no autograd), else None: _affine_params and _track then take one call instead of about ten ops."""
+    if (type(mn) is not Tensor or type(mx) is not Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or mn.device.type != "cpu" or mx.device.type != "cpu" or mn.dtype != torch.float32
+            or mx.dtype != torch.float32 or mn.numel() != 1 or mx.shape != mn.shape or mn.requires_grad
+            or mx.requires_grad):
+        return None
+    return kernels.load()
+
+
 def _affine_params(mn: Tensor, mx: Tensor, levels: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Scale and the integer bounds of ``round(x / scale)`` for a range holding zero."""
+    ext = _scalar_kernels(mn, mx) if type(levels) is float else None
+    if ext is not None:  # the same float32 arithmetic (quant_cpu.cpp's affine)
+        scale, lo, hi = ext.affine_params(mn, mx, levels)
+        return scale, lo, hi
     mn = mn.clamp(max=0)
     mx = mx.clamp(min=0)
     # (mx - mn) / levels overflows for ranges near the float limit; the split form does not.
@@ -368,12 +383,42 @@ class ActQuant(_RangeTracker):
         # decided on the device (no host sync): a finite batch moves the EMA, or sets the range if
         # it is the first one; a non-finite one leaves it and is counted
         mn, mx = mn.to(self.running_min.dtype), mx.to(self.running_max.dtype)
+        ext = _scalar_kernels(mn, mx) if self.momentum < 0.5 and _lerp_is_fma() else None
+        if (ext is not None and self.running_min.device.type == "cpu" and self.running_min.dtype == torch.float32
+                and self.running_min.numel() == 1 and self.running_max.dtype == torch.float32):
+            ext.track_range_(self.running_min, self.running_max, self.range_ready, self.nonfinite_batches, mn, mx,
+                             float(self.momentum))  # the same arithmetic in one call (quant_cpu.cpp)
+            return
         finite = torch.isfinite(mn) & torch.isfinite(mx)
         weight = torch.where(finite, torch.where(self.range_ready, self.momentum, 1.0), 0.0)
         self.running_min.lerp_(torch.where(finite, mn, self.running_min), weight)
         self.running_max.lerp_(torch.where(finite, mx, self.running_max), weight)
         self.range_ready |= finite
         self.nonfinite_batches += ~finite
+
+
+_LERP_FMA: Optional[bool] = None
+
+
+def _lerp_is_fma() -> bool:
+    """Whether torch's scalar lerp_ at a weight under 0.5 rounds once (an FMA), as track_range_ computes it:
+    checked once against torch on values where one and two roundings differ."""
+    global _LERP_FMA
+    if _LERP_FMA is None:
+        ext = kernels.load()
+        ok = ext is not None
+        g = torch.Generator().manual_seed(0)
+        pairs = (torch.randn(2, 64, generator=g) * 1000).tolist()
+        for a, b in zip(*pairs) if ok else ():
+            want = torch.tensor(a).lerp_(torch.tensor(b), torch.tensor(0.1))
+            rmin, rmax = torch.tensor(a), torch.tensor(a)
+            ext.track_range_(rmin, rmax, torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.int64),
+                             torch.tensor(b), torch.tensor(b), 0.1)
+            ok = ok and torch.equal(rmin, want)
+        _LERP_FMA = ok
+        if not ok and ext is not None:
+            log.debug("torch's lerp_ does not round as track_range_ does here: range tracking stays on torch ops")
+    return _LERP_FMA
 
 
 class WeightQuant(Quantizer):

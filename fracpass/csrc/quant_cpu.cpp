@@ -277,7 +277,50 @@ torch::Tensor option_scores(const torch::Tensor& x, const torch::Tensor& g, cons
   return out;
 }
 
+// fracpass.quant._affine_params for one float32 range on the CPU: (scale, -zero_point, levels - zero_point)
+// shaped like mn, the torch ops' arithmetic (affine) in one call instead of about ten.
+std::vector<torch::Tensor> affine_params(const torch::Tensor& mn, const torch::Tensor& mx, double levels) {
+  TORCH_CHECK(mn.device().is_cpu() && mx.device().is_cpu() && mn.scalar_type() == torch::kFloat &&
+                  mx.scalar_type() == torch::kFloat && mn.numel() == 1 && mx.numel() == 1,
+              "affine_params: one float32 CPU range");
+  const Affine a = affine(*mn.data_ptr<float>(), *mx.data_ptr<float>(), static_cast<float>(levels));
+  auto s = torch::empty_like(mn, torch::MemoryFormat::Contiguous), lo = torch::empty_like(s), hi = torch::empty_like(s);
+  *s.data_ptr<float>() = a.scale, *lo.data_ptr<float>() = a.lo, *hi.data_ptr<float>() = a.hi;
+  return {s, lo, hi};
+}
+
+// fracpass.quant.ActQuant._track for one float32 range on the CPU, in place on the quantizer's buffers: a
+// finite batch moves the running range by lerp (torch's: an FMA for a weight under 0.5, which the caller
+// checks against torch once) at ``momentum``, or sets it if none was tracked; a non-finite one is counted.
+void track_range_(torch::Tensor rmin, torch::Tensor rmax, torch::Tensor ready, torch::Tensor nonfinite,
+                  const torch::Tensor& mn, const torch::Tensor& mx, double momentum) {
+  const torch::Tensor* scalars[] = {&rmin, &rmax, &mn, &mx};
+  for (const torch::Tensor* t : scalars)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat && t->numel() == 1,
+                "track_range_: float32 CPU scalars");
+  TORCH_CHECK(ready.device().is_cpu() && ready.scalar_type() == torch::kBool && ready.numel() == 1 &&
+                  nonfinite.device().is_cpu() && nonfinite.scalar_type() == torch::kLong && nonfinite.numel() == 1 &&
+                  momentum < 0.5,
+              "track_range_: a bool and an int64 CPU scalar, and a momentum under 0.5");
+  const float lo = *mn.data_ptr<float>(), hi = *mx.data_ptr<float>();
+  const bool finite = std::isfinite(lo) && std::isfinite(hi), was = *ready.data_ptr<bool>();
+  const float w = finite ? (was ? static_cast<float>(momentum) : 1.0f) : 0.0f;
+  const auto lerp = [w](float self, float end) {  // at::native::lerp at w in {0, momentum, 1}
+    return w < 0.5f ? std::fma(w, end - self, self) : end - (end - self) * (1.0f - w);
+  };
+  float* pmin = rmin.data_ptr<float>();
+  float* pmax = rmax.data_ptr<float>();
+  *pmin = lerp(*pmin, finite ? lo : *pmin);
+  *pmax = lerp(*pmax, finite ? hi : *pmax);
+  *ready.data_ptr<bool>() = was || finite;
+  *nonfinite.data_ptr<int64_t>() += finite ? 0 : 1;
+  torch::Tensor* changed[] = {&rmin, &rmax, &ready, &nonfinite};
+  for (torch::Tensor* t : changed) torch::autograd::impl::bump_version(*t);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("affine_params", &affine_params, "fracpass.quant._affine_params for one float32 range");
+  m.def("track_range_", &track_range_, "fracpass.quant.ActQuant._track for one float32 range, in place");
   m.def("fake_quant", &fake_quant, "fused fake quantization (per tensor or per dim-0 channel)");
   m.def("grad_sr", &grad_sr, "fused stochastic-rounding gradient quantization");
   m.def("fake_quant_rows", &fake_quant_rows, "fused fake quantization, one range and level count per row");
