@@ -1866,7 +1866,7 @@ class _Bf16ConvBN(torch.autograd.Function):
 
 # A fused BatchNorm's output whose only reader is a convolution (FuseNativeBNPass marks it, ``sole_reader``)
 # takes that convolution's int8 input-gradient product unscaled (_GradSink); False: the product is scaled
-# into a float32 gradient first, as everywhere else (the same values: tests/test_native_fastbn.py).
+# into a float32 gradient first, as everywhere else (the same values: tests/test_native_handgrad.py).
 HAND_GRADIENT = True
 _SINK = "_fracpass_grad_sink"
 
