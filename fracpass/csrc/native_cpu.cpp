@@ -68,6 +68,14 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 20;  // as fracpass_quant_cpu: dither keys restart every kChunk elements
 
+template <typename T>
+std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // channel j % C at lane j
+  const int64_t C = static_cast<int64_t>(per_channel.size());
+  std::vector<float> t(L);
+  for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) t[j] = static_cast<float>(per_channel[c]);
+  return t;
+}
+
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
@@ -303,6 +311,12 @@ inline __m512 rounded(__m512 x) {
   asm("" : "+v"(x));
   return x;
 }
+
+// 16 bfloat16 values v times s, then plus a (if given), rounded twice: scale_bf16's epilogue (and GradIn's)
+inline __m512 scaled16(const uint16_t* v, __m512 s, const float* a) {
+  const __m512 p = rounded(_mm512_mul_ps(load_bf16x16(v), s));
+  return a != nullptr ? _mm512_add_ps(p, _mm512_loadu_ps(a)) : p;
+}
 #endif
 
 // Elements b..e of bfloat16 codes as bytes q - off (the codes span at most 256 values from off).
@@ -487,7 +501,7 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
 #ifdef __AVX512F__
         const __m512 vs = _mm512_set1_ps(sc);
         for (; j + 16 <= len; j += 16)
-          _mm512_storeu_ps(out + j, _mm512_add_ps(rounded(_mm512_mul_ps(load_bf16x16(in + j), vs)), _mm512_loadu_ps(a + j)));
+          _mm512_storeu_ps(out + j, scaled16(in + j, vs, a + j));
 #endif
         for (int64_t k = j; k < len; ++k) out[k] = bf16_value(in[k]) * sc;
         for (; j < len; ++j) out[j] += a[j];
@@ -507,8 +521,7 @@ torch::Tensor scale_bf16(const torch::Tensor& v, const torch::Tensor& scale, con
     // loop runs over flat spans with contiguous scales (a loop over C channels per pixel did not
     // vectorize for small C: 0.27 ms vs 0.09 ms for 2M elements at C = 16); spans stay inside one row
     const int64_t L = C * std::max<int64_t>(1, 1024 / C), spans = (per_row + L - 1) / L;
-    std::vector<float> st(L), bt(L);
-    for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) st[j] = s_c[c], bt[j] = b_c[c];  // (no division a lane)
+    const std::vector<float> st = tiled(sv, L), bt = tiled(bv, L);
     const float *s_t = st.data(), *b_t = bt.data();
     at::parallel_for(0, N * spans, std::max<int64_t>(1, (1 << 14) / L), [&](int64_t b, int64_t e) {
       std::vector<float> scaled(pr != nullptr ? L : 0);  // the row's scales: s_t times the row's factor
@@ -823,14 +836,6 @@ void check_channels_last(const torch::Tensor& x, int64_t C, const char* what) {
               " channels");
 }
 
-template <typename T>
-std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // channel j % C at lane j
-  const int64_t C = static_cast<int64_t>(per_channel.size());
-  std::vector<float> t(L);
-  for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) t[j] = static_cast<float>(per_channel[c]);
-  return t;
-}
-
 // body(thread, first, len) for each span of L elements (the last one shorter), the spans split across threads.
 template <typename Body>
 void over_spans(int64_t n, int64_t L, Body body) {
@@ -898,11 +903,14 @@ struct GradIn {
     return add != nullptr ? p + add[i % per_row] : p;
   }
 #ifdef __AVX512F__
+  // The vector loops keep element i's index into the addend, ai, beside i: addend_at(i) once a span, then
+  // next16 for each 16 elements (no division per vector).
+  inline int64_t addend_at(int64_t i) const { return add != nullptr ? i % per_row : 0; }
+  inline int64_t next16(int64_t ai) const { return ai + 16 == per_row ? 0 : ai + 16; }
   // elements i..i+15 (i % 16 == 0; per_row % 16 == 0 with an addend, so they lie in one sample)
-  inline __m512 at16(int64_t i) const {
+  inline __m512 at16(int64_t i, int64_t ai) const {
     if (g != nullptr) return _mm512_loadu_ps(g + i);
-    const __m512 p = rounded(_mm512_mul_ps(load_bf16x16(y + i), _mm512_set1_ps(sc)));
-    return add != nullptr ? _mm512_add_ps(p, _mm512_loadu_ps(add + i % per_row)) : p;
+    return scaled16(y + i, _mm512_set1_ps(sc), add != nullptr ? add + ai : nullptr);
   }
 #endif
 };
@@ -1058,8 +1066,8 @@ std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const Gr
     int64_t j = 0;
     if (gi == nullptr) {  // a handed-over product: the gradient computed as it is read
 #ifdef __AVX512F__
-      for (; j + 16 <= len; j += 16) {
-        const __m512 x0 = g.at16(first + j);
+      for (int64_t ai = g.addend_at(first); j + 16 <= len; j += 16, ai = g.next16(ai)) {
+        const __m512 x0 = g.at16(first + j, ai);
         const __m512 x = m != nullptr ? _mm512_maskz_mov_ps(static_cast<__mmask16>(~mask16(m, first + j)), x0) : x0;
         const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(r + j));
         _mm512_storeu_ps(s1 + j, _mm512_add_ps(_mm512_loadu_ps(s1 + j), x));
@@ -1123,8 +1131,8 @@ std::vector<torch::Tensor> bn_grad_apply_bf16(const torch::Tensor& grad, const G
     int64_t j = 0;
 #ifdef __AVX512F__
     Extremes::Lanes lanes;
-    for (; j + 16 <= len; j += 16) {
-      const __m512 x0 = g.at16(first + j);
+    for (int64_t ai = g.addend_at(first); j + 16 <= len; j += 16, ai = g.next16(ai)) {
+      const __m512 x0 = g.at16(first + j, ai);
       const __m512 x = m != nullptr ? _mm512_maskz_mov_ps(static_cast<__mmask16>(~mask16(m, first + j)), x0) : x0;
       const __m512 vv = _mm512_sub_ps(load_bf16x16(in + j), _mm512_loadu_ps(tr + j));
       const __m512 r = _mm512_add_ps(_mm512_fmadd_ps(_mm512_loadu_ps(a2 + j), vv, _mm512_loadu_ps(a3 + j)),
