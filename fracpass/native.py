@@ -1744,8 +1744,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             if kept is not None:
                 int8_dx = x.requires_grad and dx is None
                 sink = x.__dict__.get(_SINK) if int8_dx and HAND_GRADIENT else None
-                kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None,
-                                     hand_to=sink if sink is not None and sink.shape == x.shape else None)
+                kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None, hand_to=sink)
     _remember_int8(aq, (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else _fused_reason(x, *fused)
@@ -1805,6 +1804,7 @@ class _Bf16ConvBN(torch.autograd.Function):
         _, _, _, transposed, _, groups = ctx.conv
         scale = _out_channel_scale(sw, transposed, groups)
         ctx.fast = _fast_bn_reason(v, sa, residual) is None
+        ctx.hand_from = None
         if ctx.fast:
             out, dead, ref, mean, invstd, (mn, mx) = _fast_bn_forward(_ext(v), v, scale * sa, bias, bn_w, bn_b,
                                                                       residual, post)
@@ -1822,7 +1822,6 @@ class _Bf16ConvBN(torch.autograd.Function):
             dead = _relu_mask_(out) if relu else None
             keep = (mean, invstd)
         ctx.n_conv, ctx.post, ctx.has_residual, ctx.out_stride = len(saved), post, residual is not None, out.stride()
-        ctx.hand_from = getattr(ctx, "hand_from", None)
         ctx.save_for_backward(*saved, v, bias, bn_w, dead, *keep)
         return out
 
