@@ -44,16 +44,22 @@ def test_affine_params_is_the_torch_ops_bit_for_bit(shape, monkeypatch):
     assert cases == len(VALUES) ** 2 * 5
 
 
-def test_affine_params_takes_the_kernel_only_for_a_plain_float32_cpu_range(monkeypatch):
+def _spy_on(monkeypatch, name):
+    """The calls quant makes to the kernels' ``name`` from now on (the kernels otherwise as they are)."""
     calls = []
     ext = kernels.load()
 
     class Spy:
-        def affine_params(self, *a):
-            calls.append(1)
-            return ext.affine_params(*a)
+        def __getattr__(self, attr):
+            f = getattr(ext, attr)
+            return f if attr != name else lambda *a: (calls.append(1), f(*a))[1]
 
     monkeypatch.setattr(quant.kernels, "load", lambda: Spy())
+    return calls
+
+
+def test_affine_params_takes_the_kernel_only_for_a_plain_float32_cpu_range(monkeypatch):
+    calls = _spy_on(monkeypatch, "affine_params")
     one = torch.tensor(1.0)
     quant._affine_params(-one, one, 255.0)
     assert calls == [1]
@@ -98,18 +104,7 @@ def test_range_tracking_is_the_torch_ops_bit_for_bit(momentum, monkeypatch):
 
 def test_a_momentum_of_a_half_or_more_keeps_the_torch_ops(monkeypatch):
     q = _tracker(momentum=0.5)
-    calls = []
-    ext = kernels.load()
-
-    class Spy:
-        def track_range_(self, *a):
-            calls.append(1)
-            return ext.track_range_(*a)
-
-        def __getattr__(self, name):
-            return getattr(ext, name)
-
-    monkeypatch.setattr(quant.kernels, "load", lambda: Spy())
+    calls = _spy_on(monkeypatch, "track_range_")
     q._track(torch.tensor(-1.0), torch.tensor(2.0))
     q._track(torch.tensor(-3.0), torch.tensor(4.0))
     assert calls == [] and float(q.running_min) == -2.0 and float(q.running_max) == 3.0
