@@ -89,11 +89,27 @@ def _fused_kernels(x: Tensor, *ranges: Tensor):
 
 
 def _rows_outer_dense(x: Tensor) -> bool:
-    """The fused kernels' layouts: contiguous, or channels_last (3-D too), which keep dim 0 outermost.
-    The kernels run over memory order and keep the layout, so a channels_last model's tensors stay
-    channels_last (the gradient dither is keyed by memory index)."""
+    """The fused kernels' layouts where the channels (dim 1) lie where they expect them: contiguous, or
+    channels_last (3-D too), which keep dim 0 outermost. The kernels run over memory order and keep the
+    layout, so a channels_last model's tensors stay channels_last (the gradient dither is keyed by memory
+    index). Work that is the same for every element of a row takes any such layout: _outer_dense."""
     return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
             or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def _outer_dense(x: Tensor) -> bool:
+    """Dense with dim 0 outermost in memory, the other dims in any order (an attention head's (b, h, t, d)
+    view of a (b, t, h, d) tensor too): what the fused kernels read in memory order for work that is the
+    same for every element of a row of dim 0 (fake quantization with one range per tensor or per row;
+    csrc/quant_cpu.cpp's rows_outer_dense checks the same)."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(x.shape, x.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return x.shape[0] <= 1 or x.stride(0) == x.numel() // x.shape[0]
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -126,14 +142,15 @@ def hand_range(x: Tensor, mn: Tensor, mx: Tensor) -> None:
 
 
 def _aminmax(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """torch.aminmax over every element (never building a graph); a channels_last tensor is read in
-    memory order as it lies (aten's aminmax would first copy it to contiguous: 0.9 ms per 4 MB here);
+    """torch.aminmax over every element (never building a graph); a dense tensor (channels_last, a
+    transposed view) is read in memory order as it lies (aten's aminmax would first copy it to
+    contiguous: 0.9 ms per 4 MB here);
     a range handed over with ``hand_range`` is returned without a pass."""
     known = x.__dict__.get(_KNOWN_RANGE)
     if known is not None and known[1] == x._version and known[0] == x.data_ptr():
         return known[2], known[3]
     x = x.detach()
-    if not x.is_contiguous() and _rows_outer_dense(x):
+    if not x.is_contiguous() and _outer_dense(x):
         x = _memory_order(x)
     return torch.aminmax(x)
 
@@ -155,7 +172,7 @@ def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     Returns a new tensor; no gradient is defined here (see ``_FakeQuantSTE``).
     """
     ext = _fused_kernels(x, mn, mx)
-    if ext is not None and _rows_outer_dense(x) and _per_row(x, mn):
+    if ext is not None and _outer_dense(x) and _per_row(x, mn):
         return ext.fake_quant(x, mn, mx, float(2**bits - 1))
     scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
     q = torch.div(x, scale)  # a true division: x * (1 / s) differs from QuantizeLinear on ties

@@ -302,3 +302,43 @@ def test_channels_last_tensors_stay_channels_last_through_the_quantizers():
     assert cl(g) and torch.equal(g.permute(0, 2, 3, 1).reshape(-1), flat)
     x5 = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
     assert quant._rows_outer_dense(x5) and not quant._rows_outer_dense(torch.randn(3, 4).t())
+
+
+def test_attention_head_views_are_quantized_as_they_lie_in_memory(monkeypatch):
+    """An attention layer's q, k and v reach their quantizers as (b, h, t, d) views of (b, t, h, d) linear
+    outputs: dense with dim 0 outermost, neither contiguous nor channels_last. Fake quantization is
+    elementwise and the range order-free, so the kernels read such a view in memory order and write with
+    its strides (on the d512 transformer each was copied to contiguous, then quantized by five torch ops:
+    ~20 ms a step)."""
+    from fracpass import quant
+
+    if kernels.load() is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    x = torch.randn(4, 16, 2, 8).transpose(1, 2)
+    ext, calls, read = kernels.load(), [], []
+
+    class Spy:
+        def __getattr__(self, name):
+            f = getattr(ext, name)
+            return f if name != "fake_quant" else lambda *a: (calls.append(a[0]), f(*a))[1]
+
+    monkeypatch.setattr(quant.kernels, "load", lambda: Spy())
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t, *a, **k: (read.append(t), aminmax(t, *a, **k))[1])
+    mn, mx = quant._aminmax(x)
+    assert read[-1].dim() == 1 and read[-1].data_ptr() == x.data_ptr()  # no copy
+    assert torch.equal(mn, x.min()) and torch.equal(mx, x.max())
+    out = fake_quantize(x, mn, mx, 4)
+    assert len(calls) == 1 and calls[0] is x and out.stride() == x.stride()
+    assert torch.equal(out, fake_quantize(x.contiguous(), mn, mx, 4))
+    rows = torch.aminmax(x.reshape(4, -1), dim=1)  # one range per sample (gated rows)
+    mn_r, mx_r = (r.view(4, 1, 1, 1) for r in rows)
+    assert torch.equal(fake_quantize(x, mn_r, mx_r, 3), fake_quantize(x.contiguous(), mn_r, mx_r, 3))
+    assert len(calls) == 4 and calls[2] is x
+    # not rows in memory: dim 0 inside another dim, gaps, overlaps (the torch ops, same values)
+    for t in (torch.randn(3, 4, 5).transpose(0, 1), torch.randn(4, 10)[:, ::2], torch.randn(1, 5).expand(3, 5)):
+        assert not quant._outer_dense(t)
+        mn, mx = torch.aminmax(t)
+        assert torch.equal(fake_quantize(t, mn, mx, 4), fake_quantize(t.contiguous(), mn, mx, 4))
+    assert len(calls) == 7  # the contiguous copies' only
+    assert quant._outer_dense(x) and not quant._rows_outer_dense(x)
