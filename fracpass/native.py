@@ -341,20 +341,32 @@ def _encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> _Coded:
     return _Coded(t, k, scale.reshape(-1), None, rows, cols)
 
 
-def _grad_codes(grad: Tensor, bits: int) -> Tuple[Tensor, _Coded]:
+def _grad_codes(grad: Tensor, bits: int, values: bool = True) -> Tuple[Optional[Tensor], _Coded]:
     """The simulation's stochastic rounding of ``grad`` (fracpass.quant.quantize_grad_stochastic: same
-    noise for the same seed) as values ghat and as codes with s * t + c == ghat, t = q - 2^(b-1)."""
+    noise for the same seed) as values ghat and as codes with s * t + c == ghat, t = q - 2^(b-1). Without
+    ``values`` ghat may be None (the CPU kernel then writes the codes alone)."""
     levels = float(2**bits - 1)
     mn, mx = torch.aminmax(grad)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     half = float(2 ** (bits - 1))
     ext = _ext(grad)
     if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
-        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, _torch_seed())
+        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, _torch_seed(), values)
+        ghat = ghat if values else None
     else:
         ghat = quantize_grad_stochastic(grad, bits)
         t, rows, cols = torch.sub(ghat, mn).div_(scale).round_().sub_(half).to(torch.int8), None, None
     return ghat, _Coded(t, None, scale.reshape(1), mn + scale * half, rows, cols)
+
+
+def _bias_grad(ghat: Optional[Tensor], coded: _Coded) -> Tensor:
+    """dL/d bias, the sum of ghat over rows: from the codes' column sums where they are known,
+    s (sum t) + rows c in float64 rounded once (the sum of s t + c over the rows, which the simulation
+    sums in float32), else ghat.sum(0)."""
+    if coded.cols is None:
+        return ghat.sum(0)
+    rows = coded.t.shape[0]
+    return (coded.cols.double() * coded.s.double() + rows * coded.c.double()).float()
 
 
 _NONE_F, _NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)  # "none" for the CPU kernels
@@ -439,23 +451,21 @@ class _Int8Product(torch.autograd.Function):
         grad = grad.contiguous()
         gbits = ctx.gbits
         coded_g = None
+        # which of the products run on int8 (the gradient's codes); the others read ghat
+        int8_a = need_a and cb.s.numel() == 1 and cb.t.shape[1] <= MAX_CONTRACTION
+        int8_b = need_b and ca.s.numel() == 1 and ca.t.shape[0] <= MAX_CONTRACTION
         if 2 <= gbits <= MAX_INT8_BITS:
-            ghat, coded_g = _grad_codes(grad, gbits)
+            ghat, coded_g = _grad_codes(grad, gbits, values=(need_a and not int8_a) or (need_b and not int8_b))
         else:
             ghat = quantize_grad_stochastic(grad, gbits) if gbits < FULL_PRECISION else grad
         da = db = dbias = None
+        int8_a, int8_b = int8_a and coded_g is not None, int8_b and coded_g is not None
         if need_a:
-            if coded_g is not None and cb.s.numel() == 1 and cb.t.shape[1] <= MAX_CONTRACTION:
-                da = _affine_mm(coded_g, cb.T, fp8=ctx.fp8[1])
-            else:
-                da = ghat @ cb.decode(free=1).t()
+            da = _affine_mm(coded_g, cb.T, fp8=ctx.fp8[1]) if int8_a else ghat @ cb.decode(free=1).t()
         if need_b:
-            if coded_g is not None and ca.s.numel() == 1 and ca.t.shape[0] <= MAX_CONTRACTION:
-                db = _affine_mm(ca.T, coded_g, fp8=ctx.fp8[2])
-            else:
-                db = ca.decode(free=0).t() @ ghat
+            db = _affine_mm(ca.T, coded_g, fp8=ctx.fp8[2]) if int8_b else ca.decode(free=0).t() @ ghat
         if need_bias:
-            dbias = ghat.sum(0)
+            dbias = _bias_grad(ghat, coded_g) if coded_g is not None else ghat.sum(0)
         return da, db, dbias, None, None, None, None
 
 

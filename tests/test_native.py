@@ -223,6 +223,51 @@ def test_per_tensor_weights_run_all_three_products_on_int8(case, bits, kernels, 
     assert list(native.product_paths(nat).values()) == [("int8", "int8", "int8")]
 
 
+@pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
+def test_gradient_values_are_written_only_for_a_float32_backward_product(weight_scale, monkeypatch):
+    """The gradient's float values ghat are written only where a backward product reads them. With
+    per-tensor weights both products run on int8 from the codes, and the bias gradient comes from the
+    codes' column sums (s sum(t) + rows c in float64, the sum of ghat's values without their float32
+    roundings) instead of a pass summing ghat (on the d512 transformer, ghat's writes and the sums' reads
+    were ~600 MB a step); with per-channel weights g x w runs in float32 on ghat, which is then written."""
+    if native._ext() is None:
+        pytest.skip("the fused native kernels could not be built here")
+    torch.manual_seed(0)
+    model, inputs = Lin(), (torch.rand(4, 8, 48) * 3 - 1,)
+    plan = fracpass.Plan.static(w=6, a=6, g=6, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    sim, nat = _pair(model, plan, inputs)
+    ext, asked = native._ext(), []
+
+    class Spy:  # the kernels, recording grad_codes's last argument (values)
+        def __getattr__(self, name):
+            f = getattr(ext, name)
+            return f if name != "grad_codes" else lambda *a: (asked.append(a[-1]), f(*a))[1]
+
+    monkeypatch.setattr(native, "_ext", lambda t=None: Spy())
+    want, got = _run(sim, inputs), _run(nat, inputs)
+    assert asked == [weight_scale == "channel"]
+    _assert_close(got, want, f"{weight_scale} weight scales")
+
+
+def test_grad_codes_without_values_writes_the_same_codes_and_sums():
+    ext = native._ext()
+    if ext is None:
+        pytest.skip("the fused native kernels could not be built here")
+    g = torch.randn(300, 77) * 1e-3
+    g[5, 7] = 0.02  # a range not centred on zero
+    mn, mx = torch.aminmax(g)
+    with_values = ext.grad_codes(g, mn, mx, 63.0, 1234, True)
+    alone = ext.grad_codes(g, mn, mx, 63.0, 1234, False)
+    assert alone[0].numel() == 0 and with_values[0].shape == g.shape
+    assert all(torch.equal(a, b) for a, b in zip(alone[1:], with_values[1:]))
+    # the column sums give the sum of ghat over the rows to ghat's float32 roundings (q s and + mn: each
+    # at most half an ulp of the largest |ghat|, 2 per element)
+    s = (mx / 63 - mn / 63).double()
+    from_codes = alone[3].double() * s + 300 * (mn.double() + 32 * s)
+    bound = 300 * float(with_values[0].abs().max()) * 2.0**-23
+    assert float((from_codes - with_values[0].double().sum(0)).abs().max()) <= bound
+
+
 def test_gradient_above_8_bits_runs_backward_in_fp32_and_matches(monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)

@@ -5,8 +5,9 @@
 //                plus the row and column sums of t (the zero-point corrections need them);
 //                the same float32 arithmetic as fracpass.quant.fake_quantize.
 //   grad_codes:  the stochastic rounding of fracpass_quant_cpu's grad_sr, bit for bit (same dither for
-//                the same seed): q = min(floor((g - mn) / s + u), levels); returns ghat = q * s + mn,
-//                t = int8(q - half) and the row and column sums of t.
+//                the same seed): q = min(floor((g - mn) / s + u), levels); returns ghat = q * s + mn (if
+//                asked for: a product that runs on int8 reads the codes alone), t = int8(q - half) and the row
+//                and column sums of t.
 //   epilogue:    y = sa sb (acc + row_a kb + ka col_b') + ca sb col_b' + cb sa row_a' + K ca cb + bias, with
 //                col_b' = col_b + K kb and row_a' = row_a + K ka, written over acc (int32 -> float32 in place).
 //   decode:      x = s * (t + k), per tensor or per row: the float operand of a product that cannot run on int8;
@@ -168,14 +169,14 @@ std::vector<torch::Tensor> encode(const torch::Tensor& x, const torch::Tensor& s
 }
 
 std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tensor& mn_t, const torch::Tensor& mx_t,
-                                      double levels, int64_t seed) {
+                                      double levels, int64_t seed, bool values) {
   check2d(g, torch::kFloat, "grad_codes");
   const int64_t R = g.size(0), C = g.size(1);
-  auto ghat = torch::empty({R, C}, torch::kFloat);
+  auto ghat = values ? torch::empty({R, C}, torch::kFloat) : torch::empty({0}, torch::kFloat);
   auto t = torch::empty({R, C}, torch::kChar);
   auto rows = torch::empty({R}, torch::kInt);
   const float* src = g.data_ptr<float>();
-  float* out = ghat.data_ptr<float>();
+  float* out = values ? ghat.data_ptr<float>() : nullptr;
   int8_t* codes = t.data_ptr<int8_t>();
   int32_t* prow = rows.data_ptr<int32_t>();
   const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), mx = mx_t.item<float>();
@@ -191,19 +192,23 @@ std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tenso
         const int64_t stop = std::min(C, (chunk + 1) * kChunk - r * C);
         const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
         const float* __restrict in = src + r * C;
-        float* __restrict o = out + r * C;
+        float* __restrict o = out != nullptr ? out + r * C : nullptr;
         int8_t* __restrict q8 = codes + r * C;
         // locals, not the lambda's references: int8 stores (char) may alias those, which kept the loop scalar
         const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = half_levels;
         const int64_t j0 = c, j1 = stop;
-        for (int64_t j = j0; j < j1; ++j) {  // values and codes alone: this loop vectorizes
-          const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-          const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-          float q = std::floor((in[j] - k_mn) / k_s + u);
-          q = q > k_lv ? k_lv : q;
-          o[j] = q * k_s + k_mn;
-          q8[j] = static_cast<int8_t>(static_cast<int32_t>(q - k_hl));
-        }
+        auto span = [&](auto with_values) {  // values and codes alone: this loop vectorizes
+          for (int64_t j = j0; j < j1; ++j) {
+            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
+            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
+            float q = std::floor((in[j] - k_mn) / k_s + u);
+            q = q > k_lv ? k_lv : q;
+            if constexpr (decltype(with_values)::value) o[j] = q * k_s + k_mn;
+            q8[j] = static_cast<int8_t>(static_cast<int32_t>(q - k_hl));
+          }
+        };
+        if (out != nullptr) span(std::true_type{});
+        else span(std::false_type{});
         c = stop;
       }
       prow[r] = add_row(codes + r * C, C, col);
@@ -1848,7 +1853,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_u8", &decode_u8, "float32 values s * (u - zp) of uint8 codes, per tensor, layout kept");
   m.def("decode", &decode, "float32 values s * (t + k) of int8 codes, per tensor or per row");
   m.def("encode", &encode, "int8 codes of a 2-D float tensor (per tensor or per row) with row and column sums");
-  m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as values and int8 codes, with row and column sums");
+  m.def("grad_codes", &grad_codes, "grad_sr's stochastic rounding as int8 codes with row and column sums, and as values if asked");
   m.def("encode_bf16", &encode_bf16, "bfloat16 codes clamp(round(x / s), lo, hi) of a dense float tensor, layout kept, if asked, and if asked the same codes as bytes q - lo");
   m.def("vnni_weight_grad", &vnni_weight_grad, "whether weight_grad_u8 was built (AVX512-VNNI)");
   m.def("weight_grad_u8", &weight_grad_u8, "dw's exact integer product of a stride-1 2-D convolution from the gradient's and input's bytes, and the windows' sums of the input codes");
