@@ -3,7 +3,7 @@
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
                                      [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
                                      [--match a,b] [--attention sdpa|matmul] [--memory] [--profile]
-                                     [--device cpu|cuda]
+                                     [--device cpu|cuda] [--reuse-large-blocks]
 
 Model: ``fracpass.models.transformer_d512`` (dim 512, 8 heads, 4 layers, MLP 2048), sequence
 128 (SDPA attention: quantized, but only q, k and v are, so it runs simulated; ``--attention matmul``
@@ -33,6 +33,11 @@ in its heap included; it varied 537-613 MB and 847-1114 MB between identical run
 variants here), and with ``MALLOC_MMAP_THRESHOLD_=1048576`` ("live MB": blocks of 1 MiB and more are
 mapped and returned on free, so the peak follows the tensors alive at once; the same figure within
 a few MB run to run). Linux only.
+``--reuse-large-blocks`` calls ``fracpass.native.reuse_large_blocks()`` first, for every variant alike:
+glibc then keeps freed blocks over 32 MB for reuse instead of unmapping them (the transformer's
+33.5 MB ones cost ~100 ms of page faults a step without it; ResNet-74's blocks stay under 32 MB).
+The "peak MB" processes of ``--memory`` run with it too, the "live MB" ones without (their threshold
+of 1 MiB is what makes that figure).
 ``--profile`` adds a torch.profiler table of the native step's top CPU ops (what bounds it;
 ResNets channels_last).
 
@@ -202,6 +207,7 @@ def memory(args, names, env=None) -> dict:
     peaks = {}
     base_cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--batch",
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
+        + (["--reuse-large-blocks"] if args.reuse_large_blocks and env is None else []) \
         + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else []) \
         + (["--match", args.match] if args.match else []) \
         + ["--attention", args.attention]
@@ -246,6 +252,9 @@ def main() -> None:
     parser.add_argument("--attention", choices=("sdpa", "matmul"), default="sdpa",
                         help="the transformer's attention: SDPA (simulated under native) or two matmuls (bf16)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--reuse-large-blocks", action="store_true",
+                        help="fracpass.native.reuse_large_blocks() for every variant: glibc keeps freed blocks over "
+                        "32 MB for reuse instead of unmapping them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every variant runs")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,6 +265,10 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available in this torch build or on this machine")
+    if args.reuse_large_blocks:
+        why = fracpass.native.reuse_large_blocks()
+        if why is not None:
+            parser.error(f"--reuse-large-blocks: not applied: {why}")
     if args.only:
         return only(args)
     variants, native_model, x, y = build(args)
@@ -266,7 +279,8 @@ def main() -> None:
         except Exception as e:  # say what fails (e.g. torchao absent) and go on with the rest
             print(f"{name}: left out: {type(e).__name__}: {e}")
     print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
-          + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds")
+          + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds"
+          + (", large freed blocks reused (fracpass.native.reuse_large_blocks)" if args.reuse_large_blocks else ""))
     print(f"CPU: {cpu_flags()}" if DEVICE.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     probe = native_model()

@@ -7,9 +7,13 @@ two summation orders). Fallbacks must give the simulated result bit for bit.
 """
 from __future__ import annotations
 
+import ast
 import copy
+import os
 import pickle
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -482,7 +486,6 @@ def test_digits_pfq_trains_as_accurately_native_as_simulated(monkeypatch):
     if native.int8_support() is not None or native.bf16_support() is not None:
         pytest.skip("this CPU lacks int8 or bf16 dot-product instructions: native would run simulated")
     import pathlib
-    import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from examples.digits_pfq import DigitsCNN, run
@@ -542,3 +545,37 @@ def test_per_channel_weights_say_how_to_put_g_x_w_on_int8():
     assert path == "int8" and "g x w in fp32" in note and "weight_scale='tensor'" in note
     assert native.product_paths(nat)["fc"] == ("int8", "fp32", "int8")
     assert "weight_scale='tensor'" in fracpass.summary(nat)
+
+
+_BLOCK_FAULTS = """
+import resource, torch, fracpass.native as n
+def faults(f):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+block = lambda: torch.empty(40 << 20, dtype=torch.uint8).fill_(1)  # over glibc's largest mmap threshold, 32 MB
+before = [faults(block) for _ in range(3)]
+why = n.reuse_large_blocks()
+after = [faults(block) for _ in range(3)]
+print(repr((why, before, after)))
+"""
+
+
+def test_reuse_large_blocks_keeps_freed_blocks_for_the_next_step():
+    """A 40 MB block faults its pages in afresh on every allocation (glibc unmaps it on free); after
+    reuse_large_blocks() the freed block stays on the heap and the next one faults nothing. In a child
+    process: the setting is process-wide."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", _BLOCK_FAULTS], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    why, before, after = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    if why is not None:
+        pytest.skip(f"not applied here: {why}")
+    assert min(before) > 10, before  # every allocation faulted its pages in (4 KB or 2 MB pages)
+    assert max(after[1:]) <= max(2, min(before) // 100), (before, after)  # the first may grow the heap
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2**31, 1.5, True, "1G"])
+def test_reuse_large_blocks_refuses_a_limit_mallopt_cannot_take(limit):
+    with pytest.raises(FracpassError, match=r"reuse_large_blocks\(limit=.*a positive int below 2\*\*31"):
+        native.reuse_large_blocks(limit)
