@@ -179,6 +179,12 @@ def _bench(args) -> int:
     stages = int_list("--stages", args.stages, "0,-1") if args.stages else None
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 2")
+    if args.reuse_large_blocks:
+        from fracpass.native import reuse_large_blocks
+
+        why = reuse_large_blocks()
+        if why is not None:
+            print(f"fracpass bench: --reuse-large-blocks not applied: {why}", file=sys.stderr)
     _, inputs, qmodel = _transformed(args, inputs_needed_for="for bench: the step is timed on a batch of that shape",
                                      execution=args.execution)
     report = bench(qmodel, inputs, target=args.target, stages=stages, repeats=args.repeats, threads=args.threads,
@@ -383,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=5, help="timed steps per stage (default 5; the median is shown)")
     be.add_argument("--threads", type=int, help="torch threads (default: torch's; the profile is scaled to them)")
     be.add_argument("--json", action="store_true", help="print the report as JSON")
+    be.add_argument("--reuse-large-blocks", action="store_true",
+                    help="keep glibc from unmapping freed blocks over 32 MB, which the next step then faults in afresh "
+                         "(fracpass.native.reuse_large_blocks; process-wide, the heap keeps its peak)")
     be.set_defaults(run=_bench)
     from fracpass.experiments.demo import add_arguments
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -233,9 +234,10 @@ def test_cli_bench_prints_the_table_and_json(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "stage 0 (8/8/8)" in done.stdout and "layer3_2_conv2" in done.stdout and "measured / as run" in done.stdout
     assert "stage 0: step" in done.stderr  # progress
-    done = subprocess.run(cmd + ["--json", "--execution", "native"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(cmd + ["--json", "--execution", "native", "--reuse-large-blocks"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert ("not applied" in done.stderr) == (platform.libc_ver()[0] != "glibc"), done.stderr
     data = json.loads(done.stdout)
     assert data["execution"] == "native" and data["threads"] == 1 and len(data["stages"][0]["ops"]) == 22  # 19 + 2 downsample convs + fc
     done = subprocess.run(cmd[:-2] + ["--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
