@@ -274,7 +274,9 @@ def reuse_large_blocks(limit: int = 1 << 30) -> Optional[str]:
     This sets the mmap threshold and the heap's trim threshold to ``limit`` bytes (``mallopt``), for the
     whole process and every framework in it: blocks up to ``limit`` then come from the heap, and the
     heap keeps up to ``limit`` bytes of freed memory at its top instead of returning them, so the
-    resident set stays near its peak. The same as starting Python with the environment
+    resident set stays near its peak. The heap grows to hold a step's blocks over the first steps
+    (glibc's aligned allocations do not always fit a block just freed), then no page faults in (the
+    transformer: 0-2 a step from the third). The same as starting Python with the environment
     ``MALLOC_MMAP_THRESHOLD_=<limit> MALLOC_TRIM_THRESHOLD_=<limit>``, which also covers what runs
     before fracpass is imported."""
     if type(limit) is not int or not 0 < limit < 2**31:
@@ -400,11 +402,11 @@ def _grad_codes(grad: Tensor, bits: int, values: bool = True) -> Tuple[Optional[
     return ghat, _Coded(t, None, scale.reshape(1), mn + scale * half, rows, cols)
 
 
-def _bias_grad(ghat: Optional[Tensor], coded: _Coded) -> Tensor:
+def _bias_grad(ghat: Optional[Tensor], coded: Optional[_Coded]) -> Tensor:
     """dL/d bias, the sum of ghat over rows: from the codes' column sums where they are known,
     s (sum t) + rows c in float64 rounded once (the sum of s t + c over the rows, which the simulation
     sums in float32), else ghat.sum(0)."""
-    if coded.cols is None:
+    if coded is None or coded.cols is None:
         return ghat.sum(0)
     rows = coded.t.shape[0]
     return (coded.cols.double() * coded.s.double() + rows * coded.c.double()).float()
@@ -506,7 +508,7 @@ class _Int8Product(torch.autograd.Function):
         if need_b:
             db = _affine_mm(ca.T, coded_g, fp8=ctx.fp8[2]) if int8_b else ca.decode(free=0).t() @ ghat
         if need_bias:
-            dbias = _bias_grad(ghat, coded_g) if coded_g is not None else ghat.sum(0)
+            dbias = _bias_grad(ghat, coded_g)
         return da, db, dbias, None, None, None, None
 
 
