@@ -336,9 +336,11 @@ def test_attention_head_views_are_quantized_as_they_lie_in_memory(monkeypatch):
     assert torch.equal(fake_quantize(x, mn_r, mx_r, 3), fake_quantize(x.contiguous(), mn_r, mx_r, 3))
     assert len(calls) == 4 and calls[2] is x
     # not rows in memory: dim 0 inside another dim, gaps, overlaps (the torch ops, same values)
-    for t in (torch.randn(3, 4, 5).transpose(0, 1), torch.randn(4, 10)[:, ::2], torch.randn(1, 5).expand(3, 5)):
+    overlapping = torch.randn(4, 6).as_strided((4, 3, 2), (6, 1, 1))  # dim 0's stride right, windows inside
+    for t in (torch.randn(3, 4, 5).transpose(0, 1), torch.randn(4, 10)[:, ::2], torch.randn(1, 5).expand(3, 5),
+              overlapping):
         assert not quant._outer_dense(t)
         mn, mx = torch.aminmax(t)
         assert torch.equal(fake_quantize(t, mn, mx, 4), fake_quantize(t.contiguous(), mn, mx, 4))
-    assert len(calls) == 7  # the contiguous copies' only
+    assert len(calls) == 8  # the contiguous copies' only
     assert quant._outer_dense(x) and not quant._rows_outer_dense(x)
