@@ -91,6 +91,20 @@ inline uint32_t chunk_key(int64_t seed, int64_t chunk) {
   return mix32(lo ^ mix32(static_cast<uint32_t>(chunk) + hi * 0x9E3779B9U));
 }
 
+inline float grad_step(float mn, float mx, float lv) {  // fracpass_quant_cpu's grad_step
+  float s = mx / lv - mn / lv;
+  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+  return s;
+}
+
+// fracpass_quant_cpu's stochastic rounding of g, the level q = min(floor((g - mn) / s + u), levels) with u from
+// the dither of index ``index`` in the chunk keyed ``key`` (the same hash: the same noise for the same seed)
+inline float sr_level(uint32_t key, uint32_t index, float g, float mn, float s, float lv) {
+  const float u = static_cast<float>(mix32(key + index) >> 8) * (1.0f / 16777216.0f) + 0.5f / 16777216.0f;
+  const float q = std::floor((g - mn) / s + u);
+  return q > lv ? lv : q;
+}
+
 void check2d(const torch::Tensor& x, c10::ScalarType type, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == type && x.dim() == 2 && x.is_contiguous(), what,
               ": expected a contiguous 2-D CPU tensor of ", type);
@@ -179,11 +193,8 @@ std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tenso
   float* out = values ? ghat.data_ptr<float>() : nullptr;
   int8_t* codes = t.data_ptr<int8_t>();
   int32_t* prow = rows.data_ptr<int32_t>();
-  const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), mx = mx_t.item<float>();
-  float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
-  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
+  const float lv = static_cast<float>(levels), mn = mn_t.item<float>(), s = grad_step(mn, mx_t.item<float>(), lv);
   const float half_levels = std::floor((lv + 1.0f) / 2.0f);
-  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
   auto cols = by_row_chunks(R, C, [&](int64_t r0, int64_t r1, int32_t* col) {
     for (int64_t r = r0; r < r1; ++r) {
       int64_t c = 0;
@@ -195,14 +206,11 @@ std::vector<torch::Tensor> grad_codes(const torch::Tensor& g, const torch::Tenso
         float* __restrict o = out != nullptr ? out + r * C : nullptr;
         int8_t* __restrict q8 = codes + r * C;
         // locals, not the lambda's references: int8 stores (char) may alias those, which kept the loop scalar
-        const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = half_levels;
+        const float k_mn = mn, k_s = s, k_lv = lv, k_hl = half_levels;
         const int64_t j0 = c, j1 = stop;
         auto span = [&](auto with_values) {  // values and codes alone: this loop vectorizes
           for (int64_t j = j0; j < j1; ++j) {
-            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-            float q = std::floor((in[j] - k_mn) / k_s + u);
-            q = q > k_lv ? k_lv : q;
+            const float q = sr_level(key, first + static_cast<uint32_t>(j - j0), in[j], k_mn, k_s, k_lv);
             if constexpr (decltype(with_values)::value) o[j] = q * k_s + k_mn;
             q8[j] = static_cast<int8_t>(static_cast<int32_t>(q - k_hl));
           }
@@ -434,17 +442,14 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
   const float *pmn = mn_t.data_ptr<float>(), *pmx = mx_t.data_ptr<float>(), *plv = levels_t.data_ptr<float>(),
               *pz = zero_t.data_ptr<float>();
   const int64_t nmn = mn_t.numel(), nmx = mx_t.numel(), nlv = levels_t.numel(), nz = zero_t.numel();
-  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
     int64_t i = b;
     while (i < e) {  // spans that stay inside one row and one dither chunk
       const int64_t r = per > 0 ? i / per : 0, chunk = i / kChunk;
       const int64_t stop = std::min({e, (chunk + 1) * kChunk, (r + 1) * per});
       const uint32_t key = chunk_key(seed, chunk), first = static_cast<uint32_t>(i - chunk * kChunk);
-      const float lv = row_value(plv, nlv, r), mn = row_value(pmn, nmn, r), mx = row_value(pmx, nmx, r);
-      float s = mx / lv - mn / lv;  // fracpass_quant_cpu's grad_step
-      if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
-      const float k_unit = unit, k_half = half, k_mn = mn, k_s = s, k_lv = lv, k_hl = row_value(pz, nz, r);
+      const float lv = row_value(plv, nlv, r), mn = row_value(pmn, nmn, r);
+      const float k_mn = mn, k_s = grad_step(mn, row_value(pmx, nmx, r), lv), k_lv = lv, k_hl = row_value(pz, nz, r);
       const int64_t j0 = i, j1 = stop;
       // in blocks, each block's codes read back as the bytes q = t + shift while in cache (a byte store in
       // this loop stopped GCC vectorizing it: 8x slower); one loop, compiled with and without the values
@@ -453,10 +458,7 @@ std::vector<torch::Tensor> grad_codes_bf16(const torch::Tensor& g, const torch::
         for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
           const int64_t b1 = std::min(j1, b0 + kBlock);
           for (int64_t j = b0; j < b1; ++j) {
-            const uint32_t hsh = mix32(key + first + static_cast<uint32_t>(j - j0));
-            const float u = static_cast<float>(hsh >> 8) * k_unit + k_half;
-            float q = std::floor((src[j] - k_mn) / k_s + u);
-            q = q > k_lv ? k_lv : q;
+            const float q = sr_level(key, first + static_cast<uint32_t>(j - j0), src[j], k_mn, k_s, k_lv);
             if constexpr (decltype(with_values)::value) out[j] = q * k_s + k_mn;
             codes[j] = bf16_top(q - k_hl);
           }
