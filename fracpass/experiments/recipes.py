@@ -1,9 +1,21 @@
 """The training recipes compared, and the settings every recipe of one data set shares.
 
 Every recipe trains the same network with the same iterations, optimiser, learning-rate schedule,
-data order and seeds; only the plan differs. The stem and the classifier stay at full precision in
-every quantized recipe, as in FracTrain's code (its BitOPs count leaves them out: see
-``fracpass.experiments.accounting``).
+data order and seeds; only the plan differs. The classifier stays at full precision in every
+quantized recipe, as in FracTrain's code (its BitOPs count leaves it out: see
+``fracpass.experiments.accounting``). The stem is a choice, ``Config.stem``:
+
+* ``"fp32"``: the stem at full precision in every recipe (and out of the paper's BitOPs count). That
+  is what FracTrain's gated ResNets do (``conv1(x, 0, 0)``); the digits and MNIST-5k results used it.
+* ``"stage-bits"``: static and PFQ recipes quantize the stem at the stage's bits, as FracTrain's
+  plain ResNet does (``conv3x3(3, 16, fix_prec=True)`` called with the stage's ``num_bits``), which
+  its static and PFQ training scripts run; DFQ and FracTrain keep it at full precision, as the gated
+  ResNets do. The paper's count then includes the stem for static and PFQ recipes only (about 0.4 %
+  of ResNet-20's MACs on 28x28 images), as each of the authors' scripts counts.
+
+With projection shortcuts (``Config.shortcut = "proj"``) the 1x1 shortcut convolutions are quantized
+at the stage's bits in static and PFQ recipes (the authors' ``fix_prec`` ``QConv2d``); in gated
+recipes, where no gate covers them, at the gates' weight bits and their most precise option.
 """
 from __future__ import annotations
 
@@ -16,11 +28,13 @@ import fracpass
 from fracpass.errors import FracpassError
 
 __all__ = ["Config", "Recipe", "RECIPES", "DEMO_RECIPES", "CONFIGS", "config_for", "plan_for", "gate_targets",
-           "EXCLUDE", "LADDER"]
+           "EXCLUDE", "LADDER", "STEMS", "exclusions", "describe_setup"]
 
 log = logging.getLogger("fracpass.experiments")
 
-EXCLUDE = ("conv1", "fc")  # stem and classifier at full precision (FracTrain's code does the same)
+EXCLUDE = ("conv1", "fc")  # stem and classifier at full precision (FracTrain's gated code does the same)
+STEMS = ("fp32", "stage-bits")
+LR_SCHEDULES = ("cosine", "piecewise")
 LADDER = ((3, 4, 6, 8), (6, 6, 8, 8))  # PFQ: forward (w = a) and gradient bits per stage
 GATE_OPTIONS = ((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4)  # Plan.fractrain("cifar"): a, g per option; w
 
@@ -47,6 +61,18 @@ class Config:
     beta: float = 1e-3  # gate cost regulariser weight (FracTrain's default)
     blocks: int = 1  # residual blocks per stage: ResNet-(6n+2)
     width: int = 16
+    shortcut: str = "pad"  # "proj": 1x1 conv + BN where a block changes shape (the authors'); see model.py
+    stem: str = "fp32"  # or "stage-bits" (static and PFQ quantize the stem; see the module docstring)
+    lr_schedule: str = "cosine"  # to zero; "piecewise": x0.1 at 50 % and 75 % of the run (FracTrain's 32k/48k of 64k)
+    execution: str = "simulate"  # fracpass.transform's execution: "simulate" or "native"
+
+    def __post_init__(self) -> None:
+        from fracpass.experiments.model import SHORTCUTS
+
+        for name, allowed in (("shortcut", SHORTCUTS), ("stem", STEMS), ("lr_schedule", LR_SCHEDULES),
+                              ("execution", ("simulate", "native"))):
+            if getattr(self, name) not in allowed:
+                raise FracpassError(f"Config.{name} = {getattr(self, name)!r}: use one of {', '.join(allowed)}")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -61,12 +87,22 @@ CONFIGS: Dict[str, Config] = {
     # 50,000 training images, batch 128: 390 iterations per epoch, FracTrain's window
     "cifar10-dir": Config("cifar10-dir", iterations=64000, batch_size=128, lr=0.1, eval_every=1950,
                           plateau_every=390, blocks=3),
+    # 55,000 training images (5,000 held out for validation), batch 128: 429 iterations per epoch, which
+    # is the plateau window (FracTrain: one epoch) and the evaluation interval; FracTrain's ResNet-20 with
+    # projection shortcuts, stem at the stage bits, SGD lr 0.1 momentum 0.9 wd 1e-4, piecewise schedule
+    "fashion-mnist": Config("fashion-mnist", iterations=30 * 429, batch_size=128, lr=0.1, weight_decay=1e-4,
+                            eval_every=429, plateau_every=429, blocks=3, shortcut="proj", stem="stage-bits",
+                            lr_schedule="piecewise"),
 }
 # --quick: the same recipes and rules for a few dozen iterations, windows scaled down to match
 QUICK = {"digits": dict(iterations=60, eval_every=20, plateau_every=3, plateau_window=3, scale_windows=3),
          "mnist5k": dict(iterations=30, eval_every=15, plateau_every=2, plateau_window=3, scale_windows=3),
          "cifar10-dir": dict(iterations=100, eval_every=50, plateau_every=5, plateau_window=3, scale_windows=3,
-                             blocks=1)}
+                             blocks=1),
+         # on a tiny slice of the data (see QUICK_SLICE): the full model, a few iterations of batch 32
+         "fashion-mnist": dict(iterations=12, batch_size=32, eval_every=6, plateau_every=1, plateau_window=2,
+                               scale_windows=2)}
+QUICK_SLICE = {"fashion-mnist": (512, 128, 128)}  # --quick: training / validation / test images kept
 
 
 def config_for(dataset: str, quick: bool = False, **overrides) -> Config:
@@ -98,6 +134,19 @@ BY_NAME = {r.name: r for r in RECIPES}
 DEMO_RECIPES = ("fp32", "static-8/8/8", "fractrain")
 
 
+def exclusions(cfg: Config, gated: bool) -> Tuple[str, ...]:
+    """The module paths a recipe leaves at full precision (and out of the paper's count)."""
+    return EXCLUDE if gated or cfg.stem == "fp32" else ("fc",)
+
+
+def describe_setup(cfg: Config) -> str:
+    """The model, stem and shortcut choices in words, for tables and logs."""
+    shortcut = {"proj": "1x1 conv + BN projection shortcuts", "pad": "parameter-free (zero-pad) shortcuts"}[cfg.shortcut]
+    stem = {"fp32": "stem FP32 in every recipe",
+            "stage-bits": "stem at the stage bits in static and PFQ recipes, FP32 in gated ones"}[cfg.stem]
+    return f"ResNet-{6 * cfg.blocks + 2} width {cfg.width}, {shortcut}, {stem}, classifier FP32"
+
+
 def _plateau(cfg: Config) -> fracpass.LossPlateau:
     return fracpass.LossPlateau(threshold=cfg.threshold, decay=cfg.decay, window=cfg.plateau_window,
                                 eval_every=cfg.plateau_every, scale_windows=cfg.scale_windows)
@@ -112,17 +161,21 @@ def plan_for(name: str, cfg: Config) -> Optional[fracpass.Plan]:
         return None
     if name.startswith("static-"):
         bits = {"static-8/8/8": (8, 8, 8), "static-6/8": (6, 6, 8), "static-4/6": (4, 4, 6)}[name]
-        return fracpass.Plan.static(*bits, exclude=EXCLUDE)
+        return fracpass.Plan.static(*bits, exclude=exclusions(cfg, gated=False))
     if name == "pfq":
-        return fracpass.Plan.progressive(fw=LADDER[0], bw=LADDER[1], exclude=EXCLUDE, switch=_plateau(cfg))
+        return fracpass.Plan.progressive(fw=LADDER[0], bw=LADDER[1], exclude=exclusions(cfg, gated=False),
+                                         switch=_plateau(cfg))
     a, g, w = GATE_OPTIONS
-    exclusions = fracpass.Plan.static(exclude=EXCLUDE).rules
+    rules = fracpass.Plan.static(exclude=exclusions(cfg, gated=True)).rules
+    if cfg.shortcut == "proj":  # no gate covers a shortcut: pin it where the gates' most precise option runs
+        rules += (fracpass.Rule(match="*.shortcut", w=w, a=max(a), g=max(g),
+                                reason="projection shortcut: the gates' w and most precise option"),)
     if name == "dfq":
         gates = fracpass.Gates(a=a, g=g, w=w, target=cfg.dfq_target, beta=cfg.beta)
-        return fracpass.Plan(stages=(fracpass.Stage(w=w, a=max(a), g=max(g)),), rules=exclusions, gates=gates)
+        return fracpass.Plan(stages=(fracpass.Stage(w=w, a=max(a), g=max(g)),), rules=rules, gates=gates)
     preset = fracpass.Plan.fractrain("cifar")  # the library's full method, with this data set's targets and windows
     gates = dataclasses.replace(preset.gates, a=a, g=g, w=w, target=tuple(cfg.fractrain_targets), beta=cfg.beta)
-    return dataclasses.replace(preset, stages=(preset.stages[0],) * len(cfg.fractrain_targets), rules=exclusions,
+    return dataclasses.replace(preset, stages=(preset.stages[0],) * len(cfg.fractrain_targets), rules=rules,
                                switch=_plateau(cfg), gates=gates)
 
 

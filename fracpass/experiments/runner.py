@@ -2,8 +2,13 @@
 
 A run records per iteration the training loss, the stage in force and, for gated recipes, how many
 samples of the batch chose each option in each gated unit (and the controller's batch cost); the
-stage switches; test accuracy every ``eval_every`` iterations; and its wall time. Its costs come
-from ``Accounting`` over exactly that history.
+stage switches; test accuracy (and validation accuracy, where the data set holds a validation
+split) every ``eval_every`` iterations; and its wall time. Its costs come from ``Accounting`` over
+exactly that history.
+
+The "best" iteration is selected on validation accuracy only (``select_best``): the test set is
+evaluated at the same points and reported, never selected on. A data set without a validation
+split selects nothing (``best_iteration`` is None).
 """
 from __future__ import annotations
 
@@ -21,15 +26,15 @@ import fracpass
 from fracpass.experiments.accounting import PAPER, WHOLE, Accounting
 from fracpass.experiments.data import ImageSet
 from fracpass.experiments.model import SmallResNet
-from fracpass.experiments.recipes import EXCLUDE, Config, gate_targets, plan_for, warn_unreachable
+from fracpass.experiments.recipes import Config, exclusions, gate_targets, plan_for, warn_unreachable
 
-__all__ = ["train_run", "build", "accounting_for"]
+__all__ = ["train_run", "build", "accounting_for", "select_best", "learning_rate"]
 
 log = logging.getLogger("fracpass.experiments")
 
 
 def _network(cfg: Config, data: ImageSet) -> torch.nn.Module:
-    return SmallResNet(data.in_channels, data.num_classes, n=cfg.blocks, width=cfg.width)
+    return SmallResNet(data.in_channels, data.num_classes, n=cfg.blocks, width=cfg.width, shortcut=cfg.shortcut)
 
 
 def build(recipe: str, cfg: Config, data: ImageSet, seed: int):
@@ -42,12 +47,15 @@ def build(recipe: str, cfg: Config, data: ImageSet, seed: int):
     example = data.x_train[:cfg.batch_size]
     targets = None
     if plan.gates is not None:
-        # the controller steers the whole model's cost; convert the paper-accounting targets first
-        probe = fracpass.transform(model, plan, example_inputs=(example,))
+        # the controller steers the whole model's cost; convert the paper-accounting targets first. The
+        # conversion needs only which ops are excluded and their MACs, so the probe leaves the gates out:
+        # with them, insert-gates would check the unconverted targets and warn about targets that the
+        # converted ones reach (the transform below checks those)
+        probe = fracpass.transform(model, dataclasses.replace(plan, gates=None), example_inputs=(example,))
         targets = gate_targets(plan, fracpass.cost(probe))
         plan = dataclasses.replace(plan, gates=dataclasses.replace(plan.gates, target=targets))
         torch.manual_seed(seed)  # the gates' initial weights do not depend on the probe
-    qmodel = fracpass.transform(model, plan, example_inputs=(example,))
+    qmodel = fracpass.transform(model, plan, example_inputs=(example,), execution=cfg.execution)
     return qmodel, plan, targets
 
 
@@ -56,8 +64,24 @@ def accounting_for(recipe: str, model, cfg: Config, data: ImageSet, profiles=())
     every op at 32 bits (the stem and classifier marked full precision, as in the other recipes)."""
     example = data.x_train[:cfg.batch_size]
     if recipe == "fp32":
-        model = fracpass.transform(model, fracpass.Plan.static(32, 32, 32, exclude=EXCLUDE), example_inputs=(example,))
+        model = fracpass.transform(model, fracpass.Plan.static(32, 32, 32, exclude=exclusions(cfg, gated=False)),
+                                   example_inputs=(example,))
     return Accounting.from_model(model, example, profiles)
+
+
+def select_best(val_evals: Optional[List[List[float]]]) -> Optional[int]:
+    """The iteration of the best validation accuracy (the first, on ties); None without validation.
+    Test accuracy plays no part: it is read off at the iteration chosen here."""
+    if not val_evals:
+        return None
+    return int(max(val_evals, key=lambda e: (e[1], -e[0]))[0])
+
+
+def learning_rate(cfg: Config, it: int) -> float:
+    """The factor on ``cfg.lr`` at iteration ``it``, the same for every recipe."""
+    if cfg.lr_schedule == "piecewise":  # FracTrain's: x0.1 at 32k and 48k of 64k iterations
+        return 0.1 ** ((it >= cfg.iterations // 2) + (it >= 3 * cfg.iterations // 4))
+    return 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))  # cosine to zero
 
 
 @torch.no_grad()
@@ -79,8 +103,7 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
     cheapest = warn_unreachable(model.gates, ctrl_targets, recipe) if gated else None
     sched = fracpass.Scheduler(model) if plan is not None else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    lr_at = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.iterations))  # cosine to zero, the same for all
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: learning_rate(cfg, i))
     order_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every recipe of a seed
     n, b = len(data.y_train), cfg.batch_size
     per_epoch = n // b
@@ -88,7 +111,8 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
     stages: List[int] = []
     counts: List[List[List[int]]] = []
     ctrl_cost: List[float] = []
-    evals: List[List[float]] = []
+    evals: List[List[float]] = []  # [iteration, test accuracy]
+    val_evals: List[List[float]] = []  # [iteration, validation accuracy]
     order = None
     model.train()
     for it in range(cfg.iterations):
@@ -113,6 +137,8 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
             sched.step(loss.detach())
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
             evals.append([it + 1, evaluate(model, data.x_test, data.y_test)])
+            if data.has_validation:
+                val_evals.append([it + 1, evaluate(model, data.x_val, data.y_val)])
         if bar is not None:
             bar.update(1)
             if (it + 1) % 10 == 0:
@@ -121,15 +147,22 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
     step_costs = acct.steps(stages, b, np.asarray(counts) if gated else None) if recipe != "fp32" \
         else acct.fp32_steps(cfg.iterations, b)
     cumulative = np.cumsum(step_costs, axis=0)
-    best_it, best_acc = max(evals, key=lambda e: (e[1], -e[0]))  # the first iteration at the best accuracy
+    best_it = select_best(val_evals)
+    test_at = dict((int(i), a) for i, a in evals)
     record: Dict[str, Any] = {
         "recipe": recipe, "seed": seed, "dataset": cfg.dataset, "iterations": cfg.iterations, "batch_size": b,
-        "final_accuracy": evals[-1][1], "best_accuracy": best_acc, "best_iteration": int(best_it),
-        "evals": evals, "losses": losses, "stages": stages,
+        "execution": cfg.execution, "stem": cfg.stem, "shortcut": cfg.shortcut,
+        "excluded": list(exclusions(cfg, gated)) if plan is not None else [],
+        "final_accuracy": evals[-1][1], "evals": evals, "val_evals": val_evals,
+        "selected_on": "validation" if best_it is not None else None, "best_iteration": best_it,
+        "best_val_accuracy": dict((int(i), a) for i, a in val_evals)[best_it] if best_it is not None else None,
+        "test_at_best": test_at[best_it] if best_it is not None else None,
+        "losses": losses, "stages": stages,
         "switches": [[int(i), int(old), int(new)] for i, old, new, _ in (sched.history if sched else [])],
         "cost_vector": ["paper_bitops", "whole_bitops"] + [f"latency_s:{t}" for t in acct.targets]
                        + [f"energy_j:{t}" for t in acct.targets],
-        "total": cumulative[-1].tolist(), "up_to_best": cumulative[int(best_it) - 1].tolist(),
+        "total": cumulative[-1].tolist(),
+        "up_to_best": cumulative[best_it - 1].tolist() if best_it is not None else None,
         "fp32_total": (cfg.iterations * b * acct.fp32).tolist(),
         "cumulative_at_evals": {"paper": [float(cumulative[int(i) - 1, PAPER]) for i, _ in evals],
                                 "whole": [float(cumulative[int(i) - 1, WHOLE]) for i, _ in evals]},
