@@ -1,71 +1,87 @@
 """Every recipe x seeds on one data set: the runs, their summary, the table (JSON + Markdown), the plots.
 
 Summaries are over seeds: accuracy as mean and sample standard deviation; costs as means, whose
-ratios (relative cost, saving vs static 8/8/8) are ratios of totals over the seeds. Savings up to
-the best-accuracy iteration are ratios of totals only: per seed they swing with one test sample.
+ratios (relative cost, saving vs static 8/8/8) are ratios of totals over the seeds. The accuracy
+reported is the test accuracy at the iteration of best validation accuracy where the data set has a
+validation split (``accuracy_basis``), else the final test accuracy; its difference to static 8/8/8
+is paired by seed, with a 95 % t interval. Savings up to the selected iteration are ratios of totals
+only; data sets without a validation split have none.
 """
 from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
+from fracpass.experiments import runfiles
 from fracpass.experiments.data import ImageSet
-from fracpass.experiments.recipes import BY_NAME, RECIPES, Config
+from fracpass.experiments.recipes import BY_NAME, RECIPES, Config, describe_setup
 from fracpass.experiments.runner import train_run
 
 __all__ = ["run_comparison", "merge_results", "summarize", "markdown_table", "console_table", "write_results", "FLOOR_SAVING",
-           "FLOOR_ACCURACY_PP"]
+           "FLOOR_ACCURACY_PP", "paired_interval"]
 
 log = logging.getLogger("fracpass.experiments")
 
 FLOOR_SAVING = 0.35  # PFQ's whole-run saving vs static 8/8/8, paper's accounting (issue 12)
-FLOOR_ACCURACY_PP = 0.5  # within this many points of static 8/8/8's mean accuracy
+FLOOR_ACCURACY_PP = 0.5  # the paired 95 % interval of the accuracy difference to static 8/8/8 lies above -0.5 pp
 BASELINE = "static-8/8/8"
 
 
 def run_comparison(data: ImageSet, cfg: Config, seeds: Sequence[int], recipes: Sequence[str] = (),
-                   profiles: Sequence[str] = (), progress: bool = True, out=print) -> Dict[str, Any]:
-    """Train every recipe with every seed (same iterations, optimiser, data order per seed)."""
+                   profiles: Sequence[str] = (), progress: bool = True, out=print, run_dir=None,
+                   command: str = "") -> Dict[str, Any]:
+    """Train every recipe with every seed (same iterations, optimiser, data order per seed). With
+    ``run_dir``, each finished run is written to ``run_dir/runs/`` at once, and runs already there
+    (same data set and settings) are read instead of trained again."""
     recipes = list(recipes) or [r.name for r in RECIPES]
     runs: List[Dict[str, Any]] = []
     start = time.perf_counter()
     for recipe in recipes:
         for seed in seeds:
+            path = runfiles.run_path(run_dir, recipe, seed) if run_dir is not None else None
+            if path is not None and path.is_file():
+                runs.append(runfiles.read_run(path, data.describe(), cfg.to_dict())["run"])
+                out(f"{recipe} seed {seed}: read from {path}")
+                continue
             bar = _bar(f"{BY_NAME[recipe].label:<26} seed {seed}", cfg.iterations, progress)
             try:
                 runs.append(train_run(recipe, cfg, data, seed, profiles, bar))
             finally:
                 if bar is not None:
                     bar.close()
+            if path is not None:
+                runfiles.write_run(run_dir, data.describe(), cfg.to_dict(), runs[-1], command)
             r = runs[-1]
             if not progress:
                 out(f"{recipe} seed {seed}: accuracy {r['final_accuracy']:.4f}, {r['wall_s']:.1f} s")
     results = {"dataset": data.describe(), "config": cfg.to_dict(), "seeds": list(seeds), "recipes": recipes,
-               "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "python": platform.python_version(), "machine": platform.machine()},
-               "wall_s": time.perf_counter() - start, "runs": runs}
+               "environment": runfiles.environment(), "wall_s": time.perf_counter() - start, "runs": runs}
     results["summary"] = summarize(runs, recipes)
     results["floors"] = floors(results["summary"])
     return results
 
 
 def merge_results(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """One comparison from parts run separately (e.g. one process per recipe, side by side): the same
-    data set and settings, their runs together, summary and floors recomputed. ``wall_s`` is the
-    longest part's (they ran at the same time); ``parts`` keeps each part's command and wall time."""
+    """One comparison from parts run separately (e.g. one process per recipe, side by side, or over
+    several sessions): the same data set and settings, their runs together, summary and floors
+    recomputed. ``wall_s`` is the longest part's (they may have run at the same time); ``parts``
+    keeps each part's command and wall time. A recipe and seed in two parts is refused."""
     first = parts[0]
     for part in parts[1:]:
         for key in ("dataset", "config"):
             if part[key] != first[key]:
                 raise ValueError(f"cannot merge: the parts differ in {key} ({part[key]!r} vs {first[key]!r})")
     runs = [r for part in parts for r in part["runs"]]
+    seen = set()
+    for r in runs:
+        if (r["recipe"], r["seed"]) in seen:
+            raise ValueError(f"cannot merge: {r['recipe']} seed {r['seed']} is in more than one part")
+        seen.add((r["recipe"], r["seed"]))
     order = {r.name: i for i, r in enumerate(RECIPES)}
     recipes = sorted({r["recipe"] for r in runs}, key=order.get)
     seeds = sorted({r["seed"] for r in runs})
@@ -85,24 +101,51 @@ def _bar(label: str, total: int, enabled: bool):
     return tqdm(total=total, desc=label, unit="it", leave=True, dynamic_ncols=True, mininterval=0.5)
 
 
+def _selected(runs: List[Dict[str, Any]]) -> bool:
+    """Whether every run selected its best iteration on validation (records from before validation
+    splits carry no ``selected_on``: their test-selected "best" is not used)."""
+    return bool(runs) and all(r.get("selected_on") == "validation" for r in runs)
+
+
+def _accuracy(run: Dict[str, Any], selected: bool) -> float:
+    return run["test_at_best"] if selected else run["final_accuracy"]
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> Optional[List[float]]:
+    """The t interval of the mean of paired differences; None below two pairs."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return None
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return [float(d.mean() - half), float(d.mean() + half)]
+
+
 def summarize(runs: List[Dict[str, Any]], recipes: Sequence[str]) -> Dict[str, Any]:
     by = {name: [r for r in runs if r["recipe"] == name] for name in recipes}
     base = by.get(BASELINE) or []
-    fp32 = np.mean([r["fp32_total"] for r in runs], axis=0)  # the same for every run of a data set
+    selected = _selected(runs)
     names = runs[0]["cost_vector"]
     summary: Dict[str, Any] = {}
     for name, rs in by.items():
         if not rs:
             continue
-        acc = np.array([r["final_accuracy"] for r in rs])
-        best = np.array([r["best_accuracy"] for r in rs])
+        acc = np.array([_accuracy(r, selected) for r in rs])
+        final = np.array([r["final_accuracy"] for r in rs])
         total = np.array([r["total"] for r in rs])
-        upto = np.array([r["up_to_best"] for r in rs])
+        fp32 = np.mean([r["fp32_total"] for r in rs], axis=0)  # the recipe's own op set (its exclusions)
         entry: Dict[str, Any] = {
             "label": BY_NAME[name].label, "seeds": [r["seed"] for r in rs],
+            # old records name no exclusions: their stems were FP32
+            "stem": "stage bits" if name != "fp32" and "conv1" not in rs[0].get("excluded", ["conv1"]) else "FP32",
+            "accuracy_basis": "test at best validation" if selected else "final test",
             "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
             "accuracy_per_seed": acc.tolist(),
-            "best_accuracy_mean": float(best.mean()), "best_iteration_per_seed": [r["best_iteration"] for r in rs],
+            "final_accuracy_mean": float(final.mean()),
+            "final_accuracy_std": float(final.std(ddof=1)) if len(final) > 1 else 0.0,
+            "best_iteration_per_seed": [r.get("best_iteration") for r in rs] if selected else [],
+            "best_val_accuracy_per_seed": [r["best_val_accuracy"] for r in rs] if selected else [],
             "switch_iterations_per_seed": [[s[0] for s in r["switches"]] for r in rs],
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
             "total_mean": dict(zip(names, total.mean(0).tolist())),
@@ -111,20 +154,25 @@ def summarize(runs: List[Dict[str, Any]], recipes: Sequence[str]) -> Dict[str, A
         }
         if base:
             b_total = np.array([r["total"] for r in base])
-            b_upto = np.array([r["up_to_best"] for r in base])
-            b_acc = np.array([r["final_accuracy"] for r in base])
             entry["saving_vs_static8"] = {
                 "paper": float(1 - total[:, 0].mean() / b_total[:, 0].mean()),
                 "whole": float(1 - total[:, 1].mean() / b_total[:, 1].mean()),
                 "paper_per_seed": (1 - total[:, 0] / b_total[:len(rs), 0]).tolist() if len(base) == len(rs) else [],
-                "paper_up_to_best": float(1 - upto[:, 0].sum() / b_upto[:, 0].sum()),
-                "whole_up_to_best": float(1 - upto[:, 1].sum() / b_upto[:, 1].sum()),
             }
-            entry["accuracy_vs_static8_pp"] = float(100 * (acc.mean() - b_acc.mean()))
+            if selected:
+                upto = np.array([r["up_to_best"] for r in rs])
+                b_upto = np.array([r["up_to_best"] for r in base])
+                entry["saving_vs_static8"].update({"paper_up_to_best": float(1 - upto[:, 0].sum() / b_upto[:, 0].sum()),
+                                                   "whole_up_to_best": float(1 - upto[:, 1].sum() / b_upto[:, 1].sum())})
+            b_acc = {r["seed"]: _accuracy(r, selected) for r in base}
+            entry["accuracy_vs_static8_pp"] = float(100 * (acc.mean() - np.mean(list(b_acc.values()))))
+            diffs = [100 * (_accuracy(r, selected) - b_acc[r["seed"]]) for r in rs if r["seed"] in b_acc]
+            entry["paired_seeds"] = len(diffs)
+            entry["accuracy_vs_static8_ci95_pp"] = paired_interval(diffs)
         if "gates" in rs[0]:
             entry["gates"] = _gate_summary(rs)
         summary[name] = entry
-    summary["_fp32_total"] = dict(zip(names, fp32.tolist()))
+    summary["_fp32_total"] = dict(zip(names, np.mean([r["fp32_total"] for r in runs], axis=0).tolist()))
     return summary
 
 
@@ -150,18 +198,29 @@ def _gate_summary(rs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"units": g0["units"], "options": g0["options"], "per_stage": per_stage}
 
 
+def _accuracy_ok(entry: Dict[str, Any]) -> bool:
+    """The paired 95 % interval of the difference lies above -0.5 pp (the mean difference where
+    fewer than two seeds pair up)."""
+    ci = entry.get("accuracy_vs_static8_ci95_pp")
+    low = ci[0] if ci is not None else entry["accuracy_vs_static8_pp"]
+    return bool(low > -FLOOR_ACCURACY_PP)
+
+
 def floors(summary: Dict[str, Any]) -> Dict[str, Any]:
-    """The issue's floors, paper's accounting, means over seeds: PFQ saves >= 35 % within 0.5 pp of
-    static 8/8/8; FracTrain saves more than PFQ within 0.5 pp."""
+    """The issue's floors, paper's accounting, whole runs: PFQ saves >= 35 % of static 8/8/8's BitOPs
+    with the paired 95 % interval of its accuracy difference above -0.5 pp; FracTrain saves more than
+    PFQ under the same accuracy condition."""
     out: Dict[str, Any] = {}
     pfq, ft = summary.get("pfq"), summary.get("fractrain")
     if pfq and "saving_vs_static8" in pfq:
         s, d = pfq["saving_vs_static8"]["paper"], pfq["accuracy_vs_static8_pp"]
-        out["pfq"] = {"saving": s, "accuracy_pp": d, "met": bool(s >= FLOOR_SAVING and d >= -FLOOR_ACCURACY_PP)}
+        out["pfq"] = {"saving": s, "accuracy_pp": d, "accuracy_ci95_pp": pfq.get("accuracy_vs_static8_ci95_pp"),
+                      "met": bool(s >= FLOOR_SAVING and _accuracy_ok(pfq))}
     if ft and pfq and "saving_vs_static8" in ft:
         s, d = ft["saving_vs_static8"]["paper"], ft["accuracy_vs_static8_pp"]
-        out["fractrain"] = {"saving": s, "accuracy_pp": d, "pfq_saving": pfq["saving_vs_static8"]["paper"],
-                            "met": bool(s > pfq["saving_vs_static8"]["paper"] and d >= -FLOOR_ACCURACY_PP)}
+        out["fractrain"] = {"saving": s, "accuracy_pp": d, "accuracy_ci95_pp": ft.get("accuracy_vs_static8_ci95_pp"),
+                            "pfq_saving": pfq["saving_vs_static8"]["paper"],
+                            "met": bool(s > pfq["saving_vs_static8"]["paper"] and _accuracy_ok(ft))}
     return out
 
 
@@ -178,13 +237,16 @@ def _rows(summary: Dict[str, Any], target: str = "bitfusion") -> List[List[str]]
         sav = e.get("saving_vs_static8", {}) if name != "fp32" else {}  # FP32 is the 1x reference, not a saving
         t = e["total_mean"]
         switches = e["switch_iterations_per_seed"]
+        ci = e.get("accuracy_vs_static8_ci95_pp")
         rows.append([
-            e["label"], _pm(e["accuracy_mean"], e["accuracy_std"]),
-            f"{e.get('accuracy_vs_static8_pp', 0):+.2f}",
+            e["label"] + (", stem at stage bits" if e.get("stem") == "stage bits" else ""),
+            _pm(e["accuracy_mean"], e["accuracy_std"]),
+            f"{e.get('accuracy_vs_static8_pp', 0):+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci and name != BASELINE
+                                                            else ""),
             "; ".join("/".join(map(str, s)) for s in switches) if any(switches) else "-",
             f"{t['paper_bitops']:.3e}", f"{100 * e['relative_to_fp32']['paper']:.2f}%",
             f"{100 * sav['paper']:.1f}%" if sav else "-",
-            f"{100 * sav['paper_up_to_best']:.1f}%" if sav else "-",
+            f"{100 * sav['paper_up_to_best']:.1f}%" if "paper_up_to_best" in sav else "-",
             f"{t['whole_bitops']:.3e}", f"{100 * e['relative_to_fp32']['whole']:.2f}%",
             f"{100 * sav['whole']:.1f}%" if sav else "-",
             f"{t.get('energy_j:' + target, float('nan')):.3e}", f"{t.get('latency_s:' + target, float('nan')):.3e}",
@@ -193,8 +255,8 @@ def _rows(summary: Dict[str, Any], target: str = "bitfusion") -> List[List[str]]
     return rows
 
 
-HEAD = ["recipe", "test acc. % (mean ± std)", "Δ acc. vs 8/8/8 (pp)", "switch iterations (per seed)",
-        "training BitOPs (paper)", "paper: vs FP32", "paper: saving vs 8/8/8", "paper: saving to best acc.",
+HEAD = ["recipe", "test acc. % (mean ± std)", "Δ acc. vs 8/8/8 (pp) [paired 95 % CI]", "switch iterations (per seed)",
+        "training BitOPs (paper)", "paper: vs FP32", "paper: saving vs 8/8/8", "paper: saving to best val. acc.",
         "BitOPs (whole model)", "whole: vs FP32", "whole: saving vs 8/8/8", "energy J (bitfusion)",
         "latency s (bitfusion)", "wall s / run"]
 
@@ -202,15 +264,22 @@ HEAD = ["recipe", "test acc. % (mean ± std)", "Δ acc. vs 8/8/8 (pp)", "switch 
 COMPACT = (0, 1, 2, 5, 6, 7, 9, 10, 11, 12, 13)  # no switch lists or absolute BitOPs (for the README)
 
 
+def _head(summary: Dict[str, Any]) -> List[str]:
+    """HEAD, its accuracy column naming what the accuracy is (selected on validation, or final)."""
+    entry = next((e for n, e in summary.items() if not n.startswith("_")), {})
+    selected = entry.get("accuracy_basis") == "test at best validation"
+    return [HEAD[0], "test acc. % at best val. (mean ± std)" if selected else "final test acc. % (mean ± std)"] + HEAD[2:]
+
+
 def markdown_table(summary: Dict[str, Any], columns: Sequence[int] = tuple(range(len(HEAD)))) -> str:
-    head = [HEAD[i] for i in columns]
+    head = [_head(summary)[i] for i in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r[i] for i in columns) + " |" for r in _rows(summary)]
     return "\n".join(lines)
 
 
 def console_table(summary: Dict[str, Any], columns: Sequence[int] = (0, 1, 2, 4, 5, 6, 8, 10, 11, 12)) -> str:
-    rows = [[HEAD[i] for i in columns]] + [[r[i] for i in columns] for r in _rows(summary)]
+    rows = [[_head(summary)[i] for i in columns]] + [[r[i] for i in columns] for r in _rows(summary)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
@@ -257,6 +326,9 @@ def gates_table(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_CONFIG_FIELDS = set(Config.__dataclass_fields__)
+
+
 def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = True) -> Dict[str, Path]:
     """``<out>/results.json`` (summary, floors, every run's record), ``<out>/results.md`` and the plots."""
     out_dir = Path(out_dir)
@@ -269,16 +341,28 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
     floor_lines = []
     for name, f in fl.items():
         extra = f" (PFQ saved {100 * f['pfq_saving']:.1f}%)" if "pfq_saving" in f else ""
+        ci = f.get("accuracy_ci95_pp")
+        interval = f" (paired 95 % CI {ci[0]:+.2f} .. {ci[1]:+.2f} pp)" if ci else ""
         floor_lines.append(f"- {name}: saves {100 * f['saving']:.1f}% of static 8/8/8's training BitOPs (paper's "
-                           f"accounting){extra} at {f['accuracy_pp']:+.2f} pp: floor {'met' if f['met'] else 'NOT met'}")
-    cfg = results["config"]
+                           f"accounting){extra} at {f['accuracy_pp']:+.2f} pp{interval}: floor "
+                           f"{'met' if f['met'] else 'NOT met'}")
+    cfg = Config(**results["config"]) if set(results["config"]) <= _CONFIG_FIELDS else None
+    cfg_d = results["config"]
+    first = next((e for n, e in summary.items() if not n.startswith("_")), {})
+    basis = ("Accuracy: test accuracy at each run's iteration of best validation accuracy (the validation images are "
+             "held out of training; the test set selects nothing); final test accuracy per recipe in results.json."
+             if first.get("accuracy_basis") == "test at best validation" else
+             "Accuracy: final test accuracy (this data set has no validation split, so no iteration is selected and "
+             "there is no saving up to a best iteration).")
+    setup = describe_setup(cfg) if cfg is not None else f"ResNet-{6 * cfg_d['blocks'] + 2} width {cfg_d['width']}"
     text = [f"# {results['dataset']}", "",
             f"`{command}`: {len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}), "
-            f"{cfg['iterations']} iterations of batch {cfg['batch_size']}, SGD lr {cfg['lr']} (cosine) momentum "
-            f"{cfg['momentum']} wd {cfg['weight_decay']}, ResNet-{6 * cfg['blocks'] + 2} width {cfg['width']}; "
-            f"torch {results['environment']['torch']}, {results['environment']['threads']} thread(s); "
-            f"{results['wall_s']:.0f} s in all.", "", markdown_table(summary), "",
-            "Floors (issue 12, paper's accounting, means over seeds):", *floor_lines, "",
+            f"{cfg_d['iterations']} iterations of batch {cfg_d['batch_size']}, SGD lr {cfg_d['lr']} "
+            f"({cfg_d.get('lr_schedule', 'cosine')}) momentum {cfg_d['momentum']} wd {cfg_d['weight_decay']}, {setup}, "
+            f"execution {cfg_d.get('execution', 'simulate')}; torch {results['environment']['torch']}, "
+            f"{results['environment']['threads']} thread(s); {results['wall_s']:.0f} s in all.", "", basis, "",
+            markdown_table(summary), "",
+            "Floors (paper's accounting, whole runs; accuracy difference paired by seed):", *floor_lines, "",
             "Energy and latency of the whole training run per hardware profile (whole model):", "",
             profiles_table(summary), "", gates_table(summary)]
     paths["markdown"].write_text("\n".join(text) + "\n")
