@@ -1,5 +1,6 @@
-"""The ``fracpass`` command line.
+"""Quantize a PyTorch model's training FracTrain-style, then cost, plan, check, export or time it; or run the demo.
 
+    fracpass --version
     fracpass transform --model pkg.module:factory --plan plan.toml [--input-shape 1,3,32,32]
     fracpass cost --model pkg.module:factory --plan plan.toml --input-shape 1,3,32,32 [--target bitfusion] [--json]
     fracpass plan --model pkg.module:factory --plan plan.toml -o stages.toml [--budget 0.35 --total-steps 64000]
@@ -9,7 +10,7 @@
     fracpass export --model pkg.module:factory --plan plan.toml --stage -1 --input-shape 1,3,32,32 -o model.onnx
     fracpass bench --model pkg.module:factory --plan plan.toml --input-shape 32,3,32,32 [--execution native]
                    [--target epyc9655] [--stages 0,-1] [--repeats 5] [--threads 2] [--json]
-    fracpass demo [--quick] [--out fracpass-demo]
+    fracpass demo [--quick] [--out fracpass-demo] [--threads 1]
 
 Exit codes: 0 success; 1 (check) the graph differs from a golden file, a golden file is missing, or
 coverage is below --min-coverage; 2 bad usage, a model that does not load, or a plan or model
@@ -42,7 +43,7 @@ def load_model(spec: str) -> torch.nn.Module:
     """Build the model named ``pkg.module:factory`` (the current directory is importable)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise CliError(f"--model {spec!r}: expected 'package.module:factory', e.g. 'examples.models:resnet20'")
+        raise CliError(f"--model {spec!r}: expected 'package.module:factory', e.g. 'fracpass.models:resnet20'")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -202,9 +203,25 @@ def _totals_dict(totals) -> dict:
             "static_energy_j": totals.static_energy_j}
 
 
+def demo_out_dir(path: str) -> Path:
+    """Check ``--out folder`` before the demo trains: it is, or can become, a writable folder."""
+    out = Path(path)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"lies under {existing}, which is a file"
+        raise CliError(f"--out {out}: {what}; the demo writes a folder of results there, so give a folder "
+                       f"(e.g. --out fracpass-demo) or move the file away")
+    if not os.access(existing, os.W_OK):
+        raise CliError(f"--out {out}: folder {existing} is not writable; choose another, e.g. --out /tmp/fracpass-demo")
+    return out
+
+
 def _demo(args) -> int:
     from fracpass.experiments.demo import run
 
+    if args.threads < 1:
+        raise CliError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 1")
+    demo_out_dir(args.out)
     return run(args)
 
 
@@ -304,6 +321,9 @@ def _export(args) -> int:
     import fracpass
 
     output_path(args.output)
+    if args.calibrate < 1:
+        raise CliError(f"--calibrate {args.calibrate}: the exported activation quantizers take their ranges from "
+                       "calibration batches; give at least 1, e.g. --calibrate 4 (the default)")
     plan, inputs, qmodel = _transformed(args, inputs_needed_for="for export")
     stage = -1 if args.stage is None else args.stage
     fracpass.set_stage(qmodel, stage)
@@ -323,11 +343,8 @@ def _export(args) -> int:
 STAGE_HELP = {
     "transform": "stage whose bits the summary shows (default 0; negative counts from the end)",
     "cost": "stage of the per-op table (default 0); the BitOPs of every stage are printed either way",
-    "plan": "not used by plan: the StagePlan covers every stage",
-    "check": "not used by check: the golden files cover every stage",
     "export": "stage to export (default -1, the last)",
-    "bench": "not used by bench: see --stages",
-}
+}  # plan and check cover every stage, bench times those of --stages: they take no --stage
 
 
 def _add_model_args(p: argparse.ArgumentParser, command: str) -> None:
@@ -339,11 +356,15 @@ def _add_model_args(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
                    help="how to capture the model: auto (torch.fx, falling back to non-strict torch.export where fx "
                         "fails), fx, or export (default auto)")
-    p.add_argument("--stage", type=int, help=STAGE_HELP[command])
+    if command in STAGE_HELP:
+        p.add_argument("--stage", type=int, help=STAGE_HELP[command])
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fracpass import __version__
+
     parser = argparse.ArgumentParser(prog="fracpass", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transform", help="transform a model with a plan and print the summary table")
@@ -369,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--name", help="golden file name stem (default: the factory's name)")
     ch.add_argument("--update", action="store_true", help="write the golden files instead of comparing")
     ch.add_argument("--min-coverage", type=float, help="fail below this share of compute ops quantized, every role")
-    ch.add_argument("--format", choices=("text", "json", "github"), default="text")
+    ch.add_argument("--format", choices=("text", "json", "github"), default="text",
+                    help="text for people (default), json for scripts, or github: workflow commands that annotate "
+                         "a GitHub Actions run")
     ch.set_defaults(run=_check)
     ex = sub.add_parser("export", help="export the model at a stage as ONNX with Q/DQ quantizers")
     _add_model_args(ex, "export")

@@ -142,9 +142,25 @@ def test_capture_has_a_help_text_and_stage_help_says_what_each_command_does_with
            "torch.export where fx fails), fx, or export (default auto)" in text
     assert "--stage STAGE stage whose bits the summary shows (default 0" in text
     assert "--stage STAGE stage of the per-op table (default 0); the BitOPs of every stage are printed" in _help("cost")
-    assert "--stage STAGE not used by plan: the StagePlan covers every stage" in _help("plan")
-    assert "--stage STAGE not used by check: the golden files cover every stage" in _help("check")
     assert "--stage STAGE stage to export (default -1, the last)" in _help("export")
+    for command in ("plan", "check", "bench"):  # they cover every stage, or those of --stages: no --stage offered
+        assert "--stage " not in _help(command), command  # bench's --stages stays
+
+
+def test_check_format_has_a_help_text():
+    assert "--format {text,json,github} text for people (default), json for scripts, or github: workflow commands " \
+           "that annotate a GitHub Actions run" in _help("check")
+
+
+def test_version_and_description_from_an_installed_fracpass(tmp_path):
+    import fracpass
+
+    done = fracpass_cli("--version", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == f"fracpass {fracpass.__version__}\n", done.stderr
+    text = _help()
+    assert "The ``fracpass`` command line" not in text
+    assert "Quantize a PyTorch model's training FracTrain-style, then cost, plan, check, export or time it; or run " \
+           "the demo." in text
 
 
 def test_cost_json_with_steps_per_stage_includes_the_training_totals():

@@ -114,3 +114,89 @@ def test_subprocess_error_is_one_line_with_exit_code_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "fracpass cost: error: --steps-per-stage '10,x': expected comma-separated integers, e.g. 8190,8190,7800,40000"]
+
+
+# --- issue 31: options checked before any work, messages that name the flag ----------------------
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """The demo's training, replaced by a failure: a bad option must be refused before it starts."""
+    import fracpass.experiments.demo as demo
+
+    monkeypatch.setattr(demo, "run", lambda args, out=print: pytest.fail("the demo trained before checking its options"))
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_cli_demo_threads_below_one(capsys, tmp_path, no_training, threads):
+    code, _, err = run_cli(capsys, "demo", "--threads", threads, "--out", str(tmp_path / "demo"))
+    assert_one_line_error(code, err, "demo", f"--threads {threads}: give a positive number of threads, e.g. --threads 1")
+
+
+def test_cli_demo_out_is_an_existing_file(capsys, tmp_path, no_training):
+    results = tmp_path / "results.json"
+    results.write_text("kept\n")
+    code, _, err = run_cli(capsys, "demo", "--quick", "--out", str(results))
+    assert_one_line_error(code, err, "demo", f"--out {results}: is a file; the demo writes a folder of results there, "
+                                             "so give a folder (e.g. --out fracpass-demo) or move the file away")
+    code, _, err = run_cli(capsys, "demo", "--quick", "--out", str(results / "demo"))
+    assert_one_line_error(code, err, "demo", f"--out {results / 'demo'}: lies under {results}, which is a file")
+    assert results.read_text() == "kept\n"
+
+
+def test_cli_demo_out_accepts_an_existing_or_new_folder(capsys, tmp_path, monkeypatch):
+    import fracpass.experiments.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda args, out=print: seen.append(args.out) or 0)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(tmp_path), str(tmp_path / "new" / "nested"), "relative"):
+        code, _, err = run_cli(capsys, "demo", "--out", out)
+        assert code == 0 and err == "", err
+    assert seen == [str(tmp_path), str(tmp_path / "new" / "nested"), "relative"]
+
+
+def test_cli_model_without_factory_suggests_a_spec_that_imports_outside_the_repository(capsys, tmp_path, monkeypatch):
+    from fracpass.cli import load_model
+
+    code, _, err = run_cli(capsys, "cost", "--model", "fracpass.models", "--input-shape", "1,3,32,32")
+    assert_one_line_error(code, err, "cost", "--model 'fracpass.models': expected 'package.module:factory', "
+                                             "e.g. 'fracpass.models:resnet20'")
+    suggested = re.search(r"e\.g\. '([^']+)'", err).group(1)
+    assert suggested.split(".")[0] == "fracpass"  # ships in the wheel, unlike examples/
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(load_model(suggested), nn.Module)
+
+
+@pytest.mark.parametrize("calibrate", ["0", "-1"])
+def test_cli_export_calibrate_below_one_names_the_flag(capsys, tmp_path, monkeypatch, calibrate):
+    monkeypatch.setattr(fracpass, "transform", lambda *a, **k: pytest.fail("transformed before checking --calibrate"))
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli(capsys, "export", *MODEL, "--input-shape", "1,3,32,32", "--calibrate", calibrate, "-o", str(out))
+    assert_one_line_error(code, err, "export", f"--calibrate {calibrate}: the exported activation quantizers take their "
+                                               "ranges from calibration batches; give at least 1, e.g. --calibrate 4")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "check"])
+def test_cli_stage_is_refused_where_it_is_not_used(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.setattr(fracpass, "transform", lambda *a, **k: pytest.fail(f"{command} ran with --stage"))
+    extra = ["--golden", str(tmp_path)] if command == "check" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *MODEL, *extra, "--stage", "1"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --stage 1" in capsys.readouterr().err
+
+
+def test_cli_bench_stage_is_short_for_stages():
+    from fracpass.cli import build_parser
+
+    # argparse takes an unambiguous prefix of an option: bench's --stage 1 times stage 1, as --stages 1 does
+    assert build_parser().parse_args(["bench", *MODEL, "--stage", "1"]).stages == "1"
+    assert not hasattr(build_parser().parse_args(["bench", *MODEL]), "stage")
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"fracpass {fracpass.__version__}\n"
