@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="one line per run instead of progress bars")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--replot", metavar="DIR", help="rewrite the table and plots from DIR/results.json")
+    parser.add_argument("--replot", metavar="DIR", help="rewrite the summary, table and plots from DIR/results.json's "
+                                                        "runs")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="merge parts run separately (e.g. one --recipes "
                                                                  "each, side by side, or over several sessions; each "
                                                                  "DIR's results.json, else its runs/*.json) into --out")
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     import torch
 
     from fracpass.errors import FracpassError
-    from fracpass.experiments.compare import console_table, merge_results, run_comparison, write_results
+    from fracpass.experiments.compare import (console_table, floors, merge_results, run_comparison, summarize,
+                                              write_results)
     from fracpass.experiments.data import load
     from fracpass.experiments.model import MODELS
     from fracpass.experiments.recipes import QUICK_SLICE, config_for
@@ -86,8 +88,10 @@ def main(argv=None) -> int:
                 print(f"fractrain_mnist: error: {e}", file=sys.stderr)
                 return 2
             command = " && ".join(p["command"] for p in results["parts"] if p["command"])
-        else:
+        else:  # summary and floors recomputed from the runs: the table follows today's rules
             results = json.loads((pathlib.Path(args.replot) / "results.json").read_text())
+            results["summary"] = summarize(results["runs"], results["recipes"])
+            results["floors"] = floors(results["summary"])
             command = results["command"]
         paths = write_results(results, args.out if args.merge else args.replot, command, plots=not args.no_plots)
         print(console_table(results["summary"]))

@@ -207,20 +207,23 @@ def _accuracy_ok(entry: Dict[str, Any]) -> bool:
 
 
 def floors(summary: Dict[str, Any]) -> Dict[str, Any]:
-    """The issue's floors, paper's accounting, whole runs: PFQ saves >= 35 % of static 8/8/8's BitOPs
-    with the paired 95 % interval of its accuracy difference above -0.5 pp; FracTrain saves more than
-    PFQ under the same accuracy condition."""
+    """The floors, paper's accounting, whole runs: PFQ saves >= 35 % of static 8/8/8's BitOPs with the
+    paired 95 % interval of its accuracy difference above -0.5 pp; FracTrain saves more than PFQ under
+    the same accuracy condition (issue 30). ``met_by_mean`` is issue 12's older rule, the mean
+    difference within 0.5 pp, which the digits and MNIST-5k tables were judged by."""
     out: Dict[str, Any] = {}
     pfq, ft = summary.get("pfq"), summary.get("fractrain")
     if pfq and "saving_vs_static8" in pfq:
         s, d = pfq["saving_vs_static8"]["paper"], pfq["accuracy_vs_static8_pp"]
         out["pfq"] = {"saving": s, "accuracy_pp": d, "accuracy_ci95_pp": pfq.get("accuracy_vs_static8_ci95_pp"),
-                      "met": bool(s >= FLOOR_SAVING and _accuracy_ok(pfq))}
+                      "met": bool(s >= FLOOR_SAVING and _accuracy_ok(pfq)),
+                      "met_by_mean": bool(s >= FLOOR_SAVING and d >= -FLOOR_ACCURACY_PP)}
     if ft and pfq and "saving_vs_static8" in ft:
         s, d = ft["saving_vs_static8"]["paper"], ft["accuracy_vs_static8_pp"]
         out["fractrain"] = {"saving": s, "accuracy_pp": d, "accuracy_ci95_pp": ft.get("accuracy_vs_static8_ci95_pp"),
                             "pfq_saving": pfq["saving_vs_static8"]["paper"],
-                            "met": bool(s > pfq["saving_vs_static8"]["paper"] and _accuracy_ok(ft))}
+                            "met": bool(s > pfq["saving_vs_static8"]["paper"] and _accuracy_ok(ft)),
+                            "met_by_mean": bool(s > pfq["saving_vs_static8"]["paper"] and d >= -FLOOR_ACCURACY_PP)}
     return out
 
 
@@ -345,7 +348,9 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
         interval = f" (paired 95 % CI {ci[0]:+.2f} .. {ci[1]:+.2f} pp)" if ci else ""
         floor_lines.append(f"- {name}: saves {100 * f['saving']:.1f}% of static 8/8/8's training BitOPs (paper's "
                            f"accounting){extra} at {f['accuracy_pp']:+.2f} pp{interval}: floor "
-                           f"{'met' if f['met'] else 'NOT met'}")
+                           f"{'met' if f['met'] else 'NOT met'}"
+                           + (f" (by the mean difference alone, issue 12's rule: {'met' if f['met_by_mean'] else 'NOT met'})"
+                              if "met_by_mean" in f and f["met_by_mean"] != f["met"] else ""))
     cfg = Config(**results["config"]) if set(results["config"]) <= _CONFIG_FIELDS else None
     cfg_d = results["config"]
     first = next((e for n, e in summary.items() if not n.startswith("_")), {})

@@ -44,6 +44,8 @@ def write_run(out_dir, dataset: str, config: Dict[str, Any], record: Dict[str, A
 def read_run(path, dataset: Optional[str] = None, config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """A run file; with ``dataset`` and ``config``, an error when it was trained on other ones."""
     saved = json.loads(Path(path).read_text())
+    if config is not None:
+        config = json.loads(json.dumps(config))  # as saved: tuples become lists
     if dataset is not None and saved["dataset"] != dataset:
         raise FracpassError(f"{path}: trained on {saved['dataset']!r}, not {dataset!r}; use another --out")
     if config is not None and saved["config"] != config:
