@@ -13,8 +13,10 @@ each option's share of samples), summed over the run's stage history and gate ch
 Two accountings, side by side:
 
 * ``paper``: FracTrain's, as its code counts — the quantized compute ops only. The full-precision
-  stem and classifier, BatchNorm and the gates are left out. Static 8/8/8 costs exactly 1/16 of
-  FP32 here, the 3/6 stage 45/3072 = 0.01465.
+  ops (the classifier; the stem, unless ``Config.stem = "stage-bits"`` quantizes it in static and
+  PFQ recipes), BatchNorm and the gates are left out. Static 8/8/8 costs exactly 1/16 of FP32
+  here; with the stem left out, the 3/6 stage 45/3072 = 0.01465 (a quantized stem has no error
+  backward, its input being the data, so it shifts the other stages' ratios slightly).
 * ``whole``: every compute op, the full-precision ones at 32 x 32 bits, plus the gates' own
   forward and backward MACs at 32 x 32 bits.
 
