@@ -211,3 +211,21 @@ def test_unknown_recipe_and_dataset_are_named():
         plan_for("int2", config_for("digits"))
     with pytest.raises(FracpassError, match=r"--dataset 'svhn': use one of digits, mnist5k, cifar10-dir"):
         datasets.load("svhn")
+
+
+def test_gated_builds_warn_only_for_targets_the_converted_controller_cannot_reach(caplog):
+    """The probe that converts the paper's targets must not warn about them unconverted: the default
+    targets are reachable once converted (no warning), a 0.5 % target is not (one, for its stage)."""
+    data = datasets.load_digits()
+    cfg = config_for("digits", quick=True)
+    with caplog.at_level(logging.WARNING):
+        build("fractrain", cfg, data, 0)
+        build("dfq", cfg, data, 0)
+    assert "cheapest mix" not in caplog.text and "lies outside" not in caplog.text
+    caplog.clear()
+    low = dataclasses.replace(cfg, fractrain_targets=(0.5, 2.5, 3.0, 3.5))
+    with caplog.at_level(logging.WARNING):
+        _, _, targets = build("fractrain", low, data, 0)
+    warned = [r.getMessage() for r in caplog.records if "cheapest mix" in r.getMessage()]
+    assert len(warned) == 1 and "stage 0's cost target" in warned[0], caplog.text
+    assert f"{targets[0]:.3g}%" in warned[0]  # the converted target, not the paper's 0.5
