@@ -6,18 +6,18 @@
     python benchmarks/native_crossover.py --bmm [--rounds 11] [--threads 2]
 
 For each (M, K, N) -- M rows of K features into N outputs, at w/a/g 8/8/8 -- one run times
-``execution="simulate"`` and ``execution="native"`` (with ``fracpass.native.MIN_INTENSITY`` set to 0,
+``execution="simulate"`` and ``execution="native"`` (with ``NativeOptions(min_intensity=0)``,
 so the int8 path runs at every size), in interleaved rounds; the table gives the medians, their
 ratio, and the product's intensity MKN / (MK + KN + MN), the multiply-adds per element of its
-operands and output. ``MIN_INTENSITY`` (fracpass/native.py) is set from where the ratio crosses 1.
+operands and output. ``NativeOptions.min_intensity``'s default is set from where the ratio crosses 1.
 
 ``--conv``: a 3x3 convolution (C -> C, padding 1, per-tensor weights, 8/8/8) at batch N and H x W,
-in NCHW and channels_last, with ``fracpass.native.MIN_CONV_MACS`` set to 0; the table gives its
-forward multiply-adds, from which ``MIN_CONV_MACS`` is set.
+in NCHW and channels_last, with ``NativeOptions(min_conv_macs=0)``; the table gives its
+forward multiply-adds, from which ``NativeOptions.min_conv_macs``'s default is set.
 
 ``--bmm``: torch.bmm of two activations (B entries of M x K times K x N, 8/8/8; attention's shapes
-among them) on bf16, with ``fracpass.native.MIN_BMM_INTENSITY`` set to 0; the table gives the
-intensity per batch entry, from which ``MIN_BMM_INTENSITY`` is set.
+among them) on bf16, with ``NativeOptions(min_bmm_intensity=0)``; the table gives the
+intensity per batch entry, from which ``NativeOptions.min_bmm_intensity``'s default is set.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _time(runs, step, rounds):
 
 
 def conv_table(rounds: int) -> None:
-    fracpass.native.MIN_CONV_MACS = 0
+    every_size = fracpass.NativeOptions(min_conv_macs=0)
     plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(weight_scale="tensor")])
     print("| N x C x H x W | layout | forward MACs | simulate ms | native ms | native / simulate |")
     print("|---|---|---:|---:|---:|---:|")
@@ -67,7 +67,8 @@ def conv_table(rounds: int) -> None:
             if layout == "channels_last":
                 model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()
-            runs = {e: fracpass.transform(model, plan, example_inputs=(x,), execution=e) for e in ("simulate", "native")}
+            runs = {e: fracpass.transform(model, plan, example_inputs=(x,), execution=e,
+                                       native=every_size if e == "native" else None) for e in ("simulate", "native")}
             assert fracpass.native.op_paths(runs["native"])["_0"][0] == "bf16"
 
             def step(q):
@@ -92,13 +93,14 @@ class _Bmm(nn.Module):
 
 
 def bmm_table(rounds: int) -> None:
-    fracpass.native.MIN_BMM_INTENSITY = 0.0
+    every_size = fracpass.NativeOptions(min_bmm_intensity=0.0)
     print("| B x (M x K x N) | intensity | simulate ms | native ms | native / simulate |")
     print("|---|---:|---:|---:|---:|")
     for b, m, k, n in BMM_SIZES:
         torch.manual_seed(0)
         x, w = torch.randn(b, m, k, requires_grad=True), torch.randn(b, k, n, requires_grad=True)
-        runs = {e: fracpass.transform(_Bmm(), fracpass.Plan.static(8, 8, 8), example_inputs=(x, w), execution=e)
+        runs = {e: fracpass.transform(_Bmm(), fracpass.Plan.static(8, 8, 8), example_inputs=(x, w), execution=e,
+                                    native=every_size if e == "native" else None)
                 for e in ("simulate", "native")}
 
         def step(q):
@@ -125,7 +127,7 @@ def main() -> None:
     if args.conv:
         print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds")
         return conv_table(args.rounds)
-    fracpass.native.MIN_INTENSITY = 0.0
+    every_size = fracpass.NativeOptions(min_intensity=0.0)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} interleaved rounds")
     print("| M x K x N | intensity | simulate ms | native ms | native / simulate |")
     print("|---|---:|---:|---:|---:|")
@@ -133,7 +135,8 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(m, k, requires_grad=True)
         model = nn.Sequential(nn.Linear(k, n))
-        runs = {e: fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution=e)
+        runs = {e: fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution=e,
+                                    native=every_size if e == "native" else None)
                 for e in ("simulate", "native")}
         assert fracpass.native.op_paths(runs["native"])["_0"][0] == "int8"
         sim, nat = _time(runs, lambda q: q(x).sum().backward(), args.rounds)

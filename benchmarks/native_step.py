@@ -33,7 +33,7 @@ in its heap included; it varied 537-613 MB and 847-1114 MB between identical run
 variants here), and with ``MALLOC_MMAP_THRESHOLD_=1048576`` ("live MB": blocks of 1 MiB and more are
 mapped and returned on free, so the peak follows the tensors alive at once; the same figure within
 a few MB run to run). Linux only.
-``--reuse-large-blocks`` calls ``fracpass.native.reuse_large_blocks()`` first, for every variant alike:
+``--reuse-large-blocks`` calls ``fracpass.fracpass.memory.reuse_large_blocks()`` first, for every variant alike:
 glibc then keeps freed blocks over 32 MB for reuse instead of unmapping them (the transformer's
 33.5 MB ones cost ~100 ms of page faults a step without it; ResNet-74's blocks stay under 32 MB).
 The "peak MB" processes of ``--memory`` run with it too, the "live MB" ones without (their threshold
@@ -118,10 +118,11 @@ def build(args):
     if not conv_model:
         variants["torchao int8 mixed-precision"] = lambda: torchao_step(fresh(), x, y)
 
-    def transformed(execution, stage, plan=plan):
-        model = fracpass.transform(fresh().to(DEVICE), plan, example_inputs=(x[:2].to(DEVICE),), execution=execution)
-        if execution == "native" and args.conv:
-            fracpass.native.LowerNativePass(fracpass.native.NATIVE_KINDS)(model)
+    native = fracpass.NativeOptions(kinds=fracpass.native.KINDS) if args.conv else fracpass.NativeOptions()
+
+    def transformed(execution, stage, plan=plan, options=native):
+        model = fracpass.transform(fresh().to(DEVICE), plan, example_inputs=(x[:2].to(DEVICE),), execution=execution,
+                                   native=options if execution == "native" else None)
         fracpass.set_stage(model, stage)
         return model
 
@@ -142,15 +143,7 @@ def build(args):
                     lambda k=stage: step_fn(transformed("native", k, pt), x, y, channels_last=True)
     if args.model == "transformer" and args.attention == "matmul":  # the batched products' share: them simulated
         def bmm_simulated(stage):
-            step = step_fn(transformed("native", stage, pt), x, y)
-
-            def run():
-                keep, fracpass.native.MIN_BMM_INTENSITY = fracpass.native.MIN_BMM_INTENSITY, float("inf")
-                try:
-                    step()
-                finally:
-                    fracpass.native.MIN_BMM_INTENSITY = keep
-            return run
+            return step_fn(transformed("native", stage, pt, native.replace(min_bmm_intensity=float("inf"))), x, y)
 
         pt = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale="tensor"),))
         for stage in [int(s) for s in args.stages.split(",")]:
@@ -253,7 +246,7 @@ def main() -> None:
                         help="the transformer's attention: SDPA (simulated under native) or two matmuls (bf16)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reuse-large-blocks", action="store_true",
-                        help="fracpass.native.reuse_large_blocks() for every variant: glibc keeps freed blocks over "
+                        help="fracpass.fracpass.memory.reuse_large_blocks() for every variant: glibc keeps freed blocks over "
                         "32 MB for reuse instead of unmapping them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every variant runs")
     parser.add_argument("--only", help=argparse.SUPPRESS)
@@ -266,7 +259,7 @@ def main() -> None:
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available in this torch build or on this machine")
     if args.reuse_large_blocks:
-        why = fracpass.native.reuse_large_blocks()
+        why = fracpass.fracpass.memory.reuse_large_blocks()
         if why is not None:
             parser.error(f"--reuse-large-blocks: not applied: {why}")
     if args.only:
@@ -280,7 +273,7 @@ def main() -> None:
             print(f"{name}: left out: {type(e).__name__}: {e}")
     print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
           + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds"
-          + (", large freed blocks reused (fracpass.native.reuse_large_blocks)" if args.reuse_large_blocks else ""))
+          + (", large freed blocks reused (fracpass.fracpass.memory.reuse_large_blocks)" if args.reuse_large_blocks else ""))
     print(f"CPU: {cpu_flags()}" if DEVICE.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     probe = native_model()

@@ -50,13 +50,15 @@ class DigitsResNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
-def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, label: str, execution: str = "simulate"):
+def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, label: str, execution: str = "simulate",
+          native: "fracpass.NativeOptions | None" = None):
     """Train DigitsResNet under ``plan``; returns (accuracy, scheduler, BitOPs of the run, model, bookkeeping):
     bookkeeping holds the FP32 BitOPs per sample, the samples trained on and the static relative cost."""
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
-    qmodel = fracpass.transform(DigitsResNet(), plan, example_inputs=(x_train[:batch_size],), execution=execution)
+    qmodel = fracpass.transform(DigitsResNet(), plan, example_inputs=(x_train[:batch_size],), execution=execution,
+                                native=native if execution == "native" else None)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(qmodel.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     # BitOPs per sample at 32 x 32 bits: the run's cost is sum over steps of (relative cost x this x batch)
@@ -93,13 +95,13 @@ def train(plan: fracpass.Plan, epochs: int, batch_size: int, seed: int, log, lab
 
 
 def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = True, log=print,
-        execution: str = "simulate"):
+        execution: str = "simulate", native: "fracpass.NativeOptions | None" = None):
     plan = fracpass.Plan.fractrain("cifar")
     steps_per_epoch = len(load(seed)[0][1]) // batch_size
     # the preset's windows are sized for CIFAR (390 steps); these epochs have 44
     plan = dataclasses.replace(plan, switch=dataclasses.replace(plan.switch, eval_every=steps_per_epoch // 2,
                                                                 window=3, scale_windows=3))
-    accuracy, sched, bitops, qmodel, _ = train(plan, epochs, batch_size, seed, log, "fractrain", execution)
+    accuracy, sched, bitops, qmodel, _ = train(plan, epochs, batch_size, seed, log, "fractrain", execution, native)
     for iteration, old, new, reason in sched.history:
         log(f"switch at iteration {iteration}: stage {old} -> {new} ({reason})")
     log(str(fracpass.gate_stats(qmodel)))
@@ -107,7 +109,7 @@ def run(epochs: int = 15, batch_size: int = 32, seed: int = 0, baseline: bool = 
     result = {"accuracy": accuracy, "bitops": bitops, "switches": [h[0] for h in sched.history]}
     if baseline:
         static_acc, _, static_bitops, _, static_books = train(fracpass.Plan.static(8, 8, 8), epochs, batch_size, seed, log,
-                                                              "static", execution)
+                                                              "static", execution, native)
         log(f"static 8/8/8: test accuracy {static_acc:.4f}, training BitOPs {static_bitops:.3e}; FracTrain used "
             f"{100 * (1 - bitops / static_bitops):.1f}% fewer BitOPs, accuracy {100 * (accuracy - static_acc):+.2f} points")
         result.update(static_accuracy=static_acc, static_bitops=static_bitops, static_bookkeeping=static_books)

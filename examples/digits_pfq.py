@@ -61,7 +61,7 @@ def load(seed: int = 0):
 
 def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed: int = 0, log=print,
         execution: str = "simulate", int8_convs: bool = False, channels_last: bool = False,
-        weight_scale: str = "channel"):
+        weight_scale: str = "channel", native: "fracpass.NativeOptions | None" = None):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = load(seed)
     steps_per_epoch = len(y_train) // batch_size
@@ -73,13 +73,13 @@ def run(epochs: int = 12, batch_size: int = 32, target: str = "bitfusion", seed:
                                     scale_windows=3))
     if weight_scale != "channel":
         plan = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale=weight_scale),))
-    qmodel = fracpass.transform(DigitsCNN(), plan, example_inputs=(x_train[:2],), execution=execution)
     if int8_convs:
         if execution != "native":
             raise ValueError("int8_convs=True needs execution='native'")
-        from fracpass.native import NATIVE_KINDS, LowerNativePass
-
-        LowerNativePass(NATIVE_KINDS)(qmodel)  # conv2d's forward on int8 instead of bf16 (opt-in)
+        # conv2d's forward on int8 instead of bf16 (opt-in)
+        native = (native or fracpass.NativeOptions()).replace(kinds=fracpass.native.KINDS)
+    qmodel = fracpass.transform(DigitsCNN(), plan, example_inputs=(x_train[:2],), execution=execution,
+                                native=native if execution == "native" else None)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:  # native: the fused convolutions' BatchNorm then runs on fracpass's CPU kernels
         qmodel = qmodel.to(memory_format=layout)

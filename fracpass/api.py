@@ -7,7 +7,6 @@ import dataclasses
 import gc
 import itertools
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,29 +20,13 @@ from fracpass.pipeline import default_pipeline
 from fracpass.plan import Plan
 from fracpass.quant import FULL_PRECISION, Quantizer, warn_nonfinite
 from fracpass.checkpoint import check_plan_state
+from fracpass.native.options import NativeOptions, check_execution, check_options
+from fracpass.state import ModelState, is_transformed, model_state
 
 __all__ = ["transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats",
            "QuantizedGraphModule"]
 
 log = logging.getLogger("fracpass")
-
-
-@dataclass
-class _State:
-    """What a transformed model keeps to re-capture itself in the other train/eval mode."""
-
-    plan: Plan
-    options: CaptureOptions
-    method: str  # the capture path that worked: "fx" or "export"
-    root: nn.Module  # fracpass's private copy of the user's model: the template for re-capture
-    args: Tuple[Any, ...]
-    kwargs: Dict[str, Any]
-    graphs: Dict[bool, torch.fx.Graph] = field(default_factory=dict)  # training flag -> graph
-    graph_mode: bool = True
-    stats: Dict[bool, Dict[str, Any]] = field(default_factory=dict)
-    notes: Tuple[str, ...] = ()
-    stage: int = 0
-    execution: str = "simulate"  # "native": the lower-native pass runs after the pipeline (fracpass.native)
 
 
 class QuantizedGraphModule(torch.fx.GraphModule):
@@ -55,7 +38,7 @@ class QuantizedGraphModule(torch.fx.GraphModule):
     """
 
     def train(self, mode: bool = True):
-        state: Optional[_State] = self.__dict__.get("fracpass")
+        state: Optional[ModelState] = self.__dict__.get("fracpass")
         if state is not None and state.graph_mode != mode:
             self._use_mode(state, mode)
         # after the switch: re-capture toggles the root's mode, and on the fx path the root's
@@ -85,7 +68,7 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         if state is None:
             return super().__reduce__()
         return (_rebuild, (state.root, state.plan, state.args, state.kwargs, state.options, self.state_dict(),
-                           self.training, state.execution))
+                           self.training, state.execution, state.native))
 
     def recompile(self):
         # FSDP2's fully_shard re-classes the module as FSDP<cls>(FSDPModule, cls); fx's recompile on that
@@ -101,9 +84,9 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         finally:
             self.__class__ = cls
 
-    def _use_mode(self, state: _State, mode: bool) -> None:
+    def _use_mode(self, state: ModelState, mode: bool, recapture: bool = False) -> None:
         graph = state.graphs.get(mode)
-        if graph is None:
+        if graph is None or recapture:
             with _gc_paused(), _unsharded(self):
                 _capture_into(self, state, mode)
         else:
@@ -122,6 +105,7 @@ def transform(
     concrete_args: Optional[Dict[str, Any]] = None,
     dynamic_batch: bool = True,
     execution: str = "simulate",
+    native: Optional[NativeOptions] = None,
 ) -> QuantizedGraphModule:
     """Capture ``model`` and insert the quantizers ``plan`` asks for. ``model`` is never changed.
 
@@ -129,7 +113,9 @@ def transform(
     Export needs ``example_inputs`` and/or ``example_kwargs``; its batch dimension stays dynamic.
     ``execution``: "simulate" (float32 fake quantization) or "native" (linear/matmul products on int8
     codes and convolutions on bfloat16 codes where the current bits allow, else simulated; see
-    ``fracpass.native``).
+    ``fracpass.native``). ``native``: a ``fracpass.NativeOptions`` (thresholds, kinds, the int8
+    sub-products, the fused BatchNorm) for ``execution="native"``; the model keeps it, so re-capture,
+    deepcopy and pickling build the same graph (default: ``NativeOptions()``).
     """
     if not isinstance(model, nn.Module):
         raise FracpassError(f"transform: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -139,11 +125,11 @@ def transform(
     _refuse_transformed(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    from fracpass.native import check_execution
-
+    execution = check_execution(execution)
+    native = check_options(native, execution)
     options = CaptureOptions(capture_method, tuple(leaf_modules), concrete_args, dynamic_batch)
     with _gc_paused():
-        return _transform(model, plan, tuple(example_inputs), example_kwargs, options, check_execution(execution))
+        return _transform(model, plan, tuple(example_inputs), example_kwargs, options, execution, native)
 
 
 def _refuse_transformed(model: nn.Module) -> None:
@@ -179,14 +165,14 @@ def _gc_paused():
 
 
 def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], example_kwargs, options,
-               execution: str = "simulate") -> "QuantizedGraphModule":
+               execution: str = "simulate", native: Optional[NativeOptions] = None) -> "QuantizedGraphModule":
     root = _copy_model(model)
     captured = capture(root, example_inputs, example_kwargs, options, module_class=QuantizedGraphModule)
     gm = captured.graph_module
     # re-captures (the other mode) take the path that worked, not "auto"
-    state = _State(plan, dataclasses.replace(options, method=captured.method), captured.method, root,
+    state = ModelState(plan, dataclasses.replace(options, method=captured.method), captured.method, root,
                    example_inputs, dict(example_kwargs or {}), graph_mode=root.training, notes=captured.notes,
-                   execution=execution)
+                   execution=execution, native=native if native is not None else check_options(None, execution))
     _run_pipeline(gm, state, root.training)
     _follow_device(gm, root)
     # after the pipeline, so the quantizers it added follow too; nn.Module.train does not re-capture
@@ -207,10 +193,11 @@ def _follow_device(gm: nn.Module, root: nn.Module) -> None:
 
 
 def _rebuild(root, plan, args, kwargs, options: CaptureOptions, state_dict, training: bool,
-             execution: str = "simulate") -> QuantizedGraphModule:
+             execution: str = "simulate", native: Optional[NativeOptions] = None) -> QuantizedGraphModule:
     qmodel = transform(root.train(training), plan, args, kwargs, capture_method=options.method,
                        leaf_modules=options.leaf_modules, concrete_args=options.concrete_args,
-                       dynamic_batch=options.dynamic_batch, execution=execution)
+                       dynamic_batch=options.dynamic_batch, execution=execution,
+                       native=native if execution == "native" else None)
     qmodel.load_state_dict(state_dict)
     return qmodel
 
@@ -250,18 +237,14 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _run_pipeline(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
-    result = default_pipeline(state.plan, state.args, state.kwargs)(gm)
-    if state.execution == "native":  # after the pipeline: it lowers the quantizer groups the passes built
-        from fracpass.native import FuseNativeBNPass, LowerNativePass
-
-        result.stats["lower-native"] = LowerNativePass()(gm).stats
-        result.stats["fuse-native-bn"] = FuseNativeBNPass()(gm).stats
+def _run_pipeline(gm: QuantizedGraphModule, state: ModelState, mode: bool) -> None:
+    native = state.native if state.execution == "native" else None
+    result = default_pipeline(state.plan, state.args, state.kwargs, native=native)(gm)
     state.graphs[mode] = gm.graph
     state.stats[mode] = result.stats
 
 
-def _capture_into(gm: QuantizedGraphModule, state: _State, mode: bool) -> None:
+def _capture_into(gm: QuantizedGraphModule, state: ModelState, mode: bool) -> None:
     """Capture ``state.root`` in ``mode`` and make it ``gm``'s graph, sharing gm's modules."""
     was = state.root.training
     state.root.train(mode)
@@ -324,18 +307,13 @@ def _compute_ops(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
     return [(n.name, meta.op_info(n).kind) for n in graph.nodes if meta.op_info(n) is not None]
 
 
-def _state(qmodel: nn.Module) -> _State:
-    state = getattr(qmodel, "fracpass", None)
-    if not isinstance(state, _State):
-        raise FracpassError(f"{type(qmodel).__name__} is not a model returned by fracpass.transform(); "
-                            "transform it first: qmodel = fracpass.transform(model, plan, example_inputs=(x,))")
-    return state
+_state = model_state  # the name the entry points below use
 
 
 def _parts(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
     """None for a transformed model; else the transformed parts it holds (``fracpass.parts``), which
     the entry points below treat as one model."""
-    if isinstance(getattr(model, "fracpass", None), _State):
+    if is_transformed(model):
         return None
     from fracpass.parts import transformed_parts
 
@@ -349,7 +327,7 @@ def _parts(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
     return parts
 
 
-def _examples(state: _State, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+def _examples(state: ModelState, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """The example inputs a call was given, else the ones given to transform (a bare tensor is one input)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -236,7 +236,8 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
     cores (default: ``torch.get_num_threads()``); ``stages``: default every stage of the plan;
     ``loss_fn``: output -> scalar (default: the sum of the output's floating tensors).
     """
-    from fracpass.api import _examples, _stage_text, _state, cost, set_stage
+    from fracpass.api import _examples, _stage_text, cost, set_stage
+    from fracpass.state import model_state as _state
     from fracpass.costing import _flat_inputs
     from fracpass.native import op_paths, product_paths
     from fracpass.targets import load_target

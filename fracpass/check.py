@@ -70,7 +70,7 @@ def _call(node: torch.fx.Node) -> str:
 
 def graph_text(qmodel: nn.Module) -> str:
     """The canonical, stable text of a transformed model's graph (the current train/eval graph)."""
-    from fracpass.api import _state
+    from fracpass.state import model_state as _state
 
     state = _state(qmodel)
     plan = state.plan
@@ -232,7 +232,8 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
 
     Calls fracpass cannot see into (leaf modules, ``torch.fx.wrap``'ped functions) count as
     unquantized ops, and their MACs, measured with FlopCounterMode's rules, as unquantized MACs."""
-    from fracpass.api import _state, cost
+    from fracpass.api import cost
+    from fracpass.state import model_state as _state
     from fracpass.costing import _uncosted
 
     state = _state(qmodel)

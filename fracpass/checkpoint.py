@@ -55,7 +55,7 @@ def save_checkpoint(path: Union[str, Path], qmodel: nn.Module, optimizer: Option
     """Write ``qmodel``'s state, the plan, ``optimizer``'s and ``scheduler``'s state, torch's RNG
     states and ``extra`` (e.g. ``epoch=3``) to ``path`` with ``torch.save``."""
     from fracpass import __version__
-    from fracpass.api import _state
+    from fracpass.state import model_state as _state
 
     state = _state(qmodel)
     path = Path(path)
@@ -82,7 +82,7 @@ def load_checkpoint(path: Union[str, Path], qmodel: nn.Module, optimizer: Option
     ``weights_only=False`` is needed only if ``extra`` holds objects other than tensors, numbers,
     strings and containers of them (see ``torch.load``).
     """
-    from fracpass.api import _state
+    from fracpass.state import model_state as _state
 
     state = _state(qmodel)
     try:

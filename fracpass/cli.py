@@ -181,7 +181,7 @@ def _bench(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads {args.threads}: give a positive number of threads, e.g. --threads 2")
     if args.reuse_large_blocks:
-        from fracpass.native import reuse_large_blocks
+        from fracpass.memory import reuse_large_blocks
 
         why = reuse_large_blocks()
         if why is not None:

@@ -93,7 +93,8 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     import onnx
 
     from fracpass import __version__
-    from fracpass.api import _examples, _state, current_stage, set_stage
+    from fracpass.api import _examples, current_stage, set_stage
+    from fracpass.state import model_state as _state
 
     state = _state(qmodel)
     _check_writable(path)  # before the export work, which takes seconds to minutes

@@ -30,7 +30,7 @@ Parts = List[Tuple[str, nn.Module]]
 def transformed_parts(model: nn.Module) -> Parts:
     """(path, module) of the outermost models returned by ``fracpass.transform`` inside ``model``;
     ``[("", model)]`` for a transformed model itself, ``[]`` when there is none."""
-    from fracpass.api import _State
+    from fracpass.state import ModelState as _State
 
     found: Parts = []
     for name, module in model.named_modules():
@@ -200,7 +200,7 @@ def _record_calls(model, parts, example_inputs, example_kwargs, where: str):
         (path, m, *tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), dict(kwargs)))))
     hooks = [part.register_forward_pre_hook(lambda m, a, k, path=path: record(m, a, k, path), with_kwargs=True)
              for path, part in parts]
-    from fracpass.api import _State
+    from fracpass.state import ModelState as _State
 
     hubs = [part.gates for _, part in parts if isinstance(part.__dict__.get("fracpass"), _State) and _has_gates(part)]
     try:

@@ -9,6 +9,7 @@ Register a new kind with ``register(OpKind(...))``; every pass picks it up.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fracpass.errors import RegistryError
 from fracpass.meta import MODULE_PATH, OpInfo
 
 __all__ = ["Operand", "OpKind", "register", "classify", "lookup", "registered_kinds", "get_slot", "set_slot"]
@@ -74,6 +76,15 @@ def register(entry: OpKind) -> OpKind:
     for name in entry.methods:
         _BY_METHOD[name] = entry
     return entry
+
+
+def add_functions(kind: str, *functions: Callable) -> OpKind:
+    """Make ``functions`` (e.g. native calls that compute the same op) instances of the registered ``kind``:
+    the same operands, MAC rule and cost as its other functions."""
+    if kind not in _KINDS:
+        raise RegistryError(f"add_functions: no op kind {kind!r} is registered; registered: {registered_kinds()}")
+    entry = _KINDS[kind]
+    return register(dataclasses.replace(entry, functions=entry.functions + tuple(functions)))
 
 
 def registered_kinds() -> Tuple[str, ...]:

@@ -20,7 +20,8 @@ log = logging.getLogger("fracpass.scheduler")
 
 def schedule(qmodel, plan: Optional[Plan] = None, example_inputs=(), example_kwargs=None):
     """The scheduler pass: a StagePlan of every op's bits per stage (budgets resolved to AtSteps)."""
-    from fracpass.api import _parts, _state, cost
+    from fracpass.api import _parts, cost
+    from fracpass.state import model_state as _state
     from fracpass.passes.schedule import SchedulePass
 
     parts = _parts(qmodel)
@@ -56,7 +57,8 @@ class Scheduler:
     """
 
     def __init__(self, qmodel, plan: Optional[Plan] = None):
-        from fracpass.api import _parts, _state, current_stage
+        from fracpass.api import _parts, current_stage
+        from fracpass.state import model_state as _state
 
         parts = _parts(qmodel)  # None, or the transformed parts qmodel holds: they switch together
         if parts is None:

@@ -38,10 +38,11 @@ class Uneven(nn.Module):
         return self.light(torch.relu_(self.squeeze(torch.relu(self.heavy(x)))))
 
 
-def _model(execution="simulate", plan=None):
+def _model(execution="simulate", plan=None, native=None):
     torch.manual_seed(0)
     x = torch.randn(256, 1024)
-    return fracpass.transform(Uneven(), plan or fracpass.Plan.progressive(), example_inputs=(x,), execution=execution), x
+    return fracpass.transform(Uneven(), plan or fracpass.Plan.progressive(), example_inputs=(x,), execution=execution,
+                              native=native), x
 
 
 def test_predictions_are_the_cost_models_on_the_profile_scaled_to_the_threads():
@@ -67,8 +68,7 @@ def test_predictions_are_the_cost_models_on_the_profile_scaled_to_the_threads():
 def test_native_ops_are_predicted_at_the_precision_each_product_runs_on(monkeypatch):
     if native.int8_support() is not None:
         pytest.skip("this CPU has no int8 dot-product instructions: native runs simulated")
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)  # the 512x8 and 8x8 layers too
-    q, x = _model("native")
+    q, x = _model("native", native=fracpass.NativeOptions(min_intensity=0.0))  # the 512x8 and 8x8 layers too
     report = bench(q, target="epyc9655", stages=[-1], repeats=1, warmup=0)
     st = report.stages[0]
     scaled = load_target("epyc9655").per_cores(report.threads)

@@ -1,4 +1,4 @@
-"""The fused conv-BN(-add)(-ReLU) op's BatchNorm on its own CPU kernels (fracpass.native.FAST_BN).
+"""The fused conv-BN(-add)(-ReLU) op's BatchNorm on its own CPU kernels (fracpass.NativeOptions.fast_bn).
 
 The op's BatchNorm runs straight from the convolution's bfloat16 product v (y = s v + bias): statistics
 from per-channel sums in float64, the output as one affine map per channel, the backward from two
@@ -6,7 +6,7 @@ per-channel sums of the masked gradient. It is not aten's arithmetic, so it is c
 reference of the same BatchNorm (forward, running statistics, every gradient) to float32 rounding, on
 channel counts that do and do not fill the kernels' 16-lane vectors, odd pixel counts (vector tails),
 a mean far from zero beside a small spread, training and eval.
-The whole fused model is then compared with the aten route (tests/test_native_fuse.py checks that
+The whole fused model is then compared with the aten route (tests/native/test_fuse_native_bn.py checks that
 route against the unfused ops bit for bit).
 """
 from __future__ import annotations
@@ -18,15 +18,15 @@ from torch import nn
 import fracpass
 from fracpass import native
 
+OPTS = fracpass.NativeOptions(min_conv_macs=0)  # small convolutions on the bf16 path; fast_bn (the default) on
+
 TOL = 2e-5  # of each tensor's largest magnitude: float32 rounding of sums over a few thousand terms
 
 
 @pytest.fixture(autouse=True)
 def fast_bn(monkeypatch):
-    if native.bf16_support() is not None or native._ext() is None:
+    if native.bf16_support() is not None or native.units.ext() is None:
         pytest.skip("no bf16 convolutions or no CPU kernels here: the fused op does not run")
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
-    monkeypatch.setattr(native, "FAST_BN", True)
 
 
 def _product(shape, offset, generator, spread=20.0):
@@ -85,20 +85,20 @@ def test_fast_batchnorm_matches_a_float64_reference(channels, residual, relu, tr
     grad = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     want = _reference(v, scale, bias, w, b, rm, rv, training, 0.1, 1e-5, res, relu, grad)
     rm_got, rv_got = rm.clone(), rv.clone()
-    ext = native._ext(v)
+    ext = native.units.ext(v)
     post = (rm_got, rv_got, training, 0.1, 1e-5, relu)
-    out, bits, ref, mean, invstd, (lo, hi) = native._fast_bn_forward(ext, v, scale, bias, w, b, res, post)
+    out, bits, ref, mean, invstd, (lo, hi) = native.conv_bn._fast_bn_forward(ext, v, scale, bias, w, b, res, post)
     assert out.stride() == v.stride() and out.dtype == torch.float32
     _close(out, want[0], "output")
     assert (float(lo), float(hi)) == tuple(float(m) for m in torch.aminmax(out))  # the range handed on: exact
     _close(rm_got, want[1], "running mean")
     _close(rv_got, want[2], "running variance")
     if relu:  # the mask: out <= 0, a bit per element in memory order
-        flags = bits.unsqueeze(1).bitwise_and(native._BIT_WEIGHTS).ne(0).view(-1)[:out.numel()]
-        assert torch.equal(flags, native._memory_order(out) <= 0)
+        flags = bits.unsqueeze(1).bitwise_and(native.conv_bn._BIT_WEIGHTS).ne(0).view(-1)[:out.numel()]
+        assert torch.equal(flags, fracpass.quant._memory_order(out) <= 0)
     else:
         assert bits is None
-    dy, (mn, mx), g_res, d_w, d_b = native._fast_bn_backward(ext, grad, bits, v, ref, scale, bias, w, mean, invstd,
+    dy, (mn, mx), g_res, d_w, d_b = native.conv_bn._fast_bn_backward(ext, grad, bits, v, ref, scale, bias, w, mean, invstd,
                                                              training, residual)
     _close(dy, want[3], "dL/dy")
     assert float(mn) == float(dy.min()) and float(mx) == float(dy.max())
@@ -113,13 +113,13 @@ def test_a_nan_in_the_gradient_gives_a_nan_range_as_aminmax_does():
     shape = (2, 16, 4, 4)
     v = _product(shape, 0.0, g)
     one, zero = torch.ones(16), torch.zeros(16)
-    ext = native._ext(v)
-    out, bits, ref, mean, invstd, (lo, hi) = native._fast_bn_forward(ext, v, one, zero, one, zero, None,
+    ext = native.units.ext(v)
+    out, bits, ref, mean, invstd, (lo, hi) = native.conv_bn._fast_bn_forward(ext, v, one, zero, one, zero, None,
                                                                      (None, None, True, 0.1, 1e-5, False))
     assert not lo.isnan() and not hi.isnan()
     grad = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     grad[1, 3, 2, 2] = float("nan")
-    dy, (mn, mx), *_ = native._fast_bn_backward(ext, grad, bits, v, ref, one, zero, one, mean, invstd, True, False)
+    dy, (mn, mx), *_ = native.conv_bn._fast_bn_backward(ext, grad, bits, v, ref, one, zero, one, mean, invstd, True, False)
     want = torch.aminmax(dy)
     assert mn.isnan() and mx.isnan() and want.min.isnan()
 
@@ -130,11 +130,11 @@ def test_a_nan_in_the_output_gives_a_nan_range_as_aminmax_does(relu):
     shape = (2, 6, 3, 5)  # 180 elements: 11 vectors of 16 and a scalar tail of 4 (the last pixel's last channels)
     v = _product(shape, 0.0, g)
     one, zero = torch.ones(6), torch.zeros(6)
-    ext = native._ext(v)
+    ext = native.units.ext(v)
     for where in ((0, 3, 1, 1), (1, 5, 2, 4)):  # in a vector, in the tail
         res = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
         res[where] = float("nan")
-        out, *_, (lo, hi) = native._fast_bn_forward(ext, v, one, zero, one, zero, res,
+        out, *_, (lo, hi) = native.conv_bn._fast_bn_forward(ext, v, one, zero, one, zero, res,
                                                     (None, None, True, 0.1, 1e-5, relu))
         want = torch.aminmax(out)
         assert want.min.isnan() and lo.isnan() and hi.isnan()
@@ -172,13 +172,11 @@ def test_the_fused_model_matches_the_aten_route(weight_scale, monkeypatch):
     model = Block().to(memory_format=torch.channels_last)
     x = torch.randn(8, 16, 12, 12).contiguous(memory_format=torch.channels_last)
     plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(weight_scale=weight_scale)])
-    fast = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
-    monkeypatch.setattr(native, "FAST_BN", False)
-    aten = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    fast = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS)
+    aten = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS.replace(fast_bn=False))
     assert aten.graph.nodes.__len__() == fast.graph.nodes.__len__()
     runs = {}
-    for name, qmodel, on in (("fast", fast, True), ("aten", aten, False)):
-        monkeypatch.setattr(native, "FAST_BN", on)
+    for name, qmodel in (("fast", fast), ("aten", aten)):
         xx = x.clone().requires_grad_()
         torch.manual_seed(5)
         out = qmodel(xx)
@@ -194,43 +192,41 @@ def test_the_fused_model_matches_the_aten_route(weight_scale, monkeypatch):
         assert float((a - b).abs().max()) <= tol * float(b.abs().max()) + 1e-5, i
     # training steps: the two routes' losses stay together (float32 rounding apart; a code that flips at a
     # rounding boundary moves a loss by far less than this)
-    monkeypatch.setattr(native, "FAST_BN", True)
     got = _train(fast, x, 5)
-    monkeypatch.setattr(native, "FAST_BN", False)
     want = _train(aten, x, 5)
     assert got[-1] < got[0]
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-3 * max(want), (got, want)
 
 
 def test_layouts_and_scales_the_kernels_do_not_take_keep_aten(monkeypatch):
-    """An NCHW product (channels not innermost) takes the aten route: bit for bit the FAST_BN=False model;
+    """An NCHW product (channels not innermost) takes the aten route: bit for bit the fast_bn=False model;
     so would per-sample input scales (a gated op) and a residual in another layout."""
     import copy
 
     torch.manual_seed(0)
     x = torch.randn(4, 16, 8, 8)  # NCHW
-    qmodel = fracpass.transform(Block(), fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native")
+    qmodel = fracpass.transform(Block(), fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native", native=OPTS)
     twin = copy.deepcopy(qmodel)
     seen = []
-    real = native._fast_bn_forward
-    monkeypatch.setattr(native, "_fast_bn_forward", lambda *a: seen.append(1) or real(*a))
+    real = native.conv_bn._fast_bn_forward
+    monkeypatch.setattr(native.conv_bn, "_fast_bn_forward", lambda *a: seen.append(1) or real(*a))
     got = qmodel(x)
-    assert not seen and any(n.target in native._FUSED.values() for n in qmodel.graph.nodes)
-    monkeypatch.setattr(native, "FAST_BN", False)
+    assert not seen and any(n.target in (r.fn for r in native.calls.CALLS.values() if r.is_fused) for n in qmodel.graph.nodes)
+    fracpass.native.configure(twin, OPTS.replace(fast_bn=False))
     assert torch.equal(twin(x), got)
     v = torch.zeros(4, 16, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     one = torch.ones(1)
-    assert native._fast_bn_layout(v, one, None)
-    assert not native._fast_bn_layout(v, torch.ones(4), None)  # per-sample scales
-    assert not native._fast_bn_layout(v, one, torch.zeros(4, 16, 8, 8))  # an NCHW residual
-    assert not native._fast_bn_layout(v.contiguous(), one, None)
+    assert native.conv_bn._fast_bn_layout(v, one, None)
+    assert not native.conv_bn._fast_bn_layout(v, torch.ones(4), None)  # per-sample scales
+    assert not native.conv_bn._fast_bn_layout(v, one, torch.zeros(4, 16, 8, 8))  # an NCHW residual
+    assert not native.conv_bn._fast_bn_layout(v.contiguous(), one, None)
 
 
 def test_one_value_per_channel_in_training_still_raises():
     model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU()).to(memory_format=torch.channels_last)
     x = torch.randn(1, 16, 1, 1).contiguous(memory_format=torch.channels_last)
     qmodel = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(2, 16, 1, 1),),
-                                execution="native")
+                                execution="native", native=OPTS)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         qmodel(x)
 
@@ -238,25 +234,26 @@ def test_one_value_per_channel_in_training_still_raises():
 def test_op_paths_say_how_each_fused_batchnorm_ran(monkeypatch):
     """op_paths tells a user which kernels a fused convolution's BatchNorm took at the last call, and how
     to get the fast ones, or why it ran unfused."""
-    from test_native_fuse import FrozenStatsBN
+    from test_fuse_native_bn import FrozenStatsBN
 
     torch.manual_seed(0)
     plan = fracpass.Plan.static(8, 8, 8)
     x = torch.randn(4, 16, 8, 8)
-    cl = fracpass.transform(Block().to(memory_format=torch.channels_last), plan, execution="native",
+    cl = fracpass.transform(Block().to(memory_format=torch.channels_last), plan, execution="native", native=OPTS,
                             example_inputs=(x.contiguous(memory_format=torch.channels_last),))
     cl(x.contiguous(memory_format=torch.channels_last))
     assert native.op_paths(cl)["conv1"][1].endswith("BatchNorm fused, on the CPU kernels")
-    nchw = fracpass.transform(Block(), plan, example_inputs=(x,), execution="native")
+    nchw = fracpass.transform(Block(), plan, example_inputs=(x,), execution="native", native=OPTS)
     nchw(x)
     assert "on aten's kernels (an NCHW product: a channels_last model and input put it on the CPU kernels)" in \
         native.op_paths(nchw)["conv1"][1]
-    monkeypatch.setattr(native, "FAST_BN", False)
+    fracpass.native.configure(cl, OPTS.replace(fast_bn=False))
     cl(x.contiguous(memory_format=torch.channels_last))
-    assert "FAST_BN is False" in native.op_paths(cl)["conv2"][1]
+    assert "NativeOptions.fast_bn is False" in native.op_paths(cl)["conv2"][1]
     model = Block()
     model.bn1 = FrozenStatsBN(16)  # a subclass with its own forward: the fused op leaves it to itself
-    sub = fracpass.transform(model, plan, example_inputs=(x,), execution="native", leaf_modules=[FrozenStatsBN])
+    sub = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS,
+                              leaf_modules=[FrozenStatsBN])
     sub(x)
     assert "its BatchNorm runs unfused: its BatchNorm is a FrozenStatsBN" in native.op_paths(sub)["conv1"][1]
 
@@ -271,13 +268,13 @@ def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeyp
     torch.manual_seed(0)
     model = Block().to(memory_format=torch.channels_last)
     x = torch.randn(8, 16, 12, 12).contiguous(memory_format=torch.channels_last)
-    qmodel = fracpass.transform(model, fracpass.Plan.static(6, 6, 8), example_inputs=(x,), execution="native")
+    qmodel = fracpass.transform(model, fracpass.Plan.static(6, 6, 8), example_inputs=(x,), execution="native", native=OPTS)
     twin = copy.deepcopy(qmodel)
     real_aminmax = torch.aminmax
 
     def run(m, hand):
         scans = []
-        monkeypatch.setattr(native, "hand_range", quant.hand_range if hand else lambda *a: None)
+        monkeypatch.setattr(native.conv_bn, "hand_range", quant.hand_range if hand else lambda *a: None)
         monkeypatch.setattr(quant.torch, "aminmax", lambda t, **k: scans.append(t.numel()) or real_aminmax(t, **k))
         xx = x.clone().requires_grad_()
         torch.manual_seed(5)

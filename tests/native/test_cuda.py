@@ -3,7 +3,7 @@
 No GPU has run this project's CI (the README says which paths have run on one). What runs here:
 
 * the device decisions, as functions of the device and its compute capability (faked);
-* "emulated CUDA": CPU tensors routed as CUDA ones (``native._device_kind`` says "cuda", the GPU is
+* "emulated CUDA": CPU tensors routed as CUDA ones (``native.units.device_kind`` says "cuda", the GPU is
   an sm_90). The CPU kernels are off (calling them fails the test), torch._int_mm and torch._scaled_mm
   are wrapped to enforce CUDA's shape and layout limits, and FP8 products run on torch's CPU
   _scaled_mm. The results must match the simulation as the CPU path's do;
@@ -18,17 +18,14 @@ from torch import nn
 import fracpass
 from fracpass import native
 from test_native import Lin, _assert_close, _pair, _run
-from test_native_conv import Conv, _assert_within_bf16
+from test_bf16_conv import Conv, _assert_within_bf16
 
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def every_size_native(monkeypatch):
-    """Small operands run native here (the tests check arithmetic and routing, not speed)."""
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
-    monkeypatch.setattr(native, "MIN_BMM_INTENSITY", 0.0)
+# Small operands run native here (the tests check arithmetic and routing, not speed); _pair (test_native)
+# takes the same thresholds.
+OPTS = fracpass.NativeOptions(min_intensity=0.0, min_conv_macs=0, min_bmm_intensity=0.0)
 
 
 # -- decisions ---------------------------------------------------------------------------------------
@@ -40,44 +37,44 @@ def every_size_native(monkeypatch):
     ((9, 0), True, True, True),  # Hopper
 ])
 def test_gpu_paths_follow_the_compute_capability(cap, int8, bf16, fp8, monkeypatch):
-    monkeypatch.setattr(native, "_device_kind", lambda d: torch.device(d).type)
-    monkeypatch.setattr(native, "_cuda_capability", lambda d: cap)
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native.units, "device_kind", lambda d: torch.device(d).type)
+    monkeypatch.setattr(native.units, "_cuda_capability", lambda d: cap)
+    monkeypatch.setattr(native.units, "_warned", set())
     assert (native.int8_support(CUDA) is None) == int8
     assert (native.bf16_support(CUDA) is None) == bf16
-    assert (native.fp8_support(CUDA) is None) == fp8
+    assert (native.units.fp8_support(CUDA) is None) == fp8
     if not int8:
         assert f"sm_{cap[0]}{cap[1]}" in native.int8_support(CUDA)
 
 
 def test_cuda_tensors_without_cuda_and_other_devices_say_why(monkeypatch):
-    monkeypatch.setattr(native, "_cuda_capability", lambda d: None)
-    monkeypatch.setattr(native, "_device_kind", lambda d: torch.device(d).type)
+    monkeypatch.setattr(native.units, "_cuda_capability", lambda d: None)
+    monkeypatch.setattr(native.units, "device_kind", lambda d: torch.device(d).type)
     assert "CUDA is not available" in native.int8_support(CUDA)
     assert "mps tensors" in native.bf16_support(torch.device("mps"))
-    monkeypatch.setattr(native, "_device_kind", lambda d: "rocm")
+    monkeypatch.setattr(native.units, "device_kind", lambda d: "rocm")
     assert "rocm tensors" in native.int8_support(CUDA)
-    assert native.fp8_support(torch.device("cpu")) is not None  # no CPU here multiplies FP8 in hardware
+    assert native.units.fp8_support(torch.device("cpu")) is not None  # no CPU here multiplies FP8 in hardware
 
 
 def test_int_mm_limits_apply_on_cuda_only():
     cpu = torch.device("cpu")
-    assert native._cuda_mm_reason(cpu, 5, 7, 3) is None  # oneDNN takes any shape
-    assert native._cuda_mm_reason(CUDA, 32, 48, 40) is None
+    assert native.decide._cuda_mm_reason(cpu, 5, 7, 3) is None  # oneDNN takes any shape
+    assert native.decide._cuda_mm_reason(CUDA, 32, 48, 40) is None
     for m, k, n in [(16, 48, 40), (32, 16, 40), (36, 48, 40), (32, 44, 40), (32, 48, 36)]:
-        assert "multiples of 8" in native._cuda_mm_reason(CUDA, m, k, n), (m, k, n)
+        assert "multiples of 8" in native.decide._cuda_mm_reason(CUDA, m, k, n), (m, k, n)
 
 
 def test_fp8_takes_codes_of_at_most_4_bits_and_gradients_of_at_most_5(monkeypatch):
-    monkeypatch.setattr(native, "fp8_support", lambda d: None)
-    pick = lambda a, w, g, m=32, k=48, n=32: native._fp8_products(CUDA, a, w, g, m, k, n)
+    monkeypatch.setattr(native.units, "fp8_support", lambda d: None)
+    pick = lambda a, w, g, m=32, k=48, n=32: native.decide.fp8_products(CUDA, a, w, g, m, k, n)
     assert pick(4, 4, 5) == (True, True, True)
     assert pick(3, 4, 6) == (True, False, False)  # FracTrain's first stage: the forward on FP8
     assert pick(5, 4, 5) == (False, True, False)
     assert pick(4, 5, 4) == (False, False, True)
     assert pick(4, 4, 5, n=40) == (False, False, False)  # torch._scaled_mm on CUDA: dimensions multiples of 16
-    assert pick(4, 4, 5, k=native.MAX_FP8_CONTRACTION + 16) == (False, True, True)  # float32 sums stay exact
-    monkeypatch.setattr(native, "fp8_support", lambda d: "no FP8 units")
+    assert pick(4, 4, 5, k=native.options.MAX_FP8_CONTRACTION + 16) == (False, True, True)  # float32 sums stay exact
+    monkeypatch.setattr(native.units, "fp8_support", lambda d: "no FP8 units")
     assert pick(2, 2, 2) == (False, False, False)
 
 
@@ -105,13 +102,13 @@ def test_transform_puts_the_modules_it_adds_on_the_models_device(monkeypatch):
 # -- emulated CUDA -----------------------------------------------------------------------------------
 def _emulate(monkeypatch) -> dict:
     """Route CPU tensors as CUDA ones on an sm_90; returns the int8 and FP8 products run."""
-    monkeypatch.setattr(native, "_device_kind", lambda d: "cuda")
-    monkeypatch.setattr(native, "_cuda_capability", lambda d: (9, 0))
+    monkeypatch.setattr(native.units, "device_kind", lambda d: "cuda")
+    monkeypatch.setattr(native.units, "_cuda_capability", lambda d: (9, 0))
 
     def no_cpu_kernels():
         raise AssertionError("the CUDA route called a CPU kernel")
 
-    monkeypatch.setattr(native, "_cpu_ext", no_cpu_kernels)
+    monkeypatch.setattr(native.units, "_cpu_ext", no_cpu_kernels)
     calls = {"int8": [], "fp8": []}
     real_int_mm, real_scaled_mm = torch._int_mm, torch._scaled_mm
 
@@ -190,20 +187,23 @@ def test_emulated_cuda_leaves_shapes_int_mm_refuses_to_the_simulation(emulated_c
 
 def test_emulated_cuda_convolutions_and_batchnorm_fusion_match_the_cpu_torch_op_path(monkeypatch):
     """The bf16 convolutions and the fused conv-BN-add-ReLU run on CUDA with the torch-op code that the CPU
-    tests check (tests/test_native_conv.py, test_native_fuse.py): the same results, bit for bit."""
-    from test_native_fuse import Block
+    tests check (tests/native/test_bf16_conv.py, test_fuse_native_bn.py): the same results, bit for bit."""
+    from test_fuse_native_bn import Block
 
-    monkeypatch.setattr(native, "MIN_INTENSITY", 1e9)  # the linear head simulated on both routes
+    opts = OPTS.replace(min_intensity=1e9)  # the linear head simulated on both routes
     torch.manual_seed(0)
     model, x = Block(), torch.randn(4, 4, 10, 10)
     plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(weight_scale="tensor")])
     with monkeypatch.context() as m:
         _emulate(m)
-        nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+        nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=opts)
         cuda_route = _run(nat, (x,))
         assert {p for p, _ in native.op_paths(nat).values()} == {"bf16", "simulated"}
-    monkeypatch.setattr(native, "_ext", lambda t=None: None)  # the CPU route on torch ops
-    nat_cpu = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    monkeypatch.setattr(native.units, "ext", lambda t=None: None)  # the CPU route on torch ops
+    # ... on bf16 products whatever this CPU's units (aten's bf16 convolution runs on any CPU): the comparison
+    # is of the code, which the CPU otherwise leaves simulated without AVX512-BF16 or AMX-BF16
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    nat_cpu = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=opts)
     cpu_route = _run(nat_cpu, (x,))
     assert len(cuda_route) == len(cpu_route)
     for i, (a, b) in enumerate(zip(cuda_route, cpu_route)):
@@ -232,7 +232,7 @@ def test_on_a_gpu_linear_matches_the_simulation(bits):
     plan = fracpass.Plan.static(w=bits, a=bits, g=bits, rules=[fracpass.Rule(weight_scale="tensor")])
     model = Lin(64, 64).cuda()
     sim = fracpass.transform(model, plan, example_inputs=(x,))
-    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS)
     want, got = _run(sim, (x,)), _run(nat, (x,))
     assert native.op_paths(nat)["fc"][0] == "int8"
     _assert_close(got, want, f"CUDA linear at {bits} bits")
@@ -240,14 +240,14 @@ def test_on_a_gpu_linear_matches_the_simulation(bits):
 
 @needs_gpu
 def test_on_a_gpu_fp8_products_match_the_simulation():
-    if native.fp8_support(CUDA) is not None:
-        pytest.skip(native.fp8_support(CUDA))
+    if native.units.fp8_support(CUDA) is not None:
+        pytest.skip(native.units.fp8_support(CUDA))
     torch.manual_seed(0)
     x = torch.rand(64, 64, device="cuda") * 3 - 1
     plan = fracpass.Plan.static(w=4, a=4, g=5, rules=[fracpass.Rule(weight_scale="tensor")])
     model = Lin(64, 64).cuda()
     sim = fracpass.transform(model, plan, example_inputs=(x,))
-    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS)
     want, got = _run(sim, (x,)), _run(nat, (x,))
     assert native.product_paths(nat)["fc"] == ("fp8", "fp8", "fp8")
     _assert_close(got, want, "CUDA FP8 linear at 4/4/5 bits")
@@ -262,11 +262,11 @@ def test_on_a_gpu_transform_returns_a_cuda_model():
 
 @needs_gpu
 def test_on_a_gpu_conv_runs_bf16_and_trains():
-    from test_native_fuse import Block
+    from test_fuse_native_bn import Block
 
     torch.manual_seed(0)
     model, x = Block().cuda(), torch.randn(8, 8, 16, 16, device="cuda")
-    nat = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native")
+    nat = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native", native=OPTS)
     sim = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,))
     want, got = _run(sim, (x,)), _run(nat, (x,))
     assert "bf16" in {p for p, _ in native.op_paths(nat).values()}

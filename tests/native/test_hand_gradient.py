@@ -3,7 +3,7 @@
 Where a fused conv-BN(-ReLU) output's only reader is a 2-D convolution (FuseNativeBNPass marks the fused
 call ``sole_reader=True``), the convolution's int8 input-gradient product goes to the fused op's backward as the
 bfloat16 product with its epilogue (scale, addend) instead of as float32 dx, and the BatchNorm kernels form
-dx where they read it (fracpass.native.HAND_GRADIENT). The values are scale_bf16's: every gradient must be
+dx where they read it (fracpass.NativeOptions.hand_gradient). The values are scale_bf16's: every gradient must be
 bit for bit the one with the hand-over off. Checked here: the kernel against scale_bf16 then the float32
 kernel (with and without the ReLU's mask, vector tails, an addend or none), the graph marks (only sole
 readers, read once), whole ResNets at two stages, and that no placeholder reaches any other reader.
@@ -19,15 +19,15 @@ from torch import nn
 import fracpass
 from fracpass import native
 
+OPTS = fracpass.NativeOptions(min_conv_macs=0)  # small convolutions on the bf16 path; fast_bn on (the default)
+
 CL = torch.channels_last
 
 
 @pytest.fixture(autouse=True)
 def kernels(monkeypatch):
-    if native.bf16_support() is not None or native._ext() is None or not native._ext().vnni_weight_grad():
+    if native.bf16_support() is not None or native.units.ext() is None or not native.units.ext().vnni_weight_grad():
         pytest.skip("no bf16 convolutions, CPU kernels or int8 units here: the hand-over does not run")
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
-    monkeypatch.setattr(native, "FAST_BN", True)
 
 
 def _bn_inputs(shape, relu, generator):
@@ -48,7 +48,7 @@ def _bn_inputs(shape, relu, generator):
 def test_the_kernel_forms_the_gradient_as_scale_bf16_writes_it(shape, relu, addend, training):
     """bn_backward_bf16 on a bf16 product with its scale and addend: every output equal to the float32
     route's on scale_bf16's gradient (the addend needs one sample of a multiple of 16 values)."""
-    ext = native._ext()
+    ext = native.units.ext()
     g = torch.Generator().manual_seed(sum(shape) + 2 * relu + addend)
     v, bits, ref, scale, bias, w, mean, invstd = _bn_inputs(shape, relu, g)
     y = (torch.randn(shape, generator=g) * 300).to(torch.bfloat16).contiguous(memory_format=CL)
@@ -57,30 +57,30 @@ def test_the_kernel_forms_the_gradient_as_scale_bf16_writes_it(shape, relu, adde
     add = torch.randn((1,) + shape[1:], generator=g).contiguous(memory_format=CL) if addend else None
     if addend and per_row % 16:
         with pytest.raises(RuntimeError, match="a multiple of 16"):
-            ext.bn_backward_bf16(y, native._NONE_B if bits is None else bits, v, ref, scale, bias, w, mean, invstd,
-                                 training, False, sc, native._memory_order(add))
+            ext.bn_backward_bf16(y, native.codes.NONE_B if bits is None else bits, v, ref, scale, bias, w, mean, invstd,
+                                 training, False, sc, fracpass.quant._memory_order(add))
         return
-    dx = ext.scale_bf16(y, sc, native._NONE_F, native._NONE_F, native._NONE_F if add is None else native._memory_order(add))
-    mask = native._NONE_B if bits is None else bits
-    want = ext.bn_backward_bf16(dx, mask, v, ref, scale, bias, w, mean, invstd, training, False, native._NONE_F,
-                                native._NONE_F)
+    dx = ext.scale_bf16(y, sc, native.codes.NONE_F, native.codes.NONE_F, native.codes.NONE_F if add is None else fracpass.quant._memory_order(add))
+    mask = native.codes.NONE_B if bits is None else bits
+    want = ext.bn_backward_bf16(dx, mask, v, ref, scale, bias, w, mean, invstd, training, False, native.codes.NONE_F,
+                                native.codes.NONE_F)
     got = ext.bn_backward_bf16(y, mask, v, ref, scale, bias, w, mean, invstd, training, False, sc,
-                               native._NONE_F if add is None else native._memory_order(add))
+                               native.codes.NONE_F if add is None else fracpass.quant._memory_order(add))
     for a, b in zip(got[:3] + got[4:], want[:3] + want[4:]):  # dy, its min and max, dw, db (not the given grad)
         assert torch.equal(a, b)
 
 
 def test_the_kernel_refuses_to_keep_a_handed_product():
-    ext = native._ext()
+    ext = native.units.ext()
     v, bits, ref, scale, bias, w, mean, invstd = _bn_inputs((2, 16, 4, 4), True, torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="cannot be kept"):
-        ext.bn_backward_bf16(v, bits, v, ref, scale, bias, w, mean, invstd, True, True, torch.ones(1), native._NONE_F)
+        ext.bn_backward_bf16(v, bits, v, ref, scale, bias, w, mean, invstd, True, True, torch.ones(1), native.codes.NONE_F)
 
 
 def _native(model, x, stage=3, weight_scale="tensor"):
     plan = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
     plan = dataclasses.replace(plan, rules=(fracpass.Rule(weight_scale=weight_scale),))
-    q = fracpass.transform(model, plan, example_inputs=(x[:2],), execution="native").to(memory_format=CL)
+    q = fracpass.transform(model, plan, example_inputs=(x[:2],), execution="native", native=OPTS).to(memory_format=CL)
     fracpass.set_stage(q, stage)
     return q
 
@@ -90,10 +90,10 @@ def _marked(q):
 
 
 def _grads(q, x, y, monkeypatch, on):
-    monkeypatch.setattr(native, "HAND_GRADIENT", on)
+    fracpass.native.configure(q, OPTS.replace(hand_gradient=on))
     puts = []
-    real = native._GradSink.put
-    monkeypatch.setattr(native._GradSink, "put", lambda self, *a: (puts.append(1), real(self, *a))[1])
+    real = native.conv_bn.GradSink.put
+    monkeypatch.setattr(native.conv_bn.GradSink, "put", lambda self, *a: (puts.append(1), real(self, *a))[1])
     q.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # the gradient quantizers' dither
     nn.functional.cross_entropy(q(x), y).backward()
@@ -109,7 +109,7 @@ def test_a_resnet_trains_bit_for_bit_with_and_without_the_hand_over(stage, monke
     y = torch.randint(0, 10, (8,))
     q = _native(fracpass.models.resnet20().train(), x, stage)
     marked = _marked(q)
-    assert len(marked) == 9 and all(n.target is native.bf16_conv2d_bn and len(n.users) == 1
+    assert len(marked) == 9 and all(n.target is native.calls.bf16_conv2d_bn and len(n.users) == 1
                                     and next(iter(n.users)).args[0] is n for n in marked)
     on, handed = _grads(q, x, y, monkeypatch, True)
     off, none = _grads(q, x, y, monkeypatch, False)
@@ -172,12 +172,12 @@ def test_the_placeholder_never_reaches_another_reader(monkeypatch):
     y = torch.randint(0, 10, (8,))
     q = _native(fracpass.models.resnet20().train(), x)
     seen = []
-    real = native._fast_bn_backward
+    real = native.conv_bn._fast_bn_backward
 
     def spy(ext, grad, *args):
         seen.append(grad.dtype == torch.bfloat16 or grad.stride() != (0, 0, 0, 0))
         return real(ext, grad, *args)
 
-    monkeypatch.setattr(native, "_fast_bn_backward", spy)
+    monkeypatch.setattr(native.conv_bn, "_fast_bn_backward", spy)
     _grads(q, x, y, monkeypatch, True)
     assert len(seen) == 21 and all(seen)

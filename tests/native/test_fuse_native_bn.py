@@ -1,8 +1,8 @@
-"""fuse-native-bn (fracpass.native.FuseNativeBNPass): a bf16 convolution with the BatchNorm it feeds, and
+"""fuse-native-bn (fracpass.passes.FuseNativeBNPass): a bf16 convolution with the BatchNorm it feeds, and
 the residual add and ReLU after it, as one op (_Bf16ConvBN) that keeps less for backward.
 
-Contract (with the fused op's BatchNorm on aten's kernels, ``native.FAST_BN = False``; its own CPU
-kernels are checked in tests/test_native_fastbn.py): the fused model computes what the unfused native
+Contract (with the fused op's BatchNorm on aten's kernels, ``NativeOptions(fast_bn=False)``; its own CPU
+kernels are checked in tests/native/test_conv_bn.py): the fused model computes what the unfused native
 model computes, bit for bit — outputs,
 every gradient, BatchNorm's running statistics and batch count — in training and eval, NCHW and
 channels_last, gated or not, at gradient bits that draw stochastic-rounding noise (the fused op
@@ -22,18 +22,17 @@ from torch import nn
 
 import fracpass
 from fracpass import native
-from fracpass.pass_base import PassResult
 from test_native import kernels  # noqa: F401 (fixture: csrc/native_cpu.cpp's kernels, then the torch ops)
+
+# small convolutions on the bf16 path; the fused op's BatchNorm on aten's kernels, bit for bit the unfused
+# ops (what these tests check): its own kernels (NativeOptions.fast_bn) are checked in tests/native/test_conv_bn.py
+OPTS = fracpass.NativeOptions(min_conv_macs=0, fast_bn=False)
 
 
 @pytest.fixture(autouse=True)
 def bf16_every_size(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)  # small convolutions: the bf16 path at every size
-    # the fused op's BatchNorm on aten's kernels, bit for bit the unfused ops (what these tests check);
-    # its own kernels (native.FAST_BN) are checked in tests/test_native_fastbn.py
-    monkeypatch.setattr(native, "FAST_BN", False)
 
 
 class Block(nn.Module):
@@ -55,15 +54,14 @@ class Block(nn.Module):
         return self.head(self.relu2(out).mean((2, 3)))
 
 
-def _unfused_native(model, plan, inputs, monkeypatch, **options):
-    with monkeypatch.context() as m:
-        m.setattr(native.FuseNativeBNPass, "call", lambda self, gm: PassResult(gm, modified=False, stats={}))
-        return fracpass.transform(model, plan, example_inputs=inputs, execution="native", **options)
+def _unfused_native(model, plan, inputs, monkeypatch, opts=OPTS, **options):
+    return fracpass.transform(model, plan, example_inputs=inputs, execution="native",
+                              native=opts.replace(fuse_bn=False), **options)
 
 
-def _pair(model, plan, inputs, monkeypatch, **options):
-    fused = fracpass.transform(model, plan, example_inputs=inputs, execution="native", **options)
-    plain = _unfused_native(model, plan, inputs, monkeypatch, **options)
+def _pair(model, plan, inputs, monkeypatch, opts=OPTS, **options):
+    fused = fracpass.transform(model, plan, example_inputs=inputs, execution="native", native=opts, **options)
+    plain = _unfused_native(model, plan, inputs, monkeypatch, opts, **options)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
 
@@ -96,7 +94,7 @@ def test_relu_mask_and_its_gradient_are_torchs_relu_and_threshold_backward(layou
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     out, ref = x.clone(), torch.relu(x)
-    dead = native._relu_mask_(out)
+    dead = native.conv_bn._relu_mask_(out)
     assert out.stride() == x.stride()
     assert torch.equal(out.nan_to_num(), ref.nan_to_num()) and torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(out.signbit(), ref.signbit())  # -0.0 stays -0.0, as in clamp_min
@@ -105,18 +103,18 @@ def test_relu_mask_and_its_gradient_are_torchs_relu_and_threshold_backward(layou
                                           (torch.bool, x.numel()))
     grad = torch.randn(x.shape).as_strided(x.shape, x.stride())
     grad[1, 2, 2, 1] = float("nan")
-    got, want = native._relu_grad(grad, dead, x.stride()), torch.ops.aten.threshold_backward(grad, ref, 0)
+    got, want = native.conv_bn._relu_grad(grad, dead, x.stride()), torch.ops.aten.threshold_backward(grad, ref, 0)
     assert got.stride() == want.stride()
     assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
     # a gradient in another layout than out's: threshold_backward's result and layout
     other = grad.contiguous() if layout == "channels_last" else grad.contiguous(memory_format=torch.channels_last)
-    got, want = native._relu_grad(other, dead, x.stride()), torch.ops.aten.threshold_backward(other, ref, 0)
+    got, want = native.conv_bn._relu_grad(other, dead, x.stride()), torch.ops.aten.threshold_backward(other, ref, 0)
     assert got.stride() == want.stride() and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def _fused_nodes(qmodel):
-    return [n for n in qmodel.graph.nodes if n.target in (native.bf16_conv1d_bn, native.bf16_conv2d_bn,
-                                                           native.bf16_conv3d_bn)]
+    return [n for n in qmodel.graph.nodes if n.target in (native.calls.bf16_conv1d_bn, native.calls.bf16_conv2d_bn,
+                                                           native.calls.bf16_conv3d_bn)]
 
 
 @pytest.mark.parametrize("gbits", [8, 32])
@@ -155,7 +153,7 @@ def test_pass_contract_names_paths_and_stats(monkeypatch):
     assert stats == {"fused": len(_fused_nodes(fused)), "sole_reader": 9} and stats["fused"] == 21
     # running the pass again changes nothing
     before = fused.code
-    assert native.FuseNativeBNPass()(fused).stats == {"fused": 0, "sole_reader": 0} and fused.code == before
+    assert fracpass.passes.FuseNativeBNPass()(fused).stats == {"fused": 0, "sole_reader": 0} and fused.code == before
 
 
 def test_whole_resnet_trains_identically_fused_and_unfused(monkeypatch):
@@ -185,8 +183,8 @@ def test_bits_that_leave_the_convolution_simulated_run_the_unfused_ops(monkeypat
     fused, plain = _pair(model, fracpass.Plan.static(12, 12, 8), (x,), monkeypatch)
     assert _fused_nodes(fused) and native.op_paths(fused)["conv1"][0] == "simulated"
     _assert_identical(fused, plain, x)
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 100e6)  # the default: these convolutions are too small
-    fused, plain = _pair(model, fracpass.Plan.static(8, 8, 8), (x,), monkeypatch)
+    default = OPTS.replace(min_conv_macs=100e6)  # the default: these convolutions are too small
+    fused, plain = _pair(model, fracpass.Plan.static(8, 8, 8), (x,), monkeypatch, default)
     _assert_identical(fused, plain, x)
     assert "a small convolution" in native.op_paths(fused)["conv1"][1]
 
@@ -222,7 +220,7 @@ def test_one_value_per_channel_in_training_raises_as_batchnorm_does(monkeypatch)
     torch.manual_seed(0)
     model = Block(downsample=False)
     fused = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(2, 4, 8, 8),),
-                               execution="native")
+                               execution="native", native=OPTS)
     assert _fused_nodes(fused)
     x = torch.randn(1, 4, 1, 1)
     with pytest.raises(ValueError) as plain:
@@ -284,7 +282,7 @@ def test_copy_pickle_and_onnx_export_as_for_the_simulated_model(tmp_path, monkey
     torch.manual_seed(0)
     model, x = Block(), torch.randn(4, 4, 8, 8)
     plan = fracpass.Plan.static(8, 8, 8)
-    fused = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    fused = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS)
     sim = fracpass.transform(model, plan, example_inputs=(x,))
     sim.load_state_dict(fused.state_dict())
     for q in (fused, sim):
@@ -299,13 +297,11 @@ def test_copy_pickle_and_onnx_export_as_for_the_simulated_model(tmp_path, monkey
     assert a.SerializeToString() == b.SerializeToString()
 
 
-def test_int8_convolutions_opted_in_are_unfused_first(monkeypatch):
+def test_int8_convolutions_opted_in_are_not_fused(monkeypatch):
     torch.manual_seed(0)
     model, x = Block(downsample=False), torch.randn(4, 4, 8, 8)
     plan = fracpass.Plan.static(8, 8, 8)
-    fused, plain = _pair(model, plan, (x,), monkeypatch)
-    for q in (fused, plain):
-        native.LowerNativePass(native.NATIVE_KINDS)(q)
+    fused, plain = _pair(model, plan, (x,), monkeypatch, OPTS.replace(kinds=native.KINDS))
     assert not _fused_nodes(fused)
-    assert [n.name for n in fused.graph.nodes if n.target is native.native_conv2d] == ["conv1", "conv2"]
+    assert [n.name for n in fused.graph.nodes if n.target is native.calls.native_conv2d] == ["conv1", "conv2"]
     _assert_identical(fused, plain, x)

@@ -4,7 +4,7 @@ A gated op quantizes each sample at its gate's option, over its option group's r
 activation's scale s_a and the gradient's s_g and offset c hold one value per sample. Those lie on
 the free (batch) axis of the output and of dx, so they scale those outputs per sample; dw contracts
 over the batch, so it runs once per option group, whose samples share their scales. The bound per
-element is the static one (tests/test_native_conv.py's module docstring) with the gradient step of
+element is the static one (tests/native/test_bf16_conv.py's module docstring) with the gradient step of
 the coarsest gradient option. The gate's own gradient <dL/dy_k, Q_k(x)> is computed from dx, so
 its error is at most dx's bound times the row's sum of |Q_k(x)|.
 """
@@ -20,26 +20,29 @@ from torch import nn
 import fracpass
 from fracpass import gating, native
 from test_native import Lin, _run, _saved_dtypes, kernels  # noqa: F401  (kernels: the fused / torch-op fixture)
-from test_native_conv import BF16_U, CASES, Conv, _count_bf16, _inputs, _offset_bounds
+from test_bf16_conv import BF16_U, CASES, Conv, _count_bf16, _inputs, _offset_bounds
+
+# these tests use small convolutions (and linear layers: LINEAR), which the bf16 path normally leaves to the
+# simulation as not worth it (NativeOptions.min_conv_macs, min_intensity); they check its arithmetic, so it runs
+# at every size
+OPTS = fracpass.NativeOptions(min_conv_macs=0)
+LINEAR = OPTS.replace(min_intensity=0.0)
 
 
 @pytest.fixture(autouse=True)
 def bf16_cpu(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
-    # these tests use small convolutions, which the bf16 path normally leaves to the simulation as not
-    # worth it (MIN_CONV_MACS); they check its arithmetic, so it runs at every size here
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
 
 
-def _gated_pair(model, inputs, a=(2, 4, 6, 8), g=(8, 6, 4, 8), weight_scale="channel"):
+def _gated_pair(model, inputs, a=(2, 4, 6, 8), g=(8, 6, 4, 8), weight_scale="channel", opts=OPTS):
     """The model gated per op, simulated and native, with the same random gate weights (so that the
     batch's samples spread over several options)."""
     gates = fracpass.Gates(a=a, g=g, w=5, granularity="op", target=3.0)
     plan = fracpass.Plan(stages=(fracpass.Stage(w=5, a=max(a), g=max(g)),), gates=gates,
                          rules=(fracpass.Rule(weight_scale=weight_scale),))
     sim = fracpass.transform(model, plan, example_inputs=inputs)
-    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native")
+    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native", native=opts)
     with torch.no_grad():
         for p in sim.gates.parameters():
             p.normal_(0, 3, generator=torch.Generator().manual_seed(p.numel()))
@@ -61,7 +64,8 @@ def _record_gate_grads(monkeypatch):
     seen = {"sim": [], "native": []}
     real = gating.onehot_grad
     monkeypatch.setattr(gating, "onehot_grad", lambda *a: seen["sim"].append(real(*a)) or seen["sim"][-1])
-    monkeypatch.setattr(native, "onehot_grad", lambda *a: seen["native"].append(real(*a)) or seen["native"][-1])
+    for module in (native.bf16_conv, native.bf16_mm, native.gated):  # the native products that take a gate's gradient
+        monkeypatch.setattr(module, "onehot_grad", lambda *a: seen["native"].append(real(*a)) or seen["native"][-1])
     return seen
 
 
@@ -185,17 +189,16 @@ def _linear_offsets(model, x, bits):
 @pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
 @pytest.mark.parametrize("shape", [(8, 96), (8, 5, 96)])
 def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels, monkeypatch):
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
     model = Lin(96, 80)
     x = torch.rand(*shape) * 3 - 0.5
     inputs = (x * torch.linspace(-3, 3, shape[0]).view((-1,) + (1,) * (len(shape) - 1)),)
-    sim, nat = _gated_pair(model, inputs, weight_scale=weight_scale)
+    sim, nat = _gated_pair(model, inputs, weight_scale=weight_scale, opts=LINEAR)
     assert native.op_paths(nat)["fc"][0] == "bf16"
     grads = _record_gate_grads(monkeypatch)
     calls = []
-    real = native._Bf16Linear.apply
-    monkeypatch.setattr(native._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.gated._Bf16Linear.apply
+    monkeypatch.setattr(native.gated._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert calls == [1], "the bf16 linear did not run"
     (chosen,) = sim.gates.stats().units.values()
@@ -220,11 +223,10 @@ def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels,
 
 
 def test_gated_linear_samples_above_8_gradient_bits_run_their_backward_in_fp32(monkeypatch):
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
     model = Lin(96, 80)
     x = (torch.rand(8, 5, 96) * 3 - 0.5) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
-    sim, nat = _gated_pair(model, (x,), a=(4, 6, 8), g=(6, 12, 8), weight_scale="tensor")
+    sim, nat = _gated_pair(model, (x,), a=(4, 6, 8), g=(6, 12, 8), weight_scale="tensor", opts=LINEAR)
     choices = []
     nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
     want, got = _run(sim, (x,)), _run(nat, (x,))
@@ -292,14 +294,13 @@ def test_saved_gated_operands_are_low_precision_codes_and_the_input_for_the_gate
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_a_gated_native_model_copies_pickles_and_exports_as_a_simulated_one(kind, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
     if kind == "conv":
         model, inputs, call = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 8, 8))), "bf16_conv2d"
     else:
         model, inputs, call = Lin(96, 80), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),), \
             "native_linear"
-    sim, nat = _gated_pair(model, inputs)
+    sim, nat = _gated_pair(model, inputs, opts=LINEAR)
     op = "conv" if kind == "conv" else "fc"
     assert call in nat.code and f"gate_{op}_choice" in nat.code
     _run(sim, inputs), _run(nat, inputs)
@@ -329,7 +330,7 @@ def test_a_gated_resnet_block_lowers_both_convs_and_trains():
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
-    qmodel = fracpass.transform(Net(), fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native")
+    qmodel = fracpass.transform(Net(), fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native", native=OPTS)
     paths = native.op_paths(qmodel)
     assert paths["block_conv1"][0] == paths["block_conv2"][0] == "bf16"
     assert "gate options g=(6, 6, 8, 8, 12)" in paths["block_conv1"][1]
@@ -356,8 +357,8 @@ def test_a_batch_at_one_option_runs_as_a_static_op_and_matches_the_simulation(ca
         sim.gates.proj.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))
     nat.load_state_dict(sim.state_dict())
     grouped = []
-    real = native._grouped_weight_grad
-    monkeypatch.setattr(native, "_grouped_weight_grad", lambda *a: grouped.append(1) or real(*a))
+    real = native.bf16_conv._grouped_weight_grad
+    monkeypatch.setattr(native.bf16_conv, "_grouped_weight_grad", lambda *a: grouped.append(1) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     (chosen,) = sim.gates.stats().units.values()
     assert chosen == (0.0, 0.0, 1.0, 0.0)
@@ -390,7 +391,7 @@ def test_digits_fractrain_trains_as_accurately_native_as_simulated(monkeypatch):
     acc = {"simulate": [], "native": []}
     for seed in range(20):
         for execution in acc:
-            result = run(seed=seed, baseline=False, log=lambda line: None, execution=execution)
+            result = run(seed=seed, baseline=False, log=lambda line: None, execution=execution, native=OPTS)
             acc[execution].append(result["accuracy"])
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     assert abs(mean["native"] - mean["simulate"]) <= 0.005, acc
@@ -418,16 +419,15 @@ def test_bench_predicts_a_gated_conv_on_bf16_with_its_wide_samples_backward_in_f
 
 
 def test_gated_linear_eval_matches_the_simulation(monkeypatch):
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
     model = Lin(96, 80)
     x = (torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1)
-    sim, nat = _gated_pair(model, (x,))
+    sim, nat = _gated_pair(model, (x,), opts=LINEAR)
     _run(sim, (x,)), _run(nat, (x,))  # a training batch each: the options' EMA ranges
     sim.eval(), nat.eval()
     calls = []
-    real = native._Bf16Linear.apply
-    monkeypatch.setattr(native._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.gated._Bf16Linear.apply
+    monkeypatch.setattr(native.gated._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         want, got = sim(x.flip(0)), nat(x.flip(0))
     assert calls == [1]
@@ -439,13 +439,12 @@ def test_gated_linear_eval_matches_the_simulation(monkeypatch):
 def test_a_full_precision_gradient_option_passes_those_samples_gradients_through(kind, monkeypatch):
     """g = 32 in an option leaves its samples' gradients unquantized (levels 0 in the simulation's
     per-row kernel); a batch with such samples runs its backward in float32 on ghat, as simulated."""
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
     torch.manual_seed(0)
     if kind == "conv":
         model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _spread(_inputs("", (8, 6, 9, 9)))
     else:
         model, inputs = Lin(96, 80), ((torch.rand(8, 5, 96) - 0.3) * torch.linspace(-3, 3, 8).view(-1, 1, 1),)
-    sim, nat = _gated_pair(model, inputs, a=(4, 8), g=(8, 32), weight_scale="tensor")
+    sim, nat = _gated_pair(model, inputs, a=(4, 8), g=(8, 32), weight_scale="tensor", opts=LINEAR)
     choices = []
     nat.gates.register_forward_hook(lambda m, args, out: choices.append(out[0].detach().argmax(1)))
     want, got = _run(sim, inputs), _run(nat, inputs)

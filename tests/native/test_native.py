@@ -20,18 +20,19 @@ import torch
 from torch import nn
 
 import fracpass
+import fracpass.memory
 from fracpass import native
 from fracpass.errors import FracpassError
 
 TOL = 1e-5  # of the simulated tensor's range
 
 
-@pytest.fixture(autouse=True)
-def every_size_native(monkeypatch):
-    """These tests use small operands, which the int8 and bf16 paths normally leave to the simulation as
-    not worth it (MIN_INTENSITY, MIN_CONV_MACS); they check their arithmetic, so they run at every size here."""
-    monkeypatch.setattr(native, "MIN_INTENSITY", 0.0)
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
+# These tests use small operands, which the int8 and bf16 paths normally leave to the simulation as not
+# worth it (NativeOptions.min_intensity, min_conv_macs); they check their arithmetic, so they run at every size.
+OPTS = fracpass.NativeOptions(min_intensity=0.0, min_conv_macs=0)
+# tests that expect ops on int8 or bf16: without the units (an AVX2-only CPU) they run simulated
+needs_units = pytest.mark.skipif(native.int8_support() is not None or native.bf16_support() is not None,
+                                 reason="this CPU lacks int8 or bf16 dot-product instructions: native runs simulated")
 
 
 class Lin(nn.Module):
@@ -87,11 +88,9 @@ def _run(qmodel, inputs, seed=123):
     return [y.detach()] + [t.grad for t in inputs] + [p.grad for p in qmodel.parameters()]
 
 
-def _pair(model, plan, inputs, kinds=native.DEFAULT_KINDS):
+def _pair(model, plan, inputs, opts=OPTS):
     sim = fracpass.transform(model, plan, example_inputs=inputs)
-    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native")
-    if kinds != native.DEFAULT_KINDS:  # conv2d is opt-in
-        native.LowerNativePass(kinds)(nat)
+    nat = fracpass.transform(model, plan, example_inputs=inputs, execution="native", native=opts)
     return sim, nat
 
 
@@ -146,23 +145,24 @@ def kernels(request, monkeypatch):
     """Both implementations of the codes and the epilogue, csrc/native_cpu.cpp and the torch-op path, and
     the route CUDA tensors take: the CPU tensors routed as CUDA ones on an Ampere GPU (int8 and bf16, no
     FP8), where calling a CPU kernel fails the test. torch._int_mm's CUDA shape limits are lifted here
-    (tests/test_native_cuda.py checks them), so that the route runs these tests' shapes."""
+    (tests/native/test_cuda.py checks them), so that the route runs these tests' shapes."""
     if request.param == "torch ops":
-        monkeypatch.setattr(native, "_ext", lambda t=None: None)
+        monkeypatch.setattr(native.units, "ext", lambda t=None: None)
     elif request.param == "cuda route":
-        monkeypatch.setattr(native, "_device_kind", lambda d: "cuda")
-        monkeypatch.setattr(native, "_cuda_capability", lambda d: (8, 0))
-        monkeypatch.setattr(native, "_cuda_mm_reason", lambda *a: None)
+        monkeypatch.setattr(native.units, "device_kind", lambda d: "cuda")
+        monkeypatch.setattr(native.units, "_cuda_capability", lambda d: (8, 0))
+        monkeypatch.setattr(native.decide, "_cuda_mm_reason", lambda *a: None)
 
         def no_cpu_kernels():
             raise AssertionError("the CUDA route called a CPU kernel")
 
-        monkeypatch.setattr(native, "_cpu_ext", no_cpu_kernels)
-    elif native._ext() is None:
+        monkeypatch.setattr(native.units, "_cpu_ext", no_cpu_kernels)
+    elif native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     return request.param
 
 
+@needs_units
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
@@ -171,11 +171,11 @@ def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
     factory, make = CASES[case]
     torch.manual_seed(0)
     model, inputs = factory(), make()
-    sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs, native.NATIVE_KINDS)
+    sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs, OPTS.replace(kinds=native.KINDS))  # conv2d's int8 forward is opt-in
     calls = _count_int_mm(monkeypatch)
     convs = []
-    real_conv = native._Int8Conv2d.apply
-    monkeypatch.setattr(native._Int8Conv2d, "apply", lambda *a: convs.append(1) or real_conv(*a))
+    real_conv = native.int8_conv2d._Int8Conv2d.apply
+    monkeypatch.setattr(native.int8_conv2d._Int8Conv2d, "apply", lambda *a: convs.append(1) or real_conv(*a))
     want = _run(sim, inputs)
     assert not calls and not convs
     got = _run(nat, inputs)
@@ -189,6 +189,7 @@ def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
     assert all(p == "int8" for p, _ in native.op_paths(nat).values())
 
 
+@needs_units
 def test_int8_input_gradient_is_int8_when_no_channel_axis_is_contracted(kernels, monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(3, 10, 24), torch.randn(24, 16))
@@ -206,6 +207,7 @@ PER_TENSOR = {
 }
 
 
+@needs_units
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 @pytest.mark.parametrize("case", sorted(PER_TENSOR))
 def test_per_tensor_weights_run_all_three_products_on_int8(case, bits, kernels, monkeypatch):
@@ -227,6 +229,7 @@ def test_per_tensor_weights_run_all_three_products_on_int8(case, bits, kernels, 
     assert list(native.product_paths(nat).values()) == [("int8", "int8", "int8")]
 
 
+@needs_units
 @pytest.mark.parametrize("weight_scale", ["tensor", "channel"])
 def test_gradient_values_are_written_only_for_a_float32_backward_product(weight_scale, monkeypatch):
     """The gradient's float values ghat are written only where a backward product reads them. With
@@ -234,27 +237,27 @@ def test_gradient_values_are_written_only_for_a_float32_backward_product(weight_
     codes' column sums (s sum(t) + rows c in float64, the sum of ghat's values without their float32
     roundings) instead of a pass summing ghat (on the d512 transformer, ghat's writes and the sums' reads
     were ~600 MB a step); with per-channel weights g x w runs in float32 on ghat, which is then written."""
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     torch.manual_seed(0)
     model, inputs = Lin(), (torch.rand(4, 8, 48) * 3 - 1,)
     plan = fracpass.Plan.static(w=6, a=6, g=6, rules=[fracpass.Rule(weight_scale=weight_scale)])
     sim, nat = _pair(model, plan, inputs)
-    ext, asked = native._ext(), []
+    ext, asked = native.units.ext(), []
 
     class Spy:  # the kernels, recording grad_codes's last argument (values)
         def __getattr__(self, name):
             f = getattr(ext, name)
             return f if name != "grad_codes" else lambda *a: (asked.append(a[-1]), f(*a))[1]
 
-    monkeypatch.setattr(native, "_ext", lambda t=None: Spy())
+    monkeypatch.setattr(native.units, "ext", lambda t=None: Spy())
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert asked == [weight_scale == "channel"]
     _assert_close(got, want, f"{weight_scale} weight scales")
 
 
 def test_grad_codes_without_values_writes_the_same_codes_and_sums():
-    ext = native._ext()
+    ext = native.units.ext()
     if ext is None:
         pytest.skip("the fused native kernels could not be built here")
     g = torch.randn(300, 77) * 1e-3
@@ -272,6 +275,7 @@ def test_grad_codes_without_values_writes_the_same_codes_and_sums():
     assert float((from_codes - with_values[0].double().sum(0)).abs().max()) <= bound
 
 
+@needs_units
 def test_gradient_above_8_bits_runs_backward_in_fp32_and_matches(monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
@@ -294,8 +298,8 @@ def test_bits_above_8_fall_back_to_the_simulation_exactly(bits, monkeypatch):
 
 
 def test_cpu_without_int8_instructions_falls_back_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(native.units, "_warned", set())
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
     sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), inputs)
@@ -317,6 +321,7 @@ class EinsumFc(nn.Module):  # a batched product written as einsum (no native pat
         return self.fc(torch.einsum("bij,bjk->bik", a, b).flatten(1))
 
 
+@needs_units
 def test_unsupported_op_stays_simulated_and_coverage_says_why():
     torch.manual_seed(0)
     inputs = (torch.randn(3, 4, 8), torch.randn(3, 8, 6))
@@ -332,6 +337,7 @@ def test_unsupported_op_stays_simulated_and_coverage_says_why():
     assert "path " not in str(fracpass.coverage(sim))  # a simulated model's report is unchanged
 
 
+@needs_units
 def test_stage_switch_moves_ops_between_paths_without_retrace(monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
@@ -349,6 +355,7 @@ def test_stage_switch_moves_ops_between_paths_without_retrace(monkeypatch):
         assert nat.graph is graph
 
 
+@needs_units
 def test_eval_mode_uses_the_running_range_like_the_simulation(kernels):
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
@@ -369,6 +376,7 @@ def _saved_dtypes(qmodel, x):
     return [t.dtype for t in saved if t.numel() == x.numel()]
 
 
+@needs_units
 def test_saved_operands_stay_int8(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(64, 48, requires_grad=True)
@@ -380,9 +388,9 @@ def test_saved_operands_stay_int8(monkeypatch):
 def test_lower_native_pass_contract():
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
-    nat = fracpass.transform(Lin(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native")
+    nat = fracpass.transform(Lin(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native", native=OPTS)
     assert nat.fracpass.stats[True]["lower-native"] == {"lowered": 1, "simulated": 0}
-    again = native.LowerNativePass()(nat)
+    again = fracpass.passes.LowerNativePass(OPTS)(nat)
     assert again.modified is False and again.stats == {"lowered": 0, "simulated": 0}
     text = nat.code
     assert "native_linear" in text and "fc_aq" in text and "F.linear" not in text
@@ -424,43 +432,47 @@ def test_onnx_export_is_identical(tmp_path):
     assert a.SerializeToString() == b.SerializeToString()
 
 
+@needs_units
 def test_batched_product_falls_back_and_reports_the_last_calls_reason(monkeypatch):
     torch.manual_seed(0)
     inputs = (torch.randn(2, 4, 10, 8), torch.randn(2, 4, 8, 10))  # attention scores: both operands batched
     sim, nat = _pair(ActMatmul(), fracpass.Plan.static(8, 8, 8), inputs)
     assert native.op_paths(nat)["matmul"] == ("int8", "")  # the bits allow it; no call seen yet
     _assert_simulated_exactly(sim, nat, inputs, monkeypatch)
-    path, why = native.op_paths(nat)["matmul"]  # 10x8x10 per head: too small for bf16 (tests/test_native_bmm.py)
+    path, why = native.op_paths(nat)["matmul"]  # 10x8x10 per head: too small for bf16 (tests/native/test_bf16_mm.py)
     assert path == "simulated" and why.startswith("at the last call: a small batched product (10x8x10")
 
 
+@needs_units
 def test_convolutions_run_on_bf16_by_default_and_conv2d_int8_is_opt_in():
     torch.manual_seed(0)
     inputs = (torch.randn(2, 6, 8, 8),)
-    nat = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native")
+    nat = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native", native=OPTS)
     assert "bf16_conv2d" in nat.code
     assert native.op_paths(nat)["conv"][0] == "bf16"
-    result = native.LowerNativePass(native.NATIVE_KINDS)(nat)
-    assert result.stats == {"lowered": 1, "simulated": 0}
+    nat = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs, execution="native",
+                             native=OPTS.replace(kinds=native.KINDS))
+    assert nat.fracpass.stats[True]["lower-native"] == {"lowered": 1, "simulated": 0}
     path, note = native.op_paths(nat)["conv"]
     assert path == "int8" and note.startswith("forward only")
     assert "native_conv2d" in nat.code and "bf16_conv2d" not in nat.code
-    again = native.LowerNativePass(("linear", "conv2d"))  # the int8 kind's earlier name
+    again = fracpass.NativeOptions(kinds=("linear", "conv2d"))  # the int8 kind's earlier name
     assert again.kinds == ("linear", "conv2d_int8")
     with pytest.raises(FracpassError, match=r"no native path for \['conv3d'\]"):
-        native.LowerNativePass(("linear", "conv3d"))
+        fracpass.NativeOptions(kinds=("linear", "conv3d"))
     off = fracpass.transform(Conv2d(), fracpass.Plan.static(8, 8, 8), example_inputs=inputs)
-    fracpass.native.LowerNativePass(("linear", "matmul"))(off)
+    fracpass.passes.LowerNativePass(fracpass.NativeOptions(kinds=("linear", "matmul")))(off)
     assert "not lowered" in off.graph.find_nodes(op="call_function", target=torch.nn.functional.conv2d)[0].meta[
         native.NATIVE].reason
 
 
+@needs_units
 def test_summary_shows_each_ops_path_at_the_current_stage():
     from fracpass.models import transformer
 
     x = torch.randint(0, 100, (2, 16))
     qmodel = fracpass.transform(transformer(), fracpass.Plan.progressive(fw=(4, 12), bw=(8, 8)), example_inputs=(x,),
-                                execution="native")
+                                execution="native", native=OPTS)
     qmodel(x)
     text = fracpass.summary(qmodel)
     header = next(line for line in text.splitlines() if line.startswith("op "))
@@ -490,9 +502,9 @@ def test_digits_pfq_trains_as_accurately_native_as_simulated(monkeypatch):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from examples.digits_pfq import DigitsCNN, run
 
-    # what run(execution="native") trains on: conv2 and conv3 on bf16, fc on int8 (conv1 is excluded)
+    # what run(execution="native", native=OPTS) trains on: conv2 and conv3 on bf16, fc on int8 (conv1 is excluded)
     q = fracpass.transform(DigitsCNN(), fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8), exclude=("conv1",)),
-                           example_inputs=(torch.randn(2, 1, 8, 8),), execution="native")
+                           example_inputs=(torch.randn(2, 1, 8, 8),), execution="native", native=OPTS)
     fracpass.set_stage(q, 3)
     q(torch.randn(4, 1, 8, 8))
     paths = {op: p for op, (p, _) in native.op_paths(q).items()}
@@ -501,11 +513,11 @@ def test_digits_pfq_trains_as_accurately_native_as_simulated(monkeypatch):
     acc = {"simulate": [], "native": [], "native channels_last": [], "simulate per-tensor": [],
            "native channels_last per-tensor": []}
     products = []
-    spy = native._int8_input_grad
-    monkeypatch.setattr(native, "_int8_input_grad", lambda *a: products.append(1) or spy(*a))
+    spy = native.int8_conv.int8_input_grad
+    monkeypatch.setattr(native.int8_conv, "int8_input_grad", lambda *a: products.append(1) or spy(*a))
     for seed in range(10):
         for name in acc:
-            accuracy, sched, _ = run(seed=seed, log=lambda line: None, execution=name.split()[0],
+            accuracy, sched, _ = run(seed=seed, log=lambda line: None, execution=name.split()[0], native=OPTS,
                                      channels_last="channels_last" in name,
                                      weight_scale="tensor" if name.endswith("per-tensor") else "channel")
             assert sched.stage == 3  # every run climbed the whole ladder
@@ -521,21 +533,23 @@ def test_digits_pfq_trains_as_accurately_native_as_simulated(monkeypatch):
     assert native.op_paths(q)["conv3"][1].endswith("BatchNorm fused, on the CPU kernels")
 
 
+@needs_units
 def test_products_too_small_for_int8_to_pay_stay_simulated_and_say_why(monkeypatch):
-    monkeypatch.setattr(native, "MIN_INTENSITY", 50.0)  # the default
+    default = fracpass.NativeOptions()  # min_intensity=50
     torch.manual_seed(0)
     small = (torch.randn(32, 48),)  # 32x48x40: 13 multiply-adds per element
-    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), small)
+    sim, nat = _pair(Lin(), fracpass.Plan.static(8, 8, 8), small, default)
     _assert_simulated_exactly(sim, nat, small, monkeypatch)
     path, why = native.op_paths(nat)["fc"]
     assert path == "simulated" and "at the last call: a small product (32x48x40: 13 multiply-adds per operand or output element" in why
     big = (torch.randn(256, 512),)  # 256x512x512: 102 per element
-    _, nat = _pair(Lin(512, 512), fracpass.Plan.static(8, 8, 8), big)
+    _, nat = _pair(Lin(512, 512), fracpass.Plan.static(8, 8, 8), big, default)
     calls = _count_int_mm(monkeypatch)
     _run(nat, big)
     assert len(calls) == 2 and native.op_paths(nat)["fc"][0] == "int8"
 
 
+@needs_units
 def test_per_channel_weights_say_how_to_put_g_x_w_on_int8():
     torch.manual_seed(0)
     inputs = (torch.randn(16, 48),)
@@ -548,7 +562,7 @@ def test_per_channel_weights_say_how_to_put_g_x_w_on_int8():
 
 
 _BLOCK_FAULTS = """
-import resource, torch, fracpass.native as n
+import resource, torch, fracpass.memory as n
 def faults(f):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f()
@@ -581,4 +595,4 @@ def test_reuse_large_blocks_keeps_freed_blocks_for_the_next_step():
 @pytest.mark.parametrize("limit", [0, -1, 2**31, 1.5, True, "1G"])
 def test_reuse_large_blocks_refuses_a_limit_mallopt_cannot_take(limit):
     with pytest.raises(FracpassError, match=r"reuse_large_blocks\(limit=.*a positive int below 2\*\*31"):
-        native.reuse_large_blocks(limit)
+        fracpass.memory.reuse_large_blocks(limit)

@@ -32,8 +32,8 @@ def bf16_cpu(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: convolutions run simulated")
     # these tests use small convolutions, which the bf16 path normally leaves to the simulation as not
-    # worth it (MIN_CONV_MACS); they check its arithmetic, so it runs at every size here
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 0)
+    # worth it (NativeOptions.min_conv_macs); they check its arithmetic, so _pair (test_native) runs them
+    # at every size
 
 
 class Conv(nn.Module):
@@ -105,8 +105,8 @@ def _assert_within_bf16(got, want, what, model=None, inputs=None, bits=8):
 
 def _count_bf16(monkeypatch):
     calls = []
-    real = native._Bf16Conv.apply
-    monkeypatch.setattr(native._Bf16Conv, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.bf16_conv.Bf16Conv.apply
+    monkeypatch.setattr(native.bf16_conv.Bf16Conv, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -165,8 +165,8 @@ def test_conv_bits_above_8_fall_back_to_the_simulation_exactly(bits, monkeypatch
 
 
 def test_cpu_without_bf16_instructions_runs_convs_simulated_and_says_so_once(monkeypatch, caplog):
-    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.setattr(native.units, "_warned", set())
     torch.manual_seed(0)
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (2, 6, 8, 8))
     sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
@@ -212,7 +212,7 @@ def test_saved_conv_operands_are_low_precision_codes(kernels):
 @pytest.mark.parametrize("shape", [(8, 4, 8, 8), (11, 3, 5, 7)])  # the second: rows and columns off the kernel's blocks
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
 def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     n = torch.Size(shape).numel()
     codes = torch.arange(-255, 1, dtype=torch.float32).repeat(n // 256 + 1)[:n].view(shape)  # 256 values: the widest
@@ -220,16 +220,16 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
     if layout == "channels_last":
         codes = codes.contiguous(memory_format=torch.channels_last)
     q, ctx = codes.to(torch.bfloat16), type("Ctx", (), {})()
-    u = native._narrow_codes(ctx, q)
+    u = native.bf16_conv._narrow_codes(ctx, q)
     assert (u.dtype, u.stride(), ctx.code_offset) == (torch.uint8, q.stride(), -255.0)
-    back, none = native._widened_codes(ctx, u)
+    back, none = native.bf16_conv._widened_codes(ctx, u)
     assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q) and none is None
-    back, total = native._widened_codes(ctx, u, batch_sum=True)  # with the batch sum, from the same pass
-    want = native._batch_sum(q)
+    back, total = native.bf16_conv._widened_codes(ctx, u, batch_sum=True)  # with the batch sum, from the same pass
+    want = native.conv_offsets.batch_sum(q)
     assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
     wider = torch.cat([q, torch.ones_like(q[:1])])  # -255..1, 257 values: kept as bfloat16
-    assert native._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
-    assert native._widened_codes(ctx, wider, batch_sum=True) == (wider, None)
+    assert native.bf16_conv._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
+    assert native.bf16_conv._widened_codes(ctx, wider, batch_sum=True) == (wider, None)
 
 
 @pytest.mark.parametrize("bits", [2, 5, 8])
@@ -238,7 +238,7 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
 def test_input_codes_come_with_their_bytes_from_one_pass(shape, layout, bits):
     """_bf16_input_codes: the codes _bf16_codes gives, bit for bit (signed zeros too), and the same codes
     as bytes q - lo (what the convolution keeps for backward), from the same kernel call."""
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     torch.manual_seed(bits)
     x = torch.randn(shape) * 3
@@ -246,8 +246,8 @@ def test_input_codes_come_with_their_bytes_from_one_pass(shape, layout, bits):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     mn, mx = torch.aminmax(x)
-    q, s, (u, lo, *_) = native._bf16_input_codes(x, mn, mx, bits)
-    want_q, want_s = native._bf16_codes(x, mn, mx, float(2**bits - 1))
+    q, s, (u, lo, *_) = native.codes.bf16_input_codes(x, mn, mx, bits)
+    want_q, want_s = native.codes.bf16_codes(x, mn, mx, float(2**bits - 1))
     assert torch.equal(q.view(torch.int16), want_q.view(torch.int16)) and torch.equal(s, want_s)
     assert u.dtype == torch.uint8 and u.stride() == x.stride()
     assert torch.equal(u.float() + lo, want_q.float())
@@ -260,7 +260,7 @@ def test_output_scaling_adds_the_per_sample_correction_as_the_torch_ops_do(shape
     """_scale_out's addend (dx's offset correction, one sample's worth added to every sample): the kernel
     (scale_bf16) gives torch's v * s + a bit for bit (rounded twice, no FMA), across rows and spans; an
     addend in another layout than the samples' takes the torch ops."""
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     torch.manual_seed(0)
     cl = (lambda t: t.contiguous(memory_format=torch.channels_last)) if layout == "channels_last" else (lambda t: t)
@@ -268,16 +268,16 @@ def test_output_scaling_adds_the_per_sample_correction_as_the_torch_ops_do(shape
     scale = torch.rand(shape[1] if per_channel else 1) + 0.1
     addend = cl(torch.randn((1,) + shape[1:]))
     calls = []
-    real = native._ext()
+    real = native.units.ext()
     counted = staticmethod(lambda *a: calls.append(1) or real.scale_bf16(*a))
-    monkeypatch.setattr(native, "_ext", lambda t=None: type("Ext", (), {"scale_bf16": counted})())
-    got = native._scale_out(v, scale, None, addend=addend)
+    monkeypatch.setattr(native.units, "ext", lambda t=None: type("Ext", (), {"scale_bf16": counted})())
+    got = native.codes.scale_out(v, scale, None, addend=addend)
     assert calls == [1] and got.stride() == v.stride()
-    monkeypatch.setattr(native, "_ext", lambda t=None: None)
-    want = native._scale_out(v, scale, None, addend=addend)
+    monkeypatch.setattr(native.units, "ext", lambda t=None: None)
+    want = native.codes.scale_out(v, scale, None, addend=addend)
     assert torch.equal(got, want) and want.stride() == v.stride()
     if layout == "channels_last":  # an NCHW addend beside channels-last samples: the torch ops add it
-        assert not native._same_sample_layout(addend.contiguous(), v)
+        assert not native.codes.same_sample_layout(addend.contiguous(), v)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
@@ -285,7 +285,7 @@ def test_offset_corrections_window_sums_match_a_float64_convolution_of_ones(layo
     """dx's correction conv^T(1, q_w) and dw's conv_w(1, sum_n q_a) from the kernels' taps (2-D, groups 1):
     exactly a float64 convolution of ones (dx's: integer sums; dw's: rounded once to float32), over
     kernel sizes, strides, paddings, dilations and odd sizes, in q_a's layout."""
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     torch.manual_seed(0)
     cases = 0
@@ -300,13 +300,13 @@ def test_offset_corrections_window_sums_match_a_float64_convolution_of_ones(layo
             qa, qw = (z.contiguous(memory_format=torch.channels_last) for z in (qa, qw))
         args = ([s, s], [p, p], [d, d], False, [0, 0], 1)
         t = torch.zeros(4, 5, ho, wo, dtype=torch.bfloat16)
-        assert native._window_kernels(t, qa, qw, args) is not None
-        got = native._ones_input_grad(t, qa, qw, args)
+        assert native.conv_offsets._window_kernels(t, qa, qw, args) is not None
+        got = native.conv_offsets.ones_input_grad(t, qa, qw, args)
         want = torch.ops.aten.convolution_backward(torch.ones(1, 5, ho, wo, dtype=torch.float64), qa[:1].double(),
                                                    qw.double(), None, *args, [True, False, False])[0]
         assert torch.equal(got, want.float()) and got.stride(1) == (1 if layout == "channels_last" else h * w)
-        total = native._batch_sum(qa)
-        sums = native._ones_weight_grad(t, qa, qw, args, torch.tensor(0.5), total)
+        total = native.conv_offsets.batch_sum(qa)
+        sums = native.conv_offsets.ones_weight_grad(t, qa, qw, args, torch.tensor(0.5), total)
         want = torch.ops.aten.convolution_backward(torch.ones(1, 1, ho, wo, dtype=torch.float64), total.double(),
                                                    torch.zeros(1, 3, kh, kw, dtype=torch.float64), None, *args,
                                                    [False, True, False])[1]
@@ -315,20 +315,20 @@ def test_offset_corrections_window_sums_match_a_float64_convolution_of_ones(layo
     assert cases == 68
     # what the kernels do not take runs the convolution of ones: grouped, transposed, 1-D
     grouped = (torch.zeros(2, 4, 6, 6, dtype=torch.bfloat16), torch.zeros(4, 2, 3, 3, dtype=torch.bfloat16))
-    assert native._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], False, [0, 0], 2)) is None
-    assert native._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], True, [0, 0], 1)) is None
+    assert native.conv_offsets._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], False, [0, 0], 2)) is None
+    assert native.conv_offsets._window_kernels(grouped[0], *grouped, ([1, 1], [1, 1], [1, 1], True, [0, 0], 1)) is None
     line = (torch.zeros(2, 4, 6, dtype=torch.bfloat16), torch.zeros(4, 4, 3, dtype=torch.bfloat16))
-    assert native._window_kernels(line[0], *line, ([1], [1], [1], False, [0], 1)) is None
+    assert native.conv_offsets._window_kernels(line[0], *line, ([1], [1], [1], False, [0], 1)) is None
 
 
 def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
-    if native._ext() is None:
+    if native.units.ext() is None:
         pytest.skip("the fused native kernels could not be built here")
     torch.manual_seed(0)
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (4, 6, 8, 8))
     _, nat = _pair(model, fracpass.Plan.static(6, 6, 8), inputs)
     got = _run(nat, inputs)
-    monkeypatch.setattr(native, "_narrow_codes", lambda ctx, q, kept=None: setattr(ctx, "code_offset", None) or q)
+    monkeypatch.setattr(native.bf16_conv, "_narrow_codes", lambda ctx, q, kept=None: setattr(ctx, "code_offset", None) or q)
     want = _run(nat, inputs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
@@ -389,12 +389,12 @@ def test_bench_predicts_bf16_products_at_16_bits():
 
 @pytest.mark.parametrize("shape, macs", [((2, 6, 8, 8), 2 * 8 * 64 * 54), ((128, 16, 32, 32), 128 * 16 * 1024 * 144)])
 def test_convolutions_below_min_conv_macs_stay_simulated_and_say_why(shape, macs, monkeypatch):
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 100e6)  # the default
+    default = fracpass.NativeOptions()  # min_conv_macs=100e6
     torch.manual_seed(0)
     channels = shape[1]
     model, inputs = Conv(nn.Conv2d(channels, 8 if channels == 6 else 16, 3, padding=1)), (torch.randn(*shape),)
-    assert native._conv_macs(inputs[0], model.conv.weight, 1, 1, 1, False) == macs
-    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs)
+    assert native.decide._conv_macs(inputs[0], model.conv.weight, 1, 1, 1, False) == macs
+    sim, nat = _pair(model, fracpass.Plan.static(8, 8, 8), inputs, default)
     calls = _count_bf16(monkeypatch)
     got, want = _run(nat, inputs), _run(sim, inputs)
     path, why = native.op_paths(nat)["conv"]
@@ -410,12 +410,12 @@ def test_conv_macs_counts_strided_dilated_grouped_and_transposed_windows():
     x = torch.zeros(2, 6, 9, 9)
     # stride 2, no padding: 4x4 outputs; grouped (3 groups): 2 input channels x 9 taps per output
     w = torch.zeros(9, 2, 3, 3)
-    assert native._conv_macs(x, w, 2, 0, 1, False) == 2 * 9 * 16 * 18
+    assert native.decide._conv_macs(x, w, 2, 0, 1, False) == 2 * 9 * 16 * 18
     # dilation 2, padding 2: 9x9 outputs
-    assert native._conv_macs(x, w, 1, 2, 2, False) == 2 * 9 * 81 * 18
+    assert native.decide._conv_macs(x, w, 1, 2, 2, False) == 2 * 9 * 81 * 18
     # transposed: every input element scatters C_out / groups x taps
     wt = torch.zeros(6, 4, 3, 3)
-    assert native._conv_macs(x, wt, 2, 1, 1, True) == x.numel() * 36
+    assert native.decide._conv_macs(x, wt, 2, 1, 1, True) == x.numel() * 36
     got = torch.nn.functional.conv2d(torch.ones(2, 6, 9, 9), torch.ones(9, 2, 3, 3), stride=2, groups=3)
     assert got.shape[2:] == (4, 4) and float(got.sum()) == 2 * 9 * 16 * 18  # each output sums its 18 taps of ones
 
@@ -434,11 +434,10 @@ def test_bench_reports_the_path_a_conv_took_at_the_benched_batch(monkeypatch):
     not the one the model's last call (before bench) left."""
     from fracpass.bench import bench
 
-    monkeypatch.setattr(native, "MIN_CONV_MACS", 1e6)
     torch.manual_seed(0)
     model = Conv(nn.Conv2d(16, 16, 3, padding=1))
     big, small = torch.randn(16, 16, 16, 16), torch.randn(1, 16, 16, 16)  # 9.4M and 0.6M multiply-adds
-    _, nat = _pair(model, fracpass.Plan.static(8, 8, 8), (big,))
+    _, nat = _pair(model, fracpass.Plan.static(8, 8, 8), (big,), fracpass.NativeOptions(min_conv_macs=1e6))
     nat(big)
     assert native.op_paths(nat)["conv"][0] == "bf16"
     (op,) = bench(nat, (small,), target="epyc9655", stages=[0], repeats=1, warmup=0, threads=1).stages[0].ops

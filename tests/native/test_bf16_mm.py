@@ -1,5 +1,5 @@
 """Batched products (torch.bmm, torch.matmul with a batched right operand: attention's q k^T and P v)
-on bfloat16 codes (fracpass.native._Bf16Matmul) against the simulation.
+on bfloat16 codes (fracpass.native.bf16_mm.Bf16Matmul) against the simulation.
 
 The codes are exact in bfloat16 and the products accumulate in float32; what differs from the
 simulation is the rounding of each product's output to bfloat16 (unit roundoff u = 2^-8) before the
@@ -9,7 +9,7 @@ quantization step: |y - y_sim| <= u |a| @ |b|, |da - da_sim| <= u |g| @ |b|^T, |
 u |a|^T @ |g| (summed over the entries a broadcast operand was repeated in), with |g| the loss
 gradient padded by 1.5 gradient steps (|s_g t| <= |ghat| + |c|, |c| <= s_g / 2), plus float32
 summation (1e-5 of the tensor's range). The gradient quantizer's noise is fixed by seed, as in
-tests/test_native.py.
+tests/native/test_native.py.
 
 Gated products (DFQ) quantize each sample at its gate's option: the samples lie on dim 0, which no
 product contracts, so every scale is per sample and the bound is the same with the coarsest option's
@@ -30,6 +30,9 @@ import fracpass
 from fracpass import native
 from test_native import _run, kernels  # noqa: F401  (kernels: a fixture)
 
+# small operands keep the tests fast; the bf16 path normally leaves them to the simulation
+OPTS = fracpass.NativeOptions(min_bmm_intensity=0.0)
+
 BF16_U = 2.0**-8
 
 
@@ -37,8 +40,6 @@ BF16_U = 2.0**-8
 def bf16_every_size(monkeypatch):
     if native.bf16_support() is not None:
         pytest.skip("this CPU has no bfloat16 dot-product instructions: batched products run simulated")
-    # small operands keep the tests fast; the bf16 path normally leaves them to the simulation
-    monkeypatch.setattr(native, "MIN_BMM_INTENSITY", 0.0)
 
 
 class Bmm(nn.Module):
@@ -69,9 +70,9 @@ CASES = {
 }
 
 
-def _pair(model, plan, inputs):
+def _pair(model, plan, inputs, opts=OPTS):
     return (fracpass.transform(model, plan, example_inputs=inputs),
-            fracpass.transform(model, plan, example_inputs=inputs, execution="native"))
+            fracpass.transform(model, plan, example_inputs=inputs, execution="native", native=opts))
 
 
 def _step(x: torch.Tensor, bits: int) -> float:
@@ -99,8 +100,8 @@ def _assert_within(got, want, bounds, what):
 
 def _count_bf16(monkeypatch):
     calls = []
-    real = native._Bf16Matmul.apply
-    monkeypatch.setattr(native._Bf16Matmul, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.bf16_mm.Bf16Matmul.apply
+    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -126,13 +127,13 @@ def test_the_bound_is_tight_enough_to_catch_a_dropped_offset(monkeypatch):
     torch.manual_seed(0)
     inputs = make()
     sim, nat = _pair(factory(), fracpass.Plan.static(8, 8, 4), inputs)
-    real = native._bf16_grad_codes
+    real = native.codes.bf16_grad_codes
 
     def no_offset(*args, **kwargs):
         ghat, t, sg, c, kept = real(*args, **kwargs)
         return ghat, t, sg, torch.zeros_like(c), kept
 
-    monkeypatch.setattr(native, "_bf16_grad_codes", no_offset)
+    monkeypatch.setattr(native.codes, "bf16_grad_codes", no_offset)
     want, got = _run(sim, inputs), _run(nat, inputs)
     with pytest.raises(AssertionError, match="tensor 1 exceeds"):
         _assert_within(got, want, _bounds(factory(), inputs, want[0].shape, 4), "no offset")
@@ -177,18 +178,17 @@ def test_bits_above_8_are_simulated_bit_for_bit(bits, monkeypatch):
 
 
 def test_small_and_per_channel_and_vector_products_fall_back_with_the_reason(monkeypatch):
-    monkeypatch.setattr(native, "MIN_BMM_INTENSITY", 20.0)
+    default = fracpass.NativeOptions()  # min_bmm_intensity=20
     torch.manual_seed(0)
     inputs = (torch.randn(4, 6, 8), torch.randn(4, 8, 5))  # intensity 2
-    sim, nat = _pair(Bmm(), fracpass.Plan.static(8, 8, 8), inputs)
+    sim, nat = _pair(Bmm(), fracpass.Plan.static(8, 8, 8), inputs, default)
     calls = _count_bf16(monkeypatch)
     for g, w in zip(_run(nat, inputs), _run(sim, inputs)):
         assert torch.equal(g, w)
     assert not calls
     why = native.op_paths(nat)["bmm"][1]
-    assert "small batched product (6x8x5 per batch entry" in why and "MIN_BMM_INTENSITY = 20" in why
+    assert "small batched product (6x8x5 per batch entry" in why and "min_bmm_intensity = 20" in why
 
-    monkeypatch.setattr(native, "MIN_BMM_INTENSITY", 0.0)
     vec = (torch.randn(3, 10, 24), torch.randn(24))
     sim, nat = _pair(MatmulBatched(), fracpass.Plan.static(8, 8, 8), vec)
     for g, w in zip(_run(nat, vec), _run(sim, vec)):
@@ -231,7 +231,7 @@ def test_attention_as_matmuls_runs_both_products_on_bf16_and_trains(monkeypatch)
     plan = fracpass.Plan.static(8, 8, 8)
     model = fracpass.models.transformer(attention="matmul")
     layers = len(model.layers)
-    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native")
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=OPTS)
     calls = _count_bf16(monkeypatch)
     opt = torch.optim.SGD(nat.parameters(), lr=0.05)
     losses = []
@@ -248,7 +248,7 @@ def test_attention_as_matmuls_runs_both_products_on_bf16_and_trains(monkeypatch)
     assert losses[-1] < losses[0]
 
     sdpa = fracpass.transform(fracpass.models.transformer(attention="sdpa"), plan, example_inputs=(x,),
-                              execution="native")
+                              execution="native", native=OPTS)
     reasons = {v for k, v in native.op_paths(sdpa).items() if "scaled_dot_product" in k or "sdpa" in k}
     assert reasons and all(p == "simulated" and "attention written as two matmuls" in why for p, why in reasons)
 
@@ -378,8 +378,8 @@ def test_gated_batch_at_one_option_runs_with_one_scale_and_eval_uses_the_option_
             for p in m.gates.parameters():
                 p.zero_()
     scales = []
-    real = native._Bf16Matmul.apply
-    monkeypatch.setattr(native._Bf16Matmul, "apply", lambda *a: scales.append(a[4].numel()) or real(*a))
+    real = native.bf16_mm.Bf16Matmul.apply
+    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: scales.append(a[4].numel()) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert scales == [1]
     y_bound, (da_bound, db_bound), _ = _gated_bounds(model, inputs, want[0].shape, a_bits=2, g_bits=8)
@@ -395,7 +395,7 @@ def test_a_gated_attention_transformer_runs_its_matmuls_on_bf16_and_trains(tmp_p
     x = torch.randint(0, 100, (8, 16))
     y = torch.randint(0, 10, (8,))
     model = fracpass.models.transformer(attention="matmul")
-    nat = fracpass.transform(model, fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native")
+    nat = fracpass.transform(model, fracpass.Plan.fractrain("cifar"), example_inputs=(x,), execution="native", native=OPTS)
     opt = torch.optim.SGD(nat.parameters(), lr=0.05)
     for _ in range(3):
         loss = nn.functional.cross_entropy(nat(x), y)

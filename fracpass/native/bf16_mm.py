@@ -1,0 +1,108 @@
+"""Batched products (torch.bmm, attention's q k^T and P v) on bfloat16 codes, static and gated."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fracpass.gating import GatedGradQuant, onehot_grad
+from fracpass.quant import _dense
+from fracpass.native import codes, decide, gated
+from fracpass.native.site import NativeSite, quantized, record, site_options
+
+class Bf16Matmul(torch.autograd.Function):
+    """y = a_hat @ b_hat for batched operands (broadcast as torch.matmul does) on bfloat16 codes:
+    forward s_a s_b (q_a @ q_b); backward, with ghat = s_g t + c,
+    da = s_g s_b (t @ q_b^T) + c s_b rowsum(q_b) and db = s_a s_g (q_a^T @ t) + c s_a colsum(q_a)
+    (the offset's products with ones are the codes' sums, exact in float32). The codes are exact in
+    bfloat16 and the products accumulate in float32; each product's output is rounded to bfloat16 (unit
+    roundoff 2^-8), as on the convolution path. A gradient above 8 bits (or unquantized) runs both
+    backward products in float32 on ghat. Saved for backward: the bfloat16 codes.
+
+    Gated (``gating``): the samples lie on dim 0 of both operands and of y, which no product contracts,
+    so every scale and offset is per sample (a factor per sample on each output); samples whose
+    gradient option exceeds 8 bits get their entries of da and db in float32 on ghat; the gate's
+    gradient sums both operands' <dL/d(operand), Q_k(operand)>, from da, db and the saved float inputs."""
+
+    @staticmethod
+    def forward(ctx, a, b, onehot, qa, sa, qb, sb, gbits, gating):  # type: ignore[override]
+        y = codes.scale_out(torch.matmul(qa, qb), sa.new_ones(1), None, sa * sb)
+        ctx.gate_grad = onehot is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(qa, sa, qb, sb, *((a.detach(), b.detach(), onehot) if ctx.gate_grad else ()))
+        ctx.gbits, ctx.shapes, ctx.gating = gbits, (a.shape, b.shape), gating
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        qa, sa, qb, sb = ctx.saved_tensors[:4]
+        gating: Optional[gated.Gating] = ctx.gating
+        need_a, need_b = ctx.needs_input_grad[0] or ctx.gate_grad, ctx.needs_input_grad[1] or ctx.gate_grad
+        grad = _dense(grad)
+        mn, mx, levels = codes.grad_range(grad, ctx.gbits, gating)
+        exact = codes.exact_codes(levels)
+        a_hat = lambda: qa.float().mul_(codes.per_row_view(sa, qa))
+        b_hat = lambda: qb.float().mul_(codes.per_row_view(sb, qb))
+        da = db = None
+        if exact is None or not bool(exact.any()):  # float32 products on ghat
+            ghat = codes.simulated_grad(grad, mn, mx, levels, ctx.gbits)
+            if need_a:
+                da = ghat @ b_hat().transpose(-2, -1)
+            if need_b:
+                db = a_hat().transpose(-2, -1) @ ghat
+        else:
+            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+            ghat, t, sg, c, _ = codes.bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None)
+            if gating is not None and gating.one_group:  # one option group: one s_g and c
+                sg, c = sg[:1], c[:1]
+            if need_a:
+                rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
+                da = codes.scale_out(t @ qb.transpose(-2, -1), sg.new_ones(1), None, sg * sb).add_(
+                    rowsum.mul_(codes.per_row_view(c * sb, rowsum)))
+            if need_b:
+                colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
+                db = codes.scale_out(qa.transpose(-2, -1) @ t, sg.new_ones(1), None, sa * sg).add_(
+                    colsum.mul_(codes.per_row_view(c * sa, colsum)))
+            if wide is not None:  # those samples' entries again, in float32 on ghat (no product mixes samples)
+                g_w = codes.take_samples(ghat, wide)
+                if need_a:
+                    da.index_copy_(0, wide, g_w @ codes.take_samples(b_hat(), wide).transpose(-2, -1))
+                if need_b:
+                    db.index_copy_(0, wide, codes.take_samples(a_hat(), wide).transpose(-2, -1) @ g_w)
+        d_onehot = None
+        if ctx.gate_grad:
+            a, b, onehot = ctx.saved_tensors[4:]
+            levels_k = gating.act_levels
+            d_onehot = (onehot_grad(a, gating.mn, gating.mx, levels_k, onehot, da)
+                        + onehot_grad(b, gating.mn_b, gating.mx_b, levels_k, onehot, db))
+        a_shape, b_shape = ctx.shapes
+        da = da.sum_to_size(a_shape) if da is not None and ctx.needs_input_grad[0] else None  # broadcast: summed
+        db = db.sum_to_size(b_shape) if db is not None and ctx.needs_input_grad[1] else None
+        return da, db, d_onehot, None, None, None, None, None, None
+
+
+def gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor, site: Optional[NativeSite] = None) -> Tensor:
+    """A gated batched product (attention's q k^T and P v in a gated block): each sample's entries at
+    its option's bits over its option group's range, as bfloat16 codes; the product on bfloat16, each
+    sample's scales on its entries of the output."""
+    why = decide.decide(qa, qb, gq, path="bf16", device=a.device)[0] != "bf16" or decide.gated_matmul_reason(
+        a, b, qa, qb, gate, site_options(site))
+    if why:
+        if why is not True:
+            record(site, why)
+        return quantized(gq, torch.matmul(quantized(qa, a, gate), quantized(qb, b, gate)), gate)
+    record(site, None)
+    with torch.no_grad():
+        choice = gate.detach().argmax(1)
+        act_levels = qa.option_levels.to(torch.float32)
+        (mn_a, mx_a), (mn_b, mx_b) = qa.row_range(a, choice), qb.row_range(b, choice)
+        mn_a, mx_a, mn_b, mx_b = (v.float().contiguous() for v in (mn_a, mx_a, mn_b, mx_b))
+        ca, sa = codes.bf16_codes(a.detach(), mn_a, mx_a, act_levels[choice])
+        cb, sb = codes.bf16_codes(b.detach(), mn_b, mx_b, act_levels[choice])
+        one_group = bool(choice.min() == choice.max())
+    gating = gated.Gating(choice, mn_a, mx_a, act_levels,
+                     gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None, one_group,
+                     mn_b, mx_b)
+    if one_group:
+        sa, sb = sa[:1], sb[:1]
+    return Bf16Matmul.apply(a, b, gate, ca, sa, cb, sb, decide.grad_bits(gq), gating)
