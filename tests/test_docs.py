@@ -19,7 +19,6 @@ import sys
 
 import pytest
 
-import fracpass
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -136,15 +135,7 @@ def test_python_block_runs_on_its_own(tmp_path, where, code):
                and importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{where} needs {missing}, not installed")
-    # NativeOptions is being added to fracpass; this skip goes when NativeOptions lands on main.
-    if "NativeOptions" in code and not hasattr(fracpass, "NativeOptions"):
-        pytest.skip(f"{where} uses fracpass.NativeOptions, not in this fracpass yet")
     run_python_block(tmp_path, where, code)
-
-
-def test_blocks_waiting_for_native_options_are_few():
-    waiting = [f"{p}:{line}" for p, line, code in PYTHON_BLOCKS if "NativeOptions" in code]
-    assert len(waiting) <= 2, waiting
 
 
 def commands(code):
