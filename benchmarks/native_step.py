@@ -33,7 +33,7 @@ in its heap included; it varied 537-613 MB and 847-1114 MB between identical run
 variants here), and with ``MALLOC_MMAP_THRESHOLD_=1048576`` ("live MB": blocks of 1 MiB and more are
 mapped and returned on free, so the peak follows the tensors alive at once; the same figure within
 a few MB run to run). Linux only.
-``--reuse-large-blocks`` calls ``fracpass.fracpass.memory.reuse_large_blocks()`` first, for every variant alike:
+``--reuse-large-blocks`` calls ``fracpass.memory.reuse_large_blocks()`` first, for every variant alike:
 glibc then keeps freed blocks over 32 MB for reuse instead of unmapping them (the transformer's
 33.5 MB ones cost ~100 ms of page faults a step without it; ResNet-74's blocks stay under 32 MB).
 The "peak MB" processes of ``--memory`` run with it too, the "live MB" ones without (their threshold
@@ -64,6 +64,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import fracpass  # noqa: E402
 import fracpass.models  # noqa: E402
+import fracpass.memory  # noqa: E402
 import fracpass.native  # noqa: E402
 from benchmarks.native_kernels import cpu_flags  # noqa: E402
 
@@ -246,7 +247,7 @@ def main() -> None:
                         help="the transformer's attention: SDPA (simulated under native) or two matmuls (bf16)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reuse-large-blocks", action="store_true",
-                        help="fracpass.fracpass.memory.reuse_large_blocks() for every variant: glibc keeps freed blocks over "
+                        help="fracpass.memory.reuse_large_blocks() for every variant: glibc keeps freed blocks over "
                         "32 MB for reuse instead of unmapping them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every variant runs")
     parser.add_argument("--only", help=argparse.SUPPRESS)
@@ -259,7 +260,7 @@ def main() -> None:
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available in this torch build or on this machine")
     if args.reuse_large_blocks:
-        why = fracpass.fracpass.memory.reuse_large_blocks()
+        why = fracpass.memory.reuse_large_blocks()
         if why is not None:
             parser.error(f"--reuse-large-blocks: not applied: {why}")
     if args.only:
@@ -273,7 +274,7 @@ def main() -> None:
             print(f"{name}: left out: {type(e).__name__}: {e}")
     print(f"{args.model}: torch {torch.__version__}, {args.threads} threads, batch {args.batch}"
           + (f", seq {args.seq}" if args.model == "transformer" else "") + f", {args.rounds} interleaved rounds"
-          + (", large freed blocks reused (fracpass.fracpass.memory.reuse_large_blocks)" if args.reuse_large_blocks else ""))
+          + (", large freed blocks reused (fracpass.memory.reuse_large_blocks)" if args.reuse_large_blocks else ""))
     print(f"CPU: {cpu_flags()}" if DEVICE.type == "cpu" else
           f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     probe = native_model()
