@@ -17,6 +17,7 @@ from fracpass.errors import (
 )
 from fracpass.gating import GateStats
 from fracpass.native.options import NativeOptions
+from fracpass.original import original_state_dict, to_original
 from fracpass.plan import Gates, Plan, QSpec, Rule, Stage
 from fracpass.scheduler import Scheduler, schedule
 from fracpass.stageplan import StagePlan
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "set_stage", "current_stage", "quantizers", "summary", "cost", "gate_loss", "gate_stats", "GateStats", "CostReport", "relative_cost",
     "QuantizedGraphModule", "NativeOptions", "graph_text", "coverage", "Coverage", "export_onnx",
+    "original_state_dict", "to_original",
     "Plan", "Rule", "Stage", "Gates", "QSpec", "LossPlateau", "AtSteps", "AtEpochs", "Budget",
     "schedule", "Scheduler", "StagePlan", "save_checkpoint", "load_checkpoint",
     "FracpassError", "PlanError", "TraceError", "PassError", "PreconditionError", "PostconditionError",
