@@ -141,16 +141,38 @@ def test_plain_trainer_with_the_callbacks_loss_function_and_gradient_accumulatio
     assert (tmp_path / "checkpoint-2" / "fracpass_scheduler.json").is_file()
 
 
-def test_callback_without_a_loss_says_how_to_give_it_one(tmp_path):
+@pytest.mark.parametrize("switch", [fracpass.AtSteps((2,)), fracpass.AtEpochs(epochs=(1,), steps_per_epoch=2)],
+                         ids=["AtSteps", "AtEpochs"])
+def test_callback_alone_steps_a_schedule_that_needs_no_loss(tmp_path, switch):
     pytest.importorskip("transformers")
     from transformers import Trainer
 
     from fracpass.integrations.transformers import FracpassCallback
 
-    qmodel = _bert(fracpass.Plan.progressive(fw=(4, 8), bw=(8, 8), switch=fracpass.AtSteps((2,))))
+    qmodel = _bert(fracpass.Plan.progressive(fw=(4, 8), bw=(8, 8), switch=switch))
+    sched = fracpass.Scheduler(qmodel)
+    trainer = Trainer(model=qmodel, args=_args(tmp_path, 3), train_dataset=Tokens(), callbacks=[FracpassCallback(sched)])
+    trainer.train()
+    assert sched.history == [(2, 0, 1, "reached step 2")] and sched.iteration == 3
+    assert fracpass.current_stage(qmodel) == 1
+    assert [h["fracpass/stage"] for h in trainer.state.log_history if "loss" in h] == [0, 1, 1]
+    assert json.loads((tmp_path / "checkpoint-2" / "fracpass_scheduler.json").read_text())["scheduler"]["stage"] == 1
+
+
+@pytest.mark.parametrize("plan,why", [
+    (fracpass.Plan.progressive(fw=(4, 8), bw=(8, 8), switch=fracpass.LossPlateau(window=2)), "LossPlateau switch rule"),
+    (_gated_plan(), "gates need their cost loss"),
+], ids=["LossPlateau", "gates"])
+def test_callback_without_a_loss_says_why_it_needs_one_and_how_to_give_it(tmp_path, plan, why):
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from fracpass.integrations.transformers import FracpassCallback
+
+    qmodel = _bert(plan)
     cb = FracpassCallback(fracpass.Scheduler(qmodel))
     trainer = Trainer(model=qmodel, args=_args(tmp_path, 1), train_dataset=Tokens(), callbacks=[cb])
-    with pytest.raises(FracpassError, match="gave this step's loss to nobody.*FracpassTrainer.*compute_loss_func"):
+    with pytest.raises(FracpassError, match=f"gave this step's loss to nobody, but .*{why}.*FracpassTrainer.*compute_loss_func"):
         trainer.train()
     with pytest.raises(FracpassError, match="loss_func must be callable"):
         cb.compute_loss_func(None)

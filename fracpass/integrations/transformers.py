@@ -11,7 +11,10 @@ they all switch at the same step), adds the stage, its bits and the gates' mix t
 (so to TensorBoard or W&B where ``report_to`` has them), and saves the Scheduler's state in every
 checkpoint folder (``fracpass_scheduler.json``) and restores it on resume.
 
-With a plain ``Trainer``, pass the callback and a loss function built from it:
+With a plain ``Trainer`` and a schedule of fixed steps (``fracpass.AtSteps``, ``fracpass.AtEpochs``) and
+no gates, the callback alone does: ``Trainer(..., callbacks=[FracpassCallback(sched)])``. A loss-driven
+schedule (``LossPlateau``, the default) or a gated plan needs the loss; pass the callback and a loss
+function built from it:
 
     cb = FracpassCallback(sched)
     trainer = Trainer(model=qmodel, args=args, train_dataset=data, callbacks=[cb],
@@ -34,6 +37,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from fracpass.errors import FracpassError
+from fracpass.switch import LossPlateau
 from fracpass.integrations._common import PREFIX, gate_hubs, load_scheduler_state, log_entries, save_scheduler_state, state_file
 
 __all__ = ["FracpassCallback", "FracpassTrainer"]
@@ -92,13 +96,24 @@ class FracpassCallback(TrainerCallback):
         self.resume_dir = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._step_loss is None:
-            raise FracpassError(
-                "FracpassCallback: the Trainer gave this step's loss to nobody, so the fracpass Scheduler cannot "
-                "step; use fracpass.integrations.transformers.FracpassTrainer, or pass "
-                "compute_loss_func=callback.compute_loss_func(your_loss) to the Trainer")
         loss, self._step_loss = self._step_loss, None
+        if loss is None:  # no loss function recorded it: fine for a schedule of fixed steps without gates
+            need = self._what_needs_the_loss()
+            if need:
+                raise FracpassError(
+                    f"FracpassCallback: the Trainer gave this step's loss to nobody, but {need}; use "
+                    "fracpass.integrations.transformers.FracpassTrainer, or pass "
+                    "compute_loss_func=callback.compute_loss_func(your_loss) to the Trainer")
         self.scheduler.step(loss)
+
+    def _what_needs_the_loss(self) -> Optional[str]:
+        """Why this step needs the task loss, or None: AtSteps / AtEpochs switch on the step count alone."""
+        rule = self.scheduler.rule
+        if isinstance(rule, LossPlateau):
+            return "the plan's LossPlateau switch rule reads it to decide when to switch stage"
+        if gate_hubs(self.scheduler.qmodel):
+            return "the plan's gates need their cost loss added to it"
+        return None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or PREFIX + "stage" in logs:
