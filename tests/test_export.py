@@ -415,3 +415,125 @@ def test_per_tensor_weights_export_with_one_scale_per_weight(tmp_path):
     weight_q = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and "_wq" in n.name]
     assert len(weight_q) == 2
     assert all(inits[n.input[1]].size == 1 for n in weight_q), [inits[n.input[1]].shape for n in weight_q]
+
+
+# -- verification judged layer by layer (issue 31: a SqueezeNet-style model refused) ------------------------
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 squeeze conv + ReLU, then 1x1 and 3x3 expand convs concatenated."""
+
+    def __init__(self, cin, squeeze, expand):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+class FireNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+                                      Fire(32, 8, 32), Fire(64, 8, 32), nn.MaxPool2d(3, 2, ceil_mode=True), Fire(64, 16, 64))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(128, classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        nn.init.normal_(self.classifier[1].weight, 0, 0.01)  # as torchvision's SqueezeNet
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def _fire_trained():
+    """FireNet trained 3 steps at 8/8/8 on 3x64x64 inputs, as the user's SqueezeNet was."""
+    torch.manual_seed(0)
+    qmodel = fracpass.transform(FireNet(), fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(2, 3, 64, 64),))
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(qmodel(torch.randn(8, 3, 64, 64)), torch.randint(0, 10, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qmodel
+
+
+def _flip_nearest_tie(module, args):
+    """As if this layer's conv had summed in another order: in each sample, the input value whose code sits
+    nearest a rounding boundary is mirrored across it (it moves by less than float noise; its code by one step)."""
+    from fracpass.quant import _affine_params
+
+    x = args[0].clone()
+    scale, lo, _ = _affine_params(module.running_min.float(), module.running_max.float(), float(2 ** module.bits - 1))
+    offset = x / scale - lo
+    offset = offset - offset.floor() - 0.5
+    for sample, flat in zip(offset, x.view(x.shape[0], -1)):
+        i = sample.reshape(-1).abs().argmin()
+        flat[i] -= 2 * sample.reshape(-1)[i] * scale
+    return (x,)
+
+
+def _recorded(qmodel, x):
+    from fracpass.export import _run_recording_choices
+
+    fracpass.set_stage(qmodel, -1)
+    qmodel.eval()
+    return _run_recording_choices(qmodel, (x,), {})
+
+
+def test_layer_judgement_tells_rounding_ties_from_a_wrong_scale(tmp_path, monkeypatch):
+    """Codes one step apart at a rounding boundary are ties (a correct export); a wrong scale is not, and the
+    first layer it reaches is named."""
+    from fracpass.export import _judge_layers
+
+    qmodel, x = _fire_trained(), torch.randn(2, 3, 64, 64)
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx", example_inputs=(x,), verify=False)
+    data = (tmp_path / "m.onnx").read_bytes()
+    feeds = {"input_0": x.numpy()}
+    everyone = np.ones(2, dtype=bool)
+    assert _judge_layers(data, feeds, _recorded(qmodel, x)[2], everyone) == (
+        "every quantized activation agrees; the difference lies after the last quantizer", "equal")
+
+    hooks = [q.register_forward_pre_hook(_flip_nearest_tie) for name, q in fracpass.quantizers(qmodel)
+             if q.role == "act" and name == "features_4_squeeze_aq"]
+    verdict, judged = _judge_layers(data, feeds, _recorded(qmodel, x)[2], everyone)
+    assert judged == "ties", verdict
+    assert verdict.startswith("the first layer that differs is features_4_squeeze_aq: ") and "by up to 1 steps" in verdict
+    for h in hooks:
+        h.remove()
+
+    _export_with_wrong_scale(monkeypatch)
+    fracpass.export_onnx(qmodel, tmp_path / "wrong.onnx", example_inputs=(x,), verify=False)
+    verdict, judged = _judge_layers((tmp_path / "wrong.onnx").read_bytes(), feeds, _recorded(qmodel, x)[2], everyone)
+    assert judged == "differs" and verdict.startswith("the first layer that differs is features_0_aq: "), verdict
+
+
+def _export_with_wrong_scale(monkeypatch):
+    import fracpass.export as export
+
+    original = export._act_qdq
+
+    def wrong_scale(graph, q, src, out, stem):  # simulate a bug: the activation scale twice too large
+        q.running_max.mul_(2)
+        try:
+            original(graph, q, src, out, stem)
+        finally:
+            q.running_max.div_(2)
+
+    monkeypatch.setattr(export, "_act_qdq", wrong_scale)
+
+
+def test_fire_model_exports_and_a_wrong_scale_is_refused_naming_the_layer_and_verify_false(tmp_path, monkeypatch, caplog):
+    qmodel = _fire_trained()
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+    # a code flipped at a rounding boundary in PyTorch's run (another summation order) is still written
+    [hook] = [q.register_forward_pre_hook(_flip_nearest_tie) for name, q in fracpass.quantizers(qmodel)
+              if name == "features_4_squeeze_aq"]
+    fracpass.export_onnx(qmodel, tmp_path / "ties.onnx")
+    hook.remove()
+    assert (tmp_path / "ties.onnx").is_file()
+    _export_with_wrong_scale(monkeypatch)
+    with pytest.raises(fracpass.ExportError, match=r"differs from PyTorch's .*the first layer that differs is features_0_aq: "
+                                                   r".*nothing was written.*export_onnx\(\.\.\., verify=False\)"):
+        fracpass.export_onnx(qmodel, tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()
