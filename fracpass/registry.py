@@ -116,9 +116,43 @@ def module_path(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
         return node.meta[MODULE_PATH]
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
-        return "" if path in ("", "L['self']") else str(path)
+        path, owner = list(stack.values())[-1]
+        path = "" if path in ("", "L['self']") else str(path)
+        if _is_mha(owner):
+            return _mha_part(node, path) or path
+        return path
     return ""
+
+
+def _is_mha(owner: Any) -> bool:
+    """``nn.MultiheadAttention`` as an nn_module_stack entry names it: a class (fx), or its qualified name (export)."""
+    if isinstance(owner, type):
+        return issubclass(owner, nn.MultiheadAttention)
+    return str(owner).split(".")[-1].rstrip("'>") == "MultiheadAttention"
+
+
+# nn.MultiheadAttention's projections as print(model) and its state_dict name them
+_MHA_PROJECTIONS = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj", "k_proj_weight": "k_proj",
+                    "v_proj_weight": "v_proj"}
+
+
+def _mha_part(node: torch.fx.Node, path: str) -> Optional[str]:
+    """Inside ``nn.MultiheadAttention``, whose forward reads its projections' weights rather than calling
+    them, the projection an op computes: ``<path>.out_proj`` or ``<path>.in_proj`` (``q_proj``/``k_proj``/
+    ``v_proj`` with separate weights), found from the weight it multiplies by, so plan rules can tell them
+    apart; None for the attention products."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    for _ in range(4):  # through the split/chunk/getitem that cut the packed in-projection weight
+        if not isinstance(weight, torch.fx.Node) or weight.op == "get_attr":
+            break
+        weight = weight.args[0] if weight.args else None
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return None
+    owner, _, name = str(weight.target).rpartition(".")
+    if name == "weight" and owner.endswith("out_proj"):
+        return f"{path}.out_proj" if path else "out_proj"
+    part = _MHA_PROJECTIONS.get(name)
+    return None if part is None else (f"{path}.{part}" if path else part)
 
 
 def get_slot(node: torch.fx.Node, slot: Slot) -> Any:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import re
 from typing import Dict, List, Optional, Set
@@ -24,6 +25,8 @@ _SHAPE_FUNCTIONS = {getattr, torch.arange, torch.zeros, torch.ones, torch.full, 
                     torch.ops.aten.sym_size.int, torch.ops.aten.arange.default, torch.ops.aten.arange.start,
                     torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.full.default}
 _ROOT = None  # the virtual root every model input hangs from
+
+log = logging.getLogger("fracpass.passes.find_units")
 
 
 class FindGatedUnitsPass(PassBase):
@@ -57,8 +60,11 @@ class FindGatedUnitsPass(PassBase):
         by_name = {n.name: n for n in nodes}
         # nn.MultiheadAttention's internals run sequence-first ((L, B, E), (L*B, E)): a gate's per-sample
         # rows would group them by position, not by sample, so no unit holds them (they keep the stage's bits)
+        left = [u for u, _ in units if any(_sequence_first(by_name[op]) for op in u.ops)]
         units = [(dataclasses.replace(u, index=i), a) for i, (u, a) in
-                 enumerate((u, a) for u, a in units if not any(_sequence_first(by_name[op]) for op in u.ops))]
+                 enumerate((u, a) for u, a in units if u not in left)]
+        if left:
+            _say_ungated(gm, left, by_name)
         if not units:
             what = ("residual block (an add of a branch of compute ops and a shortcut from the same input)"
                     if self.gates.granularity == "block" else "quantized compute op on the model's data path")
@@ -86,6 +92,7 @@ class FindGatedUnitsPass(PassBase):
                 changed += spec != new
                 meta.set_qspec(op, new)
         stats = {"units": len(units), "gated_ops": sum(len(u.ops) for u, _ in units),
+                 "ungated_attention_units": tuple(u.name for u in left),
                  "shortcut_ops_full_precision": sum(meta.qspec(op).a == full for op in shortcuts)}
         return PassResult(gm, modified=changed > 0, stats=stats)
 
@@ -146,6 +153,19 @@ class FindGatedUnitsPass(PassBase):
                 continue
             found.append((meta.Unit(_sanitize(node.name), len(found), source.name, (node.name,)), node))
         return found
+
+
+def _say_ungated(gm: torch.fx.GraphModule, left, by_name) -> None:
+    """Log which residuals hold nn.MultiheadAttention ops and so get no gate, and why (once per transform:
+    the other mode's re-capture finds the gates already in place)."""
+    from fracpass.gating import GateHub
+
+    said = ", ".join(f"{u.name} ({', '.join(sorted({meta.op_info(by_name[op]).module_path or op for op in u.ops}))})"
+                     for u in left)
+    level = logging.DEBUG if isinstance(getattr(gm, "gates", None), GateHub) else logging.WARNING
+    log.log(level, "find-gated-units: %d residual block(s) left ungated: %s. Their ops run inside "
+            "nn.MultiheadAttention, which computes sequence-first ((L, B, E) tensors), so a gate cannot choose per "
+            "sample; they keep the stage's bits (a plan rule can set others)", len(left), said)
 
 
 def _sequence_first(node: torch.fx.Node) -> bool:

@@ -223,3 +223,75 @@ def test_coverage_without_example_inputs_still_counts_the_opaque_call():
     cov = fracpass.coverage(qmodel)
     assert cov.macs == {}
     assert cov.ops["act"] == (1, 2)
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class _TinyAttention(nn.Module):
+    """print(model) shows blocks.0.attn.out_proj; the in-projection is blocks.0.attn's in_proj_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_AttentionBlock())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(1))
+
+
+def _bits_by_module(qmodel):
+    return {fracpass.meta.op_info(n).module_path: (fracpass.meta.qspec(n).w[0], fracpass.meta.qspec(n).a[0])
+            for n in qmodel.graph.nodes if fracpass.meta.op_info(n) is not None and fracpass.meta.op_info(n).kind == "linear"}
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_rules_tell_multihead_attentions_in_and_out_projections_apart(method):
+    plan = fracpass.Plan.static(8, 8, 8, rules=[fracpass.Rule(match="blocks.*.attn.out_proj", w=4, a=4, g=8),
+                                                fracpass.Rule(match="blocks.*.attn.in_proj", w=6, a=6, g=8)])
+    qmodel = fracpass.transform(_TinyAttention(), plan, example_inputs=(torch.randn(2, 5, 16),), capture_method=method)
+    assert _bits_by_module(qmodel) == {"blocks.0.attn.in_proj": (6, 6), "blocks.0.attn.out_proj": (4, 4),
+                                       "blocks.0.mlp": (8, 8), "head": (8, 8)}
+    assert "blocks.0.attn.out_proj" in fracpass.summary(qmodel)
+    # a rule on the attention module still covers everything inside it
+    whole = fracpass.transform(_TinyAttention(), fracpass.Plan.static(8, 8, 8, exclude=("blocks.*.attn",)),
+                               example_inputs=(torch.randn(2, 5, 16),), capture_method=method)
+    inside = [fracpass.meta.qspec(n).excluded for n in whole.graph.nodes
+              if fracpass.meta.op_info(n) is not None and "attn" in fracpass.meta.op_info(n).module_path]
+    assert len(inside) == 3 and all(inside)
+
+
+def test_separate_q_k_v_projections_are_named_by_their_weights():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+
+        def forward(self, x, memory):
+            return self.attn(x, memory, memory, need_weights=False)[0]
+
+    qmodel = fracpass.transform(Cross(), fracpass.Plan.static(8, 8, 8),
+                                example_inputs=(torch.randn(2, 5, 16), torch.randn(2, 3, 8)))
+    assert sorted(_bits_by_module(qmodel)) == ["attn.k_proj", "attn.out_proj", "attn.q_proj", "attn.v_proj"]
+
+
+def test_gates_say_which_attention_residuals_they_leave_ungated_and_why(caplog):
+    plan = fracpass.Plan.static(8, 8, 8).with_gates(fracpass.Gates(a=(4, 8), g=(8, 8), w=8, target=50.0))
+    with caplog.at_level("WARNING", logger="fracpass.passes.find_units"):
+        qmodel = fracpass.transform(_TinyAttention(), plan, example_inputs=(torch.randn(2, 5, 16),))
+        qmodel.eval()  # the eval-mode re-capture does not say it again
+    said = [r.getMessage() for r in caplog.records if r.name == "fracpass.passes.find_units"]
+    assert len(said) == 1, said
+    assert said[0].startswith("find-gated-units: 1 residual block(s) left ungated: blocks_0_attn (blocks.0.attn, "
+                              "blocks.0.attn.in_proj, blocks.0.attn.out_proj)")
+    assert "inside nn.MultiheadAttention, which computes sequence-first" in said[0]
+    assert qmodel.fracpass.stats[True]["find-gated-units"]["ungated_attention_units"] == ("blocks_0_attn",)
+    assert [u for u, _ in fracpass.passes.insert_gates.unit_summary(qmodel)] == ["blocks_0_mlp"]
