@@ -12,6 +12,7 @@ import torch.fx
 from fracpass import costing, meta
 from fracpass.errors import PassError, PlanError
 from fracpass.gating import GateHub, skip_gate
+from fracpass.quant import FULL_PRECISION
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.passes._quantizers import gate_choices
 from fracpass.plan import Gates, Plan
@@ -133,7 +134,8 @@ class InsertGatesPass(PassBase):
             dims.append(dim)
         names = [u.name for u in units]
         if existing is None:  # once per transform, not on the other mode's re-capture
-            _warn_unreachable_targets(gates.targets(self.plan.num_stages), base, unit_costs)
+            quantized = [_quantized_share(report.ops, gated, k, fp32) for k in range(self.plan.num_stages)]
+            _warn_unreachable_targets(gates.targets(self.plan.num_stages), base, unit_costs, quantized)
         if existing is not None:
             if not isinstance(existing, GateHub) or existing.unit_names != names:
                 raise PassError(f"insert-gates: the model already has a submodule {HUB!r} ({type(existing).__name__}) "
@@ -146,16 +148,42 @@ class InsertGatesPass(PassBase):
         return hub
 
 
-def _warn_unreachable_targets(targets: Sequence[float], base: Sequence[float], unit_costs) -> None:
-    """Warn for each stage whose cost target lies below the cheapest mix the gates can choose: the
-    ungated ops at the stage's bits plus every unit at its cheapest option."""
+def _quantized_share(ops, gated, stage: int, fp32: float) -> Tuple[float, float]:
+    """(FP32 BitOPs of the ops quantized at ``stage``, gated ones included, in % of the model's; the cost of the
+    quantized ungated ones at the stage's bits, in % of the model's FP32 BitOPs): what FracTrain's paper counts."""
+    def quantized(o) -> bool:
+        return o.op in gated or (not o.excluded and min(o.w[stage], o.a[stage], o.g[stage]) < FULL_PRECISION)
+
+    share = sum(m * bx * by for o in ops if quantized(o) for _, m, bx, by, _ in o.products(None))
+    ungated = sum(m * bx * by for o in ops if quantized(o) and o.op not in gated for _, m, bx, by, _ in o.products(stage))
+    return 100 * share / fp32, 100 * ungated / fp32
+
+
+def _warn_unreachable_targets(targets: Sequence[float], base: Sequence[float], unit_costs,
+                              quantized: Sequence[Tuple[float, float]] = ()) -> None:
+    """Warn for each stage whose cost target lies below the cheapest mix the gates can choose, both in the
+    controller's units (% of the whole model's FP32 training BitOPs, full-precision ops at 32 bits), the
+    units the gates steer in. Where some ops run at full precision, the warning also gives the cheapest mix
+    in FracTrain's paper's units (the quantized ops only), so that a target copied from the paper is read
+    against the right figure."""
+    cheapest_units = sum(min(row) for row in unit_costs)
     for k, target in enumerate(targets):
-        floor = base[k] + sum(min(row) for row in unit_costs)
-        if target < floor:
-            log.warning("insert-gates: stage %d's cost target %.3g%% of FP32 lies below the cheapest mix the gates can "
-                        "choose on this model (%.3f%%: every unit at its cheapest option, ungated ops at the stage's "
-                        "bits), so every sample will take the cheapest option; set Gates(target=...) to at least "
-                        "%.3f%% at that stage, or add a cheaper option (a=0 skips a block)", k, target, floor, floor)
+        floor = base[k] + cheapest_units
+        if target >= floor:
+            continue
+        paper = ""
+        if k < len(quantized) and 0 < quantized[k][0] < 100 - 1e-9:
+            share, ungated = quantized[k]
+            paper_floor = 100 * (ungated + cheapest_units) / share
+            paper = (f" (FracTrain's paper counts only the quantized ops, {share:.1f}% of this model's FP32 BitOPs: there "
+                     f"the cheapest mix is {paper_floor:.3f}%, and a paper target t is (t * {share / 100:.4f} + "
+                     f"{100 - share:.3f})% in the controller's units)")
+        log.warning("insert-gates: stage %d's cost target %.3g%% of FP32 lies below the cheapest mix the gates can "
+                    "choose on this model (%.3f%% of the whole model's FP32 training BitOPs, the units the gates' "
+                    "controller steers in: every unit at its cheapest option, ungated ops at the stage's bits, "
+                    "full-precision ops at 32 bits)%s, so every sample will take the cheapest option; set "
+                    "Gates(target=...) to at least %.3f%% at that stage, or add a cheaper option (a=0 skips a block)",
+                    k, target, floor, paper, floor)
 
 
 def unit_summary(gm: torch.fx.GraphModule) -> List[Tuple[str, Tuple[str, ...]]]:

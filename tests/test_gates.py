@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -502,9 +503,14 @@ def test_gated_act_quant_per_sample_levels_and_error_bound(rows, rest, bits, mag
 
 
 def test_a_target_below_the_cheapest_mix_is_warned_once_at_transform(caplog):
-    """Plan.fractrain('cifar') on ResNet-20: the cheapest mix the gates can choose (every unit at its
-    cheapest option, the excluded stem and classifier at full precision) costs more than the first two
-    stages' targets (1.5 % and 2.0 %), so those stages are warned about, the last two are not."""
+    """Plan.fractrain('cifar') on ResNet-20: the gates' controller steers the whole model's cost, where the
+    cheapest mix (every unit at its cheapest option, stem and classifier at the stage's bits, the two
+    downsample convs at full precision) costs more than the first two stages' targets (1.5 % and 2.0 %), so
+    those stages are warned about, the last two are not. Target and floor are compared in the controller's
+    units; the warning also gives the floor in FracTrain's paper's units (quantized ops only) and the
+    conversion between the two, which must agree with the controller's floor."""
+    import re
+
     with caplog.at_level("WARNING", logger="fracpass.passes.insert_gates"):
         qmodel = fracpass.transform(models.resnet20(), fracpass.Plan.fractrain("cifar"),
                                     example_inputs=(torch.randn(2, 3, 32, 32),))
@@ -512,6 +518,30 @@ def test_a_target_below_the_cheapest_mix_is_warned_once_at_transform(caplog):
     warned = [r.getMessage() for r in caplog.records if "lies below the cheapest mix" in r.getMessage()]
     assert [m.split("'s cost target")[0] for m in warned] == ["insert-gates: stage 0", "insert-gates: stage 1"]
     assert "set Gates(target=...) to at least" in warned[0]
+    hub = qmodel.gates
+    floor = float(hub.base_costs[0]) + float(hub.unit_costs.min(1).values.sum())
+    found = re.search(r"\(([\d.]+)% of the whole model's FP32 training BitOPs, the units the gates' controller steers in"
+                      r".*cheapest mix is ([\d.]+)%, and a paper target t is \(t \* ([\d.]+) \+ ([\d.]+)\)% in the "
+                      r"controller's units", warned[0])
+    assert found, warned[0]
+    controller, paper, scale, offset = map(float, found.groups())
+    assert controller == pytest.approx(floor, abs=1e-3)
+    assert paper < 2.0 < floor  # stage 1's 2 % is reachable as a paper target, not as the controller's
+    assert paper * scale + offset == pytest.approx(floor, abs=2e-3)  # the conversion maps one floor onto the other
+
+
+def test_a_target_that_only_the_paper_units_would_reach_is_not_hidden_nor_a_reachable_one_warned(caplog):
+    """The warning follows what the controller does: a target between the paper's floor and the controller's
+    still warns; one above the controller's floor does not; one below both warns."""
+    plan = fracpass.Plan.fractrain("cifar")
+    with caplog.at_level("WARNING", logger="fracpass.passes.insert_gates"):
+        reachable = dataclasses.replace(plan, gates=dataclasses.replace(plan.gates, target=(2.5, 2.5, 3.0, 3.0)))
+        fracpass.transform(models.resnet20(), reachable, example_inputs=(torch.randn(2, 3, 32, 32),))
+        assert "lies below the cheapest mix" not in caplog.text
+        hopeless = dataclasses.replace(plan, gates=dataclasses.replace(plan.gates, target=(0.5, 2.5, 3.0, 3.0)))
+        fracpass.transform(models.resnet20(), hopeless, example_inputs=(torch.randn(2, 3, 32, 32),))
+    warned = [r.getMessage() for r in caplog.records if "lies below the cheapest mix" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("insert-gates: stage 0's cost target 0.5% of FP32")
 
 
 def test_a_unit_whose_input_does_not_lead_with_the_batch_is_refused_at_transform():
