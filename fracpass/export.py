@@ -284,7 +284,7 @@ def _judge_layers(data: bytes, feeds, acts: Dict[str, Tuple[torch.Tensor, torch.
     was found and a verdict: "equal", "ties" or "differs".
 
     Ties: each differing code is one step apart and its unrounded PyTorch value sat within float
-    noise of a rounding boundary, in at most 1 % of the layer's elements (onnxruntime and PyTorch sum
+    noise of a rounding boundary, in at most 1 % of the layer's elements or 4 of them (onnxruntime and PyTorch sum
     convolutions in other orders). A wrong scale, zero point, rounding mode or op shows at its first
     layer otherwise. Later layers are not judged: their inputs already differ."""
     import onnx
@@ -320,7 +320,8 @@ def _judge_layers(data: bytes, feeds, acts: Dict[str, Tuple[torch.Tensor, torch.
         noise = 1e-3 + 1e-6 * float(np.abs(inp).max()) / scale
         found = (f"the first layer that differs is {stem}: {off.mean():.2g} of its codes, by up to "
                  f"{steps.max():.3g} steps, up to {from_boundary.max():.2g} of a step from a rounding boundary")
-        ties = off.mean() <= 1e-2 and np.all(np.abs(steps[off] - 1) <= noise) and np.all(from_boundary <= noise)
+        few = off.mean() <= 1e-2 or off.sum() <= 4  # a small layer (a classifier's input) may hold one tie in 20
+        ties = few and np.all(np.abs(steps[off] - 1) <= noise) and np.all(from_boundary <= noise)
         return found, "ties" if ties else "differs"
     return "every quantized activation agrees; the difference lies after the last quantizer", "equal"
 

@@ -537,3 +537,29 @@ def test_fire_model_exports_and_a_wrong_scale_is_refused_naming_the_layer_and_ve
                                                    r".*nothing was written.*export_onnx\(\.\.\., verify=False\)"):
         fracpass.export_onnx(qmodel, tmp_path / "wrong.onnx")
     assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_one_tie_in_a_small_layer_is_still_a_tie(tmp_path):
+    """A small layer (here the model's input, 2 x 16 values) holding one tie: 3 % of its codes differ."""
+    from fracpass.export import _judge_layers
+    from fracpass.quant import _affine_params
+
+    torch.manual_seed(0)
+    qmodel = calibrated(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)), fracpass.Plan.static(8, 8, 8),
+                        lambda b: torch.randn(b, 16))
+    q = dict(fracpass.quantizers(qmodel))["_0_aq"]
+    scale, lo, _ = _affine_params(q.running_min.float(), q.running_max.float(), 255.0)
+    x = torch.randn(2, 16)
+    x[0, 0] = ((x[0, 0] / scale - lo).floor() + 0.5 + 1e-4 + lo) * scale  # 1e-4 of a step above a boundary
+    fracpass.export_onnx(qmodel, tmp_path / "m.onnx", example_inputs=(x,), verify=False)
+
+    def below(module, args):  # PyTorch's value just below the boundary instead (another summation order)
+        moved = args[0].clone()
+        moved[0, 0] -= 2e-4 * scale
+        return (moved,)
+
+    hook = q.register_forward_pre_hook(below)
+    verdict, judged = _judge_layers((tmp_path / "m.onnx").read_bytes(), {"input_0": x.numpy()},
+                                    _recorded(qmodel, x)[2], np.ones(2, dtype=bool))
+    hook.remove()
+    assert judged == "ties" and verdict.startswith("the first layer that differs is _0_aq: 0.031 of its codes"), verdict
