@@ -345,23 +345,30 @@ class _RangeTracker(Quantizer):
 
 
 def warn_nonfinite(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
-    """Log once per quantizer that skipped range updates for non-finite batches; returns the names
-    warned now. Reads every quantizer's count in one host transfer."""
+    """Log one warning for the quantizers that skipped range updates for non-finite batches since they
+    were last warned about (their names, the list cut after a few); returns the names warned now.
+    Reads every quantizer's count in one host transfer."""
     trackers = [(name, q) for name, q in named if isinstance(q, _RangeTracker)]
     if not trackers:
         return []
     device = trackers[0][1].nonfinite_batches.device
     counts = torch.stack([q.nonfinite_batches.to(device) for _, q in trackers]).tolist()
-    warned = []
-    for (name, q), count in zip(trackers, counts):
-        if count and not q._nonfinite_warned:
-            log.warning("activation quantizer %r skipped %d range update(s) for non-finite (NaN/Inf) batches: its "
-                        "running range keeps its last finite value, but those batches' outputs and losses were NaN; "
-                        "skip backward and the optimizer step when the loss is not finite (see the README, "
-                        "'Non-finite batches')", name, count)
-            q._nonfinite_warned = count
-            warned.append(name)
-    return warned
+    fresh = [(name, q, count) for (name, q), count in zip(trackers, counts) if count and not q._nonfinite_warned]
+    if not fresh:
+        return []
+    names = [name for name, _, _ in fresh]
+    shown = ", ".join(names[:_NAMES_SHOWN]) + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+    batches = max(count for _, _, count in fresh)
+    log.warning("%d activation quantizer(s) skipped range updates for up to %d non-finite (NaN/Inf) batch(es) (%s); "
+                "their ranges keep the last finite values, but those batches' outputs and losses were NaN: skip "
+                "backward and the optimizer step when the loss is not finite (docs/plans.md, 'Non-finite batches')",
+                len(names), batches, shown)
+    for _, q, count in fresh:
+        q._nonfinite_warned = count
+    return names
+
+
+_NAMES_SHOWN = 4  # quantizer names a non-finite warning lists before "and N more"
 
 
 class ActQuant(_RangeTracker):

@@ -346,3 +346,19 @@ def test_cifar_resnet_family_structure(depth):
     assert qmodel.fracpass.stats[True]["annotate"]["by_kind"] == {"conv2d": convs, "linear": 1}
     assert sum(1 for _ in fracpass.quantizers(qmodel)) == 3 * (convs + 1)
     assert qmodel(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_a_nan_batch_is_reported_in_one_warning_naming_the_quantizers(caplog):
+    from fracpass.models import resnet20
+
+    qmodel = fracpass.transform(resnet20(), fracpass.Plan.static(8, 8, 8), example_inputs=(torch.randn(2, 3, 32, 32),))
+    acts = [name for name, q in fracpass.quantizers(qmodel) if q.role == "act"]
+    with torch.no_grad():
+        qmodel(torch.full((4, 3, 32, 32), float("nan")))
+    with caplog.at_level("WARNING", logger="fracpass"):
+        qmodel.eval()
+        qmodel.train(), qmodel.eval()  # said once, not at every switch
+    said = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{len(acts)} activation quantizer(s) skipped range updates for up to 1 non-finite")
+    assert f"({', '.join(acts[:4])} and {len(acts) - 4} more)" in said[0] and len(said[0]) < 500
