@@ -166,7 +166,7 @@ def _gc_paused():
 
 def _transform(model: nn.Module, plan: Plan, example_inputs: Tuple[Any, ...], example_kwargs, options,
                execution: str = "simulate", native: Optional[NativeOptions] = None) -> "QuantizedGraphModule":
-    root = _copy_model(model)
+    root = copy_model(model)
     captured = capture(root, example_inputs, example_kwargs, options, module_class=QuantizedGraphModule)
     gm = captured.graph_module
     # re-captures (the other mode) take the path that worked, not "auto"
@@ -222,7 +222,7 @@ def _unsharded(module: nn.Module):
             m.reshard()
 
 
-def _copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, with plain parameters and buffers cloned up front (~20% faster).
 
     Seeding deepcopy's memo keeps tied weights tied; tensors of other types or carrying extra
@@ -310,7 +310,7 @@ def _compute_ops(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
 _state = model_state  # the name the entry points below use
 
 
-def _parts(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
+def parts_of(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
     """None for a transformed model; else the transformed parts it holds (``fracpass.parts``), which
     the entry points below treat as one model."""
     if is_transformed(model):
@@ -327,7 +327,7 @@ def _parts(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
     return parts
 
 
-def _examples(state: ModelState, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+def example_args(state: ModelState, example_inputs, example_kwargs) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """The example inputs a call was given, else the ones given to transform (a bare tensor is one input)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -338,13 +338,13 @@ def _examples(state: ModelState, example_inputs, example_kwargs) -> Tuple[Tuple[
 
 def quantizers(qmodel: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
     """(name, module) of every quantizer in a transformed model (or in its transformed parts)."""
-    _parts(qmodel)
+    parts_of(qmodel)
     return ((name, m) for name, m in qmodel.named_modules() if isinstance(m, Quantizer))
 
 
 def set_stage(qmodel: nn.Module, stage: int) -> None:
     """Switch every quantizer to the plan's ``stage`` (negative counts from the end). No re-trace."""
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:  # a model holding transformed parts: they switch together
         from fracpass.parts import common_stages
 
@@ -360,13 +360,13 @@ def set_stage(qmodel: nn.Module, stage: int) -> None:
     stage %= n
     for _, q in quantizers(qmodel):
         q.set_stage(stage)
-    hub = _hub(qmodel)
+    hub = gate_hub(qmodel)
     if hub is not None:
         hub.set_stage(stage)  # the cost target follows the stage
     state.stage = stage
 
 
-def _hub(qmodel: nn.Module):
+def gate_hub(qmodel: nn.Module):
     from fracpass.gating import GateHub
 
     hub = getattr(qmodel, "gates", None)
@@ -378,11 +378,11 @@ def gate_loss(qmodel: nn.Module) -> torch.Tensor:
     plan's smooth controller), cost being the batch's summed per-sample relative cost in % of FP32.
     Add it to the task loss before ``backward()``. A zero tensor for a model without gates; the sum
     of the parts' regularisers for a model holding transformed parts."""
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:
         losses = [gate_loss(part) for _, part in parts]
         return sum(losses[1:], losses[0])
-    hub = _hub(qmodel)
+    hub = gate_hub(qmodel)
     if hub is None:
         return torch.zeros(())
     if hub.sample_costs() is None:
@@ -394,13 +394,13 @@ def gate_loss(qmodel: nn.Module) -> torch.Tensor:
 def gate_stats(qmodel: nn.Module):
     """The gates' choices on the last batch (``fracpass.gating.GateStats``): per unit the fraction
     of samples per option, the mean relative cost and the target in force; None before any batch."""
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:
-        gated = [path for path, part in parts if _hub(part) is not None] or [parts[0][0]]
+        gated = [path for path, part in parts if gate_hub(part) is not None] or [parts[0][0]]
         raise FracpassError(f"gate_stats: {type(qmodel).__name__} holds several transformed parts "
                             f"({', '.join(path for path, _ in parts)}), each with its own gates; ask a part: "
                             f"fracpass.gate_stats(model.{gated[0]})")
-    hub = _hub(qmodel)
+    hub = gate_hub(qmodel)
     if hub is None:
         raise FracpassError("gate_stats: this model has no gates; transform it with a plan that has them, "
                             "e.g. fracpass.Plan.static(w=4, a=8, g=8).with_gates(fracpass.Gates())")
@@ -409,7 +409,7 @@ def gate_stats(qmodel: nn.Module):
 
 def current_stage(qmodel: nn.Module) -> int:
     """The stage the quantizers are in (after load_state_dict, the loaded one)."""
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:
         from fracpass.parts import parts_stage
 
@@ -422,7 +422,7 @@ def current_stage(qmodel: nn.Module) -> int:
 
 def summary(qmodel: nn.Module) -> str:
     """A table of every compute op: kind, module, bits per role at the current stage, gating, exclusion."""
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:
         from fracpass.parts import parts_summary
 
@@ -458,7 +458,7 @@ def summary(qmodel: nn.Module) -> str:
                     + ((paths.get(node.name, ("simulated", ""))[0],) if native else ()))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"fracpass: {type(qmodel).__name__} captured with {state.method}; stage {stage} of "
-             f"{state.plan.num_stages} (w/a/g = {_stage_text(state.plan, stage)})"]
+             f"{state.plan.num_stages} (w/a/g = {stage_text(state.plan, stage)})"]
     lines += [f"  note: {note}" for note in state.notes]
     for i, row in enumerate(rows):
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -470,7 +470,7 @@ def summary(qmodel: nn.Module) -> str:
     if native:  # execution="native": what runs natively at this stage, and why the rest does not
         lines += [f"  path of {name}: {path}{': ' + why if why else ''}" for name, (path, why) in paths.items()
                   if path == "simulated" or why]
-    hub = _hub(qmodel)
+    hub = gate_hub(qmodel)
     if hub is not None:
         gates = state.plan.gates
         lines.append(f"gates: {len(hub.unit_names)} units ({gates.granularity}), options a/g "
@@ -493,7 +493,7 @@ def _bits_cell(bits: int) -> str:
     return "fp32" if bits >= FULL_PRECISION else str(bits)
 
 
-def _stage_text(plan: Plan, stage: int) -> str:
+def stage_text(plan: Plan, stage: int) -> str:
     s = plan.stages[stage]
     return f"{_bits_cell(s.w)}/{_bits_cell(s.a)}/{_bits_cell(s.g)}"
 
@@ -506,7 +506,7 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
     name (``fracpass.targets.available_targets()``), a path to a profile TOML, or a Target.
     For a model holding transformed parts, the parts' costs summed (``fracpass.parts.parts_cost``).
     """
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:
         from fracpass.parts import parts_cost
 
@@ -516,12 +516,12 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
     from fracpass.targets import load_target
 
     state = _state(qmodel)
-    example_inputs, example_kwargs = _examples(state, example_inputs, example_kwargs)
+    example_inputs, example_kwargs = example_args(state, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise FracpassError("cost: no example inputs; pass example_inputs=(x,) (the costs depend on input shapes)")
     loaded = load_target(target) if target is not None else None
     stage = current_stage(qmodel) if stage is None else stage
-    hub = _hub(qmodel)
+    hub = gate_hub(qmodel)
     run = lambda: CostAnalysisPass(example_inputs, example_kwargs or {}, state.plan.num_stages, stage, loaded)(qmodel)
     with _gc_paused():
         if hub is None:

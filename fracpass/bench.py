@@ -203,7 +203,7 @@ def _sum_loss(out: Any) -> torch.Tensor:
 # -- prediction ------------------------------------------------------------------------------------
 def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[float, float, float, float]:
     """(as run, at bits, as run forward, at bits forward) in seconds for one op at ``stage``."""
-    from fracpass.costreport import _is_zero
+    from fracpass.costreport import is_zero
 
     at_bits = op_cost.products(stage)
     fp32 = op_cost.products(None)
@@ -211,7 +211,7 @@ def _predict(op_cost, stage: int, runs_on: Tuple[str, ...], target) -> Tuple[flo
     bits_total = sum(lat(p) for p in at_bits)
     bits_fwd = lat(at_bits[0])
     # runs_on: forward, then one entry per operand; the products list only operands with a gradient
-    per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not _is_zero(m)]
+    per_product = [runs_on[0]] + [runs_on[1 + i] for i, m in enumerate(op_cost.backward_macs) if not is_zero(m)]
     bf16 = lambda f: (f[0], f[1], 16, 16, f[4] / 2)  # 16-bit operands, half fp32's bytes
     if op_cost.mix:  # gated: simulated (every product in fp32), or convolutions on bf16 with per-sample scales
         # samples whose gradient option exceeds 8 bits run their backward products in fp32
@@ -236,16 +236,16 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
     cores (default: ``torch.get_num_threads()``); ``stages``: default every stage of the plan;
     ``loss_fn``: output -> scalar (default: the sum of the output's floating tensors).
     """
-    from fracpass.api import _examples, _stage_text, cost, set_stage
+    from fracpass.api import example_args, stage_text, cost, set_stage
     from fracpass.state import model_state as _state
-    from fracpass.costing import _flat_inputs
+    from fracpass.costing import flat_inputs
     from fracpass.native import op_paths, product_paths
     from fracpass.targets import load_target
 
     if repeats < 1 or warmup < 0:
         raise FracpassError(f"bench: repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0")
     state = _state(qmodel)
-    args, kwargs = _examples(state, example_inputs, example_kwargs)
+    args, kwargs = example_args(state, example_inputs, example_kwargs)
     if not args and not kwargs:
         raise FracpassError("bench: no example inputs; pass example_inputs=(x,) (a batch to time the step on)")
     used = threads or torch.get_num_threads()
@@ -295,7 +295,7 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 for _ in range(repeats):
                     timed = _Timed(work, member)
                     # Interpreter.run takes the graph's flat inputs (keywords and defaults placed as cost does)
-                    flat = timed.run(*_flat_inputs(work, args, kwargs), enable_io_processing=False)
+                    flat = timed.run(*flat_inputs(work, args, kwargs), enable_io_processing=False)
                     out = work.graph._codegen.process_outputs(flat)
                     loss_fn(out).backward()
                     work.zero_grad(set_to_none=True)
@@ -312,7 +312,7 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                     timings.append(OpTiming(o.op, o.kind, path, runs_on, statistics.median(fwd[o.op]),
                                             statistics.median(bwd[o.op]) if bwd[o.op] else None, as_run, at_bits, as_run_f,
                                             at_bits_f))
-                results.append(StageBench(stage, _stage_text(state.plan, stage), statistics.median(steps), (min(steps), max(steps)),
+                results.append(StageBench(stage, stage_text(state.plan, stage), statistics.median(steps), (min(steps), max(steps)),
                                           tuple(timings)))
                 if progress is not None:
                     progress(f"stage {stage}: step {_ms(statistics.median(steps))} ms")

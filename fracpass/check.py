@@ -234,7 +234,7 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
     unquantized ops, and their MACs, measured with FlopCounterMode's rules, as unquantized MACs."""
     from fracpass.api import cost
     from fracpass.state import model_state as _state
-    from fracpass.costing import _uncosted
+    from fracpass.costing import uncosted
 
     state = _state(qmodel)
     quantizers_of: Dict[str, set] = {}
@@ -268,7 +268,7 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
     opaque = [(op.op, op.excluded, op.forward_macs, op.operand_elems[1] > 0)
               for op in (report.ops if report is not None else ()) if op.kind == "opaque"]
     measured = {name for name, *_ in opaque}
-    for name, why in _uncosted(qmodel):
+    for name, why in uncosted(qmodel):
         if name not in measured:
             node = next(n for n in qmodel.graph.nodes if n.name == name)
             weighted = any(True for _ in qmodel.get_submodule(node.target).parameters()) if node.op == "call_module" \

@@ -214,7 +214,7 @@ def _shape_of(recorder: _Recorder, node: torch.fx.Node, slot) -> Any:
     return recorder.env[value].shape if isinstance(value, torch.fx.Node) else torch.as_tensor(value).shape
 
 
-def _flat_inputs(gm: torch.fx.GraphModule, args, kwargs):
+def flat_inputs(gm: torch.fx.GraphModule, args, kwargs):
     codegen = gm.graph._codegen
     if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):
         import torch.fx._pytree as fx_pytree
@@ -235,7 +235,7 @@ def _flat_inputs(gm: torch.fx.GraphModule, args, kwargs):
 
 
 @contextlib.contextmanager
-def _state_kept(gm: nn.Module):
+def state_kept(gm: nn.Module):
     """Run the model without leaving a trace: buffers (BatchNorm statistics) and the RNG restored."""
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -269,7 +269,7 @@ def _needs_grad(gm: torch.fx.GraphModule) -> Dict[str, bool]:
     return flow
 
 
-def _uncosted(gm: torch.fx.GraphModule) -> List[Tuple[str, str]]:
+def uncosted(gm: torch.fx.GraphModule) -> List[Tuple[str, str]]:
     found = []
     for node in gm.graph.nodes:
         if meta.op_info(node) or meta.inserted(node):
@@ -334,16 +334,16 @@ def analyze(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Dict[str, Any
     """Propagate the example inputs' shapes through ``gm`` and cost every annotated compute op.
 
     ``watch``: node names whose output shapes the report keeps in ``node_shapes``."""
-    flat = _flat_inputs(gm, args, kwargs)
+    flat = flat_inputs(gm, args, kwargs)
     flow = _needs_grad(gm)
-    with _state_kept(gm):
+    with state_kept(gm):
         recorder = _Recorder(gm, watch=watch, flow=flow, num_stages=num_stages)
         recorder.run(*flat)
     ops, skipped = _op_costs(gm, recorder.shapes, flow, num_stages, int)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     ops = sorted(ops + list(recorder.opaque.values()), key=lambda o: order[o.op])
     batch = next((int(x.shape[0]) for x in flat if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
-    unseen = [(name, why) for name, why in _uncosted(gm) if name not in recorder.opaque]
+    unseen = [(name, why) for name, why in uncosted(gm) if name not in recorder.opaque]
     report = CostReport(ops, batch, num_stages, stage, target, unseen + skipped)
     report.node_shapes = dict(recorder.watched)
     report._symbolic = lambda: _symbolic_ops(gm, args, kwargs, flow, num_stages, report)
@@ -384,7 +384,7 @@ def _symbolic_ops(gm, args, kwargs, flow, num_stages, report: CostReport) -> Lis
                 names[size.node.expr] = sympy.Symbol(name, positive=True, integer=True)
         return fake
 
-    flat = [fake_input(x) for x in _flat_inputs(gm, args, kwargs)]
+    flat = [fake_input(x) for x in flat_inputs(gm, args, kwargs)]
     with mode, torch.no_grad():
         recorder = _Recorder(gm, convert=lambda t: mode.from_tensor(t, static_shapes=True))
         recorder.run(*flat)

@@ -64,7 +64,7 @@ class OpCost:
         out = [("forward", self.forward_macs, bits[0], bits[1] if len(bits) > 1 else bits[0],
                 sum(e * bb / 8 for e, bb in zip(self.operand_elems, bits)) + self.out_elems * 4)]
         for i, macs in enumerate(self.backward_macs):
-            if _is_zero(macs):
+            if is_zero(macs):
                 continue
             category = "backward_weight" if self.roles[i] == "weight" else "backward_error"
             nbytes = self.out_elems * g / 8 + self.operand_elems[1 - i if len(bits) == 2 else 0] * other[i] / 8 \
@@ -73,7 +73,7 @@ class OpCost:
         return out
 
 
-def _is_zero(value: Any) -> bool:
+def is_zero(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
 

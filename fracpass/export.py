@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from fracpass.errors import ExportError
 from fracpass.gating import GatedActQuant, GatedGradQuant
-from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, Quantizer, WeightQuant, _affine_params
+from fracpass.quant import FULL_PRECISION, ActQuant, GradQuant, Quantizer, WeightQuant, affine_params
 
 __all__ = ["export_onnx"]
 
@@ -93,7 +93,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     import onnx
 
     from fracpass import __version__
-    from fracpass.api import _examples, current_stage, set_stage
+    from fracpass.api import example_args, current_stage, set_stage
     from fracpass.state import model_state as _state
 
     state = _state(qmodel)
@@ -101,7 +101,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     if opset < 21:
         raise ExportError(f"export_onnx: opset {opset} is too old; the quantizer forms need opset 21 "
                           "(uint4 and uint16 QuantizeLinear/DequantizeLinear)")
-    example_inputs, example_kwargs = _examples(state, example_inputs, example_kwargs)
+    example_inputs, example_kwargs = example_args(state, example_inputs, example_kwargs)
     n = state.plan.num_stages
     if not -n <= stage < n:
         raise ExportError(f"export_onnx: stage {stage} is out of range; the plan has {n} stage(s)")
@@ -466,7 +466,7 @@ def _integer_type(bits: int):
 
 def _qparams(q: Quantizer, mn: torch.Tensor, mx: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, float]:
     levels = float(2**q.bits - 1)
-    scale, lo, _ = _affine_params(mn.float(), mx.float(), levels)
+    scale, lo, _ = affine_params(mn.float(), mx.float(), levels)
     return scale.numpy().astype(np.float32), (-lo).numpy().astype(np.int64), levels
 
 
@@ -543,7 +543,7 @@ def _gated_act(graph, q: GatedActQuant, src, onehot, out, stem: str) -> None:
         if lv == 0:  # skip / not quantized: the row passes through (Where below); placeholders keep shapes
             scales.append(1.0), lows.append(0.0), highs.append(0.0)
             continue
-        scale, lo, hi = _affine_params(table_min[k].float(), table_max[k].float(), lv)
+        scale, lo, hi = affine_params(table_min[k].float(), table_max[k].float(), lv)
         scales.append(float(scale)), lows.append(float(lo)), highs.append(float(hi))
     v = lambda suffix, dtype=np.float32: gs.Variable(f"{stem}_{suffix}", dtype=dtype)
     choice = v("choice", np.int64)

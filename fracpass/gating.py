@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fracpass.errors import FracpassError, PlanError
-from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, _fused_kernels, _memory_rows, _RangeTracker,
-                            _rows_outer_dense, _torch_seed, plan_state_mismatch)
+from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, fused_kernels, memory_rows, RangeTracker,
+                            rows_outer_dense, torch_seed, plan_state_mismatch)
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
            "fake_quantize_rows", "quantize_grad_rows", "option_scores", "onehot_grad"]
@@ -46,8 +46,8 @@ def _levels(bits: Tensor) -> Tensor:
 
 def fake_quantize_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
     """Fake-quantize each row of ``x`` (dim 0) over its own range [mn_r, mx_r] to levels_r + 1 values."""
-    ext = _fused_kernels(x, mn, mx, levels)
-    if ext is not None and _rows_outer_dense(x) and x.dim() > 0:
+    ext = fused_kernels(x, mn, mx, levels)
+    if ext is not None and rows_outer_dense(x) and x.dim() > 0:
         return ext.fake_quant_rows(x, mn.contiguous(), mx.contiguous(), levels.contiguous())
     shape = (-1,) + (1,) * (x.dim() - 1)
     lv = levels.view(shape).to(x.dtype)
@@ -64,10 +64,10 @@ def fake_quantize_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Ten
 
 def quantize_grad_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
     """Stochastic rounding of each row of ``g`` over its own range to levels_r + 1 values."""
-    ext = _fused_kernels(g, mn, mx, levels)
+    ext = fused_kernels(g, mn, mx, levels)
     if ext is not None and g.dim() > 0:
-        g = g if _rows_outer_dense(g) else g.contiguous()
-        return ext.grad_sr_rows(g, mn.contiguous(), mx.contiguous(), levels.contiguous(), _torch_seed())
+        g = g if rows_outer_dense(g) else g.contiguous()
+        return ext.grad_sr_rows(g, mn.contiguous(), mx.contiguous(), levels.contiguous(), torch_seed())
     shape = (-1,) + (1,) * (g.dim() - 1)
     lv = levels.view(shape).to(g.dtype)
     active = lv > 0
@@ -81,9 +81,9 @@ def quantize_grad_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Ten
 
 def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: Tensor) -> Tensor:
     """(rows, K): sum over each row of g * fake_quantize(x) at option k's levels and the row's range."""
-    ext = _fused_kernels(x, g, mn, mx, option_levels)
+    ext = fused_kernels(x, g, mn, mx, option_levels)
     if ext is not None and x.dim() > 0 and option_levels.numel() <= 16:
-        if not (_rows_outer_dense(x) and x.stride() == g.stride()):  # the kernel pairs x and g by memory index
+        if not (rows_outer_dense(x) and x.stride() == g.stride()):  # the kernel pairs x and g by memory index
             x, g = x.contiguous(), g.contiguous()
         return ext.option_scores(x, g, mn.contiguous(), mx.contiguous(), option_levels)
     rows = x.shape[0]
@@ -97,12 +97,12 @@ def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: T
     return torch.stack(cols, 1)
 
 
-def _row_range(x: Tensor) -> Tuple[Tensor, Tensor]:
+def range_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample min and max. A NaN propagates into its row's range and an Inf makes the scale
     infinite: either way that row's output comes out NaN, as in the static quantizers."""
     x = x.detach()
-    if _rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
-        flat = _memory_rows(x)
+    if rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
+        flat = memory_rows(x)
     else:
         flat = x.reshape(x.shape[0], -1)
     # amin and amax separately: aminmax(dim=1) took 0.83 ms per 2M floats here, the pair 0.4 ms
@@ -120,7 +120,7 @@ def _per_sample(x: Tensor, batch: int, where: nn.Module) -> Tensor:
                        f"dimension for the gate's batch of {batch}; exclude this op from gating with a plan rule")
 
 
-def _group_range(mn: Tensor, mx: Tensor, choice: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def range_per_group(mn: Tensor, mx: Tensor, choice: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Range of each option group, then gathered back per row: (row mn, row mx, group mn, group mx)."""
     gmn = mn.new_full((k,), float("inf")).scatter_reduce(0, choice, mn, "amin")
     gmx = mx.new_full((k,), float("-inf")).scatter_reduce(0, choice, mx, "amax")
@@ -172,8 +172,8 @@ class _GatedGradQuantFn:
     def quantize(grad: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:
         if grad.shape[0] != choice.numel():  # sample-major rows (see _per_sample): quantize per sample
             return _GatedGradQuantFn.quantize(grad.reshape(choice.numel(), -1), choice, option_levels).view_as(grad)
-        mn, mx = _row_range(grad)
-        mn, mx, _, _ = _group_range(mn, mx, choice, option_levels.numel())
+        mn, mx = range_per_row(grad)
+        mn, mx, _, _ = range_per_group(mn, mx, choice, option_levels.numel())
         return quantize_grad_rows(grad, mn, mx, option_levels[choice])
 
 
@@ -196,7 +196,7 @@ def skip_gate(main: Tensor, onehot: Tensor, skip: Tuple[int, ...]) -> Tensor:
 
 
 # -- modules --------------------------------------------------------------------------------------
-class GatedActQuant(_RangeTracker):
+class GatedActQuant(RangeTracker):
     """Activation quantizer of a gated op: per sample at the bits of the option its gate chose.
 
     Training: each option group's batch range (tracked as an EMA per option); eval: that EMA
@@ -235,8 +235,8 @@ class GatedActQuant(_RangeTracker):
         groups' EMA in training), for callers that compute the codes themselves (``fracpass.native``).
         ``x`` leads with one row per sample; ``choice`` holds each sample's option."""
         if self.training or not self._range_ready:
-            mn, mx = _row_range(x)
-            mn, mx, gmn, gmx = _group_range(mn, mx, choice, self.options.numel())
+            mn, mx = range_per_row(x)
+            mn, mx, gmn, gmx = range_per_group(mn, mx, choice, self.options.numel())
             if self.training:
                 self._track(gmn, gmx)
             return mn, mx
@@ -252,7 +252,7 @@ class GatedActQuant(_RangeTracker):
 
     @torch.no_grad()
     def _track(self, gmn: Tensor, gmx: Tensor) -> None:
-        # an option no sample chose keeps the (inf, -inf) it started from in _group_range
+        # an option no sample chose keeps the (inf, -inf) it started from in range_per_group
         chosen = (gmn != float("inf")) | (gmx != float("-inf"))
         finite = torch.isfinite(gmn) & torch.isfinite(gmx)
         batch_ok = (finite | ~chosen).all()  # decided on the device, as in ActQuant._track

@@ -51,7 +51,7 @@ def transform_parts(model: nn.Module, plan, example_inputs: Sequence[Any] = (),
     is one Plan for every part or ``{path: Plan}``; ``options`` go to ``transform``
     (``capture_method``, ``leaf_modules``, ``concrete_args``, ``dynamic_batch``).
     """
-    from fracpass.api import _copy_model, transform
+    from fracpass.api import copy_model, transform
     from fracpass.plan import Plan
 
     if not isinstance(model, nn.Module):
@@ -68,7 +68,7 @@ def transform_parts(model: nn.Module, plan, example_inputs: Sequence[Any] = (),
         _check_part(model, path, parts)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    copied = _copy_model(model)
+    copied = copy_model(model)
     targets = [(path, copied.get_submodule(path)) for path in parts]
     first: Dict[str, Tuple[Tuple[Any, ...], Dict[str, Any]]] = {}
     for path, _, args, kwargs in _record_calls(copied, targets, tuple(example_inputs), dict(example_kwargs or {}),
@@ -193,7 +193,7 @@ def parts_cost(model: nn.Module, parts: Parts, example_inputs: Tuple[Any, ...], 
 def _record_calls(model, parts, example_inputs, example_kwargs, where: str):
     """Run ``model`` once, leaving no trace, and record each part call's arguments (copied: the
     model may modify them in place later)."""
-    from fracpass.costing import _state_kept
+    from fracpass.costing import state_kept
 
     calls: List[Tuple[str, nn.Module, Tuple[Any, ...], Dict[str, Any]]] = []
     record = lambda m, args, kwargs, path: calls.append(
@@ -204,7 +204,7 @@ def _record_calls(model, parts, example_inputs, example_kwargs, where: str):
 
     hubs = [part.gates for _, part in parts if isinstance(part.__dict__.get("fracpass"), _State) and _has_gates(part)]
     try:
-        with _state_kept(model), contextlib.ExitStack() as stack:
+        with state_kept(model), contextlib.ExitStack() as stack:
             for hub in hubs:
                 stack.enter_context(hub.keeping_choices())
             model(*example_inputs, **example_kwargs)
@@ -220,9 +220,9 @@ def _record_calls(model, parts, example_inputs, example_kwargs, where: str):
 
 
 def _has_gates(part: nn.Module) -> bool:
-    from fracpass.api import _hub
+    from fracpass.api import gate_hub
 
-    return _hub(part) is not None
+    return gate_hub(part) is not None
 
 
 def _merge(reports: List[Tuple[str, str, CostReport]]) -> CostReport:

@@ -58,7 +58,7 @@ _DITHER_OFFSET = 0.5 / 256
 
 def _scalar_kernels(mn: Tensor, mx: Tensor):
     """The compiled CPU kernels for one float32 CPU range (plain tensors outside tracing and compiling,
-    no autograd), else None: _affine_params and _track then take one call instead of about ten ops."""
+    no autograd), else None: affine_params and _track then take one call instead of about ten ops."""
     if (type(mn) is not Tensor or type(mx) is not Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or mn.device.type != "cpu" or mx.device.type != "cpu" or mn.dtype != torch.float32
             or mx.dtype != torch.float32 or mn.numel() != 1 or mx.shape != mn.shape or mn.requires_grad
@@ -67,7 +67,7 @@ def _scalar_kernels(mn: Tensor, mx: Tensor):
     return kernels.load()
 
 
-def _affine_params(mn: Tensor, mx: Tensor, levels: float) -> Tuple[Tensor, Tensor, Tensor]:
+def affine_params(mn: Tensor, mx: Tensor, levels: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Scale and the integer bounds of ``round(x / scale)`` for a range holding zero."""
     ext = _scalar_kernels(mn, mx) if type(levels) is float else None
     if ext is not None:  # the same float32 arithmetic (quant_cpu.cpp's affine)
@@ -81,14 +81,14 @@ def _affine_params(mn: Tensor, mx: Tensor, levels: float) -> Tuple[Tensor, Tenso
     return scale, -zero_point, levels - zero_point
 
 
-def _fused_kernels(x: Tensor, *ranges: Tensor):
+def fused_kernels(x: Tensor, *ranges: Tensor):
     """The compiled CPU kernels when they apply to these tensors, else None."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or any(r.dtype != torch.float32 for r in ranges):
         return None
     return kernels.load()
 
 
-def _rows_outer_dense(x: Tensor) -> bool:
+def rows_outer_dense(x: Tensor) -> bool:
     """The fused kernels' layouts where the channels (dim 1) lie where they expect them: contiguous, or
     channels_last (3-D too), which keep dim 0 outermost. The kernels run over memory order and keep the
     layout, so a channels_last model's tensors stay channels_last (the gradient dither is keyed by memory
@@ -112,19 +112,19 @@ def _outer_dense(x: Tensor) -> bool:
     return x.shape[0] <= 1 or x.stride(0) == x.numel() // x.shape[0]
 
 
-def _dense(x: Tensor) -> Tensor:
+def dense(x: Tensor) -> Tensor:
     """x itself in a layout the fused kernels read in memory order, else a contiguous copy."""
-    return x if _rows_outer_dense(x) else x.contiguous()
+    return x if rows_outer_dense(x) else x.contiguous()
 
 
-def _memory_rows(x: Tensor) -> Tensor:
-    """A dense tensor that keeps dim 0 outermost (``_rows_outer_dense``) viewed as (rows of dim 0, the
+def memory_rows(x: Tensor) -> Tensor:
+    """A dense tensor that keeps dim 0 outermost (``rows_outer_dense``) viewed as (rows of dim 0, the
     rest) in memory order: a channels_last tensor's samples without a copy."""
     rest = x.numel() // max(x.shape[0], 1)
     return x.as_strided((x.shape[0], rest), (rest, 1), x.storage_offset())
 
 
-def _memory_order(x: Tensor) -> Tensor:
+def memory_order(x: Tensor) -> Tensor:
     """A dense tensor's elements as a 1-D view in memory order."""
     return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
@@ -134,14 +134,14 @@ _KNOWN_RANGE = "_fracpass_range"  # a tensor's attribute: (its memory, its versi
 
 def hand_range(x: Tensor, mn: Tensor, mx: Tensor) -> None:
     """Give the next quantizer that reads ``x`` its min and max, computed by the op that wrote x in the
-    same pass (fracpass.native's fused BatchNorm): ``_aminmax(x)`` returns them instead of reading x
+    same pass (fracpass.native's fused BatchNorm): ``value_range(x)`` returns them instead of reading x
     again. They must be torch.aminmax's values (NaN for both if x holds a NaN). They hold while x is
     unchanged: an in-place op on x (or on a view of it) moves its version counter and drops them, and a
     copy that carries the attribute along (deepcopy, pickle) lies elsewhere in memory and drops them."""
     x.__dict__[_KNOWN_RANGE] = (x.data_ptr(), x._version, mn, mx)
 
 
-def _aminmax(x: Tensor) -> Tuple[Tensor, Tensor]:
+def value_range(x: Tensor) -> Tuple[Tensor, Tensor]:
     """torch.aminmax over every element (never building a graph); a dense tensor with dim 0 outermost
     (channels_last, an attention head's transposed view) is read in memory order as it lies (aten's
     aminmax would first copy it to contiguous: 0.9 ms per 4 MB here); a range handed over with
@@ -151,7 +151,7 @@ def _aminmax(x: Tensor) -> Tuple[Tensor, Tensor]:
         return known[2], known[3]
     x = x.detach()
     if not x.is_contiguous() and _outer_dense(x):
-        x = _memory_order(x)
+        x = memory_order(x)
     return torch.aminmax(x)
 
 
@@ -160,7 +160,7 @@ def _per_row(x: Tensor, mn: Tensor) -> bool:
     return mn.numel() == 1 or (mn.dim() == x.dim() and mn.shape[0] == x.shape[0] == mn.numel())
 
 
-def _torch_seed() -> int:
+def torch_seed() -> int:
     """A 63-bit seed drawn from torch's default CPU generator, so torch.manual_seed governs the noise."""
     return int(torch.empty((), dtype=torch.int64).random_())
 
@@ -171,10 +171,10 @@ def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     Equals ONNX ``DequantizeLinear(QuantizeLinear(x))`` with the same scale and zero point.
     Returns a new tensor; no gradient is defined here (see ``_FakeQuantSTE``).
     """
-    ext = _fused_kernels(x, mn, mx)
+    ext = fused_kernels(x, mn, mx)
     if ext is not None and _outer_dense(x) and _per_row(x, mn):
         return ext.fake_quant(x, mn, mx, float(2**bits - 1))
-    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     q = torch.div(x, scale)  # a true division: x * (1 / s) differs from QuantizeLinear on ties
     q.round_()
     # Two one-sided clamps: two-sided clamp_ with tensor bounds is ~6x slower on CPU here.
@@ -201,7 +201,7 @@ def _cpu_dither(numel: int) -> Tensor:
     ``torch.rand_like`` costs ~7.5 ms per 2M floats on this class of CPU; SFC64 bytes ~1.6 ms.
     Seeding from torch's default generator keeps runs reproducible under ``torch.manual_seed``.
     """
-    rng = np.random.Generator(np.random.SFC64(_torch_seed()))
+    rng = np.random.Generator(np.random.SFC64(torch_seed()))
     return torch.from_numpy(rng.integers(0, 256, size=numel, dtype=np.uint8))
 
 
@@ -215,12 +215,12 @@ def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     if g.numel() == 0:
         return g.clone()
     levels = float(2**bits - 1)
-    ext = _fused_kernels(g)
+    ext = fused_kernels(g)
     if ext is not None:
-        g = _dense(g)
-        mn, mx = _aminmax(g)
-        return ext.grad_sr(g, mn, mx, levels, _torch_seed())
-    mn, mx = _aminmax(g)
+        g = dense(g)
+        mn, mx = value_range(g)
+        return ext.grad_sr(g, mn, mx, levels, torch_seed())
+    mn, mx = value_range(g)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(g.dtype).tiny)
     if g.device.type == "cpu":
         # (g - (mn - s * offset)) / s == (g - mn) / s + offset, folding the dither's mean into
@@ -320,7 +320,7 @@ class Quantizer(nn.Module):
         return f"bits={self._bits}, stage_bits={tuple(self.stage_bits.tolist())}"
 
 
-class _RangeTracker(Quantizer):
+class RangeTracker(Quantizer):
     """A quantizer that tracks a running range: a batch with a non-finite range is left out of it.
 
     ``range_ready`` (a buffer) says whether a finite batch has been tracked; ``_range_ready``
@@ -348,7 +348,7 @@ def warn_nonfinite(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
     """Log one warning for the quantizers that skipped range updates for non-finite batches since they
     were last warned about (their names, the list cut after a few); returns the names warned now.
     Reads every quantizer's count in one host transfer."""
-    trackers = [(name, q) for name, q in named if isinstance(q, _RangeTracker)]
+    trackers = [(name, q) for name, q in named if isinstance(q, RangeTracker)]
     if not trackers:
         return []
     device = trackers[0][1].nonfinite_batches.device
@@ -371,7 +371,7 @@ def warn_nonfinite(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
 _NAMES_SHOWN = 4  # quantizer names a non-finite warning lists before "and N more"
 
 
-class ActQuant(_RangeTracker):
+class ActQuant(RangeTracker):
     """Per-tensor activation quantizer: batch min/max in training, an EMA of it in eval.
 
     In eval mode before any finite training batch has been seen, the batch range is used.
@@ -396,7 +396,7 @@ class ActQuant(_RangeTracker):
         """The range ``forward`` quantizes ``x`` over (tracking it in training), for callers that
         compute the codes themselves (``fracpass.native``)."""
         if self.training or not self._range_ready:
-            mn, mx = _aminmax(x)
+            mn, mx = value_range(x)
             if self.training:
                 self._track(mn, mx)
             return mn, mx
@@ -463,7 +463,7 @@ class WeightQuant(Quantizer):
     def qrange(self, w: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-channel (or per-tensor) min and max, shaped to broadcast against ``w``."""
         if self.axis is None or w.dim() == 0:
-            return _aminmax(w.detach())
+            return value_range(w.detach())
         axis = self.axis % w.dim()
         per_channel = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1)
         mn, mx = torch.aminmax(per_channel, dim=1)

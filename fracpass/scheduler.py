@@ -20,11 +20,11 @@ log = logging.getLogger("fracpass.scheduler")
 
 def schedule(qmodel, plan: Optional[Plan] = None, example_inputs=(), example_kwargs=None):
     """The scheduler pass: a StagePlan of every op's bits per stage (budgets resolved to AtSteps)."""
-    from fracpass.api import _parts, cost
+    from fracpass.api import parts_of, cost
     from fracpass.state import model_state as _state
     from fracpass.passes.schedule import SchedulePass
 
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is not None:  # a model holding transformed parts: one schedule over all of them
         from fracpass.parts import parts_schedule
 
@@ -57,10 +57,10 @@ class Scheduler:
     """
 
     def __init__(self, qmodel, plan: Optional[Plan] = None):
-        from fracpass.api import _parts, current_stage
+        from fracpass.api import parts_of, current_stage
         from fracpass.state import model_state as _state
 
-        parts = _parts(qmodel)  # None, or the transformed parts qmodel holds: they switch together
+        parts = parts_of(qmodel)  # None, or the transformed parts qmodel holds: they switch together
         if parts is None:
             state = _state(qmodel)
         else:

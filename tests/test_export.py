@@ -460,10 +460,10 @@ def _fire_trained():
 def _flip_nearest_tie(module, args):
     """As if this layer's conv had summed in another order: in each sample, the input value whose code sits
     nearest a rounding boundary is mirrored across it (it moves by less than float noise; its code by one step)."""
-    from fracpass.quant import _affine_params
+    from fracpass.quant import affine_params
 
     x = args[0].clone()
-    scale, lo, _ = _affine_params(module.running_min.float(), module.running_max.float(), float(2 ** module.bits - 1))
+    scale, lo, _ = affine_params(module.running_min.float(), module.running_max.float(), float(2 ** module.bits - 1))
     offset = x / scale - lo
     offset = offset - offset.floor() - 0.5
     for sample, flat in zip(offset, x.view(x.shape[0], -1)):
@@ -542,13 +542,13 @@ def test_fire_model_exports_and_a_wrong_scale_is_refused_naming_the_layer_and_ve
 def test_one_tie_in_a_small_layer_is_still_a_tie(tmp_path):
     """A small layer (here the model's input, 2 x 16 values) holding one tie: 3 % of its codes differ."""
     from fracpass.export import _judge_layers
-    from fracpass.quant import _affine_params
+    from fracpass.quant import affine_params
 
     torch.manual_seed(0)
     qmodel = calibrated(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)), fracpass.Plan.static(8, 8, 8),
                         lambda b: torch.randn(b, 16))
     q = dict(fracpass.quantizers(qmodel))["_0_aq"]
-    scale, lo, _ = _affine_params(q.running_min.float(), q.running_max.float(), 255.0)
+    scale, lo, _ = affine_params(q.running_min.float(), q.running_max.float(), 255.0)
     x = torch.randn(2, 16)
     x[0, 0] = ((x[0, 0] / scale - lo).floor() + 0.5 + 1e-4 + lo) * scale  # 1e-4 of a step above a boundary
     fracpass.export_onnx(qmodel, tmp_path / "m.onnx", example_inputs=(x,), verify=False)

@@ -285,7 +285,7 @@ def test_fused_row_kernels_match_the_torch_op_fallback(monkeypatch):
     levels = torch.tensor([7.0, 0.0, 255.0, 3.0, 65535.0])
     opts = torch.tensor([7.0, 15.0, 0.0])
     fused = (gating.fake_quantize_rows(x, mn, mx, levels), gating.option_scores(x, x, mn, mx, opts))
-    monkeypatch.setattr(gating, "_fused_kernels", lambda *a: None)
+    monkeypatch.setattr(gating, "fused_kernels", lambda *a: None)
     plain = (gating.fake_quantize_rows(x, mn, mx, levels), gating.option_scores(x, x, mn, mx, opts))
     torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)
@@ -484,7 +484,7 @@ def test_gated_act_quant_per_sample_levels_and_error_bound(rows, rest, bits, mag
     quant = GatedActQuant(options, num_stages=1).train()
     out = quant(x, onehot)
     with pytest.MonkeyPatch.context() as m:  # the torch-op path
-        m.setattr(gating, "_fused_kernels", lambda *a: None)
+        m.setattr(gating, "fused_kernels", lambda *a: None)
         plain = GatedActQuant(options, num_stages=1).train()(x, onehot)
     assert torch.equal(out, plain)
     for k, a in enumerate(options):

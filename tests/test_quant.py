@@ -292,7 +292,7 @@ def test_channels_last_tensors_stay_channels_last_through_the_quantizers():
     aq = ActQuant([4]).train()
     assert cl(aq(x)) and torch.equal(aq(x), fake_quantize(x.contiguous(), mn, mx, 4))
     # the min and max are read in memory order, without a copy, and equal aten's
-    assert all(torch.equal(a, b) for a, b in zip(quant._aminmax(x), torch.aminmax(x.contiguous())))
+    assert all(torch.equal(a, b) for a, b in zip(quant.value_range(x), torch.aminmax(x.contiguous())))
     # stochastic rounding: the dither is keyed by memory index, so a channels_last gradient is rounded
     # exactly as its memory read flat would be, and stays channels_last
     torch.manual_seed(3)
@@ -301,7 +301,7 @@ def test_channels_last_tensors_stay_channels_last_through_the_quantizers():
     flat = quantize_grad_stochastic(x.permute(0, 2, 3, 1).reshape(-1), 6)  # the same memory, contiguous
     assert cl(g) and torch.equal(g.permute(0, 2, 3, 1).reshape(-1), flat)
     x5 = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
-    assert quant._rows_outer_dense(x5) and not quant._rows_outer_dense(torch.randn(3, 4).t())
+    assert quant.rows_outer_dense(x5) and not quant.rows_outer_dense(torch.randn(3, 4).t())
 
 
 def test_attention_head_views_are_quantized_as_they_lie_in_memory(monkeypatch):
@@ -325,7 +325,7 @@ def test_attention_head_views_are_quantized_as_they_lie_in_memory(monkeypatch):
     monkeypatch.setattr(quant.kernels, "load", lambda: Spy())
     aminmax = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda t, *a, **k: (read.append(t), aminmax(t, *a, **k))[1])
-    mn, mx = quant._aminmax(x)
+    mn, mx = quant.value_range(x)
     assert read[-1].dim() == 1 and read[-1].data_ptr() == x.data_ptr()  # no copy
     assert torch.equal(mn, x.min()) and torch.equal(mx, x.max())
     out = fake_quantize(x, mn, mx, 4)
@@ -343,4 +343,4 @@ def test_attention_head_views_are_quantized_as_they_lie_in_memory(monkeypatch):
         mn, mx = torch.aminmax(t)
         assert torch.equal(fake_quantize(t, mn, mx, 4), fake_quantize(t.contiguous(), mn, mx, 4))
     assert len(calls) == 8  # the contiguous copies' only
-    assert quant._outer_dense(x) and not quant._rows_outer_dense(x)
+    assert quant._outer_dense(x) and not quant.rows_outer_dense(x)

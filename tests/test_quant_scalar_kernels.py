@@ -1,6 +1,6 @@
 """One-call CPU forms of the quantizers' scalar arithmetic (quant_cpu.cpp's affine_params, track_range_).
 
-fracpass.quant._affine_params and ActQuant._track run about ten tensor ops on one range each call; on a
+fracpass.quant.affine_params and ActQuant._track run about ten tensor ops on one range each call; on a
 float32 CPU range they take one kernel call instead. The results must be the torch ops' bit for bit
 (zeros' signs included), on ordinary, zero, one-sided, tiny, huge and non-finite ranges, and the torch
 ops must still run where the kernels do not apply (tracing, other dtypes, a momentum of 0.5 or more).
@@ -34,10 +34,10 @@ def test_affine_params_is_the_torch_ops_bit_for_bit(shape, monkeypatch):
     cases = 0
     for mn, mx, levels in itertools.product(VALUES, VALUES, [1.0, 3.0, 15.0, 255.0, 65535.0]):
         a, b = torch.tensor(mn).reshape(shape), torch.tensor(mx).reshape(shape)
-        fast = quant._affine_params(a, b, levels)
+        fast = quant.affine_params(a, b, levels)
         with monkeypatch.context() as m:
             m.setattr(quant, "_scalar_kernels", lambda *_: None)
-            slow = quant._affine_params(a, b, levels)
+            slow = quant.affine_params(a, b, levels)
         for f, s in zip(fast, slow):
             assert f.shape == s.shape and f.dtype == s.dtype and torch.equal(_bits(f), _bits(s)), (mn, mx, levels)
         cases += 1
@@ -61,12 +61,12 @@ def _spy_on(monkeypatch, name):
 def test_affine_params_takes_the_kernel_only_for_a_plain_float32_cpu_range(monkeypatch):
     calls = _spy_on(monkeypatch, "affine_params")
     one = torch.tensor(1.0)
-    quant._affine_params(-one, one, 255.0)
+    quant.affine_params(-one, one, 255.0)
     assert calls == [1]
-    quant._affine_params(-one.double(), one.double(), 255.0)  # float64
-    quant._affine_params(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 255.0)  # per channel
-    quant._affine_params(-one, one, torch.tensor(255.0))  # a tensor of levels (gated rows)
-    quant._affine_params(-one.requires_grad_(), one, 255.0)  # autograd
+    quant.affine_params(-one.double(), one.double(), 255.0)  # float64
+    quant.affine_params(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 255.0)  # per channel
+    quant.affine_params(-one, one, torch.tensor(255.0))  # a tensor of levels (gated rows)
+    quant.affine_params(-one.requires_grad_(), one, 255.0)  # autograd
     assert calls == [1]
 
 
@@ -127,7 +127,7 @@ def test_the_kernel_refuses_what_it_does_not_compute():
 def test_tracing_keeps_the_torch_ops():
     """Under torch.jit.trace (ONNX export) the range arithmetic must stay visible as ops."""
     def f(mn, mx):
-        return quant._affine_params(mn, mx, 255.0)[0]
+        return quant.affine_params(mn, mx, 255.0)[0]
 
     traced = torch.jit.trace(f, (torch.tensor(-1.0), torch.tensor(3.0)))
     assert any(n.kind() == "aten::div" for n in traced.graph.nodes())

@@ -29,13 +29,13 @@ def log_entries(scheduler, gates: bool = True) -> Dict[str, float]:
 
 
 def gate_hubs(qmodel):
-    from fracpass.api import _hub, _parts
+    from fracpass.api import gate_hub, parts_of
 
-    parts = _parts(qmodel)
+    parts = parts_of(qmodel)
     if parts is None:
-        hub = _hub(qmodel)
+        hub = gate_hub(qmodel)
         return [(PREFIX, hub)] if hub is not None else []
-    return [(f"{PREFIX}{path}/", _hub(part)) for path, part in parts if _hub(part) is not None]
+    return [(f"{PREFIX}{path}/", gate_hub(part)) for path, part in parts if gate_hub(part) is not None]
 
 
 def _gate_entries(prefix: str, hub) -> Dict[str, float]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fracpass.gating import onehot_grad
-from fracpass.quant import _aminmax, _dense, _rows_outer_dense
+from fracpass.quant import value_range, dense, rows_outer_dense
 from fracpass.native import codes, conv_offsets, gated, int8_conv, options, units
 
 class Bf16Conv(torch.autograd.Function):
@@ -67,9 +67,9 @@ def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
         return kept[0]
     ctx.code_offset = None
     ext = units.ext(q)
-    if ext is None or q.numel() == 0 or not _rows_outer_dense(q):
+    if ext is None or q.numel() == 0 or not rows_outer_dense(q):
         return q
-    lo, hi = (float(m) for m in _aminmax(q))
+    lo, hi = (float(m) for m in value_range(q))
     if hi - lo > 255:
         return q
     ctx.code_offset = lo
@@ -92,7 +92,7 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
     gating: Optional[gated.Gating] = ctx.gating
-    grad = _dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
+    grad = dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
     need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
     mn, mx, levels = codes.grad_range(grad, ctx.gbits, gating, grad_minmax)

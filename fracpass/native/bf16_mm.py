@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from fracpass.gating import GatedGradQuant, onehot_grad
-from fracpass.quant import _dense
+from fracpass.quant import dense
 from fracpass.native import codes, decide, gated
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
@@ -38,7 +38,7 @@ class Bf16Matmul(torch.autograd.Function):
         qa, sa, qb, sb = ctx.saved_tensors[:4]
         gating: Optional[gated.Gating] = ctx.gating
         need_a, need_b = ctx.needs_input_grad[0] or ctx.gate_grad, ctx.needs_input_grad[1] or ctx.gate_grad
-        grad = _dense(grad)
+        grad = dense(grad)
         mn, mx, levels = codes.grad_range(grad, ctx.gbits, gating)
         exact = codes.exact_codes(levels)
         a_hat = lambda: qa.float().mul_(codes.per_row_view(sa, qa))

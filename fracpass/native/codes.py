@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fracpass.gating import _group_range, _row_range, quantize_grad_rows
-from fracpass.quant import FULL_PRECISION, _affine_params, _aminmax, _dense, _fused_kernels, _memory_order, _rows_outer_dense, _torch_seed, quantize_grad_stochastic
+from fracpass.gating import range_per_group, range_per_row, quantize_grad_rows
+from fracpass.quant import FULL_PRECISION, affine_params, value_range, dense, fused_kernels, memory_order, rows_outer_dense, torch_seed, quantize_grad_stochastic
 from fracpass.native import options, units
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Coded:
     """The codes of fake_quantize(x) over [mn, mx] (per tensor, or per row of 2-D x with mn (R, 1),
     or per column with mn (1, C)): up to 7 bits the codes (zero point included) lie in [-127, 127]
     and k is None; at 8 bits they span 256 values in [-255, 255], so t = q - lo - 128, k = lo + 128."""
-    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     eight = bits >= options.MAX_INT8_BITS
     shift = lo + 128 if eight else torch.zeros_like(lo)
     ext = units.ext(x)
@@ -79,8 +79,8 @@ def grad_codes(grad: Tensor, bits: int, values: bool = True) -> Tuple[Optional[T
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     half = float(2 ** (bits - 1))
     ext = units.ext(grad)
-    if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
-        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, _torch_seed(), values)
+    if ext is not None and fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
+        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, torch_seed(), values)
         ghat = ghat if values else None
     else:
         ghat = quantize_grad_stochastic(grad, bits)
@@ -111,7 +111,7 @@ def given(t: Optional[Tensor]) -> Tensor:
 
 def encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     """uint8 codes q - lo = q + zero point in [0, 2^b - 1] of a per-tensor fake_quantize(x)."""
-    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     ext = units.ext(x)
     if ext is not None and x.is_contiguous():
         t, _, _ = ext.encode(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), lo.reshape(-1))
@@ -129,12 +129,12 @@ def bf16_codes(x: Tensor, mn: Tensor, mx: Tensor, levels) -> Tuple[Tensor, Tenso
     rows = torch.is_tensor(levels) and levels.numel() > 1
     if rows:  # one range per sample: fracpass.gating.fake_quantize_rows's arithmetic
         levels = levels.to(torch.float32)
-    scale, lo, hi = _affine_params(mn, mx, levels if rows else float(levels))
+    scale, lo, hi = affine_params(mn, mx, levels if rows else float(levels))
     ext = units.ext(x)
     along_rows = scale.numel() == 1 or (x.dim() > 0 and scale.dim() > 0 and scale.numel() == scale.shape[0] == x.shape[0]
-                                      and _rows_outer_dense(x))
+                                      and rows_outer_dense(x))
     if ext is not None and along_rows:  # per tensor, per sample, or per output channel of a weight (dim 0)
-        return ext.encode_bf16(_dense(x), scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), False, True)[0], scale.reshape(-1)
+        return ext.encode_bf16(dense(x), scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), False, True)[0], scale.reshape(-1)
     if rows:
         scale, lo, hi = (per_row_view(v, x) for v in (scale, lo, hi))
     q = torch.div(x, scale).round_()  # the simulation's formula (fracpass.quant.fake_quantize)
@@ -162,9 +162,9 @@ def bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
     same pass, or None where the kernels do not run (bf16_conv's _narrow_codes then narrows q itself). Without
     ``codes`` (the int8 forward reads the bytes) only the bytes where the kernels run: the codes are None."""
     ext = units.ext(x)
-    if ext is None or not _rows_outer_dense(x) or x.numel() == 0 or bits > options.MAX_INT8_BITS:
+    if ext is None or not rows_outer_dense(x) or x.numel() == 0 or bits > options.MAX_INT8_BITS:
         return bf16_codes(x, mn, mx, float(2**bits - 1)) + (None,)
-    scale, lo, hi = _affine_params(mn, mx, float(2**bits - 1))
+    scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     q, u = ext.encode_bf16(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), True, codes)
     return q if codes else None, scale.reshape(-1), _Kept(u, float(lo))
 
@@ -195,14 +195,14 @@ def bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits:
     beside the product and bfloat16's rounding of the two cannot cancel. Last: with ``bytes`` (one
     range, where the kernels run), q as bytes with -k, t's offset (the int8 input gradient's operand,
     as bf16_input_codes's ``kept``), else None."""
-    grad = _dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
+    grad = dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     zero = torch.minimum(torch.round(-mn / scale).clamp_(min=0.0), levels)
     ext = units.ext(grad)
-    if ext is not None and _fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
+    if ext is not None and fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
         bytes = bytes and levels.numel() == 1
         ghat, t, u = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
-                                         _torch_seed(), values, bytes)
+                                         torch_seed(), values, bytes)
         ghat = ghat if values else None
         kept = (u, -float(zero)) if bytes else None
     else:
@@ -221,10 +221,10 @@ def scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[T
     if rows is not None and rows.numel() == 1:  # one factor for every sample: into the scale (the flat loop)
         scale, rows = scale * rows.reshape(()), None
     ext = units.ext(v)
-    if ext is not None and _rows_outer_dense(v) and (addend is None or same_sample_layout(addend, v)):
+    if ext is not None and rows_outer_dense(v) and (addend is None or same_sample_layout(addend, v)):
         return ext.scale_bf16(v, scale.reshape(-1).float(), NONE_F if bias is None else bias.detach().reshape(-1),
                               NONE_F if rows is None else rows.reshape(-1).float(),
-                              NONE_F if addend is None else _memory_order(addend))
+                              NONE_F if addend is None else memory_order(addend))
     shape = (1, -1) + (1,) * (v.dim() - 2)
     s = scale.view(shape) if scale.numel() > 1 else scale
     if rows is not None:
@@ -238,7 +238,7 @@ def same_sample_layout(addend: Tensor, v: Tensor) -> bool:
     """Whether ``addend`` (1, ...) is one float32 sample of ``v`` laid out as v's samples are, densely,
     so that its memory order is each of v's rows' (scale_bf16 adds it row by row)."""
     return (addend.dtype == torch.float32 and addend.dim() == v.dim() and addend.shape[0] == 1
-            and addend.shape[1:] == v.shape[1:] and _rows_outer_dense(addend)
+            and addend.shape[1:] == v.shape[1:] and rows_outer_dense(addend)
             and all(a == b for a, b, n in zip(addend.stride()[1:], v.stride()[1:], v.shape[1:]) if n > 1))
 
 
@@ -257,12 +257,12 @@ def grad_range(grad: Tensor, gbits: int, gating: Optional[gated.Gating], minmax=
     min and max ``minmax`` when known), or per sample over its option group's range at its option's
     levels (fracpass.gating's GatedGradQuant). The level count is None where the gradient is not quantized."""
     if gating is not None and gating.grad_levels is not None:
-        mn, mx = _row_range(grad)
-        mn, mx, _, _ = _group_range(mn, mx, gating.choice, gating.grad_levels.numel())
+        mn, mx = range_per_row(grad)
+        mn, mx, _, _ = range_per_group(mn, mx, gating.choice, gating.grad_levels.numel())
         return mn, mx, gating.grad_levels[gating.choice]
     if gbits >= FULL_PRECISION:
         return None, None, None
-    mn, mx = _aminmax(grad) if minmax is None else minmax
+    mn, mx = value_range(grad) if minmax is None else minmax
     return mn, mx, torch.tensor(float(2**gbits - 1), device=grad.device)
 
 

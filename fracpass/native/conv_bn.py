@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fracpass.quant import _memory_order, _rows_outer_dense, hand_range
+from fracpass.quant import memory_order, rows_outer_dense, hand_range
 from fracpass.native import bf16_conv, codes, units
 
 def bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor], fast_bn: bool) -> str:
@@ -134,7 +134,7 @@ class GradSink:
                 and (addend is None or (codes.same_sample_layout(addend, v) and addend.numel() % 16 == 0)))
 
     def put(self, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> Tensor:
-        self.handed = (v, scale.reshape(1).float(), codes.NONE_F if addend is None else _memory_order(addend))
+        self.handed = (v, scale.reshape(1).float(), codes.NONE_F if addend is None else memory_order(addend))
         return torch.zeros((), dtype=torch.float32, device=v.device).expand(self.shape)
 
     def take(self) -> Optional[tuple]:
@@ -162,7 +162,7 @@ def _fast_bn_layout(v: Tensor, sa: Tensor, residual: Optional[Tensor]) -> bool:
     """Whether the BatchNorm kernels take this product: channels innermost (channels_last), one input
     scale for the batch (a gated op's per-sample scales are not folded into the statistics), a float32
     residual in the same layout."""
-    return (v.dim() >= 3 and v.shape[1] > 1 and v.stride(1) == 1 and _rows_outer_dense(v)
+    return (v.dim() >= 3 and v.shape[1] > 1 and v.stride(1) == 1 and rows_outer_dense(v)
             and sa.numel() == 1 and (residual is None or (residual.dtype == torch.float32
                                                           and residual.stride() == v.stride()
                                                           and residual.shape == v.shape)))
@@ -203,7 +203,7 @@ def _relu_mask_(out: Tensor) -> Tensor:
     """torch.relu_(out), returning where out <= 0 (what the ReLU's backward reads): as bits in out's
     memory order (uint8, 8 elements a byte) from the fused kernel, else as a bool tensor in out's layout."""
     ext = units.ext(out)
-    if ext is not None and _rows_outer_dense(out):
+    if ext is not None and rows_outer_dense(out):
         return ext.relu_bits_(out)
     return out.relu_() <= 0
 
@@ -218,7 +218,7 @@ def _relu_grad(grad: Tensor, dead: Tensor, stride: Tuple[int, ...]) -> Tensor:
             return ext.relu_grad_bits(grad, dead)
         flags = dead.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(dead.device)).ne(0).view(-1)[:grad.numel()]
         dead = torch.empty_strided(grad.shape, stride, dtype=torch.bool, device=grad.device)
-        _memory_order(dead).copy_(flags)
+        memory_order(dead).copy_(flags)
     # a stand-in for out with its layout and sign
     return torch.ops.aten.threshold_backward(grad, dead.logical_not().float(), 0)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fracpass.gating import GatedGradQuant, onehot_grad
-from fracpass.quant import _dense
+from fracpass.quant import dense
 from fracpass.native import codes, decide
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
@@ -106,7 +106,7 @@ class _Bf16Linear(torch.autograd.Function):
         per, batch = ctx.per, gating.choice.numel()
         need_x = ctx.needs_input_grad[0] or ctx.gate_grad
         need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        g = _dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
+        g = dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
         mn, mx, levels = codes.grad_range(g, ctx.gbits, gating)
         exact = codes.exact_codes(levels)
         w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)

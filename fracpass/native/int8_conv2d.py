@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fracpass.quant import FULL_PRECISION, _affine_params, quantize_grad_stochastic
+from fracpass.quant import FULL_PRECISION, affine_params, quantize_grad_stochastic
 from fracpass.native import codes, decide, units
 from fracpass.native.site import NativeSite, quantized, record
 
@@ -84,7 +84,7 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
     stride, padding, dilation = decide.tuple_arg(stride, 2), decide.tuple_arg(padding, 2), decide.tuple_arg(dilation, 2)
     with torch.no_grad():
         mn, mx = aq.qrange(x)
-        scale, lo, _ = _affine_params(mn, mx, float(2**aq.bits - 1))
+        scale, lo, _ = affine_params(mn, mx, float(2**aq.bits - 1))
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             nhwc = x.detach().permute(0, 2, 3, 1)  # contiguous: codes in the same order, a channels-last view
             u = codes.encode_shifted(nhwc.reshape(-1, nhwc.shape[-1]), mn, mx, aq.bits).view(nhwc.shape).permute(0, 3, 1, 2)

@@ -341,8 +341,8 @@ def test_gated_batched_product_matches_the_gated_simulation(case, kernels, monke
     choice, levels = onehot.argmax(1), aq.option_levels.float()
     terms = []
     for x, dx in zip(inputs, got[1:3]):
-        mn, mx = fracpass.gating._row_range(x)
-        mn, mx, _, _ = fracpass.gating._group_range(mn, mx, choice, levels.numel())
+        mn, mx = fracpass.gating.range_per_row(x)
+        mn, mx, _, _ = fracpass.gating.range_per_group(mn, mx, choice, levels.numel())
         terms.append(fracpass.gating.onehot_grad(x, mn, mx, levels, onehot, dx))
     assert torch.allclose(d_nat, terms[0] + terms[1], rtol=1e-5, atol=1e-5 * float(d_nat.abs().max()))
     n = inputs[0].shape[0]

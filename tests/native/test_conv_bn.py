@@ -95,7 +95,7 @@ def test_fast_batchnorm_matches_a_float64_reference(channels, residual, relu, tr
     _close(rv_got, want[2], "running variance")
     if relu:  # the mask: out <= 0, a bit per element in memory order
         flags = bits.unsqueeze(1).bitwise_and(native.conv_bn._BIT_WEIGHTS).ne(0).view(-1)[:out.numel()]
-        assert torch.equal(flags, fracpass.quant._memory_order(out) <= 0)
+        assert torch.equal(flags, fracpass.quant.memory_order(out) <= 0)
     else:
         assert bits is None
     dy, (mn, mx), g_res, d_w, d_b = native.conv_bn._fast_bn_backward(ext, grad, bits, v, ref, scale, bias, w, mean, invstd,
@@ -298,17 +298,17 @@ def test_a_handed_range_holds_until_the_tensor_changes():
     from fracpass import quant
 
     x = torch.tensor([1.0, -2.0, 3.0])
-    quant.hand_range(x, torch.tensor(-5.0), torch.tensor(7.0))  # not x's: shows which one _aminmax returns
-    assert [float(m) for m in quant._aminmax(x)] == [-5.0, 7.0]
-    assert [float(m) for m in quant._aminmax(x.view(3))] == [-2.0, 3.0]  # another tensor object: scanned
+    quant.hand_range(x, torch.tensor(-5.0), torch.tensor(7.0))  # not x's: shows which one value_range returns
+    assert [float(m) for m in quant.value_range(x)] == [-5.0, 7.0]
+    assert [float(m) for m in quant.value_range(x.view(3))] == [-2.0, 3.0]  # another tensor object: scanned
     x.add_(1)  # in place: the handed range no longer holds
-    assert [float(m) for m in quant._aminmax(x)] == [-1.0, 4.0]
+    assert [float(m) for m in quant.value_range(x)] == [-1.0, 4.0]
     y = torch.tensor([1.0, 2.0])
     quant.hand_range(y, torch.tensor(1.0), torch.tensor(2.0))
     y[0] = 5.0  # through indexing, too
-    assert [float(m) for m in quant._aminmax(y)] == [2.0, 5.0]
+    assert [float(m) for m in quant.value_range(y)] == [2.0, 5.0]
     z = torch.tensor([1.0, 2.0])
     quant.hand_range(z, torch.tensor(1.0), torch.tensor(2.0))
     z.add_(1)
     for copied in (copy.deepcopy(z), pickle.loads(pickle.dumps(z))):  # the attribute travels; its version restarts
-        assert [float(m) for m in quant._aminmax(copied)] == [2.0, 3.0]
+        assert [float(m) for m in quant.value_range(copied)] == [2.0, 3.0]

@@ -58,14 +58,14 @@ def test_the_kernel_forms_the_gradient_as_scale_bf16_writes_it(shape, relu, adde
     if addend and per_row % 16:
         with pytest.raises(RuntimeError, match="a multiple of 16"):
             ext.bn_backward_bf16(y, native.codes.NONE_B if bits is None else bits, v, ref, scale, bias, w, mean, invstd,
-                                 training, False, sc, fracpass.quant._memory_order(add))
+                                 training, False, sc, fracpass.quant.memory_order(add))
         return
-    dx = ext.scale_bf16(y, sc, native.codes.NONE_F, native.codes.NONE_F, native.codes.NONE_F if add is None else fracpass.quant._memory_order(add))
+    dx = ext.scale_bf16(y, sc, native.codes.NONE_F, native.codes.NONE_F, native.codes.NONE_F if add is None else fracpass.quant.memory_order(add))
     mask = native.codes.NONE_B if bits is None else bits
     want = ext.bn_backward_bf16(dx, mask, v, ref, scale, bias, w, mean, invstd, training, False, native.codes.NONE_F,
                                 native.codes.NONE_F)
     got = ext.bn_backward_bf16(y, mask, v, ref, scale, bias, w, mean, invstd, training, False, sc,
-                               native.codes.NONE_F if add is None else fracpass.quant._memory_order(add))
+                               native.codes.NONE_F if add is None else fracpass.quant.memory_order(add))
     for a, b in zip(got[:3] + got[4:], want[:3] + want[4:]):  # dy, its min and max, dw, db (not the given grad)
         assert torch.equal(a, b)
 
