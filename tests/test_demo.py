@@ -24,3 +24,17 @@ def test_demo_quick_trains_three_recipes_prints_the_table_and_writes_the_plots(t
     assert results["summary"]["fp32"]["relative_to_fp32"] == {"paper": 1.0, "whole": 1.0}
     for name in ("results.md", "precision.png", "loss.png", "bitops_accuracy.png", "gates_fractrain.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 1000, name
+    text = (tmp_path / "demo" / "results.md").read_text()
+    assert "1 seed (0)" in text and "1 seeds" not in text  # one seed, said in the singular
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # no heading left without its lines (the demo runs no PFQ: no floors)
+        if line.endswith(":") and line.startswith("Floors"):
+            assert i + 1 < len(lines) and lines[i + 1].startswith("- "), lines[i:i + 3]
+
+
+def test_plots_say_mean_over_seeds_only_for_several_seeds():
+    from fracpass.experiments.plots import _over_seeds
+
+    assert _over_seeds({"seeds": [0], "runs": []}) == ""
+    assert _over_seeds({"seeds": [0, 1, 2], "runs": []}) == ", mean over 3 seeds"
+

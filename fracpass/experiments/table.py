@@ -149,13 +149,14 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
              "there is no saving up to a best iteration).")
     setup = describe_setup(cfg) if cfg is not None else f"ResNet-{6 * cfg_d['blocks'] + 2} width {cfg_d['width']}"
     text = [f"# {results['dataset']}", "",
-            f"`{command}`: {len(results['seeds'])} seeds ({', '.join(map(str, results['seeds']))}), "
+            f"`{command}`: {_count(len(results['seeds']), 'seed')} ({', '.join(map(str, results['seeds']))}), "
             f"{cfg_d['iterations']} iterations of batch {cfg_d['batch_size']}, SGD lr {cfg_d['lr']} "
             f"({cfg_d.get('lr_schedule', 'cosine')}) momentum {cfg_d['momentum']} wd {cfg_d['weight_decay']}, {setup}, "
             f"execution {cfg_d.get('execution', 'simulate')}; torch {results['environment']['torch']}, "
             f"{results['environment']['threads']} thread(s); {results['wall_s']:.0f} s in all.", "", basis, "",
             markdown_table(summary), "",
-            "Floors (paper's accounting, whole runs; accuracy difference paired by seed):", *floor_lines, "",
+            *(["Floors (paper's accounting, whole runs; accuracy difference paired by seed):", *floor_lines, ""]
+              if floor_lines else []),
             "Energy and latency of the whole training run per hardware profile (whole model):", "",
             profiles_table(summary), "", gates_table(summary)]
     paths["markdown"].write_text("\n".join(text) + "\n")
@@ -164,3 +165,8 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
 
         paths.update(write_plots(results, out_dir))
     return paths
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
