@@ -65,8 +65,9 @@ class Extension:
         return self.sources + self.headers
 
 
-QUANT = Extension("fracpass_quant_cpu", ("quant_cpu.cpp",), (), "fused CPU quantizer kernels", 30)
-NATIVE = Extension("fracpass_native_cpu", ("native_cpu.cpp",), (), "native int8/bf16 CPU kernels", 50)
+# dither.h: stochastic rounding's dither, which both must compute bit for bit alike
+QUANT = Extension("fracpass_quant_cpu", ("quant_cpu.cpp",), ("dither.h",), "fused CPU quantizer kernels", 30)
+NATIVE = Extension("fracpass_native_cpu", ("native_cpu.cpp",), ("dither.h",), "native int8/bf16 CPU kernels", 50)
 
 NAME = QUANT.stem  # the stem of build_name()
 SOURCE = CSRC / QUANT.sources[0]

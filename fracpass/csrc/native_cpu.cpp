@@ -4,8 +4,8 @@
 //   encode:      t = int8(clamp(nearbyint(x / s), lo, hi) - shift), per tensor or per row of x (R, C),
 //                plus the row and column sums of t (the zero-point corrections need them);
 //                the same float32 arithmetic as fracpass.quant.fake_quantize.
-//   grad_codes:  the stochastic rounding of fracpass_quant_cpu's grad_sr, bit for bit (same dither for
-//                the same seed): q = min(floor((g - mn) / s + u), levels); returns ghat = q * s + mn (if
+//   grad_codes:  the stochastic rounding of fracpass_quant_cpu's grad_sr, bit for bit (dither.h: the same
+//                dither for the same seed): q = min(floor((g - mn) / s + u), levels); returns ghat = q * s + mn (if
 //                asked for: a product that runs on int8 reads the codes alone), t = int8(q - half) and the row
 //                and column sums of t.
 //   epilogue:    y = sa sb (acc + row_a kb + ka col_b') + ca sb col_b' + cb sa row_a' + K ca cb + bias, with
@@ -65,9 +65,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "dither.h"
+
 namespace {
 
-constexpr int64_t kChunk = 1 << 20;  // as fracpass_quant_cpu: dither keys restart every kChunk elements
+using fracpass::dither::chunk_key;
+using fracpass::dither::grad_step;
+using fracpass::dither::kChunk;
+using fracpass::dither::sr_level;
 
 template <typename T>
 std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // channel j % C at lane j
@@ -75,34 +80,6 @@ std::vector<float> tiled(const std::vector<T>& per_channel, int64_t L) {  // cha
   std::vector<float> t(L);
   for (int64_t j = 0, c = 0; j < L; ++j, c = c + 1 == C ? 0 : c + 1) t[j] = static_cast<float>(per_channel[c]);
   return t;
-}
-
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
-inline uint32_t chunk_key(int64_t seed, int64_t chunk) {
-  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
-  return mix32(lo ^ mix32(static_cast<uint32_t>(chunk) + hi * 0x9E3779B9U));
-}
-
-inline float grad_step(float mn, float mx, float lv) {  // fracpass_quant_cpu's grad_step
-  float s = mx / lv - mn / lv;
-  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
-  return s;
-}
-
-// fracpass_quant_cpu's stochastic rounding of g, the level q = min(floor((g - mn) / s + u), levels) with u from
-// the dither of index ``index`` in the chunk keyed ``key`` (the same hash: the same noise for the same seed)
-inline float sr_level(uint32_t key, uint32_t index, float g, float mn, float s, float lv) {
-  const float u = static_cast<float>(mix32(key + index) >> 8) * (1.0f / 16777216.0f) + 0.5f / 16777216.0f;
-  const float q = std::floor((g - mn) / s + u);
-  return q > lv ? lv : q;
 }
 
 void check2d(const torch::Tensor& x, c10::ScalarType type, const char* what) {
