@@ -67,7 +67,10 @@ class Extension:
 
 # dither.h: stochastic rounding's dither, which both must compute bit for bit alike
 QUANT = Extension("fracpass_quant_cpu", ("quant_cpu.cpp",), ("dither.h",), "fused CPU quantizer kernels", 30)
-NATIVE = Extension("fracpass_native_cpu", ("native_cpu.cpp",), ("dither.h",), "native int8/bf16 CPU kernels", 50)
+NATIVE = Extension("fracpass_native_cpu",
+                   tuple(f"native_{part}.cpp" for part in ("codes", "grad_codes", "epilogue", "relu", "conv", "batchnorm",
+                                                            "module")),
+                   ("native_common.h", "dither.h"), "native int8/bf16 CPU kernels", 50)
 
 NAME = QUANT.stem  # the stem of build_name()
 SOURCE = CSRC / QUANT.sources[0]

@@ -23,7 +23,7 @@ from torch import nn
 import fracpass
 from fracpass import native
 from fracpass.pass_base import PassResult
-from test_native import kernels  # noqa: F401 (fixture: csrc/native_cpu.cpp's kernels, then the torch ops)
+from test_native import kernels  # noqa: F401 (fixture: csrc/native_*.cpp's kernels, then the torch ops)
 
 
 @pytest.fixture(autouse=True)
