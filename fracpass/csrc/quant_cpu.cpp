@@ -302,3 +302,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_sr_rows", &grad_sr_rows, "fused stochastic rounding, one range and level count per row");
   m.def("option_scores", &option_scores, "per row and option: sum of g * fake_quant(x) at that option's levels");
 }
+
+// ---- the same kernels as torch ops, fracpass::<name> (torch.compile and torch.export trace through these,
+// not through the pybind functions above, which stay for fracpass.quant). The schemas name what each kernel
+// mutates; fracpass/kernel_ops.py registers their fake implementations (shapes and layouts, for tracing).
+namespace {
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_params_op(const torch::Tensor& mn, const torch::Tensor& mx,
+                                                                         double levels) {
+  auto p = affine_params(mn, mx, levels);
+  return {p[0], p[1], p[2]};
+}
+
+void track_range_op(torch::Tensor& rmin, torch::Tensor& rmax, torch::Tensor& ready, torch::Tensor& nonfinite,
+                    const torch::Tensor& mn, const torch::Tensor& mx, double momentum) {
+  track_range_(rmin, rmax, ready, nonfinite, mn, mx, momentum);
+}
+
+}  // namespace
+
+// A fragment: the native kernels' extension may add its own ops to the namespace.
+TORCH_LIBRARY_FRAGMENT(fracpass, m) {
+  m.def("fake_quant(Tensor x, Tensor mn, Tensor mx, float levels) -> Tensor");
+  m.def("grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, int seed) -> Tensor");
+  m.def("fake_quant_rows(Tensor x, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
+  m.def("grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, int seed) -> Tensor");
+  m.def("option_scores(Tensor x, Tensor g, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
+  m.def("affine_params(Tensor mn, Tensor mx, float levels) -> (Tensor, Tensor, Tensor)");
+  m.def("track_range_(Tensor(a!) rmin, Tensor(b!) rmax, Tensor(c!) ready, Tensor(d!) nonfinite, Tensor mn, Tensor mx, "
+        "float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fracpass, CPU, m) {
+  m.impl("fake_quant", &fake_quant);
+  m.impl("grad_sr", &grad_sr);
+  m.impl("fake_quant_rows", &fake_quant_rows);
+  m.impl("grad_sr_rows", &grad_sr_rows);
+  m.impl("option_scores", &option_scores);
+  m.impl("affine_params", &affine_params_op);
+  m.impl("track_range_", &track_range_op);
+}
