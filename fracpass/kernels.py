@@ -8,8 +8,9 @@ around native execution's products (``fracpass.native``). They cover contiguous 
 every other case (CUDA, half precision, strided tensors) takes the torch-op paths, which compute the
 same values.
 
-The first use compiles an extension with torch's JIT builder (30-50 s on two idle cores, minutes on a
-busy machine; needs a C++ compiler and ninja), announced in the log before it starts, and caches it
+The first use compiles an extension with torch's JIT builder (needs a C++ compiler and ninja): on two
+idle cores about 30 s for the quantizers' and 2-3 min for the native kernels' (seven files), more on a
+busy machine. The build is announced in the log before it starts, with that time, and cached
 under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Each build is named after a
 hash of its sources, the flags, the torch version and the environment it is built in (``environment()``:
 the compiler, torch's and Python's header and library folders, everything ``build.ninja`` holds besides
@@ -70,7 +71,8 @@ QUANT = Extension("fracpass_quant_cpu", ("quant_cpu.cpp",), ("dither.h",), "fuse
 NATIVE = Extension("fracpass_native_cpu",
                    tuple(f"native_{part}.cpp" for part in ("codes", "grad_codes", "epilogue", "relu", "conv", "batchnorm",
                                                             "module")),
-                   ("native_common.h", "dither.h"), "native int8/bf16 CPU kernels", 50)
+                   ("native_common.h", "dither.h"), "native int8/bf16 CPU kernels",
+                   150)  # seven files, each parsing torch/extension.h: ~5 min of compiler time measured here
 
 NAME = QUANT.stem  # the stem of build_name()
 SOURCE = CSRC / QUANT.sources[0]
