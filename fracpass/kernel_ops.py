@@ -6,8 +6,10 @@ The kernels of ``csrc/quant_cpu.cpp`` are bound twice: as pybind functions (``fr
 pybind calls; for that each op needs a fake implementation, which gives its outputs' shapes, dtypes and
 strides without computing them. They are here, one per op, under the schema they implement.
 
-Only ``track_range_`` mutates its arguments (the running range, its flag and its count of non-finite
-batches, in place: ``Tensor(a!)`` in its schema); every other op returns new tensors.
+The native kernels' extension (``csrc/native_module.cpp``) registers ``relu_bits_`` and ``relu_grad_bits``
+the same way so far (``load_native()``). Only ``track_range_`` (the running range, its flag and its count of
+non-finite batches) and ``relu_bits_`` (its input, ReLU-ed) mutate arguments, in place: ``Tensor(a!)`` in
+their schemas; every other op returns new tensors.
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ from torch import Tensor
 
 from . import kernels
 
-FAKES = {}  # op name -> its fake implementation, registered once the extension has defined the op (load)
+FAKES = {}  # quant_cpu.cpp's op name -> its fake implementation, registered once the extension defined it (load)
+NATIVE_FAKES = {}  # the native kernels' (native_module.cpp), registered by load_native
 _lock = threading.Lock()
-_registered = False
+_registered = set()  # the fake tables registered
 
 
-def _fake(name: str):
+def _fake(name: str, table: dict = FAKES):
     def keep(fn):
-        FAKES[name] = fn
+        table[name] = fn
         return fn
 
     return keep
@@ -76,16 +79,40 @@ def _track_range_(rmin: Tensor, rmax: Tensor, ready: Tensor, nonfinite: Tensor, 
     return None
 
 
+# fracpass::relu_bits_(Tensor(a!) out) -> Tensor: ReLU in place, and the mask out <= 0 as bits in memory order
+@_fake("relu_bits_", NATIVE_FAKES)
+def _relu_bits_(out: Tensor) -> Tensor:
+    return out.new_empty(((out.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+# fracpass::relu_grad_bits(Tensor grad, Tensor bits) -> Tensor
+@_fake("relu_grad_bits", NATIVE_FAKES)
+def _relu_grad_bits(grad: Tensor, bits: Tensor) -> Tensor:
+    return torch.empty_strided(grad.shape, grad.stride(), dtype=grad.dtype, device=grad.device)
+
+
+def _register(table: dict) -> None:
+    with _lock:
+        if id(table) not in _registered:
+            for name, fake in table.items():
+                torch.library.register_fake(f"fracpass::{name}", fake)
+            _registered.add(id(table))
+
+
 def load() -> Optional[Any]:
     """``torch.ops.fracpass`` with the quantizer kernels' ops and their fakes registered (building the extension
     on first use), or None where ``fracpass.kernels.load()`` gives no extension (FRACPASS_KERNELS=0, no
     compiler). A fake can only be registered for an op that exists: after the extension is loaded."""
-    global _registered
     if kernels.load() is None:
         return None
-    with _lock:
-        if not _registered:
-            for name, fake in FAKES.items():
-                torch.library.register_fake(f"fracpass::{name}", fake)
-            _registered = True
+    _register(FAKES)
+    return torch.ops.fracpass
+
+
+def load_native() -> Optional[Any]:
+    """``torch.ops.fracpass`` with the native kernels' ops (``NATIVE_FAKES``) and their fakes registered, as
+    ``load``; None where ``fracpass.kernels.load_native()`` gives no extension."""
+    if kernels.load_native() is None:
+        return None
+    _register(NATIVE_FAKES)
     return torch.ops.fracpass

@@ -79,3 +79,34 @@ def test_a_quantizer_step_compiles_without_graph_breaks(ops):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(x, g, 5), step(x, g, 5)):
         assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def native_ops():
+    ops = kernel_ops.load_native()
+    if ops is None:
+        pytest.skip("the native kernels could not be built here")
+    return ops
+
+
+def _native_args(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)  # 210 elements: a partial last byte
+    if name == "relu_bits_":
+        return (x,)
+    return (torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last), kernels.load_native().relu_bits_(x))
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
+def test_native_opcheck(name, native_ops):
+    torch.library.opcheck(getattr(native_ops, name).default, _native_args(name))
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
+def test_native_ops_compute_what_the_pybind_functions_do(name, native_ops):
+    a, b = _native_args(name), _native_args(name)
+    got, want = getattr(native_ops, name)(*a), getattr(kernels.load_native(), name)(*b)
+    assert got.dtype == want.dtype and got.stride() == want.stride() and torch.equal(got, want)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # relu_bits_: its input ReLU-ed alike
+    written = [x.name for x in getattr(native_ops, name).default._schema.arguments if x.is_write]
+    assert written == (["out"] if name == "relu_bits_" else [])

@@ -25,3 +25,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_sums", &window_sums, "conv_w(ones, total) for one output channel of a 2-D convolution (groups 1): dw's offset correction");
   m.def("epilogue", &epilogue, "scaled, zero-point-corrected float32 output of an int32 product, in place");
 }
+
+// ---- the same kernels as torch ops, fracpass::<name> (see quant_cpu.cpp's): so far relu_bits_ and
+// relu_grad_bits; fracpass/kernel_ops.py registers their fake implementations.
+namespace {
+
+torch::Tensor relu_bits_op(torch::Tensor& out) { return relu_bits_(out); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fracpass, m) {
+  m.def("relu_bits_(Tensor(a!) out) -> Tensor");
+  m.def("relu_grad_bits(Tensor grad, Tensor bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fracpass, CPU, m) {
+  m.impl("relu_bits_", &relu_bits_op);
+  m.impl("relu_grad_bits", &relu_grad_bits);
+}
