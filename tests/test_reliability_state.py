@@ -262,7 +262,8 @@ def test_kernel_build_name_follows_source_flags_and_torch_version():
     assert name != kernels.build_name("int g();", ["-O3"], "2.13.0")
     assert name != kernels.build_name("int f();", ["-O2"], "2.13.0")
     assert name != kernels.build_name("int f();", ["-O3"], "2.12.0")
-    assert kernels.build_name() == kernels.build_name(kernels.SOURCE.read_text(), kernels.FLAGS, torch.__version__)
+    # the default: this checkout's sources (quant_cpu.cpp and the dither.h it includes), flags and torch version
+    assert kernels.build_name() == kernels.build_name(kernels.source_text(), kernels.FLAGS, torch.__version__)
 
 
 def test_a_kernel_build_is_logged_each_time_one_runs(tmp_path, monkeypatch, caplog):

@@ -3,7 +3,8 @@
 // Semantics are those of the torch-op fallback in fracpass/quant.py, computed in float32:
 //   fake_quant:  out = clamp(nearbyint(x / s), lo, hi) * s   (round half to even, as ONNX QuantizeLinear)
 //   grad_sr:     out = min(floor((g - mn) / s + u), levels) * s + mn,  u = (k + 0.5) / 2^24 from a
-//                counter-based hash of (seed, element index), so results do not depend on threading.
+//                counter-based hash of (seed, element index), so results do not depend on threading
+//                (dither.h: shared with the native kernels, whose gradient codes are these levels).
 // The *_rows variants take a range and a level count per row of x.view(R, -1) (per sample, for gated
 // units); a row with levels <= 0 is copied unchanged. option_scores gives, per row and per option k,
 // sum_j g_j * fake_quant(x_j; row range, levels_k): the straight-through gradient of a per-sample
@@ -16,19 +17,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "dither.h"
+
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;
-constexpr int64_t kChunk = 1 << 20;  // dither keys restart every kChunk elements (aligned, thread-independent)
+using fracpass::dither::chunk_key;
+using fracpass::dither::grad_step;
+using fracpass::dither::kChunk;
+using fracpass::dither::sr_level;
 
-inline uint32_t mix32(uint32_t x) {  // "lowbias32" integer hash
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
+constexpr int64_t kGrain = 1 << 15;
 
 struct Affine {
   float scale, lo, hi;
@@ -96,35 +94,14 @@ torch::Tensor fake_quant(const torch::Tensor& x, const torch::Tensor& mn, const 
 
 namespace {
 
-struct Dither {
-  uint32_t seed_lo, seed_hi;
-  explicit Dither(int64_t seed)
-      : seed_lo(static_cast<uint32_t>(seed)), seed_hi(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)) {}
-  uint32_t key(int64_t chunk) const {
-    return mix32(seed_lo ^ mix32(static_cast<uint32_t>(chunk) + seed_hi * 0x9E3779B9U));
-  }
-};
-
-inline float grad_step(float mn, float mx, float lv) {
-  float s = mx / lv - mn / lv;
-  if (!(s >= FLT_MIN) && !std::isnan(s)) s = FLT_MIN;
-  return s;
-}
-
 // Stochastic rounding of src[i, stop) with the dither of global indices i..stop (one kChunk at most).
-inline void sr_span(const float* src, float* dst, int64_t i, int64_t stop, const Dither& d, float mn, float s, float lv) {
+inline void sr_span(const float* src, float* dst, int64_t i, int64_t stop, int64_t seed, float mn, float s, float lv) {
   const int64_t chunk = i / kChunk;
-  const uint32_t key = d.key(chunk);
+  const uint32_t key = chunk_key(seed, chunk);
   const uint32_t first = static_cast<uint32_t>(i - chunk * kChunk);
-  const float unit = 1.0f / 16777216.0f, half = 0.5f / 16777216.0f;
   const int32_t count = static_cast<int32_t>(stop - i);
-  for (int32_t j = 0; j < count; ++j) {
-    const uint32_t h = mix32(key + first + static_cast<uint32_t>(j));
-    const float u = static_cast<float>(h >> 8) * unit + half;
-    float q = std::floor((src[i + j] - mn) / s + u);
-    q = q > lv ? lv : q;
-    dst[i + j] = q * s + mn;
-  }
+  for (int32_t j = 0; j < count; ++j)
+    dst[i + j] = sr_level(key, first + static_cast<uint32_t>(j), src[i + j], mn, s, lv) * s + mn;
 }
 
 void check_rows(const torch::Tensor& x, const torch::Tensor& t, const char* what) {
@@ -163,12 +140,11 @@ torch::Tensor grad_sr(const torch::Tensor& g, const torch::Tensor& mn_t, const t
   const float lv = static_cast<float>(levels);
   const float mn = mn_t.item<float>(), mx = mx_t.item<float>();  // CPU tensors: a memory read, no sync
   const float s = grad_step(mn, mx, lv);
-  const Dither d(seed);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
       const int64_t stop = std::min(end, (i / kChunk + 1) * kChunk);
-      sr_span(src, dst, i, stop, d, mn, s, lv);
+      sr_span(src, dst, i, stop, seed, mn, s, lv);
       i = stop;
     }
   });
@@ -199,7 +175,6 @@ torch::Tensor grad_sr_rows(const torch::Tensor& g, const torch::Tensor& mn, cons
                            const torch::Tensor& levels, int64_t seed) {
   auto out = torch::empty_like(g);
   const RowOperands o(g, mn, mx, levels, out, "grad_sr_rows");
-  const Dither d(seed);
   at::parallel_for(0, o.n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
@@ -208,7 +183,7 @@ torch::Tensor grad_sr_rows(const torch::Tensor& g, const torch::Tensor& mn, cons
       if (!(o.lv[r] > 0.0f)) {
         std::copy(o.src + i, o.src + stop, o.dst + i);
       } else {
-        sr_span(o.src, o.dst, i, stop, d, o.mn[r], grad_step(o.mn[r], o.mx[r], o.lv[r]), o.lv[r]);
+        sr_span(o.src, o.dst, i, stop, seed, o.mn[r], grad_step(o.mn[r], o.mx[r], o.lv[r]), o.lv[r]);
       }
       i = stop;
     }
@@ -326,4 +301,44 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_rows", &fake_quant_rows, "fused fake quantization, one range and level count per row");
   m.def("grad_sr_rows", &grad_sr_rows, "fused stochastic rounding, one range and level count per row");
   m.def("option_scores", &option_scores, "per row and option: sum of g * fake_quant(x) at that option's levels");
+}
+
+// ---- the same kernels as torch ops, fracpass::<name> (torch.compile and torch.export trace through these,
+// not through the pybind functions above, which stay for fracpass.quant). The schemas name what each kernel
+// mutates; fracpass/kernel_ops.py registers their fake implementations (shapes and layouts, for tracing).
+namespace {
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_params_op(const torch::Tensor& mn, const torch::Tensor& mx,
+                                                                         double levels) {
+  auto p = affine_params(mn, mx, levels);
+  return {p[0], p[1], p[2]};
+}
+
+void track_range_op(torch::Tensor& rmin, torch::Tensor& rmax, torch::Tensor& ready, torch::Tensor& nonfinite,
+                    const torch::Tensor& mn, const torch::Tensor& mx, double momentum) {
+  track_range_(rmin, rmax, ready, nonfinite, mn, mx, momentum);
+}
+
+}  // namespace
+
+// A fragment: the native kernels' extension may add its own ops to the namespace.
+TORCH_LIBRARY_FRAGMENT(fracpass, m) {
+  m.def("fake_quant(Tensor x, Tensor mn, Tensor mx, float levels) -> Tensor");
+  m.def("grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, int seed) -> Tensor");
+  m.def("fake_quant_rows(Tensor x, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
+  m.def("grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, int seed) -> Tensor");
+  m.def("option_scores(Tensor x, Tensor g, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
+  m.def("affine_params(Tensor mn, Tensor mx, float levels) -> (Tensor, Tensor, Tensor)");
+  m.def("track_range_(Tensor(a!) rmin, Tensor(b!) rmax, Tensor(c!) ready, Tensor(d!) nonfinite, Tensor mn, Tensor mx, "
+        "float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fracpass, CPU, m) {
+  m.impl("fake_quant", &fake_quant);
+  m.impl("grad_sr", &grad_sr);
+  m.impl("fake_quant_rows", &fake_quant_rows);
+  m.impl("grad_sr_rows", &grad_sr_rows);
+  m.impl("option_scores", &option_scores);
+  m.impl("affine_params", &affine_params_op);
+  m.impl("track_range_", &track_range_op);
 }

@@ -1,10 +1,8 @@
-"""Which low-precision units a device has, and the fused CPU kernels for a tensor (csrc/native_cpu.cpp)."""
+"""Which low-precision units a device has, and the fused CPU kernels for a tensor (csrc/native_*.cpp)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import pathlib
 from typing import Optional, Tuple
 
 import torch
@@ -113,12 +111,9 @@ def fp8_support(device=None) -> Optional[str]:
     return None
 
 
-_SOURCE = pathlib.Path(__file__).parent.parent / "csrc" / "native_cpu.cpp"
-
-
 def ext(t: Optional[Tensor] = None):
-    """The fused CPU kernels for ``t`` (csrc/native_cpu.cpp), or None: ``t`` on another device (the
-    torch-op path, which computes the same values, runs there), or the kernels disabled or not built."""
+    """The fused CPU kernels for ``t`` (fracpass.kernels.NATIVE: csrc/native_*.cpp), or None: ``t`` on another
+    device (the torch-op path, which computes the same values, runs there), or the kernels disabled or not built."""
     if t is not None and device_kind(t.device) != "cpu":
         return None
     return _cpu_ext()
@@ -126,17 +121,6 @@ def ext(t: Optional[Tensor] = None):
 
 @functools.lru_cache(maxsize=None)
 def _cpu_ext():
-    """The fused encode / gradient-code / epilogue kernels (csrc/native_cpu.cpp), built on first use
-    like fracpass.kernels (same switch: FRACPASS_KERNELS=0); None if disabled or the build fails."""
-    if not kernels.enabled():
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *kernels.FLAGS, torch.__version__]).encode())
-        return cpp_extension.load(f"fracpass_native_cpu_{digest.hexdigest()[:16]}", [str(_SOURCE)],
-                                  extra_cflags=kernels.FLAGS, verbose=False)
-    except Exception as e:  # no compiler...: the torch-op path computes the same values
-        log.warning("fracpass native kernels unavailable (%s: %s); using torch ops, which are slower",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
+    """The fused encode / gradient-code / epilogue kernels, built on first use (fracpass.kernels.load_native:
+    same switch, FRACPASS_KERNELS=0, and the same build cache); None if disabled or the build fails."""
+    return kernels.load_native()

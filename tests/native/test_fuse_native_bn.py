@@ -22,7 +22,7 @@ from torch import nn
 
 import fracpass
 from fracpass import native
-from test_native import kernels  # noqa: F401 (fixture: csrc/native_cpu.cpp's kernels, then the torch ops)
+from test_native import kernels  # noqa: F401 (fixture: csrc/native_*.cpp's kernels, then the torch ops)
 
 # small convolutions on the bf16 path; the fused op's BatchNorm on aten's kernels, bit for bit the unfused
 # ops (what these tests check): its own kernels (NativeOptions.fast_bn) are checked in tests/native/test_conv_bn.py

@@ -6,7 +6,7 @@ point -lo, so the padding is code 0, the real zero) by the weight codes as int8,
 the exact product, rounded once to bfloat16. The bf16 convolution rounds its float32 sum once too, and
 that sum is exact while it stays under 2^24, so the two products are equal bit for bit there, and so is
 everything computed from them. 8-bit weight codes span 256 values that need not fit int8: the few outside
-it split onto copies of their input channels (csrc/native_cpu.cpp, int8_weight_codes, append_channels),
+it split onto copies of their input channels (csrc/native_conv.cpp, int8_weight_codes, append_channels),
 or, where too many input channels hold them, those output channels run as t = q_w - k_c, and the product
 is bfloat16(y + k_c S) with S the input codes' window sums (shifted_product_bf16). A stride-1 convolution's input gradient conv^T(t, q_w) is the
 convolution of the gradient's codes (bytes q, zero point k) with q_w flipped and its channel axes

@@ -142,7 +142,7 @@ CASES = {
 
 @pytest.fixture(params=["fused", "torch ops", "cuda route"])
 def kernels(request, monkeypatch):
-    """Both implementations of the codes and the epilogue, csrc/native_cpu.cpp and the torch-op path, and
+    """Both implementations of the codes and the epilogue, csrc/native_*.cpp and the torch-op path, and
     the route CUDA tensors take: the CPU tensors routed as CUDA ones on an Ampere GPU (int8 and bf16, no
     FP8), where calling a CPU kernel fails the test. torch._int_mm's CUDA shape limits are lifted here
     (tests/native/test_cuda.py checks them), so that the route runs these tests' shapes."""

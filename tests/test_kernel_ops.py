@@ -1,0 +1,112 @@
+"""The quantizer kernels as torch ops (fracpass.kernel_ops): torch.library.opcheck per op (schema and its
+mutation annotations, fake implementation, autograd registration, AOT dispatch), the same values as the
+pybind functions fracpass.quant calls (bit for bit), and a graph that torch.compile traces through them
+without a break."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fracpass import kernel_ops, kernels
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = kernel_ops.load()
+    if ops is None:
+        pytest.skip("the fused quantizer kernels could not be built here")
+    return ops
+
+
+def _args(name):
+    torch.manual_seed(0)
+    x, g = torch.randn(6, 40), torch.randn(6, 40)
+    mn, mx = x.min(), x.max()
+    rmn, rmx, rlv = x.amin(1), x.amax(1), torch.tensor([0.0, 3.0, 15.0, 255.0, 7.0, 1.0])
+    return {
+        "fake_quant": (x, mn, mx, 15.0),
+        "grad_sr": (g, g.min(), g.max(), 15.0, 1234),
+        "fake_quant_rows": (x, rmn, rmx, rlv),
+        "grad_sr_rows": (g, g.amin(1), g.amax(1), rlv, 1234),
+        "option_scores": (x, g, rmn, rmx, torch.tensor([3.0, 15.0, 15.0])),
+        "affine_params": (mn.reshape(()), mx.reshape(()), 255.0),
+        "track_range_": (torch.tensor(0.5), torch.tensor(1.5), torch.tensor(True), torch.tensor(0), mn.reshape(()),
+                         mx.reshape(()), 0.1),
+    }[name]
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.FAKES))
+def test_opcheck(name, ops):
+    torch.library.opcheck(getattr(ops, name).default, _args(name))
+
+
+def test_every_op_has_a_fake_and_only_track_range_mutates(ops):
+    assert sorted(kernel_ops.FAKES) == ["affine_params", "fake_quant", "fake_quant_rows", "grad_sr", "grad_sr_rows",
+                                        "option_scores", "track_range_"]
+    mutated = {name: [a.name for a in getattr(ops, name).default._schema.arguments if a.is_write]
+               for name in kernel_ops.FAKES}
+    assert mutated == {name: (["rmin", "rmax", "ready", "nonfinite"] if name == "track_range_" else [])
+                       for name in kernel_ops.FAKES}
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.FAKES))
+def test_ops_compute_what_the_pybind_functions_do(name, ops):
+    ext = kernels.load()
+    if name == "track_range_":  # in place: the same buffers after one update from each
+        a, b = _args(name), _args(name)
+        getattr(ops, name)(*a)
+        getattr(ext, name)(*b)
+        for x, y in zip(a[:4], b[:4]):
+            assert torch.equal(x, y)
+        assert a[3].item() == 0 and a[0].item() != 0.5  # a finite batch moved the range
+        return
+    got, want = getattr(ops, name)(*_args(name)), getattr(ext, name)(*_args(name))
+    got, want = (list(got), list(want)) if name == "affine_params" else ([got], [want])
+    for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.stride() == y.stride()
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))  # bit for bit
+
+
+def test_a_quantizer_step_compiles_without_graph_breaks(ops):
+    def step(x, g, seed):
+        s, lo, hi = ops.affine_params(x.min().reshape(()), x.max().reshape(()), 15.0)
+        y = ops.fake_quant(x, x.min(), x.max(), 15.0)
+        return y * s, ops.grad_sr(g, g.min(), g.max(), 7.0, seed)
+
+    x, g = torch.randn(8, 32), torch.randn(8, 32)
+    explained = torch._dynamo.explain(step)(x, g, 5)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x, g, 5), step(x, g, 5)):
+        assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def native_ops():
+    ops = kernel_ops.load_native()
+    if ops is None:
+        pytest.skip("the native kernels could not be built here")
+    return ops
+
+
+def _native_args(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)  # 210 elements: a partial last byte
+    if name == "relu_bits_":
+        return (x,)
+    return (torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last), kernels.load_native().relu_bits_(x))
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
+def test_native_opcheck(name, native_ops):
+    torch.library.opcheck(getattr(native_ops, name).default, _native_args(name))
+
+
+@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
+def test_native_ops_compute_what_the_pybind_functions_do(name, native_ops):
+    a, b = _native_args(name), _native_args(name)
+    got, want = getattr(native_ops, name)(*a), getattr(kernels.load_native(), name)(*b)
+    assert got.dtype == want.dtype and got.stride() == want.stride() and torch.equal(got, want)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # relu_bits_: its input ReLU-ed alike
+    written = [x.name for x in getattr(native_ops, name).default._schema.arguments if x.is_write]
+    assert written == (["out"] if name == "relu_bits_" else [])
