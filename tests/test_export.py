@@ -1,4 +1,5 @@
 """ONNX export: Q/DQ forms checked against onnxruntime's default (optimising) session."""
+import logging
 import subprocess
 import sys
 
@@ -160,7 +161,7 @@ def first_divergence(qmodel, path, x, stage):
 
 @pytest.mark.parametrize("name", ["resnet20", pytest.param("mobilenet_v2", marks=pytest.mark.slow),  # ~110 s
                                   "transformer_sdpa"])
-def test_whole_models_match_statistically(name, tmp_path, capsys):
+def test_whole_models_match_statistically(name, tmp_path):
     """Every case: onnxruntime computes what PyTorch computes, layer by layer, except codes that sat
     on a rounding boundary within float noise. From 6 bits on, the outputs also agree end to end
     (mean difference <= 1e-3 of their range, argmax >= 99 %); at 2-4 bits one flipped code moves a
@@ -201,8 +202,9 @@ def test_whole_models_match_statistically(name, tmp_path, capsys):
         session = ort.InferenceSession(str(tmp_path / "m.onnx"))
         for batch in (1, 7):  # dynamic batch
             assert session.run(None, {"input_0": make_input(batch).numpy()})[0].shape[0] == batch
-    with capsys.disabled():
-        print("\n" + "\n".join(report))
+    # the measurements, for a reader: shown with the test's log on a failure, or always with -o log_cli=true
+    # (issue 31: a quiet `pytest -q` prints no diagnostics)
+    logging.getLogger(__name__).info("\n".join(report))
 
 
 def test_metadata_lists_dropped_gradient_quantizers_and_plan(tmp_path):
