@@ -480,6 +480,10 @@ def summary(qmodel: nn.Module) -> str:
 
         for name, ops in unit_summary(qmodel):
             lines.append(f"  unit {name}: {', '.join(ops)}")
+        ungated = state.stats.get(state.graph_mode, {}).get("find-gated-units", {}).get("ungated_attention_units", ())
+        if ungated:  # residuals find-gated-units left out: their ops run inside nn.MultiheadAttention
+            lines.append(f"  left ungated: {', '.join(ungated)} (their ops run inside nn.MultiheadAttention, "
+                         "sequence-first: a gate cannot choose per sample; they keep the stage's bits)")
     return "\n".join(lines)
 
 

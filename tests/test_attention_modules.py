@@ -295,3 +295,6 @@ def test_gates_say_which_attention_residuals_they_leave_ungated_and_why(caplog):
     assert "inside nn.MultiheadAttention, which computes sequence-first" in said[0]
     assert qmodel.fracpass.stats[True]["find-gated-units"]["ungated_attention_units"] == ("blocks_0_attn",)
     assert [u for u, _ in fracpass.passes.insert_gates.unit_summary(qmodel)] == ["blocks_0_mlp"]
+    text = fracpass.summary(qmodel)  # summary says it too, beside the units it lists
+    assert "  unit blocks_0_mlp:" in text
+    assert "  left ungated: blocks_0_attn (their ops run inside nn.MultiheadAttention, sequence-first" in text
