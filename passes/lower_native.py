@@ -13,11 +13,7 @@ from fracpass.native import calls
 from fracpass.native.options import NativeOptions
 from fracpass.native.site import NATIVE, NativeInfo, NativeSite
 from fracpass.pass_base import PassBase, PassResult
-
-
-def _quantizer_node(node, op: torch.fx.Node, role: str) -> Optional[torch.fx.Node]:
-    info = meta.inserted(node) if isinstance(node, torch.fx.Node) else None
-    return node if info is not None and info.role == role and info.source == op.name else None
+from fracpass.passes._quantizers import is_quantizer_of
 
 
 class LowerNativePass(PassBase):
@@ -79,7 +75,7 @@ class LowerNativePass(PassBase):
                  "products (bf16) only")
         gates, static = set(), 0  # a gated op's activation and gradient quantizers all read one gate
         for arg in node.args[:2]:
-            q = next((r for r in ("act", "weight") if _quantizer_node(arg, node, r) is not None), None)
+            q = next((r for r in ("act", "weight") if is_quantizer_of(arg, node, r)), None)
             if q is not None and len(arg.users) != 1:
                 return "a quantized operand has other users"
             if q == "act" and len(arg.args) == 2:
@@ -88,7 +84,7 @@ class LowerNativePass(PassBase):
                 return gated
             else:
                 static += q == "act"
-        grads = [u for u in node.users if _quantizer_node(u, node, "grad") is not None]
+        grads = [u for u in node.users if is_quantizer_of(u, node, "grad")]
         if grads and len(node.users) != 1:
             return "its output has users besides its gradient quantizer"
         if grads and len(grads[0].args) == 2:
@@ -104,15 +100,15 @@ class LowerNativePass(PassBase):
     def _lower(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         graph = gm.graph
         grad = next(iter(node.users)) if len(node.users) == 1 else None
-        grad = _quantizer_node(grad, node, "grad")
+        grad = grad if is_quantizer_of(grad, node, "grad") else None
         operands, refs, erase = [], [], []
         # a gated op's one-hot choice (the second argument of its gated quantizers)
         gate = next((q.args[1] for q in (*node.args[:2], grad) if isinstance(q, torch.fx.Node) and len(q.args) == 2
                      and meta.inserted(q) is not None and meta.inserted(q).source == node.name), None)
         with graph.inserting_before(node):
             for arg in node.args[:2]:
-                role = "act" if _quantizer_node(arg, node, "act") is not None else (
-                    "weight" if _quantizer_node(arg, node, "weight") is not None else None)
+                role = "act" if is_quantizer_of(arg, node, "act") else (
+                    "weight" if is_quantizer_of(arg, node, "weight") else None)
                 if role is None:
                     operands.append(arg)
                     refs.append(None)

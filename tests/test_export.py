@@ -289,18 +289,7 @@ def test_transformers_model_with_keyword_inputs(tmp_path):
 def test_verification_catches_a_model_that_runs_differently(tmp_path, monkeypatch):
     factory, make_input = SINGLE["conv"]
     qmodel = calibrated(factory(), fracpass.Plan.static(4, 4, 8), make_input)
-    import fracpass.export as export
-
-    original = export._act_qdq
-
-    def wrong_scale(graph, q, src, out, stem):  # simulate a bug: the activation scale twice too large
-        q.running_max.mul_(2)
-        try:
-            original(graph, q, src, out, stem)
-        finally:
-            q.running_max.div_(2)
-
-    monkeypatch.setattr(export, "_act_qdq", wrong_scale)
+    _export_with_wrong_scale(monkeypatch)
     with pytest.raises(fracpass.ExportError, match=r"onnxruntime's output differs from PyTorch's .* nothing was written"):
         fracpass.export_onnx(qmodel, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
