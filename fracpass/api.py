@@ -307,7 +307,6 @@ def _compute_ops(graph: torch.fx.Graph) -> List[Tuple[str, str]]:
     return [(n.name, meta.op_info(n).kind) for n in graph.nodes if meta.op_info(n) is not None]
 
 
-_state = model_state  # the name the entry points below use
 
 
 def parts_of(model: nn.Module) -> Optional[List[Tuple[str, nn.Module]]]:
@@ -352,7 +351,7 @@ def set_stage(qmodel: nn.Module, stage: int) -> None:
         for _, part in parts:
             set_stage(part, stage)
         return
-    state = _state(qmodel)
+    state = model_state(qmodel)
     n = state.plan.num_stages
     if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
         raise PlanError(f"set_stage: stage {stage!r} is out of range; the plan has {n} stage(s): 0..{n - 1} "
@@ -414,7 +413,7 @@ def current_stage(qmodel: nn.Module) -> int:
         from fracpass.parts import parts_stage
 
         return parts_stage(parts)
-    state = _state(qmodel)
+    state = model_state(qmodel)
     for _, q in quantizers(qmodel):
         return int(q.stage)  # state_dict carries the stage in every quantizer
     return state.stage
@@ -427,7 +426,7 @@ def summary(qmodel: nn.Module) -> str:
         from fracpass.parts import parts_summary
 
         return parts_summary(qmodel, parts)
-    state = _state(qmodel)
+    state = model_state(qmodel)
     stage = current_stage(qmodel)
     native = state.execution == "native"
     paths = {}
@@ -519,7 +518,7 @@ def cost(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: 
     from fracpass.passes.cost_analysis import CostAnalysisPass
     from fracpass.targets import load_target
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     example_inputs, example_kwargs = example_args(state, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise FracpassError("cost: no example inputs; pass example_inputs=(x,) (the costs depend on input shapes)")

@@ -237,14 +237,14 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
     ``loss_fn``: output -> scalar (default: the sum of the output's floating tensors).
     """
     from fracpass.api import example_args, stage_text, cost, set_stage
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
     from fracpass.costing import flat_inputs
     from fracpass.native import op_paths, product_paths
     from fracpass.targets import load_target
 
     if repeats < 1 or warmup < 0:
         raise FracpassError(f"bench: repeats={repeats}, warmup={warmup}: need repeats >= 1 and warmup >= 0")
-    state = _state(qmodel)
+    state = model_state(qmodel)
     args, kwargs = example_args(state, example_inputs, example_kwargs)
     if not args and not kwargs:
         raise FracpassError("bench: no example inputs; pass example_inputs=(x,) (a batch to time the step on)")

@@ -70,9 +70,9 @@ def _call(node: torch.fx.Node) -> str:
 
 def graph_text(qmodel: nn.Module) -> str:
     """The canonical, stable text of a transformed model's graph (the current train/eval graph)."""
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     plan = state.plan
     lines = [f"# fracpass graph: {type(qmodel).__name__}, captured with {state.method}, "
              f"{'train' if state.graph_mode else 'eval'} graph",
@@ -233,10 +233,10 @@ def coverage(qmodel: nn.Module, example_inputs=(), example_kwargs=None) -> Cover
     Calls fracpass cannot see into (leaf modules, ``torch.fx.wrap``'ped functions) count as
     unquantized ops, and their MACs, measured with FlopCounterMode's rules, as unquantized MACs."""
     from fracpass.api import cost
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
     from fracpass.costing import uncosted
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     quantizers_of: Dict[str, set] = {}
     for node in qmodel.graph.nodes:
         ins = meta.inserted(node)

@@ -55,9 +55,9 @@ def save_checkpoint(path: Union[str, Path], qmodel: nn.Module, optimizer: Option
     """Write ``qmodel``'s state, the plan, ``optimizer``'s and ``scheduler``'s state, torch's RNG
     states and ``extra`` (e.g. ``epoch=3``) to ``path`` with ``torch.save``."""
     from fracpass import __version__
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     path = Path(path)
     if not path.parent.is_dir():
         raise FracpassError(f"save_checkpoint: the directory {str(path.parent)!r} does not exist; create it first")
@@ -82,9 +82,9 @@ def load_checkpoint(path: Union[str, Path], qmodel: nn.Module, optimizer: Option
     ``weights_only=False`` is needed only if ``extra`` holds objects other than tensors, numbers,
     strings and containers of them (see ``torch.load``).
     """
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     try:
         saved = torch.load(path, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError as e:

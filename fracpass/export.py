@@ -94,9 +94,9 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
 
     from fracpass import __version__
     from fracpass.api import example_args, current_stage, set_stage
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
 
-    state = _state(qmodel)
+    state = model_state(qmodel)
     _check_writable(path)  # before the export work, which takes seconds to minutes
     if opset < 21:
         raise ExportError(f"export_onnx: opset {opset} is too old; the quantizer forms need opset 21 "

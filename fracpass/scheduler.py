@@ -21,7 +21,7 @@ log = logging.getLogger("fracpass.scheduler")
 def schedule(qmodel, plan: Optional[Plan] = None, example_inputs=(), example_kwargs=None):
     """The scheduler pass: a StagePlan of every op's bits per stage (budgets resolved to AtSteps)."""
     from fracpass.api import parts_of, cost
-    from fracpass.state import model_state as _state
+    from fracpass.state import model_state
     from fracpass.passes.schedule import SchedulePass
 
     parts = parts_of(qmodel)
@@ -29,7 +29,7 @@ def schedule(qmodel, plan: Optional[Plan] = None, example_inputs=(), example_kwa
         from fracpass.parts import parts_schedule
 
         return parts_schedule(qmodel, parts, plan, example_inputs, example_kwargs)
-    state = _state(qmodel)
+    state = model_state(qmodel)
     plan = plan or state.plan
     if plan.num_stages != state.plan.num_stages:
         raise FracpassError(f"schedule: the plan has {plan.num_stages} stages but the model was transformed with "
@@ -58,11 +58,11 @@ class Scheduler:
 
     def __init__(self, qmodel, plan: Optional[Plan] = None):
         from fracpass.api import parts_of, current_stage
-        from fracpass.state import model_state as _state
+        from fracpass.state import model_state
 
         parts = parts_of(qmodel)  # None, or the transformed parts qmodel holds: they switch together
         if parts is None:
-            state = _state(qmodel)
+            state = model_state(qmodel)
         else:
             from fracpass.parts import common_stages, parts_plan
 

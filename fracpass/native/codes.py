@@ -152,7 +152,7 @@ class _Kept(NamedTuple):
     int8_dx: bool = False
     int8_dw: bool = False  # the weight gradient's on the VNNI kernel (int8_conv.int8_reasons)
     hand_to: Optional["conv_bn.GradSink"] = None  # where the input gradient's product goes unscaled
-    split: float = 0.25  # NativeOptions.split_channels for the int8 products (int8_conv.int8_product)
+    split: float = options.NativeOptions.split_channels  # for the int8 products (int8_conv.int8_product)
 
 
 def bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,

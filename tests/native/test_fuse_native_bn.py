@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fracpass
+import fracpass.state
 from fracpass import native
 from test_native import kernels  # noqa: F401 (fixture: csrc/native_*.cpp's kernels, then the torch ops)
 
@@ -148,7 +149,7 @@ def test_pass_contract_names_paths_and_stats(monkeypatch):
     assert native.op_paths(fused) == native.op_paths(plain)  # same op names, same paths and reasons
     assert native.product_paths(fused) == native.product_paths(plain)
     assert fracpass.summary(fused).splitlines()[1:] == fracpass.summary(plain).splitlines()[1:]
-    stats = fracpass.api._state(fused).stats[True]["fuse-native-bn"]
+    stats = fracpass.state.model_state(fused).stats[True]["fuse-native-bn"]
     # 19 3x3 + 2 downsample convs fused; each block's second convolution reads its first's output alone
     assert stats == {"fused": len(_fused_nodes(fused)), "sole_reader": 9} and stats["fused"] == 21
     # running the pass again changes nothing
