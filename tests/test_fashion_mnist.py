@@ -1,6 +1,7 @@
 """Issue 30's machinery: the Fashion-MNIST loader, its validation split, selection on validation,
 FracTrain's ResNet-20 with projection shortcuts and the stage-bits stem, and ``--quick`` on a fixture.
 Never a run's accuracy: the long runs' results belong to docs/results/fashion-mnist."""
+import dataclasses
 import gzip
 import json
 import subprocess
@@ -262,3 +263,52 @@ def test_quick_runs_every_recipe_writes_run_files_and_merges(fixture_dir, tmp_pa
     for name in names:
         for key in ("accuracy_mean", "total_mean", "best_iteration_per_seed"):
             assert joined["summary"][name][key] == results["summary"][name][key], (name, key)
+
+
+class _StopAfter:
+    """A progress bar that stops the run (as a killed process would) after ``n`` iterations."""
+
+    def __init__(self, n):
+        self.n, self.done = n, 0
+
+    def update(self, k):
+        self.done += k
+        if self.done >= self.n:
+            raise KeyboardInterrupt
+
+    def set_postfix_str(self, text):
+        pass
+
+
+_VARIES = ("wall_s", "resumed_at")  # what a resumed run records differently by design
+
+
+@pytest.mark.parametrize("recipe", ["pfq", "fractrain", "fp32"])
+def test_a_run_stopped_partway_goes_on_bit_for_bit(fixture_dir, tmp_path, recipe):
+    """A run killed after iteration 7 goes on from its checkpoint at 6 and records exactly what an
+    uninterrupted run records: losses, stage switches, gate choices, accuracies, costs."""
+    data = datasets.load("fashion-mnist", fixture_dir).head(256, 64, 64)
+    cfg = config_for("fashion-mnist", quick=True, iterations=12, eval_every=4, blocks=1)
+    whole = train_run(recipe, cfg, data, 0, ("bitfusion",))
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(recipe, cfg, data, 0, ("bitfusion",), bar=_StopAfter(7), checkpoint=ckpt, checkpoint_every=3)
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["iteration"] == 6
+    resumed = train_run(recipe, cfg, data, 0, ("bitfusion",), checkpoint=ckpt, checkpoint_every=3)
+    assert resumed["resumed_at"] == [6] and whole["resumed_at"] == []
+    if recipe != "fp32":
+        assert whole["switches"], "the quick plateau settings switch stages within 12 iterations"
+    assert json.dumps({k: v for k, v in resumed.items() if k not in _VARIES}) == \
+        json.dumps({k: v for k, v in whole.items() if k not in _VARIES})
+
+
+def test_a_checkpoint_of_another_run_is_refused(fixture_dir, tmp_path):
+    data = datasets.load("fashion-mnist", fixture_dir).head(256, 64, 64)
+    cfg = config_for("fashion-mnist", quick=True, iterations=4, eval_every=2, blocks=1)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        train_run("static-8/8/8", cfg, data, 0, bar=_StopAfter(3), checkpoint=ckpt, checkpoint_every=2)
+    with pytest.raises(FracpassError, match=r"a checkpoint of 'static-8/8/8' seed 0 .*not of 'static-8/8/8' seed 1.*delete it"):
+        train_run("static-8/8/8", cfg, data, 1, checkpoint=ckpt)
+    with pytest.raises(FracpassError, match=r"saved with other settings \{'lr': \(0\.1, 0\.05\)\}"):
+        train_run("static-8/8/8", dataclasses.replace(cfg, lr=0.05), data, 0, checkpoint=ckpt)

@@ -36,7 +36,9 @@ def run_comparison(data: ImageSet, cfg: Config, seeds: Sequence[int], recipes: S
                    command: str = "") -> Dict[str, Any]:
     """Train every recipe with every seed (same iterations, optimiser, data order per seed). With
     ``run_dir``, each finished run is written to ``run_dir/runs/`` at once, and runs already there
-    (same data set and settings) are read instead of trained again."""
+    (same data set and settings) are read instead of trained again; a run in progress saves a
+    checkpoint at every evaluation (``runs/<recipe>-seed<k>.ckpt``), so a run stopped partway goes on
+    from its last evaluation when the comparison is started again."""
     recipes = list(recipes) or [r.name for r in RECIPES]
     runs: List[Dict[str, Any]] = []
     start = time.perf_counter()
@@ -47,14 +49,19 @@ def run_comparison(data: ImageSet, cfg: Config, seeds: Sequence[int], recipes: S
                 runs.append(runfiles.read_run(path, data.describe(), cfg.to_dict())["run"])
                 out(f"{recipe} seed {seed}: read from {path}")
                 continue
+            ckpt = runfiles.checkpoint_path(run_dir, recipe, seed) if path is not None else None
+            if ckpt is not None and ckpt.is_file():
+                out(f"{recipe} seed {seed}: going on from its checkpoint {ckpt}")
             bar = _bar(f"{BY_NAME[recipe].label:<26} seed {seed}", cfg.iterations, progress)
             try:
-                runs.append(train_run(recipe, cfg, data, seed, profiles, bar))
+                runs.append(train_run(recipe, cfg, data, seed, profiles, bar,
+                                      checkpoint=ckpt))
             finally:
                 if bar is not None:
                     bar.close()
             if path is not None:
                 runfiles.write_run(run_dir, data.describe(), cfg.to_dict(), runs[-1], command)
+                ckpt.unlink(missing_ok=True)
             r = runs[-1]
             if not progress:
                 out(f"{recipe} seed {seed}: accuracy {r['final_accuracy']:.4f}, {r['wall_s']:.1f} s")

@@ -1,7 +1,8 @@
 """One JSON file per finished run, so that a comparison can span processes and sessions.
 
 ``<out>/runs/<recipe>-seed<k>.json`` holds the run's record with the data set, the settings and the
-environment it ran under. A comparison started again with the same ``--out`` reuses the runs whose
+environment it ran under; ``<recipe>-seed<k>.ckpt`` holds an unfinished run's progress, from which
+it goes on bit for bit. A comparison started again with the same ``--out`` reuses the runs whose
 file exists (same data set and settings) and trains only the missing ones; ``--merge`` builds one
 comparison from several such folders.
 """
@@ -17,7 +18,7 @@ import torch
 
 from fracpass.errors import FracpassError
 
-__all__ = ["run_path", "write_run", "read_run", "load_part", "environment"]
+__all__ = ["run_path", "checkpoint_path", "write_run", "read_run", "load_part", "environment"]
 
 log = logging.getLogger("fracpass.experiments")
 
@@ -29,6 +30,11 @@ def environment() -> Dict[str, Any]:
 
 def run_path(out_dir, recipe: str, seed: int) -> Path:
     return Path(out_dir) / "runs" / f"{recipe.replace('/', '-')}-seed{seed}.json"
+
+
+def checkpoint_path(out_dir, recipe: str, seed: int) -> Path:
+    """Where an unfinished run keeps its progress (deleted once its record is written)."""
+    return run_path(out_dir, recipe, seed).with_suffix(".ckpt")
 
 
 def write_run(out_dir, dataset: str, config: Dict[str, Any], record: Dict[str, Any], command: str = "") -> Path:

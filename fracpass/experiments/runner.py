@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -23,12 +25,15 @@ import torch
 import torch.nn.functional as F
 
 import fracpass
+from fracpass.errors import FracpassError
 from fracpass.experiments.accounting import PAPER, WHOLE, Accounting
 from fracpass.experiments.data import ImageSet
 from fracpass.experiments.model import SmallResNet
 from fracpass.experiments.recipes import Config, exclusions, gate_targets, plan_for, warn_unreachable
 
-__all__ = ["train_run", "build", "accounting_for", "select_best", "learning_rate"]
+__all__ = ["train_run", "build", "accounting_for", "select_best", "learning_rate", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1  # of the within-run checkpoints train_run writes and resumes from
 
 log = logging.getLogger("fracpass.experiments")
 
@@ -94,8 +99,52 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 500) -> float
     return correct / len(y)
 
 
-def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), bar=None) -> Dict[str, Any]:
-    """Train ``recipe`` on ``data`` with ``seed``; returns the run's record (JSON-ready) and costs."""
+def _save_progress(path: Path, it: int, model, opt, lr_sched, sched, order_gen, order, history, wall_s: float,
+                   recipe: str, seed: int, settings: Dict[str, Any]) -> None:
+    """Everything the loop needs to go on from iteration ``it`` as if it had never stopped: the
+    model, optimiser, learning-rate and precision schedules, the batch order and torch's generator
+    (the stochastic rounding's noise), and the history so far. Written beside, then moved into place,
+    so a process killed while writing leaves the previous checkpoint whole."""
+    state = {"format": CHECKPOINT_FORMAT, "recipe": recipe, "seed": seed, "settings": settings, "iteration": it,
+             "model": model.state_dict(), "optimizer": opt.state_dict(), "lr_schedule": lr_sched.state_dict(),
+             "scheduler": sched.state_dict() if sched is not None else None,
+             "order_generator": order_gen.get_state(), "order": order, "rng": torch.get_rng_state(),
+             "history": history, "wall_s": wall_s}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_progress(path: Path, recipe: str, seed: int, settings: Dict[str, Any], model, opt, lr_sched, sched,
+                   order_gen) -> Dict[str, Any]:
+    state = torch.load(path, weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("recipe") != recipe or state.get("seed") != seed:
+        raise FracpassError(f"{path}: a checkpoint of {state.get('recipe')!r} seed {state.get('seed')} (format "
+                            f"{state.get('format')}), not of {recipe!r} seed {seed} (format {CHECKPOINT_FORMAT}); "
+                            "delete it to train this run from its start")
+    if state["settings"] != settings:
+        diff = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+        raise FracpassError(f"{path}: saved with other settings {diff} (saved, now); use the same settings, or "
+                            "delete it to train this run from its start")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_schedule"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    order_gen.set_state(state["order_generator"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), bar=None,
+              checkpoint: Optional[Path] = None, checkpoint_every: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``recipe`` on ``data`` with ``seed``; returns the run's record (JSON-ready) and costs.
+
+    With ``checkpoint`` (a file path), the run's progress is saved there every ``checkpoint_every``
+    iterations (default: every evaluation), and a run that finds the file goes on from it: the
+    record is the same, bit for bit, as one trained without stopping (its wall time is the sum of
+    the parts'; ``resumed_at`` lists where it went on). The caller deletes the file once the record
+    is kept."""
     start = time.perf_counter()
     model, plan, ctrl_targets = build(recipe, cfg, data, seed)
     acct = accounting_for(recipe, model, cfg, data, profiles)
@@ -107,15 +156,30 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
     order_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every recipe of a seed
     n, b = len(data.y_train), cfg.batch_size
     per_epoch = n // b
-    losses: List[float] = []
-    stages: List[int] = []
-    counts: List[List[List[int]]] = []
-    ctrl_cost: List[float] = []
-    evals: List[List[float]] = []  # [iteration, test accuracy]
-    val_evals: List[List[float]] = []  # [iteration, validation accuracy]
+    checkpoint_every = checkpoint_every or cfg.eval_every
+    settings = {**cfg.to_dict(), "data": data.describe()}
+    history: Dict[str, list] = {
+        "losses": [], "stages": [], "counts": [], "ctrl_cost": [],
+        "evals": [],  # [iteration, test accuracy]
+        "val_evals": [],  # [iteration, validation accuracy]
+        "resumed_at": []}
     order = None
+    first, wall_before = 0, 0.0
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_file():
+            saved = _load_progress(checkpoint, recipe, seed, settings, model, opt, lr_sched, sched, order_gen)
+            first, order, history, wall_before = saved["iteration"], saved["order"], saved["history"], saved["wall_s"]
+            history["resumed_at"].append(first)
+            log.info("%s seed %d: going on from iteration %d of %d (%s)", recipe, seed, first, cfg.iterations,
+                     checkpoint)
+            if bar is not None:
+                bar.update(first)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    losses, stages, counts, ctrl_cost = history["losses"], history["stages"], history["counts"], history["ctrl_cost"]
+    evals, val_evals = history["evals"], history["val_evals"]
     model.train()
-    for it in range(cfg.iterations):
+    for it in range(first, cfg.iterations):
         if it % per_epoch == 0:
             order = torch.randperm(n, generator=order_gen)
         idx = order[(it % per_epoch) * b:(it % per_epoch + 1) * b]
@@ -143,7 +207,10 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
             bar.update(1)
             if (it + 1) % 10 == 0:
                 bar.set_postfix_str(f"loss {losses[-1]:.3f} stage {stage}" + (f" acc {evals[-1][1]:.3f}" if evals else ""))
-    wall = time.perf_counter() - start
+        if checkpoint is not None and (it + 1) % checkpoint_every == 0 and it + 1 < cfg.iterations:
+            _save_progress(checkpoint, it + 1, model, opt, lr_sched, sched, order_gen, order, history,
+                           wall_before + time.perf_counter() - start, recipe, seed, settings)
+    wall = wall_before + time.perf_counter() - start
     step_costs = acct.steps(stages, b, np.asarray(counts) if gated else None) if recipe != "fp32" \
         else acct.fp32_steps(cfg.iterations, b)
     cumulative = np.cumsum(step_costs, axis=0)
@@ -166,7 +233,7 @@ def train_run(recipe: str, cfg: Config, data: ImageSet, seed: int, profiles=(), 
         "fp32_total": (cfg.iterations * b * acct.fp32).tolist(),
         "cumulative_at_evals": {"paper": [float(cumulative[int(i) - 1, PAPER]) for i, _ in evals],
                                 "whole": [float(cumulative[int(i) - 1, WHOLE]) for i, _ in evals]},
-        "wall_s": wall, "threads": torch.get_num_threads(),
+        "wall_s": wall, "threads": torch.get_num_threads(), "resumed_at": history["resumed_at"],
     }
     if gated:
         record["gates"] = {
