@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from fracpass.errors import FracpassError, PlanError
 from fracpass.quant import (FULL_PRECISION, PLAN_MISMATCH_FIX, Quantizer, fused_kernels, memory_rows, RangeTracker,
-                            rows_outer_dense, torch_seed, plan_state_mismatch)
+                            rows_outer_dense, torch_seed, plan_state_mismatch,
+                            draw_seed, traced_ops, traced_layout)
 
 __all__ = ["GateHub", "GateBranch", "GatedActQuant", "GatedGradQuant", "GateStats", "skip_gate",
            "fake_quantize_rows", "quantize_grad_rows", "option_scores", "onehot_grad"]
@@ -46,7 +47,7 @@ def _levels(bits: Tensor) -> Tensor:
 
 def fake_quantize_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tensor:
     """Fake-quantize each row of ``x`` (dim 0) over its own range [mn_r, mx_r] to levels_r + 1 values."""
-    ext = fused_kernels(x, mn, mx, levels)
+    ext = traced_ops(x, mn, mx, levels) if torch.compiler.is_compiling() else fused_kernels(x, mn, mx, levels)
     if ext is not None and rows_outer_dense(x) and x.dim() > 0:
         return ext.fake_quant_rows(x, mn.contiguous(), mx.contiguous(), levels.contiguous())
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -81,7 +82,8 @@ def quantize_grad_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Ten
 
 def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: Tensor) -> Tensor:
     """(rows, K): sum over each row of g * fake_quantize(x) at option k's levels and the row's range."""
-    ext = fused_kernels(x, g, mn, mx, option_levels)
+    ext = (traced_ops(x, g, mn, mx, option_levels) if torch.compiler.is_compiling()
+           else fused_kernels(x, g, mn, mx, option_levels))
     if ext is not None and x.dim() > 0 and option_levels.numel() <= 16:
         if not (rows_outer_dense(x) and x.stride() == g.stride()):  # the kernel pairs x and g by memory index
             x, g = x.contiguous(), g.contiguous()
@@ -165,8 +167,34 @@ class _GatedGradQuantFn:
 
     @staticmethod
     def apply(x: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:
-        x.register_hook(lambda grad: _GatedGradQuantFn.quantize(grad, choice, option_levels))
+        if torch.compiler.is_compiling():
+            x.register_hook(_GatedGradQuantFn.traced(x, choice, option_levels))
+        else:
+            x.register_hook(lambda grad: _GatedGradQuantFn.quantize(grad, choice, option_levels))
         return x
+
+    @staticmethod
+    def traced(x: Tensor, choice: Tensor, option_levels: Tensor):
+        """The hook a compiled graph runs (see ``fracpass.quant._traced_grad_quantizer``): everything that
+        depends on the gradient's layout or shape is decided from ``x`` in forward. On float32 CPU tensors,
+        eager's kernel (grad_sr_rows, its seed drawn in the graph): the same values, compiled or not."""
+        ops = traced_ops(x, option_levels)
+        layout = traced_layout(x)
+        rows = choice.shape[0]
+        per_sample = x.shape[0] != rows  # sample-major rows (see _per_sample): quantize per sample
+
+        def hook(grad: Tensor) -> Tensor:
+            g = grad.reshape(rows, -1) if per_sample else grad.contiguous(memory_format=layout)
+            dims = tuple(range(1, g.dim()))
+            mn, mx = (torch.amin(g, dims), torch.amax(g, dims)) if dims else (g, g)
+            mn, mx, _, _ = range_per_group(mn, mx, choice, option_levels.numel())
+            if ops is None:
+                out = quantize_grad_rows(g, mn, mx, option_levels[choice])
+            else:
+                out = ops.grad_sr_rows(g, mn, mx, option_levels[choice], draw_seed())
+            return out.view_as(grad) if per_sample else out
+
+        return hook
 
     @staticmethod
     def quantize(grad: Tensor, choice: Tensor, option_levels: Tensor) -> Tensor:

@@ -41,9 +41,10 @@ def _fake_quant(x: Tensor, mn: Tensor, mx: Tensor, levels: float) -> Tensor:
     return torch.empty_like(x)  # the kernel's empty_like: x's layout kept
 
 
-# fracpass::grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, int seed) -> Tensor
+# fracpass::grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, Tensor seed) -> Tensor
+#   seed: a 0-d int64 tensor (fracpass.quant.draw_seed), so that a compiled graph draws it without int(tensor)
 @_fake("grad_sr")
-def _grad_sr(g: Tensor, mn: Tensor, mx: Tensor, levels: float, seed: int) -> Tensor:
+def _grad_sr(g: Tensor, mn: Tensor, mx: Tensor, levels: float, seed: Tensor) -> Tensor:
     return torch.empty_like(g)
 
 
@@ -53,9 +54,9 @@ def _fake_quant_rows(x: Tensor, mn: Tensor, mx: Tensor, levels: Tensor) -> Tenso
     return torch.empty_like(x)
 
 
-# fracpass::grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, int seed) -> Tensor
+# fracpass::grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, Tensor seed) -> Tensor
 @_fake("grad_sr_rows")
-def _grad_sr_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, seed: int) -> Tensor:
+def _grad_sr_rows(g: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     return torch.empty_like(g)
 
 

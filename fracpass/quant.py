@@ -44,6 +44,8 @@ __all__ = [
     "GradQuant",
     "fake_quantize",
     "quantize_grad_stochastic",
+    "draw_seed",
+    "traced_ops",
     "FULL_PRECISION",
     "warn_nonfinite",
 ]
@@ -146,6 +148,8 @@ def value_range(x: Tensor) -> Tuple[Tensor, Tensor]:
     (channels_last, an attention head's transposed view) is read in memory order as it lies (aten's
     aminmax would first copy it to contiguous: 0.9 ms per 4 MB here); a range handed over with
     ``hand_range`` is returned without a pass."""
+    if torch.compiler.is_compiling():  # no range is handed over in a traced graph (only native's fused ops do)
+        return torch.aminmax(x.detach())
     known = x.__dict__.get(_KNOWN_RANGE)
     if known is not None and known[1] == x._version and known[0] == x.data_ptr():
         return known[2], known[3]
@@ -160,9 +164,43 @@ def _per_row(x: Tensor, mn: Tensor) -> bool:
     return mn.numel() == 1 or (mn.dim() == x.dim() and mn.shape[0] == x.shape[0] == mn.numel())
 
 
+def draw_seed() -> Tensor:
+    """A 63-bit seed drawn from torch's default CPU generator, as a 0-d int64 tensor: what the kernels'
+    torch ops take, so that a compiled graph draws it in place (no ``int(tensor)``) and, under
+    ``torch.manual_seed``, draws the value eager execution draws."""
+    # aten's out-of-place random: Dynamo does not trace Tensor.random_; the value and the generator's
+    # advance are random_()'s
+    return torch.ops.aten.random.default(torch.empty((), dtype=torch.int64))
+
+
 def torch_seed() -> int:
-    """A 63-bit seed drawn from torch's default CPU generator, so torch.manual_seed governs the noise."""
-    return int(torch.empty((), dtype=torch.int64).random_())
+    """``draw_seed``'s value as a Python int, for the pybind kernels (eager execution)."""
+    return int(draw_seed())
+
+
+@torch.compiler.assume_constant_result
+def traced_kernels() -> bool:
+    """Whether the quantizer kernels are there as torch ops (``torch.ops.fracpass``, their fakes registered),
+    building them on first use. Called while torch.compile or torch.export traces: Dynamo runs it once and
+    keeps its answer as a constant, so the graph calls the ops or the torch-op path, never the loader."""
+    from fracpass import kernel_ops
+
+    return kernel_ops.load() is not None
+
+
+def traced_ops(*tensors: Tensor):
+    """In a graph that torch.compile or torch.export traces: ``torch.ops.fracpass`` when the kernels apply to
+    these tensors (float32 on the CPU) and are there, else None (the torch-op path). What ``fused_kernels``
+    is to eager execution, with the kernels as traceable torch ops instead of pybind functions."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and traced_kernels():
+        return torch.ops.fracpass
+    return None
+
+
+@torch.compiler.assume_constant_result
+def traced_lerp_is_fma() -> bool:
+    """``_lerp_is_fma`` as a constant of a traced graph (see ``traced_kernels``)."""
+    return _lerp_is_fma()
 
 
 def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
@@ -171,9 +209,14 @@ def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     Equals ONNX ``DequantizeLinear(QuantizeLinear(x))`` with the same scale and zero point.
     Returns a new tensor; no gradient is defined here (see ``_FakeQuantSTE``).
     """
-    ext = fused_kernels(x, mn, mx)
-    if ext is not None and _outer_dense(x) and _per_row(x, mn):
-        return ext.fake_quant(x, mn, mx, float(2**bits - 1))
+    if torch.compiler.is_compiling():  # the same kernel as a torch op, which Dynamo and export trace
+        ops = traced_ops(x, mn, mx)
+        if ops is not None and _outer_dense(x) and _per_row(x, mn):
+            return ops.fake_quant(x, mn, mx, float(2**bits - 1))
+    else:
+        ext = fused_kernels(x, mn, mx)
+        if ext is not None and _outer_dense(x) and _per_row(x, mn):
+            return ext.fake_quant(x, mn, mx, float(2**bits - 1))
     scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     q = torch.div(x, scale)  # a true division: x * (1 / s) differs from QuantizeLinear on ties
     q.round_()
@@ -237,6 +280,42 @@ def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     return y.mul_(scale).add_(mn)
 
 
+def _traced_grad_quantizer(x: Tensor, bits: int):
+    """The gradient quantizer a compiled graph runs for the gradient of ``x``: decided from x in forward,
+    since Dynamo cannot trace a hook that reads its gradient's layout or type. On a float32 CPU tensor, the
+    kernel eager execution runs (grad_sr as a torch op, its seed drawn in the graph by ``draw_seed``): the
+    same noise, compiled or not, under ``torch.manual_seed``, for a gradient in x's layout (contiguous or
+    channels_last, as eager's gradients come). Elsewhere, the torch-op path with ``torch.rand_like``'s
+    noise, as eager draws it on GPUs (the CPU's torch-op path draws NumPy bytes, which no graph can)."""
+    levels = float(2**bits - 1)
+    ops = traced_ops(x)
+    if ops is not None:
+        layout = traced_layout(x)
+
+        def kernel(grad: Tensor) -> Tensor:
+            g = grad.contiguous(memory_format=layout)
+            mn, mx = torch.aminmax(g)
+            return ops.grad_sr(g, mn, mx, levels, draw_seed())
+
+        return kernel
+
+    def torch_ops(grad: Tensor) -> Tensor:
+        mn, mx = torch.aminmax(grad)
+        scale = (mx / levels - mn / levels).clamp(min=torch.finfo(grad.dtype).tiny)
+        y = torch.floor((grad - mn) / scale + torch.rand_like(grad)).clamp_max(levels)
+        return y * scale + mn
+
+    return torch_ops
+
+
+def traced_layout(x: Tensor) -> torch.memory_format:
+    """The layout a traced gradient hook gives the gradient of ``x`` before the kernels read it in memory
+    order: x's own where it is channels_last, as eager's gradients come, else contiguous."""
+    if not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _GradQuantFn:
     """Identity forward; quantizes the incoming gradient in backward.
 
@@ -245,11 +324,15 @@ class _GradQuantFn:
     view. A hook registered before an in-place op receives the gradient w.r.t. the value it was
     registered on (torch's documented hook semantics), i.e. the op's output, and what it returns
     replaces that gradient on the way to the op. Nothing is copied; the op's output is returned.
+    Dynamo traces the hook into the compiled backward (``_traced_grad_quantizer``).
     """
 
     @staticmethod
     def apply(x: Tensor, bits: int) -> Tensor:
-        x.register_hook(lambda grad: quantize_grad_stochastic(grad, bits))
+        if torch.compiler.is_compiling():
+            x.register_hook(_traced_grad_quantizer(x, bits))
+        else:
+            x.register_hook(lambda grad: quantize_grad_stochastic(grad, bits))
         return x
 
 
@@ -407,7 +490,17 @@ class ActQuant(RangeTracker):
         # decided on the device (no host sync): a finite batch moves the EMA, or sets the range if
         # it is the first one; a non-finite one leaves it and is counted
         mn, mx = mn.to(self.running_min.dtype), mx.to(self.running_max.dtype)
-        ext = _scalar_kernels(mn, mx) if self.momentum < 0.5 and _lerp_is_fma() else None
+        if torch.compiler.is_compiling():  # eager's choice of arithmetic, as a torch op Dynamo traces
+            if (self.momentum < 0.5 and self.running_min.device.type == "cpu" and mn.device.type == "cpu"
+                    and self.running_min.dtype == mn.dtype == torch.float32 and self.running_min.numel() == 1
+                    and mn.numel() == 1 and traced_kernels() and traced_lerp_is_fma()):
+                torch.ops.fracpass.track_range_(self.running_min, self.running_max, self.range_ready,
+                                                self.nonfinite_batches, mn.reshape(()), mx.reshape(()),
+                                                float(self.momentum))
+                return
+            ext = None
+        else:
+            ext = _scalar_kernels(mn, mx) if self.momentum < 0.5 and _lerp_is_fma() else None
         if (ext is not None and self.running_min.device.type == "cpu" and self.running_min.dtype == torch.float32
                 and self.running_min.numel() == 1 and self.running_max.dtype == torch.float32):
             ext.track_range_(self.running_min, self.running_max, self.range_ready, self.nonfinite_batches, mn, mx,

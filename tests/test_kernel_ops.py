@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fracpass import kernel_ops, kernels
+from fracpass import kernel_ops, kernels, quant
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,9 @@ def _args(name):
     rmn, rmx, rlv = x.amin(1), x.amax(1), torch.tensor([0.0, 3.0, 15.0, 255.0, 7.0, 1.0])
     return {
         "fake_quant": (x, mn, mx, 15.0),
-        "grad_sr": (g, g.min(), g.max(), 15.0, 1234),
+        "grad_sr": (g, g.min(), g.max(), 15.0, torch.tensor(1234)),
         "fake_quant_rows": (x, rmn, rmx, rlv),
-        "grad_sr_rows": (g, g.amin(1), g.amax(1), rlv, 1234),
+        "grad_sr_rows": (g, g.amin(1), g.amax(1), rlv, torch.tensor(1234)),
         "option_scores": (x, g, rmn, rmx, torch.tensor([3.0, 15.0, 15.0])),
         "affine_params": (mn.reshape(()), mx.reshape(()), 255.0),
         "track_range_": (torch.tensor(0.5), torch.tensor(1.5), torch.tensor(True), torch.tensor(0), mn.reshape(()),
@@ -60,7 +60,8 @@ def test_ops_compute_what_the_pybind_functions_do(name, ops):
             assert torch.equal(x, y)
         assert a[3].item() == 0 and a[0].item() != 0.5  # a finite batch moved the range
         return
-    got, want = getattr(ops, name)(*_args(name)), getattr(ext, name)(*_args(name))
+    as_ints = [int(a) if isinstance(a, torch.Tensor) and a.dtype == torch.int64 else a for a in _args(name)]  # the pybind seed is an int
+    got, want = getattr(ops, name)(*_args(name)), getattr(ext, name)(*as_ints)
     got, want = (list(got), list(want)) if name == "affine_params" else ([got], [want])
     for x, y in zip(got, want):
         assert x.dtype == y.dtype and x.stride() == y.stride()
@@ -68,17 +69,26 @@ def test_ops_compute_what_the_pybind_functions_do(name, ops):
 
 
 def test_a_quantizer_step_compiles_without_graph_breaks(ops):
-    def step(x, g, seed):
+    def step(x, g):
         s, lo, hi = ops.affine_params(x.min().reshape(()), x.max().reshape(()), 15.0)
         y = ops.fake_quant(x, x.min(), x.max(), 15.0)
-        return y * s, ops.grad_sr(g, g.min(), g.max(), 7.0, seed)
+        return y * s, ops.grad_sr(g, g.min(), g.max(), 7.0, quant.draw_seed())
 
     x, g = torch.randn(8, 32), torch.randn(8, 32)
-    explained = torch._dynamo.explain(step)(x, g, 5)
+    explained = torch._dynamo.explain(step)(x, g)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for got, want in zip(compiled(x, g, 5), step(x, g, 5)):
-        assert torch.equal(got, want)
+    torch.manual_seed(3)
+    got = compiled(x, g)
+    torch.manual_seed(3)
+    for a, b in zip(got, step(x, g)):  # the seed drawn in the graph is eager's
+        assert torch.equal(a, b)
+
+
+def test_a_seed_that_is_not_one_int64_is_refused(ops):
+    g = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"grad_sr: seed must be one int64 value on the CPU, got Float of 1"):
+        ops.grad_sr(g, g.min(), g.max(), 7.0, torch.tensor(1.0))
 
 
 @pytest.fixture(scope="module")

@@ -314,6 +314,24 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> affine_params_op(const t
   return {p[0], p[1], p[2]};
 }
 
+// The seed as a 0-d int64 tensor drawn from torch's default generator (fracpass.quant.draw_seed): a compiled
+// graph draws it in place, where an int argument would need int(tensor) on the host.
+int64_t seed_of(const torch::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == torch::kInt64 && seed.device().is_cpu(), op,
+              ": seed must be one int64 value on the CPU, got ", seed.scalar_type(), " of ", seed.numel(), " elements");
+  return seed.item<int64_t>();
+}
+
+torch::Tensor grad_sr_op(const torch::Tensor& g, const torch::Tensor& mn, const torch::Tensor& mx, double levels,
+                         const torch::Tensor& seed) {
+  return grad_sr(g, mn, mx, levels, seed_of(seed, "grad_sr"));
+}
+
+torch::Tensor grad_sr_rows_op(const torch::Tensor& g, const torch::Tensor& mn, const torch::Tensor& mx,
+                              const torch::Tensor& levels, const torch::Tensor& seed) {
+  return grad_sr_rows(g, mn, mx, levels, seed_of(seed, "grad_sr_rows"));
+}
+
 void track_range_op(torch::Tensor& rmin, torch::Tensor& rmax, torch::Tensor& ready, torch::Tensor& nonfinite,
                     const torch::Tensor& mn, const torch::Tensor& mx, double momentum) {
   track_range_(rmin, rmax, ready, nonfinite, mn, mx, momentum);
@@ -324,9 +342,9 @@ void track_range_op(torch::Tensor& rmin, torch::Tensor& rmax, torch::Tensor& rea
 // A fragment: the native kernels' extension may add its own ops to the namespace.
 TORCH_LIBRARY_FRAGMENT(fracpass, m) {
   m.def("fake_quant(Tensor x, Tensor mn, Tensor mx, float levels) -> Tensor");
-  m.def("grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, int seed) -> Tensor");
+  m.def("grad_sr(Tensor g, Tensor mn, Tensor mx, float levels, Tensor seed) -> Tensor");
   m.def("fake_quant_rows(Tensor x, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
-  m.def("grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, int seed) -> Tensor");
+  m.def("grad_sr_rows(Tensor g, Tensor mn, Tensor mx, Tensor levels, Tensor seed) -> Tensor");
   m.def("option_scores(Tensor x, Tensor g, Tensor mn, Tensor mx, Tensor levels) -> Tensor");
   m.def("affine_params(Tensor mn, Tensor mx, float levels) -> (Tensor, Tensor, Tensor)");
   m.def("track_range_(Tensor(a!) rmin, Tensor(b!) rmax, Tensor(c!) ready, Tensor(d!) nonfinite, Tensor mn, Tensor mx, "
@@ -335,9 +353,9 @@ TORCH_LIBRARY_FRAGMENT(fracpass, m) {
 
 TORCH_LIBRARY_IMPL(fracpass, CPU, m) {
   m.impl("fake_quant", &fake_quant);
-  m.impl("grad_sr", &grad_sr);
+  m.impl("grad_sr", &grad_sr_op);
   m.impl("fake_quant_rows", &fake_quant_rows);
-  m.impl("grad_sr_rows", &grad_sr_rows);
+  m.impl("grad_sr_rows", &grad_sr_rows_op);
   m.impl("option_scores", &option_scores);
   m.impl("affine_params", &affine_params_op);
   m.impl("track_range_", &track_range_op);

@@ -183,11 +183,18 @@ def _conv_transpose_call(fn):
 
 
 def _named(fn, name: str):
-    fn.__name__ = fn.__qualname__ = name  # module-level names: fx code and pickles find them in this module
+    """``fn`` as this module's ``name``, run as it is between compiled graphs: torch.compile (Dynamo) breaks
+    the graph at a native call and runs it eagerly, since its products are autograd Functions over pybind
+    kernels that Dynamo cannot trace (they become registered torch ops in a later change). Named for
+    fx code and pickles, which find it in this module."""
+    fn = torch.compiler.disable(fn, recursive=True)
+    fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
     return fn
 
 
+native_linear = _named(native_linear, "native_linear")
+native_matmul = _named(native_matmul, "native_matmul")
 bf16_conv1d = _named(_conv_call(F.conv1d), "bf16_conv1d")
 bf16_conv2d = _named(_conv_call(F.conv2d), "bf16_conv2d")
 bf16_conv3d = _named(_conv_call(F.conv3d), "bf16_conv3d")
@@ -197,7 +204,7 @@ bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_c
 bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
 bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
 bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
-native_conv2d = int8_conv2d.native_conv2d
+native_conv2d = _named(int8_conv2d.native_conv2d, "native_conv2d")
 
 
 @dataclass(frozen=True)
