@@ -417,7 +417,8 @@ class GateHub(nn.Module):
         h, c = self.lstm(feat, state)
         probs = F.softmax(self.proj(h), dim=1)
         onehot = _HardChoice.apply(probs).to(x.dtype)
-        self._choices[unit] = onehot
+        if not torch.compiler.is_exporting():  # gate_stats and gate_loss read them; an ExportedProgram has neither
+            self._choices[unit] = onehot
         return onehot, (h, c)
 
     def set_stage(self, stage: int) -> None:
