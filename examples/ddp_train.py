@@ -17,7 +17,8 @@ After training, every rank switches the model to eval (which captures the eval-m
 first time, on every rank together) and reports the accuracy on a held-out set; with gates it
 also records the choices on a probe batch, one sample at a time.
 
-``--recipe`` takes a comma-separated list to run several in one launch. ``--fsdp`` shards the model
+``--recipe`` takes a comma-separated list to run several in one launch. ``--compile [BACKEND]``
+wraps the DDP or FSDP model in ``torch.compile``. ``--fsdp`` shards the model
 with FSDP2 (``torch.distributed.fsdp.fully_shard``) instead of wrapping it in DDP; the first switch
 to eval then gathers the full parameters while it captures. FSDP does not synchronise buffers:
 before eval, rank 0's batch-norm statistics and activation ranges are broadcast, as DDP does. ``--out DIR`` saves, per recipe and
@@ -40,7 +41,7 @@ import os
 import pathlib
 import socket
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,12 +102,16 @@ def local_batch_sizes(text: str, world: int) -> List[int]:
     return sizes
 
 
-def wrap(qmodel: nn.Module, fsdp: bool) -> nn.Module:
+def wrap(qmodel: nn.Module, fsdp: bool, compile_backend: Optional[str] = None) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        return fully_shard(qmodel)  # shards in place; the module keeps its fracpass state
-    return nn.parallel.DistributedDataParallel(qmodel)
+        model = fully_shard(qmodel)  # shards in place; the module keeps its fracpass state
+    else:
+        model = nn.parallel.DistributedDataParallel(qmodel)
+    # compiled around the wrapper, as PyTorch's DDP and FSDP2 guides do; the Scheduler, gate_loss and
+    # gate_stats take the transformed model itself
+    return torch.compile(model, backend=compile_backend) if compile_backend else model
 
 
 def full_parameters(qmodel: nn.Module) -> Dict[str, torch.Tensor]:
@@ -116,7 +121,8 @@ def full_parameters(qmodel: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def train(recipe: str, steps: int, batch_sizes: List[int], lr: float = 0.05, eval_every: int = 5,
-          threshold: float = 0.1, gate_beta: float = 1e-3, fsdp: bool = False, seed: int = 0) -> Dict[str, object]:
+          threshold: float = 0.1, gate_beta: float = 1e-3, fsdp: bool = False, seed: int = 0,
+          compile_backend: Optional[str] = None) -> Dict[str, object]:
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = make_plan(recipe, eval_every, threshold, gate_beta)
     global_batch = sum(batch_sizes)
@@ -124,7 +130,7 @@ def train(recipe: str, steps: int, batch_sizes: List[int], lr: float = 0.05, eva
     x, y = dataset(global_batch * steps, seed)
     torch.manual_seed(seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     qmodel = fracpass.transform(DigitsResNet(c=8, blocks=2), plan, example_inputs=(x[:2],))
-    model = wrap(qmodel, fsdp)
+    model = wrap(qmodel, fsdp, compile_backend)
     sched = fracpass.Scheduler(qmodel)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses, gates = [], []
@@ -202,6 +208,8 @@ def main(argv=None) -> int:
                         help="weight of the gates' cost term (FracTrain: 1e-3); larger moves the gates sooner")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile the wrapped model (default backend: inductor)")
     parser.add_argument("--out", help="save each rank's results here (<recipe>-rank<r>.pt)")
     args = parser.parse_args(argv)
     init_distributed()
@@ -211,7 +219,7 @@ def main(argv=None) -> int:
         sizes = local_batch_sizes(args.batch_size, dist.get_world_size())
         for recipe in args.recipe.split(","):
             result = train(recipe, args.steps, sizes, args.lr, args.eval_every, args.threshold, args.gate_beta,
-                           args.fsdp, args.seed)
+                           args.fsdp, args.seed, args.compile)
             if args.out:
                 torch.save(result, pathlib.Path(args.out) / f"{recipe}-rank{result['rank']}.pt")
     finally:

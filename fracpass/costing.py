@@ -10,6 +10,7 @@ Bytes moved per product: each operand at its bit width, the result at 32 bits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -236,14 +237,20 @@ def flat_inputs(gm: torch.fx.GraphModule, args, kwargs):
 
 @contextlib.contextmanager
 def state_kept(gm: nn.Module):
-    """Run the model without leaving a trace: buffers (BatchNorm statistics) and the RNG restored."""
+    """Run the model without leaving a trace: buffers (BatchNorm statistics), the RNG and native calls'
+    records of their last call (what ``summary`` reports of the user's last batch) restored."""
+    from fracpass.native.site import NativeSite
+
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
+    records = {m: dataclasses.replace(m.last) for m in gm.modules() if isinstance(m, NativeSite)}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
             yield
         finally:
             for k, v in gm.named_buffers():
                 v.copy_(saved[k])
+            for m, last in records.items():
+                m.last = last
 
 
 def _needs_grad(gm: torch.fx.GraphModule) -> Dict[str, bool]:

@@ -473,6 +473,11 @@ class ActQuant(RangeTracker):
         if self._bits >= FULL_PRECISION or x.numel() == 0:
             return x
         mn, mx = self.qrange(x)
+        return self.quantize(x, mn, mx)
+
+    def quantize(self, x: Tensor, mn: Tensor, mx: Tensor) -> Tensor:
+        """``forward``'s output for a range ``qrange`` already gave (and tracked): for callers that asked
+        for the range first and then run the simulation after all (``fracpass.native``)."""
         return _FakeQuantSTE.apply(x, mn, mx, self._bits)
 
     def qrange(self, x: Tensor) -> Tuple[Tensor, Tensor]:

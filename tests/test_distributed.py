@@ -132,3 +132,13 @@ def test_fsdp2_example_under_torchrun_trains_switches_and_evaluates_like_ddp(tmp
         for name, p in result["params"].items():
             torch.testing.assert_close(p, ddp[key]["params"][name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(result["eval_logits"], ddp[key]["eval_logits"], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_a_compiled_ddp_or_fsdp_model_trains_with_ranks_identical(tmp_path, wrapper):
+    """torch.compile around DDP and FSDP2 (issue 28): the ranks stay identical, switch stages together and
+    evaluate alike, as uncompiled (aot_eager: the graphs as Inductor gets them, without its build time)."""
+    flags = ("--compile", "aot_eager") + (("--fsdp",) if wrapper == "fsdp" else ())
+    _check_ranks_agree(_torchrun(tmp_path, *flags))

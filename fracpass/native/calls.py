@@ -103,9 +103,17 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     conv = (decide.tuple_arg(stride, n), decide.tuple_arg(padding, n), decide.tuple_arg(dilation, n), transposed,
             decide.tuple_arg(output_padding, n), groups)
     gating, kept = None, None
+    gated_call = isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
+    if not gated_call:
+        with torch.no_grad():
+            mn, mx = aq.qrange(x)  # tracked once: the fallback below reuses it
+        if not decide.finite_range(mn, mx):
+            record(site, decide.NONFINITE)
+            y = quantized(gq, simulated(aq.quantize(x, mn, mx), quantized(wq, weight)), gate)
+            return y if fused is None else conv_bn.unfused(y, *fused)
     with torch.no_grad():
         qw, sw = codes.bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
-        if isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant):
+        if gated_call:
             choice = gate.detach().argmax(1)
             act = isinstance(aq, GatedActQuant)
             mn, mx = aq.row_range(x, choice) if act else aq.qrange(x)
@@ -119,7 +127,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             sa = sa[:1] if one_group else sa
         else:
             forward, dx, dw = int8_conv.int8_reasons(x, weight, conv, sw, decide.grad_bits(gq), opts)
-            qa, sa, kept = codes.bf16_input_codes(x.detach(), *aq.qrange(x), aq.bits, codes=forward is not None)
+            qa, sa, kept = codes.bf16_input_codes(x.detach(), mn, mx, aq.bits, codes=forward is not None)
             if kept is not None:
                 int8_dx = x.requires_grad and dx is None
                 sink = conv_bn.GradSink.on(x) if int8_dx and opts.hand_gradient else None

@@ -259,3 +259,13 @@ def conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, trans
     return (f"a small convolution ({macs / 1e6:.1f}M multiply-adds, under NativeOptions.min_conv_macs = "
             f"{opts.min_conv_macs / 1e6:g}M): the bf16 path's codes, scaling and offset corrections would cost more than "
             "it saves")
+
+
+NONFINITE = "a non-finite value (NaN/Inf) in its input: simulated, whose output is NaN as the model's is"
+
+
+def finite_range(mn: Tensor, mx: Tensor) -> bool:
+    """Whether an input's range is finite: codes exist for it. A NaN or an infinity in the input has no
+    codes (the kernels refuse it); the call then runs simulated on the same range (``NONFINITE``), so the
+    batch comes out NaN as in the simulation, and the loop can skip it. One host read (CPU: a load)."""
+    return bool(torch.isfinite(mn).all() & torch.isfinite(mx).all())

@@ -83,7 +83,12 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
     record(site, None)
     stride, padding, dilation = decide.tuple_arg(stride, 2), decide.tuple_arg(padding, 2), decide.tuple_arg(dilation, 2)
     with torch.no_grad():
-        mn, mx = aq.qrange(x)
+        mn, mx = aq.qrange(x)  # tracked once: the fallback below reuses it
+    if not decide.finite_range(mn, mx):
+        record(site, decide.NONFINITE)
+        return quantized(gq, F.conv2d(aq.quantize(x, mn, mx), quantized(wq, weight), bias, stride, padding, dilation,
+                                      groups))
+    with torch.no_grad():
         scale, lo, _ = affine_params(mn, mx, float(2**aq.bits - 1))
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             nhwc = x.detach().permute(0, 2, 3, 1)  # contiguous: codes in the same order, a channels-last view

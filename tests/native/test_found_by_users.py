@@ -1,0 +1,70 @@
+"""Bugs users found in native execution (issue 29), each reproduced on any CPU: the int8 and bf16 units are
+claimed (``units._cpu_flags``), so the native paths run, emulated where this CPU lacks the instructions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fracpass
+from fracpass import native
+
+UNITS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_int8", "amx_bf16"})
+EVERY_SIZE = fracpass.NativeOptions(min_conv_macs=0, min_intensity=0.0, min_bmm_intensity=0.0)
+
+
+@pytest.fixture(autouse=True)
+def units_claimed(monkeypatch):
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.bn, self.fc = conv, nn.BatchNorm2d(conv.out_channels), nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_coverage_and_cost_leave_the_last_call_records_alone():
+    """summary reports each op's path at the user's last call: a coverage or cost run on the example
+    batch, which takes other paths (here a batch-1 convolution under min_conv_macs), must not overwrite it."""
+    model = ConvNet(nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(16, 8, 12, 12)
+    model(x)
+    options = fracpass.NativeOptions(min_conv_macs=200_000)  # the batch of 16 is over it, one sample under it
+    q = fracpass.transform(model, fracpass.Plan.static(8, 8, 8, exclude=("fc",)), example_inputs=(x[:1],),
+                           execution="native", native=options)
+    q(x).sum().backward()
+    before = native.op_paths(q)
+    assert before["conv"][0] == "bf16", before
+    fracpass.coverage(q)
+    fracpass.cost(q)
+    assert native.op_paths(q) == before
+    assert "bf16" in fracpass.summary(q)
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 10)),
+    (nn.Conv2d(4, 6, 3, padding=1), (2, 4, 6, 6)),
+    (nn.Conv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last), (2, 4, 6, 6)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2), (2, 4, 5, 5)),
+], ids=["conv1d", "conv2d", "conv2d channels_last", "conv_transpose2d"])
+def test_a_nan_in_a_native_convolutions_input_gives_nan_as_the_simulation_does(conv, shape):
+    """A non-finite batch must come out NaN (the README's recipe skips the step on a NaN loss), not raise
+    'encode_bf16: bytes q - lo need one range ...'; the next finite batch runs native again."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    q = fracpass.transform(nn.Sequential(conv), fracpass.Plan.static(8, 8, 8), example_inputs=(x,),
+                           execution="native", native=EVERY_SIZE)
+    bad = x.clone()
+    bad[(0,) * bad.dim()] = float("nan")
+    out = q(bad)
+    assert torch.isnan(out).any()
+    out.sum().backward()
+    good = q(x)
+    assert torch.isfinite(good).all()
+    assert {path for path, _ in native.op_paths(q).values()} == {"bf16"}
