@@ -12,7 +12,10 @@ ResNets and their batch are channels_last in every variant (what native's convol
 compiled variants' first step is the compilation; it is timed apart ("compile s": first step minus the
 median step). Then every round runs one step of each variant, each round starting one variant later
 than the last, so the machine's drift and other processes hit all alike; the table gives each variant's
-median step and its ratio to FP32 eager and to FP32 compiled from the same rounds.
+median step and its ratio to FP32 eager and to FP32 compiled from the same rounds. Each variant takes
+``--warmup`` untimed steps after its first: a fresh simulated ResNet-74 took 5.9 and 8.3 s for its first
+two steps and 1.3 s from the third on here (the allocator settling), which a median of few rounds
+would otherwise catch.
 """
 from __future__ import annotations
 
@@ -104,6 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stage", type=int, default=3, choices=range(4), help="the ladder's stage (0..3)")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each variant after its first")
     parser.add_argument("--match", help="only the variants whose names contain one of these comma-separated strings "
                         "(and the two FP32 baselines)")
     args = parser.parse_args(argv)
@@ -119,8 +123,10 @@ def main(argv=None) -> None:
     for name, make in variants.items():
         step = make()
         start = time.perf_counter()
-        step()  # the compiled variants compile here; eager ones warm up (kernel builds, allocator)
+        step()  # the compiled variants compile here; eager ones warm up (kernel builds)
         first[name] = time.perf_counter() - start
+        for _ in range(args.warmup):  # glibc's heap settles: the first steps fault pages in (5-8 s, not 1.3)
+            step()
         steps[name] = step
         print(f"  {name}: first step {first[name]:.1f} s", flush=True)
     times = {name: [] for name in steps}

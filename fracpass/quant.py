@@ -209,8 +209,11 @@ def fake_quantize(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
     Equals ONNX ``DequantizeLinear(QuantizeLinear(x))`` with the same scale and zero point.
     Returns a new tensor; no gradient is defined here (see ``_FakeQuantSTE``).
     """
-    if torch.compiler.is_compiling():  # the same kernel as a torch op, which Dynamo and export trace
-        ops = traced_ops(x, mn, mx)
+    if torch.compiler.is_compiling():
+        # torch.export keeps the kernel, as a torch op (torch.ops.fracpass.fake_quant, its fake registered);
+        # torch.compile takes the torch ops below, bit for bit the kernel's values, which Inductor fuses
+        # with the ops around them
+        ops = traced_ops(x, mn, mx) if torch.compiler.is_exporting() else None
         if ops is not None and _outer_dense(x) and _per_row(x, mn):
             return ops.fake_quant(x, mn, mx, float(2**bits - 1))
     else:
