@@ -190,12 +190,18 @@ def _conv_transpose_call(fn):
     return call
 
 
+COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functions over C++ kernels, which torch.compile "
+                 "cannot trace yet, so each native call runs eagerly between compiled graphs. Compile without "
+                 "fullgraph=True to run it so, or transform with execution='simulate', which compiles as one graph "
+                 "(docs/compile.md)")
+
+
 def _named(fn, name: str):
     """``fn`` as this module's ``name``, run as it is between compiled graphs: torch.compile (Dynamo) breaks
     the graph at a native call and runs it eagerly, since its products are autograd Functions over pybind
     kernels that Dynamo cannot trace (they become registered torch ops in a later change). Named for
     fx code and pickles, which find it in this module."""
-    fn = torch.compiler.disable(fn, recursive=True)
+    fn = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
     return fn
