@@ -65,6 +65,43 @@ def test_a_nan_in_a_native_convolutions_input_gives_nan_as_the_simulation_does(c
     out = q(bad)
     assert torch.isnan(out).any()
     out.sum().backward()
+    counted = [int(m.nonfinite_batches) for m in q.modules() if hasattr(m, "nonfinite_batches")]
+    assert counted == [1], counted  # the batch counted as non-finite, once, by the input's quantizer
     good = q(x)
     assert torch.isfinite(good).all()
     assert {path for path, _ in native.op_paths(q).values()} == {"bf16"}
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Attention(nn.Module):
+    """A batched product of two activations (q k^T): native_matmul's bf16 path."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.matmul(self.q(x), self.k(x).transpose(-2, -1))
+
+
+@pytest.mark.parametrize("make, shape", [(Linear, (4, 16)), (Attention, (2, 6, 16))], ids=["linear", "matmul"])
+def test_a_nan_in_a_native_products_input_gives_nan(make, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    q = fracpass.transform(make(), fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native",
+                           native=EVERY_SIZE)
+    assert any(path != "simulated" for path, _ in native.op_paths(q).values()), native.op_paths(q)
+    bad = x.clone()
+    bad[(0,) * bad.dim()] = float("nan")
+    out = q(bad)
+    assert torch.isnan(out).any()
+    out.sum().backward()
+    assert torch.isfinite(q(x)).all()
