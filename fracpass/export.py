@@ -188,10 +188,11 @@ def _run_recording_choices(qmodel: nn.Module, args, kwargs):
         if isinstance(q, GatedActQuant):
             def record(module, inputs, output, stem=stem):
                 choices[stem] = inputs[1].detach().argmax(1)
+                acts.setdefault(stem, (inputs[0].detach(), output.detach(), choices[stem]))
             hooks.append(q.register_forward_hook(record))
         elif isinstance(q, ActQuant) and q.bits < FULL_PRECISION:
             def record_act(module, inputs, output, stem=stem):
-                acts.setdefault(stem, (inputs[0].detach(), output.detach()))
+                acts.setdefault(stem, (inputs[0].detach(), output.detach(), None))
             hooks.append(q.register_forward_hook(record_act))
     try:
         with torch.no_grad():
@@ -282,48 +283,75 @@ _FLIPS_LIMIT = 0.05
 _ANYWAY = "If you have checked the model otherwise, write it anyway with export_onnx(..., verify=False)"
 
 
-def _judge_layers(data: bytes, feeds, acts: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+def _judge_layers(data: bytes, feeds, acts: Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
                   samples: np.ndarray) -> Tuple[str, str]:
-    """Compare every plain activation quantizer's output in onnxruntime with PyTorch's, in execution
-    order, up to the first that differs, on ``samples`` (those whose gates chose alike). Returns what
-    was found and a verdict: "equal", "ties", "flips" (one-step flips that are not clearly ties: the output
+    """Compare every activation quantizer's output in onnxruntime with PyTorch's, in execution order,
+    up to the first that differs, on ``samples`` (those whose gates chose alike). ``acts`` holds per
+    quantizer its input, its output and, for a gated one, each sample's option. Returns what was found
+    and a verdict: "equal", "ties", "flips" (one-step flips that are not clearly ties: the output
     decides) or "differs" (codes several steps apart, or more than ``_FLIPS_LIMIT`` of a layer).
 
     Ties: each differing code is one step apart and its unrounded PyTorch value sat within float
     noise (or ``_TIE_BAND`` of a step) of a rounding boundary, in at most 1 % of the layer's elements or 4 of them (onnxruntime and PyTorch sum
-    convolutions in other orders). A wrong scale, zero point, rounding mode or op shows at its first
-    layer otherwise. Later layers are not judged: their inputs already differ."""
+    convolutions in other orders). A gated quantizer is judged per sample on its option's grid (a
+    sample at a skip or full-precision option passes its input through and is not judged): a tie there
+    grows through the low-precision layers after it, so judging only the plain quantizers would meet it
+    downstream as codes several steps apart. A wrong scale, zero point, rounding mode or op shows at
+    its first layer otherwise. Later layers are not judged: their inputs already differ."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load_from_string(data)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    dequant = {node.name[:-len("/DequantizeLinear")]: node.output[0] for node in model.graph.node
-               if node.op_type == "DequantizeLinear" and node.name.endswith("/DequantizeLinear")}
-    stems = [stem for stem in acts if stem in dequant and inits.get(f"{stem}_scale", np.zeros(2)).size == 1]
+    dequant = {}  # stem -> the tensor its (gated) dequantize writes
+    for node in model.graph.node:
+        for suffix in ("/DequantizeLinear", "/GatedDequantize"):
+            if node.name.endswith(suffix):
+                dequant[node.name[:-len(suffix)]] = node.output[0]
+
+    def grid(stem: str, choice: Optional[torch.Tensor]):
+        """Per sample (or for the tensor) the scale and zero point of the codes; None if not comparable."""
+        if choice is None:
+            scale = inits.get(f"{stem}_scale")
+            return None if scale is None or scale.size != 1 else (float(scale), float(inits[f"{stem}_zero_point"]))
+        scales, active = inits.get(f"{stem}_scales"), inits.get(f"{stem}_actives")
+        if scales is None or active is None:
+            return None
+        return scales[choice.numpy()].astype(np.float64), active[choice.numpy()]
+
+    stems = [stem for stem in acts if stem in dequant and grid(stem, acts[stem][2]) is not None]
     if not stems:
-        return "no plain activation quantizer to compare", "equal"
+        return "no activation quantizer to compare", "equal"
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_value_info(dequant[stem], onnx.TypeProto())
                               for stem in stems if dequant[stem] not in known)
     session = ort.InferenceSession(model.SerializeToString())
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     for stem in stems:
-        inp, ours = (t.numpy() for t in acts[stem])
-        theirs = outputs[dequant[stem]]
+        inp, ours, choice = acts[stem]
+        inp, ours, theirs = inp.numpy(), ours.numpy(), outputs[dequant[stem]]
         if theirs.shape != ours.shape:
             return f"the first layer that differs is {stem} (shape {theirs.shape} vs {ours.shape})", "differs"
-        if ours.ndim and ours.shape[0] == samples.size and not samples.all():
-            inp, ours, theirs = inp[samples], ours[samples], theirs[samples]
-        scale, zero = float(inits[f"{stem}_scale"]), float(inits[f"{stem}_zero_point"])
+        keep = samples if ours.ndim and ours.shape[0] == samples.size else None
+        if choice is None:
+            scale, zero = grid(stem, None)
+        else:  # per sample, broadcast over the rest; samples at a pass-through option are not judged
+            scales, active = grid(stem, choice)
+            keep = active.astype(bool) if keep is None else keep & active.astype(bool)
+            scale, zero = scales.reshape((-1,) + (1,) * (ours.ndim - 1)), 0.0
+        if keep is not None and not keep.all():
+            inp, ours, theirs = inp[keep], ours[keep], theirs[keep]
+            scale = scale[keep] if isinstance(scale, np.ndarray) else scale
+        if ours.size == 0:
+            continue
         steps = np.abs(theirs - ours) / scale
         off = steps > 1e-3
         if not off.any():
             continue
-        code = inp[off] / scale + zero
+        code = (inp / scale + zero)[off]
         from_boundary = np.abs(np.abs(code - np.floor(code)) - 0.5)
         # float32 sums in another order differ by ~1e-6 of their inputs' magnitude
-        noise = 1e-3 + 1e-6 * float(np.abs(inp).max()) / scale
+        noise = 1e-3 + 1e-6 * float(np.abs(inp).max() / np.min(scale))
         found = (f"the first layer that differs is {stem}: {off.mean():.2g} of its codes, by up to "
                  f"{steps.max():.3g} steps, up to {from_boundary.max():.2g} of a step from a rounding boundary")
         few = off.mean() <= 1e-2 or off.sum() <= 4  # a small layer (a classifier's input) may hold one tie in 20
