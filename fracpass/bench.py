@@ -12,7 +12,10 @@ profile predicts, scaled to the cores the run used::
 * **as run**: the same roofline at the precision each product actually runs on here: int8 where
   native execution runs it on int8 codes, bf16 where on bfloat16 codes (16-bit operands), fp32
   otherwise (a simulated op computes in float32 on quantized values). ``measured / as run`` is how far the kernels and the quantizers' own work are
-  from the profile's peak; ``as run / at bits`` is what is not native yet.
+  from the profile's peak; ``as run / at bits`` is what is not native yet. Below each table, why each simulated op is
+  simulated (``fracpass.native.op_paths``: too small for its products to pay, no units, ...).
+* **FP32 baseline**: each stage's plain step is timed interleaved with the same graph's step with every
+  quantizer passing its tensor through, in the same process, and the report gives their ratio.
 
 An op's time is its group's: the compute node and the quantizers the passes inserted for it (a
 native op is one node holding them). Forward times come from running the graph node by node
@@ -60,6 +63,7 @@ class OpTiming:
     at_bits_s: float
     as_run_forward_s: float
     at_bits_forward_s: float
+    why: str = ""  # why a simulated op is simulated, what runs in fp32 (fracpass.native.op_paths' note)
 
     @property
     def measured_s(self) -> float:
@@ -73,6 +77,7 @@ class StageBench:
     step_s: float  # median forward + backward, plain run
     step_spread: Tuple[float, float]  # min, max over the repeats
     ops: Tuple[OpTiming, ...]
+    fp32_step_s: float = 0.0  # median of the FP32 baseline's steps, interleaved with the plain run's
 
     @property
     def ops_s(self) -> float:
@@ -105,7 +110,8 @@ class BenchReport:
         for st in self.stages:
             lines.append("")
             lines.append(f"stage {st.stage} ({st.bits}): step {_ms(st.step_s)} ms measured "
-                         f"({_ms(st.step_spread[0])}-{_ms(st.step_spread[1])}); compute ops {_ms(st.ops_s)} ms measured "
+                         f"({_ms(st.step_spread[0])}-{_ms(st.step_spread[1])}), {st.step_s / st.fp32_step_s:.2f}x the FP32 "
+                         f"baseline's {_ms(st.fp32_step_s)} ms; compute ops {_ms(st.ops_s)} ms measured "
                          f"(instrumented), predicted {_ms(st.as_run_s)} ms as run, {_ms(st.at_bits_s)} ms at bits")
             rows = [("op", "kind", "path", "fwd ms", "bwd ms", "as run ms", "at bits ms", "measured / as run")]
             for o in st.ops:
@@ -117,12 +123,31 @@ class BenchReport:
                 lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
                 if k == 0:
                     lines.append("  ".join("-" * w for w in widths))
+            reasons = defaultdict(list)
+            for o in st.ops:
+                if o.path == "simulated" and o.why:
+                    reasons[o.why].append(o.op)
+            for why, names in reasons.items():
+                lines.append(f"simulated ({', '.join(names)}): {why}")
             other = st.step_s - st.ops_s
             lines.append(f"outside compute ops (normalization, activations, data movement; the plain step minus the "
                          f"instrumented ops' sum): {_ms(other)} ms" if other > 0 else
                          "the instrumented ops' sum exceeds the plain step (the marks' copies and the interpreter's "
                          "overhead count in it)")
         return "\n".join(lines)
+
+
+def _fp32_baseline(work: nn.Module) -> nn.Module:
+    """A copy of the benched model whose quantizers all pass their tensors through: the same graph in FP32
+    (native calls then run their simulated group, i.e. the plain ops), the step's baseline. Gates, where
+    the plan has them, still run and choose."""
+    from fracpass.quant import FULL_PRECISION, Quantizer
+
+    baseline = copy.deepcopy(work)
+    for module in baseline.modules():
+        if isinstance(module, Quantizer):
+            module.pass_through(FULL_PRECISION)
+    return baseline
 
 
 def _ms(seconds: float) -> str:
@@ -275,17 +300,22 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                 ops = [o.op for o in report.ops]
                 member = _groups(work, ops)
 
-                def plain():
-                    loss_fn(work(*args, **kwargs)).backward()
-                    work.zero_grad(set_to_none=True)
+                baseline = _fp32_baseline(work)
+
+                def plain(model=work):
+                    loss_fn(model(*args, **kwargs)).backward()
+                    model.zero_grad(set_to_none=True)
 
                 for _ in range(warmup):
                     plain()
-                steps = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    plain()
-                    steps.append(time.perf_counter() - start)
+                    plain(baseline)
+                steps, fp32_steps = [], []
+                for r in range(repeats):  # interleaved, each repeat starting with the other one
+                    for model, times in ((work, steps), (baseline, fp32_steps))[::1 if r % 2 == 0 else -1]:
+                        start = time.perf_counter()
+                        plain(model)
+                        times.append(time.perf_counter() - start)
+                del baseline
                 # after a call on these inputs: a path that depends on the operands' sizes (MIN_INTENSITY,
                 # MIN_CONV_MACS) is the one this batch took
                 runs = product_paths(work)
@@ -306,14 +336,14 @@ def bench(qmodel: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs:
                             bwd[op].append(max(ins) - min(outs))
                 timings = []
                 for o in report.ops:
-                    path = paths.get(o.op, ("fp32", ""))[0] if o.excluded == "" else "fp32"
+                    path, why = paths.get(o.op, ("fp32", "")) if o.excluded == "" else ("fp32", o.excluded)
                     runs_on = runs.get(o.op, ("fp32",) * (1 + len(o.backward_macs)))  # forward, then per operand
                     as_run, at_bits, as_run_f, at_bits_f = _predict(o, stage, runs_on, scaled)
                     timings.append(OpTiming(o.op, o.kind, path, runs_on, statistics.median(fwd[o.op]),
                                             statistics.median(bwd[o.op]) if bwd[o.op] else None, as_run, at_bits, as_run_f,
-                                            at_bits_f))
+                                            at_bits_f, why or ""))
                 results.append(StageBench(stage, stage_text(state.plan, stage), statistics.median(steps), (min(steps), max(steps)),
-                                          tuple(timings)))
+                                          tuple(timings), statistics.median(fp32_steps)))
                 if progress is not None:
                     progress(f"stage {stage}: step {_ms(statistics.median(steps))} ms")
     finally:

@@ -383,6 +383,11 @@ class Quantizer(nn.Module):
         self.stage.fill_(stage)
         self._bits = int(self.stage_bits[stage])
 
+    def pass_through(self, bits: int = FULL_PRECISION) -> None:
+        """Run at ``bits`` whatever the stage (``FULL_PRECISION``: leave tensors alone) until the next
+        ``set_stage``: ``fracpass.bench``'s FP32 baseline on a copy of the model. The plan is unchanged."""
+        self._bits = int(bits)
+
     def plan_mismatch(self, state_dict, prefix: str) -> List[str]:
         """How a checkpoint's plan-owned state differs from this quantizer's, plus a stage it does not have."""
         diffs = plan_state_mismatch(self, state_dict, prefix, self.PLAN_BUFFERS)

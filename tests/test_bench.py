@@ -242,3 +242,36 @@ def test_cli_bench_prints_the_table_and_json(tmp_path):
     assert data["execution"] == "native" and data["threads"] == 1 and len(data["stages"][0]["ops"]) == 22  # 19 + 2 downsample convs + fc
     done = subprocess.run(cmd[:-2] + ["--threads", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--threads 0: give a positive number" in done.stderr
+
+
+def test_each_stage_is_timed_against_an_interleaved_fp32_baseline():
+    """The baseline is the same graph with every quantizer passing through: the FP32 model's own values."""
+    from fracpass.bench import _fp32_baseline
+
+    torch.manual_seed(0)
+    model, x = Uneven(), torch.randn(64, 1024)
+    q = fracpass.transform(model, fracpass.Plan.static(4, 4, 4), example_inputs=(x,))
+    baseline = _fp32_baseline(q)
+    assert torch.equal(baseline(x), model(x)) and not torch.equal(q(x), model(x))
+    assert all(m.bits == 4 for _, m in fracpass.quantizers(q))  # the user's model keeps its bits
+    report = bench(q, target="epyc9655", repeats=3, warmup=1)
+    st = report.stages[0]
+    assert st.fp32_step_s > 0
+    assert f"{st.step_s / st.fp32_step_s:.2f}x the FP32 baseline's" in str(report)
+
+
+def test_the_report_says_why_each_simulated_op_is_simulated(monkeypatch):
+    """ResNet-20's convolutions under NativeOptions.min_conv_macs run simulated: the report says so (the
+    README's example printed 'simulated' with no reason)."""
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    q = fracpass.transform(fracpass.models.resnet20(), fracpass.Plan.static(8, 8, 8, exclude=("conv1", "fc")),
+                           example_inputs=(x,), execution="native")
+    q(x)  # op_paths gives the size-dependent reason of an op's last call
+    report = bench(q, target="epyc9655", repeats=1, warmup=0)
+    text = str(report)
+    why = native.op_paths(q)["layer1_0_conv1"]
+    assert why[0] == "simulated" and "min_conv_macs" in why[1], why
+    line = next(line for line in text.splitlines() if line.startswith("simulated (") and why[1] in line)
+    assert "layer1_0_conv1" in line and "layer3_2_conv2" in line
