@@ -16,6 +16,8 @@ over pybind kernels, run eagerly between graphs): the same values as eager.
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -150,15 +152,28 @@ def test_set_stage_on_a_compiled_model():
         _assert_same(_step(run, q, x, y), _step(eager, eager, x, y))
 
 
-def test_native_execution_compiles_with_a_break_at_each_native_call():
+def test_native_execution_compiles_with_a_break_at_each_native_call(monkeypatch):
+    import fracpass.native.calls as calls
+
+    monkeypatch.setattr(calls, "_compile_warned", False)  # once per process: as if this compile came first
     x, y = _data()
     q = _transform(SmallNet(), fracpass.Plan.static(8, 8, 8), x, execution="native")
     natives = [n for n in q.graph.nodes if n.op == "call_function" and "native" in n.target.__module__]
     assert natives, "the plan lowers the convolutions and the linear layer to native calls"
     eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
     run = torch.compile(compiled, backend="aot_eager")
-    for _ in range(2):
-        _assert_same(_step(run, compiled, x, y), _step(eager, eager, x, y))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            _assert_same(_step(run, compiled, x, y), _step(eager, eager, x, y))
+    # a plain compile falls back at the native calls with one warning that says so and what to do, not one per call
+    said = [str(w.message) for w in caught if "fracpass" in str(w.message)]
+    assert len(said) == 1, said
+    assert re.search(r"torch.compile breaks this model's graph at its native calls .* execution='simulate'", said[0]), said
+    with warnings.catch_warnings(record=True) as caught:  # eager native calls do not warn
+        warnings.simplefilter("always")
+        _step(eager, eager, x, y)
+    assert not [w for w in caught if "fracpass" in str(w.message)]
     with pytest.raises(Exception, match=r"fracpass native call bf16_conv2d_bn: .* Compile without fullgraph=True "
                                         r"to run it so, or transform with execution='simulate'"):
         torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)

@@ -12,6 +12,8 @@ it lowers. Adding a native op is a call function and a rule here.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -196,15 +198,43 @@ COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functio
                  "(docs/compile.md)")
 
 
+COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (their products are "
+                    "autograd Functions over C++ kernels, which Dynamo cannot trace yet): each runs eagerly between "
+                    "compiled graphs, with eager's values, and the step may gain little from compiling. To compile "
+                    "as one graph, transform with execution='simulate' (docs/compile.md)")
+
+
+_compile_warned = False  # COMPILE_FALLBACK is said once per process
+
+
+def _warn_compiled(ctx) -> None:
+    """Run by Dynamo while it traces a native call (torch._dynamo.comptime): a plain torch.compile falls
+    back at the call, and says so once per process (Dynamo traces each segment between breaks apart, and
+    a warning raised inside its tracer is not deduplicated by Python's filters)."""
+    global _compile_warned
+    if not _compile_warned:
+        _compile_warned = True
+        warnings.warn(COMPILE_FALLBACK, stacklevel=2)
+
+
 def _named(fn, name: str):
     """``fn`` as this module's ``name``, run as it is between compiled graphs: torch.compile (Dynamo) breaks
     the graph at a native call and runs it eagerly, since its products are autograd Functions over pybind
-    kernels that Dynamo cannot trace (they become registered torch ops in a later change). Named for
-    fx code and pickles, which find it in this module."""
-    fn = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
-    fn.__name__ = fn.__qualname__ = name
-    fn.__module__ = __name__
-    return fn
+    kernels that Dynamo cannot trace (they become registered torch ops in a later change); fullgraph=True
+    fails with COMPILE_BREAK, and a plain compile warns with COMPILE_FALLBACK. Named for fx code and
+    pickles, which find it in this module."""
+    from torch._dynamo.comptime import comptime
+
+    run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        comptime(_warn_compiled)  # nothing in eager; while Dynamo traces, the warning
+        return run(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__module__ = __name__
+    return call
 
 
 native_linear = _named(native_linear, "native_linear")
