@@ -1,4 +1,9 @@
-"""The fracpass command line, run as a user would: in a subprocess."""
+"""The fracpass command line, run as a user would: in a subprocess. Its usage errors and help texts run
+in this process (``cli_in_process``: the same ``main``, without a 3-4 s interpreter start each);
+tests/test_reliability_cli.py checks that a subprocess error is one line with exit code 2."""
+import contextlib
+import io
+import os
 import subprocess
 import sys
 
@@ -11,6 +16,23 @@ PLAN = ROOT / "examples" / "plans" / "fractrain_cifar.toml"
 
 def fracpass_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "fracpass", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def cli_in_process(*args, cwd=ROOT):
+    """``fracpass_cli`` through ``fracpass.cli.main`` in this process: its exit code, stdout and stderr."""
+    from fracpass.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["fracpass", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_transform_prints_summary():
@@ -41,7 +63,7 @@ def test_transform_export_path_with_token_input():
 def test_errors_exit_2_with_one_message(args, message, tmp_path):
     import re
 
-    done = fracpass_cli("transform", *args)
+    done = cli_in_process("transform", *args)
     assert done.returncode == 2
     assert re.search(message, done.stderr), done.stderr
     assert done.stderr.startswith("fracpass transform: error: ") and "Traceback" not in done.stderr
@@ -50,12 +72,12 @@ def test_errors_exit_2_with_one_message(args, message, tmp_path):
 def test_bad_toml_plan(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[[stages]\n")
-    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(bad))
+    done = cli_in_process("transform", "--model", "examples.models:resnet20", "--plan", str(bad))
     assert done.returncode == 2 and "not valid TOML" in done.stderr
 
 
 def test_usage_error():
-    done = fracpass_cli("transform")
+    done = cli_in_process("transform")
     assert done.returncode == 2 and "--model" in done.stderr
 
 
@@ -80,7 +102,7 @@ def test_cost_text_json_and_training_totals():
 def test_cost_errors(args, message):
     import re
 
-    done = fracpass_cli("cost", *args)
+    done = cli_in_process("cost", *args)
     assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
 
 
@@ -125,13 +147,13 @@ def test_gated_plan_through_transform_cost_and_plan(tmp_path):
 
 
 def test_gated_plan_needs_an_input_shape():
-    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(GATED))
+    done = cli_in_process("transform", "--model", "examples.models:resnet20", "--plan", str(GATED))
     assert done.returncode == 2
     assert "--input-shape is required for a plan with gates" in done.stderr
 
 
 def _help(*command):
-    done = fracpass_cli(*command, "--help")
+    done = cli_in_process(*command, "--help")
     assert done.returncode == 0, done.stderr
     return " ".join(done.stdout.split())  # argparse wraps lines
 
