@@ -1,7 +1,7 @@
 """Training-step time and peak memory of FP32, bf16, torchao and fracpass (simulate / native) on issue 11's models.
 
     python benchmarks/native_step.py [--model transformer|resnet20|resnet74] [--rounds 5] [--threads 2]
-                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor]
+                                     [--batch 32] [--seq 128] [--stages 0,3] [--conv] [--gated] [--per-tensor] [--defaults]
                                      [--match a,b] [--attention sdpa|matmul] [--memory] [--profile]
                                      [--device cpu|cuda] [--reuse-large-blocks]
 
@@ -18,7 +18,9 @@ in int8; transformer only, when torchao imports); fracpass ``execution="simulate
 ``--gated``, fracpass simulate and native with FracTrain's gates (``Plan.fractrain("cifar")``: gated
 convolutions run per sample on bfloat16 codes; native also with per-tensor weights); with
 ``--per-tensor``, fracpass native with one scale per weight (``Rule(weight_scale="tensor")``), which
-puts the input-gradient product on int8 (linear) or bf16 (conv) too. Every round runs
+puts the input-gradient product on int8 (linear) or bf16 (conv) too; with ``--defaults``, native and
+simulate as a user writes them (NCHW, ``Plan.static(8, 8, 8)``, per-channel weights, default options;
+ResNets also with ``NativeOptions(channels_last=False)``, the layout the defaults kept before). Every round runs
 one step of each variant, each round starting one variant later than the last, so noise from other
 sessions and the machine's drift hit all alike (ResNets: fracpass
 also with the model and batch in channels_last); the table
@@ -142,6 +144,14 @@ def build(args):
             if conv_model:
                 variants[name + " channels_last"] = \
                     lambda k=stage: step_fn(transformed("native", k, pt), x, y, channels_last=True)
+    if args.defaults:  # as a user writes it: NCHW, Plan.static(8, 8, 8), per-channel weights, default options
+        static = fracpass.Plan.static(8, 8, 8)
+        variants["native defaults (static 8/8/8)"] = lambda: step_fn(transformed("native", 0, static), x, y)
+        variants["simulate defaults (static 8/8/8)"] = lambda: step_fn(transformed("simulate", 0, static), x, y)
+        if conv_model:  # what the defaults ran before native chose its layout
+            kept = native.replace(channels_last=False)
+            variants["native defaults (static 8/8/8), layout kept"] = \
+                lambda: step_fn(transformed("native", 0, static, kept), x, y)
     if args.model == "transformer" and args.attention == "matmul":  # the batched products' share: them simulated
         def bmm_simulated(stage):
             return step_fn(transformed("native", stage, pt, native.replace(min_bmm_intensity=float("inf"))), x, y)
@@ -203,6 +213,7 @@ def memory(args, names, env=None) -> dict:
                 str(args.batch), "--seq", str(args.seq), "--stages", args.stages] + (["--conv"] if args.conv else []) \
         + (["--reuse-large-blocks"] if args.reuse_large_blocks and env is None else []) \
         + (["--gated"] if args.gated else []) + (["--per-tensor"] if args.per_tensor else []) \
+        + (["--defaults"] if args.defaults else []) \
         + (["--match", args.match] if args.match else []) \
         + ["--attention", args.attention]
     for name in names:
@@ -238,6 +249,9 @@ def main() -> None:
     parser.add_argument("--stages", default="0,3", help="ladder stages to run native/simulate at (0..3)")
     parser.add_argument("--conv", action="store_true", help="conv2d's forward on int8 instead of bf16 (opt-in)")
     parser.add_argument("--gated", action="store_true", help="add fracpass native with FracTrain's gates")
+    parser.add_argument("--defaults", action="store_true",
+                        help="add native and simulate as a user writes them: NCHW, Plan.static(8, 8, 8), per-channel "
+                             "weights, default NativeOptions (ResNets: also with NativeOptions(channels_last=False))")
     parser.add_argument("--per-tensor", action="store_true",
                         help="add fracpass native with per-tensor weight scales (all three products on int8)")
     parser.add_argument("--match", help="run only the variants whose names contain one of these comma-separated "

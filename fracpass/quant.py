@@ -252,12 +252,13 @@ def _cpu_dither(numel: int) -> Tensor:
     return torch.from_numpy(rng.integers(0, 256, size=numel, dtype=np.uint8))
 
 
-def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
+def quantize_grad_stochastic(g: Tensor, bits: int, seed: Optional[Tensor] = None) -> Tensor:
     """FracTrain's gradient quantizer: per-tensor min/max, stochastic rounding.
 
     q = floor((g - min) / s + u), u ~ U(0, 1), which is unbiased: E[q * s + min] = g. The fused CPU
     kernel draws u = (k + 0.5) / 2^24 from a counter-based hash of (seed, index); the torch-op CPU
-    path uses one random byte per element, u = (k + 0.5) / 256, a bias of at most s / 512.
+    path uses one random byte per element, u = (k + 0.5) / 256, a bias of at most s / 512. ``seed``: the
+    fused kernel's (a 0-d int64 tensor, draw_seed), else it draws one; the torch-op path draws its bytes.
     """
     if g.numel() == 0:
         return g.clone()
@@ -266,7 +267,7 @@ def quantize_grad_stochastic(g: Tensor, bits: int) -> Tensor:
     if ext is not None:
         g = dense(g)
         mn, mx = value_range(g)
-        return ext.grad_sr(g, mn, mx, levels, torch_seed())
+        return ext.grad_sr(g, mn, mx, levels, torch_seed() if seed is None else int(seed))
     mn, mx = value_range(g)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(g.dtype).tiny)
     if g.device.type == "cpu":

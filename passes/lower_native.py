@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fracpass import meta
-from fracpass.native import calls
+from fracpass.native import calls, layout
 from fracpass.native.options import NativeOptions
 from fracpass.native.site import NATIVE, NativeInfo, NativeSite
 from fracpass.pass_base import PassBase, PassResult
@@ -48,7 +48,35 @@ class LowerNativePass(PassBase):
             else:
                 node.meta[NATIVE] = NativeInfo(False, why)
                 kept += 1
-        return PassResult(gm, modified=lowered > 0, stats={"lowered": lowered, "simulated": kept})
+        restored = self._outputs_like_input(gm.graph) if self.options.channels_last else 0
+        stats = {"lowered": lowered, "simulated": kept}
+        if restored:
+            stats["outputs_restored"] = restored  # layout.like_input at the graph's outputs
+        return PassResult(gm, modified=lowered > 0 or restored > 0, stats=stats)
+
+    @staticmethod
+    def _outputs_like_input(graph: torch.fx.Graph) -> int:
+        """With NativeOptions.channels_last, a graph with a native 2-D convolution gives its outputs back in
+        its first input's layout (layout.like_input at each output, once); returns how many it put."""
+        if not any(n.op == "call_function" and n.target is calls.bf16_conv2d for n in graph.nodes):
+            return 0
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+        if first is None or any(n.target is layout.like_input for n in out.all_input_nodes):
+            return 0
+        put = []
+
+        def restore(value: torch.fx.Node) -> torch.fx.Node:
+            if value.op == "placeholder":
+                return value
+            new = graph.call_function(layout.like_input, (value, first))
+            new.meta.update({k: v for k, v in value.meta.items() if k in ("val", "tensor_meta")})
+            put.append(new)
+            return new
+
+        with graph.inserting_before(out):
+            out.args = torch.fx.node.map_arg(out.args, restore)
+        return len(put)
 
     def _why_not(self, node: torch.fx.Node, spec) -> Optional[str]:
         if spec.excluded:

@@ -179,6 +179,40 @@ def test_native_execution_compiles_with_a_break_at_each_native_call(monkeypatch)
         torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)
 
 
+class ThreeLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3 * 16 * 16, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("weights", ["tensor", "channel"])
+def test_native_linear_layers_compile_as_one_graph_and_equal_eager(weights, monkeypatch):
+    """The int8 product is a registered op (fracpass::int8_mm, its backward fracpass::int8_mm_backward), so a
+    native model of linear layers compiles with fullgraph=True, 0 breaks, and equals eager bit for bit with
+    aot_eager over training steps and a stage switch: per-tensor weights (every product on int8) and
+    per-channel ones (g x w on bf16 over the folded weight). The units are claimed, so the native paths run
+    on any CPU (emulated where it lacks the instructions)."""
+    from fracpass import native
+
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "avx512_vnni"}))
+    x, y = _data()
+    plan = fracpass.Plan.progressive(fw=(4, 8), bw=(6, 8), rules=(fracpass.Rule(weight_scale=weights),))
+    q = _transform(ThreeLinears(), plan, x, execution="native", native=fracpass.NativeOptions(min_intensity=0.0))
+    assert q.code.count("native_linear(") == 3
+    explained = torch._dynamo.explain(copy.deepcopy(q))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+    run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for stage in (0, 0, 1):
+        fracpass.set_stage(eager, stage), fracpass.set_stage(compiled, stage)
+        _assert_same(_step(run, compiled, x, y), _step(eager, eager, x, y))
+    folded = "bf16" if weights == "channel" else "int8"
+    assert native.product_paths(compiled)["fc2"] == ("int8", folded, "int8")
+
+
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_export_of_the_eval_model_runs_any_batch_and_equals_eager(plan):
     """torch.export.export of a transformed eval model, batch dynamic, at every stage of its plan: an
@@ -207,19 +241,28 @@ def test_export_of_the_eval_model_runs_any_batch_and_equals_eager(plan):
                                         pytest.param("resnet74", "ladder", marks=pytest.mark.slow),
                                         ("transformer_d512", "static"),
                                         pytest.param("transformer_d512", "ladder", marks=pytest.mark.slow)])
-def test_the_benchmark_models_compile_without_graph_breaks(name, plan):
-    """Dynamo's view (no backend compile): one graph in train mode, none broken, for the issue's models."""
-    from fracpass import models
+@pytest.mark.parametrize("execution", ["simulate", "native"])
+def test_the_benchmark_models_compile_without_graph_breaks(name, plan, execution, monkeypatch):
+    """Dynamo's view (no backend compile): one graph in train mode, none broken, for the issue's models; native
+    too where its products are registered ops (the transformer: linear layers on int8, units claimed)."""
+    from fracpass import models, native
 
+    if execution == "native" and name != "transformer_d512":
+        pytest.skip("ResNet-74's native convolutions are autograd Functions still: a graph break at each")
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "avx512_vnni"}))
     torch.manual_seed(0)
     model = getattr(models, name)()
     x = torch.randint(0, 1000, (2, 16)) if name == "transformer_d512" else torch.randn(2, 3, 32, 32)
     exclude = ("head",) if name == "transformer_d512" else ("conv1", "fc")
     chosen = {"static": fracpass.Plan.static(8, 8, 8, exclude=exclude),
               "ladder": fracpass.Plan.progressive(exclude=exclude)}[plan]
-    q = fracpass.transform(model, chosen, example_inputs=(x,))
+    options = fracpass.NativeOptions(min_intensity=0.0) if execution == "native" else None
+    q = fracpass.transform(model, chosen, example_inputs=(x,), execution=execution, native=options)
     explained = torch._dynamo.explain(q)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    if execution == "native":  # the linear layers lowered, and run native in the traced step
+        assert q.code.count("native_linear(") >= 16
+        assert {runs[0] for runs in native.product_paths(q).values()} >= {"int8"}
 
 
 class MLP(nn.Module):

@@ -16,12 +16,15 @@ class Bf16Conv(torch.autograd.Function):
     and, in backward, dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat) with ghat = s_g t + c.
 
     The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
-    each product's output to bfloat16 (unit roundoff 2^-8), before the scales are applied in float32.
+    each product's output to bfloat16 (unit roundoff u = 2^-8), before the scales are applied in float32.
     The gradient's offset c multiplies a float32 convolution of ones: over one sample for dx, over the
     batch sum of the input codes and one channel per group for dw (for a 2-D ungrouped convolution, the
-    kernels' window sums: conv_offsets.ones_input_grad, conv_offsets.ones_weight_grad). dx runs in float32 on the decoded
-    codes when the weight's scale is per output channel (it lies on that product's contracted axis) or
-    the gradient has more than 8 bits. Saved for backward: the bfloat16 codes, never the float operands.
+    kernels' window sums: conv_offsets.ones_input_grad, conv_offsets.ones_weight_grad). When the weight's
+    scale is per output channel it lies on dx's contracted axis, so dx's product takes the weight as
+    bfloat16 values q_w s_w / max(s_w) (``folded_weight``: each rounded once, relative error <= u) and
+    its offset term the float32 values: |dx - dx_exact| <= u |dx_exact| + u (1 + u) s_g conv^T(|t|, |w_hat|)
+    beside float32 rounding (docs/native.md). dx runs in float32 on the decoded codes when the gradient
+    has more than 8 bits. Saved for backward: the bfloat16 codes, never the float operands.
 
     Gated (``gating``): s_a, s_g and c hold one value per sample, on the free axis of y and dx, so they
     scale those outputs per sample; dw contracts over the samples, so it runs once per option group
@@ -113,11 +116,12 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         # gated, some samples' gradient options above 8 bits ("wide"): their codes are not exact in
         # bfloat16, so their rows of dx and their groups of dw run in float32 on ghat
         wide = None if exact is True or bool(exact.all()) else (~exact).nonzero().view(-1)
-        fp32_dx = need_x and sw.numel() > 1
+        folded = need_x and sw.numel() > 1  # per-channel weight scale: dx's product on folded bf16 weights
+        qw_x, sx = folded_weight(qw, sw, transposed) if folded else (qw, sw)
         # dx's product on oneDNN's int8 convolution, dw's on the VNNI kernel (decided in the forward:
         # int8_conv.int8_reasons), both from the gradient codes' bytes
         int8_dx, int8_dw = need_x and ctx.int8[0] and wide is None, need_w and ctx.int8[1] and wide is None
-        ghat, t, sg, c, kept_g = codes.bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None,
+        ghat, t, sg, c, kept_g = codes.bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None,
                                                   bytes=int8_dx or int8_dw)
         int8_dx, int8_dw = int8_dx and kept_g is not None, int8_dw and kept_g is not None
         if kept_g is not None:  # the codes keep the gradient's layout; both int8 products read them channels-last
@@ -130,19 +134,18 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
             sg, c = sg[:1], c[:1]
         per_sample = sa.numel() > 1 or sg.numel() > 1
-        mask = [need_x and not fp32_dx and not int8_dx, need_w and not per_sample and not int8_dw, False]
-        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw, None, *args, mask) if any(mask) else (None,) * 3
-        if need_x and fp32_dx:
-            dx = torch.ops.aten.convolution_backward(ghat, codes.shape_only(qa), _weight_values(qw, sw, transposed),
-                                                     None, *args, [True, False, False])[0]
-        elif need_x:  # dx = s_g s_w conv^T(t, q_w) + c s_w conv^T(1, q_w); the second the same for every sample
-            corr = conv_offsets.ones_input_grad(t, qa, qw, args)
+        mask = [need_x and not int8_dx, need_w and not per_sample and not int8_dw, False]
+        # dw's product reads the weight's shape only, so one call serves dx's folded weight too
+        vx, vw, _ = torch.ops.aten.convolution_backward(t, qa, qw_x, None, *args, mask) if any(mask) else (None,) * 3
+        if need_x:  # dx = s_g s_x conv^T(t, q_x) + c s_x conv^T(1, q_x); the second the same for every sample
+            corr = (conv_offsets.ones_input_grad(t, qa, qw, args) if not folded
+                    else _ones_input_grad_f32(t, qa, qw, sw / sx, args, transposed))
             if sg.numel() > 1:
-                dx = codes.scale_out(vx, sw, None, sg).addcmul_(codes.per_row_view(c, vx), corr.mul_(sw))
-            elif int8_dx:  # (never gated)
+                dx = codes.scale_out(vx, sx, None, sg).addcmul_(codes.per_row_view(c, vx), corr.mul_(sx))
+            elif int8_dx:  # (never gated, never folded: int8_conv.int8_reasons)
                 dx = int8_conv.int8_input_grad(kept_g, qw, ctx.conv, ctx.split, (sg * sw, corr.mul_(c * sw)), ctx.hand_to)
             else:
-                dx = codes.scale_out(vx, sg * sw, None, addend=corr.mul_(c * sw))
+                dx = codes.scale_out(vx, sg * sx, None, addend=corr.mul_(c * sx))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
                 w_hat = _weight_values(qw, sw, transposed)
                 rows = torch.ops.aten.convolution_backward(codes.take_samples(ghat, wide), codes.shape_only(qa[:wide.numel()]), w_hat,
@@ -194,6 +197,23 @@ def _grouped_weight_grad(t: Tensor, qa: Tensor, qw: Tensor, args, sa: Tensor, sg
             part = codes.scale_out(vw, s_a * s_g, None).add_(conv_offsets.ones_weight_grad(t_k, qa_k, qw, args, c_k * s_a))
         dw = part if dw is None else dw.add_(part)
     return dw
+
+
+def folded_weight(qw: Tensor, sw: Tensor, transposed: bool) -> Tuple[Tensor, Tensor]:
+    """(q_w s_w / s as bfloat16, s = max(s_w)) for a per-output-channel weight scale s_w, which lies on the
+    contracted axis of dx's product: the scale folded into the weight's values, each rounded once to
+    bfloat16 (relative error <= 2^-8), so that product runs on bfloat16 with one scale s on its output."""
+    s = sw.max().reshape(1)
+    return _weight_values(qw, sw / s, transposed).to(torch.bfloat16), s
+
+
+def _ones_input_grad_f32(t: Tensor, qa: Tensor, qw: Tensor, ratio: Tensor, args, transposed: bool) -> Tensor:
+    """conv^T(1, q_w ratio) over one sample in float32: dx's offset correction for a folded weight
+    (``ratio`` = s_w / max(s_w)), from the float32 weight values, not their bfloat16 rounding."""
+    ones = t.new_ones((1,) + tuple(t.shape[1:]), dtype=torch.float32)
+    probe = codes.shape_only(qa[:1], torch.float32)
+    return torch.ops.aten.convolution_backward(ones, probe, _weight_values(qw, ratio, transposed), None, *args,
+                                               [True, False, False])[0]
 
 
 def _weight_values(qw: Tensor, sw: Tensor, transposed: bool) -> Tensor:

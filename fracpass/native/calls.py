@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fracpass import registry
 from fracpass.gating import GatedActQuant, GatedGradQuant
-from fracpass.native import bf16_conv, bf16_mm, codes, conv_bn, decide, gated, int8_conv, int8_conv2d, int8_mm
+from fracpass.native import bf16_conv, bf16_mm, codes, conv_bn, decide, gated, int8_conv, int8_conv2d, int8_mm, layout
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
 
@@ -34,7 +34,7 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     linear (``gate``: its gate's one-hot choice) on bfloat16 codes with per-sample scales."""
     opts = site_options(site)
     if gate is not None:
-        return gated.gated_linear(x, weight, bias, aq, wq, gq, gate, site)
+        return _gated_linear(x, weight, bias, aq, wq, gq, gate, site)
     why = decide.decide(aq, wq, gq, device=x.device)[0] != "int8" or decide.linear_reason(x, weight, aq, wq, opts)
     if why:
         if why is not True:
@@ -42,11 +42,10 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
         return quantized(gq, F.linear(quantized(aq, x), quantized(wq, weight), bias))
     record(site, None)
     x2 = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        ca = codes.encode(x2.detach(), *aq.qrange(x), aq.bits)
-        cw = codes.encode(weight.detach(), *wq.qrange(weight), wq.bits)
+    with torch.no_grad():  # the ranges tracked here, the codes made in the op
+        ranges = aq.qrange(x), wq.qrange(weight)
     fp8 = int8_mm.int8_call_fp8(site, aq, wq, gq, x.device, *x2.shape, weight.shape[0])
-    y = int8_mm.Int8Product.apply(x2, weight.t(), bias, ca, cw.T, decide.grad_bits(gq), fp8)
+    y = int8_mm.product(x2, weight, bias, ranges[0], aq, ranges[1], wq, decide.grad_bits(gq), fp8, b_rows=True)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -57,7 +56,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     gate's one-hot choice) with per-sample scales."""
     opts = site_options(site)
     if gate is not None:
-        return bf16_mm.gated_matmul(a, b, qa, qb, gq, gate, site)
+        return _gated_matmul(a, b, qa, qb, gq, gate, site)
     path = "int8" if b.dim() == 2 else "bf16"
     why = decide.decide(qa, qb, gq, path=path, device=a.device)[0] != path or (
         decide.matmul_reason(a, b, qa, qb, opts) if path == "int8" else decide.batched_matmul_reason(a, b, qa, qb, opts))
@@ -69,17 +68,21 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     if site is not None:
         site.last.path = path  # op_paths reports the path of the last call
     if path == "bf16":
-        with torch.no_grad():
-            ca, sa = codes.bf16_codes(a.detach(), *qa.qrange(a), float(2**qa.bits - 1))
-            cb, sb = codes.bf16_codes(b.detach(), *qb.qrange(b), float(2**qb.bits - 1))
-        return bf16_mm.Bf16Matmul.apply(a, b, None, ca, sa, cb, sb, decide.grad_bits(gq), None)
+        return _bf16_matmul(a, b, qa, qb, gq)
     a2 = a.reshape(-1, a.shape[-1])
     with torch.no_grad():
-        ca = codes.encode(a2.detach(), *qa.qrange(a), qa.bits)
-        cb = codes.encode(b.detach(), *qb.qrange(b), qb.bits)
+        ranges = qa.qrange(a), qb.qrange(b)
     fp8 = int8_mm.int8_call_fp8(site, qa, qb, gq, a.device, *a2.shape, b.shape[1])
-    y = int8_mm.Int8Product.apply(a2, b, None, ca, cb, decide.grad_bits(gq), fp8)
+    y = int8_mm.product(a2, b, None, ranges[0], qa, ranges[1], qb, decide.grad_bits(gq), fp8, b_rows=False)
     return y.view(*a.shape[:-1], b.shape[1])
+
+
+def _bf16_matmul_impl(a: Tensor, b: Tensor, qa, qb, gq) -> Tensor:
+    """A batched product on bfloat16 codes (bf16_mm.Bf16Matmul)."""
+    with torch.no_grad():
+        ca, sa = codes.bf16_codes(a.detach(), *qa.qrange(a), float(2**qa.bits - 1))
+        cb, sb = codes.bf16_codes(b.detach(), *qb.qrange(b), float(2**qb.bits - 1))
+    return bf16_mm.Bf16Matmul.apply(a, b, None, ca, sa, cb, sb, decide.grad_bits(gq), None)
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
@@ -102,6 +105,8 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
         return y if fused is None else conv_bn.unfused(y, *fused)
     record(site, None)
     n = weight.dim() - 2
+    if n == 2 and not transposed and opts.channels_last:  # its products' fast forms are channels-last ones
+        x, fused = _channels_last(x, fused, site)
     conv = (decide.tuple_arg(stride, n), decide.tuple_arg(padding, n), decide.tuple_arg(dilation, n), transposed,
             decide.tuple_arg(output_padding, n), groups)
     gating, kept = None, None
@@ -151,6 +156,21 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     if site is not None:
         site.last.bn = conv_bn.bn_route(out, sa, residual, opts.fast_bn)
     return out
+
+
+def _channels_last(x: Tensor, fused, site: Optional[NativeSite]):
+    """(x, fused) with an NCHW x and fused residual converted to channels_last (layout.to_channels_last: their
+    gradients go back NCHW); which were converted is kept in the site's record for op_paths."""
+    converted = []
+    if layout.converts(x):
+        x = layout.to_channels_last(x)
+        converted.append("input")
+    if fused is not None and layout.converts(fused[2]):
+        fused = (fused[0], fused[1], layout.to_channels_last(fused[2]), fused[3])
+        converted.append("residual")
+    if site is not None:
+        site.last.converted = tuple(converted)
+    return x, fused
 
 
 def _conv_call(fn):
@@ -217,12 +237,11 @@ def _warn_compiled(ctx) -> None:
         warnings.warn(COMPILE_FALLBACK, stacklevel=2)
 
 
-def _named(fn, name: str):
-    """``fn`` as this module's ``name``, run as it is between compiled graphs: torch.compile (Dynamo) breaks
-    the graph at a native call and runs it eagerly, since its products are autograd Functions over pybind
-    kernels that Dynamo cannot trace (they become registered torch ops in a later change); fullgraph=True
-    fails with COMPILE_BREAK, and a plain compile warns with COMPILE_FALLBACK. Named for fx code and
-    pickles, which find it in this module."""
+def _eager(fn, name: str):
+    """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
+    eagerly, since its products are autograd Functions over pybind kernels that Dynamo cannot trace (the int8
+    product is a registered op already: int8_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile
+    warns with COMPILE_FALLBACK."""
     from torch._dynamo.comptime import comptime
 
     run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
@@ -232,23 +251,32 @@ def _named(fn, name: str):
         comptime(_warn_compiled)  # nothing in eager; while Dynamo traces, the warning
         return run(*args, **kwargs)
 
-    call.__name__ = call.__qualname__ = name
-    call.__module__ = __name__
     return call
 
 
-native_linear = _named(native_linear, "native_linear")
+def _named(fn, name: str):
+    """``fn`` as this module's ``name``, for fx code and pickles, which find it in this module."""
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    return fn
+
+
+# the parts of native_linear / native_matmul that run eagerly under torch.compile (bf16 products: autograd Functions)
+_gated_linear = _eager(gated.gated_linear, "native_linear (gated)")
+_gated_matmul = _eager(bf16_mm.gated_matmul, "native_matmul (gated)")
+_bf16_matmul = _eager(_bf16_matmul_impl, "native_matmul (batched, bf16)")
+native_linear = _named(native_linear, "native_linear")  # traceable: the int8 product is a registered op
 native_matmul = _named(native_matmul, "native_matmul")
-bf16_conv1d = _named(_conv_call(F.conv1d), "bf16_conv1d")
-bf16_conv2d = _named(_conv_call(F.conv2d), "bf16_conv2d")
-bf16_conv3d = _named(_conv_call(F.conv3d), "bf16_conv3d")
-bf16_conv_transpose1d = _named(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d")
-bf16_conv_transpose2d = _named(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d")
-bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d")
-bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
-bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
-bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
-native_conv2d = _named(int8_conv2d.native_conv2d, "native_conv2d")
+bf16_conv1d = _named(_eager(_conv_call(F.conv1d), "bf16_conv1d"), "bf16_conv1d")
+bf16_conv2d = _named(_eager(_conv_call(F.conv2d), "bf16_conv2d"), "bf16_conv2d")
+bf16_conv3d = _named(_eager(_conv_call(F.conv3d), "bf16_conv3d"), "bf16_conv3d")
+bf16_conv_transpose1d = _named(_eager(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d"), "bf16_conv_transpose1d")
+bf16_conv_transpose2d = _named(_eager(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d"), "bf16_conv_transpose2d")
+bf16_conv_transpose3d = _named(_eager(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d"), "bf16_conv_transpose3d")
+bf16_conv1d_bn = _named(_eager(_conv_bn_call(F.conv1d), "bf16_conv1d_bn"), "bf16_conv1d_bn")
+bf16_conv2d_bn = _named(_eager(_conv_bn_call(F.conv2d), "bf16_conv2d_bn"), "bf16_conv2d_bn")
+bf16_conv3d_bn = _named(_eager(_conv_bn_call(F.conv3d), "bf16_conv3d_bn"), "bf16_conv3d_bn")
+native_conv2d = _named(_eager(int8_conv2d.native_conv2d, "native_conv2d"), "native_conv2d")
 
 
 @dataclass(frozen=True)

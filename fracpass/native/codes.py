@@ -70,20 +70,22 @@ def encode(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Coded:
     return Coded(t, k, scale.reshape(-1), None, rows, cols)
 
 
-def grad_codes(grad: Tensor, bits: int, values: bool = True) -> Tuple[Optional[Tensor], Coded]:
+def grad_codes(grad: Tensor, bits: int, values: bool = True,
+               seed: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Coded]:
     """The simulation's stochastic rounding of ``grad`` (fracpass.quant.quantize_grad_stochastic: same
     noise for the same seed) as values ghat and as codes with s * t + c == ghat, t = q - 2^(b-1). Without
-    ``values`` ghat may be None (the CPU kernel then writes the codes alone)."""
+    ``values`` ghat may be None (the CPU kernel then writes the codes alone). ``seed``: the CPU kernel's
+    (a 0-d int64 tensor, quant.draw_seed), else it draws one."""
     levels = float(2**bits - 1)
     mn, mx = torch.aminmax(grad)
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     half = float(2 ** (bits - 1))
     ext = units.ext(grad)
     if ext is not None and fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
-        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, torch_seed(), values)
+        ghat, t, rows, cols = ext.grad_codes(grad, mn, mx, levels, torch_seed() if seed is None else int(seed), values)
         ghat = ghat if values else None
     else:
-        ghat = quantize_grad_stochastic(grad, bits)
+        ghat = quantize_grad_stochastic(grad, bits, seed=seed)
         t, rows, cols = torch.sub(ghat, mn).div_(scale).round_().sub_(half).to(torch.int8), None, None
     return ghat, Coded(t, None, scale.reshape(1), mn + scale * half, rows, cols)
 

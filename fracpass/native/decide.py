@@ -50,7 +50,7 @@ def grad_bits(gq) -> int:
 def decide(qa, qb, gq, path: str = "int8", device=None) -> Tuple[str, str]:
     """(path, note) from the quantizers' current bits and ``device``'s units (default: this CPU): ``path``
     ("int8", or "bf16" for convolutions) or "simulated"; the note says why not native, or which
-    backward products run in float32."""
+    backward products run off the path (``backward_products``)."""
     for q, role in ((qa, "first"), (qb, "second")):
         why = _operand_reason(q, role, path)
         if why is not None:
@@ -67,8 +67,11 @@ def decide(qa, qb, gq, path: str = "int8", device=None) -> Tuple[str, str]:
                       f"{options.MAX_INT8_BITS} bits (gate options g={tuple(gq.options.tolist())})")
     if not 2 <= gbits <= options.MAX_INT8_BITS:
         return path, f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
-    if any(fp32_backward(qa, qb, gbits)):
-        return path, ("g x w in fp32 (the weight's per-channel scale lies on its contracted axis; a plan rule "
+    first, _ = backward_products(qa, qb, gbits, path, device)
+    if first != path:
+        how = ("in fp32" if first == "fp32" else
+               "on bf16 over the weight's values with its per-channel scale folded in (docs/native.md)")
+        return path, (f"g x w {how} (the weight's per-channel scale lies on its contracted axis; a plan rule "
                       f"with weight_scale='tensor' puts it on {path} too)")
     return path, ""
 
@@ -77,13 +80,19 @@ def _per_channel(q) -> bool:
     return isinstance(q, WeightQuant) and q.axis is not None
 
 
-def fp32_backward(qa, qb, gbits: int) -> Tuple[bool, bool]:
-    """Whether an int8 op's gradient for its first / second operand runs in float32: both when the
-    gradient is not int8; the first's (g x b) when b has a per-channel weight scale, which lies on
-    that product's contracted axis; the second's (a^T x g) likewise for a."""
+def backward_products(qa, qb, gbits: int, path: str, device=None) -> Tuple[str, str]:
+    """What an op on ``path`` runs the gradients of its first / second operand on: both "fp32" when the
+    gradient is not quantized to 2..8 bits. The first's (g x b), where b has a per-channel weight scale
+    (on that product's contracted axis, so it cannot scale the product's output): "bf16" over b's
+    values with the scale folded in (bf16_conv.folded_weight, int8_mm.folded_input_grad) on a bf16 op, or
+    on an int8 op where ``device`` has bfloat16 units; else "fp32". The second's (a^T x g) is "fp32"
+    when a has a per-channel weight scale."""
     if not 2 <= gbits <= options.MAX_INT8_BITS:
-        return True, True
-    return _per_channel(qb), _per_channel(qa)
+        return "fp32", "fp32"
+    first = path
+    if _per_channel(qb):
+        first = "bf16" if path == "bf16" or units.bf16_support(device) is None else "fp32"
+    return first, "fp32" if _per_channel(qa) else path
 
 
 def _tensor_reason(*tensors: Tensor) -> Optional[str]:

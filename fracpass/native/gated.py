@@ -83,8 +83,9 @@ def _rows(v: Tensor, per: int) -> Tensor:
 class _Bf16Linear(torch.autograd.Function):
     """y = x_hat w_hat^T (+ bias) for a gated linear layer on bfloat16 codes, x as R = B x per rows:
     forward s_a[r] s_w[n] (q_a q_w^T); backward dx = s_g[r] (t q_w) s_w + c[r] s_w colsum(q_w) with
-    per-tensor weights (with per-channel ones, float32 on ghat: the scale lies on the contracted
-    axis), dw once per option group (the rows' scales lie on its contracted axis); rows of samples
+    per-tensor weights (with per-channel ones, whose scale lies on the contracted axis, q_w s_w / max(s_w)
+    rounded once to bfloat16 takes q_w's place and max(s_w) s_w's: bf16_conv.folded_weight's bound),
+    dw once per option group (the rows' scales lie on its contracted axis); rows of samples
     whose gradient option exceeds 8 bits in float32 on ghat. Each product's output is rounded to
     bfloat16 (unit roundoff 2^-8), as on the convolution path."""
 
@@ -119,20 +120,22 @@ class _Bf16Linear(torch.autograd.Function):
                 dw = ghat.t() @ qa.float().mul_(_rows(sa, per).view(-1, 1) if sa.numel() > 1 else sa)
         else:
             wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
-            fp32_dx = need_x and sw.numel() > 1
-            ghat, t, sg, c, _ = codes.bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=fp32_dx or wide is not None)
+            ghat, t, sg, c, _ = codes.bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=wide is not None)
             if gating.one_group:
                 sg, c = sg[:1], c[:1]
             t = t.view(-1, qw.shape[0])
             ghat = None if ghat is None else ghat.view(-1, qw.shape[0])
-            if need_x and fp32_dx:
-                dx = ghat @ w_hat()
-            elif need_x:
-                colsum = qw.sum(0, dtype=torch.float32)  # exact: integer codes
-                if sg.numel() > 1:
-                    dx = codes.scale_out(t @ qw, sw, None, _rows(sg, per)).addr_(_rows(c, per), colsum.mul_(sw))
+            if need_x:
+                if sw.numel() > 1:  # per-channel: the scale folded into bfloat16 weight values, the offset's sums in float32
+                    sx = sw.max().reshape(1)
+                    values = qw.float().mul_((sw / sx).view(-1, 1))
+                    qw_x, colsum = values.to(torch.bfloat16), values.sum(0)
                 else:
-                    dx = codes.scale_out(t @ qw, sg * sw, None).add_(colsum.mul_(c * sw))
+                    sx, qw_x, colsum = sw, qw, qw.sum(0, dtype=torch.float32)  # exact: integer codes
+                if sg.numel() > 1:
+                    dx = codes.scale_out(t @ qw_x, sx, None, _rows(sg, per)).addr_(_rows(c, per), colsum.mul_(sx))
+                else:
+                    dx = codes.scale_out(t @ qw_x, sg * sx, None).add_(colsum.mul_(c * sx))
                 if wide is not None:  # those samples' rows again, in float32 on ghat
                     rows = _sample_rows(wide, per)
                     dx.index_copy_(0, rows, ghat.index_select(0, rows) @ w_hat())

@@ -57,6 +57,11 @@ class NativeOptions:
     bf16 product where they apply (else aten's BatchNorm, bit for bit the unfused ops);
     ``hand_gradient`` hands a sole-reader convolution's int8 input-gradient product to the fused
     BatchNorm's backward unscaled (the same values, one float32 pass fewer).
+
+    ``channels_last``: a native 2-D convolution (not transposed) runs channels_last whatever the layout of
+    the user's model and input: an NCHW input (or fused residual) is converted at the op, the activations
+    after it stay channels_last, gradients and the graph's 4-D outputs go back in the layout they came in
+    (fracpass.native.layout). False keeps the model's layout, as before.
     """
 
     kinds: Tuple[str, ...] = DEFAULT_KINDS
@@ -70,6 +75,7 @@ class NativeOptions:
     split_channels: float = 0.25
     fast_bn: bool = True
     hand_gradient: bool = True
+    channels_last: bool = True
 
     def __post_init__(self):
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)

@@ -39,7 +39,7 @@ def product_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, ...]]:
             gbits = decide.grad_bits(gq)
             if isinstance(gq, GatedGradQuant) and min(gq.options.tolist()) <= options.MAX_INT8_BITS:
                 gbits = min(gbits, options.MAX_INT8_BITS)  # the products of the samples at <= 8 gradient bits
-            runs = (path,) + tuple("fp32" if f else path for f in decide.fp32_backward(qa, qb, gbits))
+            runs = (path,) + decide.backward_products(qa, qb, gbits, path, _quantizer_device((qa, qb, gq)))
             if path == "bf16" and rule.kind.startswith("conv"):  # products on oneDNN's int8 convolution
                 int8 = last.int8
                 runs = tuple("int8" if f and how == "bf16" else how for how, f in zip(runs, int8)) + runs[3:]
@@ -90,6 +90,9 @@ def op_paths(qmodel: nn.Module) -> Dict[str, Tuple[str, str]]:
                 which = ", ".join(w for w, f in zip(("the forward product", "the input gradient's",
                                                      "the weight gradient's"), int8) if f)
                 note = "; ".join(filter(None, [note, f"{which} on int8 at the last call (exact integer sums)"]))
+            if last.converted and path == "bf16":  # NativeOptions.channels_last
+                note = "; ".join(filter(None, [note, f"its NCHW {' and '.join(last.converted)} converted to "
+                                                     "channels_last at the last call"]))
             bn_note = last.bn if rule.is_fused and path == "bf16" else None
             if bn_note:  # how the last call ran the fused BatchNorm
                 note = "; ".join(filter(None, [note, bn_note]))

@@ -35,13 +35,15 @@ class LastCall:
     native_matmul took ("int8" for a 2-D right operand, "bf16" for a batched one). ``mm``: the device and
     (M, K, N) of its last int8 product (which products run on FP8 depends on them). ``int8``: which of a
     bf16 convolution's products (forward, input gradient, weight gradient) ran on int8 units. ``bn``: how
-    a fused convolution ran its BatchNorm."""
+    a fused convolution ran its BatchNorm. ``converted``: which of a 2-D convolution's operands ("input",
+    "residual") it converted from NCHW to channels_last (NativeOptions.channels_last)."""
 
     fallback: Optional[str] = None
     path: Optional[str] = None
     mm: Optional[Tuple[torch.device, int, int, int]] = None
     int8: Tuple[bool, bool, bool] = (False, False, False)
     bn: Optional[str] = None
+    converted: Tuple[str, ...] = ()
 
 
 class NativeSite(nn.Module):

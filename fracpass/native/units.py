@@ -64,10 +64,17 @@ def _cuda_capability(device) -> Optional[Tuple[int, int]]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+@torch.compiler.assume_constant_result
+def _has_any(flags: Tuple[str, ...]) -> bool:
+    """Whether this CPU has one of ``flags``: a constant to torch.compile, which runs it once while it traces
+    (reading /proc/cpuinfo is nothing Dynamo can trace)."""
+    return any(f in _cpu_flags() for f in flags)
+
+
 def _instructions_reason(flags: Tuple[str, ...], kind: str, products: str) -> Optional[str]:
     """None if this CPU has one of ``flags`` (``kind`` dot-product instructions), else why the path is
     not used, warned once."""
-    if any(f in _cpu_flags() for f in flags):
+    if _has_any(flags):
         return None
     return _once(f"this CPU has none of {', '.join(flags)} (no {kind} dot-product instructions), so {products} "
                  "would not be faster than float32")

@@ -18,7 +18,8 @@ from torch import nn
 import fracpass
 from fracpass import native
 
-OPTS = fracpass.NativeOptions(min_conv_macs=0)  # small convolutions on the bf16 path; fast_bn (the default) on
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
+OPTS = fracpass.NativeOptions(min_conv_macs=0, channels_last=False)  # small convolutions on the bf16 path; fast_bn (the default) on
 
 TOL = 2e-5  # of each tensor's largest magnitude: float32 rounding of sums over a few thousand terms
 

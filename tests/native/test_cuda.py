@@ -25,7 +25,8 @@ CUDA = torch.device("cuda")
 
 # Small operands run native here (the tests check arithmetic and routing, not speed); _pair (test_native)
 # takes the same thresholds.
-OPTS = fracpass.NativeOptions(min_intensity=0.0, min_conv_macs=0, min_bmm_intensity=0.0)
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
+OPTS = fracpass.NativeOptions(min_intensity=0.0, min_conv_macs=0, min_bmm_intensity=0.0, channels_last=False)
 
 
 # -- decisions ---------------------------------------------------------------------------------------
@@ -160,17 +161,18 @@ def test_emulated_cuda_fracTrain_first_stage_runs_its_forward_on_fp8(emulated_cu
     torch.manual_seed(0)
     inputs = (torch.randn(64, 48),)
     plan = fracpass.Plan.progressive(fw=(3, 4, 6, 8), bw=(6, 6, 8, 8))
-    sim, nat = _pair(Lin(48, 32), plan, inputs)
+    model = Lin(48, 32)
+    sim, nat = _pair(model, plan, inputs)
     want = _run(sim, inputs)
     got = _run(nat, inputs)
     assert len(emulated_cuda["fp8"]) == 1 and len(emulated_cuda["int8"]) == 1  # forward FP8, g x a int8
-    _assert_close(got, want, "stage 0 (3/3/6)")
-    assert native.product_paths(nat)["fc"] == ("fp8", "fp32", "int8")  # per-channel weights: g x w in fp32
+    _assert_close(got, want, "stage 0 (3/3/6)", model, 6)  # g x w on bf16 over the folded per-channel weight
+    assert native.product_paths(nat)["fc"] == ("fp8", "bf16", "int8")  # per-channel weights: g x w folded, bf16
     fracpass.set_stage(nat, 2)
     fracpass.set_stage(sim, 2)
     _run(nat, inputs)
     assert len(emulated_cuda["fp8"]) == 1  # 6 bits: int8 only
-    assert native.product_paths(nat)["fc"] == ("int8", "fp32", "int8")
+    assert native.product_paths(nat)["fc"] == ("int8", "bf16", "int8")
 
 
 def test_emulated_cuda_leaves_shapes_int_mm_refuses_to_the_simulation(emulated_cuda):
@@ -217,7 +219,7 @@ def test_emulated_cuda_conv_matches_the_simulation(bits, emulated_cuda):
     sim, nat = _pair(model, fracpass.Plan.static(bits, bits, bits), (x,))
     want, got = _run(sim, (x,)), _run(nat, (x,))
     assert native.op_paths(nat)["conv"][0] == "bf16"
-    _assert_within_bf16(got, want, f"emulated CUDA conv at {bits} bits", model, (x,), bits)
+    _assert_within_bf16(got, want, f"emulated CUDA conv at {bits} bits", model, (x,), bits, folded=True)
 
 
 # -- a real GPU --------------------------------------------------------------------------------------

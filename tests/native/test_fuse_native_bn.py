@@ -27,7 +27,8 @@ from test_native import kernels  # noqa: F401 (fixture: csrc/native_*.cpp's kern
 
 # small convolutions on the bf16 path; the fused op's BatchNorm on aten's kernels, bit for bit the unfused
 # ops (what these tests check): its own kernels (NativeOptions.fast_bn) are checked in tests/native/test_conv_bn.py
-OPTS = fracpass.NativeOptions(min_conv_macs=0, fast_bn=False)
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
+OPTS = fracpass.NativeOptions(min_conv_macs=0, fast_bn=False, channels_last=False)
 
 
 @pytest.fixture(autouse=True)

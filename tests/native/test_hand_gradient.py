@@ -19,7 +19,8 @@ from torch import nn
 import fracpass
 from fracpass import native
 
-OPTS = fracpass.NativeOptions(min_conv_macs=0)  # small convolutions on the bf16 path; fast_bn on (the default)
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
+OPTS = fracpass.NativeOptions(min_conv_macs=0, channels_last=False)  # small convolutions on the bf16 path; fast_bn on (the default)
 
 CL = torch.channels_last
 

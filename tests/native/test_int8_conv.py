@@ -31,7 +31,8 @@ from test_native import _saved_dtypes
 from test_conv_bn import Block
 
 # small convolutions on the bf16 path, with its int8 products (the defaults)
-OPTS = fracpass.NativeOptions(min_conv_macs=0)
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
+OPTS = fracpass.NativeOptions(min_conv_macs=0, channels_last=False)
 
 CL = torch.channels_last
 
@@ -335,7 +336,8 @@ def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_sca
     # the forward of each convolution, and with a per-tensor weight scale its input gradient
     convs = (1 if make is Conv else 2) * (2 if weight_scale == "tensor" else 1)
     assert len(calls) == convs and set(routes) == {route}
-    dx = {True: "int8", False: "bf16"} if weight_scale == "tensor" else {True: "fp32", False: "fp32"}
+    # per-channel weights: dx on bf16 over the folded weight (bf16_conv.folded_weight), with int8 units or not
+    dx = {True: "int8", False: "bf16"} if weight_scale == "tensor" else {True: "bf16", False: "bf16"}
     assert products == {True: {("int8", dx[True])}, False: {("bf16", dx[False])}}
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
         assert a.dtype == b.dtype and torch.equal(a, b), f"tensor {i} differs"
@@ -425,7 +427,7 @@ def test_input_gradients_the_int8_product_does_not_take_keep_the_bf16_one_and_sa
         torch.manual_seed(3)
         nat(xx).square().sum().backward()
         grads[on] = xx.grad
-        assert native.product_paths(nat)["conv"][:2] == ("int8", "fp32" if what == "per-channel weights" else "bf16")
+        assert native.product_paths(nat)["conv"][:2] == ("int8", "bf16")  # per-channel weights: folded, on bf16
         assert "the input gradient's" not in native.op_paths(nat)["conv"][1]
     assert torch.equal(grads[True], grads[False])
 
