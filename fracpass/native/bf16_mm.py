@@ -1,13 +1,13 @@
 """Batched products (torch.bmm, attention's q k^T and P v) on bfloat16 codes, static and gated."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fracpass.gating import GatedGradQuant, onehot_grad
-from fracpass.quant import dense
+from fracpass.quant import FULL_PRECISION, dense, draw_seed, fused_kernels
 from fracpass.native import codes, decide, gated
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
@@ -38,37 +38,7 @@ class Bf16Matmul(torch.autograd.Function):
         qa, sa, qb, sb = ctx.saved_tensors[:4]
         gating: Optional[gated.Gating] = ctx.gating
         need_a, need_b = ctx.needs_input_grad[0] or ctx.gate_grad, ctx.needs_input_grad[1] or ctx.gate_grad
-        grad = dense(grad)
-        mn, mx, levels = codes.grad_range(grad, ctx.gbits, gating)
-        exact = codes.exact_codes(levels)
-        a_hat = lambda: qa.float().mul_(codes.per_row_view(sa, qa))
-        b_hat = lambda: qb.float().mul_(codes.per_row_view(sb, qb))
-        da = db = None
-        if exact is None or not bool(exact.any()):  # float32 products on ghat
-            ghat = codes.simulated_grad(grad, mn, mx, levels, ctx.gbits)
-            if need_a:
-                da = ghat @ b_hat().transpose(-2, -1)
-            if need_b:
-                db = a_hat().transpose(-2, -1) @ ghat
-        else:
-            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
-            ghat, t, sg, c, _ = codes.bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None)
-            if gating is not None and gating.one_group:  # one option group: one s_g and c
-                sg, c = sg[:1], c[:1]
-            if need_a:
-                rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
-                da = codes.scale_out(t @ qb.transpose(-2, -1), sg.new_ones(1), None, sg * sb).add_(
-                    rowsum.mul_(codes.per_row_view(c * sb, rowsum)))
-            if need_b:
-                colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
-                db = codes.scale_out(qa.transpose(-2, -1) @ t, sg.new_ones(1), None, sa * sg).add_(
-                    colsum.mul_(codes.per_row_view(c * sa, colsum)))
-            if wide is not None:  # those samples' entries again, in float32 on ghat (no product mixes samples)
-                g_w = codes.take_samples(ghat, wide)
-                if need_a:
-                    da.index_copy_(0, wide, g_w @ codes.take_samples(b_hat(), wide).transpose(-2, -1))
-                if need_b:
-                    db.index_copy_(0, wide, codes.take_samples(a_hat(), wide).transpose(-2, -1) @ g_w)
+        da, db = _grads(grad, qa, sa, qb, sb, ctx.gbits, gating, need_a, need_b)
         d_onehot = None
         if ctx.gate_grad:
             a, b, onehot = ctx.saved_tensors[4:]
@@ -79,6 +49,105 @@ class Bf16Matmul(torch.autograd.Function):
         da = da.sum_to_size(a_shape) if da is not None and ctx.needs_input_grad[0] else None  # broadcast: summed
         db = db.sum_to_size(b_shape) if db is not None and ctx.needs_input_grad[1] else None
         return da, db, d_onehot, None, None, None, None, None, None
+
+
+def _grads(grad: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, gbits: int, gating: Optional[gated.Gating],
+           need_a: bool, need_b: bool, seed: Optional[Tensor] = None):
+    """(da, db) of y = a_hat @ b_hat from dL/dy (Bf16Matmul's products, before any broadcast is summed)."""
+    grad = dense(grad)
+    mn, mx, levels = codes.grad_range(grad, gbits, gating)
+    exact = codes.exact_codes(levels)
+    a_hat = lambda: qa.float().mul_(codes.per_row_view(sa, qa))
+    b_hat = lambda: qb.float().mul_(codes.per_row_view(sb, qb))
+    da = db = None
+    if exact is None or not bool(exact.any()):  # float32 products on ghat
+        ghat = codes.simulated_grad(grad, mn, mx, levels, gbits, seed)
+        if need_a:
+            da = ghat @ b_hat().transpose(-2, -1)
+        if need_b:
+            db = a_hat().transpose(-2, -1) @ ghat
+        return da, db
+    wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+    ghat, t, sg, c, _ = codes.bf16_grad_codes(grad, mn, mx, levels, gbits, values=wide is not None, seed=seed)
+    if gating is not None and gating.one_group:  # one option group: one s_g and c
+        sg, c = sg[:1], c[:1]
+    if need_a:
+        rowsum = qb.sum(-1, dtype=torch.float32).unsqueeze(-2)  # (..., 1, K): ones @ q_b^T
+        da = codes.scale_out(t @ qb.transpose(-2, -1), sg.new_ones(1), None, sg * sb).add_(
+            rowsum.mul_(codes.per_row_view(c * sb, rowsum)))
+    if need_b:
+        colsum = qa.sum(-2, dtype=torch.float32).unsqueeze(-1)  # (..., K, 1): q_a^T @ ones
+        db = codes.scale_out(qa.transpose(-2, -1) @ t, sg.new_ones(1), None, sa * sg).add_(
+            colsum.mul_(codes.per_row_view(c * sa, colsum)))
+    if wide is not None:  # those samples' entries again, in float32 on ghat (no product mixes samples)
+        g_w = codes.take_samples(ghat, wide)
+        if need_a:
+            da.index_copy_(0, wide, g_w @ codes.take_samples(b_hat(), wide).transpose(-2, -1))
+        if need_b:
+            db.index_copy_(0, wide, codes.take_samples(a_hat(), wide).transpose(-2, -1) @ g_w)
+    return da, db
+
+
+# -- the static (ungated) product as registered torch ops: fracpass::bf16_mm encodes both operands as
+# bfloat16 codes and multiplies them, fracpass::bf16_mm_backward quantizes dL/dy and runs both gradient
+# products (Bf16Matmul's arithmetic, _grads); autograd, fakes and the codes passed as outputs as int8_mm's.
+
+@torch.library.custom_op("fracpass::bf16_mm", mutates_args=())
+def bf16_mm(a: Tensor, b: Tensor, a_mn: Tensor, a_mx: Tensor, a_levels: float, b_mn: Tensor, b_mx: Tensor,
+            b_levels: float, g_bits: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y = a_hat @ b_hat (broadcast as torch.matmul) on bfloat16 codes over per-tensor ranges, and the codes
+    and scales (qa, sa, qb, sb) for the backward; ``g_bits`` is the backward's."""
+    qa, sa = codes.bf16_codes(a, a_mn, a_mx, a_levels)
+    qb, sb = codes.bf16_codes(b, b_mn, b_mx, b_levels)
+    y = codes.scale_out(torch.matmul(qa, qb), sa.new_ones(1), None, sa * sb)
+    return y, qa, sa, qb, sb
+
+
+@bf16_mm.register_fake
+def _bf16_mm_fake(a, b, a_mn, a_mx, a_levels, b_mn, b_mx, b_levels, g_bits):
+    y = torch.empty_like(torch.matmul(a, b))  # matmul's output shape; scale_out writes float32 in its layout
+    return (y, torch.empty_like(a, dtype=torch.bfloat16), a.new_empty((1,)), torch.empty_like(b, dtype=torch.bfloat16),
+            b.new_empty((1,)))
+
+
+@torch.library.custom_op("fracpass::bf16_mm_backward", mutates_args=())
+def bf16_mm_backward(grad: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, g_bits: int, needs: List[bool],
+                     seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """(da, db) of bf16_mm from dL/dy, each summed to its operand's shape (torch.matmul's broadcast); empty
+    where ``needs`` is False. ``seed``: the stochastic rounding's where the CPU kernels run, else empty."""
+    da, db = _grads(grad, qa, sa, qb, sb, g_bits, None, needs[0], needs[1], seed if seed.numel() else None)
+    da = da.sum_to_size(qa.shape).contiguous() if needs[0] else grad.new_empty(0)
+    db = db.sum_to_size(qb.shape).contiguous() if needs[1] else grad.new_empty(0)
+    return da, db
+
+
+@bf16_mm_backward.register_fake
+def _bf16_mm_backward_fake(grad, qa, sa, qb, sb, g_bits, needs, seed):
+    return (grad.new_empty(qa.shape if needs[0] else (0,)), grad.new_empty(qb.shape if needs[1] else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[1:])  # the bfloat16 codes and their scales, never the float operands
+    ctx.g_bits = inputs[-1]
+
+
+def _backward(ctx, grad, *_codes_grads):
+    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
+    seed = (draw_seed() if ctx.g_bits < FULL_PRECISION and fused_kernels(grad) is not None
+            else grad.new_empty(0, dtype=torch.int64))
+    da, db = torch.ops.fracpass.bf16_mm_backward(grad, *ctx.saved_tensors, ctx.g_bits, needs, seed)
+    return (da if needs[0] else None, db if needs[1] else None) + (None,) * 7
+
+
+bf16_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def product(a: Tensor, b: Tensor, qa, qb, gbits: int) -> Tensor:
+    """qa(a) @ qb(b) on bfloat16 codes (fracpass::bf16_mm), the quantizers' ranges tracked here."""
+    with torch.no_grad():
+        (a_mn, a_mx), (b_mn, b_mx) = qa.qrange(a), qb.qrange(b)
+    return torch.ops.fracpass.bf16_mm(a, b, a_mn, a_mx, float(2**qa.bits - 1), b_mn, b_mx, float(2**qb.bits - 1),
+                                      gbits)[0]
 
 
 def gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor, site: Optional[NativeSite] = None) -> Tensor:

@@ -68,21 +68,13 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     if site is not None:
         site.last.path = path  # op_paths reports the path of the last call
     if path == "bf16":
-        return _bf16_matmul(a, b, qa, qb, gq)
+        return bf16_mm.product(a, b, qa, qb, decide.grad_bits(gq))
     a2 = a.reshape(-1, a.shape[-1])
     with torch.no_grad():
         ranges = qa.qrange(a), qb.qrange(b)
     fp8 = int8_mm.int8_call_fp8(site, qa, qb, gq, a.device, *a2.shape, b.shape[1])
     y = int8_mm.product(a2, b, None, ranges[0], qa, ranges[1], qb, decide.grad_bits(gq), fp8, b_rows=False)
     return y.view(*a.shape[:-1], b.shape[1])
-
-
-def _bf16_matmul_impl(a: Tensor, b: Tensor, qa, qb, gq) -> Tensor:
-    """A batched product on bfloat16 codes (bf16_mm.Bf16Matmul)."""
-    with torch.no_grad():
-        ca, sa = codes.bf16_codes(a.detach(), *qa.qrange(a), float(2**qa.bits - 1))
-        cb, sb = codes.bf16_codes(b.detach(), *qb.qrange(b), float(2**qb.bits - 1))
-    return bf16_mm.Bf16Matmul.apply(a, b, None, ca, sa, cb, sb, decide.grad_bits(gq), None)
 
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
@@ -240,7 +232,7 @@ def _warn_compiled(ctx) -> None:
 def _eager(fn, name: str):
     """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
     eagerly, since its products are autograd Functions over pybind kernels that Dynamo cannot trace (the int8
-    product is a registered op already: int8_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile
+    and static bf16 products are registered ops already: int8_mm, bf16_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile
     warns with COMPILE_FALLBACK."""
     from torch._dynamo.comptime import comptime
 
@@ -264,9 +256,8 @@ def _named(fn, name: str):
 # the parts of native_linear / native_matmul that run eagerly under torch.compile (bf16 products: autograd Functions)
 _gated_linear = _eager(gated.gated_linear, "native_linear (gated)")
 _gated_matmul = _eager(bf16_mm.gated_matmul, "native_matmul (gated)")
-_bf16_matmul = _eager(_bf16_matmul_impl, "native_matmul (batched, bf16)")
 native_linear = _named(native_linear, "native_linear")  # traceable: the int8 product is a registered op
-native_matmul = _named(native_matmul, "native_matmul")
+native_matmul = _named(native_matmul, "native_matmul")  # likewise its int8 and (static) bf16 products
 bf16_conv1d = _named(_eager(_conv_call(F.conv1d), "bf16_conv1d"), "bf16_conv1d")
 bf16_conv2d = _named(_eager(_conv_call(F.conv2d), "bf16_conv2d"), "bf16_conv2d")
 bf16_conv3d = _named(_eager(_conv_call(F.conv3d), "bf16_conv3d"), "bf16_conv3d")

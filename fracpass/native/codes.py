@@ -177,18 +177,19 @@ def per_row_view(v: Tensor, like: Tensor) -> Tensor:
 
 
 def simulated_grad(grad: Tensor, mn: Optional[Tensor], mx: Optional[Tensor], levels: Optional[Tensor],
-                    gbits: int) -> Tensor:
+                   gbits: int, seed: Optional[Tensor] = None) -> Tensor:
     """``grad`` as the simulation's gradient quantizer rounds it: per sample over [mn, mx] at ``levels``
-    (gated, fracpass.gating.quantize_grad_rows), per tensor at ``gbits``, or as is (``levels`` None)."""
+    (gated, fracpass.gating.quantize_grad_rows), per tensor at ``gbits`` (``seed``: the kernel's, else it
+    draws one), or as is (``levels`` None)."""
     if levels is None:
         return grad
     if levels.numel() > 1:
         return quantize_grad_rows(grad, mn, mx, levels)
-    return quantize_grad_stochastic(grad, gbits)
+    return quantize_grad_stochastic(grad, gbits, seed=seed)
 
 
-def bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits: int,
-                     values: bool, bytes: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[tuple]]:
+def bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits: int, values: bool, bytes: bool = False,
+                    seed: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[tuple]]:
     """The simulation's stochastic rounding of ``grad`` over [mn, mx] at ``levels`` (per tensor:
     fracpass.quant.quantize_grad_stochastic; one of each per sample: fracpass.gating.quantize_grad_rows;
     same noise for the same seed) as codes t in bfloat16 with ghat = s * t + c (s, c per tensor or per
@@ -196,7 +197,8 @@ def bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits:
     exact), which leaves |c| <= s / 2 when the range holds zero, so the offset's correction stays small
     beside the product and bfloat16's rounding of the two cannot cancel. Last: with ``bytes`` (one
     range, where the kernels run), q as bytes with -k, t's offset (the int8 input gradient's operand,
-    as bf16_input_codes's ``kept``), else None."""
+    as bf16_input_codes's ``kept``), else None. ``seed``: the stochastic rounding's for a per-tensor range
+    (a 0-d int64 tensor, quant.draw_seed), else the kernel draws one."""
     grad = dense(grad)  # the simulation's gradient quantizers read this layout, in memory order
     scale = (mx / levels - mn / levels).clamp_(min=torch.finfo(grad.dtype).tiny)
     zero = torch.minimum(torch.round(-mn / scale).clamp_(min=0.0), levels)
@@ -204,11 +206,11 @@ def bf16_grad_codes(grad: Tensor, mn: Tensor, mx: Tensor, levels: Tensor, gbits:
     if ext is not None and fused_kernels(grad) is not None:  # the simulation uses grad_sr's dither then
         bytes = bytes and levels.numel() == 1
         ghat, t, u = ext.grad_codes_bf16(grad, mn.reshape(-1), mx.reshape(-1), levels.reshape(-1), zero.reshape(-1),
-                                         torch_seed(), values, bytes)
+                                         torch_seed() if seed is None else int(seed), values, bytes)
         ghat = ghat if values else None
         kept = (u, -float(zero)) if bytes else None
     else:
-        ghat = simulated_grad(grad, mn, mx, levels, gbits)
+        ghat = simulated_grad(grad, mn, mx, levels, gbits, seed)
         v = lambda a: per_row_view(a, grad)
         t = torch.sub(ghat, v(mn)).div_(v(scale)).round_().sub_(v(zero)).to(torch.bfloat16)
         kept = None

@@ -1,5 +1,6 @@
 """Batched products (torch.bmm, torch.matmul with a batched right operand: attention's q k^T and P v)
-on bfloat16 codes (fracpass.native.bf16_mm.Bf16Matmul) against the simulation.
+on bfloat16 codes (fracpass.native.bf16_mm: the fracpass::bf16_mm op, Bf16Matmul for gated ones) against the
+simulation.
 
 The codes are exact in bfloat16 and the products accumulate in float32; what differs from the
 simulation is the rounding of each product's output to bfloat16 (unit roundoff u = 2^-8) before the
@@ -99,9 +100,10 @@ def _assert_within(got, want, bounds, what):
 
 
 def _count_bf16(monkeypatch):
+    """Counts the static batched products on bf16 (bf16_mm.product: the fracpass::bf16_mm op)."""
     calls = []
-    real = native.bf16_mm.Bf16Matmul.apply
-    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.bf16_mm.product
+    monkeypatch.setattr(native.bf16_mm, "product", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -325,7 +327,8 @@ def test_gated_batched_product_matches_the_gated_simulation(case, kernels, monke
         model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
     sim, nat = _gated_pair(model, inputs)
     seen = _gate_grads(sim, nat)
-    calls = _count_bf16(monkeypatch)
+    calls, real = [], native.bf16_mm.Bf16Matmul.apply  # gated products: the autograd Function
+    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: calls.append(1) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert calls == [1] and native.op_paths(nat)[next(iter(native.op_paths(nat)))] == ("bf16", "")
     (chosen,) = sim.gates.stats().units.values()

@@ -1,5 +1,6 @@
-"""The int8 product as registered torch ops (issue 27): fracpass::int8_mm and fracpass::int8_mm_backward, with
-fakes and their autograd registered, pass torch.library.opcheck, and a native linear layer runs through them."""
+"""Native products as registered torch ops (issue 27): fracpass::int8_mm / int8_mm_backward (linear layers, 2-D
+matmuls) and fracpass::bf16_mm / bf16_mm_backward (batched products), with fakes and their autograd registered,
+pass torch.library.opcheck, and native calls run through them."""
 from __future__ import annotations
 
 import contextlib
@@ -84,3 +85,58 @@ def test_a_native_linear_layer_runs_on_the_registered_ops_and_equals_its_simulat
     for g, w in zip(*reversed(grads)):
         assert float((g - w).abs().max()) <= 1e-5 * float(w.abs().max())
     assert native.product_paths(nat)["_0"] == ("int8", "int8", "int8")
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 8, 16), (2, 3, 16, 8)), ((4, 8, 16), (16, 6)), ((3, 5, 16), (1, 16, 7))])
+def test_bf16_mm_and_its_backward_pass_opcheck(shapes):
+    torch.manual_seed(0)
+    a, b = (torch.randn(*s, requires_grad=True) for s in shapes)
+    args = (a, b, a.detach().min(), a.detach().max(), 63.0, b.detach().min(), b.detach().max(), 255.0, 6)
+    torch.library.opcheck(torch.ops.fracpass.bf16_mm.default, args)
+    out = torch.ops.fracpass.bf16_mm(*args)
+    grad = torch.randn(out[0].shape)
+    for needs in ([True, True], [True, False], [False, True]):
+        back = (grad, *[t.detach() for t in out[1:]], 6, needs, draw_seed())
+        torch.library.opcheck(torch.ops.fracpass.bf16_mm_backward.default, back)
+
+
+class Attention(nn.Module):
+    """q k^T and P v written as matmuls: batched products on the bf16 path."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        p = torch.softmax(q @ k.transpose(-2, -1) / 32**0.5, dim=-1)
+        return p @ v
+
+
+def test_batched_products_run_on_the_registered_ops_as_the_autograd_function_did():
+    """The op's values equal the simulation's within bfloat16 rounding, and it is what runs."""
+    torch.manual_seed(0)
+    model, x = Attention(), torch.randn(4, 24, 32)
+    plan = fracpass.Plan.static(8, 8, 8)
+    options = fracpass.NativeOptions(min_intensity=0.0, min_bmm_intensity=0.0)
+    sim = fracpass.transform(model, plan, example_inputs=(x,))
+    nat = fracpass.transform(model, plan, example_inputs=(x,), execution="native", native=options)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    outs = []
+    for q in (sim, nat):
+        torch.manual_seed(3)
+        xx = x.clone().requires_grad_()
+        with Ops() if q is nat else contextlib.nullcontext():
+            y = q(xx)
+            y.square().sum().backward()
+        outs.append((y.detach(), xx.grad))
+    assert seen.count("fracpass.bf16_mm.default") == 2 and seen.count("fracpass.bf16_mm_backward.default") == 2
+    assert {runs[0] for name, runs in native.product_paths(nat).items() if "matmul" in name} == {"bf16"}
+    for got, want in zip(*reversed(outs)):  # two bf16 products deep, each output rounded once (u = 2^-8)
+        assert float((got - want).abs().max()) <= 4 * 2.0**-8 * float(want.abs().max())
