@@ -161,7 +161,7 @@ def first_divergence(qmodel, path, x, stage):
 
 @pytest.mark.parametrize("name", [pytest.param("resnet20", marks=pytest.mark.slow),  # ~85 s
                                   pytest.param("mobilenet_v2", marks=pytest.mark.slow),  # ~110 s
-                                  "transformer_sdpa"])
+                                  pytest.param("transformer_sdpa", marks=pytest.mark.slow)])  # ~16 s
 def test_whole_models_match_statistically(name, tmp_path):
     """Every case: onnxruntime computes what PyTorch computes, layer by layer, except codes that sat
     on a rounding boundary within float noise. From 6 bits on, the outputs also agree end to end
