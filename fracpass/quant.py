@@ -131,28 +131,12 @@ def memory_order(x: Tensor) -> Tensor:
     return x.as_strided((x.numel(),), (1,), x.storage_offset())
 
 
-_KNOWN_RANGE = "_fracpass_range"  # a tensor's attribute: (its memory, its version, min, max), set by hand_range
-
-
-def hand_range(x: Tensor, mn: Tensor, mx: Tensor) -> None:
-    """Give the next quantizer that reads ``x`` its min and max, computed by the op that wrote x in the
-    same pass (fracpass.native's fused BatchNorm): ``value_range(x)`` returns them instead of reading x
-    again. They must be torch.aminmax's values (NaN for both if x holds a NaN). They hold while x is
-    unchanged: an in-place op on x (or on a view of it) moves its version counter and drops them, and a
-    copy that carries the attribute along (deepcopy, pickle) lies elsewhere in memory and drops them."""
-    x.__dict__[_KNOWN_RANGE] = (x.data_ptr(), x._version, mn, mx)
-
-
 def value_range(x: Tensor) -> Tuple[Tensor, Tensor]:
     """torch.aminmax over every element (never building a graph); a dense tensor with dim 0 outermost
     (channels_last, an attention head's transposed view) is read in memory order as it lies (aten's
-    aminmax would first copy it to contiguous: 0.9 ms per 4 MB here); a range handed over with
-    ``hand_range`` is returned without a pass."""
-    if torch.compiler.is_compiling():  # no range is handed over in a traced graph (only native's fused ops do)
+    aminmax would first copy it to contiguous: 0.9 ms per 4 MB here)."""
+    if torch.compiler.is_compiling():  # Inductor reads any layout in its own reduction
         return torch.aminmax(x.detach())
-    known = x.__dict__.get(_KNOWN_RANGE)
-    if known is not None and known[1] == x._version and known[0] == x.data_ptr():
-        return known[2], known[3]
     x = x.detach()
     if not x.is_contiguous() and _outer_dense(x):
         x = memory_order(x)
@@ -490,11 +474,13 @@ class ActQuant(RangeTracker):
         for the range first and then run the simulation after all (``fracpass.native``)."""
         return _FakeQuantSTE.apply(x, mn, mx, self._bits)
 
-    def qrange(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def qrange(self, x: Tensor, known: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """The range ``forward`` quantizes ``x`` over (tracking it in training), for callers that
-        compute the codes themselves (``fracpass.native``)."""
+        compute the codes themselves (``fracpass.native``). ``known``: x's min and max as torch.aminmax
+        gives them, computed by the op that wrote x (fracpass.native's fused BatchNorm hands them over
+        in the graph: conv_bn.Handover), used instead of a pass over x."""
         if self.training or not self._range_ready:
-            mn, mx = value_range(x)
+            mn, mx = value_range(x) if known is None else known
             if self.training:
                 self._track(mn, mx)
             return mn, mx

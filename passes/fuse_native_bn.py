@@ -11,6 +11,7 @@ from torch import nn
 
 from fracpass.native import calls
 from fracpass.pass_base import PassBase, PassResult
+from fracpass.quant import Quantizer
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -57,13 +58,20 @@ class FuseNativeBNPass(PassBase):
         x -> bf16_conv2d(x, w, ..., aq, wq, gq) -> bn -> [+ residual] -> relu -> y
         becomes
         x -> bf16_conv2d_bn(x, w, ..., aq, wq, gq, gate, bn, relu, residual, bn_first) -> y
+        (then, wired to a convolution that reads y: (y, h) = bf16_conv2d_bn(..., give=...); conv(y, ..., handed=h))
 
     The fused call computes what the unfused ops compute, bit for bit, on every route (a convolution
     the bits or sizes leave simulated runs the BatchNorm, add and ReLU modules themselves). Each node
     between the convolution and the end of the chain must have that one user, and the add no fracpass
-    annotation (a gated block's merge add stays). Then each fused call whose output only a 2-D convolution
-    call reads, once, gets ``sole_reader=True`` (_GradSink: that convolution's input-gradient product comes
-    to the fused call's backward unscaled). Run after LowerNativePass."""
+    annotation (a gated block's merge add stays).
+
+    Then each fused call whose output convolution calls read as their input is wired to them: it returns
+    (out, Handover) (``give=``), the graph takes the two apart with getitem, and each such reader gets
+    ``handed=`` the Handover (conv_bn.Handover: out's range from the pass that wrote out, which the
+    reader's activation quantizer takes instead of scanning out; handed only where nothing in the graph
+    can write out in place). ``give=True`` where out's only reader is a 2-D convolution call that reads
+    it once: that reader's int8 input-gradient product then comes to the fused call's backward unscaled,
+    as the gradients of the Handover's placeholders. Run after LowerNativePass."""
 
     name = "fuse-native-bn"
 
@@ -94,13 +102,19 @@ class FuseNativeBNPass(PassBase):
             if relu is not None and relu.op == "call_module":
                 act.name = names[2]
             fused += 1
-        sole = 0
-        for node in gm.graph.nodes:
+        wired = sole = 0
+        for node in list(gm.graph.nodes):
             rule = calls.CALLS.get(node.target) if node.op == "call_function" else None
-            if rule is not None and rule.is_fused and "sole_reader" not in node.kwargs and _read_once(node):
-                node.kwargs = {**node.kwargs, "sole_reader": True}
-                sole += 1
-        return PassResult(gm, modified=fused + sole > 0, stats={"fused": fused, "sole_reader": sole})
+            if rule is None or not rule.is_fused or "give" in node.kwargs:
+                continue
+            readers = [u for u in node.users if u.op == "call_function" and u.args and u.args[0] is node
+                       and calls.CALLS.get(u.target) is not None and calls.CALLS[u.target].handed]
+            if not readers or not _never_written(gm, node):
+                continue
+            give = _read_once(node)
+            _wire(gm.graph, node, readers, give)
+            wired, sole = wired + 1, sole + give
+        return PassResult(gm, modified=fused + wired > 0, stats={"fused": fused, "handover": wired, "sole_reader": sole})
 
     @staticmethod
     def _chain(gm, conv: torch.fx.Node):
@@ -136,6 +150,56 @@ class FuseNativeBNPass(PassBase):
         if not _only_calls(conv, relu or add or bn, chain):
             return None
         return bn, add, residual, bn_first, relu
+
+
+def _wire(graph: torch.fx.Graph, node: torch.fx.Node, readers, give: bool) -> None:
+    """``node`` (a fused call) returns (out, Handover): getitem 0 takes its place for every user, getitem 1
+    goes to each of ``readers`` as ``handed``."""
+    node.kwargs = {**node.kwargs, "give": give}
+    with graph.inserting_after(node):
+        handover = graph.call_function(operator.getitem, (node, 1))
+    with graph.inserting_after(node):
+        out = graph.call_function(operator.getitem, (node, 0))
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in (out, handover))
+    out.name, handover.name = f"{node.name}_out", f"{node.name}_handover"
+    for key in ("tensor_meta", "val"):
+        if key in node.meta:
+            out.meta[key] = node.meta[key]
+    for reader in readers:
+        reader.kwargs = {**reader.kwargs, "handed": handover}
+
+
+# readers that make a new tensor from their inputs, never writing them (a handed range then holds for
+# every reader)
+_NEW_TENSOR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                         torch.mul, torch.cat, torch.stack, torch.mean, F.adaptive_avg_pool1d,
+                         F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                         F.max_pool1d, F.max_pool2d, F.max_pool3d}
+_NEW_TENSOR_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                       nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_PASS_THROUGH_MODULES = (Quantizer, nn.Identity)  # may return their input itself: their readers are checked too
+
+
+def _never_written(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Nothing in the graph can write ``node``'s value in place: every reader is a native call (they never
+    write their inputs), the graph's output, an op known to make a new tensor, or a module that may return
+    its input itself (a quantizer at full precision, an Identity) whose readers pass the same test.
+    Conservative: any other reader (an in-place op, a view, a user's module) keeps the range from being
+    handed over, and the reader scans out itself."""
+    for user in node.users:
+        if user.op == "output" or (user.op == "call_function" and user.target in calls.CALLS):
+            continue
+        if (user.op == "call_function" and user.target in _NEW_TENSOR_FUNCTIONS
+                and not {"out", "inplace"} & set(user.kwargs)):
+            continue
+        if user.op == "call_module":
+            module = gm.get_submodule(user.target)
+            if isinstance(module, _NEW_TENSOR_MODULES):
+                continue
+            if isinstance(module, _PASS_THROUGH_MODULES) and _never_written(gm, user):
+                continue
+        return False
+    return True
 
 
 def _read_once(node: torch.fx.Node) -> bool:

@@ -31,14 +31,21 @@ class Bf16Conv(torch.autograd.Function):
     (whose samples share their scales). The gate's gradient needs the float input: it is saved then."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept=None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept=None, take_v=None,
+                take_s=None, take_a=None):  # type: ignore[override]
+        """``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and
+        whose only reader this op is: where the input gradient runs on int8, backward returns its
+        product as their gradients instead of dx."""
         y, _, saved = conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept)
+        ctx.hand = None if take_v is None else (take_v.shape, x.stride())
         ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return conv_backward(ctx, ctx.saved_tensors, grad) + (None,) * 8
+        dx, dw, db, d_onehot = conv_backward(ctx, ctx.saved_tensors, grad)
+        dx, handed = int8_conv.split_handed(dx)
+        return (dx, dw, db, d_onehot) + (None,) * 8 + handed
 
 
 def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=True):
@@ -53,7 +60,6 @@ def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept
     y = codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     ctx.int8 = (kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)
-    ctx.hand_to = kept.hand_to if kept is not None else None
     ctx.split = kept.split if kept is not None else 0.0
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
@@ -89,8 +95,9 @@ def _widened_codes(ctx, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Opt
 
 
 def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
-    """Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot); ``grad_minmax``: dL/dy's min and max, when
-    already known (the fused BatchNorm's backward computes them with dL/dy)."""
+    """Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot), dx a Handed where ``ctx.hand`` (the
+    shape and strides of the fused output x, from the forward) takes it; ``grad_minmax``: dL/dy's min
+    and max, when already known (the fused BatchNorm's backward computes them with dL/dy)."""
     qa, sa, qw, sw = saved[:4]
     stride, padding, dilation, transposed, output_padding, groups = ctx.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
@@ -143,7 +150,7 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             if sg.numel() > 1:
                 dx = codes.scale_out(vx, sx, None, sg).addcmul_(codes.per_row_view(c, vx), corr.mul_(sx))
             elif int8_dx:  # (never gated, never folded: int8_conv.int8_reasons)
-                dx = int8_conv.int8_input_grad(kept_g, qw, ctx.conv, ctx.split, (sg * sw, corr.mul_(c * sw)), ctx.hand_to)
+                dx = int8_conv.int8_input_grad(kept_g, qw, ctx.conv, ctx.split, (sg * sw, corr.mul_(c * sw)), ctx.hand)
             else:
                 dx = codes.scale_out(vx, sg * sx, None, addend=corr.mul_(c * sx))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32

@@ -79,21 +79,36 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
 
 def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, transposed: bool,
                output_padding, groups: int, aq, wq, gq, gate, simulated, site: Optional[NativeSite], fused=None,
-               sole_reader: bool = False) -> Tensor:
+               handed: Optional[conv_bn.Handover] = None, give: Optional[bool] = None):
     """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
     act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
-    same op (conv_bn.Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``sole_reader``: the
-    fused op's output has one reader, a 2-D convolution call reading it once (FuseNativeBNPass proved it):
-    it then takes that convolution's input-gradient product unscaled (conv_bn.GradSink on the output,
-    which the convolution finds on its x)."""
+    same op (conv_bn.Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``handed``:
+    what the fused op that wrote x gives this call (its range; its gradient placeholders if this call is
+    x's only reader). ``give`` (a fused call that FuseNativeBNPass wired to its readers): return
+    (out, conv_bn.Handover) instead of out, the placeholders in it if ``give`` is True (out's only
+    reader is a 2-D convolution call that reads it once)."""
+    out = _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq,
+                         gate, simulated, site, fused, handed, bool(give))
+    if isinstance(out, Tensor):  # simulated, or unfused
+        return out if give is None else (out, conv_bn.Handover())
+    y, low, high, *placeholders = out
+    if give is None:
+        return y
+    return y, conv_bn.Handover(low, high, None if placeholders[0] is None else tuple(placeholders))
+
+
+def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate,
+                   simulated, site, fused, handed, give):
+    """_bf16_conv's work: out, or the fused op's six outputs (conv_bn.Bf16ConvBN.forward)."""
     opts = site_options(site)
+    known = handed.known_range if handed is not None and gate is None else None
     why = (decide.decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16"
            or decide.bf16_conv_reason(x, weight, padding, aq, wq, transposed, gate)
            or decide.conv_size_reason(x, weight, stride, padding, dilation, transposed, opts))
     if why:
         if why is not True:
             record(site, why)
-        y = quantized(gq, simulated(quantized(aq, x, gate), quantized(wq, weight)), gate)
+        y = quantized(gq, simulated(quantized(aq, x, gate, known), quantized(wq, weight)), gate)
         return y if fused is None else conv_bn.unfused(y, *fused)
     record(site, None)
     n = weight.dim() - 2
@@ -101,11 +116,11 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
         x, fused = _channels_last(x, fused, site)
     conv = (decide.tuple_arg(stride, n), decide.tuple_arg(padding, n), decide.tuple_arg(dilation, n), transposed,
             decide.tuple_arg(output_padding, n), groups)
-    gating, kept = None, None
+    gating, kept, take = None, None, (None, None, None)
     gated_call = isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
     if not gated_call:
         with torch.no_grad():
-            mn, mx = aq.qrange(x)  # tracked once: the fallback below reuses it
+            mn, mx = aq.qrange(x, known)  # tracked once: the fallback below reuses it
         if not decide.finite_range(mn, mx):
             record(site, decide.NONFINITE)
             y = quantized(gq, simulated(aq.quantize(x, mn, mx), quantized(wq, weight)), gate)
@@ -129,8 +144,9 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
             qa, sa, kept = codes.bf16_input_codes(x.detach(), mn, mx, aq.bits, codes=forward is not None)
             if kept is not None:
                 int8_dx = x.requires_grad and dx is None
-                sink = conv_bn.GradSink.on(x) if int8_dx and opts.hand_gradient else None
-                kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None, hand_to=sink,
+                if int8_dx and opts.hand_gradient and handed is not None and handed.grad is not None:
+                    take = handed.grad  # dx's product goes to the fused op before as these placeholders' gradients
+                kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None,
                                      split=opts.split_channels)
     if site is not None:
         site.last.int8 = (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False))
@@ -139,15 +155,16 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
         if unfused and site is not None:
             site.last.bn = f"its BatchNorm runs unfused: {unfused}"
-        y = bf16_conv.Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating, kept)
+        y = bf16_conv.Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating, kept,
+                                     *take)
         return y if fused is None else conv_bn.unfused(y, *fused)
     bn, act, residual, _ = fused
-    out = conv_bn.Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating,
-                                   bn.weight, bn.bias, residual, conv_bn.bn_state(bn) + (act is not None,), kept,
-                                   sole_reader and opts.hand_gradient, opts.fast_bn)
+    outs = conv_bn.Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating,
+                                    bn.weight, bn.bias, residual, conv_bn.bn_state(bn) + (act is not None,), kept,
+                                    give and opts.hand_gradient and torch.is_grad_enabled(), opts.fast_bn, *take)
     if site is not None:
-        site.last.bn = conv_bn.bn_route(out, sa, residual, opts.fast_bn)
-    return out
+        site.last.bn = conv_bn.bn_route(outs[0], sa, residual, opts.fast_bn)
+    return outs
 
 
 def _channels_last(x: Tensor, fused, site: Optional[NativeSite]):
@@ -169,9 +186,9 @@ def _conv_call(fn):
     """The native form of ``fn`` (F.conv{1,2,3}d): its arguments, then the three quantizers and, for a
     gated op, its gate's one-hot choice."""
     def call(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, aq=None, wq=None, gq=None, gate=None,
-             *, site=None):
+             *, handed=None, site=None):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
-                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups), site)
+                          lambda a, w: fn(a, w, bias, stride, padding, dilation, groups), site, handed=handed)
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
     return call
@@ -182,10 +199,10 @@ def _conv_bn_call(fn):
     the residual add (``bn(y) + residual``, or ``residual + bn(y)`` if not ``bn_first``) and a ReLU
     (``act``: an nn.ReLU, or "relu" for the functional one): see FuseNativeBNPass."""
     def call(x, weight, bias, stride, padding, dilation, groups, aq, wq, gq, gate, bn, act=None, residual=None,
-             bn_first=True, *, sole_reader=False, site=None):
+             bn_first=True, *, give=None, handed=None, site=None):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, False, 0, groups, aq, wq, gq, gate,
                           lambda a, w: fn(a, w, bias, stride, padding, dilation, groups), site,
-                          fused=(bn, act, residual, bn_first), sole_reader=sole_reader)
+                          fused=(bn, act, residual, bn_first), handed=handed, give=give)
 
     call.__doc__ = (f"``act(bn(gq({fn.__name__}(aq(x), wq(weight), ...))) + residual)``, the convolution on "
                     "bfloat16 codes where the bits allow, saving less for backward (conv_bn.Bf16ConvBN).")
@@ -196,9 +213,10 @@ def _conv_transpose_call(fn):
     """The native form of ``fn`` (F.conv_transpose{1,2,3}d): its arguments, then the three quantizers
     and, for a gated op, its gate's one-hot choice."""
     def call(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, aq=None, wq=None,
-             gq=None, gate=None, *, site=None):
+             gq=None, gate=None, *, handed=None, site=None):
         return _bf16_conv(x, weight, bias, stride, padding, dilation, True, output_padding, groups, aq, wq, gq, gate,
-                          lambda a, w: fn(a, w, bias, stride, padding, output_padding, groups, dilation), site)
+                          lambda a, w: fn(a, w, bias, stride, padding, output_padding, groups, dilation), site,
+                          handed=handed)
 
     call.__doc__ = f"``gq({fn.__name__}(aq(x), wq(weight), ...))``, on bfloat16 codes where the bits allow."
     return call
@@ -276,7 +294,8 @@ class CallRule:
     wq and gq follow), the F function it lowers (None: chosen by the lowering itself), its path family
     ("int8", "bf16", or "mm": int8 for a 2-D right operand, bf16 for a batched one or a gated op),
     its form fused with the BatchNorm after it (FuseNativeBNPass), whether it is such a fused form, and
-    whether a fused BatchNorm may hand it its input gradient (a 2-D convolution: int8_conv.int8_input_grad)."""
+    whether a fused BatchNorm may hand it its input gradient (a 2-D convolution: int8_conv.int8_input_grad), and
+    whether it takes a fused op's conv_bn.Handover (``handed=``: the bf16 convolutions)."""
 
     fn: Callable
     kind: str
@@ -286,12 +305,13 @@ class CallRule:
     fused_form: Optional[Callable] = None
     is_fused: bool = False
     sole_reader: bool = False
+    handed: bool = True
 
 
 CALLS: Dict[Callable, CallRule] = {rule.fn: rule for rule in (
-    CallRule(native_linear, "linear", 3, F.linear, "mm"),
-    CallRule(native_matmul, "matmul", 2, torch.matmul, "mm"),
-    CallRule(native_conv2d, "conv2d", 7, None, "int8"),
+    CallRule(native_linear, "linear", 3, F.linear, "mm", handed=False),
+    CallRule(native_matmul, "matmul", 2, torch.matmul, "mm", handed=False),
+    CallRule(native_conv2d, "conv2d", 7, None, "int8", handed=False),
     CallRule(bf16_conv1d, "conv1d", 7, F.conv1d, fused_form=bf16_conv1d_bn),
     CallRule(bf16_conv2d, "conv2d", 7, F.conv2d, fused_form=bf16_conv2d_bn, sole_reader=True),
     CallRule(bf16_conv3d, "conv3d", 7, F.conv3d, fused_form=bf16_conv3d_bn),

@@ -12,7 +12,7 @@ from fracpass.quant import FULL_PRECISION, affine_params, value_range, dense, fu
 from fracpass.native import options, units
 
 if TYPE_CHECKING:
-    from fracpass.native import conv_bn, gated
+    from fracpass.native import gated
 
 class Coded(NamedTuple):
     """A 2-D operand as int8 codes: value = s * (t + k) + c.
@@ -153,7 +153,6 @@ class _Kept(NamedTuple):
     lo: float
     int8_dx: bool = False
     int8_dw: bool = False  # the weight gradient's on the VNNI kernel (int8_conv.int8_reasons)
-    hand_to: Optional["conv_bn.GradSink"] = None  # where the input gradient's product goes unscaled
     split: float = options.NativeOptions.split_channels  # for the int8 products (int8_conv.int8_product)
 
 

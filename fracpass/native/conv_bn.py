@@ -1,14 +1,15 @@
 """A bf16 convolution with the BatchNorm (residual add, ReLU) after it as one op that keeps less for
-backward (Bf16ConvBN), its BatchNorm on the CPU kernels where they apply, and the gradient hand-over."""
+backward (Bf16ConvBN), its BatchNorm on the CPU kernels where they apply, and what it hands the
+convolution that reads its output (Handover)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from fracpass.quant import memory_order, rows_outer_dense, hand_range
-from fracpass.native import bf16_conv, codes, units
+from fracpass.quant import memory_order, rows_outer_dense
+from fracpass.native import bf16_conv, codes, int8_conv, units
 
 def bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor], fast_bn: bool) -> str:
     """Which kernels the fused op ran its BatchNorm on (``out`` has the convolution product's layout)."""
@@ -32,22 +33,30 @@ class Bf16ConvBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
-                post, kept=None, hand=False, fast_bn=True):  # type: ignore[override]
+                post, kept=None, give=False, fast_bn=True, take_v=None, take_s=None, take_a=None):  # type: ignore[override]
+        """Returns (out, out's min, out's max, *Handover.grad's three placeholders): the range where the
+        BatchNorm ran on the CPU kernels (else None, None), the placeholders where ``give`` (out's only
+        reader is a 2-D convolution that may hand its input gradient over) and the kernels ran (else
+        None). ``take_*``: the placeholders of the fused op whose output is x, when this op is that
+        reader (kept.int8_dx: its backward returns the product as their gradients)."""
+        ctx.set_materialize_grads(False)  # a handed-over gradient comes as the placeholders', out's is None
         _, v, saved = bf16_conv.conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=False)
+        ctx.hand = None if take_v is None else (take_v.shape, x.stride())
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
         _, _, _, transposed, _, groups = ctx.conv
         scale = bf16_conv.out_channel_scale(sw, transposed, groups)
         ctx.fast = _fast_bn_reason(v, sa, residual, fast_bn) is None
-        ctx.hand_from = None
+        mn = mx = None
+        placeholders = (None, None, None)
         if ctx.fast:
             out, dead, ref, mean, invstd, (mn, mx) = _fast_bn_forward(units.ext(v), v, scale * sa, bias, bn_w, bn_b,
                                                                       residual, post)
-            hand_range(out, mn, mx)  # the next op's activation quantizer reads it instead of scanning out
+            ctx.mark_non_differentiable(mn, mx)
             keep = (ref, mean, invstd)
-            if hand and residual is None:  # out's gradient may come as a product (GradSink)
-                ctx.hand_from = GradSink.attach(out)
+            if give and residual is None:
+                placeholders = _placeholders(out)
         else:
             y = codes.scale_out(v, scale, bias, sa)
             out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_w, bn_b, running_mean, running_var, training,
@@ -58,11 +67,12 @@ class Bf16ConvBN(torch.autograd.Function):
             dead = _relu_mask_(out) if relu else None
             keep = (mean, invstd)
         ctx.n_conv, ctx.post, ctx.has_residual, ctx.out_stride = len(saved), post, residual is not None, out.stride()
+        ctx.out_shape = out.shape
         ctx.save_for_backward(*saved, v, bias, bn_w, dead, *keep)
-        return out
+        return (out, mn, mx) + placeholders
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, _mn, _mx, handed_v, handed_scale, handed_addend):  # type: ignore[override]
         saved = ctx.saved_tensors
         n = ctx.n_conv
         v, bias, bn_w, dead = saved[n:n + 4]
@@ -70,11 +80,13 @@ class Bf16ConvBN(torch.autograd.Function):
         qa, sa, qw, sw = saved[:4]
         _, _, _, transposed, _, groups = ctx.conv
         minmax = None
+        if handed_v is None and grad is None:  # out's gradient is zero (it reached no loss)
+            grad = torch.zeros(ctx.out_shape, dtype=torch.float32, device=v.device)
         if ctx.fast:
             ref, mean, invstd = saved[n + 4:]
-            handed = ctx.hand_from.take() if ctx.hand_from is not None else None
-            if handed is not None:  # the next convolution's product and epilogue, not a float32 gradient
-                grad, grad_scale, grad_addend = handed
+            if handed_v is not None:  # the next convolution's product and epilogue, not a float32 gradient
+                grad, grad_scale = handed_v, handed_scale
+                grad_addend = codes.NONE_F if handed_addend is None else handed_addend
             else:
                 grad_scale = grad_addend = codes.NONE_F
                 if grad.stride() != v.stride():
@@ -96,50 +108,42 @@ class Bf16ConvBN(torch.autograd.Function):
         d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
         d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
         d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
-        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None, None, None)
+        dx, handed = int8_conv.split_handed(dx)
+        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None, None, None) + handed
 
 
-class GradSink:
-    """Where a fused convolution-BatchNorm (on the CPU kernels, no residual) takes its output's gradient as
-    the next convolution's bfloat16 input-gradient product v with its epilogue (scale, addend) instead of
-    as float32 v * scale + addend: the next convolution's backward puts them here and gives autograd a
-    placeholder (zeros, one element expanded), and this op's backward takes them and forms the gradient
-    where its kernels read it, saving the pass that writes float32 dx and half the bytes they read. Set on
-    the output tensor in forward (``attach``; the convolution finds it with ``on``), only where the graph
-    proves the convolution the output's only reader (``sole_reader``), so that autograd never adds the
-    placeholder to another gradient. (The tensor attribute is the one channel between the two autograd
-    Functions left; it goes when the products become registered ops with explicit inputs and outputs.)"""
+class Handover(NamedTuple):
+    """What a fused conv-BatchNorm op gives the convolution that reads its output, as values in the graph
+    (FuseNativeBNPass wires them: the fused call returns (out, Handover), and each convolution call that reads
+    out as its input takes it as ``handed``). Nothing travels on tensors or modules.
 
-    __slots__ = ("shape", "stride", "handed")
-    _ATTR = "_fracpass_grad_sink"
+    ``low``, ``high``: out's min and max, as torch.aminmax gives them, from the kernel pass that wrote out
+    (None where the BatchNorm ran on aten's kernels): the reader's activation quantizer takes them instead
+    of a pass over out. The pass hands them only where nothing in the graph can write out in place.
 
-    @classmethod
-    def attach(cls, out: Tensor) -> "GradSink":
-        sink = out.__dict__[cls._ATTR] = cls(out)
-        return sink
+    ``grad``: for a reader that is out's only one and reads it once (``sole_reader``), three placeholder
+    outputs of the fused op, shaped as out (bfloat16), as a scale (1,) and as one sample's addend (its
+    values in memory order), all zeros expanded (no memory). When the reader's input gradient runs on
+    int8 (int8_conv.int8_input_grad), its backward returns None for out and that product, its scale and
+    its addend as these outputs' gradients; autograd brings them to the fused op's backward, whose
+    BatchNorm kernels form dL/dout = fl(fl(v scale) + addend) where they read it (the values
+    codes.scale_out gives). Otherwise it returns dL/dout as usual and None for them."""
 
-    @classmethod
-    def on(cls, x: Tensor) -> Optional["GradSink"]:
-        """The sink a fused producer attached to ``x``, if any."""
-        return x.__dict__.get(cls._ATTR)
+    low: Optional[Tensor] = None
+    high: Optional[Tensor] = None
+    grad: Optional[Tuple[Tensor, Tensor, Tensor]] = None
 
-    def __init__(self, out: Tensor):
-        self.shape, self.stride, self.handed = out.shape, out.stride(), None
+    @property
+    def known_range(self) -> Optional[Tuple[Tensor, Tensor]]:
+        return None if self.low is None else (self.low, self.high)
 
-    def takes(self, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> bool:
-        """Whether the kernels read this product and epilogue: bfloat16 in the output's layout, one scale,
-        an addend that is one sample in the same layout with a multiple of 16 values (or none)."""
-        return (self.handed is None and v.dtype == torch.bfloat16 and v.shape == self.shape
-                and v.stride() == self.stride and scale.numel() == 1
-                and (addend is None or (codes.same_sample_layout(addend, v) and addend.numel() % 16 == 0)))
 
-    def put(self, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> Tensor:
-        self.handed = (v, scale.reshape(1).float(), codes.NONE_F if addend is None else memory_order(addend))
-        return torch.zeros((), dtype=torch.float32, device=v.device).expand(self.shape)
-
-    def take(self) -> Optional[tuple]:
-        handed, self.handed = self.handed, None
-        return handed
+def _placeholders(out: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Handover.grad's three outputs for ``out``: zeros expanded to out's shape (bfloat16), to (1,) and to
+    one sample's element count (float32)."""
+    zero_b = torch.zeros((), dtype=torch.bfloat16, device=out.device)
+    zero_f = torch.zeros((), dtype=torch.float32, device=out.device)
+    return zero_b.expand(out.shape), zero_f.expand(1), zero_f.expand(out[0].numel())
 
 
 def _fast_bn_reason(v: Tensor, sa: Tensor, residual: Optional[Tensor], fast_bn: bool) -> Optional[str]:
@@ -191,7 +195,7 @@ def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref:
     dy = w invstd (g - mean(g) - xh mean(g xh)) in training, w invstd g in eval, an affine map per
     channel of g and d = v - ref whose coefficients come from the sums of g and g d (float64). ``grad`` may
     be the next convolution's bfloat16 input-gradient product with its epilogue's ``grad_scale`` and
-    ``grad_addend`` (GradSink): the gradient is then fl(fl(grad * grad_scale) + grad_addend), as
+    ``grad_addend`` (Handover.grad): the gradient is then fl(fl(grad * grad_scale) + grad_addend), as
     codes.scale_out computes it, formed where the kernels read it."""
     dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, codes.NONE_B if dead is None else dead, v, ref, codes.given(scale),
                                                    codes.given(bias), codes.given(bn_w), mean, invstd, training, keep_grad,

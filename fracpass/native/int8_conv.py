@@ -2,16 +2,14 @@
 oneDNN's int8 convolution, the weight gradient on the CPU kernels' VNNI loop (exact integer sums)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from fracpass.quant import memory_order
 from fracpass.native import codes, options, units
 from fracpass.native.options import NativeOptions
-
-if TYPE_CHECKING:
-    from fracpass.native import conv_bn
 
 
 def _split_limit(in_channels: int, split: float) -> int:
@@ -73,7 +71,7 @@ def _int8_conv_reason(x: Tensor, conv) -> Optional[str]:
 
 
 def int8_product(kept: tuple, qw: Tensor, conv, split: float, epilogue: Optional[tuple] = None,
-                  hand_to: Optional["conv_bn.GradSink"] = None) -> Tensor:
+                  hand: Optional[tuple] = None):
     """conv(q_a, q_w) as bfloat16 from the input's bytes u = q_a - lo (zero point -lo: the padding is code
     0, the real zero) and the weight's codes: exact in int32, rounded once to bfloat16, as the bf16
     convolution's float32 sum is while it stays under 2^24. 8-bit weight codes span 256 values that need
@@ -82,9 +80,10 @@ def int8_product(kept: tuple, qw: Tensor, conv, split: float, epilogue: Optional
     channels); where more input channels hold them, the channels run as t = q_w - k_c, and v =
     bfloat16(y + k_c S) with S the input codes' window sums over every channel and tap
     (ext.shifted_product_bf16). ``epilogue`` (scale, addend): float32 v * scale + addend instead
-    (codes.scale_out's), in the shift's pass where there is one; or, where ``hand_to`` takes the bfloat16
-    product with its epilogue (an input gradient that a fused BatchNorm's backward alone reads), a
-    placeholder for the gradient, the product then scaled where that backward reads it."""
+    (codes.scale_out's), in the shift's pass where there is one; or, where ``hand`` (the shape and strides
+    of a fused BatchNorm's output whose only reader this input gradient's convolution is: ``takes``)
+    takes the bfloat16 product with its epilogue, that product as a Handed, scaled where that
+    BatchNorm's backward reads it."""
     stride, padding, dilation, _, _, groups = conv
     u, lo = kept[0], kept[1]
     ext = units.ext(u)
@@ -97,14 +96,43 @@ def int8_product(kept: tuple, qw: Tensor, conv, split: float, epilogue: Optional
     y = torch.ops.onednn.qconv_pointwise(u, 1.0, zp, packed, one, torch.zeros(1, dtype=torch.int64), None, stride,
                                          padding, dilation, groups, 1.0, 0,
                                          torch.float32 if shifted else torch.bfloat16, "none", [], "")
-    if hand_to is not None and not shifted and epilogue is not None and hand_to.takes(y, *epilogue):
-        return hand_to.put(y, *epilogue)
+    if hand is not None and not shifted and epilogue is not None and takes(hand, y, *epilogue):
+        scale, addend = epilogue
+        return Handed(y, scale.reshape(1).float(), None if addend is None else memory_order(addend))
     geometry = (t.shape[2], t.shape[3], stride, padding, dilation)  # (the shift's u has no extra channels)
     scale, addend = epilogue if epilogue is not None else (codes.NONE_F, codes.NONE_F)
     if shifted and scale.numel() == 1 and codes.same_sample_layout(addend, y):  # the epilogue in the shift's pass
         return ext.shifted_product_bf16(y, u, lo, k, *geometry, scale.reshape(1).float(), addend)
     v = ext.shifted_product_bf16(y, u, lo, k, *geometry, codes.NONE_F, codes.NONE_F) if shifted else y
     return v if epilogue is None else codes.scale_out(v, scale, None, addend=addend)
+
+
+class Handed(NamedTuple):
+    """An input gradient handed to the fused op before the convolution (conv_bn.Handover.grad): the
+    bfloat16 product v, its scale (1,) and its addend (one sample in memory order, or None); the
+    gradient is fl(fl(v scale) + addend)."""
+
+    v: Tensor
+    scale: Tensor
+    addend: Optional[Tensor]
+
+
+def split_handed(dx) -> Tuple[Optional[Tensor], tuple]:
+    """(dL/dx, the placeholders' gradients): (None, a Handed's three) when dx was handed over, else
+    (dx, three None)."""
+    if isinstance(dx, Handed):
+        return None, tuple(dx)
+    return dx, (None, None, None)
+
+
+def takes(hand: tuple, v: Tensor, scale: Tensor, addend: Optional[Tensor]) -> bool:
+    """Whether a fused op's BatchNorm kernels read this product and epilogue as its output's gradient
+    (``hand``: that output's shape and strides): bfloat16 in the output's shape and layout, one scale, an
+    addend that is one sample in the same layout with a multiple of 16 values (or none)."""
+    shape, stride = hand
+    return (v.dtype == torch.bfloat16 and v.shape == shape and v.stride() == tuple(stride)
+            and scale.numel() == 1
+            and (addend is None or (codes.same_sample_layout(addend, v) and addend.numel() % 16 == 0)))
 
 
 def int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, factor: Tensor,
@@ -122,11 +150,11 @@ def int8_weight_grad(kept_g: tuple, u_a: Tensor, lo: float, qw: Tensor, conv, fa
 
 
 def int8_input_grad(kept_g: tuple, qw: Tensor, conv, split: float, epilogue: Optional[tuple] = None,
-                     hand_to: Optional["conv_bn.GradSink"] = None) -> Tensor:
+                     hand: Optional[tuple] = None):
     """dx from conv^T(t, q_w) of a stride-1 convolution: the convolution of the gradient's codes (bytes q,
     channels-last, zero point k: t = q - k, the padding t = 0) with q_w flipped and with its channel axes
     swapped, dilated as the forward, padded d (K - 1) - p (int8_product's arithmetic, with its ``epilogue``)."""
     _, padding, dilation, _, _, _ = conv
     pad = [d * (k - 1) - p for p, d, k in zip(padding, dilation, qw.shape[2:])]
     flipped = qw.flip(2, 3).transpose(0, 1)
-    return int8_product(kept_g, flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), split, epilogue, hand_to)
+    return int8_product(kept_g, flipped, ([1, 1], pad, list(dilation), False, [0, 0], 1), split, epilogue, hand)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fracpass.native.options import NativeOptions
+from fracpass.quant import FULL_PRECISION, ActQuant
 
 NATIVE = "fracpass.native"  # node.meta key: NativeInfo on every compute op of a native model
 
@@ -75,10 +76,14 @@ def record(site: Optional[NativeSite], fallback: Optional[str]) -> None:
         site.ran(fallback)
 
 
-def quantized(q, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
+def quantized(q, x: Tensor, gate: Optional[Tensor] = None, known: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """q(x), or q(x, gate) for the activation and gradient quantizers of a gated op (a gated op's come
     with its gate: the lowering checked that; export's markers take the same arguments). A gated
-    op's weight quantizer is static: it takes no gate."""
+    op's weight quantizer is static: it takes no gate. ``known``: x's min and max, handed over by the
+    op that wrote x (conv_bn.Handover), for a static activation quantizer: the same values as q(x)
+    without the pass over x."""
     if q is None:
         return x
+    if known is not None and gate is None and isinstance(q, ActQuant) and q.bits < FULL_PRECISION and x.numel():
+        return q.quantize(x, *q.qrange(x, known))
     return q(x, gate) if gate is not None and getattr(q, "role", None) != "weight" else q(x)

@@ -259,10 +259,28 @@ def test_op_paths_say_how_each_fused_batchnorm_ran(monkeypatch):
     assert "its BatchNorm runs unfused: its BatchNorm is a FrozenStatsBN" in native.op_paths(sub)["conv1"][1]
 
 
+def _unwired(qmodel):
+    """``qmodel`` with the Handover taken out of the graph: readers scan their input themselves."""
+    for node in list(qmodel.graph.nodes):
+        if "handed" in node.kwargs:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "handed"}
+    for node in list(qmodel.graph.nodes):
+        if "give" in node.kwargs:
+            out, handover = sorted(node.users, key=lambda u: u.args[1])
+            out.replace_all_uses_with(node)
+            qmodel.graph.erase_node(out)
+            qmodel.graph.erase_node(handover)
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "give"}
+    qmodel.graph.lint()
+    qmodel.recompile()
+    return qmodel
+
+
 def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeypatch):
-    """The fused op hands its output's min and max (from the pass that wrote it) to the next activation
-    quantizer: the same model without the hand-over computes the same outputs, gradients and quantizer
-    ranges bit for bit, with one scan per handed-over tensor more."""
+    """The fused op hands its output's min and max (from the pass that wrote it) to the next convolution's
+    activation quantizer as a value in the graph (conv_bn.Handover): the same model with that edge taken
+    out computes the same outputs, gradients and quantizer ranges bit for bit, with one scan per
+    handed-over tensor more."""
     import copy
     from fracpass import quant
 
@@ -270,12 +288,16 @@ def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeyp
     model = Block().to(memory_format=torch.channels_last)
     x = torch.randn(8, 16, 12, 12).contiguous(memory_format=torch.channels_last)
     qmodel = fracpass.transform(model, fracpass.Plan.static(6, 6, 8), example_inputs=(x,), execution="native", native=OPTS)
-    twin = copy.deepcopy(qmodel)
+    nodes = {n.name: n for n in qmodel.graph.nodes}
+    # conv1's fused call returns (out, Handover); conv2's call reads out and takes the Handover
+    assert nodes["conv2"].args[0] is nodes["conv1_out"] and nodes["conv2"].kwargs["handed"] is nodes["conv1_handover"]
+    assert nodes["conv1"].kwargs["give"] is True and "give" not in nodes["conv2"].kwargs  # no convolution reads conv2's
+    twin = _unwired(copy.deepcopy(qmodel))
+    assert not any("handed" in n.kwargs for n in twin.graph.nodes)
     real_aminmax = torch.aminmax
 
-    def run(m, hand):
+    def run(m):
         scans = []
-        monkeypatch.setattr(native.conv_bn, "hand_range", quant.hand_range if hand else lambda *a: None)
         monkeypatch.setattr(quant.torch, "aminmax", lambda t, **k: scans.append(t.numel()) or real_aminmax(t, **k))
         xx = x.clone().requires_grad_()
         torch.manual_seed(5)
@@ -285,31 +307,46 @@ def test_the_next_quantizer_takes_the_fused_outputs_range_without_a_pass(monkeyp
         state = [b for n, b in m.named_buffers() if "running_m" in n]
         return [out.detach(), xx.grad] + [p.grad for p in m.parameters()] + state, scans
 
-    got, handed = run(qmodel, True)
-    want, scanned = run(twin, False)
+    got, handed = run(qmodel)
+    want, scanned = run(twin)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     # conv2's input is bn1-relu's output (8 x 16 x 12 x 12): scanned without the hand-over only
     assert sorted(scanned) == sorted(handed + [x.numel()])
 
 
-def test_a_handed_range_holds_until_the_tensor_changes():
-    import copy
-    import pickle
+class _Writes(nn.Module):
+    """conv1-bn1-relu's output read by conv2 and by ``reader``, which may write it in place."""
 
-    from fracpass import quant
+    def __init__(self, reader: str):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.reader = reader
+        self.relu_ = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
 
-    x = torch.tensor([1.0, -2.0, 3.0])
-    quant.hand_range(x, torch.tensor(-5.0), torch.tensor(7.0))  # not x's: shows which one value_range returns
-    assert [float(m) for m in quant.value_range(x)] == [-5.0, 7.0]
-    assert [float(m) for m in quant.value_range(x.view(3))] == [-2.0, 3.0]  # another tensor object: scanned
-    x.add_(1)  # in place: the handed range no longer holds
-    assert [float(m) for m in quant.value_range(x)] == [-1.0, 4.0]
-    y = torch.tensor([1.0, 2.0])
-    quant.hand_range(y, torch.tensor(1.0), torch.tensor(2.0))
-    y[0] = 5.0  # through indexing, too
-    assert [float(m) for m in quant.value_range(y)] == [2.0, 5.0]
-    z = torch.tensor([1.0, 2.0])
-    quant.hand_range(z, torch.tensor(1.0), torch.tensor(2.0))
-    z.add_(1)
-    for copied in (copy.deepcopy(z), pickle.loads(pickle.dumps(z))):  # the attribute travels; its version restarts
-        assert [float(m) for m in quant.value_range(copied)] == [2.0, 3.0]
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        if self.reader == "pool":  # makes a new tensor: the range holds for conv2
+            other = self.pool(a)
+        elif self.reader == "add_":  # written in place (after conv2 reads it here: the order is not relied on)
+            other = a.add_(1)
+        elif self.reader == "view":  # a view, which a later op could write through
+            other = a.permute(0, 2, 3, 1)
+        else:  # an in-place module
+            other = self.relu_(a)
+        return self.conv2(a).sum() + other.sum()
+
+
+@pytest.mark.parametrize("reader,wired", [("pool", True), ("add_", False), ("view", False), ("relu_", False)])
+def test_a_range_is_handed_over_only_where_nothing_can_write_the_tensor(reader, wired):
+    """The pass wires the Handover only where every reader of the fused output provably leaves it as it is;
+    where one may write it (an in-place method or module, a view), the reader scans its input itself."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    model = _Writes(reader).to(memory_format=torch.channels_last)
+    qmodel = fracpass.transform(model, fracpass.Plan.static(8, 8, 8), example_inputs=(x,), execution="native",
+                                native=OPTS)
+    assert any(n.kwargs.get("handed") is not None for n in qmodel.graph.nodes) == wired
+    assert qmodel.graph.find_nodes(op="call_function", target=native.calls.bf16_conv2d_bn)  # fused either way
+    qmodel(x).backward()

@@ -1,9 +1,9 @@
-"""A fused BatchNorm's backward taking the next convolution's input-gradient product unscaled (_GradSink).
+"""A fused BatchNorm's backward taking the next convolution's input-gradient product unscaled (conv_bn.Handover).
 
-Where a fused conv-BN(-ReLU) output's only reader is a 2-D convolution (FuseNativeBNPass marks the fused
-call ``sole_reader=True``), the convolution's int8 input-gradient product goes to the fused op's backward as the
-bfloat16 product with its epilogue (scale, addend) instead of as float32 dx, and the BatchNorm kernels form
-dx where they read it (fracpass.NativeOptions.hand_gradient). The values are scale_bf16's: every gradient must be
+Where a fused conv-BN(-ReLU) output's only reader is a 2-D convolution (FuseNativeBNPass wires the fused
+call with ``give=True``), the convolution's int8 input-gradient product goes to the fused op's backward as the
+bfloat16 product with its epilogue (scale, addend), the gradients of the Handover's placeholders, instead of
+as float32 dx, and the BatchNorm kernels form dx where they read it (fracpass.NativeOptions.hand_gradient). The values are scale_bf16's: every gradient must be
 bit for bit the one with the hand-over off. Checked here: the kernel against scale_bf16 then the float32
 kernel (with and without the ReLU's mask, vector tails, an addend or none), the graph marks (only sole
 readers, read once), whole ResNets at two stages, and that no placeholder reaches any other reader.
@@ -27,7 +27,7 @@ CL = torch.channels_last
 
 @pytest.fixture(autouse=True)
 def kernels(monkeypatch):
-    if native.bf16_support() is not None or native.units.ext() is None or not native.units.ext().vnni_weight_grad():
+    if native.bf16_support() is not None or native.units.ext() is None:
         pytest.skip("no bf16 convolutions, CPU kernels or int8 units here: the hand-over does not run")
 
 
@@ -87,14 +87,14 @@ def _native(model, x, stage=3, weight_scale="tensor"):
 
 
 def _marked(q):
-    return [n for n in q.graph.nodes if n.op == "call_function" and n.kwargs.get("sole_reader")]
+    return [n for n in q.graph.nodes if n.op == "call_function" and n.kwargs.get("give")]
 
 
 def _grads(q, x, y, monkeypatch, on):
     fracpass.native.configure(q, OPTS.replace(hand_gradient=on))
     puts = []
-    real = native.conv_bn.GradSink.put
-    monkeypatch.setattr(native.conv_bn.GradSink, "put", lambda self, *a: (puts.append(1), real(self, *a))[1])
+    real = native.int8_conv.takes
+    monkeypatch.setattr(native.int8_conv, "takes", lambda *a: (lambda t: (t and puts.append(1), t)[1])(real(*a)))
     q.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # the gradient quantizers' dither
     nn.functional.cross_entropy(q(x), y).backward()
@@ -110,8 +110,11 @@ def test_a_resnet_trains_bit_for_bit_with_and_without_the_hand_over(stage, monke
     y = torch.randint(0, 10, (8,))
     q = _native(fracpass.models.resnet20().train(), x, stage)
     marked = _marked(q)
-    assert len(marked) == 9 and all(n.target is native.calls.bf16_conv2d_bn and len(n.users) == 1
-                                    and next(iter(n.users)).args[0] is n for n in marked)
+    assert len(marked) == 9 and all(n.target is native.calls.bf16_conv2d_bn and len(n.users) == 2 for n in marked)
+    for n in marked:  # (out, Handover): out read by one convolution, which takes the Handover
+        out, handover = sorted(n.users, key=lambda u: u.args[1])
+        assert len(out.users) == 1 and list(handover.users) == list(out.users)
+        assert next(iter(out.users)).kwargs["handed"] is handover
     on, handed = _grads(q, x, y, monkeypatch, True)
     off, none = _grads(q, x, y, monkeypatch, False)
     assert handed == 9 and none == 0
@@ -166,8 +169,8 @@ def test_only_a_sole_reader_that_reads_once_is_marked(monkeypatch):
 
 
 def test_the_placeholder_never_reaches_another_reader(monkeypatch):
-    """Every gradient autograd gives a fused op's backward is either a real one or the placeholder whose
-    product that op takes: a fused op never reads a placeholder as a gradient."""
+    """Every gradient a fused op's backward reads is either a real float32 one or a handed-over bfloat16
+    product: never the zeros of a placeholder."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=CL)
     y = torch.randint(0, 10, (8,))
@@ -182,3 +185,27 @@ def test_the_placeholder_never_reaches_another_reader(monkeypatch):
     monkeypatch.setattr(native.conv_bn, "_fast_bn_backward", spy)
     _grads(q, x, y, monkeypatch, True)
     assert len(seen) == 21 and all(seen)
+
+
+def test_no_value_in_the_graph_carries_state_on_the_tensor():
+    """What the fused ops hand on (ranges, gradient placeholders) are values in the graph: after a training
+    forward of ResNet-20 with every hand-over running, no node's tensor has anything in its ``__dict__``
+    (fracpass once kept a handed range and a gradient hand-over there)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=CL)
+    q = _native(fracpass.models.resnet20().train(), x)
+    carried = {}
+
+    class Look(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            for t in (value if isinstance(value, tuple) else (value,)):
+                for item in (t if isinstance(t, tuple) else (t,)):
+                    if isinstance(item, torch.Tensor) and item.__dict__:
+                        carried[n.name] = sorted(item.__dict__)
+            return value
+
+    out = Look(q).run(x)
+    assert carried == {}
+    handovers = [n for n in q.graph.nodes if n.name.endswith("_handover")]
+    assert len(handovers) == 18 and out.requires_grad

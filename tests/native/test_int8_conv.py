@@ -322,10 +322,10 @@ def test_int8_products_train_as_the_bf16_ones_bit_for_bit(make, bits, weight_sca
     calls, routes = [], []
     real = native.int8_conv.int8_product
 
-    def spy(kept, qw, conv, split, epilogue=None, hand_to=None):
+    def spy(kept, qw, conv, split, epilogue=None, hand=None):
         calls.append(1)
         routes.append(_route(qw, split))
-        return real(kept, qw, conv, split, epilogue, hand_to)
+        return real(kept, qw, conv, split, epilogue, hand)
 
     monkeypatch.setattr(native.int8_conv, "int8_product", spy)
     runs, products = {}, {}

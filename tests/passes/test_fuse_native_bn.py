@@ -1,6 +1,6 @@
 """fuse-native-bn (passes/fuse_native_bn.py): a bf16 convolution call with the BatchNorm it feeds (the residual add
-and the ReLU after it) as one fused call; a fused call whose output only a 2-D convolution call reads, once, gets
-sole_reader=True. Where the bits or sizes leave the convolution simulated, the fused call runs the BatchNorm, add and
+and the ReLU after it) as one fused call; a fused call whose output convolution calls read is wired to them (it returns
+(out, Handover), they take ``handed=``), with give=True where one 2-D convolution call alone reads it, once. Where the bits or sizes leave the convolution simulated, the fused call runs the BatchNorm, add and
 ReLU modules themselves: bit for bit the unfused graph."""
 from __future__ import annotations
 
@@ -81,9 +81,13 @@ def test_conv_bn_relu_and_conv_bn_add_relu_become_one_call_each():
     assert conv1.args[13:] == (None, True)
     assert conv2.args[11].target == "bn2" and conv2.args[12] == "relu" and conv2.args[13:] == (nodes["x"], True)
     assert [a.name for a in conv1.args[7:10]] == ["conv1_aq", "conv1_wq", "conv1_gq"]
-    # conv1's fused output is read by conv2's call alone, once: it may hand its input gradient over unscaled
-    assert conv1.kwargs == {"site": conv1.kwargs["site"], "sole_reader": True}
-    assert conv2.kwargs == {"site": conv2.kwargs["site"]}
+    # conv1's fused output is read by conv2's call alone, once: conv1 returns (out, Handover), conv2 reads out
+    # and takes the Handover (conv1's range, and placeholders through which conv2 may hand its input
+    # gradient over unscaled)
+    assert conv1.kwargs == {"site": conv1.kwargs["site"], "give": True}
+    assert conv2.args[0] is nodes["conv1_out"] and nodes["conv1_out"].args == (conv1, 0)
+    assert conv2.kwargs == {"site": conv2.kwargs["site"], "handed": nodes["conv1_handover"]}
+    assert nodes["conv1_handover"].args == (conv1, 1) and set(conv1.users) == {nodes["conv1_out"], nodes["conv1_handover"]}
     assert nodes["mean"].args[0] is conv2
 
 
@@ -101,7 +105,7 @@ def test_fused_equals_unfused_bit_for_bit_where_the_convolutions_run_simulated()
     plan = fracpass.Plan.progressive(fw=(4, 8), bw=(6, 8))
     unfused, _ = _prepared(plan, model=model)
     fused, p = _prepared(plan, model=model)
-    assert p(fused).stats == {"fused": 2, "sole_reader": 1}
+    assert p(fused).stats == {"fused": 2, "handover": 1, "sole_reader": 1}
     x = torch.randn(3, 4, 6, 6)
     for _ in range(2):  # the second step reads the running statistics the first one updated
         for got, want in zip(_step(fused, x), _step(unfused, x)):
@@ -142,7 +146,7 @@ def test_chains_that_cannot_fuse_keep_their_nodes():
             return torch.relu(self.c3(c))          # no BatchNorm: not fused
 
     gm, p = _prepared(model=Shapes())
-    assert p(gm).stats == {"fused": 2, "sole_reader": 0}
+    assert p(gm).stats == {"fused": 2, "handover": 0, "sole_reader": 0}
     nodes = _nodes(gm)
     assert {n.name for n in _fused(gm)} == {"c1", "c2"}
     assert all(n.args[12] is None and n.args[13] is None for n in _fused(gm))
@@ -155,16 +159,16 @@ def test_a_plan_that_quantizes_nothing_has_nothing_to_fuse():
     gm, p = _prepared(fracpass.Plan.static(32, 32, 32), model=model)
     code = gm.code
     result = p(gm)
-    assert not result.modified and result.stats == {"fused": 0, "sole_reader": 0} and gm.code == code
+    assert not result.modified and result.stats == {"fused": 0, "handover": 0, "sole_reader": 0} and gm.code == code
     assert torch.equal(gm(X), model(X))
 
 
 def test_contract_stats_modified_idempotence():
     gm, p = _prepared()
     result = p(gm)
-    assert result.modified and result.stats == {"fused": 2, "sole_reader": 1}
+    assert result.modified and result.stats == {"fused": 2, "handover": 1, "sole_reader": 1}
     gm.graph.lint()
     code, state = gm.code, list(gm.state_dict())
     again = FuseNativeBNPass()(gm)
-    assert not again.modified and again.stats == {"fused": 0, "sole_reader": 0}
+    assert not again.modified and again.stats == {"fused": 0, "handover": 0, "sole_reader": 0}
     assert gm.code == code and list(gm.state_dict()) == state
