@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fracpass import meta
 from fracpass.native import calls, layout
-from fracpass.native.options import NativeOptions
+from fracpass.native.options import CONV_TRANSPOSE_SIMULATED, NativeOptions
 from fracpass.native.site import NATIVE, NativeInfo, NativeSite
 from fracpass.pass_base import PassBase, PassResult
 from fracpass.passes._quantizers import is_quantizer_of
@@ -95,7 +95,10 @@ class LowerNativePass(PassBase):
                         "codes; attention written as two matmuls quantizes P and runs both products on bf16")
             return f"no native path for {kind} yet (linear, matmul, bmm and convolutions have one)"
         kinds = self.options.kinds
-        if is_conv and "conv" not in kinds and not (node.target in _CONV2D and "conv2d_int8" in kinds):
+        if is_conv and _conv_fn(node) in _CONV_TRANSPOSE:
+            if "conv_transpose" not in kinds:
+                return CONV_TRANSPOSE_SIMULATED
+        elif is_conv and "conv" not in kinds and not (node.target in _CONV2D and "conv2d_int8" in kinds):
             return f"convolutions are not lowered (NativeOptions(kinds={kinds}))"
         if node.kwargs or len(node.args) < 2:
             return "operands passed by keyword"
@@ -200,6 +203,7 @@ _MATMUL = {torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.m
            torch.bmm, torch.ops.aten.bmm.default}  # on valid operands, mm and bmm compute what matmul does
 _MATMUL_METHODS = {"matmul", "__matmul__", "mm", "bmm"}
 _CONV2D = {F.conv2d, torch.ops.aten.conv2d.default}
+_CONV_TRANSPOSE = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _CONV_BY_ATEN = {torch.ops.aten.conv1d.default: F.conv1d, torch.ops.aten.conv2d.default: F.conv2d,
                  torch.ops.aten.conv3d.default: F.conv3d, torch.ops.aten.conv_transpose1d.default: F.conv_transpose1d,
                  torch.ops.aten.conv_transpose2d.input: F.conv_transpose2d,

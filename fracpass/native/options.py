@@ -20,19 +20,28 @@ MAX_CONTRACTION = (2**31 - 1) // (255 * 255)
 # FP8 e4m3 codes have |code| <= 16; a float32 sum of such products is exact while it stays below 2^24
 MAX_FP8_CONTRACTION = 2**24 // (16 * 16)
 
-# the op kinds the lower-native pass can lower; "conv2d_int8" (conv2d's forward on oneDNN's int8
-# convolution, backward in float32) is opt-in: exact, but its per-step weight prepack and layout changes
-# made CIFAR ResNet steps slower than the bf16 path (benchmarks/native_step.py)
-KINDS = ("linear", "matmul", "conv", "conv2d_int8")
+# the op kinds the lower-native pass can lower. Opt-in:
+# - "conv2d_int8" (conv2d's forward on oneDNN's int8 convolution, backward in float32): exact, but its
+#   per-step weight prepack and layout changes made CIFAR ResNet steps slower than the bf16 path
+#   (benchmarks/native_step.py);
+# - "conv_transpose" (ConvTranspose1d/2d/3d on the bf16 path): exact to the bf16 bound, but its backward
+#   measured 1.5-2.4x the simulation's time (NCHW ConvTranspose2d, 134-604M multiply-adds, AMD Zen 5 with
+#   AVX512-BF16, 2 threads: issue 29), so it stays simulated unless asked for (CONV_TRANSPOSE_SIMULATED)
+KINDS = ("linear", "matmul", "conv", "conv_transpose", "conv2d_int8")
 DEFAULT_KINDS = ("linear", "matmul", "conv")
+CONV_TRANSPOSE_SIMULATED = ("a transposed convolution: simulated by default, as its native backward measured 1.5-2.4x "
+                            "the simulation's time (AMD Zen 5, AVX512-BF16); add 'conv_transpose' to "
+                            "NativeOptions.kinds to run it on bf16")
 
 
 @dataclass(frozen=True)
 class NativeOptions:
     """How ``execution="native"`` lowers and runs a model. Every field has the measured default.
 
-    ``kinds``: which op kinds are lowered (``KINDS``; "conv2d_int8" replaces conv2d's bf16 path by
-    oneDNN's int8 forward). ``fuse_bn``: fold a bf16 convolution with the BatchNorm (residual add, ReLU)
+    ``kinds``: which op kinds are lowered (``KINDS``): "conv" lowers convolutions (1/2/3-D, grouped,
+    depthwise) to the bf16 path; opt-in, "conv_transpose" lowers transposed ones too (their native backward
+    measured slower than the simulation's: CONV_TRANSPOSE_SIMULATED), and "conv2d_int8" replaces conv2d's
+    bf16 path by oneDNN's int8 forward. ``fuse_bn``: fold a bf16 convolution with the BatchNorm (residual add, ReLU)
     after it into one op (the fuse-native-bn pass).
 
     Thresholds below which a product stays simulated, as its fixed costs (codes, scaling, offset

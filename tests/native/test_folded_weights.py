@@ -18,7 +18,7 @@ from test_native import Lin, _pair, _run
 UNITS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_int8", "amx_bf16"})
 # the bf16 products alone: where this CPU lacks VNNI, oneDNN's int8 convolution sums pairs of u8 x s8 products in
 # saturating int16 (wrong at 8-bit activations), so the int8 units' routes are not claimed here (test_int8_conv.py)
-EVERY_SIZE = fracpass.NativeOptions(min_conv_macs=0, min_intensity=0.0, min_bmm_intensity=0.0, int8_forward=False,
+EVERY_SIZE = fracpass.NativeOptions(kinds=fracpass.native.DEFAULT_KINDS + ("conv_transpose",), min_conv_macs=0, min_intensity=0.0, min_bmm_intensity=0.0, int8_forward=False,
                                     int8_input_grad=False, int8_weight_grad=False)
 CHANNEL = [fracpass.Rule(weight_scale="channel")]
 

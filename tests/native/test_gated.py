@@ -26,7 +26,7 @@ from test_bf16_conv import BF16_U, CASES, Conv, _count_bf16, _inputs, _offset_bo
 # simulation as not worth it (NativeOptions.min_conv_macs, min_intensity); they check its arithmetic, so it runs
 # at every size
 # channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
-OPTS = fracpass.NativeOptions(min_conv_macs=0, channels_last=False)
+OPTS = fracpass.NativeOptions(kinds=fracpass.native.DEFAULT_KINDS + ("conv_transpose",), min_conv_macs=0, channels_last=False)
 LINEAR = OPTS.replace(min_intensity=0.0)
 
 

@@ -32,7 +32,7 @@ from test_conv_bn import Block
 
 # small convolutions on the bf16 path, with its int8 products (the defaults)
 # channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
-OPTS = fracpass.NativeOptions(min_conv_macs=0, channels_last=False)
+OPTS = fracpass.NativeOptions(kinds=fracpass.native.DEFAULT_KINDS + ("conv_transpose",), min_conv_macs=0, channels_last=False)
 
 CL = torch.channels_last
 

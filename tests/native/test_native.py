@@ -29,8 +29,9 @@ TOL = 1e-5  # of the simulated tensor's range
 
 # These tests use small operands, which the int8 and bf16 paths normally leave to the simulation as not
 # worth it (NativeOptions.min_intensity, min_conv_macs); they check their arithmetic, so they run at every size.
-# channels_last=False: each test's layout as given (test_layout.py checks the default conversion)
-OPTS = fracpass.NativeOptions(min_intensity=0.0, min_conv_macs=0, channels_last=False)
+# channels_last=False: each test's layout as given (test_layout.py checks the default conversion); transposed
+# convolutions lowered too (opt-in by default: test_found_by_users.py checks the default)
+OPTS = fracpass.NativeOptions(kinds=fracpass.native.DEFAULT_KINDS + ("conv_transpose",), min_intensity=0.0, min_conv_macs=0, channels_last=False)
 # tests that expect ops on int8 or bf16: without the units (an AVX2-only CPU) they run simulated
 needs_units = pytest.mark.skipif(native.int8_support() is not None or native.bf16_support() is not None,
                                  reason="this CPU lacks int8 or bf16 dot-product instructions: native runs simulated")
