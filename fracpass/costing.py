@@ -145,11 +145,13 @@ class _Recorder(torch.fx.Interpreter):
                 self.opaque[node.name] = self._opaque_cost(node, counter.macs, out)
         else:
             out = super().run_node(node)
-        if node.name in self.watch and isinstance(out, torch.Tensor):
-            self.watched[node.name] = tuple(out.shape)
+        # the op's output: a native fused call wired to its readers returns (out, conv_bn.Handover)
+        y = out[0] if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) else out
+        if node.name in self.watch and isinstance(y, torch.Tensor):
+            self.watched[node.name] = tuple(y.shape)
         info = meta.op_info(node)
         if info is not None:
-            self.shapes[node.name] = ([tuple(_shape_of(self, node, slot)) for slot in _operand_slots(info)], tuple(out.shape))
+            self.shapes[node.name] = ([tuple(_shape_of(self, node, slot)) for slot in _operand_slots(info)], tuple(y.shape))
         return out
 
 

@@ -145,3 +145,22 @@ def test_a_transposed_convolution_stays_simulated_by_default_and_says_why():
     want = default(x)
     got, want = got.detach(), want.detach()
     assert torch.allclose(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+
+
+def test_cost_and_coverage_read_a_graph_whose_fused_calls_hand_on_their_range():
+    """A fused conv-BatchNorm call wired to the convolutions after it returns (out, Handover): cost analysis
+    (what `fracpass bench` runs) and coverage read its output, and count what the simulated model counts.
+    (CI found `fracpass bench` failing with "'tuple' object has no attribute 'shape'".)"""
+    import fracpass.models
+
+    x = torch.randn(4, 3, 32, 32)
+    model = fracpass.models.resnet20()
+    plan = fracpass.Plan.static(8, 8, 8)
+    wired = fracpass.transform(model, plan, example_inputs=(x,), execution="native",
+                               native=fracpass.NativeOptions(min_conv_macs=0))
+    assert len([n for n in wired.graph.nodes if n.name.endswith("_handover")]) == 18
+    simulated = fracpass.transform(model, plan, example_inputs=(x,))
+    got, want = fracpass.cost(wired), fracpass.cost(simulated)
+    assert got.ops == want.ops and got.bitops() == want.bitops() and not got.not_costed
+    covered = fracpass.coverage(wired)
+    assert covered.ops == fracpass.coverage(simulated).ops and covered.paths["layer1_0_conv2"][0] == "bf16"
