@@ -10,8 +10,8 @@ float32 ops around the quantizers (its BatchNorm, its reductions), which moves v
 and a quantizer amplifies such a move into one step where a value lies next to a rounding boundary
 (see test_inductor_stays_within_a_step). A stage switch recompiles once per stage, never per step.
 
-Native execution compiles with a graph break at each native call (its products are autograd Functions
-over pybind kernels, run eagerly between graphs): the same values as eager.
+Native execution compiles with a graph break at each native convolution or gated call (its products are
+autograd Functions that read tensor values on the host, run eagerly between graphs): the same values as eager.
 """
 from __future__ import annotations
 

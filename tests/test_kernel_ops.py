@@ -1,7 +1,7 @@
 """The quantizer kernels as torch ops (fracpass.kernel_ops): torch.library.opcheck per op (schema and its
 mutation annotations, fake implementation, autograd registration, AOT dispatch), the same values as the
 pybind functions fracpass.quant calls (bit for bit), and a graph that torch.compile traces through them
-without a break."""
+without a break. (The native kernels' ops: tests/native/test_kernel_ops.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -89,34 +89,3 @@ def test_a_seed_that_is_not_one_int64_is_refused(ops):
     g = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match=r"grad_sr: seed must be one int64 value on the CPU, got Float of 1"):
         ops.grad_sr(g, g.min(), g.max(), 7.0, torch.tensor(1.0))
-
-
-@pytest.fixture(scope="module")
-def native_ops():
-    ops = kernel_ops.load_native()
-    if ops is None:
-        pytest.skip("the native kernels could not be built here")
-    return ops
-
-
-def _native_args(name):
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)  # 210 elements: a partial last byte
-    if name == "relu_bits_":
-        return (x,)
-    return (torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last), kernels.load_native().relu_bits_(x))
-
-
-@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
-def test_native_opcheck(name, native_ops):
-    torch.library.opcheck(getattr(native_ops, name).default, _native_args(name))
-
-
-@pytest.mark.parametrize("name", sorted(kernel_ops.NATIVE_FAKES))
-def test_native_ops_compute_what_the_pybind_functions_do(name, native_ops):
-    a, b = _native_args(name), _native_args(name)
-    got, want = getattr(native_ops, name)(*a), getattr(kernels.load_native(), name)(*b)
-    assert got.dtype == want.dtype and got.stride() == want.stride() and torch.equal(got, want)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))  # relu_bits_: its input ReLU-ed alike
-    written = [x.name for x in getattr(native_ops, name).default._schema.arguments if x.is_write]
-    assert written == (["out"] if name == "relu_bits_" else [])

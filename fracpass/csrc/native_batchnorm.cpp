@@ -289,7 +289,9 @@ std::vector<torch::Tensor> bn_grad_sums_bf16(const torch::Tensor& grad, const Gr
       }
     }
   });
-  sums.push_back(kp != nullptr ? kept : grad);
+  // the gradient after the ReLU where it was asked for and differs from grad, else an empty tensor (the caller
+  // reads grad itself: an op may not return its input)
+  sums.push_back(kp != nullptr ? kept : torch::empty({0}, grad.options()));
   return sums;
 }
 

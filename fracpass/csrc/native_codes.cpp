@@ -145,7 +145,7 @@ std::vector<torch::Tensor> u8_to_codes(const torch::Tensor& u, double offset, bo
       uint16_t* __restrict o = dst;
       for (int64_t i = b; i < e; ++i) o[i] = bf16_top(static_cast<float>(in[i]) + off);
     });
-    return {out, torch::Tensor()};
+    return {out, torch::empty({0}, u.options().dtype(torch::kFloat))};  // no sum asked: empty (an op's output)
   }
   TORCH_CHECK(u.dim() >= 1 && (u.dim() == 1 || u.stride(0) * u.size(0) == u.numel()),
               "u8_to_codes: a batch sum needs dim 0 outermost in memory");

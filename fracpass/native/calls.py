@@ -222,14 +222,15 @@ def _conv_transpose_call(fn):
     return call
 
 
-COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functions over C++ kernels, which torch.compile "
-                 "cannot trace yet, so each native call runs eagerly between compiled graphs. Compile without "
+COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functions that choose their kernels from "
+                 "tensor values read on the host, which torch.compile cannot trace yet, so each native call runs eagerly between compiled graphs. Compile without "
                  "fullgraph=True to run it so, or transform with execution='simulate', which compiles as one graph "
                  "(docs/compile.md)")
 
 
 COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (their products are "
-                    "autograd Functions over C++ kernels, which Dynamo cannot trace yet): each runs eagerly between "
+                    "autograd Functions that choose their kernels from values read on the host, which Dynamo cannot "
+                    "trace yet): each runs eagerly between "
                     "compiled graphs, with eager's values, and the step may gain little from compiling. To compile "
                     "as one graph, transform with execution='simulate' (docs/compile.md)")
 
@@ -249,9 +250,10 @@ def _warn_compiled(ctx) -> None:
 
 def _eager(fn, name: str):
     """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
-    eagerly, since its products are autograd Functions over pybind kernels that Dynamo cannot trace (the int8
-    and static bf16 products are registered ops already: int8_mm, bf16_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile
-    warns with COMPILE_FALLBACK."""
+    eagerly, since its products are autograd Functions whose Python reads tensor values on the host to choose
+    their kernels (the kernels themselves are torch ops; the int8 and static bf16 products are registered ops
+    already: int8_mm, bf16_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile warns with
+    COMPILE_FALLBACK."""
     from torch._dynamo.comptime import comptime
 
     run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))

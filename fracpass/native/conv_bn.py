@@ -200,6 +200,8 @@ def _fast_bn_backward(ext, grad: Tensor, dead: Optional[Tensor], v: Tensor, ref:
     dy, mn, mx, g, d_w, d_b = ext.bn_backward_bf16(grad, codes.NONE_B if dead is None else dead, v, ref, codes.given(scale),
                                                    codes.given(bias), codes.given(bn_w), mean, invstd, training, keep_grad,
                                                    grad_scale, grad_addend)
+    if g.numel() == 0:  # nothing kept apart from grad (no ReLU's mask, or nothing to keep): grad itself
+        g = grad
     return dy, (mn, mx), g, d_w, d_b
 
 

@@ -8,7 +8,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fracpass import kernels
 
 log = logging.getLogger("fracpass.native")
 
@@ -128,6 +127,9 @@ def ext(t: Optional[Tensor] = None):
 
 @functools.lru_cache(maxsize=None)
 def _cpu_ext():
-    """The fused encode / gradient-code / epilogue kernels, built on first use (fracpass.kernels.load_native:
-    same switch, FRACPASS_KERNELS=0, and the same build cache); None if disabled or the build fails."""
-    return kernels.load_native()
+    """The fused encode / gradient-code / epilogue kernels as torch ops (fracpass.kernel_ops.NativeKernels),
+    built on first use (fracpass.kernels.load_native: same switch, FRACPASS_KERNELS=0, and the same build
+    cache); None if disabled or the build fails."""
+    from fracpass import kernel_ops
+
+    return kernel_ops.load_native()
