@@ -89,6 +89,9 @@ class QuantizedGraphModule(torch.fx.GraphModule):
         if graph is None or recapture:
             with _gc_paused(), _unsharded(self):
                 _capture_into(self, state, mode)
+            # the modules the capture made (quantizers, gates) in the model's mode: a re-capture outside
+            # train() (fracpass.native.configure, state.simulated_copy) left an eval model's new ones training
+            nn.Module.train(self, mode)
         else:
             self.graph = graph  # the setter recompiles
         state.graph_mode = mode

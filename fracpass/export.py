@@ -24,7 +24,6 @@ onnxruntime's default optimisations do not round it onto the int32 grid.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import io
 import logging
@@ -94,7 +93,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
 
     from fracpass import __version__
     from fracpass.api import example_args, current_stage, set_stage
-    from fracpass.state import model_state
+    from fracpass.state import model_state, simulated_copy
 
     state = model_state(qmodel)
     _check_writable(path)  # before the export work, which takes seconds to minutes
@@ -110,11 +109,13 @@ def export_onnx(qmodel: nn.Module, path: Union[str, Path], example_inputs: Seque
     qmodel.eval()  # the eval graph: EMA ranges, no dropout, BatchNorm statistics
     try:
         set_stage(qmodel, stage)
-        work = copy.deepcopy(qmodel)
+        # a native model exports what its simulation computes (Q/DQ around float ops): its int8 and bf16
+        # products round differently, within their bounds, so the reference is the simulated copy too
+        work = simulated_copy(qmodel)
         references = []
         if verify:
             for batch_args, batch_kwargs in _verification_inputs(example_inputs, example_kwargs, dynamic_batch):
-                references.append((batch_args, batch_kwargs, *_run_recording_choices(qmodel, batch_args, batch_kwargs)))
+                references.append((batch_args, batch_kwargs, *_run_recording_choices(work, batch_args, batch_kwargs)))
     finally:
         set_stage(qmodel, was_stage)
         qmodel.train(was_training)

@@ -51,6 +51,21 @@ def model_state(qmodel: nn.Module) -> ModelState:
     return state
 
 
+def simulated_copy(qmodel: nn.Module) -> nn.Module:
+    """A deep copy of ``qmodel`` that runs as ``execution="simulate"``: for a native model, its graph captured
+    again without the native lowering (its quantizers, their state and the stage kept), so every op computes
+    what the simulation computes, which is what an ONNX export of it computes. Any other model: a deep copy."""
+    import copy
+
+    twin = copy.deepcopy(qmodel)
+    state = model_state(twin)
+    if state.execution == "native":
+        state.execution = "simulate"
+        state.graphs.clear()
+        twin._use_mode(state, twin.training, recapture=True)
+    return twin
+
+
 def reconfigure_native(qmodel: nn.Module, options: NativeOptions) -> nn.Module:
     """fracpass.native.configure: new NativeOptions for a native model, its graphs lowered again."""
     state = model_state(qmodel)

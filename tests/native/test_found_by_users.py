@@ -164,3 +164,42 @@ def test_cost_and_coverage_read_a_graph_whose_fused_calls_hand_on_their_range():
     assert got.ops == want.ops and got.bitops() == want.bitops() and not got.not_costed
     covered = fracpass.coverage(wired)
     assert covered.ops == fracpass.coverage(simulated).ops and covered.paths["layer1_0_conv2"][0] == "bf16"
+
+
+def test_a_native_model_exports_to_onnx_as_its_simulation_computes(tmp_path):
+    """A model trained with execution="native" exports what its simulation computes (Q/DQ around float
+    ops). Its own int8 and bf16 products round differently, within their bounds; export compared
+    onnxruntime with them and refused every native model on a CPU with the units ("the first layer that
+    differs is fc_aq: 0.36 of its codes ...")."""
+    pytest.importorskip("onnxruntime")
+    import fracpass.models
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    q = fracpass.transform(fracpass.models.resnet20(), fracpass.Plan.static(8, 8, 8), example_inputs=(x[:2],),
+                           execution="native", native=fracpass.NativeOptions(min_conv_macs=0))
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(q(x), torch.arange(8) % 10).backward()
+        opt.step()
+    assert native.op_paths(q)["layer1_0_conv1"][0] == "bf16"
+    fracpass.export_onnx(q, tmp_path / "native.onnx", (x,))
+    assert (tmp_path / "native.onnx").exists()
+    assert q.training and fracpass.native.op_paths(q)["layer1_0_conv1"][0] == "bf16"  # the model itself is as it was
+
+
+def test_configuring_an_eval_model_leaves_every_module_in_eval():
+    """fracpass.native.configure with other kinds captures the graph again: the quantizers it makes must be
+    in the model's mode (an eval model's came back training, so their ranges moved on an eval batch)."""
+    x = torch.randn(4, 8, 12, 12)
+    q = fracpass.transform(ConvNet(nn.Conv2d(8, 16, 3, padding=1)), fracpass.Plan.static(8, 8, 8),
+                           example_inputs=(x,), execution="native")
+    q(x)
+    q.eval()
+    fracpass.native.configure(q, fracpass.NativeOptions(kinds=("linear",)))
+    assert [n for n, m in q.named_modules() if m.training] == []
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    with torch.no_grad():
+        q(x * 3)
+    assert all(torch.equal(before[n], b) for n, b in q.named_buffers())
