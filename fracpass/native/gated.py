@@ -1,7 +1,7 @@
 """Gated (DFQ) ops' per-sample state, and gated linear layers on bfloat16 codes with per-sample scales."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,8 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq, 
     gating = Gating(choice, mn, mx, act_levels,
                      gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None, one_group)
     sa = sa[:1] if one_group else sa
-    y = _Bf16Linear.apply(x, weight, bias, gate, qa.view(-1, x.shape[-1]), sa, qw, sw, per, decide.grad_bits(gq), gating)
+    y = gated_linear_op(x, weight, bias, gate, qa.view(-1, x.shape[-1]), sa, qw, sw, per,
+                        decide.grad_bits(gq), *gating[:5], one_group)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -80,82 +81,130 @@ def _rows(v: Tensor, per: int) -> Tensor:
     return v if v.numel() == 1 else v.repeat_interleave(per)
 
 
-class _Bf16Linear(torch.autograd.Function):
-    """y = x_hat w_hat^T (+ bias) for a gated linear layer on bfloat16 codes, x as R = B x per rows:
-    forward s_a[r] s_w[n] (q_a q_w^T); backward dx = s_g[r] (t q_w) s_w + c[r] s_w colsum(q_w) with
-    per-tensor weights (with per-channel ones, whose scale lies on the contracted axis, q_w s_w / max(s_w)
-    rounded once to bfloat16 takes q_w's place and max(s_w) s_w's: bf16_conv.folded_weight's bound),
-    dw once per option group (the rows' scales lie on its contracted axis); rows of samples
-    whose gradient option exceeds 8 bits in float32 on ghat. Each product's output is rounded to
-    bfloat16 (unit roundoff 2^-8), as on the convolution path."""
+@torch.library.custom_op("fracpass::gated_linear", mutates_args=())
+def gated_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Tensor, qa: Tensor, sa: Tensor,
+                    qw: Tensor, sw: Tensor, per: int, gbits: int, choice: Tensor, mn: Tensor, mx: Tensor,
+                    act_levels: Tensor, grad_levels: Optional[Tensor], one_group: bool) -> Tensor:
+    """y = x_hat w_hat^T (+ bias) for a gated linear layer on bfloat16 codes, x as R = B x per rows (qa,
+    (R, K)): forward s_a[r] s_w[n] (q_a q_w^T); backward (fracpass::gated_linear_backward) dx = s_g[r] (t q_w)
+    s_w + c[r] s_w colsum(q_w) with per-tensor weights (with per-channel ones, whose scale lies on the
+    contracted axis, q_w s_w / max(s_w) rounded once to bfloat16 takes q_w's place and max(s_w) s_w's:
+    bf16_conv.folded_weight's bound), dw once per option group (the rows' scales lie on its contracted axis);
+    rows of samples whose gradient option exceeds 8 bits in float32 on ghat. Each product's output is
+    rounded to bfloat16 (unit roundoff 2^-8), as on the convolution path. x, weight and onehot (the gate's
+    one-hot choice) are inputs for their gradients; the gating state (choice, the per-sample range, the
+    options' level counts) is the Gating's, flattened."""
+    v = qa @ qw.t()  # bfloat16 codes, float32 accumulation, bfloat16 out
+    return codes.scale_out(v, sw.reshape(-1), bias, _rows(sa, per))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, per, gbits, gating):  # type: ignore[override]
-        v = qa @ qw.t()  # bfloat16 codes, float32 accumulation, bfloat16 out
-        wscale = sw.reshape(-1)
-        y = codes.scale_out(v, wscale, bias, _rows(sa, per))
-        ctx.gate_grad = ctx.needs_input_grad[3]
-        ctx.save_for_backward(qa, sa, qw, sw, *((x, onehot) if ctx.gate_grad else ()))
-        ctx.per, ctx.gbits, ctx.gating, ctx.has_bias = per, gbits, gating, bias is not None
-        ctx.x_shape = x.shape
-        return y
 
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        qa, sa, qw, sw = ctx.saved_tensors[:4]
-        gating: Gating = ctx.gating
-        per, batch = ctx.per, gating.choice.numel()
-        need_x = ctx.needs_input_grad[0] or ctx.gate_grad
-        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        g = dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
-        mn, mx, levels = codes.grad_range(g, ctx.gbits, gating)
-        exact = codes.exact_codes(levels)
-        w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)
-        dx = dw = db = None
-        if exact is None or not bool(exact.any()):  # no bf16-exact gradient codes: float32 products on ghat
-            ghat = codes.simulated_grad(g, mn, mx, levels, ctx.gbits).view(-1, qw.shape[0])
-            if need_x:
-                dx = ghat @ w_hat()
-            if need_w:
-                dw = ghat.t() @ qa.float().mul_(_rows(sa, per).view(-1, 1) if sa.numel() > 1 else sa)
-        else:
-            wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
-            ghat, t, sg, c, _ = codes.bf16_grad_codes(g, mn, mx, levels, ctx.gbits, values=wide is not None)
-            if gating.one_group:
-                sg, c = sg[:1], c[:1]
-            t = t.view(-1, qw.shape[0])
-            ghat = None if ghat is None else ghat.view(-1, qw.shape[0])
-            if need_x:
-                if sw.numel() > 1:  # per-channel: the scale folded into bfloat16 weight values, the offset's sums in float32
-                    sx = sw.max().reshape(1)
-                    values = qw.float().mul_((sw / sx).view(-1, 1))
-                    qw_x, colsum = values.to(torch.bfloat16), values.sum(0)
-                else:
-                    sx, qw_x, colsum = sw, qw, qw.sum(0, dtype=torch.float32)  # exact: integer codes
-                if sg.numel() > 1:
-                    dx = codes.scale_out(t @ qw_x, sx, None, _rows(sg, per)).addr_(_rows(c, per), colsum.mul_(sx))
-                else:
-                    dx = codes.scale_out(t @ qw_x, sg * sx, None).add_(colsum.mul_(c * sx))
-                if wide is not None:  # those samples' rows again, in float32 on ghat
-                    rows = _sample_rows(wide, per)
-                    dx.index_copy_(0, rows, ghat.index_select(0, rows) @ w_hat())
-            if need_w:
-                dw = _grouped_linear_weight_grad(t, ghat, qa, sa, sg, c, gating, exact, per)
-        if need_b:
-            if ghat is not None:
-                db = ghat.sum(0)
-            elif sg.numel() > 1:
-                db = (t.float().t() @ _rows(sg, per)).add_(c.sum() * per)
-            else:
-                db = t.sum(0, dtype=torch.float32).mul_(sg).add_(c * t.shape[0])
-        d_onehot = None
-        if ctx.gate_grad:
-            x, onehot = ctx.saved_tensors[4:]
-            d_onehot = onehot_grad(x.reshape(batch, -1), gating.mn, gating.mx, gating.act_levels, onehot,
-                                   dx.view(batch, -1))
+@gated_linear_op.register_fake
+def _gated_linear_fake(x, weight, bias, onehot, qa, sa, qw, sw, per, gbits, choice, mn, mx, act_levels, grad_levels,
+                       one_group):
+    return qa.new_empty((qa.shape[0], qw.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fracpass::gated_linear_backward", mutates_args=())
+def gated_linear_backward(grad: Tensor, qa: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, x: Tensor, onehot: Tensor,
+                          per: int, gbits: int, choice: Tensor, mn: Tensor, mx: Tensor, act_levels: Tensor,
+                          grad_levels: Optional[Tensor], one_group: bool, needs: List[bool],
+                          x_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, dbias, d_onehot) of fracpass::gated_linear from dL/dy; empty where ``needs`` (x, weight, bias,
+    onehot) is False. ``x`` and ``onehot``: the forward's, for the gate's gradient (else empty). The gradient
+    is quantized as the gated gradient quantizer would, drawing its noise as it does."""
+    gating = Gating(choice, mn, mx, act_levels, grad_levels, one_group)
+    need_x, need_w, need_b, need_gate = needs
+    dx, dw, db, d_onehot = _linear_grads(grad, qa, sa, qw, sw, x if need_gate else None, onehot if need_gate else None,
+                                         per, gbits, gating, need_x, need_w, need_b)
+    none = lambda v: grad.new_empty(0) if v is None else v  # a fresh one each: outputs never alias
+    return none(dx.view(x_shape) if need_x else None), none(dw), none(db), none(d_onehot)
+
+
+@gated_linear_backward.register_fake
+def _gated_linear_backward_fake(grad, qa, sa, qw, sw, x, onehot, per, gbits, choice, mn, mx, act_levels, grad_levels,
+                                one_group, needs, x_shape):
+    need_x, need_w, need_b, need_gate = needs
+    return (grad.new_empty(tuple(x_shape) if need_x else (0,)), grad.new_empty(tuple(qw.shape) if need_w else (0,)),
+            grad.new_empty((qw.shape[0],) if need_b else (0,)),
+            grad.new_empty(tuple(onehot.shape) if need_gate else (0,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, onehot, qa, sa, qw, sw, per, gbits, choice, mn, mx, act_levels, grad_levels, one_group = inputs
+    ctx.gate_grad = onehot.requires_grad
+    keep = (x, onehot) if ctx.gate_grad else (x.new_empty(0), onehot.new_empty(0))
+    ctx.save_for_backward(qa, sa, qw, sw, *keep, choice, mn, mx, act_levels,
+                          grad_levels if grad_levels is not None else act_levels.new_empty(0))
+    ctx.per, ctx.gbits, ctx.one_group, ctx.has_bias, ctx.x_shape = per, gbits, one_group, bias is not None, list(x.shape)
+
+
+def _backward(ctx, grad):
+    qa, sa, qw, sw, x, onehot, choice, mn, mx, act_levels, grad_levels = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             ctx.has_bias and bool(ctx.needs_input_grad[2]), ctx.gate_grad]
+    dx, dw, db, d_onehot = gated_linear_backward(
+        grad, qa, sa, qw, sw, x, onehot, ctx.per, ctx.gbits, choice, mn, mx, act_levels,
+        grad_levels if grad_levels.numel() else None, ctx.one_group, needs, ctx.x_shape)
+    picked = lambda v, need: v if need else None
+    return (picked(dx, needs[0]), picked(dw, needs[1]), picked(db, needs[2]), picked(d_onehot, needs[3])) + (None,) * 12
+
+
+gated_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _linear_grads(grad, qa, sa, qw, sw, x, onehot, per, gbits, gating: Gating, need_w_x: bool, need_w: bool,
+                  need_b: bool):
+    """The gated linear product's gradients (dx as (R, K), dw, dbias, d_onehot; None where not needed),
+    from dL/dy. ``x`` and ``onehot``: given where the gate's gradient is needed (it is computed from dx)."""
+    batch = gating.choice.numel()
+    gate_grad = onehot is not None
+    need_x = need_w_x or gate_grad  # the gate's gradient is computed from dx
+    g = dense(grad).view(batch, -1)  # per sample, in the memory order the gradient quantizer reads
+    mn, mx, levels = codes.grad_range(g, gbits, gating)
+    exact = codes.exact_codes(levels)
+    w_hat = lambda: qw.float().mul_(sw.view(-1, 1) if sw.numel() > 1 else sw)
+    dx = dw = db = None
+    if exact is None or not bool(exact.any()):  # no bf16-exact gradient codes: float32 products on ghat
+        ghat = codes.simulated_grad(g, mn, mx, levels, gbits).view(-1, qw.shape[0])
         if need_x:
-            dx = dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        return (dx, dw, db, d_onehot) + (None,) * 7
+            dx = ghat @ w_hat()
+        if need_w:
+            dw = ghat.t() @ qa.float().mul_(_rows(sa, per).view(-1, 1) if sa.numel() > 1 else sa)
+    else:
+        wide = None if bool(exact.all()) else (~exact).nonzero().view(-1)
+        ghat, t, sg, c, _ = codes.bf16_grad_codes(g, mn, mx, levels, gbits, values=wide is not None)
+        if gating.one_group:
+            sg, c = sg[:1], c[:1]
+        t = t.view(-1, qw.shape[0])
+        ghat = None if ghat is None else ghat.view(-1, qw.shape[0])
+        if need_x:
+            if sw.numel() > 1:  # per-channel: the scale folded into bfloat16 weight values, the offset's sums in float32
+                sx = sw.max().reshape(1)
+                values = qw.float().mul_((sw / sx).view(-1, 1))
+                qw_x, colsum = values.to(torch.bfloat16), values.sum(0)
+            else:
+                sx, qw_x, colsum = sw, qw, qw.sum(0, dtype=torch.float32)  # exact: integer codes
+            if sg.numel() > 1:
+                dx = codes.scale_out(t @ qw_x, sx, None, _rows(sg, per)).addr_(_rows(c, per), colsum.mul_(sx))
+            else:
+                dx = codes.scale_out(t @ qw_x, sg * sx, None).add_(colsum.mul_(c * sx))
+            if wide is not None:  # those samples' rows again, in float32 on ghat
+                rows = _sample_rows(wide, per)
+                dx.index_copy_(0, rows, ghat.index_select(0, rows) @ w_hat())
+        if need_w:
+            dw = _grouped_linear_weight_grad(t, ghat, qa, sa, sg, c, gating, exact, per)
+    if need_b:
+        if ghat is not None:
+            db = ghat.sum(0)
+        elif sg.numel() > 1:
+            db = (t.float().t() @ _rows(sg, per)).add_(c.sum() * per)
+        else:
+            db = t.sum(0, dtype=torch.float32).mul_(sg).add_(c * t.shape[0])
+    d_onehot = None
+    if gate_grad:
+        d_onehot = onehot_grad(x.reshape(batch, -1), gating.mn, gating.mx, gating.act_levels, onehot,
+                               dx.view(batch, -1))
+    return dx, dw, db, d_onehot
 
 
 def _grouped_linear_weight_grad(t: Tensor, ghat: Optional[Tensor], qa: Tensor, sa: Tensor, sg: Tensor, c: Tensor,

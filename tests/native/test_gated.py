@@ -203,8 +203,8 @@ def test_gated_linear_matches_the_gated_simulation(shape, weight_scale, kernels,
     assert native.op_paths(nat)["fc"][0] == "bf16"
     grads = _record_gate_grads(monkeypatch)
     calls = []
-    real = native.gated._Bf16Linear.apply
-    monkeypatch.setattr(native.gated._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.gated.gated_linear_op
+    monkeypatch.setattr(native.gated, "gated_linear_op", lambda *a: calls.append(1) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert calls == [1], "the bf16 linear did not run"
     (chosen,) = sim.gates.stats().units.values()
@@ -431,8 +431,8 @@ def test_gated_linear_eval_matches_the_simulation(monkeypatch):
     _run(sim, (x,)), _run(nat, (x,))  # a training batch each: the options' EMA ranges
     sim.eval(), nat.eval()
     calls = []
-    real = native.gated._Bf16Linear.apply
-    monkeypatch.setattr(native.gated._Bf16Linear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.gated.gated_linear_op
+    monkeypatch.setattr(native.gated, "gated_linear_op", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         want, got = sim(x.flip(0)), nat(x.flip(0))
     assert calls == [1]

@@ -1,5 +1,6 @@
 """Native products as registered torch ops (issue 27): fracpass::int8_mm / int8_mm_backward (linear layers, 2-D
-matmuls) and fracpass::bf16_mm / bf16_mm_backward (batched products), with fakes and their autograd registered,
+matmuls), fracpass::bf16_mm / bf16_mm_backward (batched products) and fracpass::gated_linear /
+gated_linear_backward (gated linear layers), with fakes and their autograd registered,
 pass torch.library.opcheck, and native calls run through them."""
 from __future__ import annotations
 
@@ -140,3 +141,30 @@ def test_batched_products_run_on_the_registered_ops_as_the_autograd_function_did
     assert {runs[0] for name, runs in native.product_paths(nat).items() if "matmul" in name} == {"bf16"}
     for got, want in zip(*reversed(outs)):  # two bf16 products deep, each output rounded once (u = 2^-8)
         assert float((got - want).abs().max()) <= 4 * 2.0**-8 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+def test_the_gated_linear_product_and_its_backward_pass_opcheck_and_run_through_the_ops(weight_scale, monkeypatch):
+    """fracpass::gated_linear / gated_linear_backward (a gated linear layer on bf16 codes with per-sample
+    scales): opcheck on the arguments a gated layer gives them in a training step, the gate's gradient
+    among their outputs; the layer runs through them."""
+    from test_gated import _gated_pair
+    from test_native import Lin
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 5, 96) * 3 - 0.5
+    x = x * torch.linspace(-3, 3, 8).view(-1, 1, 1)  # samples of different spans: the gates choose apart
+    _, nat = _gated_pair(Lin(96, 80), (x,), weight_scale=weight_scale,
+                         opts=fracpass.NativeOptions(min_intensity=0.0, channels_last=False))
+    calls = {"forward": [], "backward": []}
+    forward, backward = native.gated.gated_linear_op, native.gated.gated_linear_backward
+    monkeypatch.setattr(native.gated, "gated_linear_op", lambda *a: calls["forward"].append(a) or forward(*a))
+    monkeypatch.setattr(native.gated, "gated_linear_backward", lambda *a: calls["backward"].append(a) or backward(*a))
+    nat(x.requires_grad_()).square().mean().backward()
+    assert len(calls["forward"]) == 1 and len(calls["backward"]) == 1
+    leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a  # off the step's graph
+    (args,), (back,) = [tuple(leaf(a) for a in args) for args in calls["forward"]], calls["backward"]
+    assert back[15] == [True, True, True, True]  # needs: x, weight, bias and the gate's one-hot choice
+    torch.library.opcheck(torch.ops.fracpass.gated_linear.default, args)
+    back = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in back)  # as a backward gets them: no graph
+    torch.library.opcheck(torch.ops.fracpass.gated_linear_backward.default, back)
