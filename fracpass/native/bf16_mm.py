@@ -11,49 +11,85 @@ from fracpass.quant import FULL_PRECISION, dense, draw_seed, fused_kernels
 from fracpass.native import codes, decide, gated
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
-class Bf16Matmul(torch.autograd.Function):
-    """y = a_hat @ b_hat for batched operands (broadcast as torch.matmul does) on bfloat16 codes:
-    forward s_a s_b (q_a @ q_b); backward, with ghat = s_g t + c,
-    da = s_g s_b (t @ q_b^T) + c s_b rowsum(q_b) and db = s_a s_g (q_a^T @ t) + c s_a colsum(q_a)
-    (the offset's products with ones are the codes' sums, exact in float32). The codes are exact in
-    bfloat16 and the products accumulate in float32; each product's output is rounded to bfloat16 (unit
-    roundoff 2^-8), as on the convolution path. A gradient above 8 bits (or unquantized) runs both
-    backward products in float32 on ghat. Saved for backward: the bfloat16 codes.
+@torch.library.custom_op("fracpass::gated_bmm", mutates_args=())
+def gated_bmm(a: Tensor, b: Tensor, onehot: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, gbits: int,
+              choice: Tensor, mn: Tensor, mx: Tensor, act_levels: Tensor, grad_levels: Optional[Tensor],
+              one_group: bool, mn_b: Tensor, mx_b: Tensor) -> Tensor:
+    """y = a_hat @ b_hat for a gated batched product (attention's q k^T and P v in a gated block) on bfloat16
+    codes: forward s_a s_b (q_a @ q_b); backward (fracpass::gated_bmm_backward), with ghat = s_g t + c,
+    da = s_g s_b (t @ q_b^T) + c s_b rowsum(q_b) and db = s_a s_g (q_a^T @ t) + c s_a colsum(q_a) (the
+    offset's products with ones are the codes' sums, exact in float32). The codes are exact in bfloat16 and
+    the products accumulate in float32; each product's output is rounded to bfloat16 (unit roundoff 2^-8),
+    as on the convolution path. The samples lie on dim 0 of both operands and of y, which no product
+    contracts, so every scale and offset is per sample (a factor per sample on each output); samples whose
+    gradient option exceeds 8 bits get their entries of da and db in float32 on ghat; the gate's gradient
+    sums both operands' <dL/d(operand), Q_k(operand)>, from da, db and the float inputs. a, b and onehot
+    (the gate's one-hot choice) are inputs for their gradients; the gating state is the Gating's, flattened."""
+    return codes.scale_out(torch.matmul(qa, qb), sa.new_ones(1), None, sa * sb)
 
-    Gated (``gating``): the samples lie on dim 0 of both operands and of y, which no product contracts,
-    so every scale and offset is per sample (a factor per sample on each output); samples whose
-    gradient option exceeds 8 bits get their entries of da and db in float32 on ghat; the gate's
-    gradient sums both operands' <dL/d(operand), Q_k(operand)>, from da, db and the saved float inputs."""
 
-    @staticmethod
-    def forward(ctx, a, b, onehot, qa, sa, qb, sb, gbits, gating):  # type: ignore[override]
-        y = codes.scale_out(torch.matmul(qa, qb), sa.new_ones(1), None, sa * sb)
-        ctx.gate_grad = onehot is not None and ctx.needs_input_grad[2]
-        ctx.save_for_backward(qa, sa, qb, sb, *((a.detach(), b.detach(), onehot) if ctx.gate_grad else ()))
-        ctx.gbits, ctx.shapes, ctx.gating = gbits, (a.shape, b.shape), gating
-        return y
+@gated_bmm.register_fake
+def _gated_bmm_fake(a, b, onehot, qa, sa, qb, sb, gbits, choice, mn, mx, act_levels, grad_levels, one_group, mn_b,
+                    mx_b):
+    return torch.matmul(qa, qb).new_empty(torch.broadcast_shapes(qa.shape[:-2], qb.shape[:-2])
+                                          + (qa.shape[-2], qb.shape[-1]), dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        qa, sa, qb, sb = ctx.saved_tensors[:4]
-        gating: Optional[gated.Gating] = ctx.gating
-        need_a, need_b = ctx.needs_input_grad[0] or ctx.gate_grad, ctx.needs_input_grad[1] or ctx.gate_grad
-        da, db = _grads(grad, qa, sa, qb, sb, ctx.gbits, gating, need_a, need_b)
-        d_onehot = None
-        if ctx.gate_grad:
-            a, b, onehot = ctx.saved_tensors[4:]
-            levels_k = gating.act_levels
-            d_onehot = (onehot_grad(a, gating.mn, gating.mx, levels_k, onehot, da)
-                        + onehot_grad(b, gating.mn_b, gating.mx_b, levels_k, onehot, db))
-        a_shape, b_shape = ctx.shapes
-        da = da.sum_to_size(a_shape) if da is not None and ctx.needs_input_grad[0] else None  # broadcast: summed
-        db = db.sum_to_size(b_shape) if db is not None and ctx.needs_input_grad[1] else None
-        return da, db, d_onehot, None, None, None, None, None, None
+
+@torch.library.custom_op("fracpass::gated_bmm_backward", mutates_args=())
+def gated_bmm_backward(grad: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, a: Tensor, b: Tensor,
+                       onehot: Tensor, gbits: int, choice: Tensor, mn: Tensor, mx: Tensor, act_levels: Tensor,
+                       grad_levels: Optional[Tensor], one_group: bool, mn_b: Tensor, mx_b: Tensor,
+                       needs: List[bool], a_shape: List[int], b_shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(da, db, d_onehot) of fracpass::gated_bmm from dL/dy (a broadcast operand's summed to its shape);
+    empty where ``needs`` (a, b, onehot) is False. ``a``, ``b`` and ``onehot``: the forward's, for the gate's
+    gradient (else empty). The gradient is quantized as the gated gradient quantizer would, drawing its
+    noise as it does."""
+    gating = gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group, mn_b, mx_b)
+    need_a, need_b, gate_grad = needs
+    da, db = _grads(grad, qa, sa, qb, sb, gbits, gating, need_a or gate_grad, need_b or gate_grad)
+    d_onehot = None
+    if gate_grad:
+        d_onehot = (onehot_grad(a, mn, mx, act_levels, onehot, da) + onehot_grad(b, mn_b, mx_b, act_levels, onehot, db))
+    da = da.sum_to_size(a_shape) if need_a else None  # broadcast: summed
+    db = db.sum_to_size(b_shape) if need_b else None
+    none = lambda v: grad.new_empty(0) if v is None else v  # a fresh one each: outputs never alias
+    return none(da), none(db), none(d_onehot)
+
+
+@gated_bmm_backward.register_fake
+def _gated_bmm_backward_fake(grad, qa, sa, qb, sb, a, b, onehot, gbits, choice, mn, mx, act_levels, grad_levels,
+                             one_group, mn_b, mx_b, needs, a_shape, b_shape):
+    need_a, need_b, gate_grad = needs
+    return (grad.new_empty(tuple(a_shape) if need_a else (0,)), grad.new_empty(tuple(b_shape) if need_b else (0,)),
+            grad.new_empty(tuple(onehot.shape) if gate_grad else (0,)))
+
+
+def _gated_setup_context(ctx, inputs, output) -> None:
+    a, b, onehot, qa, sa, qb, sb, gbits, choice, mn, mx, act_levels, grad_levels, one_group, mn_b, mx_b = inputs
+    ctx.gate_grad = onehot.requires_grad
+    keep = (a, b, onehot) if ctx.gate_grad else (a.new_empty(0), b.new_empty(0), onehot.new_empty(0))
+    ctx.save_for_backward(qa, sa, qb, sb, *keep, choice, mn, mx, act_levels,
+                          grad_levels if grad_levels is not None else act_levels.new_empty(0), mn_b, mx_b)
+    ctx.gbits, ctx.one_group, ctx.shapes = gbits, one_group, (list(a.shape), list(b.shape))
+
+
+def _gated_backward(ctx, grad):
+    qa, sa, qb, sb, a, b, onehot, choice, mn, mx, act_levels, grad_levels, mn_b, mx_b = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), ctx.gate_grad]
+    da, db, d_onehot = gated_bmm_backward(grad, qa, sa, qb, sb, a, b, onehot, ctx.gbits, choice, mn, mx, act_levels,
+                                          grad_levels if grad_levels.numel() else None, ctx.one_group, mn_b, mx_b,
+                                          needs, *ctx.shapes)
+    picked = lambda v, need: v if need else None
+    return (picked(da, needs[0]), picked(db, needs[1]), picked(d_onehot, needs[2])) + (None,) * 13
+
+
+gated_bmm.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 
 
 def _grads(grad: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, gbits: int, gating: Optional[gated.Gating],
            need_a: bool, need_b: bool, seed: Optional[Tensor] = None):
-    """(da, db) of y = a_hat @ b_hat from dL/dy (Bf16Matmul's products, before any broadcast is summed)."""
+    """(da, db) of y = a_hat @ b_hat from dL/dy (the products of fracpass::bf16_mm and gated_bmm, before any
+    broadcast is summed)."""
     grad = dense(grad)
     mn, mx, levels = codes.grad_range(grad, gbits, gating)
     exact = codes.exact_codes(levels)
@@ -90,7 +126,7 @@ def _grads(grad: Tensor, qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, gbits: 
 
 # -- the static (ungated) product as registered torch ops: fracpass::bf16_mm encodes both operands as
 # bfloat16 codes and multiplies them, fracpass::bf16_mm_backward quantizes dL/dy and runs both gradient
-# products (Bf16Matmul's arithmetic, _grads); autograd, fakes and the codes passed as outputs as int8_mm's.
+# products (_grads, gated_bmm's arithmetic too); autograd, fakes and the codes passed as outputs as int8_mm's.
 
 @torch.library.custom_op("fracpass::bf16_mm", mutates_args=())
 def bf16_mm(a: Tensor, b: Tensor, a_mn: Tensor, a_mx: Tensor, a_levels: float, b_mn: Tensor, b_mx: Tensor,
@@ -174,4 +210,4 @@ def gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor, site: Optional[
                      mn_b, mx_b)
     if one_group:
         sa, sb = sa[:1], sb[:1]
-    return Bf16Matmul.apply(a, b, gate, ca, sa, cb, sb, decide.grad_bits(gq), gating)
+    return gated_bmm(a, b, gate, ca, sa, cb, sb, decide.grad_bits(gq), *gating[:6], mn_b, mx_b)

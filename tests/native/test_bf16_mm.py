@@ -1,5 +1,5 @@
 """Batched products (torch.bmm, torch.matmul with a batched right operand: attention's q k^T and P v)
-on bfloat16 codes (fracpass.native.bf16_mm: the fracpass::bf16_mm op, Bf16Matmul for gated ones) against the
+on bfloat16 codes (fracpass.native.bf16_mm: the fracpass::bf16_mm op, fracpass::gated_bmm for gated ones) against the
 simulation.
 
 The codes are exact in bfloat16 and the products accumulate in float32; what differs from the
@@ -327,8 +327,8 @@ def test_gated_batched_product_matches_the_gated_simulation(case, kernels, monke
         model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
     sim, nat = _gated_pair(model, inputs)
     seen = _gate_grads(sim, nat)
-    calls, real = [], native.bf16_mm.Bf16Matmul.apply  # gated products: the autograd Function
-    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], native.bf16_mm.gated_bmm  # gated products: fracpass::gated_bmm
+    monkeypatch.setattr(native.bf16_mm, "gated_bmm", lambda *a: calls.append(1) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert calls == [1] and native.op_paths(nat)[next(iter(native.op_paths(nat)))] == ("bf16", "")
     (chosen,) = sim.gates.stats().units.values()
@@ -381,8 +381,8 @@ def test_gated_batch_at_one_option_runs_with_one_scale_and_eval_uses_the_option_
             for p in m.gates.parameters():
                 p.zero_()
     scales = []
-    real = native.bf16_mm.Bf16Matmul.apply
-    monkeypatch.setattr(native.bf16_mm.Bf16Matmul, "apply", lambda *a: scales.append(a[4].numel()) or real(*a))
+    real = native.bf16_mm.gated_bmm
+    monkeypatch.setattr(native.bf16_mm, "gated_bmm", lambda *a: scales.append(a[4].numel()) or real(*a))
     want, got = _run(sim, inputs), _run(nat, inputs)
     assert scales == [1]
     y_bound, (da_bound, db_bound), _ = _gated_bounds(model, inputs, want[0].shape, a_bits=2, g_bits=8)

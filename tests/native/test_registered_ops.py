@@ -1,7 +1,7 @@
 """Native products as registered torch ops (issue 27): fracpass::int8_mm / int8_mm_backward (linear layers, 2-D
-matmuls), fracpass::bf16_mm / bf16_mm_backward (batched products) and fracpass::gated_linear /
-gated_linear_backward (gated linear layers), with fakes and their autograd registered,
-pass torch.library.opcheck, and native calls run through them."""
+matmuls), fracpass::bf16_mm / bf16_mm_backward (batched products), fracpass::gated_linear / gated_linear_backward
+(gated linear layers) and fracpass::gated_bmm / gated_bmm_backward (gated batched products), with fakes and
+their autograd registered, pass torch.library.opcheck, and native calls run through them."""
 from __future__ import annotations
 
 import contextlib
@@ -168,3 +168,31 @@ def test_the_gated_linear_product_and_its_backward_pass_opcheck_and_run_through_
     torch.library.opcheck(torch.ops.fracpass.gated_linear.default, args)
     back = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in back)  # as a backward gets them: no graph
     torch.library.opcheck(torch.ops.fracpass.gated_linear_backward.default, back)
+
+
+@pytest.mark.parametrize("case", ["scores", "bmm"])
+def test_the_gated_batched_product_and_its_backward_pass_opcheck(case, monkeypatch):
+    """fracpass::gated_bmm / gated_bmm_backward (attention's q k^T and P v, or a bmm, in a gated block):
+    opcheck on the arguments a gated product gives them in a training step, the gate's gradient among
+    their outputs."""
+    from test_bf16_mm import Bmm, Scores, _gated_pair, _spread_inputs
+
+    torch.manual_seed(0)
+    if case == "scores":
+        model, inputs = Scores(), _spread_inputs()
+    else:
+        q, k = _spread_inputs()
+        model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
+    _, nat = _gated_pair(model, inputs)
+    calls = {"forward": [], "backward": []}
+    forward, backward = native.bf16_mm.gated_bmm, native.bf16_mm.gated_bmm_backward
+    monkeypatch.setattr(native.bf16_mm, "gated_bmm", lambda *a: calls["forward"].append(a) or forward(*a))
+    monkeypatch.setattr(native.bf16_mm, "gated_bmm_backward", lambda *a: calls["backward"].append(a) or backward(*a))
+    nat(*(x.clone().requires_grad_() for x in inputs)).square().mean().backward()
+    assert len(calls["forward"]) == 1 and len(calls["backward"]) == 1
+    leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a  # off the step's graph
+    args = tuple(leaf(a) for a in calls["forward"][0])
+    back = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in calls["backward"][0])
+    assert back[17] == [True, True, True]  # needs: a, b and the gate's one-hot choice
+    torch.library.opcheck(torch.ops.fracpass.gated_bmm.default, args)
+    torch.library.opcheck(torch.ops.fracpass.gated_bmm_backward.default, back)
