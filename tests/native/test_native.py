@@ -205,8 +205,8 @@ def test_int8_path_matches_simulation(case, bits, kernels, monkeypatch):
     sim, nat = _pair(model, fracpass.Plan.static(w=bits, a=bits, g=bits), inputs, OPTS.replace(kinds=native.KINDS))  # conv2d's int8 forward is opt-in
     calls = _count_int_mm(monkeypatch)
     convs = []
-    real_conv = native.int8_conv2d._Int8Conv2d.apply
-    monkeypatch.setattr(native.int8_conv2d._Int8Conv2d, "apply", lambda *a: convs.append(1) or real_conv(*a))
+    real_conv = native.int8_conv2d.int8_conv2d  # the op, fracpass::int8_conv2d
+    monkeypatch.setattr(native.int8_conv2d, "int8_conv2d", lambda *a: convs.append(1) or real_conv(*a))
     want = _run(sim, inputs)
     assert not calls and not convs
     got = _run(nat, inputs)

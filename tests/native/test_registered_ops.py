@@ -1,6 +1,7 @@
 """Native products as registered torch ops (issue 27): fracpass::int8_mm / int8_mm_backward (linear layers, 2-D
 matmuls), fracpass::bf16_mm / bf16_mm_backward (batched products), fracpass::gated_linear / gated_linear_backward
-(gated linear layers) and fracpass::gated_bmm / gated_bmm_backward (gated batched products), with fakes and
+(gated linear layers), fracpass::gated_bmm / gated_bmm_backward (gated batched products) and
+fracpass::int8_conv2d / int8_conv2d_backward (the opt-in int8 conv2d forward), with fakes and
 their autograd registered, pass torch.library.opcheck, and native calls run through them."""
 from __future__ import annotations
 
@@ -196,3 +197,29 @@ def test_the_gated_batched_product_and_its_backward_pass_opcheck(case, monkeypat
     assert back[17] == [True, True, True]  # needs: a, b and the gate's one-hot choice
     torch.library.opcheck(torch.ops.fracpass.gated_bmm.default, args)
     torch.library.opcheck(torch.ops.fracpass.gated_bmm_backward.default, back)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_int8_conv2d_forward_and_its_backward_pass_opcheck(bits, monkeypatch):
+    """fracpass::int8_conv2d / int8_conv2d_backward (the opt-in "conv2d_int8" kind: conv2d's forward on
+    oneDNN's int8 convolution, 8-bit weights shifted): opcheck on the arguments a native call gives them in
+    a training step, channels-last and NCHW."""
+    forward, backward = native.int8_conv2d.int8_conv2d, native.int8_conv2d.int8_conv2d_backward
+    for layout in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2))
+        x = torch.randn(4, 8, 10, 10).contiguous(memory_format=layout)
+        q = fracpass.transform(model.to(memory_format=layout), fracpass.Plan.static(bits, bits, 8), example_inputs=(x,),
+                               execution="native", native=fracpass.NativeOptions(kinds=native.KINDS, min_conv_macs=0,
+                                                                                 channels_last=False))
+        calls = {"forward": [], "backward": []}
+        monkeypatch.setattr(native.int8_conv2d, "int8_conv2d", lambda *a: calls["forward"].append(a) or forward(*a))
+        monkeypatch.setattr(native.int8_conv2d, "int8_conv2d_backward",
+                            lambda *a: calls["backward"].append(a) or backward(*a))
+        q(x.clone().requires_grad_()).square().mean().backward()
+        assert len(calls["forward"]) == 2 and len(calls["backward"]) == 2
+        leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for args, back in zip(calls["forward"], calls["backward"][::-1]):
+            torch.library.opcheck(torch.ops.fracpass.int8_conv2d.default, tuple(leaf(a) for a in args))
+            torch.library.opcheck(torch.ops.fracpass.int8_conv2d_backward.default,
+                                  tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in back))
