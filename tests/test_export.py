@@ -465,17 +465,17 @@ def _flip_nearest_tie(module, args):
 
 
 def _recorded(qmodel, x):
-    from fracpass.export import _run_recording_choices
+    from fracpass.export_verify import run_recording
 
     fracpass.set_stage(qmodel, -1)
     qmodel.eval()
-    return _run_recording_choices(qmodel, (x,), {})
+    return run_recording(qmodel, (x,), {})
 
 
 def test_layer_judgement_tells_rounding_ties_from_a_wrong_scale(tmp_path, monkeypatch):
     """Codes one step apart at a rounding boundary are ties (a correct export); a wrong scale is not, and the
     first layer it reaches is named."""
-    from fracpass.export import _judge_layers
+    from fracpass.export_verify import _judge_layers
 
     qmodel, x = _fire_trained(), torch.randn(2, 3, 64, 64)
     fracpass.export_onnx(qmodel, tmp_path / "m.onnx", example_inputs=(x,), verify=False)
@@ -500,9 +500,9 @@ def test_layer_judgement_tells_rounding_ties_from_a_wrong_scale(tmp_path, monkey
 
 
 def _export_with_wrong_scale(monkeypatch):
-    import fracpass.export as export
+    import fracpass.export_qdq as export_qdq
 
-    original = export._act_qdq
+    original = export_qdq._act_qdq
 
     def wrong_scale(graph, q, src, out, stem):  # simulate a bug: the activation scale twice too large
         q.running_max.mul_(2)
@@ -511,7 +511,7 @@ def _export_with_wrong_scale(monkeypatch):
         finally:
             q.running_max.div_(2)
 
-    monkeypatch.setattr(export, "_act_qdq", wrong_scale)
+    monkeypatch.setattr(export_qdq, "_act_qdq", wrong_scale)
 
 
 def test_fire_model_exports_and_a_wrong_scale_is_refused_naming_the_layer_and_verify_false(tmp_path, monkeypatch, caplog):
@@ -533,7 +533,7 @@ def test_fire_model_exports_and_a_wrong_scale_is_refused_naming_the_layer_and_ve
 
 def test_one_tie_in_a_small_layer_is_still_a_tie(tmp_path):
     """A small layer (here the model's input, 2 x 16 values) holding one tie: 3 % of its codes differ."""
-    from fracpass.export import _judge_layers
+    from fracpass.export_verify import _judge_layers
     from fracpass.quant import affine_params
 
     torch.manual_seed(0)
@@ -581,7 +581,7 @@ def test_a_rounding_tie_in_a_gated_layer_is_a_tie_and_a_wrong_gated_scale_is_ref
     layer (another summation order) grows through the 3-4 bit layers after it, and the judgement compared only
     the plain quantizers, so the first it saw was far downstream. Gated quantizers are judged too, each sample
     on its option's grid."""
-    from fracpass.export import _judge_layers
+    from fracpass.export_verify import _judge_layers
 
     torch.manual_seed(0)
     factory, make_input = EXAMPLE_MODELS["resnet20"]
@@ -602,9 +602,9 @@ def test_a_rounding_tie_in_a_gated_layer_is_a_tie_and_a_wrong_gated_scale_is_ref
     hook.remove()
     assert (tmp_path / "ties.onnx").is_file()
 
-    import fracpass.export as export
+    import fracpass.export_qdq as export_qdq
 
-    original = export._gated_act
+    original = export_qdq._gated_act
 
     def wrong_scale(graph, q, src, onehot, out, stem):  # simulate a bug: one gated layer's scales twice too large
         if stem != "layer2_0_conv2_aq":
@@ -615,6 +615,6 @@ def test_a_rounding_tie_in_a_gated_layer_is_a_tie_and_a_wrong_gated_scale_is_ref
         finally:
             q.running_max.div_(2), q.running_min.div_(2)
 
-    monkeypatch.setattr(export, "_gated_act", wrong_scale)
+    monkeypatch.setattr(export_qdq, "_gated_act", wrong_scale)
     with pytest.raises(fracpass.ExportError, match=r"the first layer that differs is layer2_0_conv2_aq: .*nothing was written"):
         fracpass.export_onnx(qmodel, tmp_path / "wrong.onnx", example_inputs=(x,))
