@@ -463,10 +463,11 @@ class ActQuant(RangeTracker):
         self.register_buffer("running_max", torch.zeros(()))
         self.register_buffer("range_ready", torch.zeros((), dtype=torch.bool))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, known: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """``known``: x's min and max, when the op that wrote x computed them (see ``qrange``)."""
         if self._bits >= FULL_PRECISION or x.numel() == 0:
             return x
-        mn, mx = self.qrange(x)
+        mn, mx = self.qrange(x, known)
         return self.quantize(x, mn, mx)
 
     def quantize(self, x: Tensor, mn: Tensor, mx: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fracpass.native.options import NativeOptions
-from fracpass.quant import FULL_PRECISION, ActQuant
+from fracpass.quant import ActQuant
 
 NATIVE = "fracpass.native"  # node.meta key: NativeInfo on every compute op of a native model
 
@@ -84,6 +84,6 @@ def quantized(q, x: Tensor, gate: Optional[Tensor] = None, known: Optional[Tuple
     without the pass over x."""
     if q is None:
         return x
-    if known is not None and gate is None and isinstance(q, ActQuant) and q.bits < FULL_PRECISION and x.numel():
-        return q.quantize(x, *q.qrange(x, known))
+    if known is not None and gate is None and isinstance(q, ActQuant):
+        return q(x, known)
     return q(x, gate) if gate is not None and getattr(q, "role", None) != "weight" else q(x)
