@@ -36,8 +36,7 @@ class Bf16Conv(torch.autograd.Function):
         """``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and
         whose only reader this op is: where the input gradient runs on int8, backward returns its
         product as their gradients instead of dx."""
-        y, _, saved = conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept)
-        ctx.hand = None if take_v is None else (take_v.shape, x.stride())
+        y, _, saved = conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v)
         ctx.save_for_backward(*saved)
         return y
 
@@ -48,10 +47,12 @@ class Bf16Conv(torch.autograd.Function):
         return (dx, dw, db, d_onehot) + (None,) * 8 + handed
 
 
-def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=True):
+def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v=None, scaled=True):
     """Bf16Conv's forward: (y, or None unless ``scaled``, its bfloat16 product v, the tensors to save);
     sets ctx's attributes. ``kept``: qa as bytes and their offset (codes.bf16_input_codes), or None; qa None:
-    the product runs on int8 from those bytes (int8_conv.int8_product)."""
+    the product runs on int8 from those bytes (int8_conv.int8_product). ``take_v``: the placeholder shaped
+    as x of the fused op that wrote x, when the input gradient may go to it (ctx.hand: x's shape and
+    strides, which the handed product must have)."""
     stride, padding, dilation, transposed, output_padding, groups = conv
     if qa is None:
         v = int8_conv.int8_product(kept, qw, conv, kept.split)
@@ -61,6 +62,7 @@ def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept
     ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
     ctx.int8 = (kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)
     ctx.split = kept.split if kept is not None else 0.0
+    ctx.hand = None if take_v is None else (take_v.shape, x.stride())
     keep = (x.detach(), onehot) if ctx.gate_grad else ()
     ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
     return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]

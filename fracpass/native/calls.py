@@ -223,16 +223,16 @@ def _conv_transpose_call(fn):
 
 
 COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functions that choose their kernels from "
-                 "tensor values read on the host, which torch.compile cannot trace yet, so each native call runs eagerly between compiled graphs. Compile without "
-                 "fullgraph=True to run it so, or transform with execution='simulate', which compiles as one graph "
-                 "(docs/compile.md)")
+                 "tensor values read on the host, which torch.compile cannot trace yet, so each native call runs "
+                 "eagerly between compiled graphs. Compile without fullgraph=True to run it so, or transform with "
+                 "execution='simulate', which compiles as one graph (docs/compile.md)")
 
 
 COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (their products are "
                     "autograd Functions that choose their kernels from values read on the host, which Dynamo cannot "
-                    "trace yet): each runs eagerly between "
-                    "compiled graphs, with eager's values, and the step may gain little from compiling. To compile "
-                    "as one graph, transform with execution='simulate' (docs/compile.md)")
+                    "trace yet): each runs eagerly between compiled graphs, with eager's values, and the step may "
+                    "gain little from compiling. To compile as one graph, transform with execution='simulate' "
+                    "(docs/compile.md)")
 
 
 _compile_warned = False  # COMPILE_FALLBACK is said once per process

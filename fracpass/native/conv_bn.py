@@ -40,8 +40,8 @@ class Bf16ConvBN(torch.autograd.Function):
         None). ``take_*``: the placeholders of the fused op whose output is x, when this op is that
         reader (kept.int8_dx: its backward returns the product as their gradients)."""
         ctx.set_materialize_grads(False)  # a handed-over gradient comes as the placeholders', out's is None
-        _, v, saved = bf16_conv.conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, scaled=False)
-        ctx.hand = None if take_v is None else (take_v.shape, x.stride())
+        _, v, saved = bf16_conv.conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v,
+                                             scaled=False)
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
