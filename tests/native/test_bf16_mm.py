@@ -317,14 +317,19 @@ def _gated_bounds(model, inputs, y_shape, a_bits, g_bits):
     return BF16_U * y.detach(), [BF16_U * p.grad for p in pads], [p.detach() for p in pads]
 
 
+def _gated_case(case: str):
+    """(model, inputs) of a gated batched product: attention's scores q k^T ("scores") or a bmm of the same
+    operands flattened ("bmm"), with samples of different spans."""
+    if case == "scores":
+        return Scores(), _spread_inputs()
+    q, k = _spread_inputs()
+    return Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
+
+
 @pytest.mark.parametrize("case", ["scores", "bmm"])
 def test_gated_batched_product_matches_the_gated_simulation(case, kernels, monkeypatch):
     torch.manual_seed(0)
-    if case == "scores":
-        model, inputs = Scores(), _spread_inputs()
-    else:
-        q, k = _spread_inputs()
-        model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
+    model, inputs = _gated_case(case)
     sim, nat = _gated_pair(model, inputs)
     seen = _gate_grads(sim, nat)
     calls, real = [], native.bf16_mm.gated_bmm  # gated products: fracpass::gated_bmm

@@ -144,6 +144,21 @@ def test_batched_products_run_on_the_registered_ops_as_the_autograd_function_did
         assert float((got - want).abs().max()) <= 4 * 2.0**-8 * float(want.abs().max())
 
 
+def _recorded_pair(monkeypatch, module, forward: str, backward: str, step):
+    """The arguments of every call of ``module.forward`` and ``module.backward`` (a product's forward and
+    backward op, called through the module's names) while ``step()`` runs: the forward's as leaves off the
+    step's graph (their requires_grad kept), the backward's detached (as a backward gets them)."""
+    calls = {forward: [], backward: []}
+    for name in calls:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, name=name, real=real: calls[name].append(a) or real(*a))
+    step()
+    leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+    detached = lambda a: a.detach() if isinstance(a, torch.Tensor) else a
+    return ([tuple(leaf(a) for a in args) for args in calls[forward]],
+            [tuple(detached(a) for a in args) for args in calls[backward]])
+
+
 @pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
 def test_the_gated_linear_product_and_its_backward_pass_opcheck_and_run_through_the_ops(weight_scale, monkeypatch):
     """fracpass::gated_linear / gated_linear_backward (a gated linear layer on bf16 codes with per-sample
@@ -157,17 +172,12 @@ def test_the_gated_linear_product_and_its_backward_pass_opcheck_and_run_through_
     x = x * torch.linspace(-3, 3, 8).view(-1, 1, 1)  # samples of different spans: the gates choose apart
     _, nat = _gated_pair(Lin(96, 80), (x,), weight_scale=weight_scale,
                          opts=fracpass.NativeOptions(min_intensity=0.0, channels_last=False))
-    calls = {"forward": [], "backward": []}
-    forward, backward = native.gated.gated_linear_op, native.gated.gated_linear_backward
-    monkeypatch.setattr(native.gated, "gated_linear_op", lambda *a: calls["forward"].append(a) or forward(*a))
-    monkeypatch.setattr(native.gated, "gated_linear_backward", lambda *a: calls["backward"].append(a) or backward(*a))
-    nat(x.requires_grad_()).square().mean().backward()
-    assert len(calls["forward"]) == 1 and len(calls["backward"]) == 1
-    leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a  # off the step's graph
-    (args,), (back,) = [tuple(leaf(a) for a in args) for args in calls["forward"]], calls["backward"]
+    forwards, backwards = _recorded_pair(monkeypatch, native.gated, "gated_linear_op", "gated_linear_backward",
+                                         lambda: nat(x.requires_grad_()).square().mean().backward())
+    assert len(forwards) == 1 and len(backwards) == 1
+    (args,), (back,) = forwards, backwards
     assert back[15] == [True, True, True, True]  # needs: x, weight, bias and the gate's one-hot choice
     torch.library.opcheck(torch.ops.fracpass.gated_linear.default, args)
-    back = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in back)  # as a backward gets them: no graph
     torch.library.opcheck(torch.ops.fracpass.gated_linear_backward.default, back)
 
 
@@ -176,24 +186,16 @@ def test_the_gated_batched_product_and_its_backward_pass_opcheck(case, monkeypat
     """fracpass::gated_bmm / gated_bmm_backward (attention's q k^T and P v, or a bmm, in a gated block):
     opcheck on the arguments a gated product gives them in a training step, the gate's gradient among
     their outputs."""
-    from test_bf16_mm import Bmm, Scores, _gated_pair, _spread_inputs
+    from test_bf16_mm import _gated_case, _gated_pair
 
     torch.manual_seed(0)
-    if case == "scores":
-        model, inputs = Scores(), _spread_inputs()
-    else:
-        q, k = _spread_inputs()
-        model, inputs = Bmm(), (q.flatten(1, 2), k.flatten(1, 2).transpose(1, 2).contiguous())
+    model, inputs = _gated_case(case)
     _, nat = _gated_pair(model, inputs)
-    calls = {"forward": [], "backward": []}
-    forward, backward = native.bf16_mm.gated_bmm, native.bf16_mm.gated_bmm_backward
-    monkeypatch.setattr(native.bf16_mm, "gated_bmm", lambda *a: calls["forward"].append(a) or forward(*a))
-    monkeypatch.setattr(native.bf16_mm, "gated_bmm_backward", lambda *a: calls["backward"].append(a) or backward(*a))
-    nat(*(x.clone().requires_grad_() for x in inputs)).square().mean().backward()
-    assert len(calls["forward"]) == 1 and len(calls["backward"]) == 1
-    leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a  # off the step's graph
-    args = tuple(leaf(a) for a in calls["forward"][0])
-    back = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in calls["backward"][0])
+    forwards, backwards = _recorded_pair(
+        monkeypatch, native.bf16_mm, "gated_bmm", "gated_bmm_backward",
+        lambda: nat(*(x.clone().requires_grad_() for x in inputs)).square().mean().backward())
+    assert len(forwards) == 1 and len(backwards) == 1
+    (args,), (back,) = forwards, backwards
     assert back[17] == [True, True, True]  # needs: a, b and the gate's one-hot choice
     torch.library.opcheck(torch.ops.fracpass.gated_bmm.default, args)
     torch.library.opcheck(torch.ops.fracpass.gated_bmm_backward.default, back)
@@ -204,7 +206,6 @@ def test_the_int8_conv2d_forward_and_its_backward_pass_opcheck(bits, monkeypatch
     """fracpass::int8_conv2d / int8_conv2d_backward (the opt-in "conv2d_int8" kind: conv2d's forward on
     oneDNN's int8 convolution, 8-bit weights shifted): opcheck on the arguments a native call gives them in
     a training step, channels-last and NCHW."""
-    forward, backward = native.int8_conv2d.int8_conv2d, native.int8_conv2d.int8_conv2d_backward
     for layout in (torch.channels_last, torch.contiguous_format):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2))
@@ -212,14 +213,10 @@ def test_the_int8_conv2d_forward_and_its_backward_pass_opcheck(bits, monkeypatch
         q = fracpass.transform(model.to(memory_format=layout), fracpass.Plan.static(bits, bits, 8), example_inputs=(x,),
                                execution="native", native=fracpass.NativeOptions(kinds=native.KINDS, min_conv_macs=0,
                                                                                  channels_last=False))
-        calls = {"forward": [], "backward": []}
-        monkeypatch.setattr(native.int8_conv2d, "int8_conv2d", lambda *a: calls["forward"].append(a) or forward(*a))
-        monkeypatch.setattr(native.int8_conv2d, "int8_conv2d_backward",
-                            lambda *a: calls["backward"].append(a) or backward(*a))
-        q(x.clone().requires_grad_()).square().mean().backward()
-        assert len(calls["forward"]) == 2 and len(calls["backward"]) == 2
-        leaf = lambda a: a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-        for args, back in zip(calls["forward"], calls["backward"][::-1]):
-            torch.library.opcheck(torch.ops.fracpass.int8_conv2d.default, tuple(leaf(a) for a in args))
-            torch.library.opcheck(torch.ops.fracpass.int8_conv2d_backward.default,
-                                  tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in back))
+        with monkeypatch.context() as mp:
+            forwards, backwards = _recorded_pair(mp, native.int8_conv2d, "int8_conv2d", "int8_conv2d_backward",
+                                                 lambda: q(x.clone().requires_grad_()).square().mean().backward())
+        assert len(forwards) == 2 and len(backwards) == 2
+        for args, back in zip(forwards, backwards[::-1]):
+            torch.library.opcheck(torch.ops.fracpass.int8_conv2d.default, args)
+            torch.library.opcheck(torch.ops.fracpass.int8_conv2d_backward.default, back)
