@@ -2,7 +2,7 @@
 both gradient products, static and gated."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -11,9 +11,69 @@ from fracpass.gating import onehot_grad
 from fracpass.quant import value_range, dense, rows_outer_dense
 from fracpass.native import codes, conv_offsets, gated, int8_conv, options, units
 
-class Bf16Conv(torch.autograd.Function):
+class ConvState(NamedTuple):
+    """What a bf16 convolution's backward reads besides its saved tensors (conv_backward): the
+    convolution's arguments (stride, padding, dilation, transposed, output_padding, groups), the
+    gradient's bits, the gated op's state (None: static), whether the gate's one-hot choice needs its
+    gradient (computed from dx), whether dx's and dw's products run on int8 (int8_conv.int8_reasons) with
+    the weight codes' split limit, the offset of the saved input codes when they are bytes q - offset
+    (saved_codes; None: the bfloat16 codes), and ``hand``: the shape and strides of the fused output x
+    whose placeholders may take dx's int8 product (conv_bn.Handover.grad), or None."""
+
+    conv: tuple
+    gbits: int
+    gating: Optional[gated.Gating] = None
+    has_bias: bool = False
+    gate_grad: bool = False
+    int8: Tuple[bool, bool] = (False, False)
+    split: float = 0.0
+    code_offset: Optional[float] = None
+    hand: Optional[tuple] = None
+
+
+def saved_codes(q: Optional[Tensor], kept: Optional[tuple]) -> Tuple[Tensor, Optional[float]]:
+    """The input codes a bf16 convolution keeps for backward, and their offset: as bytes q - offset when
+    they span at most 256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not),
+    in one byte per element instead of bfloat16's two; else q itself (offset None). ``kept``: those bytes
+    and their offset, already made by the encoding kernel (codes.bf16_input_codes: no pass over q here)."""
+    if kept is not None:
+        return kept[0], kept[1]
+    ext = units.ext(q)
+    if ext is None or q.numel() == 0 or not rows_outer_dense(q):
+        return q, None
+    lo, hi = (float(m) for m in value_range(q))
+    if hi - lo > 255:
+        return q, None
+    return ext.codes_to_u8(q, lo), lo
+
+
+def _widened_codes(state: ConvState, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """saved_codes's input back: (the bfloat16 codes, exactly; if ``batch_sum``, their batch sum from
+    the same pass where the codes were narrowed, else None)."""
+    if state.code_offset is None:
+        return q, None
+    q, total = units.ext(q).u8_to_codes(q, state.code_offset, batch_sum)
+    return q, total.as_strided((1,) + tuple(q.shape[1:]), q.stride()) if batch_sum else None
+
+
+def conv_product(qa: Optional[Tensor], qw: Tensor, keep: Tensor, state: ConvState) -> Tensor:
+    """The convolution's bfloat16 product v = conv(q_a, q_w): on bfloat16 codes, or (qa None) on int8 from
+    the input's bytes ``keep`` = q_a - state.code_offset (int8_conv.int8_product)."""
+    if qa is None:
+        return int8_conv.int8_product((keep, state.code_offset), qw, state.conv, state.split)
+    return torch.ops.aten.convolution(qa, qw, None, *state.conv)
+
+
+@torch.library.custom_op("fracpass::bf16_conv", mutates_args=())
+def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
+              sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, code_offset: Optional[float], int8_dx: bool,
+              int8_dw: bool, split: float, stride: List[int], padding: List[int], dilation: List[int],
+              transposed: bool, output_padding: List[int], groups: int, gbits: int, choice: Optional[Tensor],
+              mn: Optional[Tensor], mx: Optional[Tensor], act_levels: Optional[Tensor], grad_levels: Optional[Tensor],
+              one_group: bool, take_v: Optional[Tensor], take_s: Optional[Tensor], take_a: Optional[Tensor]) -> Tensor:
     """A convolution (any dim, grouped, transposed) on bfloat16 codes: forward y = s_a s_w conv(q_a, q_w)
-    and, in backward, dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat) with ghat = s_g t + c.
+    and, in backward (fracpass::bf16_conv_backward), dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat)
+    with ghat = s_g t + c.
 
     The codes are exact in bfloat16 and oneDNN accumulates in float32; what is lost is the rounding of
     each product's output to bfloat16 (unit roundoff u = 2^-8), before the scales are applied in float32.
@@ -24,99 +84,163 @@ class Bf16Conv(torch.autograd.Function):
     bfloat16 values q_w s_w / max(s_w) (``folded_weight``: each rounded once, relative error <= u) and
     its offset term the float32 values: |dx - dx_exact| <= u |dx_exact| + u (1 + u) s_g conv^T(|t|, |w_hat|)
     beside float32 rounding (docs/native.md). dx runs in float32 on the decoded codes when the gradient
-    has more than 8 bits. Saved for backward: the bfloat16 codes, never the float operands.
+    has more than 8 bits. Saved for backward: the input codes ``keep`` (saved_codes: bytes q_a -
+    ``code_offset``, or the bfloat16 codes), never the float operands. ``qa`` None: the forward's product
+    runs on int8 from those bytes; ``int8_dx``, ``int8_dw``: the gradients' products too (int8_conv).
 
-    Gated (``gating``): s_a, s_g and c hold one value per sample, on the free axis of y and dx, so they
-    scale those outputs per sample; dw contracts over the samples, so it runs once per option group
-    (whose samples share their scales). The gate's gradient needs the float input: it is saved then."""
+    Gated (``choice`` given, then mn, mx, act_levels, grad_levels, one_group: gated.Gating's fields):
+    s_a, s_g and c hold one value per sample, on the free axis of y and dx, so they scale those outputs
+    per sample; dw contracts over the samples, so it runs once per option group (whose samples share
+    their scales). The gate's gradient (``onehot``: the gate's one-hot choice, for the activation's
+    options) needs the float input: it is saved then.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept=None, take_v=None,
-                take_s=None, take_a=None):  # type: ignore[override]
-        """``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and
-        whose only reader this op is: where the input gradient runs on int8, backward returns its
-        product as their gradients instead of dx."""
-        y, _, saved = conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v)
-        ctx.save_for_backward(*saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        dx, dw, db, d_onehot = conv_backward(ctx, ctx.saved_tensors, grad)
-        dx, handed = int8_conv.split_handed(dx)
-        return (dx, dw, db, d_onehot) + (None,) * 8 + handed
+    ``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and whose only
+    reader this op is: where the input gradient runs on int8, backward returns its product as their
+    gradients instead of dx. x, weight, bias, onehot and the placeholders are inputs for their gradients."""
+    state = _state(bias is not None, stride, padding, dilation, transposed, output_padding, groups, gbits, None,
+                   int8_dx, int8_dw, split, code_offset)
+    v = conv_product(qa, qw, keep, state)
+    return codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa)
 
 
-def conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v=None, scaled=True):
-    """Bf16Conv's forward: (y, or None unless ``scaled``, its bfloat16 product v, the tensors to save);
-    sets ctx's attributes. ``kept``: qa as bytes and their offset (codes.bf16_input_codes), or None; qa None:
-    the product runs on int8 from those bytes (int8_conv.int8_product). ``take_v``: the placeholder shaped
-    as x of the fused op that wrote x, when the input gradient may go to it (ctx.hand: x's shape and
-    strides, which the handed product must have)."""
-    stride, padding, dilation, transposed, output_padding, groups = conv
-    if qa is None:
-        v = int8_conv.int8_product(kept, qw, conv, kept.split)
-    else:
-        v = torch.ops.aten.convolution(qa, qw, None, stride, padding, dilation, transposed, output_padding, groups)
-    y = codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa) if scaled else None
-    ctx.gate_grad = onehot is not None and ctx.needs_input_grad[3]
-    ctx.int8 = (kept.int8_dx, kept.int8_dw) if kept is not None else (False, False)
-    ctx.split = kept.split if kept is not None else 0.0
-    ctx.hand = None if take_v is None else (take_v.shape, x.stride())
-    keep = (x.detach(), onehot) if ctx.gate_grad else ()
-    ctx.conv, ctx.gbits, ctx.gating, ctx.has_bias = conv, gbits, gating, bias is not None
-    return y, v, [_narrow_codes(ctx, qa, kept), sa, qw, sw, *keep]
+@bf16_conv.register_fake
+def _bf16_conv_fake(x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, int8_dx, int8_dw, split, stride,
+                    padding, dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
+                    grad_levels, one_group, take_v, take_s, take_a):
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, transposed, output_padding, groups)
 
 
-def _narrow_codes(ctx, q: Tensor, kept: Optional[tuple] = None) -> Tensor:
-    """The input codes to keep for backward: as bytes q - offset (ctx.code_offset) when they span at most
-    256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not), in one byte per
-    element instead of bfloat16's two; else q itself (ctx.code_offset None). ``kept``: those bytes and
-    their offset, already made by the encoding kernel (no pass over q here)."""
-    if kept is not None:
-        ctx.code_offset = kept[1]
-        return kept[0]
-    ctx.code_offset = None
-    ext = units.ext(q)
-    if ext is None or q.numel() == 0 or not rows_outer_dense(q):
-        return q
-    lo, hi = (float(m) for m in value_range(q))
-    if hi - lo > 255:
-        return q
-    ctx.code_offset = lo
-    return ext.codes_to_u8(q, lo)
+@torch.library.custom_op("fracpass::bf16_conv_backward", mutates_args=())
+def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, x: Tensor, onehot: Tensor,
+                       code_offset: Optional[float], int8_dx: bool, int8_dw: bool, split: float, stride: List[int],
+                       padding: List[int], dilation: List[int], transposed: bool, output_padding: List[int],
+                       groups: int, gbits: int, choice: Optional[Tensor], mn: Optional[Tensor], mx: Optional[Tensor],
+                       act_levels: Optional[Tensor], grad_levels: Optional[Tensor], one_group: bool,
+                       needs: List[bool], hand_shape: List[int],
+                       hand_stride: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, dbias, d_onehot, and the three placeholders' gradients) of fracpass::bf16_conv from dL/dy;
+    empty where ``needs`` (x, weight, bias, the gate's one-hot choice) is False. ``x`` and ``onehot``: the
+    forward's, for the gate's gradient (else empty). ``hand_shape`` and ``hand_stride`` (x's; empty lists:
+    none): where the input gradient's int8 product is handed to the fused op before (int8_conv.takes), dx
+    is empty and the placeholders' gradients hold it (int8_conv.Handed), else they are empty. The gradient
+    is quantized as the simulation's gradient quantizer would, drawing its noise as it does."""
+    gating = None if choice is None else gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group)
+    need_x, need_w, need_b, need_gate = needs
+    state = _state(need_b, stride, padding, dilation, transposed, output_padding, groups, gbits, gating, int8_dx,
+                   int8_dw, split, code_offset)._replace(
+        gate_grad=need_gate, hand=(torch.Size(hand_shape), tuple(hand_stride)) if hand_shape else None)
+    saved = [keep, sa, qw, sw] + ([x, onehot] if need_gate else [])
+    dx, dw, db, d_onehot = conv_backward(state, (need_x, need_w, need_b), saved, grad)
+    dx, handed = int8_conv.split_handed(dx)
+    none = lambda v: grad.new_empty(0) if v is None else v  # a fresh one each: outputs never alias
+    return (none(dx), none(dw), none(db), none(d_onehot)) + tuple(none(h) for h in handed)
 
 
-def _widened_codes(ctx, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """_narrow_codes's input back: (the bfloat16 codes, exactly; if ``batch_sum``, their _batch_sum from
-    the same pass where the codes were narrowed, else None)."""
-    if ctx.code_offset is None:
-        return q, None
-    q, total = units.ext(q).u8_to_codes(q, ctx.code_offset, batch_sum)
-    return q, total.as_strided((1,) + tuple(q.shape[1:]), q.stride()) if batch_sum else None
+@bf16_conv_backward.register_fake
+def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int8_dx, int8_dw, split, stride, padding,
+                             dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
+                             grad_levels, one_group, needs, hand_shape, hand_stride):
+    if hand_shape:
+        raise NotImplementedError(
+            "fracpass::bf16_conv_backward hands its input gradient to a fused op only in eager execution (whether "
+            "it does is decided from values); under tracing, call fracpass::bf16_conv without take_*")
+    need_x, need_w, need_b, need_gate = needs
+    x_like = torch.empty_strided(keep.shape, keep.stride(), dtype=torch.float32, device=keep.device)
+    dx, dw, _ = torch.ops.aten.convolution_backward(grad, x_like, qw.new_empty(qw.shape, dtype=torch.float32), None,
+                                                    stride, padding, dilation, transposed, output_padding, groups,
+                                                    [need_x, need_w, False])
+    none = lambda v: grad.new_empty(0) if v is None else v
+    return (none(dx), none(dw), grad.new_empty((grad.shape[1],) if need_b else (0,)),
+            onehot.new_empty(onehot.shape if need_gate else (0,)), grad.new_empty(0), grad.new_empty(0),
+            grad.new_empty(0))
 
 
-def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
-    """Bf16Conv's backward from dL/dy: (dx, dw, db, d_onehot), dx a Handed where ``ctx.hand`` (the
-    shape and strides of the fused output x, from the forward) takes it; ``grad_minmax``: dL/dy's min
-    and max, when already known (the fused BatchNorm's backward computes them with dL/dy)."""
+def _state(has_bias, stride, padding, dilation, transposed, output_padding, groups, gbits, gating, int8_dx, int8_dw,
+           split, code_offset) -> ConvState:
+    return ConvState((list(stride), list(padding), list(dilation), transposed, list(output_padding), groups), gbits,
+                     gating, has_bias, False, (int8_dx, int8_dw), split, code_offset)
+
+
+_GRADIENTS = (0, 1, 2, 3)  # x, weight, bias, onehot: the inputs whose gradients bf16_conv_backward gives
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, int8_dx, int8_dw, split, stride, padding, dilation,
+     transposed, output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group,
+     take_v, take_s, take_a) = inputs
+    ctx.gate_grad = onehot is not None and onehot.requires_grad
+    empty = sa.new_empty(0)
+    given = lambda t: empty if t is None else t
+    ctx.save_for_backward(keep, sa, qw, sw, x if ctx.gate_grad else empty, onehot if ctx.gate_grad else empty,
+                          given(choice), given(mn), given(mx), given(act_levels), given(grad_levels))
+    ctx.gated = choice is not None
+    ctx.args = (code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
+                gbits)
+    ctx.one_group, ctx.has_bias = one_group, bias is not None
+    ctx.hand = (list(take_v.shape), list(x.stride())) if take_v is not None else ([], [])
+
+
+def _backward(ctx, grad):
+    keep, sa, qw, sw, x, onehot, choice, mn, mx, act_levels, grad_levels = ctx.saved_tensors
+    given = lambda t: t if t.numel() else None
+    gating = (choice, mn, mx, given(act_levels), given(grad_levels)) if ctx.gated else (None,) * 5
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             ctx.has_bias and bool(ctx.needs_input_grad[2]), ctx.gate_grad]
+    dx, dw, db, d_onehot, hv, hs, ha = bf16_conv_backward(grad, keep, sa, qw, sw, x, onehot, *ctx.args, *gating,
+                                                          ctx.one_group, needs, *ctx.hand)
+    handed = bool(ctx.hand[0]) and hv.numel() > 0
+    picked = lambda v, need: v if need else None
+    return ((picked(dx, needs[0] and not handed), picked(dw, needs[1]), picked(db, needs[2]),
+             picked(d_onehot, needs[3])) + (None,) * 22
+            + (picked(hv, handed), picked(hs, handed), picked(ha, handed and ha.numel() > 0)))
+
+
+bf16_conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def operands(qa: Optional[Tensor], kept: Optional[tuple], conv, gbits: int, gating: Optional[gated.Gating],
+             has_bias: bool) -> Tuple[Tensor, ConvState]:
+    """A native call's input codes to keep (saved_codes) and its ConvState: ``qa`` the bfloat16 input codes (or,
+    None, their bytes in ``kept``: codes.bf16_input_codes's, with whether the gradients' products run on int8)."""
+    keep, offset = saved_codes(qa, kept)
+    flags = ((kept.int8_dx, kept.int8_dw), kept.split) if kept is not None else ((False, False), 0.0)
+    return keep, ConvState(tuple(conv), gbits, gating, has_bias, False, *flags, offset)
+
+
+def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
+          sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, state: ConvState, take=(None, None, None)) -> Tensor:
+    """fracpass::bf16_conv on a native call's operands (``keep``, ``state``: operands()), the gated state
+    flattened into the op's arguments."""
+    stride, padding, dilation, transposed, output_padding, groups = state.conv
+    g = state.gating if state.gating is not None else gated.Gating(None, None, None, None, None, False)
+    return bf16_conv(x, weight, bias, onehot, qa, sa, qw, sw, keep, state.code_offset, *state.int8, state.split,
+                     list(stride), list(padding), list(dilation), transposed, list(output_padding), groups,
+                     state.gbits, *g[:6], *take)
+
+
+def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad, grad_minmax=None) -> tuple:
+    """A bf16 convolution's backward from dL/dy: (dx, dw, db, d_onehot), None where not needed (``needs``:
+    x, weight, bias); dx a Handed where ``state.hand`` (the shape and strides of the fused output x, from
+    the forward) takes it; ``grad_minmax``: dL/dy's min and max, when already known (the fused
+    BatchNorm's backward computes them with dL/dy). ``saved``: the input codes (saved_codes), s_a, q_w,
+    s_w, then x and the one-hot choice where the gate's gradient is needed."""
     qa, sa, qw, sw = saved[:4]
-    stride, padding, dilation, transposed, output_padding, groups = ctx.conv
+    stride, padding, dilation, transposed, output_padding, groups = state.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
-    gating: Optional[gated.Gating] = ctx.gating
+    gating: Optional[gated.Gating] = state.gating
     grad = dense(grad)  # the layout the simulation's gradient quantizers read, in memory order: once
-    need_x = ctx.needs_input_grad[0] or ctx.gate_grad  # the gate's gradient is computed from dx
-    need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    mn, mx, levels = codes.grad_range(grad, ctx.gbits, gating, grad_minmax)
+    need_x = needs[0] or state.gate_grad  # the gate's gradient is computed from dx
+    need_w, need_b = needs[1], state.has_bias and needs[2]
+    mn, mx, levels = codes.grad_range(grad, state.gbits, gating, grad_minmax)
     dx = dw = db = None
     if gating is None:  # one level count, 2^gbits - 1: exact in bfloat16 at 2..8 bits (no tensor ops, no syncs)
-        exact = None if levels is None or not 2 <= ctx.gbits <= options.MAX_INT8_BITS else True
+        exact = None if levels is None or not 2 <= state.gbits <= options.MAX_INT8_BITS else True
     else:
         exact = codes.exact_codes(levels)
     if exact is None or (exact is not True and not bool(exact.any())):
         # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
-        qa, _ = _widened_codes(ctx, qa)
-        ghat = codes.simulated_grad(grad, mn, mx, levels, ctx.gbits)
+        qa, _ = _widened_codes(state, qa)
+        ghat = codes.simulated_grad(grad, mn, mx, levels, state.gbits)
         x_hat = qa.float().mul_(codes.per_row_view(sa, qa)) if need_w else codes.shape_only(qa)
         w_hat = _weight_values(qw, sw, transposed)
         dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
@@ -129,8 +253,8 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         qw_x, sx = folded_weight(qw, sw, transposed) if folded else (qw, sw)
         # dx's product on oneDNN's int8 convolution, dw's on the VNNI kernel (decided in the forward:
         # int8_conv.int8_reasons), both from the gradient codes' bytes
-        int8_dx, int8_dw = need_x and ctx.int8[0] and wide is None, need_w and ctx.int8[1] and wide is None
-        ghat, t, sg, c, kept_g = codes.bf16_grad_codes(grad, mn, mx, levels, ctx.gbits, values=wide is not None,
+        int8_dx, int8_dw = need_x and state.int8[0] and wide is None, need_w and state.int8[1] and wide is None
+        ghat, t, sg, c, kept_g = codes.bf16_grad_codes(grad, mn, mx, levels, state.gbits, values=wide is not None,
                                                   bytes=int8_dx or int8_dw)
         int8_dx, int8_dw = int8_dx and kept_g is not None, int8_dw and kept_g is not None
         if kept_g is not None:  # the codes keep the gradient's layout; both int8 products read them channels-last
@@ -139,7 +263,7 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
         if int8_dw:  # the bfloat16 input codes are not needed: no widening pass
             qa, total = codes.shape_only(qa, torch.bfloat16), None
         else:  # with the batch sum dw's offset correction needs (conv_offsets.ones_weight_grad)
-            qa, total = _widened_codes(ctx, qa, batch_sum=need_w and gating is None)
+            qa, total = _widened_codes(state, qa, batch_sum=need_w and gating is None)
         if gating is not None and gating.one_group:  # one option group: one s_g and c (dx and dw in one call)
             sg, c = sg[:1], c[:1]
         per_sample = sa.numel() > 1 or sg.numel() > 1
@@ -152,7 +276,7 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             if sg.numel() > 1:
                 dx = codes.scale_out(vx, sx, None, sg).addcmul_(codes.per_row_view(c, vx), corr.mul_(sx))
             elif int8_dx:  # (never gated, never folded: int8_conv.int8_reasons)
-                dx = int8_conv.int8_input_grad(kept_g, qw, ctx.conv, ctx.split, (sg * sw, corr.mul_(c * sw)), ctx.hand)
+                dx = int8_conv.int8_input_grad(kept_g, qw, state.conv, state.split, (sg * sw, corr.mul_(c * sw)), state.hand)
             else:
                 dx = codes.scale_out(vx, sg * sx, None, addend=corr.mul_(c * sx))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32
@@ -161,7 +285,7 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
                                                            None, *args, [True, False, False])[0]
                 dx.index_copy_(0, wide, rows)
         if int8_dw:
-            dw = int8_conv.int8_weight_grad(kept_g, u_a, ctx.code_offset, qw, ctx.conv, sa * sg, c * sa)
+            dw = int8_conv.int8_weight_grad(kept_g, u_a, state.code_offset, qw, state.conv, sa * sg, c * sa)
         elif need_w and not per_sample:
             # dw = s_a s_g conv_w(t, q_a) + c s_a conv_w(1, q_a), the second the same for each output channel of a group
             dw = codes.scale_out(vw, sa * sg, None).add_(conv_offsets.ones_weight_grad(t, qa, qw, args, c * sa, total))
@@ -177,10 +301,10 @@ def conv_backward(ctx, saved, grad, grad_minmax=None) -> tuple:
             else:
                 db = t.sum(dims, dtype=torch.float32).mul_(sg).add_(c * (t.numel() // t.shape[1]))
     d_onehot = None
-    if ctx.gate_grad:
+    if state.gate_grad:
         x, onehot = saved[4:6]
         d_onehot = onehot_grad(x, gating.mn, gating.mx, gating.act_levels, onehot, dx)
-    if not ctx.needs_input_grad[0]:
+    if not needs[0]:
         dx = None
     return dx, dw, db, d_onehot
 

@@ -152,15 +152,15 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         site.last.int8 = (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else conv_bn.fused_reason(x, *fused)
+    keep, state = bf16_conv.operands(qa, kept, conv, decide.grad_bits(gq), gating, bias is not None)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
         if unfused and site is not None:
             site.last.bn = f"its BatchNorm runs unfused: {unfused}"
-        y = bf16_conv.Bf16Conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating, kept,
-                                     *take)
+        y = bf16_conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, take)
         return y if fused is None else conv_bn.unfused(y, *fused)
     bn, act, residual, _ = fused
-    outs = conv_bn.Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, conv, decide.grad_bits(gq), gating,
-                                    bn.weight, bn.bias, residual, conv_bn.bn_state(bn) + (act is not None,), kept,
+    outs = conv_bn.Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, bn.weight, bn.bias, residual,
+                                    conv_bn.bn_state(bn) + (act is not None,),
                                     give and opts.hand_gradient and torch.is_grad_enabled(), opts.fast_bn, *take)
     if site is not None:
         site.last.bn = conv_bn.bn_route(outs[0], sa, residual, opts.fast_bn)

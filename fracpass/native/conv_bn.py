@@ -18,7 +18,7 @@ def bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor], fast_bn: bool)
 
 
 class Bf16ConvBN(torch.autograd.Function):
-    """bf16_conv.Bf16Conv followed by BatchNorm (training or eval), optionally a residual add and a ReLU, as one
+    """fracpass::bf16_conv (bf16_conv.bf16_conv) followed by BatchNorm (training or eval), optionally a residual add and a ReLU, as one
     op that keeps less for backward: the convolution's bfloat16 product v instead of BatchNorm's float32
     input y = s v + bias, and a mask of where the ReLU's output is <= 0 (what threshold_backward reads;
     a bit per element from the kernels, else a bool) instead of its float32 output. Per element of the
@@ -32,20 +32,24 @@ class Bf16ConvBN(torch.autograd.Function):
     ops (tests/native/test_fuse_native_bn.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, bn_w, bn_b, residual,
-                post, kept=None, give=False, fast_bn=True, take_v=None, take_s=None, take_a=None):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, onehot, qa, sa, qw, sw, keep, state, bn_w, bn_b, residual, post, give=False,
+                fast_bn=True, take_v=None, take_s=None, take_a=None):  # type: ignore[override]
         """Returns (out, out's min, out's max, *Handover.grad's three placeholders): the range where the
         BatchNorm ran on the CPU kernels (else None, None), the placeholders where ``give`` (out's only
         reader is a 2-D convolution that may hand its input gradient over) and the kernels ran (else
         None). ``take_*``: the placeholders of the fused op whose output is x, when this op is that
-        reader (kept.int8_dx: its backward returns the product as their gradients)."""
+        reader (state.int8[0]: its backward returns the product as their gradients). ``keep`` and
+        ``state``: bf16_conv.operands(), as for fracpass::bf16_conv."""
         ctx.set_materialize_grads(False)  # a handed-over gradient comes as the placeholders', out's is None
-        _, v, saved = bf16_conv.conv_forward(ctx, x, bias, onehot, qa, sa, qw, sw, conv, gbits, gating, kept, take_v,
-                                             scaled=False)
+        state = state._replace(gate_grad=onehot is not None and ctx.needs_input_grad[3],
+                               hand=None if take_v is None else (take_v.shape, x.stride()))
+        v = bf16_conv.conv_product(qa, qw, keep, state)
+        saved = [keep, sa, qw, sw, *((x.detach(), onehot) if state.gate_grad else ())]
+        ctx.state = state
         running_mean, running_var, training, momentum, eps, relu = post
         if training and v.numel() == v.shape[1]:  # F.batch_norm's check (aten would divide by n - 1 = 0)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {v.size()}")
-        _, _, _, transposed, _, groups = ctx.conv
+        _, _, _, transposed, _, groups = state.conv
         scale = bf16_conv.out_channel_scale(sw, transposed, groups)
         ctx.fast = _fast_bn_reason(v, sa, residual, fast_bn) is None
         mn = mx = None
@@ -78,7 +82,7 @@ class Bf16ConvBN(torch.autograd.Function):
         v, bias, bn_w, dead = saved[n:n + 4]
         running_mean, running_var, training, _, eps, _ = ctx.post
         qa, sa, qw, sw = saved[:4]
-        _, _, _, transposed, _, groups = ctx.conv
+        _, _, _, transposed, _, groups = ctx.state.conv
         minmax = None
         if handed_v is None and grad is None:  # out's gradient is zero (it reached no loss)
             grad = torch.zeros(ctx.out_shape, dtype=torch.float32, device=v.device)
@@ -102,14 +106,14 @@ class Bf16ConvBN(torch.autograd.Function):
             y = codes.scale_out(v, bf16_conv.out_channel_scale(sw, transposed, groups), bias, sa)  # forward's call: the same y
             dy, d_bn_w, d_bn_b = torch.ops.aten.native_batch_norm_backward(
                 grad, y, bn_w, running_mean, running_var, mean, invstd, training, eps,
-                [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]])
+                [True, ctx.needs_input_grad[10], ctx.needs_input_grad[11]])
             del y
-        dx, dw, db, d_onehot = bf16_conv.conv_backward(ctx, saved[:n], dy, minmax)
-        d_residual = grad if ctx.has_residual and ctx.needs_input_grad[13] else None
-        d_bn_w = d_bn_w if ctx.needs_input_grad[11] else None
-        d_bn_b = d_bn_b if ctx.needs_input_grad[12] else None
+        dx, dw, db, d_onehot = bf16_conv.conv_backward(ctx.state, ctx.needs_input_grad[:3], saved[:n], dy, minmax)
+        d_residual = grad if ctx.has_residual and ctx.needs_input_grad[12] else None
+        d_bn_w = d_bn_w if ctx.needs_input_grad[10] else None
+        d_bn_b = d_bn_b if ctx.needs_input_grad[11] else None
         dx, handed = int8_conv.split_handed(dx)
-        return (dx, dw, db, d_onehot) + (None,) * 7 + (d_bn_w, d_bn_b, d_residual, None, None, None, None) + handed
+        return (dx, dw, db, d_onehot) + (None,) * 6 + (d_bn_w, d_bn_b, d_residual, None, None, None) + handed
 
 
 class Handover(NamedTuple):

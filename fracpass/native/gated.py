@@ -13,7 +13,7 @@ from fracpass.native import codes, decide
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
 class Gating(NamedTuple):
-    """A gated op's per-sample state for bf16_conv.Bf16Conv: each sample's option (``choice``), the activation's
+    """A gated op's per-sample state for bf16_conv.bf16_conv: each sample's option (``choice``), the activation's
     per-sample range and its options' level counts (the gate's gradient needs them), and the gradient
     quantizer's options' level counts (None: the gradient is quantized per tensor, ``gbits``). A batch
     whose samples all chose one option shares one range, so it runs as a static op."""

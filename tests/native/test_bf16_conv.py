@@ -108,8 +108,8 @@ def _assert_within_bf16(got, want, what, model=None, inputs=None, bits=8, folded
 
 def _count_bf16(monkeypatch):
     calls = []
-    real = native.bf16_conv.Bf16Conv.apply
-    monkeypatch.setattr(native.bf16_conv.Bf16Conv, "apply", lambda *a: calls.append(1) or real(*a))
+    real = native.bf16_conv.apply
+    monkeypatch.setattr(native.bf16_conv, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -224,17 +224,20 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
     codes = codes[torch.randperm(shape[0], generator=torch.Generator().manual_seed(0))]  # rows apart
     if layout == "channels_last":
         codes = codes.contiguous(memory_format=torch.channels_last)
-    q, ctx = codes.to(torch.bfloat16), type("Ctx", (), {})()
-    u = native.bf16_conv._narrow_codes(ctx, q)
-    assert (u.dtype, u.stride(), ctx.code_offset) == (torch.uint8, q.stride(), -255.0)
-    back, none = native.bf16_conv._widened_codes(ctx, u)
+    q = codes.to(torch.bfloat16)
+    u, offset = native.bf16_conv.saved_codes(q, None)
+    assert (u.dtype, u.stride(), offset) == (torch.uint8, q.stride(), -255.0)
+    state = native.bf16_conv.ConvState(conv=(), gbits=8, code_offset=offset)
+    back, none = native.bf16_conv._widened_codes(state, u)
     assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q) and none is None
-    back, total = native.bf16_conv._widened_codes(ctx, u, batch_sum=True)  # with the batch sum, from the same pass
+    back, total = native.bf16_conv._widened_codes(state, u, batch_sum=True)  # with the batch sum, from the same pass
     want = native.conv_offsets.batch_sum(q)
     assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
     wider = torch.cat([q, torch.ones_like(q[:1])])  # -255..1, 257 values: kept as bfloat16
-    assert native.bf16_conv._narrow_codes(ctx, wider) is wider and ctx.code_offset is None
-    assert native.bf16_conv._widened_codes(ctx, wider, batch_sum=True) == (wider, None)
+    kept, offset = native.bf16_conv.saved_codes(wider, None)
+    assert kept is wider and offset is None
+    state = state._replace(code_offset=None)
+    assert native.bf16_conv._widened_codes(state, wider, batch_sum=True) == (wider, None)
 
 
 @pytest.mark.parametrize("bits", [2, 5, 8])
@@ -333,7 +336,7 @@ def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (4, 6, 8, 8))
     _, nat = _pair(model, fracpass.Plan.static(6, 6, 8), inputs)
     got = _run(nat, inputs)
-    monkeypatch.setattr(native.bf16_conv, "_narrow_codes", lambda ctx, q, kept=None: setattr(ctx, "code_offset", None) or q)
+    monkeypatch.setattr(native.bf16_conv, "saved_codes", lambda q, kept: (q, None))
     want = _run(nat, inputs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 

@@ -1,7 +1,8 @@
 """Native products as registered torch ops (issue 27): fracpass::int8_mm / int8_mm_backward (linear layers, 2-D
 matmuls), fracpass::bf16_mm / bf16_mm_backward (batched products), fracpass::gated_linear / gated_linear_backward
-(gated linear layers), fracpass::gated_bmm / gated_bmm_backward (gated batched products) and
-fracpass::int8_conv2d / int8_conv2d_backward (the opt-in int8 conv2d forward), with fakes and
+(gated linear layers), fracpass::gated_bmm / gated_bmm_backward (gated batched products),
+fracpass::int8_conv2d / int8_conv2d_backward (the opt-in int8 conv2d forward) and fracpass::bf16_conv /
+bf16_conv_backward (convolutions of every kind on bf16 codes, static and gated), with fakes and
 their autograd registered, pass torch.library.opcheck, and native calls run through them."""
 from __future__ import annotations
 
@@ -220,3 +221,66 @@ def test_the_int8_conv2d_forward_and_its_backward_pass_opcheck(bits, monkeypatch
         for args, back in zip(forwards, backwards[::-1]):
             torch.library.opcheck(torch.ops.fracpass.int8_conv2d.default, args)
             torch.library.opcheck(torch.ops.fracpass.int8_conv2d_backward.default, back)
+
+
+BF16_CONVS = {
+    "conv2d, channels_last": (lambda: nn.Conv2d(8, 16, 3, padding=1), (4, 8, 10, 10), torch.channels_last),
+    "conv2d, NCHW, strided": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (4, 8, 10, 10), torch.contiguous_format),
+    "conv1d, grouped": (lambda: nn.Conv1d(8, 16, 5, groups=4, padding=2), (4, 8, 40), torch.contiguous_format),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), (4, 8, 6, 6), torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+@pytest.mark.parametrize("case", sorted(BF16_CONVS))
+def test_the_bf16_convolution_and_its_backward_pass_opcheck_and_run_through_the_ops(case, weight_scale, monkeypatch):
+    """fracpass::bf16_conv / bf16_conv_backward: opcheck on the arguments a native convolution gives them in a
+    training step (the input codes kept as bytes, per-tensor and per-channel weights, transposed and grouped
+    ones); the step runs through them, once each."""
+    factory, shape, layout = BF16_CONVS[case]
+    torch.manual_seed(0)
+    conv = factory().to(memory_format=layout) if len(shape) == 4 else factory()
+    x = torch.randn(*shape).contiguous(memory_format=layout) if len(shape) == 4 else torch.randn(*shape)
+    plan = fracpass.Plan.static(6, 6, 6, rules=[fracpass.Rule(weight_scale=weight_scale)])
+    kinds = ("conv", "conv_transpose")
+    q = fracpass.transform(nn.Sequential(conv), plan, example_inputs=(x,), execution="native",
+                           native=fracpass.NativeOptions(kinds=kinds, min_conv_macs=0, channels_last=False))
+    forwards, backwards = _recorded_pair(monkeypatch, native.bf16_conv, "bf16_conv", "bf16_conv_backward",
+                                         lambda: q(x.clone().requires_grad_()).square().mean().backward())
+    assert len(forwards) == 1 and len(backwards) == 1
+    (args,), (back,) = forwards, backwards
+    assert back[24] == [True, True, True, False]  # needs: x, weight, bias; no gate
+    torch.library.opcheck(torch.ops.fracpass.bf16_conv.default, args)
+    torch.library.opcheck(torch.ops.fracpass.bf16_conv_backward.default, back)
+
+
+def test_the_gated_bf16_convolution_and_its_backward_pass_opcheck(monkeypatch):
+    """The gated form: per-sample scales, the gate's gradient among the backward's outputs."""
+    from test_gated import _gated_pair, _spread
+
+    torch.manual_seed(0)
+    inputs = _spread((torch.randn(8, 6, 8, 8),))
+    _, nat = _gated_pair(nn.Sequential(nn.Conv2d(6, 8, 3, padding=1)), inputs,
+                         opts=fracpass.NativeOptions(min_conv_macs=0, channels_last=False))
+    forwards, backwards = _recorded_pair(monkeypatch, native.bf16_conv, "bf16_conv", "bf16_conv_backward",
+                                         lambda: nat(inputs[0].clone().requires_grad_()).square().mean().backward())
+    assert len(forwards) == 1 and len(backwards) == 1
+    (args,), (back,) = forwards, backwards
+    assert args[20] is not None and back[24] == [True, True, True, True]  # gated: the choice, and the gate's gradient
+    torch.library.opcheck(torch.ops.fracpass.bf16_conv.default, args)
+    torch.library.opcheck(torch.ops.fracpass.bf16_conv_backward.default, back)
+
+
+def test_a_handed_over_input_gradient_is_refused_under_tracing_with_what_to_do():
+    """bf16_conv_backward hands dx to a fused op's placeholders only eagerly (whether it can is decided from
+    values): its fake says so instead of giving shapes that may not hold."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        grad, keep = torch.empty(2, 4, 6, 6), torch.empty(2, 4, 6, 6, dtype=torch.uint8)
+        qw, s = torch.empty(4, 4, 3, 3, dtype=torch.bfloat16), torch.empty(1)
+        args = (grad, keep, s, qw, s, grad, grad, 0.0, True, True, 0.0, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, 6,
+                None, None, None, None, None, False, [True, True, False, False])
+        with pytest.raises(NotImplementedError, match="only in eager execution.*without take_"):
+            torch.ops.fracpass.bf16_conv_backward(*args, [2, 4, 6, 6], list(grad.stride()))
+        assert torch.ops.fracpass.bf16_conv_backward(*args, [], [])[0].shape == grad.shape
