@@ -11,7 +11,8 @@ and a quantizer amplifies such a move into one step where a value lies next to a
 (see test_inductor_stays_within_a_step). A stage switch recompiles once per stage, never per step.
 
 Native execution compiles with a graph break at each native convolution or gated call (its products are
-autograd Functions that read tensor values on the host, run eagerly between graphs): the same values as eager.
+registered ops, but the Python choosing them reads tensor values on the host: it runs eagerly between graphs):
+the same values as eager.
 """
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def test_the_benchmark_models_compile_without_graph_breaks(name, plan, execution
     from fracpass import models, native
 
     if execution == "native" and name.startswith("resnet"):
-        pytest.skip("ResNet-74's native convolutions are autograd Functions still: a graph break at each")
+        pytest.skip("ResNet-74's native convolution calls read values on the host still: a graph break at each")
     if execution == "simulate" and name.endswith("matmul attention"):
         pytest.skip("the sdpa transformer's simulate case covers it")
     monkeypatch.setattr(native.units, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16", "avx512_vnni"}))

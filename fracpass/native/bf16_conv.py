@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fracpass.gating import onehot_grad
-from fracpass.quant import value_range, dense, rows_outer_dense
+from fracpass.quant import FULL_PRECISION, dense, draw_seed, rows_outer_dense, value_range
 from fracpass.native import codes, conv_offsets, gated, int8_conv, options, units
 
 class ConvState(NamedTuple):
@@ -97,8 +97,8 @@ def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optiona
     ``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and whose only
     reader this op is: where the input gradient runs on int8, backward returns its product as their
     gradients instead of dx. x, weight, bias, onehot and the placeholders are inputs for their gradients."""
-    state = _state(bias is not None, stride, padding, dilation, transposed, output_padding, groups, gbits, None,
-                   int8_dx, int8_dw, split, code_offset)
+    state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
+                    gbits, choice, mn, mx, act_levels, grad_levels, one_group))
     v = conv_product(qa, qw, keep, state)
     return codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa)
 
@@ -111,26 +111,27 @@ def _bf16_conv_fake(x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, 
 
 
 @torch.library.custom_op("fracpass::bf16_conv_backward", mutates_args=())
-def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, x: Tensor, onehot: Tensor,
+def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, x: Optional[Tensor],
+                       onehot: Optional[Tensor],
                        code_offset: Optional[float], int8_dx: bool, int8_dw: bool, split: float, stride: List[int],
                        padding: List[int], dilation: List[int], transposed: bool, output_padding: List[int],
                        groups: int, gbits: int, choice: Optional[Tensor], mn: Optional[Tensor], mx: Optional[Tensor],
                        act_levels: Optional[Tensor], grad_levels: Optional[Tensor], one_group: bool,
-                       needs: List[bool], hand_shape: List[int],
-                       hand_stride: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       needs: List[bool], hand_shape: List[int], hand_stride: List[int],
+                       seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw, dbias, d_onehot, and the three placeholders' gradients) of fracpass::bf16_conv from dL/dy;
     empty where ``needs`` (x, weight, bias, the gate's one-hot choice) is False. ``x`` and ``onehot``: the
-    forward's, for the gate's gradient (else empty). ``hand_shape`` and ``hand_stride`` (x's; empty lists:
+    forward's, for the gate's gradient (else None). ``hand_shape`` and ``hand_stride`` (x's; empty lists:
     none): where the input gradient's int8 product is handed to the fused op before (int8_conv.takes), dx
     is empty and the placeholders' gradients hold it (int8_conv.Handed), else they are empty. The gradient
-    is quantized as the simulation's gradient quantizer would, drawing its noise as it does."""
-    gating = None if choice is None else gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group)
+    is quantized as the simulation's gradient quantizer would, with the noise of ``seed`` (grad_seed) where
+    it is rounded per tensor; a gated one's rows draw theirs as the gated quantizer does."""
     need_x, need_w, need_b, need_gate = needs
-    state = _state(need_b, stride, padding, dilation, transposed, output_padding, groups, gbits, gating, int8_dx,
-                   int8_dw, split, code_offset)._replace(
-        gate_grad=need_gate, hand=(torch.Size(hand_shape), tuple(hand_stride)) if hand_shape else None)
+    state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
+                    gbits, choice, mn, mx, act_levels, grad_levels, one_group), need_b, need_gate, hand_shape,
+                   hand_stride)
     saved = [keep, sa, qw, sw] + ([x, onehot] if need_gate else [])
-    dx, dw, db, d_onehot = conv_backward(state, (need_x, need_w, need_b), saved, grad)
+    dx, dw, db, d_onehot = conv_backward(state, (need_x, need_w, need_b), saved, grad, seed=seed)
     dx, handed = int8_conv.split_handed(dx)
     none = lambda v: grad.new_empty(0) if v is None else v  # a fresh one each: outputs never alias
     return (none(dx), none(dw), none(db), none(d_onehot)) + tuple(none(h) for h in handed)
@@ -139,7 +140,7 @@ def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: T
 @bf16_conv_backward.register_fake
 def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int8_dx, int8_dw, split, stride, padding,
                              dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
-                             grad_levels, one_group, needs, hand_shape, hand_stride):
+                             grad_levels, one_group, needs, hand_shape, hand_stride, seed):
     if hand_shape:
         raise NotImplementedError(
             "fracpass::bf16_conv_backward hands its input gradient to a fused op only in eager execution (whether "
@@ -151,48 +152,82 @@ def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int
                                                     [need_x, need_w, False])
     none = lambda v: grad.new_empty(0) if v is None else v
     return (none(dx), none(dw), grad.new_empty((grad.shape[1],) if need_b else (0,)),
-            onehot.new_empty(onehot.shape if need_gate else (0,)), grad.new_empty(0), grad.new_empty(0),
+            grad.new_empty(onehot.shape if need_gate else (0,)), grad.new_empty(0), grad.new_empty(0),
             grad.new_empty(0))
 
 
-def _state(has_bias, stride, padding, dilation, transposed, output_padding, groups, gbits, gating, int8_dx, int8_dw,
-           split, code_offset) -> ConvState:
+def flat(state: ConvState) -> list:
+    """A ConvState as fracpass::bf16_conv's (and bf16_conv_bn's) arguments ``code_offset`` .. ``one_group``."""
+    stride, padding, dilation, transposed, output_padding, groups = state.conv
+    g = state.gating if state.gating is not None else gated.Gating(None, None, None, None, None, False)
+    return [state.code_offset, *state.int8, state.split, list(stride), list(padding), list(dilation), transposed,
+            list(output_padding), groups, state.gbits, *g[:6]]
+
+
+def unflat(args, has_bias: bool = False, gate_grad: bool = False, hand_shape=(), hand_stride=()) -> ConvState:
+    """flat()'s inverse, with the backward's settings: ``hand_shape`` and ``hand_stride`` (empty: no hand-over)."""
+    (code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups, gbits,
+     choice, mn, mx, act_levels, grad_levels, one_group) = args
+    gating = None if choice is None else gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group)
+    hand = (torch.Size(hand_shape), tuple(hand_stride)) if hand_shape else None
     return ConvState((list(stride), list(padding), list(dilation), transposed, list(output_padding), groups), gbits,
-                     gating, has_bias, False, (int8_dx, int8_dw), split, code_offset)
+                     gating, has_bias, gate_grad, (int8_dx, int8_dw), split, code_offset, hand)
 
 
-_GRADIENTS = (0, 1, 2, 3)  # x, weight, bias, onehot: the inputs whose gradients bf16_conv_backward gives
+_GATING = slice(11, 16)  # flat()'s tensors: the gated state's choice, mn, mx, act_levels, grad_levels
+
+
+def save_flat(ctx, args, *tensors) -> None:
+    """Keep flat() arguments and ``tensors`` on an op's autograd ctx (the tensors saved; None as empty)."""
+    empty = torch.empty(0)
+    ctx.save_for_backward(*(empty if t is None else t for t in (*tensors, *args[_GATING])))
+    ctx.flat = [None if isinstance(a, Tensor) else a for a in args]
+
+
+def saved_flat(ctx) -> Tuple[list, tuple]:
+    """save_flat's (arguments, tensors), None for an empty one."""
+    saved = [t if t.numel() else None for t in ctx.saved_tensors]
+    n = len(saved) - 5
+    args = list(ctx.flat)
+    args[_GATING] = saved[n:]
+    return args, tuple(saved[:n])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, int8_dx, int8_dw, split, stride, padding, dilation,
-     transposed, output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group,
-     take_v, take_s, take_a) = inputs
+    x, weight, bias, onehot, qa, sa, qw, sw, keep, *args = inputs
+    args, take_v = args[:17], args[17]
     ctx.gate_grad = onehot is not None and onehot.requires_grad
-    empty = sa.new_empty(0)
-    given = lambda t: empty if t is None else t
-    ctx.save_for_backward(keep, sa, qw, sw, x if ctx.gate_grad else empty, onehot if ctx.gate_grad else empty,
-                          given(choice), given(mn), given(mx), given(act_levels), given(grad_levels))
-    ctx.gated = choice is not None
-    ctx.args = (code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                gbits)
-    ctx.one_group, ctx.has_bias = one_group, bias is not None
+    save_flat(ctx, args, keep, sa, qw, sw, x if ctx.gate_grad else None, onehot if ctx.gate_grad else None)
+    ctx.has_bias = bias is not None
     ctx.hand = (list(take_v.shape), list(x.stride())) if take_v is not None else ([], [])
 
 
 def _backward(ctx, grad):
-    keep, sa, qw, sw, x, onehot, choice, mn, mx, act_levels, grad_levels = ctx.saved_tensors
-    given = lambda t: t if t.numel() else None
-    gating = (choice, mn, mx, given(act_levels), given(grad_levels)) if ctx.gated else (None,) * 5
+    args, (keep, sa, qw, sw, x, onehot) = saved_flat(ctx)
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              ctx.has_bias and bool(ctx.needs_input_grad[2]), ctx.gate_grad]
-    dx, dw, db, d_onehot, hv, hs, ha = bf16_conv_backward(grad, keep, sa, qw, sw, x, onehot, *ctx.args, *gating,
-                                                          ctx.one_group, needs, *ctx.hand)
-    handed = bool(ctx.hand[0]) and hv.numel() > 0
+    dx, dw, db, d_onehot, hv, hs, ha = bf16_conv_backward(grad, keep, sa, qw, sw, x, onehot, *args, needs, *ctx.hand,
+                                                          grad_seed(args))
+    return dense_grads(needs, (dx, dw, db, d_onehot), (hv, hs, ha), bool(ctx.hand[0]))
+
+
+def grad_seed(args) -> Optional[Tensor]:
+    """The seed of a backward's stochastic rounding (quant.draw_seed, drawn where the simulation's gradient
+    quantizer draws it: a graph op under torch.compile, the same noise as eager) when flat() ``args`` round
+    the gradient per tensor; None when it is not quantized or is rounded per sample (gated: its rows draw
+    theirs)."""
+    gbits, grad_levels = args[10], args[15]
+    return draw_seed() if gbits < FULL_PRECISION and grad_levels is None else None
+
+
+def dense_grads(needs, grads, handed, hand: bool, gaps=(22,)) -> tuple:
+    """An op's gradients from its backward op's outputs: None where not needed, dx None where it was handed
+    over (then the placeholders' gradients are the handed product, scale and addend)."""
+    handed_over = hand and handed[0].numel() > 0
     picked = lambda v, need: v if need else None
-    return ((picked(dx, needs[0] and not handed), picked(dw, needs[1]), picked(db, needs[2]),
-             picked(d_onehot, needs[3])) + (None,) * 22
-            + (picked(hv, handed), picked(hs, handed), picked(ha, handed and ha.numel() > 0)))
+    out = [picked(g, need and not (i == 0 and handed_over)) for i, (g, need) in enumerate(zip(grads, needs))]
+    return tuple(out) + (None,) * gaps[0] + (picked(handed[0], handed_over), picked(handed[1], handed_over),
+                                             picked(handed[2], handed_over and handed[2].numel() > 0))
 
 
 bf16_conv.register_autograd(_backward, setup_context=_setup_context)
@@ -209,21 +244,18 @@ def operands(qa: Optional[Tensor], kept: Optional[tuple], conv, gbits: int, gati
 
 def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
           sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, state: ConvState, take=(None, None, None)) -> Tensor:
-    """fracpass::bf16_conv on a native call's operands (``keep``, ``state``: operands()), the gated state
-    flattened into the op's arguments."""
-    stride, padding, dilation, transposed, output_padding, groups = state.conv
-    g = state.gating if state.gating is not None else gated.Gating(None, None, None, None, None, False)
-    return bf16_conv(x, weight, bias, onehot, qa, sa, qw, sw, keep, state.code_offset, *state.int8, state.split,
-                     list(stride), list(padding), list(dilation), transposed, list(output_padding), groups,
-                     state.gbits, *g[:6], *take)
+    """fracpass::bf16_conv on a native call's operands (``keep``, ``state``: operands())."""
+    return bf16_conv(x, weight, bias, onehot, qa, sa, qw, sw, keep, *flat(state), *take)
 
 
-def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad, grad_minmax=None) -> tuple:
+def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad, grad_minmax=None,
+                  seed: Optional[Tensor] = None) -> tuple:
     """A bf16 convolution's backward from dL/dy: (dx, dw, db, d_onehot), None where not needed (``needs``:
     x, weight, bias); dx a Handed where ``state.hand`` (the shape and strides of the fused output x, from
     the forward) takes it; ``grad_minmax``: dL/dy's min and max, when already known (the fused
     BatchNorm's backward computes them with dL/dy). ``saved``: the input codes (saved_codes), s_a, q_w,
-    s_w, then x and the one-hot choice where the gate's gradient is needed."""
+    s_w, then x and the one-hot choice where the gate's gradient is needed. ``seed``: the stochastic
+    rounding's of a gradient rounded per tensor (grad_seed), else the rounding draws one."""
     qa, sa, qw, sw = saved[:4]
     stride, padding, dilation, transposed, output_padding, groups = state.conv
     args = (stride, padding, dilation, transposed, output_padding, groups)
@@ -240,7 +272,7 @@ def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad,
     if exact is None or (exact is not True and not bool(exact.any())):
         # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
         qa, _ = _widened_codes(state, qa)
-        ghat = codes.simulated_grad(grad, mn, mx, levels, state.gbits)
+        ghat = codes.simulated_grad(grad, mn, mx, levels, state.gbits, seed)
         x_hat = qa.float().mul_(codes.per_row_view(sa, qa)) if need_w else codes.shape_only(qa)
         w_hat = _weight_values(qw, sw, transposed)
         dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
@@ -255,7 +287,7 @@ def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad,
         # int8_conv.int8_reasons), both from the gradient codes' bytes
         int8_dx, int8_dw = need_x and state.int8[0] and wide is None, need_w and state.int8[1] and wide is None
         ghat, t, sg, c, kept_g = codes.bf16_grad_codes(grad, mn, mx, levels, state.gbits, values=wide is not None,
-                                                  bytes=int8_dx or int8_dw)
+                                                  bytes=int8_dx or int8_dw, seed=seed)
         int8_dx, int8_dw = int8_dx and kept_g is not None, int8_dw and kept_g is not None
         if kept_g is not None:  # the codes keep the gradient's layout; both int8 products read them channels-last
             kept_g = (kept_g[0].contiguous(memory_format=torch.channels_last), kept_g[1])

@@ -82,7 +82,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
                handed: Optional[conv_bn.Handover] = None, give: Optional[bool] = None):
     """The convolution on bf16 codes where the bits and sizes allow, else ``simulated``; ``fused`` (bn,
     act, residual, bn_first): the BatchNorm (then residual add, then ReLU) that follows it, run in the
-    same op (conv_bn.Bf16ConvBN) or, on the simulated route, as the unfused graph runs them. ``handed``:
+    same op (fracpass::bf16_conv_bn) or, on the simulated route, as the unfused graph runs them. ``handed``:
     what the fused op that wrote x gives this call (its range; its gradient placeholders if this call is
     x's only reader). ``give`` (a fused call that FuseNativeBNPass wired to its readers): return
     (out, conv_bn.Handover) instead of out, the placeholders in it if ``give`` is True (out's only
@@ -91,15 +91,16 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
                          gate, simulated, site, fused, handed, bool(give))
     if isinstance(out, Tensor):  # simulated, or unfused
         return out if give is None else (out, conv_bn.Handover())
-    y, low, high, *placeholders = out
+    y, low, high, *placeholders = out[:6]  # then what its backward reads
     if give is None:
         return y
-    return y, conv_bn.Handover(low, high, None if placeholders[0] is None else tuple(placeholders))
+    given = lambda t: t if t.numel() else None  # the fused op's outputs are empty where it has none
+    return y, conv_bn.Handover(given(low), given(high), tuple(placeholders) if placeholders[0].numel() else None)
 
 
 def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate,
                    simulated, site, fused, handed, give):
-    """_bf16_conv's work: out, or the fused op's six outputs (conv_bn.Bf16ConvBN.forward)."""
+    """_bf16_conv's work: out, or the fused op's outputs (fracpass::bf16_conv_bn's)."""
     opts = site_options(site)
     known = handed.known_range if handed is not None and gate is None else None
     why = (decide.decide(aq, wq, gq, path="bf16", device=x.device)[0] != "bf16"
@@ -159,9 +160,8 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         y = bf16_conv.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, take)
         return y if fused is None else conv_bn.unfused(y, *fused)
     bn, act, residual, _ = fused
-    outs = conv_bn.Bf16ConvBN.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, bn.weight, bn.bias, residual,
-                                    conv_bn.bn_state(bn) + (act is not None,),
-                                    give and opts.hand_gradient and torch.is_grad_enabled(), opts.fast_bn, *take)
+    outs = conv_bn.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, bn, residual, act is not None,
+                         give and opts.hand_gradient and torch.is_grad_enabled(), opts.fast_bn, take)
     if site is not None:
         site.last.bn = conv_bn.bn_route(outs[0], sa, residual, opts.fast_bn)
     return outs
@@ -205,7 +205,7 @@ def _conv_bn_call(fn):
                           fused=(bn, act, residual, bn_first), handed=handed, give=give)
 
     call.__doc__ = (f"``act(bn(gq({fn.__name__}(aq(x), wq(weight), ...))) + residual)``, the convolution on "
-                    "bfloat16 codes where the bits allow, saving less for backward (conv_bn.Bf16ConvBN).")
+                    "bfloat16 codes where the bits allow, saving less for backward (fracpass::bf16_conv_bn).")
     return call
 
 
@@ -222,15 +222,15 @@ def _conv_transpose_call(fn):
     return call
 
 
-COMPILE_BREAK = ("fracpass native call {name}: its products are autograd Functions that choose their kernels from "
-                 "tensor values read on the host, which torch.compile cannot trace yet, so each native call runs "
+COMPILE_BREAK = ("fracpass native call {name}: its products are registered ops, but the Python that chooses them reads "
+                 "tensor values on the host (a NaN in the input, one option group, the codes' span), which "
+                 "torch.compile cannot trace yet, so each native call runs "
                  "eagerly between compiled graphs. Compile without fullgraph=True to run it so, or transform with "
                  "execution='simulate', which compiles as one graph (docs/compile.md)")
 
 
-COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (their products are "
-                    "autograd Functions that choose their kernels from values read on the host, which Dynamo cannot "
-                    "trace yet): each runs eagerly between compiled graphs, with eager's values, and the step may "
+COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (the Python that chooses "
+                    "their products reads tensor values on the host, which Dynamo cannot trace yet): each runs eagerly between compiled graphs, with eager's values, and the step may "
                     "gain little from compiling. To compile as one graph, transform with execution='simulate' "
                     "(docs/compile.md)")
 
@@ -250,10 +250,9 @@ def _warn_compiled(ctx) -> None:
 
 def _eager(fn, name: str):
     """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
-    eagerly, since its products are autograd Functions whose Python reads tensor values on the host to choose
-    their kernels (the kernels themselves are torch ops; the int8 and static bf16 products are registered ops
-    already: int8_mm, bf16_mm); fullgraph=True fails with COMPILE_BREAK, and a plain compile warns with
-    COMPILE_FALLBACK."""
+    eagerly, since the Python around its products reads tensor values on the host to choose their path (the
+    products and kernels themselves are registered ops); fullgraph=True fails with COMPILE_BREAK, and a plain
+    compile warns with COMPILE_FALLBACK."""
     from torch._dynamo.comptime import comptime
 
     run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
@@ -273,7 +272,7 @@ def _named(fn, name: str):
     return fn
 
 
-# the parts of native_linear / native_matmul that run eagerly under torch.compile (bf16 products: autograd Functions)
+# the parts of native_linear / native_matmul that run eagerly under torch.compile (gated: their Python reads values)
 _gated_linear = _eager(gated.gated_linear, "native_linear (gated)")
 _gated_matmul = _eager(bf16_mm.gated_matmul, "native_matmul (gated)")
 native_linear = _named(native_linear, "native_linear")  # traceable: the int8 product is a registered op

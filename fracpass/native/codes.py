@@ -106,9 +106,10 @@ NONE_F, NONE_I = torch.empty(0), torch.empty(0, dtype=torch.int32)  # "none" for
 NONE_B = torch.empty(0, dtype=torch.uint8)
 
 
-def given(t: Optional[Tensor]) -> Tensor:
-    """An optional float32 argument of the CPU kernels: the tensor (detached), or none."""
-    return NONE_F if t is None else t.detach()
+def given(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """An optional float32 argument of the CPU kernels: the tensor (detached), or none (empty, made as ``like``
+    is: a fake tensor under tracing, where the constant NONE_F would be a real one among fakes)."""
+    return like.new_empty(0, dtype=torch.float32) if t is None else t.detach()
 
 
 def encode_shifted(x: Tensor, mn: Tensor, mx: Tensor, bits: int) -> Tensor:
@@ -225,9 +226,9 @@ def scale_out(v: Tensor, scale: Tensor, bias: Optional[Tensor], rows: Optional[T
         scale, rows = scale * rows.reshape(()), None
     ext = units.ext(v)
     if ext is not None and rows_outer_dense(v) and (addend is None or same_sample_layout(addend, v)):
-        return ext.scale_bf16(v, scale.reshape(-1).float(), NONE_F if bias is None else bias.detach().reshape(-1),
-                              NONE_F if rows is None else rows.reshape(-1).float(),
-                              NONE_F if addend is None else memory_order(addend))
+        return ext.scale_bf16(v, scale.reshape(-1).float(), given(None if bias is None else bias.reshape(-1), v),
+                              given(None if rows is None else rows.reshape(-1).float(), v),
+                              given(None if addend is None else memory_order(addend), v))
     shape = (1, -1) + (1,) * (v.dim() - 2)
     s = scale.view(shape) if scale.numel() > 1 else scale
     if rows is not None:

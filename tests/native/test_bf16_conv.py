@@ -231,7 +231,7 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
     back, none = native.bf16_conv._widened_codes(state, u)
     assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q) and none is None
     back, total = native.bf16_conv._widened_codes(state, u, batch_sum=True)  # with the batch sum, from the same pass
-    want = native.conv_offsets.batch_sum(q)
+    want = native.conv_offsets._batch_sum(q)
     assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
     wider = torch.cat([q, torch.ones_like(q[:1])])  # -255..1, 257 values: kept as bfloat16
     kept, offset = native.bf16_conv.saved_codes(wider, None)
@@ -313,7 +313,7 @@ def test_offset_corrections_window_sums_match_a_float64_convolution_of_ones(layo
         want = torch.ops.aten.convolution_backward(torch.ones(1, 5, ho, wo, dtype=torch.float64), qa[:1].double(),
                                                    qw.double(), None, *args, [True, False, False])[0]
         assert torch.equal(got, want.float()) and got.stride(1) == (1 if layout == "channels_last" else h * w)
-        total = native.conv_offsets.batch_sum(qa)
+        total = native.conv_offsets._batch_sum(qa)
         sums = native.conv_offsets.ones_weight_grad(t, qa, qw, args, torch.tensor(0.5), total)
         want = torch.ops.aten.convolution_backward(torch.ones(1, 1, ho, wo, dtype=torch.float64), total.double(),
                                                    torch.zeros(1, 3, kh, kw, dtype=torch.float64), None, *args,

@@ -1,5 +1,5 @@
 """fuse-native-bn (fracpass.passes.FuseNativeBNPass): a bf16 convolution with the BatchNorm it feeds, and
-the residual add and ReLU after it, as one op (_Bf16ConvBN) that keeps less for backward.
+the residual add and ReLU after it, as one op (fracpass::bf16_conv_bn) that keeps less for backward.
 
 Contract (with the fused op's BatchNorm on aten's kernels, ``NativeOptions(fast_bn=False)``; its own CPU
 kernels are checked in tests/native/test_conv_bn.py): the fused model computes what the unfused native
