@@ -265,10 +265,14 @@ class NativeKernels:
 
     def __init__(self, module):
         self._module = module
+        self._vnni = bool(module.vnni_weight_grad())  # asked once: torch.compile then reads an attribute
+        for name in NATIVE_FAKES:  # each op an attribute, which torch.compile reads (it does not run __getattr__)
+            if not hasattr(type(self), name):  # the methods above wrap theirs
+                setattr(self, name, getattr(torch.ops.fracpass, name))
 
     def vnni_weight_grad(self) -> bool:
         """Whether weight_grad_u8 was built (AVX512-VNNI): a fact of the build, not an op."""
-        return self._module.vnni_weight_grad()
+        return self._vnni
 
     def epilogue(self, acc: Tensor, *args) -> Tensor:
         torch.ops.fracpass.epilogue(acc, *args)

@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fracpass import meta
-from fracpass.native import calls, layout
+from fracpass.native import calls, layout, units
 from fracpass.native.options import CONV_TRANSPOSE_SIMULATED, NativeOptions
 from fracpass.native.site import NATIVE, NativeInfo, NativeSite
 from fracpass.pass_base import PassBase, PassResult
@@ -36,6 +36,7 @@ class LowerNativePass(PassBase):
         self.options = options
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        units.preload()  # the CPU kernels loaded (built on first use) here: torch.compile cannot trace the loader
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)

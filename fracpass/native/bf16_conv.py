@@ -17,8 +17,11 @@ class ConvState(NamedTuple):
     gradient's bits, the gated op's state (None: static), whether the gate's one-hot choice needs its
     gradient (computed from dx), whether dx's and dw's products run on int8 (int8_conv.int8_reasons) with
     the weight codes' split limit, the offset of the saved input codes when they are bytes q - offset
-    (saved_codes; None: the bfloat16 codes), and ``hand``: the shape and strides of the fused output x
-    whose placeholders may take dx's int8 product (conv_bn.Handover.grad), or None."""
+    (saved_codes; None: the bfloat16 codes; a 0-d tensor at the call, a float inside the ops), ``hand``: the
+    shape and strides of the fused output x whose placeholders may take dx's int8 product
+    (conv_bn.Handover.grad), or None, and ``finite``: whether the input's range is finite (a 0-d bool
+    tensor, read inside the ops; None: not checked). A non-finite input has no codes: the ops then compute
+    what the simulation does, whose quantized input is NaN everywhere (conv_product, conv_backward)."""
 
     conv: tuple
     gbits: int
@@ -29,22 +32,30 @@ class ConvState(NamedTuple):
     split: float = 0.0
     code_offset: Optional[float] = None
     hand: Optional[tuple] = None
+    finite: Optional[Tensor] = None
 
 
-def saved_codes(q: Optional[Tensor], kept: Optional[tuple]) -> Tuple[Tensor, Optional[float]]:
+def saved_codes(q: Optional[Tensor], kept: Optional[tuple], narrow: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """The input codes a bf16 convolution keeps for backward, and their offset: as bytes q - offset when
     they span at most 256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not),
     in one byte per element instead of bfloat16's two; else q itself (offset None). ``kept``: those bytes
-    and their offset, already made by the encoding kernel (codes.bf16_input_codes: no pass over q here)."""
+    and their offset, already made by the encoding kernel (codes.bf16_input_codes: no pass over q here).
+    Without ``narrow`` (a call torch.compile traces: whether q fits is a value) q stays as it is then. The
+    offset is a 0-d float32 tensor."""
     if kept is not None:
         return kept[0], kept[1]
     ext = units.ext(q)
-    if ext is None or q.numel() == 0 or not rows_outer_dense(q):
+    if not narrow or ext is None or q.numel() == 0 or not rows_outer_dense(q):
         return q, None
     lo, hi = (float(m) for m in value_range(q))
     if hi - lo > 255:
         return q, None
-    return ext.codes_to_u8(q, lo), lo
+    return ext.codes_to_u8(q, lo), torch.tensor(lo)
+
+
+def _finite(state: ConvState) -> bool:
+    """Whether the op's input has codes (inside an op: a host read of a CPU tensor is a load)."""
+    return state.finite is None or bool(state.finite)
 
 
 def _widened_codes(state: ConvState, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
@@ -58,7 +69,11 @@ def _widened_codes(state: ConvState, q: Tensor, batch_sum: bool = False) -> Tupl
 
 def conv_product(qa: Optional[Tensor], qw: Tensor, keep: Tensor, state: ConvState) -> Tensor:
     """The convolution's bfloat16 product v = conv(q_a, q_w): on bfloat16 codes, or (qa None) on int8 from
-    the input's bytes ``keep`` = q_a - state.code_offset (int8_conv.int8_product)."""
+    the input's bytes ``keep`` = q_a - state.code_offset (int8_conv.int8_product). A non-finite input
+    (state.finite False): q_a NaN everywhere, as the simulation's quantized input is."""
+    if not _finite(state):
+        nan = torch.empty_like(keep, dtype=torch.bfloat16).fill_(float("nan"))
+        return torch.ops.aten.convolution(nan, qw, None, *state.conv)
     if qa is None:
         return int8_conv.int8_product((keep, state.code_offset), qw, state.conv, state.split)
     return torch.ops.aten.convolution(qa, qw, None, *state.conv)
@@ -66,11 +81,12 @@ def conv_product(qa: Optional[Tensor], qw: Tensor, keep: Tensor, state: ConvStat
 
 @torch.library.custom_op("fracpass::bf16_conv", mutates_args=())
 def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
-              sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, code_offset: Optional[float], int8_dx: bool,
+              sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, code_offset: Optional[Tensor], int8_dx: bool,
               int8_dw: bool, split: float, stride: List[int], padding: List[int], dilation: List[int],
               transposed: bool, output_padding: List[int], groups: int, gbits: int, choice: Optional[Tensor],
               mn: Optional[Tensor], mx: Optional[Tensor], act_levels: Optional[Tensor], grad_levels: Optional[Tensor],
-              one_group: bool, take_v: Optional[Tensor], take_s: Optional[Tensor], take_a: Optional[Tensor]) -> Tensor:
+              one_group: bool, finite: Optional[Tensor], take_v: Optional[Tensor], take_s: Optional[Tensor],
+              take_a: Optional[Tensor]) -> Tensor:
     """A convolution (any dim, grouped, transposed) on bfloat16 codes: forward y = s_a s_w conv(q_a, q_w)
     and, in backward (fracpass::bf16_conv_backward), dx = conv^T(ghat, w_hat) and dw = conv_w(ghat, x_hat)
     with ghat = s_g t + c.
@@ -87,6 +103,8 @@ def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optiona
     has more than 8 bits. Saved for backward: the input codes ``keep`` (saved_codes: bytes q_a -
     ``code_offset``, or the bfloat16 codes), never the float operands. ``qa`` None: the forward's product
     runs on int8 from those bytes; ``int8_dx``, ``int8_dw``: the gradients' products too (int8_conv).
+    ``finite``: whether the input's range is finite (ConvState.finite): if not, both passes compute what
+    the simulation does on its quantized input, NaN everywhere.
 
     Gated (``choice`` given, then mn, mx, act_levels, grad_levels, one_group: gated.Gating's fields):
     s_a, s_g and c hold one value per sample, on the free axis of y and dx, so they scale those outputs
@@ -98,7 +116,7 @@ def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optiona
     reader this op is: where the input gradient runs on int8, backward returns its product as their
     gradients instead of dx. x, weight, bias, onehot and the placeholders are inputs for their gradients."""
     state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                    gbits, choice, mn, mx, act_levels, grad_levels, one_group))
+                    gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite))
     v = conv_product(qa, qw, keep, state)
     return codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa)
 
@@ -106,18 +124,18 @@ def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optiona
 @bf16_conv.register_fake
 def _bf16_conv_fake(x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, int8_dx, int8_dw, split, stride,
                     padding, dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
-                    grad_levels, one_group, take_v, take_s, take_a):
+                    grad_levels, one_group, finite, take_v, take_s, take_a):
     return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, transposed, output_padding, groups)
 
 
 @torch.library.custom_op("fracpass::bf16_conv_backward", mutates_args=())
 def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: Tensor, x: Optional[Tensor],
                        onehot: Optional[Tensor],
-                       code_offset: Optional[float], int8_dx: bool, int8_dw: bool, split: float, stride: List[int],
+                       code_offset: Optional[Tensor], int8_dx: bool, int8_dw: bool, split: float, stride: List[int],
                        padding: List[int], dilation: List[int], transposed: bool, output_padding: List[int],
                        groups: int, gbits: int, choice: Optional[Tensor], mn: Optional[Tensor], mx: Optional[Tensor],
                        act_levels: Optional[Tensor], grad_levels: Optional[Tensor], one_group: bool,
-                       needs: List[bool], hand_shape: List[int], hand_stride: List[int],
+                       finite: Optional[Tensor], needs: List[bool], hand_shape: List[int], hand_stride: List[int],
                        seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw, dbias, d_onehot, and the three placeholders' gradients) of fracpass::bf16_conv from dL/dy;
     empty where ``needs`` (x, weight, bias, the gate's one-hot choice) is False. ``x`` and ``onehot``: the
@@ -128,7 +146,7 @@ def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: T
     it is rounded per tensor; a gated one's rows draw theirs as the gated quantizer does."""
     need_x, need_w, need_b, need_gate = needs
     state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                    gbits, choice, mn, mx, act_levels, grad_levels, one_group), need_b, need_gate, hand_shape,
+                    gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite), need_b, need_gate, hand_shape,
                    hand_stride)
     saved = [keep, sa, qw, sw] + ([x, onehot] if need_gate else [])
     dx, dw, db, d_onehot = conv_backward(state, (need_x, need_w, need_b), saved, grad, seed=seed)
@@ -140,7 +158,7 @@ def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: T
 @bf16_conv_backward.register_fake
 def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int8_dx, int8_dw, split, stride, padding,
                              dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
-                             grad_levels, one_group, needs, hand_shape, hand_stride, seed):
+                             grad_levels, one_group, finite, needs, hand_shape, hand_stride, seed):
     if hand_shape:
         raise NotImplementedError(
             "fracpass::bf16_conv_backward hands its input gradient to a fused op only in eager execution (whether "
@@ -157,45 +175,50 @@ def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int
 
 
 def flat(state: ConvState) -> list:
-    """A ConvState as fracpass::bf16_conv's (and bf16_conv_bn's) arguments ``code_offset`` .. ``one_group``."""
+    """A ConvState as fracpass::bf16_conv's (and bf16_conv_bn's) arguments ``code_offset`` .. ``finite``."""
     stride, padding, dilation, transposed, output_padding, groups = state.conv
     g = state.gating if state.gating is not None else gated.Gating(None, None, None, None, None, False)
     return [state.code_offset, *state.int8, state.split, list(stride), list(padding), list(dilation), transposed,
-            list(output_padding), groups, state.gbits, *g[:6]]
+            list(output_padding), groups, state.gbits, *g[:6], state.finite]
 
 
 def unflat(args, has_bias: bool = False, gate_grad: bool = False, hand_shape=(), hand_stride=()) -> ConvState:
-    """flat()'s inverse, with the backward's settings: ``hand_shape`` and ``hand_stride`` (empty: no hand-over)."""
+    """flat()'s inverse inside an op (the codes' offset as a float), with the backward's settings:
+    ``hand_shape`` and ``hand_stride`` (empty: no hand-over)."""
     (code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups, gbits,
-     choice, mn, mx, act_levels, grad_levels, one_group) = args
+     choice, mn, mx, act_levels, grad_levels, one_group, finite) = args
     gating = None if choice is None else gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group)
     hand = (torch.Size(hand_shape), tuple(hand_stride)) if hand_shape else None
+    offset = None if code_offset is None else float(code_offset)
     return ConvState((list(stride), list(padding), list(dilation), transposed, list(output_padding), groups), gbits,
-                     gating, has_bias, gate_grad, (int8_dx, int8_dw), split, code_offset, hand)
+                     gating, has_bias, gate_grad, (int8_dx, int8_dw), split, offset, hand, finite)
 
 
-_GATING = slice(11, 16)  # flat()'s tensors: the gated state's choice, mn, mx, act_levels, grad_levels
+FLAT = 18  # flat()'s length
+_TENSOR_ARGS = (0, 11, 12, 13, 14, 15, 17)  # flat()'s tensors: the offset, the gated state, finite
 
 
 def save_flat(ctx, args, *tensors) -> None:
     """Keep flat() arguments and ``tensors`` on an op's autograd ctx (the tensors saved; None as empty)."""
     empty = torch.empty(0)
-    ctx.save_for_backward(*(empty if t is None else t for t in (*tensors, *args[_GATING])))
-    ctx.flat = [None if isinstance(a, Tensor) else a for a in args]
+    flat_tensors = [args[i] for i in _TENSOR_ARGS]
+    ctx.save_for_backward(*(empty if t is None else t for t in (*tensors, *flat_tensors)))
+    ctx.flat = [None if i in _TENSOR_ARGS else a for i, a in enumerate(args)]
 
 
 def saved_flat(ctx) -> Tuple[list, tuple]:
     """save_flat's (arguments, tensors), None for an empty one."""
     saved = [t if t.numel() else None for t in ctx.saved_tensors]
-    n = len(saved) - 5
+    n = len(saved) - len(_TENSOR_ARGS)
     args = list(ctx.flat)
-    args[_GATING] = saved[n:]
+    for i, t in zip(_TENSOR_ARGS, saved[n:]):
+        args[i] = t
     return args, tuple(saved[:n])
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, onehot, qa, sa, qw, sw, keep, *args = inputs
-    args, take_v = args[:17], args[17]
+    args, take_v = args[:FLAT], args[FLAT]
     ctx.gate_grad = onehot is not None and onehot.requires_grad
     save_flat(ctx, args, keep, sa, qw, sw, x if ctx.gate_grad else None, onehot if ctx.gate_grad else None)
     ctx.has_bias = bias is not None
@@ -220,7 +243,7 @@ def grad_seed(args) -> Optional[Tensor]:
     return draw_seed() if gbits < FULL_PRECISION and grad_levels is None else None
 
 
-def dense_grads(needs, grads, handed, hand: bool, gaps=(22,)) -> tuple:
+def dense_grads(needs, grads, handed, hand: bool, gaps=(FLAT + 5,)) -> tuple:
     """An op's gradients from its backward op's outputs: None where not needed, dx None where it was handed
     over (then the placeholders' gradients are the handed product, scale and addend)."""
     handed_over = hand and handed[0].numel() > 0
@@ -234,12 +257,13 @@ bf16_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
 def operands(qa: Optional[Tensor], kept: Optional[tuple], conv, gbits: int, gating: Optional[gated.Gating],
-             has_bias: bool) -> Tuple[Tensor, ConvState]:
+             has_bias: bool, finite: Optional[Tensor] = None) -> Tuple[Tensor, ConvState]:
     """A native call's input codes to keep (saved_codes) and its ConvState: ``qa`` the bfloat16 input codes (or,
-    None, their bytes in ``kept``: codes.bf16_input_codes's, with whether the gradients' products run on int8)."""
-    keep, offset = saved_codes(qa, kept)
+    None, their bytes in ``kept``: codes.bf16_input_codes's, with whether the gradients' products run on int8).
+    A static call (no ``gating``) is traced by torch.compile: its codes are narrowed only as the kernel made them."""
+    keep, offset = saved_codes(qa, kept, narrow=gating is not None)
     flags = ((kept.int8_dx, kept.int8_dw), kept.split) if kept is not None else ((False, False), 0.0)
-    return keep, ConvState(tuple(conv), gbits, gating, has_bias, False, *flags, offset)
+    return keep, ConvState(tuple(conv), gbits, gating, has_bias, False, *flags, offset, None, finite)
 
 
 def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
@@ -269,11 +293,16 @@ def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad,
         exact = None if levels is None or not 2 <= state.gbits <= options.MAX_INT8_BITS else True
     else:
         exact = codes.exact_codes(levels)
-    if exact is None or (exact is not True and not bool(exact.any())):
-        # the gradient's codes would not be exact in bfloat16 (or it is not quantized): float32 products
-        qa, _ = _widened_codes(state, qa)
+    finite = _finite(state)
+    if not finite or exact is None or (exact is not True and not bool(exact.any())):
+        # the gradient's codes would not be exact in bfloat16 (or it is not quantized), or the input had no
+        # codes (the simulation's quantized input is NaN everywhere then): float32 products
         ghat = codes.simulated_grad(grad, mn, mx, levels, state.gbits, seed)
-        x_hat = qa.float().mul_(codes.per_row_view(sa, qa)) if need_w else codes.shape_only(qa)
+        if not finite:
+            x_hat = torch.empty_like(qa, dtype=torch.float32).fill_(float("nan"))
+        else:
+            qa, _ = _widened_codes(state, qa)
+            x_hat = qa.float().mul_(codes.per_row_view(sa, qa)) if need_w else codes.shape_only(qa)
         w_hat = _weight_values(qw, sw, transposed)
         dx, dw, db = torch.ops.aten.convolution_backward(ghat, x_hat, w_hat, [ghat.shape[1]] if need_b else None,
                                                          *args, [need_x, need_w, need_b])

@@ -87,8 +87,9 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     x's only reader). ``give`` (a fused call that FuseNativeBNPass wired to its readers): return
     (out, conv_bn.Handover) instead of out, the placeholders in it if ``give`` is True (out's only
     reader is a 2-D convolution call that reads it once)."""
-    out = _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq,
-                         gate, simulated, site, fused, handed, bool(give))
+    run = _gated_conv_out if _gated(aq, gq) else _bf16_conv_out  # a gated one's Python reads values: eager
+    out = run(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate, simulated,
+              site, fused, handed, bool(give))
     if isinstance(out, Tensor):  # simulated, or unfused
         return out if give is None else (out, conv_bn.Handover())
     y, low, high, *placeholders = out[:6]  # then what its backward reads
@@ -117,15 +118,17 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         x, fused = _channels_last(x, fused, site)
     conv = (decide.tuple_arg(stride, n), decide.tuple_arg(padding, n), decide.tuple_arg(dilation, n), transposed,
             decide.tuple_arg(output_padding, n), groups)
-    gating, kept, take = None, None, (None, None, None)
-    gated_call = isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
+    gating, kept, take, finite = None, None, (None, None, None), None
+    gated_call = _gated(aq, gq)
+    # the hand-over between fused ops is decided from values: eager execution only (docs/native.md)
+    hand = opts.hand_gradient and not torch.compiler.is_compiling()
     if not gated_call:
         with torch.no_grad():
-            mn, mx = aq.qrange(x, known)  # tracked once: the fallback below reuses it
-        if not decide.finite_range(mn, mx):
-            record(site, decide.NONFINITE)
-            y = quantized(gq, simulated(aq.quantize(x, mn, mx), quantized(wq, weight)), gate)
-            return y if fused is None else conv_bn.unfused(y, *fused)
+            mn, mx = aq.qrange(x, known)
+            # a NaN or Inf in x leaves it without codes: the ops then compute what the simulation does (NaN;
+            # ConvState.finite, read inside them), the codes made over a stand-in range are never read
+            finite = torch.isfinite(mn).all() & torch.isfinite(mx).all()
+            mn, mx = torch.where(finite, mn, torch.zeros_like(mn)), torch.where(finite, mx, torch.ones_like(mx))
     with torch.no_grad():
         qw, sw = codes.bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
         if gated_call:
@@ -145,7 +148,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
             qa, sa, kept = codes.bf16_input_codes(x.detach(), mn, mx, aq.bits, codes=forward is not None)
             if kept is not None:
                 int8_dx = x.requires_grad and dx is None
-                if int8_dx and opts.hand_gradient and handed is not None and handed.grad is not None:
+                if int8_dx and hand and handed is not None and handed.grad is not None:
                     take = handed.grad  # dx's product goes to the fused op before as these placeholders' gradients
                 kept = kept._replace(int8_dx=int8_dx, int8_dw=weight.requires_grad and dw is None,
                                      split=opts.split_channels)
@@ -153,7 +156,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         site.last.int8 = (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else conv_bn.fused_reason(x, *fused)
-    keep, state = bf16_conv.operands(qa, kept, conv, decide.grad_bits(gq), gating, bias is not None)
+    keep, state = bf16_conv.operands(qa, kept, conv, decide.grad_bits(gq), gating, bias is not None, finite)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
         if unfused and site is not None:
             site.last.bn = f"its BatchNorm runs unfused: {unfused}"
@@ -161,10 +164,14 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         return y if fused is None else conv_bn.unfused(y, *fused)
     bn, act, residual, _ = fused
     outs = conv_bn.apply(x, weight, bias, onehot, qa, sa, qw, sw, keep, state, bn, residual, act is not None,
-                         give and opts.hand_gradient and torch.is_grad_enabled(), opts.fast_bn, take)
+                         give and hand and torch.is_grad_enabled(), opts.fast_bn, take)
     if site is not None:
         site.last.bn = conv_bn.bn_route(outs[0], sa, residual, opts.fast_bn)
     return outs
+
+
+def _gated(aq, gq) -> bool:
+    return isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
 
 
 def _channels_last(x: Tensor, fused, site: Optional[NativeSite]):
@@ -272,20 +279,22 @@ def _named(fn, name: str):
     return fn
 
 
-# the parts of native_linear / native_matmul that run eagerly under torch.compile (gated: their Python reads values)
+# the parts of the native calls that run eagerly under torch.compile (gated: their Python reads values)
 _gated_linear = _eager(gated.gated_linear, "native_linear (gated)")
 _gated_matmul = _eager(bf16_mm.gated_matmul, "native_matmul (gated)")
 native_linear = _named(native_linear, "native_linear")  # traceable: the int8 product is a registered op
 native_matmul = _named(native_matmul, "native_matmul")  # likewise its int8 and (static) bf16 products
-bf16_conv1d = _named(_eager(_conv_call(F.conv1d), "bf16_conv1d"), "bf16_conv1d")
-bf16_conv2d = _named(_eager(_conv_call(F.conv2d), "bf16_conv2d"), "bf16_conv2d")
-bf16_conv3d = _named(_eager(_conv_call(F.conv3d), "bf16_conv3d"), "bf16_conv3d")
-bf16_conv_transpose1d = _named(_eager(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d"), "bf16_conv_transpose1d")
-bf16_conv_transpose2d = _named(_eager(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d"), "bf16_conv_transpose2d")
-bf16_conv_transpose3d = _named(_eager(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d"), "bf16_conv_transpose3d")
-bf16_conv1d_bn = _named(_eager(_conv_bn_call(F.conv1d), "bf16_conv1d_bn"), "bf16_conv1d_bn")
-bf16_conv2d_bn = _named(_eager(_conv_bn_call(F.conv2d), "bf16_conv2d_bn"), "bf16_conv2d_bn")
-bf16_conv3d_bn = _named(_eager(_conv_bn_call(F.conv3d), "bf16_conv3d_bn"), "bf16_conv3d_bn")
+_gated_conv_out = _eager(_bf16_conv_out, "a gated convolution")
+# traceable: the static convolutions' products are registered ops and their Python reads no values
+bf16_conv1d = _named(_conv_call(F.conv1d), "bf16_conv1d")
+bf16_conv2d = _named(_conv_call(F.conv2d), "bf16_conv2d")
+bf16_conv3d = _named(_conv_call(F.conv3d), "bf16_conv3d")
+bf16_conv_transpose1d = _named(_conv_transpose_call(F.conv_transpose1d), "bf16_conv_transpose1d")
+bf16_conv_transpose2d = _named(_conv_transpose_call(F.conv_transpose2d), "bf16_conv_transpose2d")
+bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_conv_transpose3d")
+bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
+bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
+bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
 native_conv2d = _named(_eager(int8_conv2d.native_conv2d, "native_conv2d"), "native_conv2d")
 
 

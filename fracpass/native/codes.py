@@ -151,7 +151,7 @@ class _Kept(NamedTuple):
     forward's operand) and whether its input and weight gradients' products run on int8."""
 
     u: Tensor
-    lo: float
+    lo: Tensor  # 0-d: read inside the ops, so that torch.compile traces the call
     int8_dx: bool = False
     int8_dw: bool = False  # the weight gradient's on the VNNI kernel (int8_conv.int8_reasons)
     split: float = options.NativeOptions.split_channels  # for the int8 products (int8_conv.int8_product)
@@ -168,7 +168,7 @@ def bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
         return bf16_codes(x, mn, mx, float(2**bits - 1)) + (None,)
     scale, lo, hi = affine_params(mn, mx, float(2**bits - 1))
     q, u = ext.encode_bf16(x, scale.reshape(-1), lo.reshape(-1), hi.reshape(-1), True, codes)
-    return q if codes else None, scale.reshape(-1), _Kept(u, float(lo))
+    return q if codes else None, scale.reshape(-1), _Kept(u, lo.reshape(()))
 
 
 def per_row_view(v: Tensor, like: Tensor) -> Tensor:

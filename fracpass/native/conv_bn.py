@@ -23,11 +23,12 @@ _Thirteen = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 
 @torch.library.custom_op("fracpass::bf16_conv_bn", mutates_args=())
 def bf16_conv_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
-                 sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, code_offset: Optional[float], int8_dx: bool,
+                 sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, code_offset: Optional[Tensor], int8_dx: bool,
                  int8_dw: bool, split: float, stride: List[int], padding: List[int], dilation: List[int],
                  transposed: bool, output_padding: List[int], groups: int, gbits: int, choice: Optional[Tensor],
                  mn: Optional[Tensor], mx: Optional[Tensor], act_levels: Optional[Tensor],
-                 grad_levels: Optional[Tensor], one_group: bool, bn_w: Optional[Tensor], bn_b: Optional[Tensor],
+                 grad_levels: Optional[Tensor], one_group: bool, finite: Optional[Tensor], bn_w: Optional[Tensor],
+                 bn_b: Optional[Tensor],
                  residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  training: bool, momentum: float, eps: float, relu: bool, give: bool, fast_bn: bool,
                  take_v: Optional[Tensor], take_s: Optional[Tensor], take_a: Optional[Tensor]) -> _Thirteen:
@@ -44,7 +45,7 @@ def bf16_conv_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Opti
     kernels on y, which the backward recomputes from v by the call that made it: bit for bit the unfused
     ops (tests/native/test_fuse_native_bn.py).
 
-    The arguments up to ``one_group`` are fracpass::bf16_conv's. Returns [out, out's min, out's max,
+    The arguments up to ``finite`` are fracpass::bf16_conv's. Returns [out, out's min, out's max,
     Handover.grad's three placeholders, then what backward reads: v, the ReLU's mask, ref, mean, invstd, and
     the running mean and variance after this batch (a functional op: apply() copies them into the module's)):
     the range where the BatchNorm ran on the CPU kernels, the placeholders where ``give`` (out's only reader
@@ -53,7 +54,7 @@ def bf16_conv_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Opti
     whose output is x, when this op is that reader (int8_dx: its backward returns the product as their
     gradients)."""
     state = bf16_conv.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
-                              output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group))
+                              output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite))
     v = bf16_conv.conv_product(qa, qw, keep, state)
     return _bn_forward(v, sa, sw, bias, bn_w, bn_b, residual, (running_mean, running_var, training, momentum, eps, relu),
                        transposed, groups, give, fast_bn)
@@ -62,8 +63,8 @@ def bf16_conv_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Opti
 @bf16_conv_bn.register_fake
 def _bf16_conv_bn_fake(x, weight, bias, onehot, qa, sa, qw, sw, keep, code_offset, int8_dx, int8_dw, split, stride,
                        padding, dilation, transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
-                       grad_levels, one_group, bn_w, bn_b, residual, running_mean, running_var, training, momentum, eps,
-                       relu, give, fast_bn, take_v, take_s, take_a):
+                       grad_levels, one_group, finite, bn_w, bn_b, residual, running_mean, running_var, training,
+                       momentum, eps, relu, give, fast_bn, take_v, take_s, take_a):
     v = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, transposed, output_padding, groups)
     return _bn_forward(torch.empty_like(v, dtype=torch.bfloat16), sa, sw, bias, bn_w, bn_b, residual,
                        (running_mean, running_var, training, momentum, eps, relu), transposed, groups, give, fast_bn)
@@ -99,11 +100,12 @@ def _bn_forward(v: Tensor, sa: Tensor, sw: Tensor, bias, bn_w, bn_b, residual, p
 @torch.library.custom_op("fracpass::bf16_conv_bn_backward", mutates_args=())
 def bf16_conv_bn_backward(grad: Optional[Tensor], handed_v: Optional[Tensor], handed_scale: Optional[Tensor],
                           handed_addend: Optional[Tensor], keep: Tensor, sa: Tensor, qw: Tensor, sw: Tensor,
-                          x: Optional[Tensor], onehot: Optional[Tensor], code_offset: Optional[float], int8_dx: bool,
+                          x: Optional[Tensor], onehot: Optional[Tensor], code_offset: Optional[Tensor], int8_dx: bool,
                           int8_dw: bool, split: float, stride: List[int], padding: List[int], dilation: List[int],
                           transposed: bool, output_padding: List[int], groups: int, gbits: int,
                           choice: Optional[Tensor], mn: Optional[Tensor], mx: Optional[Tensor],
-                          act_levels: Optional[Tensor], grad_levels: Optional[Tensor], one_group: bool, v: Tensor,
+                          act_levels: Optional[Tensor], grad_levels: Optional[Tensor], one_group: bool,
+                          finite: Optional[Tensor], v: Tensor,
                           bias: Optional[Tensor], bn_w: Optional[Tensor], dead: Optional[Tensor], ref: Optional[Tensor],
                           mean: Tensor, invstd: Tensor, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], training: bool, eps: float, has_residual: bool,
@@ -118,7 +120,7 @@ def bf16_conv_bn_backward(grad: Optional[Tensor], handed_v: Optional[Tensor], ha
     if handed_v is not None and handed_v.numel() == 0:  # the placeholders' empty stand-ins: nothing handed
         handed_v = handed_scale = handed_addend = None
     state = bf16_conv.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
-                              output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group),
+                              output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite),
                              need_b, need_gate, hand_shape, hand_stride)
     scale = bf16_conv.out_channel_scale(sw, transposed, groups)
     minmax = None
@@ -155,8 +157,8 @@ def bf16_conv_bn_backward(grad: Optional[Tensor], handed_v: Optional[Tensor], ha
 @bf16_conv_bn_backward.register_fake
 def _bf16_conv_bn_backward_fake(grad, handed_v, handed_scale, handed_addend, keep, sa, qw, sw, x, onehot, code_offset,
                                 int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                                gbits, choice, mn, mx, act_levels, grad_levels, one_group, v, bias, bn_w, dead, ref,
-                                mean, invstd, running_mean, running_var, training, eps, has_residual, out_stride,
+                                gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite, v, bias, bn_w, dead,
+                                ref, mean, invstd, running_mean, running_var, training, eps, has_residual, out_stride,
                                 needs, hand_shape, hand_stride, seed):
     if hand_shape or (handed_v is not None and handed_v.numel() != 0):
         raise NotImplementedError(
@@ -166,20 +168,21 @@ def _bf16_conv_bn_backward_fake(grad, handed_v, handed_scale, handed_addend, kee
     conv = bf16_conv._bf16_conv_backward_fake(v.new_empty(v.shape, dtype=torch.float32), keep, sa, qw, sw, x, onehot,
                                               code_offset, int8_dx, int8_dw, split, stride, padding, dilation,
                                               transposed, output_padding, groups, gbits, choice, mn, mx, act_levels,
-                                              grad_levels, one_group, [need_x, need_w, need_b, need_gate], [], [],
-                                            seed)
+                                              grad_levels, one_group, finite, [need_x, need_w, need_b, need_gate],
+                                              [], [], seed)
     channels = (v.shape[1],)
     like = lambda shape, need: v.new_empty(shape if need else (0,), dtype=torch.float32)
     res = torch.empty_like(v, dtype=torch.float32) if has_residual and need_res else v.new_empty(0, dtype=torch.float32)
     return (*conv[:4], like(channels, need_bn_w), like(channels, need_bn_b), res, *conv[4:])
 
 
-_CONV_ARGS = slice(9, 26)  # bf16_conv_bn's arguments code_offset .. one_group (bf16_conv.flat)
+_CONV_ARGS = slice(9, 9 + bf16_conv.FLAT)  # bf16_conv_bn's arguments code_offset .. finite (bf16_conv.flat)
+_BN_ARGS = 9 + bf16_conv.FLAT  # where bn_w is
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, onehot, qa, sa, qw, sw, keep = inputs[:9]
-    bn_w, bn_b, residual, _, _, training, momentum, eps, relu, give, fast_bn, take_v, take_s, take_a = inputs[26:]
+    bn_w, bn_b, residual, _, _, training, momentum, eps, relu, give, fast_bn, take_v, take_s, take_a = inputs[_BN_ARGS:]
     out, low, high, _, _, _, v, dead, ref, mean, invstd, running_mean, running_var = output  # the statistics after it
     ctx.set_materialize_grads(False)  # a handed-over gradient comes as the placeholders', out's is None
     placeholders = output[3:6]
@@ -199,8 +202,8 @@ def _backward(ctx, *grads):
     args, (keep, sa, qw, sw, x, onehot, v, bias, bn_w, dead, ref, mean, invstd, running_mean, running_var) = \
         bf16_conv.saved_flat(ctx)
     need = ctx.needs_input_grad
-    needs = [bool(need[0]), bool(need[1]), ctx.has_bias and bool(need[2]), ctx.gate_grad, bool(need[26]),
-             bool(need[27]), bool(need[28])]
+    needs = [bool(need[0]), bool(need[1]), ctx.has_bias and bool(need[2]), ctx.gate_grad, bool(need[_BN_ARGS]),
+             bool(need[_BN_ARGS + 1]), bool(need[_BN_ARGS + 2])]
     outs = bf16_conv_bn_backward(grad, handed_v, handed_scale, handed_addend, keep, sa, qw, sw, x, onehot, *args, v,
                                  bias, bn_w, dead, ref, mean, invstd, running_mean, running_var, *ctx.bn, needs,
                                  *ctx.hand, bf16_conv.grad_seed(args))
@@ -209,8 +212,8 @@ def _backward(ctx, *grads):
         d_residual = torch.zeros_like(v, dtype=torch.float32)
     conv = bf16_conv.dense_grads(needs[:4], outs[:4], outs[7:], bool(ctx.hand[0]), gaps=(0,))
     picked = lambda t, n: t if n else None
-    return (conv[:4] + (None,) * 22 + (picked(outs[4], needs[4]), picked(outs[5], needs[5]),
-                                       picked(d_residual, needs[6])) + (None,) * 8 + conv[4:])
+    return (conv[:4] + (None,) * (_BN_ARGS - 4) + (picked(outs[4], needs[4]), picked(outs[5], needs[5]),
+                                                   picked(d_residual, needs[6])) + (None,) * 8 + conv[4:])
 
 
 bf16_conv_bn.register_autograd(_backward, setup_context=_setup_context)

@@ -119,10 +119,17 @@ def fp8_support(device=None) -> Optional[str]:
 
 def ext(t: Optional[Tensor] = None):
     """The fused CPU kernels for ``t`` (fracpass.kernels.NATIVE: csrc/native_*.cpp), or None: ``t`` on another
-    device (the torch-op path, which computes the same values, runs there), or the kernels disabled or not built."""
+    device (the torch-op path, which computes the same values, runs there), or the kernels disabled or not built.
+    While torch.compile traces, the kernels loaded before (the lower-native pass loads them): Dynamo cannot
+    trace the loader, and reads this module's record of them instead."""
     if t is not None and device_kind(t.device) != "cpu":
         return None
+    if torch.compiler.is_compiling():
+        return _LOADED[0] if _LOADED else None
     return _cpu_ext()
+
+
+_LOADED: list = []  # _cpu_ext()'s answer, once known
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,6 +137,14 @@ def _cpu_ext():
     """The fused encode / gradient-code / epilogue kernels as torch ops (fracpass.kernel_ops.NativeKernels),
     built on first use (fracpass.kernels.load_native: same switch, FRACPASS_KERNELS=0, and the same build
     cache); None if disabled or the build fails."""
-    from fracpass import kernel_ops
+    preload()
+    return _LOADED[0]
 
-    return kernel_ops.load_native()
+
+def preload() -> None:
+    """Load the CPU kernels now if not yet (the lower-native pass does): what ext() gives while torch.compile
+    traces, where the loader cannot run."""
+    if not _LOADED:
+        from fracpass import kernel_ops
+
+        _LOADED[:] = [kernel_ops.load_native()]

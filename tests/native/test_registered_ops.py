@@ -250,7 +250,7 @@ def test_the_bf16_convolution_and_its_backward_pass_opcheck_and_run_through_the_
                                          lambda: q(x.clone().requires_grad_()).square().mean().backward())
     assert len(forwards) == 1 and len(backwards) == 1
     (args,), (back,) = forwards, backwards
-    assert back[24] == [True, True, True, False]  # needs: x, weight, bias; no gate
+    assert back[25] == [True, True, True, False]  # needs: x, weight, bias; no gate
     torch.library.opcheck(torch.ops.fracpass.bf16_conv.default, args)
     torch.library.opcheck(torch.ops.fracpass.bf16_conv_backward.default, back)
 
@@ -267,7 +267,7 @@ def test_the_gated_bf16_convolution_and_its_backward_pass_opcheck(monkeypatch):
                                          lambda: nat(inputs[0].clone().requires_grad_()).square().mean().backward())
     assert len(forwards) == 1 and len(backwards) == 1
     (args,), (back,) = forwards, backwards
-    assert args[20] is not None and back[24] == [True, True, True, True]  # gated: the choice, and the gate's gradient
+    assert args[20] is not None and back[25] == [True, True, True, True]  # gated: the choice, and the gate's gradient
     torch.library.opcheck(torch.ops.fracpass.bf16_conv.default, args)
     torch.library.opcheck(torch.ops.fracpass.bf16_conv_backward.default, back)
 
@@ -280,8 +280,8 @@ def test_a_handed_over_input_gradient_is_refused_under_tracing_with_what_to_do()
     with FakeTensorMode():
         grad, keep = torch.empty(2, 4, 6, 6), torch.empty(2, 4, 6, 6, dtype=torch.uint8)
         qw, s = torch.empty(4, 4, 3, 3, dtype=torch.bfloat16), torch.empty(1)
-        args = (grad, keep, s, qw, s, grad, grad, 0.0, True, True, 0.0, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, 6,
-                None, None, None, None, None, False, [True, True, False, False])
+        args = (grad, keep, s, qw, s, grad, grad, torch.zeros(()), True, True, 0.0, [1, 1], [1, 1], [1, 1], False,
+                [0, 0], 1, 6, None, None, None, None, None, False, None, [True, True, False, False])
         with pytest.raises(NotImplementedError, match="only in eager execution.*without take_"):
             torch.ops.fracpass.bf16_conv_backward(*args, [2, 4, 6, 6], list(grad.stride()), None)
         assert torch.ops.fracpass.bf16_conv_backward(*args, [], [], None)[0].shape == grad.shape
@@ -317,7 +317,7 @@ def test_the_fused_conv_batchnorm_and_its_backward_pass_opcheck(layout, mode, mo
     forwards, backwards = _recorded_pair(monkeypatch, native.conv_bn, "bf16_conv_bn", "bf16_conv_bn_backward",
                                          lambda: q(x.clone().requires_grad_()).square().mean().backward())
     assert len(forwards) == 2 and len(backwards) == 2
-    assert (forwards[1][28] is not None) and (forwards[0][28] is None)  # the second takes the residual
+    assert (forwards[1][29] is not None) and (forwards[0][29] is None)  # the second takes the residual
     assert not torch.equal(q.bn1.running_mean, before) if mode == "train" else torch.equal(q.bn1.running_mean, before)
     for args, back in zip(forwards, backwards[::-1]):
         # opcheck's AOT check seeds the forward only (freeze_rng_state restores the generator after it), so its eager
