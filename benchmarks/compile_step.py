@@ -6,8 +6,8 @@
 
 Variants, each one forward + backward + SGD step of its own copy of the same model and batch:
 FP32 eager, FP32 compiled, bf16 autocast compiled, fracpass simulate eager and compiled, fracpass native
-eager and compiled (``Plan.progressive`` at ``--stage``, gradients 6/6/8/8; native runs each native call
-eagerly between compiled graphs: a graph break per call, until its products are registered ops). The
+eager and compiled (``Plan.progressive`` at ``--stage``, gradients 6/6/8/8; native compiles as one graph, its
+products being registered ops, and runs them on int8/bf16 units where the CPU has them, else simulated). The
 ResNets and their batch are channels_last in every variant (what native's convolutions read). The
 compiled variants' first step is the compilation; it is timed apart ("compile s": first step minus the
 median step). Then every round runs one step of each variant, each round starting one variant later

@@ -17,10 +17,11 @@ codes.py           int8 and bf16 codes of operands and gradients, and the scalin
 int8_mm.py         linear / 2-D matmul on int8 codes (torch._int_mm; FP8 on GPUs that have it)
 bf16_mm.py         batched products (attention) on bf16 codes, static and gated
 gated.py           gated (DFQ) ops' per-sample state, gated linear layers on bf16 codes
-bf16_conv.py       every convolution kind on bf16 codes, forward and both gradients
+bf16_conv.py       every convolution kind on bf16 codes, forward and both gradients (fracpass::bf16_conv)
+conv_state.py      a convolution's state between its call and its ops (ConvState, its flat op arguments)
 int8_conv.py       a bf16 convolution's products on int8 units (oneDNN's int8 conv, the VNNI kernel)
 conv_offsets.py    the offset corrections (window sums of the codes)
-conv_bn.py         convolution + BatchNorm (+ residual, ReLU) as one op
+conv_bn.py         convolution + BatchNorm (+ residual, ReLU) as one op (fracpass::bf16_conv_bn)
 int8_conv2d.py     conv2d's forward on oneDNN's int8 convolution (opt-in kind "conv2d_int8")
 calls.py           the graph's native calls and their rule table (CALLS)
 report.py          op_paths / product_paths: what runs where

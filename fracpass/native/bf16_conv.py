@@ -2,61 +2,15 @@
 both gradient products, static and gated."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fracpass.gating import onehot_grad
-from fracpass.quant import FULL_PRECISION, dense, draw_seed, rows_outer_dense, value_range
-from fracpass.native import codes, conv_offsets, gated, int8_conv, options, units
-
-class ConvState(NamedTuple):
-    """What a bf16 convolution's backward reads besides its saved tensors (conv_backward): the
-    convolution's arguments (stride, padding, dilation, transposed, output_padding, groups), the
-    gradient's bits, the gated op's state (None: static), whether the gate's one-hot choice needs its
-    gradient (computed from dx), whether dx's and dw's products run on int8 (int8_conv.int8_reasons) with
-    the weight codes' split limit, the offset of the saved input codes when they are bytes q - offset
-    (saved_codes; None: the bfloat16 codes; a 0-d tensor at the call, a float inside the ops), ``hand``: the
-    shape and strides of the fused output x whose placeholders may take dx's int8 product
-    (conv_bn.Handover.grad), or None, and ``finite``: whether the input's range is finite (a 0-d bool
-    tensor, read inside the ops; None: not checked). A non-finite input has no codes: the ops then compute
-    what the simulation does, whose quantized input is NaN everywhere (conv_product, conv_backward)."""
-
-    conv: tuple
-    gbits: int
-    gating: Optional[gated.Gating] = None
-    has_bias: bool = False
-    gate_grad: bool = False
-    int8: Tuple[bool, bool] = (False, False)
-    split: float = 0.0
-    code_offset: Optional[float] = None
-    hand: Optional[tuple] = None
-    finite: Optional[Tensor] = None
-
-
-def saved_codes(q: Optional[Tensor], kept: Optional[tuple], narrow: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """The input codes a bf16 convolution keeps for backward, and their offset: as bytes q - offset when
-    they span at most 256 values, as a per-tensor quantizer's codes always do (a gated op's rows may not),
-    in one byte per element instead of bfloat16's two; else q itself (offset None). ``kept``: those bytes
-    and their offset, already made by the encoding kernel (codes.bf16_input_codes: no pass over q here).
-    Without ``narrow`` (a call torch.compile traces: whether q fits is a value) q stays as it is then. The
-    offset is a 0-d float32 tensor."""
-    if kept is not None:
-        return kept[0], kept[1]
-    ext = units.ext(q)
-    if not narrow or ext is None or q.numel() == 0 or not rows_outer_dense(q):
-        return q, None
-    lo, hi = (float(m) for m in value_range(q))
-    if hi - lo > 255:
-        return q, None
-    return ext.codes_to_u8(q, lo), torch.tensor(lo)
-
-
-def _finite(state: ConvState) -> bool:
-    """Whether the op's input has codes (inside an op: a host read of a CPU tensor is a load)."""
-    return state.finite is None or bool(state.finite)
-
+from fracpass.quant import dense
+from fracpass.native import codes, conv_offsets, conv_state, gated, int8_conv, options, units
+from fracpass.native.conv_state import ConvState
 
 def _widened_codes(state: ConvState, q: Tensor, batch_sum: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """saved_codes's input back: (the bfloat16 codes, exactly; if ``batch_sum``, their batch sum from
@@ -71,7 +25,7 @@ def conv_product(qa: Optional[Tensor], qw: Tensor, keep: Tensor, state: ConvStat
     """The convolution's bfloat16 product v = conv(q_a, q_w): on bfloat16 codes, or (qa None) on int8 from
     the input's bytes ``keep`` = q_a - state.code_offset (int8_conv.int8_product). A non-finite input
     (state.finite False): q_a NaN everywhere, as the simulation's quantized input is."""
-    if not _finite(state):
+    if not state.has_codes():
         nan = torch.empty_like(keep, dtype=torch.bfloat16).fill_(float("nan"))
         return torch.ops.aten.convolution(nan, qw, None, *state.conv)
     if qa is None:
@@ -115,8 +69,8 @@ def bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optiona
     ``take_*``: the placeholders (conv_bn.Handover.grad) of the fused op whose output is x and whose only
     reader this op is: where the input gradient runs on int8, backward returns its product as their
     gradients instead of dx. x, weight, bias, onehot and the placeholders are inputs for their gradients."""
-    state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                    gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite))
+    state = conv_state.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
+                               output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite))
     v = conv_product(qa, qw, keep, state)
     return codes.scale_out(v, out_channel_scale(sw, transposed, groups), bias, sa)
 
@@ -145,9 +99,9 @@ def bf16_conv_backward(grad: Tensor, keep: Tensor, sa: Tensor, qw: Tensor, sw: T
     is quantized as the simulation's gradient quantizer would, with the noise of ``seed`` (grad_seed) where
     it is rounded per tensor; a gated one's rows draw theirs as the gated quantizer does."""
     need_x, need_w, need_b, need_gate = needs
-    state = unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups,
-                    gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite), need_b, need_gate, hand_shape,
-                   hand_stride)
+    state = conv_state.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
+                               output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite),
+                              need_b, need_gate, hand_shape, hand_stride)
     saved = [keep, sa, qw, sw] + ([x, onehot] if need_gate else [])
     dx, dw, db, d_onehot = conv_backward(state, (need_x, need_w, need_b), saved, grad, seed=seed)
     dx, handed = int8_conv.split_handed(dx)
@@ -174,102 +128,31 @@ def _bf16_conv_backward_fake(grad, keep, sa, qw, sw, x, onehot, code_offset, int
             grad.new_empty(0))
 
 
-def flat(state: ConvState) -> list:
-    """A ConvState as fracpass::bf16_conv's (and bf16_conv_bn's) arguments ``code_offset`` .. ``finite``."""
-    stride, padding, dilation, transposed, output_padding, groups = state.conv
-    g = state.gating if state.gating is not None else gated.Gating(None, None, None, None, None, False)
-    return [state.code_offset, *state.int8, state.split, list(stride), list(padding), list(dilation), transposed,
-            list(output_padding), groups, state.gbits, *g[:6], state.finite]
-
-
-def unflat(args, has_bias: bool = False, gate_grad: bool = False, hand_shape=(), hand_stride=()) -> ConvState:
-    """flat()'s inverse inside an op (the codes' offset as a float), with the backward's settings:
-    ``hand_shape`` and ``hand_stride`` (empty: no hand-over)."""
-    (code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed, output_padding, groups, gbits,
-     choice, mn, mx, act_levels, grad_levels, one_group, finite) = args
-    gating = None if choice is None else gated.Gating(choice, mn, mx, act_levels, grad_levels, one_group)
-    hand = (torch.Size(hand_shape), tuple(hand_stride)) if hand_shape else None
-    offset = None if code_offset is None else float(code_offset)
-    return ConvState((list(stride), list(padding), list(dilation), transposed, list(output_padding), groups), gbits,
-                     gating, has_bias, gate_grad, (int8_dx, int8_dw), split, offset, hand, finite)
-
-
-FLAT = 18  # flat()'s length
-_TENSOR_ARGS = (0, 11, 12, 13, 14, 15, 17)  # flat()'s tensors: the offset, the gated state, finite
-
-
-def save_flat(ctx, args, *tensors) -> None:
-    """Keep flat() arguments and ``tensors`` on an op's autograd ctx (the tensors saved; None as empty)."""
-    empty = torch.empty(0)
-    flat_tensors = [args[i] for i in _TENSOR_ARGS]
-    ctx.save_for_backward(*(empty if t is None else t for t in (*tensors, *flat_tensors)))
-    ctx.flat = [None if i in _TENSOR_ARGS else a for i, a in enumerate(args)]
-
-
-def saved_flat(ctx) -> Tuple[list, tuple]:
-    """save_flat's (arguments, tensors), None for an empty one."""
-    saved = [t if t.numel() else None for t in ctx.saved_tensors]
-    n = len(saved) - len(_TENSOR_ARGS)
-    args = list(ctx.flat)
-    for i, t in zip(_TENSOR_ARGS, saved[n:]):
-        args[i] = t
-    return args, tuple(saved[:n])
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, onehot, qa, sa, qw, sw, keep, *args = inputs
-    args, take_v = args[:FLAT], args[FLAT]
+    args, take_v = args[:conv_state.FLAT], args[conv_state.FLAT]
     ctx.gate_grad = onehot is not None and onehot.requires_grad
-    save_flat(ctx, args, keep, sa, qw, sw, x if ctx.gate_grad else None, onehot if ctx.gate_grad else None)
+    conv_state.save_flat(ctx, args, keep, sa, qw, sw, x if ctx.gate_grad else None, onehot if ctx.gate_grad else None)
     ctx.has_bias = bias is not None
     ctx.hand = (list(take_v.shape), list(x.stride())) if take_v is not None else ([], [])
 
 
 def _backward(ctx, grad):
-    args, (keep, sa, qw, sw, x, onehot) = saved_flat(ctx)
+    args, (keep, sa, qw, sw, x, onehot) = conv_state.saved_flat(ctx)
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              ctx.has_bias and bool(ctx.needs_input_grad[2]), ctx.gate_grad]
     dx, dw, db, d_onehot, hv, hs, ha = bf16_conv_backward(grad, keep, sa, qw, sw, x, onehot, *args, needs, *ctx.hand,
-                                                          grad_seed(args))
-    return dense_grads(needs, (dx, dw, db, d_onehot), (hv, hs, ha), bool(ctx.hand[0]))
-
-
-def grad_seed(args) -> Optional[Tensor]:
-    """The seed of a backward's stochastic rounding (quant.draw_seed, drawn where the simulation's gradient
-    quantizer draws it: a graph op under torch.compile, the same noise as eager) when flat() ``args`` round
-    the gradient per tensor; None when it is not quantized or is rounded per sample (gated: its rows draw
-    theirs)."""
-    gbits, grad_levels = args[10], args[15]
-    return draw_seed() if gbits < FULL_PRECISION and grad_levels is None else None
-
-
-def dense_grads(needs, grads, handed, hand: bool, gaps=(FLAT + 5,)) -> tuple:
-    """An op's gradients from its backward op's outputs: None where not needed, dx None where it was handed
-    over (then the placeholders' gradients are the handed product, scale and addend)."""
-    handed_over = hand and handed[0].numel() > 0
-    picked = lambda v, need: v if need else None
-    out = [picked(g, need and not (i == 0 and handed_over)) for i, (g, need) in enumerate(zip(grads, needs))]
-    return tuple(out) + (None,) * gaps[0] + (picked(handed[0], handed_over), picked(handed[1], handed_over),
-                                             picked(handed[2], handed_over and handed[2].numel() > 0))
+                                                          conv_state.grad_seed(args))
+    return conv_state.dense_grads(needs, (dx, dw, db, d_onehot), (hv, hs, ha), bool(ctx.hand[0]))
 
 
 bf16_conv.register_autograd(_backward, setup_context=_setup_context)
 
 
-def operands(qa: Optional[Tensor], kept: Optional[tuple], conv, gbits: int, gating: Optional[gated.Gating],
-             has_bias: bool, finite: Optional[Tensor] = None) -> Tuple[Tensor, ConvState]:
-    """A native call's input codes to keep (saved_codes) and its ConvState: ``qa`` the bfloat16 input codes (or,
-    None, their bytes in ``kept``: codes.bf16_input_codes's, with whether the gradients' products run on int8).
-    A static call (no ``gating``) is traced by torch.compile: its codes are narrowed only as the kernel made them."""
-    keep, offset = saved_codes(qa, kept, narrow=gating is not None)
-    flags = ((kept.int8_dx, kept.int8_dw), kept.split) if kept is not None else ((False, False), 0.0)
-    return keep, ConvState(tuple(conv), gbits, gating, has_bias, False, *flags, offset, None, finite)
-
-
 def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor],
           sa: Tensor, qw: Tensor, sw: Tensor, keep: Tensor, state: ConvState, take=(None, None, None)) -> Tensor:
-    """fracpass::bf16_conv on a native call's operands (``keep``, ``state``: operands())."""
-    return bf16_conv(x, weight, bias, onehot, qa, sa, qw, sw, keep, *flat(state), *take)
+    """fracpass::bf16_conv on a native call's operands (``keep``, ``state``: conv_state.operands())."""
+    return bf16_conv(x, weight, bias, onehot, qa, sa, qw, sw, keep, *conv_state.flat(state), *take)
 
 
 def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad, grad_minmax=None,
@@ -293,7 +176,7 @@ def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad,
         exact = None if levels is None or not 2 <= state.gbits <= options.MAX_INT8_BITS else True
     else:
         exact = codes.exact_codes(levels)
-    finite = _finite(state)
+    finite = state.has_codes()
     if not finite or exact is None or (exact is not True and not bool(exact.any())):
         # the gradient's codes would not be exact in bfloat16 (or it is not quantized), or the input had no
         # codes (the simulation's quantized input is NaN everywhere then): float32 products
@@ -337,7 +220,8 @@ def conv_backward(state: ConvState, needs: Tuple[bool, bool, bool], saved, grad,
             if sg.numel() > 1:
                 dx = codes.scale_out(vx, sx, None, sg).addcmul_(codes.per_row_view(c, vx), corr.mul_(sx))
             elif int8_dx:  # (never gated, never folded: int8_conv.int8_reasons)
-                dx = int8_conv.int8_input_grad(kept_g, qw, state.conv, state.split, (sg * sw, corr.mul_(c * sw)), state.hand)
+                dx = int8_conv.int8_input_grad(kept_g, qw, state.conv, state.split, (sg * sw, corr.mul_(c * sw)),
+                                               state.hand)
             else:
                 dx = codes.scale_out(vx, sg * sx, None, addend=corr.mul_(c * sx))
             if wide is not None:  # conv^T keeps samples apart: the wide samples' rows again, in float32

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from fracpass import registry
 from fracpass.gating import GatedActQuant, GatedGradQuant
-from fracpass.native import bf16_conv, bf16_mm, codes, conv_bn, decide, gated, int8_conv, int8_conv2d, int8_mm, layout
+from fracpass.native import (bf16_conv, bf16_mm, codes, conv_bn, conv_state, decide, gated, int8_conv, int8_conv2d,
+                             int8_mm, layout)
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
 
@@ -156,7 +157,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
         site.last.int8 = (qa is None,) + ((kept.int8_dx, kept.int8_dw) if kept is not None else (False, False))
     onehot = gate if gating is not None and gating.act_levels is not None else None
     unfused = None if fused is None else conv_bn.fused_reason(x, *fused)
-    keep, state = bf16_conv.operands(qa, kept, conv, decide.grad_bits(gq), gating, bias is not None, finite)
+    keep, state = conv_state.operands(qa, kept, conv, decide.grad_bits(gq), gating, bias is not None, finite)
     if fused is None or unfused:  # a BatchNorm the fused op does not take: run it unfused
         if unfused and site is not None:
             site.last.bn = f"its BatchNorm runs unfused: {unfused}"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fracpass.quant import memory_order, rows_outer_dense
-from fracpass.native import bf16_conv, codes, int8_conv, units
+from fracpass.native import bf16_conv, codes, conv_state, int8_conv, units
 
 def bn_route(out: Tensor, sa: Tensor, residual: Optional[Tensor], fast_bn: bool) -> str:
     """Which kernels the fused op ran its BatchNorm on (``out`` has the convolution product's layout)."""
@@ -53,7 +53,7 @@ def bf16_conv_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Opti
     (so are the mask without a ReLU and ref on aten's route). ``take_*``: the placeholders of the fused op
     whose output is x, when this op is that reader (int8_dx: its backward returns the product as their
     gradients)."""
-    state = bf16_conv.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
+    state = conv_state.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
                               output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite))
     v = bf16_conv.conv_product(qa, qw, keep, state)
     return _bn_forward(v, sa, sw, bias, bn_w, bn_b, residual, (running_mean, running_var, training, momentum, eps, relu),
@@ -119,7 +119,7 @@ def bf16_conv_bn_backward(grad: Optional[Tensor], handed_v: Optional[Tensor], ha
     need_x, need_w, need_b, need_gate, need_bn_w, need_bn_b, need_res = needs
     if handed_v is not None and handed_v.numel() == 0:  # the placeholders' empty stand-ins: nothing handed
         handed_v = handed_scale = handed_addend = None
-    state = bf16_conv.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
+    state = conv_state.unflat((code_offset, int8_dx, int8_dw, split, stride, padding, dilation, transposed,
                               output_padding, groups, gbits, choice, mn, mx, act_levels, grad_levels, one_group, finite),
                              need_b, need_gate, hand_shape, hand_stride)
     scale = bf16_conv.out_channel_scale(sw, transposed, groups)
@@ -176,8 +176,8 @@ def _bf16_conv_bn_backward_fake(grad, handed_v, handed_scale, handed_addend, kee
     return (*conv[:4], like(channels, need_bn_w), like(channels, need_bn_b), res, *conv[4:])
 
 
-_CONV_ARGS = slice(9, 9 + bf16_conv.FLAT)  # bf16_conv_bn's arguments code_offset .. finite (bf16_conv.flat)
-_BN_ARGS = 9 + bf16_conv.FLAT  # where bn_w is
+_CONV_ARGS = slice(9, 9 + conv_state.FLAT)  # bf16_conv_bn's arguments code_offset .. finite (conv_state.flat)
+_BN_ARGS = 9 + conv_state.FLAT  # where bn_w is
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -189,7 +189,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(low, high, v, dead, ref, mean, invstd, running_mean, running_var,
                                 *(p for p in placeholders if p.numel() == 0))  # empty: no placeholders given
     ctx.gate_grad = onehot is not None and onehot.requires_grad
-    bf16_conv.save_flat(ctx, inputs[_CONV_ARGS], keep, sa, qw, sw, x if ctx.gate_grad else None,
+    conv_state.save_flat(ctx, inputs[_CONV_ARGS], keep, sa, qw, sw, x if ctx.gate_grad else None,
                         onehot if ctx.gate_grad else None, v, bias, bn_w, dead, ref, mean, invstd, running_mean,
                         running_var)
     ctx.bn = (training, eps, residual is not None, list(out.stride()))
@@ -200,17 +200,17 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, *grads):
     grad, handed_v, handed_scale, handed_addend = grads[0], *grads[3:6]
     args, (keep, sa, qw, sw, x, onehot, v, bias, bn_w, dead, ref, mean, invstd, running_mean, running_var) = \
-        bf16_conv.saved_flat(ctx)
+        conv_state.saved_flat(ctx)
     need = ctx.needs_input_grad
     needs = [bool(need[0]), bool(need[1]), ctx.has_bias and bool(need[2]), ctx.gate_grad, bool(need[_BN_ARGS]),
              bool(need[_BN_ARGS + 1]), bool(need[_BN_ARGS + 2])]
     outs = bf16_conv_bn_backward(grad, handed_v, handed_scale, handed_addend, keep, sa, qw, sw, x, onehot, *args, v,
                                  bias, bn_w, dead, ref, mean, invstd, running_mean, running_var, *ctx.bn, needs,
-                                 *ctx.hand, bf16_conv.grad_seed(args))
+                                 *ctx.hand, conv_state.grad_seed(args))
     d_residual = outs[6] if outs[6].numel() or not needs[6] else grad
     if needs[6] and d_residual is None:  # out reached no loss: nor does the residual
         d_residual = torch.zeros_like(v, dtype=torch.float32)
-    conv = bf16_conv.dense_grads(needs[:4], outs[:4], outs[7:], bool(ctx.hand[0]), gaps=(0,))
+    conv = conv_state.dense_grads(needs[:4], outs[:4], outs[7:], bool(ctx.hand[0]), gaps=(0,))
     picked = lambda t, n: t if n else None
     return (conv[:4] + (None,) * (_BN_ARGS - 4) + (picked(outs[4], needs[4]), picked(outs[5], needs[5]),
                                                    picked(d_residual, needs[6])) + (None,) * 8 + conv[4:])
@@ -222,11 +222,11 @@ bf16_conv_bn.register_autograd(_backward, setup_context=_setup_context)
 def apply(x: Tensor, weight: Tensor, bias: Optional[Tensor], onehot: Optional[Tensor], qa: Optional[Tensor], sa: Tensor,
           qw: Tensor, sw: Tensor, keep: Tensor, state, bn: nn.Module, residual: Optional[Tensor], relu: bool,
           give: bool, fast_bn: bool, take=(None, None, None)) -> _Thirteen:
-    """fracpass::bf16_conv_bn on a native call's operands (``keep``, ``state``: bf16_conv.operands()) and its
+    """fracpass::bf16_conv_bn on a native call's operands (``keep``, ``state``: conv_state.operands()) and its
     BatchNorm module's parameters and state (bn_state: its num_batches_tracked counted here; the running
     statistics the op returns copied into the module's, as F.batch_norm updates them in place)."""
     running_mean, running_var, training, momentum, eps = bn_state(bn)
-    outs = bf16_conv_bn(x, weight, bias, onehot, qa, sa, qw, sw, keep, *bf16_conv.flat(state), bn.weight, bn.bias,
+    outs = bf16_conv_bn(x, weight, bias, onehot, qa, sa, qw, sw, keep, *conv_state.flat(state), bn.weight, bn.bias,
                         residual, running_mean, running_var, training, momentum, eps, relu, give, fast_bn, *take)
     if training:
         with torch.no_grad():

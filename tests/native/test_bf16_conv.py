@@ -225,16 +225,16 @@ def test_saved_input_codes_narrow_to_bytes_and_back_exactly(layout, shape):
     if layout == "channels_last":
         codes = codes.contiguous(memory_format=torch.channels_last)
     q = codes.to(torch.bfloat16)
-    u, offset = native.bf16_conv.saved_codes(q, None)
-    assert (u.dtype, u.stride(), offset) == (torch.uint8, q.stride(), -255.0)
-    state = native.bf16_conv.ConvState(conv=(), gbits=8, code_offset=offset)
+    u, offset = native.conv_state.saved_codes(q, None)
+    assert (u.dtype, u.stride(), float(offset)) == (torch.uint8, q.stride(), -255.0)
+    state = native.conv_state.ConvState(conv=(), gbits=8, code_offset=float(offset))  # as the ops hold it
     back, none = native.bf16_conv._widened_codes(state, u)
     assert back.dtype == torch.bfloat16 and back.stride() == q.stride() and torch.equal(back, q) and none is None
     back, total = native.bf16_conv._widened_codes(state, u, batch_sum=True)  # with the batch sum, from the same pass
     want = native.conv_offsets._batch_sum(q)
     assert torch.equal(back, q) and torch.equal(total, want) and total.stride() == want.stride()
     wider = torch.cat([q, torch.ones_like(q[:1])])  # -255..1, 257 values: kept as bfloat16
-    kept, offset = native.bf16_conv.saved_codes(wider, None)
+    kept, offset = native.conv_state.saved_codes(wider, None)
     assert kept is wider and offset is None
     state = state._replace(code_offset=None)
     assert native.bf16_conv._widened_codes(state, wider, batch_sum=True) == (wider, None)
@@ -336,7 +336,7 @@ def test_narrowed_input_codes_give_the_same_gradients(monkeypatch):
     model, inputs = Conv(nn.Conv2d(6, 8, 3, padding=1)), _inputs("", (4, 6, 8, 8))
     _, nat = _pair(model, fracpass.Plan.static(6, 6, 8), inputs)
     got = _run(nat, inputs)
-    monkeypatch.setattr(native.bf16_conv, "saved_codes", lambda q, kept, narrow=True: (q, None))
+    monkeypatch.setattr(native.conv_state, "saved_codes", lambda q, kept, narrow=True: (q, None))
     want = _run(nat, inputs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
