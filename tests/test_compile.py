@@ -225,7 +225,7 @@ def test_a_gated_native_model_compiles_with_a_break_at_each_gated_call(monkeypat
             _assert_same(_step(run, compiled, x, y, gated=True), _step(eager, eager, x, y, gated=True))
     said = [str(w.message) for w in caught if "fracpass" in str(w.message)]
     assert len(said) == 1, said
-    assert re.search(r"torch.compile breaks this model's graph at its native calls .* execution='simulate'", said[0]), said
+    assert re.search(r"torch.compile breaks this model's graph at its gated native calls .* execution='simulate'", said[0]), said
     with pytest.raises(Exception, match=r"fracpass native call a gated convolution: .* Compile without fullgraph=True "
                                         r"to run it so, or transform with execution='simulate'"):
         torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)

@@ -231,16 +231,17 @@ def _conv_transpose_call(fn):
 
 
 COMPILE_BREAK = ("fracpass native call {name}: its products are registered ops, but the Python that chooses them reads "
-                 "tensor values on the host (a NaN in the input, one option group, the codes' span), which "
-                 "torch.compile cannot trace yet, so each native call runs "
-                 "eagerly between compiled graphs. Compile without fullgraph=True to run it so, or transform with "
+                 "tensor values on the host (a gated op's option groups and the span of its samples' codes; the opt-in "
+                 "int8 conv2d's check for a NaN in its input), which torch.compile cannot trace yet, so each such call "
+                 "runs eagerly between compiled graphs. Compile without fullgraph=True to run it so, or transform with "
                  "execution='simulate', which compiles as one graph (docs/compile.md)")
 
 
-COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its native calls (the Python that chooses "
-                    "their products reads tensor values on the host, which Dynamo cannot trace yet): each runs eagerly between compiled graphs, with eager's values, and the step may "
-                    "gain little from compiling. To compile as one graph, transform with execution='simulate' "
-                    "(docs/compile.md)")
+COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its gated native calls (and opt-in int8 "
+                    "conv2d calls: the Python that chooses their products reads tensor values on the host, which "
+                    "Dynamo cannot trace yet): each runs eagerly between compiled graphs, with eager's values, and the "
+                    "step may gain little from compiling. To compile as one graph, transform with "
+                    "execution='simulate' (docs/compile.md)")
 
 
 _compile_warned = False  # COMPILE_FALLBACK is said once per process
