@@ -278,12 +278,8 @@ class NativeKernels:
         torch.ops.fracpass.epilogue(acc, *args)
         return acc.view(torch.float32)
 
-    def __getattr__(self, name: str):
-        if name not in NATIVE_FAKES:
-            raise AttributeError(f"no native kernel {name!r} (csrc/native_module.cpp registers {sorted(NATIVE_FAKES)})")
-        op = getattr(torch.ops.fracpass, name)
-        setattr(self, name, op)  # found once
-        return op
+    def __getattr__(self, name: str):  # only reached for a name __init__ did not bind
+        raise AttributeError(f"no native kernel {name!r} (csrc/native_module.cpp registers {sorted(NATIVE_FAKES)})")
 
 
 def _register(table: dict) -> None:

@@ -160,8 +160,8 @@ class _Kept(NamedTuple):
 def bf16_input_codes(x: Tensor, mn: Tensor, mx: Tensor, bits: int,
                       codes: bool = True) -> Tuple[Optional[Tensor], Tensor, Optional[tuple]]:
     """bf16_codes of a convolution's input at ``bits`` with one range (per tensor), and ``kept``: the same
-    codes as bytes q - lo with lo (what bf16_conv.saved_codes keeps for backward), written by the kernel in the
-    same pass, or None where the kernels do not run (bf16_conv.saved_codes then narrows q itself). Without
+    codes as bytes q - lo with lo (what conv_state.saved_codes keeps for backward), written by the kernel in the
+    same pass, or None where the kernels do not run (conv_state.saved_codes then narrows q itself). Without
     ``codes`` (the int8 forward reads the bytes) only the bytes where the kernels run: the codes are None."""
     ext = units.ext(x)
     if ext is None or not rows_outer_dense(x) or x.numel() == 0 or bits > options.MAX_INT8_BITS:

@@ -210,7 +210,7 @@ def _backward(ctx, *grads):
     d_residual = outs[6] if outs[6].numel() or not needs[6] else grad
     if needs[6] and d_residual is None:  # out reached no loss: nor does the residual
         d_residual = torch.zeros_like(v, dtype=torch.float32)
-    conv = conv_state.dense_grads(needs[:4], outs[:4], outs[7:], bool(ctx.hand[0]), gaps=(0,))
+    conv = conv_state.dense_grads(needs[:4], outs[:4], outs[7:], bool(ctx.hand[0]), gap=0)
     picked = lambda t, n: t if n else None
     return (conv[:4] + (None,) * (_BN_ARGS - 4) + (picked(outs[4], needs[4]), picked(outs[5], needs[5]),
                                                    picked(d_residual, needs[6])) + (None,) * 8 + conv[4:])

@@ -111,13 +111,14 @@ def grad_seed(args) -> Optional[Tensor]:
     return draw_seed() if gbits < FULL_PRECISION and grad_levels is None else None
 
 
-def dense_grads(needs, grads, handed, hand: bool, gaps=(FLAT + 5,)) -> tuple:
+def dense_grads(needs, grads, handed, hand: bool, gap: int = FLAT + 5) -> tuple:
     """An op's gradients from its backward op's outputs: None where not needed, dx None where it was handed
-    over (then the placeholders' gradients are the handed product, scale and addend)."""
+    over (then the placeholders' gradients are the handed product, scale and addend); ``gap``: the Nones
+    between the gradients and the placeholders' (bf16_conv's other inputs)."""
     handed_over = hand and handed[0].numel() > 0
     picked = lambda v, need: v if need else None
     out = [picked(g, need and not (i == 0 and handed_over)) for i, (g, need) in enumerate(zip(grads, needs))]
-    return tuple(out) + (None,) * gaps[0] + (picked(handed[0], handed_over), picked(handed[1], handed_over),
+    return tuple(out) + (None,) * gap + (picked(handed[0], handed_over), picked(handed[1], handed_over),
                                              picked(handed[2], handed_over and handed[2].numel() > 0))
 
 

@@ -129,10 +129,9 @@ def ext(t: Optional[Tensor] = None):
     return _cpu_ext()
 
 
-_LOADED: list = []  # _cpu_ext()'s answer, once known
+_LOADED: list = []  # the loader's answer, once known (preload)
 
 
-@functools.lru_cache(maxsize=None)
 def _cpu_ext():
     """The fused encode / gradient-code / epilogue kernels as torch ops (fracpass.kernel_ops.NativeKernels),
     built on first use (fracpass.kernels.load_native: same switch, FRACPASS_KERNELS=0, and the same build
