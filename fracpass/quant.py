@@ -162,7 +162,15 @@ def torch_seed() -> int:
     return int(draw_seed())
 
 
-@torch.compiler.assume_constant_result
+def constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo, which takes about 2 s
+    here, at fracpass's import: the mark that the decorator sets and Dynamo reads when it traces a call of
+    ``fn`` (tests/test_compile.py checks both)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_when_traced
 def traced_kernels() -> bool:
     """Whether the quantizer kernels are there as torch ops (``torch.ops.fracpass``, their fakes registered),
     building them on first use. Called while torch.compile or torch.export traces: Dynamo runs it once and
@@ -181,7 +189,7 @@ def traced_ops(*tensors: Tensor):
     return None
 
 
-@torch.compiler.assume_constant_result
+@constant_when_traced
 def traced_lerp_is_fma() -> bool:
     """``_lerp_is_fma`` as a constant of a traced graph (see ``traced_kernels``)."""
     return _lerp_is_fma()

@@ -37,6 +37,7 @@ class LowerNativePass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         units.preload()  # the CPU kernels loaded (built on first use) here: torch.compile cannot trace the loader
+        calls.install_compile_breaks()  # and what Dynamo runs at the calls that break its graph
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)

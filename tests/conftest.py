@@ -1,9 +1,14 @@
+import contextlib
+import io
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
 import torch
+
+pytest_plugins = ["pytester"]  # tests/test_check.py runs fracpass's pytest plugin in a pytest of its own
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -38,3 +43,28 @@ EXAMPLE_MODELS = {
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def cli_in_process(*args, cwd=ROOT):
+    """``python -m fracpass *args`` run by ``fracpass.cli.main`` in this process, without the 3 s start of an
+    interpreter: its exit code, stdout and stderr. What ``--model`` imported from ``cwd`` (the CLI puts it on
+    sys.path) is forgotten after, as it would be with the process. tests/test_reliability_cli.py runs the CLI
+    in subprocesses, for the exit code and the shape of stderr."""
+    from fracpass.cli import main
+
+    out, err, here, path, modules = io.StringIO(), io.StringIO(), os.getcwd(), list(sys.path), set(sys.modules)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code
+    finally:
+        os.chdir(here)
+        sys.path[:] = path
+        if pathlib.Path(cwd).resolve() != ROOT:
+            for name in set(sys.modules) - modules:
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(pathlib.Path(cwd).resolve())):
+                    del sys.modules[name]
+    return subprocess.CompletedProcess(["fracpass", *args], code, out.getvalue(), err.getvalue())

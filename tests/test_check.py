@@ -10,17 +10,14 @@ import torch
 from torch import nn
 
 import fracpass
-from conftest import EXAMPLE_MODELS, ROOT
+from conftest import EXAMPLE_MODELS, ROOT, cli_in_process
 from fracpass.testing import UPDATE_ENV, assert_graph_matches
 
 PLAN = ROOT / "examples" / "plans" / "fractrain_cifar.toml"
 GOLDEN = ROOT / "examples" / "ci" / "golden"
 
 
-def run(*args, cwd=ROOT, env=None):
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "fracpass", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=full_env)
+run = cli_in_process  # the check command in this process; the CI workflow's command runs in a shell below
 
 
 TEXT_SNIPPET = ("import sys, torch\nsys.path.insert(0, {root!r})\nimport fracpass\nfrom examples.models import resnet20\n"
@@ -31,8 +28,8 @@ TEXT_SNIPPET = ("import sys, torch\nsys.path.insert(0, {root!r})\nimport fracpas
 def test_graph_text_is_deterministic_across_processes_and_hash_seeds():
     code = TEXT_SNIPPET.format(root=str(ROOT), plan=str(PLAN))
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("0", "1", "12345")]
-    assert outs[0] and outs[0] == outs[1] == outs[2]
+                           env=dict(os.environ, PYTHONHASHSEED=seed)).stdout for seed in ("0", "12345")]
+    assert outs[0] and outs[0] == outs[1]
     in_process = fracpass.graph_text(fracpass.transform(EXAMPLE_MODELS["resnet20"][0](), fracpass.Plan.load(PLAN)))
     assert in_process == outs[0]
     assert "0x" not in in_process  # no addresses
@@ -215,21 +212,20 @@ def test_pytest_helper(tmp_path, monkeypatch):
         assert_graph_matches(other, golden)
 
 
-def test_pytest_option_updates(tmp_path):
-    (tmp_path / "test_golden.py").write_text(
+def test_pytest_option_updates(pytester):
+    """The plugin that fracpass installs (entry point pytest11): --fracpass-update-golden writes a missing golden file.
+    pytester runs pytest in this process, as a fresh session that loads the installed plugins."""
+    pytester.makepyfile(test_golden=(
         f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport fracpass\nfrom examples.models import resnet20\n"
         "from fracpass.testing import assert_graph_matches\n"
         "def test_it():\n"
-        "    assert_graph_matches(fracpass.transform(resnet20(), fracpass.Plan.static()), 'golden.txt')\n")
-    first = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_golden.py"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
-    assert first.returncode == 1 and "does not exist" in first.stdout
-    update = subprocess.run([sys.executable, "-m", "pytest", "-q", "--fracpass-update-golden", "test_golden.py"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert update.returncode == 0, update.stdout
-    again = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_golden.py"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and (tmp_path / "golden.txt").exists()
+        "    assert_graph_matches(fracpass.transform(resnet20(), fracpass.Plan.static()), 'golden.txt')\n"))
+    first = pytester.runpytest_inprocess("-q", "test_golden.py")
+    assert first.ret == 1 and "does not exist" in first.stdout.str()
+    update = pytester.runpytest_inprocess("-q", "--fracpass-update-golden", "test_golden.py")
+    assert update.ret == 0, update.stdout.str()
+    again = pytester.runpytest_inprocess("-q", "test_golden.py")
+    assert again.ret == 0 and (pytester.path / "golden.txt").exists()
 
 
 def test_example_ci_workflow_command_passes():

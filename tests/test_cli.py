@@ -1,38 +1,18 @@
-"""The fracpass command line, run as a user would: in a subprocess. Its usage errors and help texts run
-in this process (``cli_in_process``: the same ``main``, without a 3-4 s interpreter start each);
+"""The fracpass command line. Two tests run it as a user would, in a subprocess (a command and ``--version``);
+the others run the same ``main`` in this process (``cli_in_process``), without a 3 s interpreter start each.
 tests/test_reliability_cli.py checks that a subprocess error is one line with exit code 2."""
-import contextlib
-import io
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli_in_process
 
 PLAN = ROOT / "examples" / "plans" / "fractrain_cifar.toml"
 
 
 def fracpass_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "fracpass", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def cli_in_process(*args, cwd=ROOT):
-    """``fracpass_cli`` through ``fracpass.cli.main`` in this process: its exit code, stdout and stderr."""
-    from fracpass.cli import main
-
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as e:  # argparse: --help, usage errors
-                code = e.code
-    finally:
-        os.chdir(here)
-    return subprocess.CompletedProcess(["fracpass", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_transform_prints_summary():
@@ -44,7 +24,7 @@ def test_transform_prints_summary():
 
 
 def test_transform_export_path_with_token_input():
-    done = fracpass_cli("transform", "--model", "examples.models:transformer", "--input-shape", "2,16",
+    done = cli_in_process("transform", "--model", "examples.models:transformer", "--input-shape", "2,16",
                         "--input-dtype", "int64", "--capture", "export")
     assert done.returncode == 0, done.stderr
     assert "captured with export" in done.stdout and "sdpa" in done.stdout
@@ -84,13 +64,13 @@ def test_usage_error():
 def test_cost_text_json_and_training_totals():
     import json
 
-    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+    done = cli_in_process("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
                         "--target", "bitfusion", "--steps-per-stage", "10,10,10,10", "--batch-size", "128")
     assert done.returncode == 0, done.stderr
     assert "forward MACs per sample 40,813,184" in done.stdout
     assert "stage 3: BitOPs/sample" in done.stdout and "bitfusion:" in done.stdout
     assert "training: 40 steps (per stage [10, 10, 10, 10]), batch 128" in done.stdout
-    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
+    done = cli_in_process("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
     data = json.loads(done.stdout)
     assert data["forward_macs_per_sample"] == 40813184 and data["stages"][0]["relative_to_fp32"] == 1 / 16
 
@@ -108,7 +88,7 @@ def test_cost_errors(args, message):
 
 def test_plan_writes_a_stage_plan(tmp_path):
     out = tmp_path / "stages.toml"
-    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+    done = cli_in_process("plan", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
                         "--budget", "0.4", "--total-steps", "64000", "-o", str(out))
     assert done.returncode == 0, done.stderr
     import fracpass
@@ -116,7 +96,7 @@ def test_plan_writes_a_stage_plan(tmp_path):
     staged = fracpass.StagePlan.load(out)
     assert staged.budget.fraction == 0.4 and staged.budget.predicted <= 0.4 and len(staged.switch.boundaries()) == 3
     assert "budget: 40.0% of static asked" in done.stdout
-    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--budget", "0.4")
+    done = cli_in_process("plan", "--model", "examples.models:resnet20", "--budget", "0.4")
     assert done.returncode == 2 and "--budget and --total-steps go together" in done.stderr
 
 
@@ -124,21 +104,21 @@ GATED = ROOT / "examples" / "plans" / "fractrain_full_cifar.toml"
 
 
 def test_gated_plan_through_transform_cost_and_plan(tmp_path):
-    done = fracpass_cli("transform", "--model", "examples.models:resnet20", "--plan", str(GATED),
+    done = cli_in_process("transform", "--model", "examples.models:resnet20", "--plan", str(GATED),
                         "--input-shape", "2,3,32,32")
     assert done.returncode == 0, done.stderr
     assert "gates: 9 units (block)" in done.stdout and "unit layer3_2: layer3_2_conv1, layer3_2_conv2" in done.stdout
-    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32")
+    done = cli_in_process("cost", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32")
     assert done.returncode == 0, done.stderr
     assert "gated units: cost per option in % of FP32" in done.stdout and "from the example inputs" in done.stdout
     out = tmp_path / "stages.toml"
-    done = fracpass_cli("plan", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32",
+    done = cli_in_process("plan", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape", "2,3,32,32",
                         "-o", str(out))
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert 'gated = "layer1_0"' in text and "targets = [1.5, 2.0, 2.5, 3.0]" in text
     onnx_path = tmp_path / "gated.onnx"
-    done = fracpass_cli("export", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape",
+    done = cli_in_process("export", "--model", "examples.models:resnet20", "--plan", str(GATED), "--input-shape",
                         "1,3,32,32", "-o", str(onnx_path))
     assert done.returncode == 0, done.stderr
     import onnx
@@ -188,7 +168,7 @@ def test_version_and_description_from_an_installed_fracpass(tmp_path):
 def test_cost_json_with_steps_per_stage_includes_the_training_totals():
     import json
 
-    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
+    done = cli_in_process("cost", "--model", "examples.models:resnet20", "--plan", str(PLAN), "--input-shape", "1,3,32,32",
                         "--target", "bitfusion", "--steps-per-stage", "10,20,30,40", "--batch-size", "128", "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
@@ -201,7 +181,7 @@ def test_cost_json_with_steps_per_stage_includes_the_training_totals():
     latency = [s["latency_s_per_step"] for s in data["stages"]]  # at the example batch of 1
     assert training["latency_s"] == pytest.approx(128 * sum(n * t for n, t in zip((10, 20, 30, 40), latency)), rel=1e-9)
     assert 0 < training["latency_saving"] < 1 and training["energy_j"] < training["static_energy_j"]
-    done = fracpass_cli("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
+    done = cli_in_process("cost", "--model", "examples.models:resnet20", "--input-shape", "1,3,32,32", "--json")
     assert "training" not in json.loads(done.stdout)
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -229,6 +231,17 @@ def test_a_gated_native_model_compiles_with_a_break_at_each_gated_call(monkeypat
     with pytest.raises(Exception, match=r"fracpass native call a gated convolution: .* Compile without fullgraph=True "
                                         r"to run it so, or transform with execution='simulate'"):
         torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)
+
+
+def test_importing_fracpass_does_not_import_dynamo():
+    """torch._dynamo's import takes about 2 s here, at the start of every fracpass command: fracpass sets the
+    compile-time mark of its constant functions without it, and the lower-native pass builds the graph breaks of
+    the native calls (the test above runs them)."""
+    code = "import sys, fracpass, fracpass.cli; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    # the mark fracpass.quant.constant_when_traced sets is the one torch's decorator sets
+    assert torch.compiler.assume_constant_result(lambda: 0)._dynamo_marked_constant is True
 
 
 class ThreeLinears(nn.Module):

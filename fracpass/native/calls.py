@@ -257,21 +257,44 @@ def _warn_compiled(ctx) -> None:
         warnings.warn(COMPILE_FALLBACK, stacklevel=2)
 
 
+_EAGER: Dict[str, Callable] = {}  # name -> a call that runs eagerly under torch.compile (``_eager``)
+_BREAKS: Dict[str, Callable] = {}  # name -> that call as Dynamo must see it (``install_compile_breaks``)
+
+
 def _eager(fn, name: str):
     """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
     eagerly, since the Python around its products reads tensor values on the host to choose their path (the
     products and kernels themselves are registered ops); fullgraph=True fails with COMPILE_BREAK, and a plain
-    compile warns with COMPILE_FALLBACK."""
-    from torch._dynamo.comptime import comptime
-
-    run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
+    compile warns with COMPILE_FALLBACK. Outside a compile, ``fn`` itself runs."""
+    _EAGER[name] = fn
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        comptime(_warn_compiled)  # nothing in eager; while Dynamo traces, the warning
-        return run(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return _BREAKS.get(name, fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return call
+
+
+def install_compile_breaks() -> None:
+    """Build what Dynamo runs at each ``_eager`` call. They need torch._dynamo, whose import takes about 2 s
+    here, so the lower-native pass builds them (every native model passes through it, and unpickling
+    transforms again) and importing fracpass does not."""
+    if _BREAKS:
+        return
+    from torch._dynamo.comptime import comptime
+
+    def broken(fn, name):
+        run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
+
+        def call(*args, **kwargs):
+            comptime(_warn_compiled)  # while Dynamo traces, the warning
+            return run(*args, **kwargs)
+
+        return call
+
+    _BREAKS.update({name: broken(fn, name) for name, fn in _EAGER.items()})
 
 
 def _named(fn, name: str):

@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fracpass.quant import constant_when_traced
+
 
 log = logging.getLogger("fracpass.native")
 
@@ -63,7 +65,7 @@ def _cuda_capability(device) -> Optional[Tuple[int, int]]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
-@torch.compiler.assume_constant_result
+@constant_when_traced
 def _has_any(flags: Tuple[str, ...]) -> bool:
     """Whether this CPU has one of ``flags``: a constant to torch.compile, which runs it once while it traces
     (reading /proc/cpuinfo is nothing Dynamo can trace)."""
