@@ -278,13 +278,39 @@ def test_native_linear_layers_compile_as_one_graph_and_equal_eager(weights, monk
     assert native.product_paths(compiled)["fc2"] == ("int8", folded, "int8")
 
 
+def _as_exported(q, execution):
+    """What torch.export gives for ``q`` in eager: a native model's gated calls and opt-in int8 conv2d calls
+    simulated (a copy whose gated sites take no convolution as large enough; the int8 conv2d model's every
+    product is simulated in its program, so its simulated copy), the rest as ``q`` runs them."""
+    import dataclasses
+
+    from fracpass.gating import GatedActQuant
+
+    if execution.endswith("int8 conv2d"):
+        return fracpass.state.simulated_copy(q)
+    twin = copy.deepcopy(q)
+    for name, site in twin.named_modules():
+        if name.endswith("_native") and isinstance(getattr(twin, name[:-len("_native")] + "_aq", None), GatedActQuant):
+            site.options = dataclasses.replace(site.options, min_conv_macs=float("inf"))
+    return twin
+
+
+@pytest.mark.parametrize("execution", ["simulate", "native", pytest.param("native int8 conv2d", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("plan", sorted(PLANS))
-def test_export_of_the_eval_model_runs_any_batch_and_equals_eager(plan):
+def test_export_of_the_eval_model_runs_any_batch_and_equals_eager(plan, execution, monkeypatch):
     """torch.export.export of a transformed eval model, batch dynamic, at every stage of its plan: an
     ExportedProgram whose quantizers are torch.ops.fracpass ops and whose outputs equal the eager model's,
-    before any training (batch ranges) and after (running ranges)."""
+    before any training (batch ranges) and after (running ranges). Native (units claimed): a static convolution's
+    products are its registered op in the program, as eager runs them; a gated one's Python reads the gates'
+    choices on the host, so the program simulates it, within float32 rounding of eager's products; so does the
+    opt-in int8 conv2d, whose Python checks its input for NaN on the host."""
+    from fracpass import native
+
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
     x, y = _data()
-    q = _transform(SmallNet(), PLANS[plan](), x)
+    kinds = ("linear", "matmul", "conv", "conv2d_int8") if execution.endswith("int8 conv2d") else ("linear", "matmul", "conv")
+    kw = dict(execution="native", native=fracpass.NativeOptions(min_conv_macs=0, kinds=kinds)) if execution != "simulate" else {}
+    q = _transform(SmallNet(), PLANS[plan](), x, **kw)
     batch = torch.export.Dim("batch", min=1, max=1024)
     other = _data(n=5, seed=1)[0]
     for trained in (False, True):
@@ -294,12 +320,40 @@ def test_export_of_the_eval_model_runs_any_batch_and_equals_eager(plan):
         q.eval()
         for stage in range(q.fracpass.plan.num_stages):
             fracpass.set_stage(q, stage)
+            with torch.no_grad():
+                q(x)
+            paths = fracpass.summary(q)
             program = torch.export.export(q, (x,), dynamic_shapes=({0: batch},))
+            assert fracpass.summary(q) == paths  # the trace is no call: summary still tells the last call's paths
             ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-            assert "fracpass.fake_quant.default" in ops or "fracpass.fake_quant_rows.default" in ops, sorted(ops)
+            assert ({"fracpass.bf16_conv_bn.default"} <= ops if execution == "native" and plan != "gated" else
+                    bool({"fracpass.fake_quant.default", "fracpass.fake_quant_rows.default"} & ops)), sorted(ops)
             with torch.no_grad():
                 for inputs in (x, other):
-                    assert torch.equal(program.module()(inputs), q(inputs)), (trained, stage)
+                    assert torch.equal(program.module()(inputs), _as_exported(q, execution)(inputs)), (trained, stage)
+
+
+def test_export_leaves_a_size_threshold_that_depends_on_the_dynamic_batch_simulated(monkeypatch):
+    """Under a dynamic batch no one path holds for every batch: a call with a size threshold is exported simulated
+    and says why, where a fixed batch decides as eager does."""
+    from fracpass import native
+
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
+    x, _ = _data()
+    q = _transform(SmallNet(), PLANS["static"](), x, execution="native",
+                   native=fracpass.NativeOptions(min_conv_macs=1e3)).eval()
+    with torch.no_grad():
+        want = q(x)
+    assert "path of conv2: bf16" in fracpass.summary(q)  # 8 x 8 x 16 x 16 x 72 multiply-adds: above 1e3 at batch 8
+    for dynamic, native_op in ((True, False), (False, True)):
+        shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
+        program = torch.export.export(q, (x,), dynamic_shapes=shapes)
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert ("fracpass.bf16_conv_bn.default" in ops) == native_op, sorted(ops)
+        if dynamic:
+            assert torch.equal(program.module()(x), fracpass.state.simulated_copy(q)(x))
+        else:
+            assert torch.equal(program.module()(x), want)
 
 
 @pytest.mark.parametrize("name, plan", [pytest.param("resnet74", "static", marks=pytest.mark.slow),

@@ -51,6 +51,8 @@ def decide(qa, qb, gq, path: str = "int8", device=None) -> Tuple[str, str]:
     """(path, note) from the quantizers' current bits and ``device``'s units (default: this CPU): ``path``
     ("int8", or "bf16" for convolutions) or "simulated"; the note says why not native, or which
     backward products run off the path (``backward_products``)."""
+    if torch.compiler.is_exporting() and any(isinstance(q, (GatedActQuant, GatedGradQuant)) for q in (qa, qb, gq)):
+        return "simulated", "torch.export: a gated call's Python reads the gates' choices on the host"
     for q, role in ((qa, "first"), (qb, "second")):
         why = _operand_reason(q, role, path)
         if why is not None:
@@ -95,10 +97,17 @@ def backward_products(qa, qb, gbits: int, path: str, device=None) -> Tuple[str, 
     return first, "fp32" if _per_channel(qa) else path
 
 
-def _tensor_reason(*tensors: Tensor) -> Optional[str]:
+def _tensor_reason(*tensors: Tensor, host_reads: bool = False) -> Optional[str]:
+    """Why these operands stay simulated, or None. Fake tensors: a shape-only run, except under torch.export,
+    which traces a static call's registered ops into the program (the eval model's products as eager runs them);
+    a call whose Python reads tensor values on the host (``host_reads``: the opt-in int8 conv2d's NaN check) is
+    exported simulated, as are gated calls (``decide``)."""
     for t in tensors:
         if isinstance(t, torch._subclasses.FakeTensor):
-            return "a shape-only (fake tensor) run"
+            if not torch.compiler.is_exporting():
+                return "a shape-only (fake tensor) run"
+            if host_reads:
+                return "torch.export: its Python reads tensor values on the host, so the program simulates it"
         if units.device_kind(t.device) not in ("cpu", "cuda"):
             return f"a {t.device.type} tensor (native paths exist for CPUs and NVIDIA GPUs only)"
         if t.dtype != torch.float32:
@@ -172,13 +181,27 @@ def _size_reason(k: int) -> Optional[str]:
     return None if k <= options.MAX_CONTRACTION else f"a contraction of {k} > {options.MAX_CONTRACTION} overflows int32 accumulation"
 
 
+EXPORT_SIZE = ("torch.export with a dynamic batch: whether the product is large enough to pay depends on the batch, so "
+               "the program simulates it (NativeOptions with min_intensity, min_bmm_intensity and min_conv_macs 0 "
+               "exports it native)")
+
+
+def _symbolic(*sizes) -> bool:
+    """Whether a size is a symbol (torch.export's dynamic batch), which no threshold can be checked against."""
+    return any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in sizes)
+
+
 def _intensity_reason(m: int, k: int, n: int, opts: NativeOptions, batched: bool = False) -> Optional[str]:
     """Too small a product for int8 (bf16 for a ``batched`` one, per batch entry) to pay: the path's passes
     over the operands and the output (codes, sums, the epilogue) cost per element, the product time it
     saves per multiply-add (NativeOptions.min_intensity, min_bmm_intensity)."""
+    minimum = opts.min_bmm_intensity if batched else opts.min_intensity
+    if minimum <= 0:
+        return None
+    if _symbolic(m, k, n):
+        return EXPORT_SIZE
     elements = m * k + k * n + m * n
     intensity = m * k * n / elements if elements else 0.0
-    minimum = opts.min_bmm_intensity if batched else opts.min_intensity
     if intensity >= minimum:
         return None
     if batched:
@@ -212,7 +235,7 @@ def conv_reason(x: Tensor, weight: Tensor, padding, aq, wq) -> Optional[str]:
         return "this torch build has no oneDNN int8 convolution (torch.ops.onednn.qconv_pointwise)"
     if units.device_kind(x.device) != "cpu":
         return "not a CPU tensor (oneDNN's int8 convolution runs on CPUs)"
-    return _tensor_reason(x, weight)
+    return _tensor_reason(x, weight, host_reads=True)
 
 
 def tuple_arg(v, n: int) -> list:
@@ -262,7 +285,11 @@ def _conv_macs(x: Tensor, weight: Tensor, stride, padding, dilation, transposed:
 
 def conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, transposed: bool,
                      opts: NativeOptions) -> Optional[str]:
+    if opts.min_conv_macs <= 0:
+        return None
     macs = _conv_macs(x, weight, stride, padding, dilation, transposed)
+    if _symbolic(macs):
+        return EXPORT_SIZE
     if macs >= opts.min_conv_macs:
         return None
     return (f"a small convolution ({macs / 1e6:.1f}M multiply-adds, under NativeOptions.min_conv_macs = "

@@ -72,7 +72,8 @@ _DEFAULT = NativeOptions()
 
 
 def record(site: Optional[NativeSite], fallback: Optional[str]) -> None:
-    if site is not None:
+    """The call's path for ``summary``; torch.export's trace is no call of the model and leaves it."""
+    if site is not None and not torch.compiler.is_exporting():
         site.ran(fallback)
 
 
