@@ -85,8 +85,12 @@ def option_scores(x: Tensor, g: Tensor, mn: Tensor, mx: Tensor, option_levels: T
     ext = (traced_ops(x, g, mn, mx, option_levels) if torch.compiler.is_compiling()
            else fused_kernels(x, g, mn, mx, option_levels))
     if ext is not None and x.dim() > 0 and option_levels.numel() <= 16:
-        if not (rows_outer_dense(x) and x.stride() == g.stride()):  # the kernel pairs x and g by memory index
-            x, g = x.contiguous(), g.contiguous()
+        # the kernel pairs x and g by memory index and sums each row in that order: x's, whatever layout g
+        # comes in (eager's autograd and a compiled backward may give g different strides)
+        if not rows_outer_dense(x):
+            x = x.contiguous()
+        if g.stride() != x.stride():
+            g = torch.empty_like(x).copy_(g)
         return ext.option_scores(x, g, mn.contiguous(), mx.contiguous(), option_levels)
     rows = x.shape[0]
     cols = []
@@ -103,7 +107,9 @@ def range_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample min and max. A NaN propagates into its row's range and an Inf makes the scale
     infinite: either way that row's output comes out NaN, as in the static quantizers."""
     x = x.detach()
-    if rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
+    if torch.compiler.is_compiling():  # Inductor reads any layout in its own reduction
+        flat = x.reshape(x.shape[0], -1)
+    elif rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
         flat = memory_rows(x)
     else:
         flat = x.reshape(x.shape[0], -1)
@@ -243,6 +249,7 @@ class GatedActQuant(RangeTracker):
         k = len(options)
         self.register_buffer("options", torch.tensor(list(options), dtype=torch.int64))
         self.register_buffer("option_levels", _levels(self.options))
+        self.option_bits = tuple(int(b) for b in options)  # the options as constants (a plan's, like the buffer)
         self.register_buffer("running_min", torch.zeros(k))
         self.register_buffer("running_max", torch.zeros(k))
         self.register_buffer("range_ready", torch.zeros(k, dtype=torch.bool))
@@ -309,6 +316,7 @@ class GatedGradQuant(Quantizer):
         super().__init__([max(options)] * num_stages)
         self.register_buffer("options", torch.tensor(list(options), dtype=torch.int64))
         self.register_buffer("option_levels", _levels(self.options))
+        self.option_bits = tuple(int(b) for b in options)  # the options as constants (a plan's, like the buffer)
 
     def forward(self, x: Tensor, onehot: Tensor) -> Tensor:
         if not x.requires_grad or x.numel() == 0:

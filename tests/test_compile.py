@@ -145,6 +145,23 @@ def test_a_stage_switch_recompiles_once_per_stage():
     assert backend.graphs == 4
 
 
+@pytest.mark.parametrize("plan", ["ladder", "gated"])
+def test_a_channels_last_model_compiles_as_one_graph_and_equals_eager(plan):
+    """A model and input in channels_last (the layout the benchmarks use): one graph, equal to eager bit for bit.
+    A gated quantizer's per-sample ranges read the rows in any layout under compile (eager reads channels_last
+    rows in memory order), and the gate's gradient sums each row in its input's memory order whatever layout the
+    incoming gradient has: eager's autograd and the compiled backward give it different strides."""
+    x, y = _data()
+    x = x.contiguous(memory_format=torch.channels_last)
+    q = _transform(SmallNet().to(memory_format=torch.channels_last), PLANS[plan](), x)
+    explained = torch._dynamo.explain(copy.deepcopy(q))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+    run = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        _assert_same(_step(run, compiled, x, y, gated=plan == "gated"), _step(eager, eager, x, y, gated=plan == "gated"))
+
+
 def test_set_stage_on_a_compiled_model():
     x, y = _data()
     q = _transform(SmallNet(), PLANS["ladder"](), x)

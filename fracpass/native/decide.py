@@ -20,7 +20,7 @@ def _operand_reason(q, role: str, path: str = "int8") -> Optional[str]:
         if path != "bf16":
             return (f"its {role} quantizer is gated (per-sample scales): gated ops run native as convolutions, "
                     "linear layers and batched products (bf16) only")
-        wide = sorted({b for b in q.options.tolist() if not 2 <= b <= options.MAX_INT8_BITS})
+        wide = sorted({b for b in q.option_bits if not 2 <= b <= options.MAX_INT8_BITS})
         if wide:
             return (f"its {role} gate options include {wide} bits: bfloat16 codes need 2..{options.MAX_INT8_BITS} bits in "
                     "every option")
@@ -41,7 +41,7 @@ def grad_bits(gq) -> int:
     if gq is None:
         return FULL_PRECISION
     if isinstance(gq, GatedGradQuant):
-        return max(gq.options.tolist())
+        return max(gq.option_bits)
     if type(gq) is not GradQuant:
         return -1
     return gq.bits
@@ -66,7 +66,7 @@ def decide(qa, qb, gq, path: str = "int8", device=None) -> Tuple[str, str]:
         return "simulated", why
     if isinstance(gq, GatedGradQuant) and gbits > options.MAX_INT8_BITS:
         return path, (f"backward products in fp32 in batches where a sample chose a gradient option above "
-                      f"{options.MAX_INT8_BITS} bits (gate options g={tuple(gq.options.tolist())})")
+                      f"{options.MAX_INT8_BITS} bits (gate options g={gq.option_bits})")
     if not 2 <= gbits <= options.MAX_INT8_BITS:
         return path, f"backward products in fp32 (gradient at {'fp32' if gbits >= FULL_PRECISION else gbits} bits)"
     first, _ = backward_products(qa, qb, gbits, path, device)
@@ -216,7 +216,7 @@ def _intensity_reason(m: int, k: int, n: int, opts: NativeOptions, batched: bool
 def gated_matmul_reason(a: Tensor, b: Tensor, qa, qb, gate: Tensor, opts: NativeOptions) -> Optional[str]:
     if not (isinstance(qa, GatedActQuant) and isinstance(qb, GatedActQuant)):
         return "a gated product with a weight operand (gated matmul runs native with two gated activations)"
-    if not torch.equal(qa.options, qb.options):
+    if qa.option_bits != qb.option_bits:
         return "its operands' gate options differ"
     if a.dim() < 3 or a.shape[:-2] != b.shape[:-2] or a.shape[0] != gate.shape[0]:
         return (f"operands {tuple(a.shape)} x {tuple(b.shape)} whose batch dims differ or do not lead with the gate's "
