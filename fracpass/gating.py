@@ -457,19 +457,26 @@ class GateHub(nn.Module):
             return None
         costs = self.unit_costs.to(self._choices[0].dtype)
         total = sum(onehot @ costs[u] for u, onehot in enumerate(self._choices))
-        return total + float(self.base_costs[int(self.stage)])
+        return total + self._at_stage(self.base_costs)  # 0-d float64: added as float32, as a Python float is
+
+    def _at_stage(self, per_stage: Tensor) -> Tensor:
+        """``per_stage``'s value at the current stage, a 0-d tensor (no host read: a compiled step traces it)."""
+        return per_stage.index_select(0, self.stage.view(1)).view(())
 
     def loss(self) -> Tensor:
+        """beta x weight x the batch's summed costs, the weight from the mean cost's error against the stage's
+        target. Tensor arithmetic throughout, in float64 where Python floats were (the same values), so that
+        torch.compile traces a training step with it as one graph."""
         costs = self.sample_costs()
         if costs is None:
             return self.proj.weight.new_zeros(())
-        cp = float(costs.detach().mean())
-        error = cp - self.target
+        target = self._at_stage(self.targets)
+        error = costs.detach().mean().double() - target
         if self.controller == "sign":
-            weight = (error > 0) - (error < 0)
+            weight = torch.sign(error)
         else:  # "smooth": proportional to the relative error, saturating at +-1; zero at the target
-            weight = max(-1.0, min(1.0, error / self.target))
-        return self.beta * weight * costs.sum()
+            weight = (error / target).clamp(-1.0, 1.0)
+        return (self.beta * weight).to(costs.dtype) * costs.sum()
 
     def stats(self) -> Optional[GateStats]:
         costs = self.sample_costs()

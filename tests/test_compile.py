@@ -162,6 +162,32 @@ def test_a_channels_last_model_compiles_as_one_graph_and_equals_eager(plan):
         _assert_same(_step(run, compiled, x, y, gated=plan == "gated"), _step(eager, eager, x, y, gated=plan == "gated"))
 
 
+def test_a_gated_training_step_with_its_gate_loss_compiles_as_one_graph():
+    """The whole step a user compiles: the model, the task loss and fracpass.gate_loss in one graph, equal to
+    eager bit for bit."""
+    x, y = _data()
+    q = _transform(SmallNet(), PLANS["gated"](), x)
+    eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+
+    def loss_of(model):
+        return lambda inputs: F.cross_entropy(model(inputs), y) + fracpass.gate_loss(model)
+
+    explained = torch._dynamo.explain(loss_of(copy.deepcopy(q)))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    step = torch.compile(loss_of(compiled), backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        torch.manual_seed(3)
+        got = step(x)
+        got.backward()
+        torch.manual_seed(3)
+        want = loss_of(eager)(x)
+        want.backward()
+        assert torch.equal(got, want)
+        for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
+            assert torch.equal(a.grad, b.grad), name
+            a.grad = b.grad = None
+
+
 def test_set_stage_on_a_compiled_model():
     x, y = _data()
     q = _transform(SmallNet(), PLANS["ladder"](), x)

@@ -343,6 +343,27 @@ def test_smooth_controller_fades_out_at_the_target():
     assert fracpass.gate_loss(q).item() == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("controller", ["sign", "smooth"])
+def test_gate_loss_computes_in_tensors_what_its_python_float_formula_gives(controller):
+    """gate_loss is tensor arithmetic (so torch.compile traces it), in float64 where the formula's Python floats
+    were: bit for bit the formula's value, below, at and above the target."""
+    q, x = gated(gates=fracpass.Gates(target=0.5, beta=0.01, controller=controller))
+    q(x)
+    hub = q.gates
+    for stage in range(hub.targets.numel()):
+        hub.stage.fill_(stage)
+        costs = hub.sample_costs()
+        cp = float(costs.detach().mean())
+        for target in (cp * 0.5, cp, cp * 4):
+            hub.targets[stage] = target
+            error = cp - target
+            weight = (error > 0) - (error < 0) if controller == "sign" else max(-1.0, min(1.0, error / target))
+            want = 0.01 * weight * costs.sum()
+            assert torch.equal(fracpass.gate_loss(q), want), (stage, target)
+        assert torch.equal(costs, sum(c @ hub.unit_costs.float()[u] for u, c in enumerate(hub._choices))
+                           + float(hub.base_costs[stage]))
+
+
 def test_skip_option_outputs_the_shortcut_and_costs_nothing():
     gates = fracpass.Gates(a=(0, 4, 8), g=(0, 8, 8), target=1.0)
     q, _ = gated(gates=gates)
