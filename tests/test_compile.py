@@ -321,6 +321,34 @@ def test_native_linear_layers_compile_as_one_graph_and_equal_eager(weights, monk
     assert native.product_paths(compiled)["fc2"] == ("int8", folded, "int8")
 
 
+def test_a_dynamic_batch_under_compile_keeps_the_native_products(monkeypatch):
+    """torch.compile with a dynamic batch (dynamic=True, or the recompile at a second batch size) guards on the size
+    thresholds (only torch.export, which cannot, simulates a product whose threshold depends on the batch): the
+    compiled graph holds the int8 products. The reasons of a simulated product show "?" for the sizes Dynamo
+    traces as symbols, which it cannot format (before, compiling raised there)."""
+    from fracpass import native
+
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
+    x, y = _data(n=64)
+    q = _transform(ThreeLinears(), fracpass.Plan.static(w=8, a=8, g=8), x, execution="native",
+                   native=fracpass.NativeOptions(min_intensity=10.0))
+    ops = set()
+
+    def backend(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    run = torch.compile(copy.deepcopy(q), backend=backend, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), q(x))
+    assert any(op.startswith("fracpass.int8_mm") for op in ops), sorted(ops)
+    auto = torch.compile(copy.deepcopy(q), backend="aot_eager")  # a second batch size: Dynamo recompiles it dynamic
+    with torch.no_grad():
+        for n in (64, 48, 40):
+            inputs = _data(n=n)[0]
+            assert torch.equal(auto(inputs), q(inputs)), n
+
+
 def _as_exported(q, execution):
     """What torch.export gives for ``q`` in eager: a native model's gated calls and opt-in int8 conv2d calls
     simulated (a copy whose gated sites take no convolution as large enough; the int8 conv2d model's every

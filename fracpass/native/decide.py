@@ -187,8 +187,16 @@ EXPORT_SIZE = ("torch.export with a dynamic batch: whether the product is large 
 
 
 def _symbolic(*sizes) -> bool:
-    """Whether a size is a symbol (torch.export's dynamic batch), which no threshold can be checked against."""
-    return any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in sizes)
+    """Whether torch.export traces a size as a symbol (its dynamic batch), which no threshold can be checked
+    against. (torch.compile guards on the comparison instead, and recompiles where it changes.)"""
+    return torch.compiler.is_exporting() and any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in sizes)
+
+
+def _shown(v, spec: str = "") -> str:
+    """A number ``v`` formatted for a message, "?" while torch.compile traces: there a dynamic batch (or, with
+    dynamic=True, any size or float) is a symbol, which Dynamo cannot format, and whose value would specialize the
+    graph."""
+    return "?" if torch.compiler.is_compiling() else format(v, spec)
 
 
 def _intensity_reason(m: int, k: int, n: int, opts: NativeOptions, batched: bool = False) -> Optional[str]:
@@ -205,11 +213,11 @@ def _intensity_reason(m: int, k: int, n: int, opts: NativeOptions, batched: bool
     if intensity >= minimum:
         return None
     if batched:
-        return (f"a small batched product ({m}x{k}x{n} per batch entry: {intensity:.0f} multiply-adds per operand or "
-                f"output element, under NativeOptions.min_bmm_intensity = {minimum:g}): encoding and rescaling would "
+        return (f"a small batched product ({_shown(m)}x{_shown(k)}x{_shown(n)} per batch entry: {_shown(intensity, '.0f')} multiply-adds per operand or "
+                f"output element, under NativeOptions.min_bmm_intensity = {_shown(minimum, 'g')}): encoding and rescaling would "
                 "cost more than the bf16 product saves")
-    return (f"a small product ({m}x{k}x{n}: {intensity:.0f} multiply-adds per operand or output element, under "
-            f"NativeOptions.min_intensity = {minimum:g}): encoding and rescaling would cost more than the int8 GEMM "
+    return (f"a small product ({_shown(m)}x{_shown(k)}x{_shown(n)}: {_shown(intensity, '.0f')} multiply-adds per operand or output element, under "
+            f"NativeOptions.min_intensity = {_shown(minimum, 'g')}): encoding and rescaling would cost more than the int8 GEMM "
             "saves")
 
 
@@ -292,8 +300,8 @@ def conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, trans
         return EXPORT_SIZE
     if macs >= opts.min_conv_macs:
         return None
-    return (f"a small convolution ({macs / 1e6:.1f}M multiply-adds, under NativeOptions.min_conv_macs = "
-            f"{opts.min_conv_macs / 1e6:g}M): the bf16 path's codes, scaling and offset corrections would cost more than "
+    return (f"a small convolution ({_shown(macs / 1e6, '.1f')}M multiply-adds, under NativeOptions.min_conv_macs = "
+            f"{_shown(opts.min_conv_macs / 1e6, 'g')}M): the bf16 path's codes, scaling and offset corrections would cost more than "
             "it saves")
 
 
