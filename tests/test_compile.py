@@ -188,6 +188,17 @@ def test_a_gated_training_step_with_its_gate_loss_compiles_as_one_graph():
             a.grad = b.grad = None
 
 
+@pytest.mark.parametrize("plan", ["ladder", "gated"])
+def test_a_compiled_model_follows_the_batch_size_and_equals_eager(plan):
+    """A smaller last batch makes Dynamo recompile with a dynamic batch: the steps still equal eager's bit for bit."""
+    q = _transform(SmallNet(), PLANS[plan](), _data()[0])
+    eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+    run = torch.compile(compiled, backend="aot_eager")
+    for n in (8, 6, 5):
+        x, y = _data(n=n, seed=n)
+        _assert_same(_step(run, compiled, x, y, gated=plan == "gated"), _step(eager, eager, x, y, gated=plan == "gated"))
+
+
 def test_set_stage_on_a_compiled_model():
     x, y = _data()
     q = _transform(SmallNet(), PLANS["ladder"](), x)
