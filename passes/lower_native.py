@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fracpass import meta
-from fracpass.native import calls, layout, units
+from fracpass.native import breaks, calls, layout, units
 from fracpass.native.options import CONV_TRANSPOSE_SIMULATED, NativeOptions
 from fracpass.native.site import NATIVE, NativeInfo, NativeSite
 from fracpass.pass_base import PassBase, PassResult
@@ -37,7 +37,7 @@ class LowerNativePass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         units.preload()  # the CPU kernels loaded (built on first use) here: torch.compile cannot trace the loader
-        calls.install_compile_breaks()  # and what Dynamo runs at the calls that break its graph
+        breaks.install()  # and what Dynamo runs where a call breaks its graph
         lowered = kept = 0
         for node in list(gm.graph.nodes):
             info, spec = meta.op_info(node), meta.qspec(node)

@@ -11,8 +11,8 @@ and a quantizer amplifies such a move into one step where a value lies next to a
 (see test_inductor_stays_within_a_step). A stage switch recompiles once per stage, never per step.
 
 Native execution compiles as one graph too: every native product is a registered op, and a static call's Python
-reads no values. A gated call's does (its option groups): the graph breaks there and it runs eagerly between
-graphs, with eager's values.
+reads no values. A gated call reads one (whether every sample chose one option): the graph breaks at that read
+alone, and the call equals eager's values.
 """
 from __future__ import annotations
 
@@ -261,19 +261,24 @@ def test_a_non_finite_batch_through_a_compiled_native_convolution_gives_what_eag
     same(_step(run, compiled, x, y), _step(eager, eager, x, y))
 
 
-def test_a_gated_native_model_compiles_with_a_break_at_each_gated_call(monkeypatch):
-    """A gated convolution's call reads values on the host (its option groups): a plain compile runs it eagerly
-    between graphs, with eager's values and one warning that says so; fullgraph=True names the call."""
-    import fracpass.native.calls as calls
+def test_a_gated_native_model_compiles_with_a_break_at_each_gated_calls_host_read(monkeypatch):
+    """A gated call reads one value on the host: whether every sample chose one option (then one scale for the
+    batch, and the fused BatchNorm's fast route). A plain compile breaks the graph there and runs that read
+    eagerly, the rest of the call compiled, with eager's values and one warning that says so; fullgraph=True
+    names the read. The gate loss compiles with the model."""
     from fracpass import native
+    from fracpass.native import breaks
 
     monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
-    monkeypatch.setattr(calls, "_compile_warned", False)  # once per process: as if this compile came first
     x, y = _data()
     gates = fracpass.Gates(a=(4, 8), g=(6, 8), w=6, granularity="op", target=5.0)
     plan = fracpass.Plan(stages=(fracpass.Stage(w=6, a=8, g=8),), gates=gates, rules=(fracpass.Rule(match="fc", exclude=True),))
     q = _transform(SmallNet(), plan, x, execution="native", native=fracpass.NativeOptions(min_conv_macs=0))
+    explained = torch._dynamo.explain(copy.deepcopy(q))(x)
+    reasons = {str(b.reason) for b in explained.break_reasons}
+    assert reasons and all("it checks whether every sample chose one option" in r for r in reasons), reasons
     eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+    monkeypatch.setattr(breaks, "_compile_warned", False)  # once per process: as if this compile came first
     run = torch.compile(compiled, backend="aot_eager")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
@@ -281,16 +286,35 @@ def test_a_gated_native_model_compiles_with_a_break_at_each_gated_call(monkeypat
             _assert_same(_step(run, compiled, x, y, gated=True), _step(eager, eager, x, y, gated=True))
     said = [str(w.message) for w in caught if "fracpass" in str(w.message)]
     assert len(said) == 1, said
-    assert re.search(r"torch.compile breaks this model's graph at its gated native calls .* execution='simulate'", said[0]), said
-    with pytest.raises(Exception, match=r"fracpass native call a gated convolution: .* Compile without fullgraph=True "
-                                        r"to run it so, or transform with execution='simulate'"):
+    assert re.search(r"torch.compile breaks this model's graph at each gated native call \(its check whether every "
+                     r"sample chose one option .* execution='simulate'", said[0]), said
+    with pytest.raises(Exception, match=r"fracpass native call a gated call: it checks whether every sample chose one "
+                                        r"option, a read of a tensor value on the host .* Compile without fullgraph=True"):
+        torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)
+
+
+def test_an_int8_conv2d_native_model_compiles_with_a_break_at_each_such_call(monkeypatch):
+    """The opt-in int8 conv2d's call checks its input for a NaN on the host: a plain compile runs it eagerly
+    between graphs, with eager's values; fullgraph=True names the call."""
+    from fracpass import native
+
+    monkeypatch.setattr(native.units, "_cpu_flags", lambda: UNITS)
+    x, y = _data()
+    q = _transform(SmallNet(), PLANS["static"](), x, execution="native",
+                   native=fracpass.NativeOptions(min_conv_macs=0, kinds=("linear", "matmul", "conv", "conv2d_int8")))
+    assert "native_conv2d(" in q.code
+    eager, compiled = copy.deepcopy(q), copy.deepcopy(q)
+    run = torch.compile(compiled, backend="aot_eager")
+    for _ in range(2):
+        _assert_same(_step(run, compiled, x, y), _step(eager, eager, x, y))
+    with pytest.raises(Exception, match=r"fracpass native call native_conv2d: it checks its input for a NaN"):
         torch.compile(copy.deepcopy(q), backend="aot_eager", fullgraph=True)(x)
 
 
 def test_importing_fracpass_does_not_import_dynamo():
     """torch._dynamo's import takes about 2 s here, at the start of every fracpass command: fracpass sets the
-    compile-time mark of its constant functions without it, and the lower-native pass builds the graph breaks of
-    the native calls (the test above runs them)."""
+    compile-time mark of its constant functions without it, and the lower-native pass builds the native calls'
+    graph breaks (fracpass.native.breaks; the tests above run them)."""
     code = "import sys, fracpass, fracpass.cli; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -204,7 +204,7 @@ def gated_matmul(a: Tensor, b: Tensor, qa, qb, gq, gate: Tensor, site: Optional[
         mn_a, mx_a, mn_b, mx_b = (v.float().contiguous() for v in (mn_a, mx_a, mn_b, mx_b))
         ca, sa = codes.bf16_codes(a.detach(), mn_a, mx_a, act_levels[choice])
         cb, sb = codes.bf16_codes(b.detach(), mn_b, mx_b, act_levels[choice])
-        one_group = bool(choice.min() == choice.max())
+        one_group = gated.one_group_of(choice)
     gating = gated.Gating(choice, mn_a, mx_a, act_levels,
                      gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None, one_group,
                      mn_b, mx_b)

@@ -12,8 +12,6 @@ it lowers. Adding a native op is a call function and a rule here.
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 
 from fracpass import registry
 from fracpass.gating import GatedActQuant, GatedGradQuant
-from fracpass.native import (bf16_conv, bf16_mm, codes, conv_bn, conv_state, decide, gated, int8_conv, int8_conv2d,
+from fracpass.native import (bf16_conv, bf16_mm, breaks, codes, conv_bn, conv_state, decide, gated, int8_conv, int8_conv2d,
                              int8_mm, layout)
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
@@ -35,7 +33,7 @@ def native_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq: Optiona
     linear (``gate``: its gate's one-hot choice) on bfloat16 codes with per-sample scales."""
     opts = site_options(site)
     if gate is not None:
-        return _gated_linear(x, weight, bias, aq, wq, gq, gate, site)
+        return gated.gated_linear(x, weight, bias, aq, wq, gq, gate, site)
     why = decide.decide(aq, wq, gq, device=x.device)[0] != "int8" or decide.linear_reason(x, weight, aq, wq, opts)
     if why:
         if why is not True:
@@ -57,7 +55,7 @@ def native_matmul(a: Tensor, b: Tensor, qa: Optional[nn.Module], qb: Optional[nn
     gate's one-hot choice) with per-sample scales."""
     opts = site_options(site)
     if gate is not None:
-        return _gated_matmul(a, b, qa, qb, gq, gate, site)
+        return bf16_mm.gated_matmul(a, b, qa, qb, gq, gate, site)
     path = "int8" if b.dim() == 2 else "bf16"
     why = decide.decide(qa, qb, gq, path=path, device=a.device)[0] != path or (
         decide.matmul_reason(a, b, qa, qb, opts) if path == "int8" else decide.batched_matmul_reason(a, b, qa, qb, opts))
@@ -88,8 +86,7 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     x's only reader). ``give`` (a fused call that FuseNativeBNPass wired to its readers): return
     (out, conv_bn.Handover) instead of out, the placeholders in it if ``give`` is True (out's only
     reader is a 2-D convolution call that reads it once)."""
-    run = _gated_conv_out if _gated(aq, gq) else _bf16_conv_out  # a gated one's Python reads values: eager
-    out = run(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate, simulated,
+    out = _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate, simulated,
               site, fused, handed, bool(give))
     if isinstance(out, Tensor):  # simulated, or unfused
         return out if give is None else (out, conv_bn.Handover())
@@ -138,7 +135,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
             mn, mx = aq.row_range(x, choice) if act else aq.qrange(x)
             levels = aq.option_levels.to(torch.float32)[choice] if act else float(2**aq.bits - 1)
             qa, sa = codes.bf16_codes(x.detach(), mn.float().contiguous(), mx.float().contiguous(), levels)
-            one_group = bool(choice.min() == choice.max())  # every sample at one option: one scale for all
+            one_group = gated.one_group_of(choice)  # every sample at one option: one scale for all
             gating = gated.Gating(choice, mn.float().contiguous(), mx.float().contiguous(),
                                   aq.option_levels.to(torch.float32) if act else None,
                                   gq.option_levels.to(torch.float32) if isinstance(gq, GatedGradQuant) else None,
@@ -230,73 +227,6 @@ def _conv_transpose_call(fn):
     return call
 
 
-COMPILE_BREAK = ("fracpass native call {name}: its products are registered ops, but the Python that chooses them reads "
-                 "tensor values on the host (a gated op's option groups and the span of its samples' codes; the opt-in "
-                 "int8 conv2d's check for a NaN in its input), which torch.compile cannot trace yet, so each such call "
-                 "runs eagerly between compiled graphs. Compile without fullgraph=True to run it so, or transform with "
-                 "execution='simulate', which compiles as one graph (docs/compile.md)")
-
-
-COMPILE_FALLBACK = ("fracpass: torch.compile breaks this model's graph at its gated native calls (and opt-in int8 "
-                    "conv2d calls: the Python that chooses their products reads tensor values on the host, which "
-                    "Dynamo cannot trace yet): each runs eagerly between compiled graphs, with eager's values, and the "
-                    "step may gain little from compiling. To compile as one graph, transform with "
-                    "execution='simulate' (docs/compile.md)")
-
-
-_compile_warned = False  # COMPILE_FALLBACK is said once per process
-
-
-def _warn_compiled(ctx) -> None:
-    """Run by Dynamo while it traces a native call (torch._dynamo.comptime): a plain torch.compile falls
-    back at the call, and says so once per process (Dynamo traces each segment between breaks apart, and
-    a warning raised inside its tracer is not deduplicated by Python's filters)."""
-    global _compile_warned
-    if not _compile_warned:
-        _compile_warned = True
-        warnings.warn(COMPILE_FALLBACK, stacklevel=2)
-
-
-_EAGER: Dict[str, Callable] = {}  # name -> a call that runs eagerly under torch.compile (``_eager``)
-_BREAKS: Dict[str, Callable] = {}  # name -> that call as Dynamo must see it (``install_compile_breaks``)
-
-
-def _eager(fn, name: str):
-    """``fn`` run as it is between compiled graphs: torch.compile (Dynamo) breaks the graph at it and runs it
-    eagerly, since the Python around its products reads tensor values on the host to choose their path (the
-    products and kernels themselves are registered ops); fullgraph=True fails with COMPILE_BREAK, and a plain
-    compile warns with COMPILE_FALLBACK. Outside a compile, ``fn`` itself runs."""
-    _EAGER[name] = fn
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return _BREAKS.get(name, fn)(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return call
-
-
-def install_compile_breaks() -> None:
-    """Build what Dynamo runs at each ``_eager`` call. They need torch._dynamo, whose import takes about 2 s
-    here, so the lower-native pass builds them (every native model passes through it, and unpickling
-    transforms again) and importing fracpass does not."""
-    if _BREAKS:
-        return
-    from torch._dynamo.comptime import comptime
-
-    def broken(fn, name):
-        run = torch.compiler.disable(fn, recursive=True, reason=COMPILE_BREAK.format(name=name))
-
-        def call(*args, **kwargs):
-            comptime(_warn_compiled)  # while Dynamo traces, the warning
-            return run(*args, **kwargs)
-
-        return call
-
-    _BREAKS.update({name: broken(fn, name) for name, fn in _EAGER.items()})
-
-
 def _named(fn, name: str):
     """``fn`` as this module's ``name``, for fx code and pickles, which find it in this module."""
     fn.__name__ = fn.__qualname__ = name
@@ -304,12 +234,8 @@ def _named(fn, name: str):
     return fn
 
 
-# the parts of the native calls that run eagerly under torch.compile (gated: their Python reads values)
-_gated_linear = _eager(gated.gated_linear, "native_linear (gated)")
-_gated_matmul = _eager(bf16_mm.gated_matmul, "native_matmul (gated)")
 native_linear = _named(native_linear, "native_linear")  # traceable: the int8 product is a registered op
 native_matmul = _named(native_matmul, "native_matmul")  # likewise its int8 and (static) bf16 products
-_gated_conv_out = _eager(_bf16_conv_out, "a gated convolution")
 # traceable: the static convolutions' products are registered ops and their Python reads no values
 bf16_conv1d = _named(_conv_call(F.conv1d), "bf16_conv1d")
 bf16_conv2d = _named(_conv_call(F.conv2d), "bf16_conv2d")
@@ -320,7 +246,8 @@ bf16_conv_transpose3d = _named(_conv_transpose_call(F.conv_transpose3d), "bf16_c
 bf16_conv1d_bn = _named(_conv_bn_call(F.conv1d), "bf16_conv1d_bn")
 bf16_conv2d_bn = _named(_conv_bn_call(F.conv2d), "bf16_conv2d_bn")
 bf16_conv3d_bn = _named(_conv_bn_call(F.conv3d), "bf16_conv3d_bn")
-native_conv2d = _named(_eager(int8_conv2d.native_conv2d, "native_conv2d"), "native_conv2d")
+native_conv2d = _named(breaks.eager(int8_conv2d.native_conv2d, "native_conv2d", "it checks its input for a NaN"),
+                       "native_conv2d")
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,8 @@ def operands(qa: Optional[Tensor], kept: Optional[tuple], conv, gbits: int, gati
              has_bias: bool, finite: Optional[Tensor] = None) -> Tuple[Tensor, ConvState]:
     """A native call's input codes to keep (saved_codes) and its ConvState: ``qa`` the bfloat16 input codes (or,
     None, their bytes in ``kept``: codes.bf16_input_codes's, with whether the gradients' products run on int8).
-    A static call (no ``gating``) is traced by torch.compile: its codes are narrowed only as the kernel made them."""
-    keep, offset = saved_codes(qa, kept, narrow=gating is not None)
+    A static call (no ``gating``), and any call torch.compile traces (whether codes fit a byte is a value), keeps its
+    codes narrowed only as the kernel made them: the same values, in two bytes per element instead of one."""
+    keep, offset = saved_codes(qa, kept, narrow=gating is not None and not torch.compiler.is_compiling())
     flags = ((kept.int8_dx, kept.int8_dw), kept.split) if kept is not None else ((False, False), 0.0)
     return keep, ConvState(tuple(conv), gbits, gating, has_bias, False, *flags, offset, None, finite)

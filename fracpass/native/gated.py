@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fracpass.gating import GatedGradQuant, onehot_grad
 from fracpass.quant import dense
-from fracpass.native import codes, decide
+from fracpass.native import breaks, codes, decide
 from fracpass.native.site import NativeSite, quantized, record, site_options
 
 class Gating(NamedTuple):
@@ -26,6 +26,15 @@ class Gating(NamedTuple):
     one_group: bool  # every sample chose the same option: its scales hold one value for the whole batch
     mn_b: Optional[Tensor] = None  # a gated product's second operand's per-sample range
     mx_b: Optional[Tensor] = None
+
+
+def _one_option(choice: Tensor) -> bool:
+    return bool(choice.min() == choice.max())
+
+
+# whether every sample chose one option: the op then takes one scale for the batch (and a fused BatchNorm its
+# fast route), so the op's outputs depend on it; a host read, where torch.compile breaks the graph
+one_group_of = breaks.eager(_one_option, "a gated call", "it checks whether every sample chose one option")
 
 
 def option_groups(choice: Tensor):
@@ -60,7 +69,7 @@ def gated_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], aq, wq, gq, 
         mn, mx = aq.row_range(x, choice)
         mn, mx = mn.float().contiguous(), mx.float().contiguous()
         act_levels = aq.option_levels.to(torch.float32)
-        one_group = bool(choice.min() == choice.max())
+        one_group = one_group_of(choice)
         qa, sa = codes.bf16_codes(x.detach().reshape(batch, -1), mn, mx, act_levels[choice])  # per sample, memory order
         qw, sw = codes.bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
     gating = Gating(choice, mn, mx, act_levels,
