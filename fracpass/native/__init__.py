@@ -24,6 +24,7 @@ conv_offsets.py    the offset corrections (window sums of the codes)
 conv_bn.py         convolution + BatchNorm (+ residual, ReLU) as one op (fracpass::bf16_conv_bn)
 int8_conv2d.py     conv2d's forward on oneDNN's int8 convolution (opt-in kind "conv2d_int8")
 calls.py           the graph's native calls and their rule table (CALLS)
+breaks.py          where torch.compile breaks a native call's graph: its few host reads, and their messages
 report.py          op_paths / product_paths: what runs where
 =================  ===============================================================================
 """
