@@ -107,9 +107,9 @@ def range_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-sample min and max. A NaN propagates into its row's range and an Inf makes the scale
     infinite: either way that row's output comes out NaN, as in the static quantizers."""
     x = x.detach()
-    if torch.compiler.is_compiling():  # Inductor reads any layout in its own reduction
-        flat = x.reshape(x.shape[0], -1)
-    elif rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():  # channels_last: rows in memory order
+    # channels_last: rows in memory order (eager; Inductor reads any layout in its own reduction, and Dynamo cannot
+    # trace memory_rows' storage_offset)
+    if not torch.compiler.is_compiling() and rows_outer_dense(x) and x.dim() > 1 and not x.is_contiguous():
         flat = memory_rows(x)
     else:
         flat = x.reshape(x.shape[0], -1)

@@ -86,8 +86,8 @@ def _bf16_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, paddin
     x's only reader). ``give`` (a fused call that FuseNativeBNPass wired to its readers): return
     (out, conv_bn.Handover) instead of out, the placeholders in it if ``give`` is True (out's only
     reader is a 2-D convolution call that reads it once)."""
-    out = _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq, gate, simulated,
-              site, fused, handed, bool(give))
+    out = _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, aq, wq, gq,
+                         gate, simulated, site, fused, handed, bool(give))
     if isinstance(out, Tensor):  # simulated, or unfused
         return out if give is None else (out, conv_bn.Handover())
     y, low, high, *placeholders = out[:6]  # then what its backward reads
@@ -117,7 +117,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
     conv = (decide.tuple_arg(stride, n), decide.tuple_arg(padding, n), decide.tuple_arg(dilation, n), transposed,
             decide.tuple_arg(output_padding, n), groups)
     gating, kept, take, finite = None, None, (None, None, None), None
-    gated_call = _gated(aq, gq)
+    gated_call = isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
     # the hand-over between fused ops is decided from values: eager execution only (docs/native.md)
     hand = opts.hand_gradient and not torch.compiler.is_compiling()
     if not gated_call:
@@ -125,7 +125,7 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
             mn, mx = aq.qrange(x, known)
             # a NaN or Inf in x leaves it without codes: the ops then compute what the simulation does (NaN;
             # ConvState.finite, read inside them), the codes made over a stand-in range are never read
-            finite = torch.isfinite(mn).all() & torch.isfinite(mx).all()
+            finite = decide.finite_range(mn, mx)
             mn, mx = torch.where(finite, mn, torch.zeros_like(mn)), torch.where(finite, mx, torch.ones_like(mx))
     with torch.no_grad():
         qw, sw = codes.bf16_codes(weight.detach(), *wq.qrange(weight), float(2**wq.bits - 1))
@@ -166,10 +166,6 @@ def _bf16_conv_out(x, weight, bias, stride, padding, dilation, transposed, outpu
     if site is not None:
         site.last.bn = conv_bn.bn_route(outs[0], sa, residual, opts.fast_bn)
     return outs
-
-
-def _gated(aq, gq) -> bool:
-    return isinstance(aq, GatedActQuant) or isinstance(gq, GatedGradQuant)
 
 
 def _channels_last(x: Tensor, fused, site: Optional[NativeSite]):

@@ -308,8 +308,9 @@ def conv_size_reason(x: Tensor, weight: Tensor, stride, padding, dilation, trans
 NONFINITE = "a non-finite value (NaN/Inf) in its input: simulated, whose output is NaN as the model's is"
 
 
-def finite_range(mn: Tensor, mx: Tensor) -> bool:
-    """Whether an input's range is finite: codes exist for it. A NaN or an infinity in the input has no
-    codes (the kernels refuse it); the call then runs simulated on the same range (``NONFINITE``), so the
-    batch comes out NaN as in the simulation, and the loop can skip it. One host read (CPU: a load)."""
-    return bool(torch.isfinite(mn).all() & torch.isfinite(mx).all())
+def finite_range(mn: Tensor, mx: Tensor) -> Tensor:
+    """Whether an input's range is finite (a 0-d bool tensor): codes exist for it. A NaN or an infinity in the
+    input has no codes (the kernels refuse it): the opt-in int8 conv2d reads this on the host and runs simulated
+    on the same range (``NONFINITE``); a bf16 convolution's ops read it inside (ConvState.finite). Either way the
+    batch comes out NaN as in the simulation, and the loop can skip it."""
+    return torch.isfinite(mn).all() & torch.isfinite(mx).all()

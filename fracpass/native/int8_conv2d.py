@@ -121,7 +121,7 @@ def native_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, pad
     stride, padding, dilation = decide.tuple_arg(stride, 2), decide.tuple_arg(padding, 2), decide.tuple_arg(dilation, 2)
     with torch.no_grad():
         mn, mx = aq.qrange(x)  # tracked once: the fallback below reuses it
-    if not decide.finite_range(mn, mx):
+    if not bool(decide.finite_range(mn, mx)):  # a host read (CPU: a load)
         record(site, decide.NONFINITE)
         return quantized(gq, F.conv2d(aq.quantize(x, mn, mx), quantized(wq, weight), bias, stride, padding, dilation,
                                       groups))
