@@ -37,7 +37,7 @@ def test_quick_writes_the_table_and_plots(quick):
     assert results["recipes"] == names and results["seeds"] == [0, 1]
     assert sorted((r["recipe"], r["seed"]) for r in results["runs"]) == sorted((n, s) for n in names for s in (0, 1))
     assert set(results["summary"]) == set(names) | {"_fp32_total"}
-    for name in ("results.md", "precision.png", "loss.png", "bitops_accuracy.png", "gates_dfq.png",
+    for name in ("results.md", "precision.png", "loss.png", "bitops_accuracy.png", "tradeoff.png", "gates_dfq.png",
                  "gates_fractrain.png"):
         assert (out / name).stat().st_size > 1000, name
     table = (out / "results.md").read_text()
@@ -229,3 +229,48 @@ def test_gated_builds_warn_only_for_targets_the_converted_controller_cannot_reac
     warned = [r.getMessage() for r in caplog.records if "cheapest mix" in r.getMessage()]
     assert len(warned) == 1 and "stage 0's cost target" in warned[0], caplog.text
     assert f"{targets[0]:.3g}%" in warned[0]  # the converted target, not the paper's 0.5
+
+
+def test_the_papers_points_are_its_table():
+    """The CIFAR-10 points the trade-off plot marks give the paper's own headline figures: ResNet-74's
+    FracTrain saves 77.6 % of SBM's cost (77.7 % from the table's rounded counts) at -0.07 pp, ResNet-38's
+    at -0.12 pp (its "FracTrain Improv." row)."""
+    from fracpass.experiments.paper import versus_sbm
+
+    points = {(q.model, q.method): q for q in versus_sbm()}
+    assert set(points) == {(m, k) for m in ("ResNet-38", "ResNet-74") for k in ("DFQ", "FracTrain")}
+    r74 = points["ResNet-74", "FracTrain"]
+    assert abs(r74.saving - 0.776) < 0.001 and r74.accuracy_pp == -0.07
+    assert points["ResNet-38", "FracTrain"].accuracy_pp == -0.12
+    assert all(points[m, "FracTrain"].saving > points[m, "DFQ"].saving for m in ("ResNet-38", "ResNet-74"))
+
+
+def _record(recipe, seed, paper, whole, test, val=0.9):
+    return {"recipe": recipe, "seed": seed, "final_accuracy": test, "test_at_best": test, "best_val_accuracy": val,
+            "best_iteration": 10, "selected_on": "validation", "total": [paper, whole], "fp32_total": [1600.0, 2000.0],
+            "up_to_best": [paper / 2, whole / 2], "cost_vector": ["paper_bitops", "whole_bitops"], "switches": [],
+            "wall_s": 1.0, "excluded": ["fc"]}
+
+
+def test_tradeoff_points_pair_each_seed_with_the_baselines_run_of_that_seed():
+    """Per-seed savings and the accuracy interval pair runs by seed, whatever order the records come in; FP32
+    has no point; the saving is the ratio of totals, its bar the range of the seeds' own savings."""
+    from fracpass.experiments.compare import summarize
+    from fracpass.experiments.plots import tradeoff_points
+
+    runs = [_record("static-8/8/8", 1, 100.0, 200.0, 0.93), _record("static-8/8/8", 0, 50.0, 100.0, 0.91),
+            _record("pfq", 0, 20.0, 60.0, 0.905), _record("pfq", 1, 50.0, 120.0, 0.925),
+            _record("fp32", 0, 1600.0, 2000.0, 0.92), _record("fp32", 1, 1600.0, 2000.0, 0.93)]
+    summary = summarize(runs, ["fp32", "static-8/8/8", "pfq"])
+    saving = summary["pfq"]["saving_vs_static8"]
+    assert saving["paper_per_seed"] == pytest.approx([1 - 20 / 50, 1 - 50 / 100])
+    assert saving["whole_per_seed"] == pytest.approx([1 - 60 / 100, 1 - 120 / 200])
+    points = {p["recipe"]: p for p in tradeoff_points(summary, "paper")}
+    assert set(points) == {"static-8/8/8", "pfq"}
+    pfq = points["pfq"]
+    assert pfq["saving"] == pytest.approx(1 - 70 / 150) and pfq["saving_range"] == pytest.approx((0.5, 0.6))
+    assert pfq["accuracy_pp"] == pytest.approx(-0.5)
+    lo, hi = pfq["ci95_pp"]  # differences -0.5 and -0.5 pp: no spread
+    assert lo == pytest.approx(-0.5) and hi == pytest.approx(-0.5)
+    assert tradeoff_points(summary, "whole")[1]["saving_range"] == pytest.approx((0.4, 0.4))
+

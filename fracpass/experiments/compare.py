@@ -160,10 +160,14 @@ def summarize(runs: List[Dict[str, Any]], recipes: Sequence[str]) -> Dict[str, A
         }
         if base:
             b_total = np.array([r["total"] for r in base])
+            b_by_seed = {r["seed"]: r["total"] for r in base}
+            paired = [(r["total"], b_by_seed[r["seed"]]) for r in rs if r["seed"] in b_by_seed]
             entry["saving_vs_static8"] = {
                 "paper": float(1 - total[:, 0].mean() / b_total[:, 0].mean()),
                 "whole": float(1 - total[:, 1].mean() / b_total[:, 1].mean()),
-                "paper_per_seed": (1 - total[:, 0] / b_total[:len(rs), 0]).tolist() if len(base) == len(rs) else [],
+                # each seed's run against static 8/8/8's run of the same seed
+                "paper_per_seed": [float(1 - t[0] / b[0]) for t, b in paired],
+                "whole_per_seed": [float(1 - t[1] / b[1]) for t, b in paired],
             }
             if selected:
                 upto = np.array([r["up_to_best"] for r in rs])

@@ -5,17 +5,21 @@
 * ``loss.png``: training loss (moving average, mean over seeds).
 * ``bitops_accuracy.png``: test accuracy against cumulative training BitOPs, both accountings
   (mean over seeds at each evaluation).
+* ``tradeoff.png``: each recipe's BitOPs saving against static 8/8/8 and its accuracy difference to it, with
+  the range of the per-seed savings and the paired 95 % interval as error bars, the floors drawn, and the
+  paper's CIFAR-10 ResNet-38/74 results marked for reference (``fracpass.experiments.paper``), both
+  accountings (the paper's points in its own);
 * ``gates_<recipe>.png``: for gated recipes, the option mix per gated unit over training (the first
   seed), stage switches marked.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "tradeoff_points"]
 
 SMOOTH = 20  # iterations in the loss's moving average
 
@@ -127,6 +131,8 @@ def write_plots(results: Dict[str, Any], out_dir) -> Dict[str, Path]:
     fig.savefig(paths["bitops_accuracy"], dpi=110)
     plt.close(fig)
 
+    paths["tradeoff"] = _tradeoff(plt, results, colors, title, out_dir / "tradeoff.png")
+
     # option mix per gated unit
     for name in recipes:
         run = _first(results, name)
@@ -162,3 +168,62 @@ def _over_seeds(results) -> str:
     """', mean over N seeds' for several seeds, nothing for one (a mean of one run is that run)."""
     n = len(results.get("seeds", ())) or len({r.get("seed") for r in results["runs"]})
     return f", mean over {n} seeds" if n > 1 else ""
+
+
+def tradeoff_points(summary: Dict[str, Any], key: str = "paper") -> List[Dict[str, Any]]:
+    """The trade-off plot's points in accounting ``key``: per recipe, its saving of static 8/8/8's training
+    BitOPs (a ratio of totals over the seeds), the range of each seed's saving against 8/8/8's run of the
+    same seed, its accuracy difference to 8/8/8 in pp and the paired 95 % interval of it (None below two
+    paired seeds). FP32, at 16 times 8/8/8's cost in the paper's accounting, has no point."""
+    points = []
+    for name, e in summary.items():
+        if name.startswith("_") or name == "fp32" or "saving_vs_static8" not in e:
+            continue
+        saving = e["saving_vs_static8"]
+        per_seed = saving.get(f"{key}_per_seed") or [saving[key]]
+        ci = e.get("accuracy_vs_static8_ci95_pp")
+        points.append({"recipe": name, "label": e["label"], "saving": saving[key],
+                       "saving_range": (min(per_seed), max(per_seed)), "accuracy_pp": e["accuracy_vs_static8_pp"],
+                       "ci95_pp": tuple(ci) if ci is not None else None})
+    return points
+
+
+def _tradeoff(plt, results, colors, title, path: Path) -> Path:
+    from fracpass.experiments.compare import FLOOR_ACCURACY_PP, FLOOR_SAVING
+    from fracpass.experiments.paper import versus_sbm
+
+    summary = results["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, key, label in zip(axes, ("paper", "whole"), ("paper's accounting (quantized ops)",
+                                                          "whole model (+ FP32 ops, gates)")):
+        for p in tradeoff_points(summary, key):
+            x, (lo, hi) = 100 * p["saving"], p["saving_range"]
+            y, ci = p["accuracy_pp"], p["ci95_pp"]
+            yerr = [[y - ci[0]], [ci[1] - y]] if ci is not None and p["recipe"] != "static-8/8/8" else None
+            ax.errorbar([x], [y], xerr=[[x - 100 * lo], [100 * hi - x]], yerr=yerr, fmt="o", capsize=4,
+                        color=colors[p["recipe"]], label=p["label"] if key == "paper" else None)
+            ax.annotate(p["recipe"], (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7,
+                        color=colors[p["recipe"]])
+        if key == "paper":
+            for q in versus_sbm():
+                ax.scatter([100 * q.saving], [q.accuracy_pp], marker="*" if q.method == "FracTrain" else "D",
+                           s=120 if q.method == "FracTrain" else 50, facecolors="none",
+                           edgecolors="0.55" if q.model == "ResNet-38" else "0.15",
+                           label=f"paper, {q.model} CIFAR-10: {q.method}")
+                ax.annotate(f"paper {q.model[-2:]} {q.method}", (100 * q.saving, q.accuracy_pp), xytext=(5, -9),
+                            textcoords="offset points", fontsize=6, color="0.4")
+            ax.axvline(100 * FLOOR_SAVING, color="tab:red", lw=0.8, ls="--", label=f"PFQ's floor: {FLOOR_SAVING:.0%} saving")
+        ax.axhline(-FLOOR_ACCURACY_PP, color="tab:red", lw=0.8, ls=":",
+                   label=f"accuracy floor: -{FLOOR_ACCURACY_PP} pp" if key == "paper" else None)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel(f"training BitOPs saved vs static 8/8/8, %: {label}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy - static 8/8/8's, pp")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(f"{title}: saving against accuracy (bars: the seeds' range of savings, the paired 95 % interval "
+                 "of the accuracy difference; FP32 off the plot)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -157,6 +157,7 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
             markdown_table(summary), "",
             *(["Floors (paper's accounting, whole runs; accuracy difference paired by seed):", *floor_lines, ""]
               if floor_lines else []),
+            paper_line(), "",
             "Energy and latency of the whole training run per hardware profile (whole model):", "",
             profiles_table(summary), "", gates_table(summary)]
     paths["markdown"].write_text("\n".join(text) + "\n")
@@ -165,6 +166,15 @@ def write_results(results: Dict[str, Any], out_dir, command: str, plots: bool = 
 
         paths.update(write_plots(results, out_dir))
     return paths
+
+
+def paper_line() -> str:
+    """The paper's CIFAR-10 points that tradeoff.png marks, in words, with their source."""
+    from fracpass.experiments.paper import SOURCE, versus_sbm
+
+    points = "; ".join(f"{q.model} {q.method} saves {100 * q.saving:.1f}% of SBM's training cost at {q.accuracy_pp:+.2f} pp"
+                       for q in versus_sbm())
+    return f"For reference (marked in tradeoff.png), the paper on CIFAR-10, static 8-bit (SBM) as the baseline: {points} ({SOURCE})."
 
 
 def _count(n: int, noun: str) -> str:
