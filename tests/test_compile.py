@@ -103,8 +103,10 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("plan", [pytest.param("static", marks=pytest.mark.slow),
-                                  pytest.param("ladder", marks=pytest.mark.slow), "gated"])
+# the gated case (37 s here) is slow; gated models compile in the default suite through the channels_last and
+# gate-loss tests below
+@pytest.mark.parametrize("plan", ["static", pytest.param("ladder", marks=pytest.mark.slow),
+                                  pytest.param("gated", marks=pytest.mark.slow)])
 def test_resnet20_compiles_as_one_graph_and_equals_eager(plan):
     torch.manual_seed(0)
     x, y = _data(size=32)
