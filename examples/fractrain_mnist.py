@@ -6,6 +6,7 @@
                                        [--quick] [--out DIR] [--threads 1]
     python examples/fractrain_mnist.py --merge DIR [DIR ...] --out DIR   # one table from parts
     python examples/fractrain_mnist.py --replot DIR      # table and plots again from DIR/results.json
+    python examples/fractrain_mnist.py --status DIR [DIR ...]   # each run there: finished, or how far
 
 Recipes, all with the same network, iterations, SGD optimiser and learning-rate schedule, data
 order and seeds: FP32; static 8/8/8 (FracTrain's 8-bit baseline); static 6/8 and 4/6; PFQ (the
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="merge parts run separately (e.g. one --recipes "
                                                                  "each, side by side, or over several sessions; each "
                                                                  "DIR's results.json, else its runs/*.json) into --out")
+    parser.add_argument("--status", nargs="+", metavar="DIR", help="list the runs in these --out folders: finished "
+                                                                  "ones with their accuracy, unfinished ones with the "
+                                                                  "iteration their checkpoint goes on from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
@@ -78,8 +82,16 @@ def main(argv=None) -> int:
     from fracpass.experiments.data import load
     from fracpass.experiments.model import MODELS
     from fracpass.experiments.recipes import QUICK_SLICE, config_for
-    from fracpass.experiments.runfiles import load_part
+    from fracpass.experiments.runfiles import load_part, status, status_table
 
+    if args.status:
+        for folder in args.status:
+            try:
+                print(f"{folder}:\n" + (status_table(status(folder)) or "no runs yet"))
+            except FracpassError as e:
+                print(f"fractrain_mnist: error: {e}", file=sys.stderr)
+                return 2
+        return 0
     if args.replot or args.merge:
         if args.merge:
             try:

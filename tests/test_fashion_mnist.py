@@ -312,3 +312,37 @@ def test_a_checkpoint_of_another_run_is_refused(fixture_dir, tmp_path):
         train_run("static-8/8/8", cfg, data, 1, checkpoint=ckpt)
     with pytest.raises(FracpassError, match=r"saved with other settings \{'lr': \(0\.1, 0\.05\)\}"):
         train_run("static-8/8/8", dataclasses.replace(cfg, lr=0.05), data, 0, checkpoint=ckpt)
+
+
+def test_status_lists_finished_runs_and_how_far_unfinished_ones_got(fixture_dir, tmp_path, capsys):
+    """``--status``: a finished run with its accuracy at the best validation point, an unfinished one with the
+    iteration its checkpoint goes on from and its last evaluation, a damaged checkpoint named; nothing
+    trained or changed."""
+    from fracpass.experiments import runfiles
+
+    data = datasets.load("fashion-mnist", fixture_dir).head(256, 64, 64)
+    cfg = config_for("fashion-mnist", quick=True, iterations=4, eval_every=2, blocks=1)
+    done = train_run("static-8/8/8", cfg, data, 0)
+    runfiles.write_run(tmp_path, data.describe(), cfg.to_dict(), done)
+    ckpt = runfiles.checkpoint_path(tmp_path, "pfq", 1)
+    with pytest.raises(KeyboardInterrupt):
+        train_run("pfq", cfg, data, 1, bar=_StopAfter(3), checkpoint=ckpt, checkpoint_every=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    rows = {(r["recipe"], r["seed"]): r for r in runfiles.status(tmp_path)}
+    assert set(rows) == {("static-8/8/8", 0), ("pfq", 1)}
+    fin, part = rows["static-8/8/8", 0], rows["pfq", 1]
+    assert fin["finished"] and fin["val"] == (done["best_iteration"], done["best_val_accuracy"])
+    assert fin["test"] == done["test_at_best"]
+    assert not part["finished"] and (part["iteration"], part["iterations"]) == (2, 4) and part["val"][0] == 2
+    (tmp_path / "runs" / "dfq-seed0.ckpt").write_bytes(b"not a checkpoint")
+    from examples.fractrain_mnist import main
+
+    assert main(["--status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{tmp_path}:"
+    assert out[1].startswith("dfq-seed0") and "unreadable" in out[1]
+    assert "pfq" in out[2] and "at 2 / 4" in out[2] and "last evaluation: validation" in out[2]
+    assert "static-8/8/8" in out[3] and "finished" in out[3] and "at best validation" in out[3]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir() if p.name != "dfq-seed0.ckpt"} == before
+    assert main(["--status", str(tmp_path / "nowhere")]) == 2
+    assert "no runs/ folder" in capsys.readouterr().err
