@@ -84,14 +84,15 @@ def main(argv=None) -> int:
     from fracpass.experiments.recipes import QUICK_SLICE, config_for
     from fracpass.experiments.runfiles import load_part, status, status_table
 
-    if args.status:
+    if args.status:  # every folder, the ones in error named (exit 2) after the rest
+        failed = False
         for folder in args.status:
             try:
                 print(f"{folder}:\n" + (status_table(status(folder)) or "no runs yet"))
             except FracpassError as e:
                 print(f"fractrain_mnist: error: {e}", file=sys.stderr)
-                return 2
-        return 0
+                failed = True
+        return 2 if failed else 0
     if args.replot or args.merge:
         if args.merge:
             try:

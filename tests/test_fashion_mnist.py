@@ -344,5 +344,6 @@ def test_status_lists_finished_runs_and_how_far_unfinished_ones_got(fixture_dir,
     assert "pfq" in out[2] and "at 2 / 4" in out[2] and "last evaluation: validation" in out[2]
     assert "static-8/8/8" in out[3] and "finished" in out[3] and "at best validation" in out[3]
     assert {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir() if p.name != "dfq-seed0.ckpt"} == before
-    assert main(["--status", str(tmp_path / "nowhere")]) == 2
-    assert "no runs/ folder" in capsys.readouterr().err
+    assert main(["--status", str(tmp_path / "nowhere"), str(tmp_path)]) == 2  # the good folder listed too
+    captured = capsys.readouterr()
+    assert "no runs/ folder" in captured.err and "static-8/8/8" in captured.out
