@@ -273,4 +273,3 @@ def test_tradeoff_points_pair_each_seed_with_the_baselines_run_of_that_seed():
     lo, hi = pfq["ci95_pp"]  # differences -0.5 and -0.5 pp: no spread
     assert lo == pytest.approx(-0.5) and hi == pytest.approx(-0.5)
     assert tradeoff_points(summary, "whole")[1]["saving_range"] == pytest.approx((0.4, 0.4))
-

@@ -226,4 +226,3 @@ def _tradeoff(plt, results, colors, title, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-

@@ -136,4 +136,3 @@ def status_table(rows: List[Dict[str, Any]]) -> str:
         resumed = f", went on at {', '.join(map(str, r['resumed_at']))}" if r["resumed_at"] else ""
         lines.append(f"{r['recipe']:<14} {r['seed']:>4}  {state:<18} {acc}; {r['wall_s']:.0f} s{resumed}")
     return "\n".join(lines)
-
